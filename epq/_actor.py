@@ -1,0 +1,206 @@
+"""``EpqActor``: a Dramatiq actor that validates its request at the call site."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import dramatiq
+import pika.exceptions
+import redis
+from dramatiq.errors import ConnectionError as DramatiqConnectionError
+from pydantic import ValidationError
+
+from .brokers import display_url
+from .errors import BrokerUnavailable, HandlerNotFound, InvalidPayload, InvalidRequest
+from .handlers import get_handler
+from .kinds import JobKind
+from .models import JobPriority, JobRecord, JobState, _Request
+
+#: The largest payload (the request as JSON) a job may carry.
+MAX_PAYLOAD_BYTES = 1024 * 1024
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def make_job_function(kind: JobKind) -> Callable[..., Any]:
+    """The function a kind's actor runs in the worker: validate, then call the handler."""
+
+    def run(**payload: Any) -> Any:
+        try:
+            request = kind.model.model_validate(payload)
+        except ValidationError as exc:
+            raise InvalidPayload(str(InvalidRequest.from_validation_error(kind.name, exc))) from exc
+        fn = get_handler(kind.name)
+        if fn is None:
+            raise HandlerNotFound(
+                f"no handler registered for {kind.name}; register one with "
+                f"@epq.handler({kind.name!r}) in a module named in EPQ_HANDLERS"
+            )
+        return fn(request)
+
+    run.__name__ = run.__qualname__ = kind.name
+    run.__module__ = "epq.actors"
+    return run
+
+
+class EpqActor(dramatiq.Actor[..., Any]):
+    """An epq job kind as a Dramatiq actor.
+
+    ``send(**fields)`` (or ``send(request)``) validates the fields into the kind's request
+    model first: a bad request raises :class:`epq.InvalidRequest` naming the field, and
+    nothing reaches the broker. ``queue_name``, ``priority`` and ``run_at`` in the request
+    pick the queue, the priority and the time the job runs.
+    """
+
+    def __init__(self, kind: JobKind, *, broker: dramatiq.Broker) -> None:
+        self.kind = kind
+        super().__init__(
+            make_job_function(kind),
+            broker=broker,
+            actor_name=kind.name,
+            queue_name=kind.queue,
+            priority=int(kind.priority),
+            options={
+                "max_attempts": kind.max_attempts,
+                "max_retries": kind.max_attempts - 1,
+                "backoff_ms": list(kind.backoff_ms),
+                "throws": (InvalidPayload, HandlerNotFound),
+            },
+        )
+
+    def validate(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> _Request:
+        """Turn ``send``'s arguments into the kind's request model."""
+        model = self.kind.model
+        if args:
+            if len(args) == 1 and isinstance(args[0], model) and not kwargs:
+                return args[0]
+            raise TypeError(
+                f"{self.actor_name}.send() takes keyword arguments (the fields of "
+                f"{model.__name__}) or one {model.__name__}, not positional arguments"
+            )
+        try:
+            return model.model_validate(kwargs or {})
+        except ValidationError as exc:
+            raise InvalidRequest.from_validation_error(self.actor_name, exc) from None
+
+    def message_with_options(
+        self, *, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> dramatiq.Message[Any]:
+        return self.message_for(self.validate(args, kwargs), broker=self.broker, **options)
+
+    def send_with_options(
+        self,
+        *,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        delay: timedelta | int | None = None,
+        **options: Any,
+    ) -> dramatiq.Message[Any]:
+        return self.enqueue_request(self.validate(args, kwargs), delay=delay, **options)
+
+    def message_for(
+        self, request: _Request, *, broker: dramatiq.Broker, **options: Any
+    ) -> dramatiq.Message[Any]:
+        """Build the message for a validated request (queue, priority and payload checked)."""
+        kind = self.kind
+        queue = request.queue_name or kind.queue
+        declared = broker.get_declared_queues()
+        if queue not in declared:
+            served = ", ".join(sorted(q for q in declared if not q.endswith((".DQ", ".XQ"))))
+            raise InvalidRequest(
+                kind.name,
+                [{"field": "queue_name", "message": f"no worker serves queue {queue!r} (queues: {served})"}],
+            )
+        priority = JobPriority(request.priority or kind.priority)
+        payload = request.model_dump(mode="json")
+        _check_payload(kind.name, payload)
+        options.setdefault("epq_priority", int(priority))
+        return dramatiq.Message(
+            queue_name=queue,
+            actor_name=self.actor_name,
+            args=(),
+            kwargs=payload,
+            options=options,
+        )
+
+    def enqueue_request(
+        self,
+        request: _Request,
+        *,
+        broker: dramatiq.Broker | None = None,
+        delay: timedelta | int | None = None,
+        **options: Any,
+    ) -> dramatiq.Message[Any]:
+        """Validate-free enqueue of an already validated request; returns the message sent."""
+        target = broker or self.broker
+        message = self.message_for(request, broker=target, **options)
+        delay_ms = _delay_ms(self.kind.name, request, delay)
+        try:
+            target.enqueue(message, delay=delay_ms)
+        except (redis.RedisError, DramatiqConnectionError, pika.exceptions.AMQPError, OSError) as exc:
+            raise BrokerUnavailable(
+                f"could not enqueue {self.actor_name} on {display_url(target)}: {exc!r}"
+            ) from exc
+        return message
+
+    def record_for(self, message: dramatiq.Message[Any], request: _Request) -> JobRecord:
+        """The job record of a message this actor just enqueued."""
+        created = datetime.fromtimestamp(message.message_timestamp / 1000, tz=timezone.utc)
+        scheduled = request.run_at if request.run_at and request.run_at > created else created
+        return JobRecord(
+            id=message.message_id,
+            kind=self.actor_name,
+            queue=message.queue_name,
+            priority=JobPriority(message.options["epq_priority"]),
+            args=message.kwargs,
+            state=JobState.SCHEDULED if scheduled > created else JobState.AVAILABLE,
+            attempt=0,
+            max_attempts=int(self.options["max_attempts"]),
+            created_at=created,
+            scheduled_at=scheduled,
+        )
+
+
+def _delay_ms(kind: str, request: _Request, delay: timedelta | int | None) -> int | None:
+    if delay is not None and request.run_at is not None:
+        raise InvalidRequest(kind, [{"field": "run_at", "message": "give run_at or delay, not both"}])
+    if isinstance(delay, timedelta):
+        delay = int(delay.total_seconds() * 1000)
+    if delay is not None:
+        if delay < 0:
+            raise InvalidRequest(kind, [{"field": "delay", "message": "must not be negative"}])
+        return delay or None
+    if request.run_at is not None:
+        ms = int((request.run_at - _utcnow()).total_seconds() * 1000)
+        return ms if ms > 0 else None
+    return None
+
+
+def _check_payload(kind: str, payload: dict[str, Any]) -> None:
+    """Refuse payloads that are not strict JSON or are larger than ``MAX_PAYLOAD_BYTES``."""
+    sizes: dict[str, int] = {}
+    for name, value in payload.items():
+        try:
+            sizes[name] = len(json.dumps(value, allow_nan=False, separators=(",", ":")).encode())
+        except ValueError:
+            raise InvalidRequest(
+                kind, [{"field": name, "message": "NaN and Infinity are not valid JSON"}]
+            ) from None
+    total = sum(sizes.values()) + sum(len(k) + 4 for k in sizes) + 2
+    if total > MAX_PAYLOAD_BYTES:
+        largest = max(sizes, key=lambda k: sizes[k])
+        raise InvalidRequest(
+            kind,
+            [
+                {
+                    "field": largest,
+                    "message": f"payload is {total} bytes, over the {MAX_PAYLOAD_BYTES}-byte limit "
+                    f"({largest} alone is {sizes[largest]} bytes)",
+                }
+            ],
+        )

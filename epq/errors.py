@@ -1,0 +1,101 @@
+"""Errors raised by epq.
+
+Every error epq raises on purpose derives from :class:`EpqError`::
+
+    EpqError
+    ├── ConfigurationError        bad settings, unknown broker URL scheme, missing EPQ_STATE_URL
+    ├── BrokerUnavailable         a broker or state server cannot be reached (URL shown masked)
+    ├── InvalidRequest (ValueError)
+    │                             a request failed validation at the call site; names the field(s)
+    ├── HandlerError
+    │   ├── HandlerNotFound       a job's kind has no registered handler (worker side)
+    │   └── HandlerAlreadyRegistered
+    ├── InvalidPayload            a message's payload failed validation in the worker
+    └── DuplicateJob (dramatiq MiddlewareError)
+                                  a unique job is already enqueued inside its window
+
+Driver errors (redis-py, pika, pydantic) are mapped at the boundary to the most specific
+error above with ``raise ... from exc``, so the cause stays available.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from dramatiq.middleware import MiddlewareError
+
+
+class EpqError(Exception):
+    """The root of every error epq raises on purpose."""
+
+
+class ConfigurationError(EpqError):
+    """The settings or the arguments given to :func:`epq.setup` cannot work."""
+
+
+class BrokerUnavailable(EpqError):
+    """A broker or state server could not be reached.
+
+    The message names the scheme and host; a password in the URL is always masked.
+    """
+
+
+class InvalidRequest(EpqError, ValueError):
+    """A request failed validation at the call site; nothing was enqueued.
+
+    Attributes:
+      kind: the job kind the request was for.
+      fields: the dotted names of the offending fields, in the order they were found.
+      errors: one ``{"field", "message"}`` dict per problem.
+    """
+
+    def __init__(self, kind: str, errors: Sequence[dict[str, str]]) -> None:
+        self.kind = kind
+        self.errors = list(errors)
+        self.fields = [e["field"] for e in self.errors]
+        details = "; ".join(f"{e['field']}: {e['message']}" for e in self.errors)
+        super().__init__(f"invalid {kind} request: {details}")
+
+    @property
+    def field(self) -> str:
+        """The first offending field."""
+        return self.fields[0] if self.fields else ""
+
+    @classmethod
+    def from_validation_error(cls, kind: str, exc: Any) -> InvalidRequest:
+        """Build from a :class:`pydantic.ValidationError`, keeping one entry per error."""
+        errors = []
+        for err in exc.errors(include_url=False):
+            loc = ".".join(str(part) for part in err.get("loc", ())) or "request"
+            errors.append({"field": loc, "message": str(err.get("msg", "invalid"))})
+        return cls(kind, errors)
+
+
+class HandlerError(EpqError):
+    """A problem with the handler registry."""
+
+
+class HandlerNotFound(HandlerError):
+    """No handler is registered for a job kind; the job is dead-lettered, not retried."""
+
+
+class HandlerAlreadyRegistered(HandlerError):
+    """A different handler is already registered for this kind."""
+
+
+class InvalidPayload(EpqError):
+    """A message's payload failed validation in the worker; it is dead-lettered, not retried."""
+
+
+class DuplicateJob(EpqError, MiddlewareError):
+    """A job with the same kind and unique key is already enqueued inside its window.
+
+    Attributes:
+      existing_job_id: the id of the job that holds the key.
+    """
+
+    def __init__(self, kind: str, existing_job_id: str) -> None:
+        self.kind = kind
+        self.existing_job_id = existing_job_id
+        super().__init__(f"duplicate {kind} job: job {existing_job_id} holds its unique key")

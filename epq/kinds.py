@@ -1,0 +1,110 @@
+"""The five job kinds and what each declares: queue, priority, attempts, backoff, uniqueness."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .models import (
+    EnqueueIndexEndpointRequest,
+    JobPriority,
+    JobQueue,
+    RegisterDynamicScheduleRequest,
+    RegisterDynamicTriggerRequest,
+    RegisterJobRequest,
+    RegisterSourceRequest,
+    _Request,
+)
+
+_MINUTE_MS = 60_000
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """One job kind.
+
+    Attributes:
+      name: the actor name (River's job kind).
+      model: the request model its payload is validated into.
+      queue: the default queue.
+      priority: the default priority.
+      max_attempts: attempts River-style: the first run plus ``max_attempts - 1`` retries.
+      backoff_ms: delay before retry n (1-based) is ``backoff_ms[min(n, len) - 1]``, ±25 % jitter.
+      unique_window_setting: the ``EpqSettings`` field holding the uniqueness window.
+      unique_by: the request fields that make up the unique key.
+    """
+
+    name: str
+    model: type[_Request]
+    queue: str
+    priority: JobPriority
+    max_attempts: int
+    backoff_ms: tuple[int, ...]
+    unique_window_setting: str
+    unique_by: tuple[str, ...]
+
+
+_REGISTER_BACKOFF_MS = (10_000, 20_000)
+
+KINDS: dict[str, JobKind] = {
+    kind.name: kind
+    for kind in (
+        JobKind(
+            name="index_endpoint",
+            model=EnqueueIndexEndpointRequest,
+            queue=JobQueue.DEFAULT.value,
+            priority=JobPriority.NORMAL,
+            max_attempts=7,
+            backoff_ms=tuple(m * _MINUTE_MS for m in (1, 2, 4, 8, 16, 30)),
+            unique_window_setting="index_unique_for",
+            unique_by=("endpoint_id", "source"),
+        ),
+        JobKind(
+            name="register_job",
+            model=RegisterJobRequest,
+            queue=JobQueue.DEFAULT.value,
+            priority=JobPriority.NORMAL,
+            max_attempts=3,
+            backoff_ms=_REGISTER_BACKOFF_MS,
+            unique_window_setting="register_unique_for",
+            unique_by=("endpoint_id", "job_id", "job_metadata"),
+        ),
+        JobKind(
+            name="register_source",
+            model=RegisterSourceRequest,
+            queue=JobQueue.DEFAULT.value,
+            priority=JobPriority.NORMAL,
+            max_attempts=3,
+            backoff_ms=_REGISTER_BACKOFF_MS,
+            unique_window_setting="register_unique_for",
+            unique_by=("endpoint_id", "source_id", "source_metadata"),
+        ),
+        JobKind(
+            name="register_dynamic_trigger",
+            model=RegisterDynamicTriggerRequest,
+            queue=JobQueue.DEFAULT.value,
+            priority=JobPriority.NORMAL,
+            max_attempts=3,
+            backoff_ms=_REGISTER_BACKOFF_MS,
+            unique_window_setting="register_unique_for",
+            unique_by=("endpoint_id", "trigger_id", "trigger_metadata"),
+        ),
+        JobKind(
+            name="register_dynamic_schedule",
+            model=RegisterDynamicScheduleRequest,
+            queue=JobQueue.DEFAULT.value,
+            priority=JobPriority.NORMAL,
+            max_attempts=3,
+            backoff_ms=_REGISTER_BACKOFF_MS,
+            unique_window_setting="register_unique_for",
+            unique_by=("endpoint_id", "schedule_id", "schedule_metadata"),
+        ),
+    )
+}
+
+
+def get_kind(name: str) -> JobKind:
+    """Return the kind called ``name``; a clear ``KeyError`` listing the known kinds otherwise."""
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise KeyError(f"unknown job kind {name!r}; known kinds: {', '.join(KINDS)}") from None

