@@ -10,7 +10,7 @@ from typing import Any
 import dramatiq
 import pika.exceptions
 import redis
-from dramatiq.errors import ConnectionError as DramatiqConnectionError
+from dramatiq.errors import BrokerConnectionError
 from pydantic import ValidationError
 
 from .brokers import display_url
@@ -142,7 +142,7 @@ class EpqActor(dramatiq.Actor[..., Any]):
         delay_ms = _delay_ms(self.kind.name, request, delay)
         try:
             target.enqueue(message, delay=delay_ms)
-        except (redis.RedisError, DramatiqConnectionError, pika.exceptions.AMQPError, OSError) as exc:
+        except (redis.RedisError, BrokerConnectionError, pika.exceptions.AMQPError, OSError) as exc:
             raise BrokerUnavailable(
                 f"could not enqueue {self.actor_name} on {display_url(target)}: {exc!r}"
             ) from exc

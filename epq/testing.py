@@ -1,0 +1,101 @@
+"""Test support for applications that use epq: a pytest plugin with no servers needed.
+
+Installed with epq and loaded by pytest automatically (entry point ``pytest11``). It gives:
+
+- ``epq_broker``: a fresh Dramatiq ``StubBroker`` with epq's middleware, the epq actors bound
+  to it (and set as Dramatiq's global broker);
+- ``epq_worker``: a started ``dramatiq.Worker`` on that broker, stopped after the test;
+- ``epq_handlers``: an empty handler registry for the test (restored afterwards), with
+  ``record(kind)`` to capture the requests a kind's handler receives;
+- :func:`drain`: wait until every queue is empty and the worker is idle.
+
+    def test_indexing(epq_broker, epq_worker, epq_handlers):
+        received = epq_handlers.record("index_endpoint")
+        epq.actors.index_endpoint.send(endpoint_id=str(uuid4()), source="API")
+        drain(epq_broker, epq_worker)
+        assert received[0].source is epq.EndpointIndexSource.API
+
+When the plugin loads and ``EPQ_BROKER_URL`` is unset, it sets it to ``stub://`` so that an
+``import epq.actors`` during collection binds to a stub broker instead of starting a server.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import dramatiq
+import pytest
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.brokers.stub import StubBroker
+
+from . import _runtime, handlers
+from .settings import reset_settings
+
+__all__ = ["HandlerRegistry", "drain", "epq_broker", "epq_handlers", "epq_worker"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("EPQ_BROKER_URL", "stub://")
+
+
+def drain(broker: dramatiq.Broker, worker: dramatiq.Worker, *, timeout_ms: int = 30_000) -> None:
+    """Wait until every served queue (delayed messages included) is empty and the worker idle.
+
+    On the stub broker a job that was dead-lettered raises its exception here, so a failing
+    handler fails the test that drains it.
+    """
+    for queue in sorted(broker.get_declared_queues()):
+        if queue.endswith((".DQ", ".XQ")):
+            continue
+        if isinstance(broker, StubBroker):
+            broker.join(queue, timeout=timeout_ms, fail_fast=True)
+        elif isinstance(broker, RabbitmqBroker):
+            broker.join(queue, min_successes=3, idle_time=50, timeout=timeout_ms)
+        else:
+            broker.join(queue, timeout=timeout_ms)
+    worker.join()
+
+
+class HandlerRegistry:
+    """The handler registry of one test."""
+
+    def register(self, kind: str, fn: Callable[[Any], Any]) -> None:
+        """Use ``fn`` as the handler of ``kind`` for this test."""
+        handlers.register(kind, fn)
+
+    def record(self, kind: str) -> list[Any]:
+        """Register a handler that appends each request it receives to the returned list."""
+        received: list[Any] = []
+        handlers.register(kind, received.append)
+        return received
+
+
+@pytest.fixture
+def epq_broker() -> Iterator[StubBroker]:
+    """A fresh stub broker with the epq actors bound to it."""
+    reset_settings()
+    runtime = _runtime.install("stub://")
+    broker = runtime.broker
+    assert isinstance(broker, StubBroker)
+    yield broker
+    broker.flush_all()
+    broker.close()
+    reset_settings()
+
+
+@pytest.fixture
+def epq_worker(epq_broker: StubBroker) -> Iterator[dramatiq.Worker]:
+    """A worker on ``epq_broker`` (2 threads), started before the test and stopped after."""
+    worker = dramatiq.Worker(epq_broker, worker_timeout=50, worker_threads=2)
+    worker.start()
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def epq_handlers() -> Iterator[HandlerRegistry]:
+    """An empty handler registry for the test; the previous one comes back afterwards."""
+    with handlers.isolated_handlers():
+        yield HandlerRegistry()
