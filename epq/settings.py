@@ -68,6 +68,21 @@ class EpqSettings(BaseSettings):
         return list(dict.fromkeys(value))
 
     @field_validator(
+        "index_unique_for", "register_unique_for", "completed_retention", "discarded_retention",
+        mode="before",
+    )
+    @classmethod
+    def _seconds_as_text(cls, value: object) -> object:
+        # "90" or "1.5" in the environment means seconds; anything else goes to pydantic
+        # (ISO-8601 durations such as "PT15M", or "HH:MM:SS").
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                return value
+        return value
+
+    @field_validator(
         "index_unique_for", "register_unique_for", "completed_retention", "discarded_retention"
     )
     @classmethod

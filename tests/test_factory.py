@@ -1,0 +1,152 @@
+"""The broker factory and epq.setup(): schemes, masking, unreachable servers, idempotence."""
+
+from __future__ import annotations
+
+import dramatiq
+import pytest
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.brokers.stub import StubBroker
+
+import epq
+from epq import _runtime
+from epq.brokers import mask_url, scheme_of
+from epq.middleware import EpqMiddleware, EpqRetries
+from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL, rabbitmq_available
+
+UNREACHABLE_REDIS = "redis://:s3cret-pw@127.0.0.1:1/0"
+UNREACHABLE_RABBIT = "amqp://guest:s3cret-pw@127.0.0.1:1/%2F"
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis://:pw@host:6379/0", "redis://:***@host:6379/0"),
+        ("amqp://user:pw@rabbit:5672/%2F", "amqp://user:***@rabbit:5672/%2F"),
+        ("rediss://u:p%40ss@[::1]:6380/1", "rediss://u:***@[::1]:6380/1"),
+        ("redis://host:6379/0", "redis://host:6379/0"),
+        ("stub://", "stub://"),
+    ],
+)
+def test_mask_url_hides_passwords(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+
+
+@pytest.mark.parametrize("url", ["kafka://:pw@host:9092", "http://x", "no-scheme-here", ""])
+def test_unknown_scheme_is_a_clear_error_without_the_password(url: str) -> None:
+    with pytest.raises(epq.ConfigurationError, match="unsupported broker URL scheme") as caught:
+        scheme_of(url)
+    assert "pw" not in str(caught.value)
+    assert "redis://" in str(caught.value)
+
+
+def test_setup_builds_the_stub_broker_with_epq_middleware_and_binds_the_actors() -> None:
+    broker = epq.setup("stub://")
+
+    assert isinstance(broker, StubBroker)
+    assert dramatiq.get_broker() is broker
+    kinds = {type(m) for m in broker.middleware}
+    assert {EpqRetries, EpqMiddleware} <= kinds
+    assert not any(type(m) is dramatiq.middleware.Retries for m in broker.middleware)
+    from epq import actors
+
+    assert actors.index_endpoint.broker is broker
+    assert {"default", "execution", "events", "maintenance"} <= broker.get_declared_queues()
+
+
+def test_setup_is_idempotent_and_rebinds_on_a_new_url() -> None:
+    first = epq.setup("stub://")
+    assert epq.setup("stub://") is first
+    fresh = _runtime.install("stub://").broker
+    assert fresh is not first
+    from epq import actors
+
+    assert actors.register_job.broker is fresh
+    assert epq.setup() is fresh  # EPQ_BROKER_URL=stub:// in the tests' environment
+
+
+def test_queues_setting_decides_the_declared_queues(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EPQ_QUEUES", "default, bulk")
+    broker = _runtime.install("stub://").broker
+    assert {"default", "bulk"} <= broker.get_declared_queues()
+    assert "events" not in broker.get_declared_queues()
+    from epq import actors
+
+    with pytest.raises(epq.InvalidRequest, match="queue_name"):
+        actors.register_job.send(
+            endpoint_id="6f1d1c1e-4a5b-4c3d-9e8f-0a1b2c3d4e5f", job_id="j", job_metadata={}, queue_name="events"
+        )
+
+
+@pytest.mark.redis
+def test_redis_url_builds_a_redis_broker(redis_client: object) -> None:
+    broker = epq.setup(REDIS_URL)
+    assert isinstance(broker, RedisBroker)
+    assert broker.client.ping()
+
+
+def test_unreachable_redis_is_a_clear_error_with_the_password_masked() -> None:
+    with pytest.raises(epq.BrokerUnavailable) as caught:
+        epq.setup(UNREACHABLE_REDIS)
+    text = str(caught.value)
+    assert "cannot reach Redis at redis://:***@127.0.0.1:1/0" in text
+    assert "s3cret-pw" not in text
+    assert "s3cret-pw" not in repr(caught.value)
+
+
+def test_unreachable_rabbitmq_is_a_clear_error_with_the_password_masked() -> None:
+    with pytest.raises(epq.BrokerUnavailable) as caught:
+        epq.setup(UNREACHABLE_RABBIT, state_url=REDIS_URL)
+    text = str(caught.value)
+    assert "RabbitMQ at amqp://guest:***@127.0.0.1:1/%2F" in text
+    assert "s3cret-pw" not in text
+
+
+def test_rabbitmq_without_a_state_url_is_refused_at_setup() -> None:
+    with pytest.raises(epq.ConfigurationError, match="EPQ_STATE_URL") as caught:
+        epq.setup("amqp://guest:s3cret-pw@127.0.0.1:5672/%2F")
+    assert "s3cret-pw" not in str(caught.value)
+
+
+def test_a_state_url_that_is_not_redis_is_refused() -> None:
+    with pytest.raises(epq.ConfigurationError, match="must name a Redis"):
+        epq.setup(UNREACHABLE_RABBIT, state_url="amqp://x:y@host/")
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_url_with_state_url_builds_a_rabbitmq_broker(state_client: object) -> None:
+    rabbitmq_available(RABBITMQ_URL)
+    broker = epq.setup(RABBITMQ_URL, state_url=STATE_URL)
+    try:
+        assert isinstance(broker, RabbitmqBroker)
+        assert broker.confirm_delivery is True
+    finally:
+        broker.close()
+
+
+def test_settings_broker_url_is_used_by_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EPQ_BROKER_URL", UNREACHABLE_REDIS)
+    with pytest.raises(epq.BrokerUnavailable, match=r"127\.0\.0\.1:1"):
+        epq.setup()
+
+
+def test_enqueue_on_a_broker_that_went_away_is_broker_unavailable() -> None:
+    # Given a Redis broker whose server stops answering after setup
+    import redis
+
+    from epq._actor import EpqActor
+
+    broker = RedisBroker(client=redis.Redis.from_url(UNREACHABLE_REDIS, socket_connect_timeout=0.5))
+    broker.epq_url = mask_url(UNREACHABLE_REDIS)
+    broker.declare_queue("default")
+    actor = _runtime.actor_for("register_job")
+    assert isinstance(actor, EpqActor)
+    # When a job is enqueued on it
+    with pytest.raises(epq.BrokerUnavailable) as caught:
+        epq.QueueService(broker).enqueue_register_job(
+            {"endpoint_id": "6f1d1c1e-4a5b-4c3d-9e8f-0a1b2c3d4e5f", "job_id": "j", "job_metadata": {}}
+        )
+    # Then the error names the masked URL and keeps the driver's error as its cause
+    assert "redis://:***@127.0.0.1:1/0" in str(caught.value)
+    assert "s3cret-pw" not in str(caught.value)
+    assert isinstance(caught.value.__cause__, redis.ConnectionError)

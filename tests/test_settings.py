@@ -1,0 +1,59 @@
+"""EpqSettings: the EPQ_ environment, read once."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+import epq
+from epq.settings import EpqSettings, default_state_dir, get_settings, reset_settings
+
+
+def test_defaults() -> None:
+    settings = EpqSettings(broker_url=None)
+    assert settings.queues == ["default", "execution", "events", "maintenance"]
+    assert settings.handlers == []
+    assert settings.index_unique_for == timedelta(minutes=15)
+    assert settings.register_unique_for == timedelta(minutes=5)
+    assert settings.completed_retention == timedelta(hours=24)
+    assert settings.discarded_retention == timedelta(days=7)
+
+
+def test_environment_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EPQ_HANDLERS", "app.jobs, app.more ,")
+    monkeypatch.setenv("EPQ_QUEUES", "default,events,default")
+    monkeypatch.setenv("EPQ_INDEX_UNIQUE_FOR", "90")
+    monkeypatch.setenv("EPQ_REGISTER_UNIQUE_FOR", "PT2M30S")
+    monkeypatch.setenv("EPQ_STATE_URL", "redis://127.0.0.1:6379/3")
+    settings = get_settings()
+    assert settings.handlers == ["app.jobs", "app.more"]
+    assert settings.queues == ["default", "events"]
+    assert settings.index_unique_for == timedelta(seconds=90)
+    assert settings.register_unique_for == timedelta(minutes=2, seconds=30)
+    assert settings.state_url == "redis://127.0.0.1:6379/3"
+
+
+def test_settings_are_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    first = get_settings()
+    monkeypatch.setenv("EPQ_HANDLERS", "changed.later")
+    assert get_settings() is first
+    reset_settings()
+    assert get_settings().handlers == ["changed.later"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("EPQ_INDEX_UNIQUE_FOR", "soon"), ("EPQ_REGISTER_UNIQUE_FOR", "-5"), ("EPQ_QUEUES", " , ")],
+)
+def test_a_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(epq.ConfigurationError, match=name):
+        get_settings()
+
+
+def test_state_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    assert str(default_state_dir()) == f"{tmp_path}/epq"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    assert str(default_state_dir()).endswith(".local/state/epq")
