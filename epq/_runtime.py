@@ -42,13 +42,16 @@ def setup(broker_url: str | None = None, *, state_url: str | None = None) -> dra
 
     ``broker_url`` and ``state_url`` default to ``EPQ_BROKER_URL`` and ``EPQ_STATE_URL``; with no
     broker URL at all, epq uses the embedded Redis under the user's state directory. Calling it
-    again with the same URLs returns the broker already built.
+    again with no arguments, or with the same URLs, returns the broker already built; other URLs
+    build a new broker and rebind the actors to it.
 
     Raises:
       ConfigurationError: an unknown URL scheme, or RabbitMQ without a state URL.
       BrokerUnavailable: a server cannot be reached.
     """
     with _lock:
+        if broker_url is None and state_url is None and _current is not None:
+            return _current.broker
         settings = get_settings()
         url = broker_url or settings.broker_url or default_broker_url()
         state = state_url or settings.state_url
@@ -60,7 +63,10 @@ def setup(broker_url: str | None = None, *, state_url: str | None = None) -> dra
 def install(
     broker_url: str, *, state_url: str | None = None, settings: EpqSettings | None = None
 ) -> Runtime:
-    """Like :func:`setup`, but always builds a new broker (test fixtures use this)."""
+    """Like :func:`setup`, but always builds a new broker (test fixtures use this).
+
+    The broker it replaces is closed.
+    """
     global _current
     settings = settings or get_settings()
     scheme = scheme_of(broker_url)
@@ -83,7 +89,10 @@ def install(
     _bind_actors(broker)
     dramatiq.set_broker(broker)
     with _lock:
+        previous = _current
         _current = Runtime(broker=broker, broker_url=broker_url, state_url=state_url, settings=settings)
+    if previous is not None and previous.broker is not broker:
+        previous.broker.close()  # the actors left it; nothing enqueues on it through epq any more
     return _current
 
 
@@ -117,3 +126,12 @@ def actor_for(kind: str) -> EpqActor:
 def current() -> Runtime | None:
     """What the last :func:`setup` built, if anything."""
     return _current
+
+
+def reset() -> None:
+    """Close the current broker and forget it: the next :func:`setup` builds from scratch."""
+    global _current
+    with _lock:
+        previous, _current = _current, None
+    if previous is not None:
+        previous.broker.close()

@@ -81,7 +81,7 @@ def epq_broker() -> Iterator[StubBroker]:
     assert isinstance(broker, StubBroker)
     yield broker
     broker.flush_all()
-    broker.close()
+    _runtime.reset()
     reset_settings()
 
 

@@ -36,7 +36,7 @@ def _unreachable(what: str, exc: BaseException) -> None:
 
 
 def redis_available(url: str) -> redis.Redis:
-    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=None)
     try:
         client.ping()
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
@@ -55,13 +55,15 @@ def rabbitmq_available(url: str) -> None:
 
 @pytest.fixture(autouse=True)
 def _clean_epq_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Every test starts with no EPQ_* variables but EPQ_BROKER_URL=stub://, settings unread."""
+    """Every test starts with no EPQ_* variables but EPQ_BROKER_URL=stub://, nothing set up."""
     for name in list(os.environ):
         if name.startswith("EPQ_") and not name.startswith("EPQ_TEST_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("EPQ_BROKER_URL", "stub://")
+    _runtime.reset()
     reset_settings()
     yield
+    _runtime.reset()
     reset_settings()
 
 
