@@ -42,7 +42,9 @@ def demo_requests() -> list[_Request]:
             endpoint_id=endpoint, source=EndpointIndexSource.API, reason="endpoint created",
             source_data={"trigger": "demo"},
         ),
-        RegisterJobRequest(endpoint_id=endpoint, job_id="send-welcome-email", job_metadata={"version": "1.0.0"}),
+        RegisterJobRequest(
+            endpoint_id=endpoint, job_id="send-welcome-email", job_metadata={"version": "1.0.0"}
+        ),
         RegisterSourceRequest(
             endpoint_id=endpoint, source_id="github-webhook", source_metadata={"events": ["push"]},
             queue_name=JobQueue.EVENTS.value, priority=JobPriority.HIGH,
@@ -104,8 +106,9 @@ def run(*, out: TextIO = sys.stdout, timeout_s: float = 60.0) -> int:
             done += 1
             waited = line["finished_at"] - sent.get(line["job_id"], line["finished_at"])
             print(
-                f"[{done}/{len(sent)}] {line['kind']} ran on queue {line['queue']} in worker pid {line['pid']} "
-                f"({waited:.1f} s after enqueue); handler received:\n      {json.dumps(line['request'])}",
+                f"[{done}/{len(sent)}] {line['kind']} ran on queue {line['queue']} "
+                f"in worker pid {line['pid']} ({waited:.1f} s after enqueue); handler received:\n"
+                f"      {json.dumps(line['request'])}",
                 file=out,
             )
         print(f"all {len(sent)} jobs ran.", file=out)

@@ -60,9 +60,7 @@ def setup(broker_url: str | None = None, *, state_url: str | None = None) -> dra
         return install(url, state_url=state, settings=settings).broker
 
 
-def install(
-    broker_url: str, *, state_url: str | None = None, settings: EpqSettings | None = None
-) -> Runtime:
+def install(broker_url: str, *, state_url: str | None = None, settings: EpqSettings | None = None) -> Runtime:
     """Like :func:`setup`, but always builds a new broker (test fixtures use this).
 
     The broker it replaces is closed.

@@ -17,7 +17,8 @@ _DICT_FIELDS = {"source_data", "job_metadata", "source_metadata", "trigger_metad
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="epq", description="epq: the Endpoints job queue on Dramatiq.",
+        prog="epq",
+        description="epq: the Endpoints job queue on Dramatiq.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

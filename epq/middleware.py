@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import dramatiq
+from dramatiq.broker import MessageProxy
 from dramatiq.errors import Retry
 from dramatiq.middleware import Retries
 
@@ -26,11 +27,11 @@ from .handlers import import_handler_modules, missing_kinds
 
 logger = logging.getLogger("epq")
 
-#: Jitter applied to every backoff delay: the delay is drawn from [1 - J, 1 + J] × base.
+#: Jitter applied to every backoff delay: the delay is drawn from [1 - J, 1 + J] * base.
 BACKOFF_JITTER = 0.25
 
 
-def _option(message: dramatiq.Message[Any], actor: dramatiq.Actor[Any, Any], name: str) -> Any:
+def _option(message: MessageProxy | dramatiq.Message[Any], actor: dramatiq.Actor[Any, Any], name: str) -> Any:
     """Message option > actor option (Dramatiq's precedence)."""
     if name in message.options:
         return message.options[name]
@@ -64,7 +65,7 @@ class EpqRetries(Retries):
     def after_process_message(
         self,
         broker: dramatiq.Broker,
-        message: dramatiq.Message[Any],
+        message: MessageProxy,
         *,
         result: Any = None,
         exception: BaseException | None = None,
@@ -74,7 +75,7 @@ class EpqRetries(Retries):
         actor = broker.get_actor(message.actor_name)
         max_attempts = _option(message, actor, "max_attempts")
         if max_attempts is None:
-            super().after_process_message(broker, message, result=result, exception=exception)
+            super().after_process_message(broker, message, result=result, exception=exception)  # type: ignore[no-untyped-call]
             return
 
         attempt = int(message.options.get("retries", 0)) + 1
@@ -112,7 +113,7 @@ class EpqRetries(Retries):
             max_attempts,
             delay,
         )
-        broker.enqueue(message, delay=delay)
+        broker.enqueue(message, delay=delay)  # type: ignore[arg-type]  # a proxy, as in Retries
 
 
 class EpqMiddleware(dramatiq.Middleware):

@@ -68,7 +68,10 @@ class EpqSettings(BaseSettings):
         return list(dict.fromkeys(value))
 
     @field_validator(
-        "index_unique_for", "register_unique_for", "completed_retention", "discarded_retention",
+        "index_unique_for",
+        "register_unique_for",
+        "completed_retention",
+        "discarded_retention",
         mode="before",
     )
     @classmethod
@@ -82,9 +85,7 @@ class EpqSettings(BaseSettings):
                 return value
         return value
 
-    @field_validator(
-        "index_unique_for", "register_unique_for", "completed_retention", "discarded_retention"
-    )
+    @field_validator("index_unique_for", "register_unique_for", "completed_retention", "discarded_retention")
     @classmethod
     def _positive(cls, value: timedelta) -> timedelta:
         if value.total_seconds() <= 0:

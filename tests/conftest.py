@@ -108,8 +108,13 @@ def rabbitmq_broker(state_client: redis.Redis) -> Iterator[dramatiq.Broker]:
     broker.close()
 
 
-@pytest.fixture(params=["stub", pytest.param("redis", marks=pytest.mark.redis),
-                        pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+@pytest.fixture(
+    params=[
+        "stub",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("rabbitmq", marks=pytest.mark.rabbitmq),
+    ]
+)
 def broker(request: pytest.FixtureRequest) -> dramatiq.Broker:
     """The contract suite's broker: stub, Redis, then RabbitMQ (resolved lazily)."""
     name = "epq_broker" if request.param == "stub" else f"{request.param}_broker"

@@ -6,7 +6,6 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
-from uuid import uuid4
 
 import dramatiq
 import pytest
@@ -24,7 +23,11 @@ VALID: dict[str, dict[str, Any]] = {
     "register_job": {"endpoint_id": ENDPOINT, "job_id": "job-1", "job_metadata": {"version": "1"}},
     "register_source": {"endpoint_id": ENDPOINT, "source_id": "src-1", "source_metadata": {"a": 1}},
     "register_dynamic_trigger": {"endpoint_id": ENDPOINT, "trigger_id": "t-1", "trigger_metadata": {}},
-    "register_dynamic_schedule": {"endpoint_id": ENDPOINT, "schedule_id": "s-1", "schedule_metadata": {"cron": "* *"}},
+    "register_dynamic_schedule": {
+        "endpoint_id": ENDPOINT,
+        "schedule_id": "s-1",
+        "schedule_metadata": {"cron": "* *"},
+    },
 }
 FACADE = {
     "index_endpoint": "enqueue_index_endpoint",
@@ -105,7 +108,9 @@ def test_queue_override_lands_on_a_served_queue_and_runs(
     recorder = Recorder()
     epq_handlers.register("register_source", recorder)
 
-    result = epq.QueueService(broker).enqueue_register_source({**VALID["register_source"], "queue_name": queue})
+    result = epq.QueueService(broker).enqueue_register_source(
+        {**VALID["register_source"], "queue_name": queue}
+    )
 
     assert result.job.queue == queue
     assert message_count(broker, queue) == 1
@@ -193,7 +198,9 @@ def test_positional_arguments_are_refused(broker: dramatiq.Broker) -> None:
 
 def _raw_send(broker: dramatiq.Broker, kind: str, kwargs: dict[str, Any], **options: Any) -> None:
     """Put a message on the wire without the call-site checks (a foreign or older producer)."""
-    broker.enqueue(dramatiq.Message(queue_name="default", actor_name=kind, args=(), kwargs=kwargs, options=options))
+    broker.enqueue(
+        dramatiq.Message(queue_name="default", actor_name=kind, args=(), kwargs=kwargs, options=options)
+    )
 
 
 def test_a_payload_that_fails_validation_in_the_worker_is_dead_lettered_at_once(
@@ -265,7 +272,9 @@ def test_a_past_run_at_runs_now_and_a_future_one_is_scheduled(
     now = datetime.now(timezone.utc)
     svc = epq.QueueService(broker)
 
-    past = svc.enqueue_register_dynamic_trigger({**VALID["register_dynamic_trigger"], "run_at": now - timedelta(hours=1)})
+    past = svc.enqueue_register_dynamic_trigger(
+        {**VALID["register_dynamic_trigger"], "run_at": now - timedelta(hours=1)}
+    )
     future = svc.enqueue_register_dynamic_trigger(
         {**VALID["register_dynamic_trigger"], "trigger_id": "later", "run_at": now + timedelta(seconds=1)}
     )

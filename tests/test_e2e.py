@@ -51,7 +51,9 @@ class Worker:
         got: list[dict[str, Any]] = []
         while len(got) < n:
             item = self.results.blpop([self.key], timeout=timeout)
-            assert item is not None, f"only {len(got)} of {n} jobs reported; worker log:\n{self.log.read_text()}"
+            assert item is not None, (
+                f"only {len(got)} of {n} jobs reported; worker log:\n{self.log.read_text()}"
+            )
             got.append(json.loads(item[1]))
         return got
 
@@ -154,13 +156,16 @@ def test_epq_worker_serves_only_the_queues_it_is_given(start_worker: Any, redis_
     broker = _runtime.install(REDIS_URL).broker
     svc = epq.QueueService(broker)
     on_default = svc.enqueue_register_job(VALID["register_job"]).job.id
-    on_events = svc.enqueue_register_job({**VALID["register_job"], "job_id": "e", "queue_name": "events"}).job.id
+    on_events = svc.enqueue_register_job(
+        {**VALID["register_job"], "job_id": "e", "queue_name": "events"}
+    ).job.id
 
     reports = worker.collect(1)
 
     assert [r["job_id"] for r in reports] == [on_events]
     assert worker.results.blpop([worker.key], timeout=1) is None
     assert redis_client.llen("dramatiq:default") == 1
-    assert on_default in redis_client.hkeys("dramatiq:default.msgs")[0].decode() or redis_client.hlen(
-        "dramatiq:default.msgs"
-    ) == 1
+    assert (
+        on_default in redis_client.hkeys("dramatiq:default.msgs")[0].decode()
+        or redis_client.hlen("dramatiq:default.msgs") == 1
+    )

@@ -74,7 +74,10 @@ def test_queues_setting_decides_the_declared_queues(monkeypatch: pytest.MonkeyPa
 
     with pytest.raises(epq.InvalidRequest, match="queue_name"):
         actors.register_job.send(
-            endpoint_id="6f1d1c1e-4a5b-4c3d-9e8f-0a1b2c3d4e5f", job_id="j", job_metadata={}, queue_name="events"
+            endpoint_id="6f1d1c1e-4a5b-4c3d-9e8f-0a1b2c3d4e5f",
+            job_id="j",
+            job_metadata={},
+            queue_name="events",
         )
 
 

