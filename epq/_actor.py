@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -14,9 +15,10 @@ from dramatiq.errors import BrokerConnectionError
 from pydantic import ValidationError
 
 from .brokers import display_url
-from .errors import BrokerUnavailable, HandlerNotFound, InvalidPayload, InvalidRequest
+from .errors import BrokerUnavailable, DuplicateJob, HandlerNotFound, InvalidPayload, InvalidRequest
 from .handlers import get_handler
 from .kinds import JobKind
+from .middleware import Uniqueness, find_middleware
 from .models import JobPriority, JobRecord, JobState, _Request
 
 #: The largest payload (the request as JSON) a job may carry.
@@ -57,7 +59,9 @@ class EpqActor(dramatiq.Actor[..., Any]):
     pick the queue, the priority and the time the job runs.
     """
 
-    def __init__(self, kind: JobKind, *, broker: dramatiq.Broker) -> None:
+    def __init__(
+        self, kind: JobKind, *, broker: dramatiq.Broker, extra_options: dict[str, Any] | None = None
+    ) -> None:
         self.kind = kind
         super().__init__(
             make_job_function(kind),
@@ -70,6 +74,7 @@ class EpqActor(dramatiq.Actor[..., Any]):
                 "max_retries": kind.max_attempts - 1,
                 "backoff_ms": list(kind.backoff_ms),
                 "throws": (InvalidPayload, HandlerNotFound),
+                **(extra_options or {}),
             },
         )
 
@@ -143,10 +148,23 @@ class EpqActor(dramatiq.Actor[..., Any]):
         try:
             target.enqueue(message, delay=delay_ms)
         except (redis.RedisError, BrokerConnectionError, pika.exceptions.AMQPError, OSError) as exc:
+            self._release_after_failed_publish(target, message)
             raise BrokerUnavailable(
                 f"could not enqueue {self.actor_name} on {display_url(target)}: {exc!r}"
             ) from exc
         return message
+
+    @staticmethod
+    def _release_after_failed_publish(broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> None:
+        uniqueness = find_middleware(broker, Uniqueness)
+        if uniqueness is None:
+            return
+        key = uniqueness.lock_key(broker, message)
+        if key is None:
+            return
+        # If the state store is down too, the lock simply expires with its window.
+        with contextlib.suppress(redis.RedisError):
+            uniqueness.release(message, key)
 
     def record_for(self, message: dramatiq.Message[Any], request: _Request) -> JobRecord:
         """The job record of a message this actor just enqueued."""
@@ -164,6 +182,38 @@ class EpqActor(dramatiq.Actor[..., Any]):
             created_at=created,
             scheduled_at=scheduled,
         )
+
+    def record_for_duplicate(self, dup: DuplicateJob, request: _Request) -> JobRecord:
+        """The record of the job that holds ``request``'s unique key, from what its lock records.
+
+        ``args`` are this request's (they agree with the holder's on every unique-key field).
+        """
+        parts = dup.holder.split("|")
+        now = _utcnow()
+        try:
+            created, scheduled = _from_ms(int(parts[1])), _from_ms(int(parts[2]))
+            queue, priority = parts[3], JobPriority(int(parts[4]))
+        except (IndexError, ValueError):
+            created = scheduled = now
+            queue, priority = (
+                request.queue_name or self.kind.queue,
+                JobPriority(request.priority or self.kind.priority),
+            )
+        return JobRecord(
+            id=dup.existing_job_id,
+            kind=self.actor_name,
+            queue=queue,
+            priority=priority,
+            args=request.model_dump(mode="json"),
+            state=JobState.SCHEDULED if scheduled > now else JobState.AVAILABLE,
+            max_attempts=int(self.options["max_attempts"]),
+            created_at=created,
+            scheduled_at=scheduled,
+        )
+
+
+def _from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
 
 
 def _delay_ms(kind: str, request: _Request, delay: timedelta | int | None) -> int | None:

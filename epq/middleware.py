@@ -3,27 +3,35 @@
 ``EpqRetries`` replaces Dramatiq's ``Retries``: it counts attempts the River way
 (``max_attempts`` includes the first run), follows each kind's backoff schedule with ±25 %
 jitter, and dead-letters at once the errors named in the actor's ``throws``.
+``Uniqueness`` gives each kind its uniqueness window through the state store.
 ``EpqMiddleware`` loads the handler modules when a worker boots and warns about kinds without
-a handler. Both hold no per-message state on ``self``: one instance serves every worker thread.
+a handler. All hold no per-message state on ``self``: one instance serves every worker thread.
 
 Times are milliseconds, as everywhere in Dramatiq.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import time
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import dramatiq
 from dramatiq.broker import MessageProxy
+from dramatiq.common import q_name
 from dramatiq.errors import Retry
 from dramatiq.middleware import Retries
 
+from .errors import DuplicateJob
 from .handlers import import_handler_modules, missing_kinds
+from .state import KEY_PREFIX, StateStore, holder_id
+
+M = TypeVar("M", bound=dramatiq.Middleware)
 
 logger = logging.getLogger("epq")
 
@@ -135,3 +143,96 @@ class EpqMiddleware(dramatiq.Middleware):
                 "Register handlers with @epq.handler(kind) in a module named in EPQ_HANDLERS.",
                 ", ".join(missing),
             )
+
+
+class Uniqueness(dramatiq.Middleware):
+    """Uniqueness windows: one job per kind and unique key inside the window.
+
+    Actor options (a message option of the same name wins for ``unique_for``):
+      unique_for(int): the window in milliseconds; 0 or absent turns uniqueness off.
+      unique_by(tuple[str, ...]): the payload fields that make up the key.
+
+    The lock is taken in ``before_enqueue`` (one atomic round trip to the state store) and
+    holds for ``unique_for`` plus the job's delay. A job's own retries and delayed re-enqueues
+    carry the lock's key in ``message.options["epq_unique_key"]`` and pass. The lock is released
+    when the job is dead-lettered (``after_nack``) or skipped; after success it holds until the
+    window ends.
+    """
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+
+    @property
+    def actor_options(self) -> set[str]:
+        return {"unique_for", "unique_by"}
+
+    @staticmethod
+    def key_for(actor_name: str, unique_by: Sequence[str], kwargs: dict[str, Any]) -> str:
+        """The lock key of a payload: kind plus a digest of the unique fields (canonical JSON)."""
+        fields = {name: kwargs.get(name) for name in unique_by}
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        digest = hashlib.sha256(canonical.encode()).hexdigest()[:40]
+        return f"{KEY_PREFIX}unique:{actor_name}:{digest}"
+
+    def lock_key(self, broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> str | None:
+        """The key ``message`` locks, or None when its actor has no uniqueness."""
+        actor = broker.actors.get(message.actor_name)
+        if actor is None:
+            return None
+        unique_for = _option(message, actor, "unique_for")
+        unique_by = actor.options.get("unique_by")
+        if not unique_for or not unique_by:
+            return None
+        return self.key_for(message.actor_name, unique_by, message.kwargs)
+
+    def before_enqueue(
+        self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int | None
+    ) -> None:
+        if "epq_unique_key" in message.options:
+            return  # its own retry or delayed re-enqueue
+        key = self.lock_key(broker, message)
+        if key is None:
+            return
+        actor = broker.actors[message.actor_name]
+        window_ms = int(_option(message, actor, "unique_for"))
+        delay_ms = int(delay or 0)
+        now = self.store.now_ms()
+        holder = "|".join(
+            (
+                message.message_id,
+                str(message.message_timestamp),
+                str(now + delay_ms),
+                q_name(message.queue_name),
+                str(message.options.get("epq_priority", "")),
+            )
+        )
+        current = self.store.acquire_unique(key, holder, window_ms + delay_ms)
+        if current is not None:
+            raise DuplicateJob(message.actor_name, holder_id(current), holder=current)
+        message.options["epq_unique_key"] = key
+
+    def release(self, message: dramatiq.Message[Any] | MessageProxy, key: str | None = None) -> bool:
+        """Free the lock ``message`` holds (a no-op when another job holds the key)."""
+        key = key or message.options.get("epq_unique_key")
+        if not key:
+            return False
+        return self.store.release_unique(key, message.message_id)
+
+    def after_nack(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        if self.release(message):
+            logger.info(
+                "Released the uniqueness lock of dead-lettered %s job %s",
+                message.actor_name,
+                message.message_id,
+            )
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        self.release(message)
+
+
+def find_middleware(broker: dramatiq.Broker, kind: type[M]) -> M | None:
+    """The broker's middleware of type ``kind``, if it has one."""
+    for middleware in broker.middleware:
+        if isinstance(middleware, kind):
+            return middleware
+    return None

@@ -8,6 +8,7 @@ from typing import Any
 import dramatiq
 
 from ._runtime import actor_for, setup
+from .errors import DuplicateJob
 from .models import (
     EnqueueIndexEndpointRequest,
     JobInsertResult,
@@ -27,7 +28,9 @@ class QueueService:
 
     Each ``enqueue_*`` method takes the kind's request model (or a mapping of its fields),
     raises :class:`epq.InvalidRequest` naming the field when it is invalid (nothing is
-    enqueued), and :class:`epq.BrokerUnavailable` when the broker cannot be reached.
+    enqueued), and :class:`epq.BrokerUnavailable` when the broker cannot be reached. A request
+    whose unique key is held inside its window enqueues nothing and returns the holding job
+    with ``unique_skipped_as_duplicate=True``.
     """
 
     def __init__(self, broker: dramatiq.Broker | None = None) -> None:
@@ -77,5 +80,10 @@ class QueueService:
             validated = request
         else:
             raise TypeError(f"enqueue of {kind} takes a {model.__name__}, not {type(request).__name__}")
-        message = actor.enqueue_request(validated, broker=broker)
+        try:
+            message = actor.enqueue_request(validated, broker=broker)
+        except DuplicateJob as dup:
+            return JobInsertResult(
+                job=actor.record_for_duplicate(dup, validated), unique_skipped_as_duplicate=True
+            )
         return JobInsertResult(job=actor.record_for(message, validated), unique_skipped_as_duplicate=False)

@@ -7,6 +7,8 @@ Installed with epq and loaded by pytest automatically (entry point ``pytest11``)
 - ``epq_worker``: a started ``dramatiq.Worker`` on that broker, stopped after the test;
 - ``epq_handlers``: an empty handler registry for the test (restored afterwards), with
   ``record(kind)`` to capture the requests a kind's handler receives;
+- ``epq_clock``: a :class:`~epq.state.FakeClock` driving the stub's state store, so uniqueness
+  windows can be crossed with ``epq_clock.advance(seconds)`` instead of sleeping;
 - :func:`drain`: wait until every queue is empty and the worker is idle.
 
     def test_indexing(epq_broker, epq_worker, epq_handlers):
@@ -32,8 +34,9 @@ from dramatiq.brokers.stub import StubBroker
 
 from . import _runtime, handlers
 from .settings import reset_settings
+from .state import FakeClock, MemoryStateStore
 
-__all__ = ["HandlerRegistry", "drain", "epq_broker", "epq_handlers", "epq_worker"]
+__all__ = ["FakeClock", "HandlerRegistry", "drain", "epq_broker", "epq_clock", "epq_handlers", "epq_worker"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -99,3 +102,13 @@ def epq_handlers() -> Iterator[HandlerRegistry]:
     """An empty handler registry for the test; the previous one comes back afterwards."""
     with handlers.isolated_handlers():
         yield HandlerRegistry()
+
+
+@pytest.fixture
+def epq_clock(epq_broker: StubBroker) -> FakeClock:
+    """The clock of ``epq_broker``'s state store, stopped at the current time until advanced."""
+    runtime = _runtime.current()
+    assert runtime is not None and isinstance(runtime.state, MemoryStateStore)
+    clock = FakeClock()
+    runtime.state.clock = clock
+    return clock

@@ -132,7 +132,7 @@ def test_per_request_priority_is_carried_by_the_job(
     epq_handlers.register("index_endpoint", recorder)
 
     high = epq.QueueService(broker).enqueue_index_endpoint({**VALID["index_endpoint"], "priority": 1})
-    default = epq.QueueService(broker).enqueue_index_endpoint(VALID["index_endpoint"])
+    default = epq.QueueService(broker).enqueue_index_endpoint({**VALID["index_endpoint"], "source": "HOOK"})
     drain(broker, worker)
 
     assert (high.job.priority, default.job.priority) == (epq.JobPriority.HIGH, epq.JobPriority.NORMAL)
