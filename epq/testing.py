@@ -108,7 +108,8 @@ def epq_handlers() -> Iterator[HandlerRegistry]:
 def epq_clock(epq_broker: StubBroker) -> FakeClock:
     """The clock of ``epq_broker``'s state store, stopped at the current time until advanced."""
     runtime = _runtime.current()
-    assert runtime is not None and isinstance(runtime.state, MemoryStateStore)
+    assert runtime is not None
+    assert isinstance(runtime.state, MemoryStateStore)
     clock = FakeClock()
     runtime.state.clock = clock
     return clock

@@ -120,7 +120,8 @@ def test_index_is_unique_by_endpoint_and_source_only(broker: dramatiq.Broker, ti
         {**base, "endpoint_id": "0d0f7a52-8a8e-4b8e-9b1f-3c7f2f4d9a10"}
     )
 
-    assert same_key.unique_skipped_as_duplicate and same_key.job.id == first.job.id
+    assert same_key.unique_skipped_as_duplicate
+    assert same_key.job.id == first.job.id
     assert not other_source.unique_skipped_as_duplicate
     assert not other_endpoint.unique_skipped_as_duplicate
     assert total_waiting(broker) == 3
@@ -146,7 +147,8 @@ def test_a_changed_registration_payload_is_a_new_job(
     changed = svc.enqueue(kind, {**base, payload_field: {"version": "2", "steps": [1, 2]}})
     other_item = svc.enqueue(kind, {**base, id_field: "another"})
 
-    assert reordered.unique_skipped_as_duplicate and reordered.job.id == first.job.id
+    assert reordered.unique_skipped_as_duplicate
+    assert reordered.job.id == first.job.id
     assert not changed.unique_skipped_as_duplicate
     assert not other_item.unique_skipped_as_duplicate
     assert total_waiting(broker) == 3
@@ -181,7 +183,8 @@ def test_a_delayed_job_holds_its_key_until_window_after_its_run_time(
     svc = epq.QueueService(broker)
     first = svc.enqueue(kind, {**VALID[kind], "run_at": run_at})
     ttl = lock_ttl_ms(lock_key(kind, VALID[kind]))
-    assert ttl is not None and (delay + window) * 1000 - 500 < ttl <= (delay + window) * 1000
+    assert ttl is not None
+    assert (delay + window) * 1000 - 500 < ttl <= (delay + window) * 1000
 
     timeline.advance(window * 1.5)  # past a plain window, before the run time
     assert svc.enqueue(kind, VALID[kind]).job.id == first.job.id
@@ -211,7 +214,10 @@ def test_dead_lettered_index_job_frees_its_key_at_once(
         raise RuntimeError("down")
 
     epq_handlers.register("index_endpoint", always_fails)
-    first = epq.actors.index_endpoint.send_with_options(kwargs=VALID["index_endpoint"], backoff_ms=[5])
+    # a window far longer than the test, so only the release can free the key
+    first = epq.actors.index_endpoint.send_with_options(
+        kwargs=VALID["index_endpoint"], backoff_ms=[5], unique_for=600_000
+    )
     key = lock_key("index_endpoint", VALID["index_endpoint"])
 
     assert wait_for(lambda: message_count(broker, "default.XQ") == 1, timeout=20)
@@ -242,6 +248,30 @@ def test_retries_pass_through_their_own_lock(
     with pytest.raises(epq.DuplicateJob) as caught:
         epq.actors.register_job.send(**VALID["register_job"])
     assert caught.value.existing_job_id == first.message_id
+
+
+def test_a_retry_is_never_dropped_even_when_a_newer_job_holds_the_key(
+    broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry, timeline: Timeline
+) -> None:
+    # Given a job whose first attempt fails and whose retry is due after its window has ended
+    calls: list[str] = []
+
+    def first_attempt_fails(request: Any) -> None:
+        message = dramatiq.middleware.CurrentMessage.get_current_message()
+        calls.append(message.message_id)
+        if calls.count(message.message_id) == 1 and len(calls) == 1:
+            raise RuntimeError("first attempt fails")
+
+    epq_handlers.register("register_job", first_attempt_fails)
+    first = epq.actors.register_job.send_with_options(kwargs=VALID["register_job"], backoff_ms=[1500])
+    assert wait_for(lambda: len(calls) == 1)
+    # When the window passes and a new job takes the key before the retry is due
+    timeline.advance(timeline.window("register_job") + 0.1)
+    newer = epq.QueueService(broker).enqueue_register_job(VALID["register_job"])
+    assert newer.unique_skipped_as_duplicate is False
+    # Then both the retry and the new job run
+    assert wait_for(lambda: len(calls) == 3, timeout=10)
+    assert sorted(calls) == sorted([first.message_id, first.message_id, newer.job.id])
 
 
 def test_a_delayed_re_enqueue_passes_through_its_own_lock(
