@@ -15,6 +15,7 @@ from .brokers.urls import RABBITMQ_SCHEMES, REDIS_SCHEMES, STUB_SCHEME
 from .errors import ConfigurationError
 from .kinds import KINDS
 from .middleware import EpqMiddleware, EpqRetries, Uniqueness
+from .schedule import Scheduling
 from .settings import EpqSettings, default_state_dir, get_settings
 from .state import MemoryStateStore, RedisStateStore, StateStore
 
@@ -93,7 +94,9 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
         state = RedisStateStore(state_client)
     else:
         state = RedisStateStore(broker.client)  # type: ignore[attr-defined]
+    broker.epq_state = state  # type: ignore[attr-defined]  # delayed messages go to its schedule
     broker.add_middleware(Uniqueness(state))
+    broker.add_middleware(Scheduling(state))
     for queue in settings.queues:
         broker.declare_queue(queue)
     _bind_actors(broker, settings)

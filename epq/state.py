@@ -7,15 +7,21 @@ Times are milliseconds.
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import redis
 
 #: Every key epq writes starts with this.
 KEY_PREFIX = "epq:"
+#: The durable schedule: entry ids by due time (ms), their messages, and claimed entries by lease end.
+SCHEDULE_KEY = KEY_PREFIX + "schedule"
+SCHEDULE_DATA_KEY = KEY_PREFIX + "schedule:data"
+SCHEDULE_CLAIMED_KEY = KEY_PREFIX + "schedule:claimed"
 
 Clock = Callable[[], float]
 """Returns the current time in seconds since the epoch (like ``time.time``)."""
@@ -39,6 +45,21 @@ class StateStore(Protocol):
 
     def now_ms(self) -> int:
         """The store's clock, in milliseconds since the epoch."""
+
+    def schedule_add(self, data: bytes, due_ms: int) -> str:
+        """Keep an encoded message until ``due_ms``; return the schedule entry's id."""
+
+    def schedule_claim(
+        self, now_ms: int, lease_ms: int, limit: int
+    ) -> tuple[list[tuple[str, bytes]], int | None]:
+        """Claim up to ``limit`` due entries for ``lease_ms`` (entries whose lease ran out are due
+        again). Return ``(entry id, message)`` pairs and the next due time in the schedule."""
+
+    def schedule_ack(self, entry_ids: Sequence[str]) -> None:
+        """Forget claimed entries once their messages are on the broker."""
+
+    def schedule_size(self) -> int:
+        """Entries waiting or claimed."""
 
     def close(self) -> None:
         """Release connections."""
@@ -79,6 +100,56 @@ return 0
 """
 
 
+# KEYS: schedule, claimed, data; ARGV: now ms, lease end ms, limit.
+# Entries whose lease ended go back to the schedule, due now; then up to `limit` due entries move
+# to `claimed` (score: lease end). Returns {id1, msg1, id2, msg2, ...} and the next due time.
+_CLAIM = """
+local now = tonumber(ARGV[1])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+for _, id in ipairs(expired) do
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('ZADD', KEYS[1], now, id)
+end
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  local data = redis.call('HGET', KEYS[3], id)
+  if data then
+    redis.call('ZADD', KEYS[2], ARGV[2], id)
+    table.insert(out, id)
+    table.insert(out, data)
+  end
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {out, nxt[2] or false}
+"""
+
+# KEYS: schedule, data; ARGV: now ms, limit, Dramatiq's Redis namespace.
+# Moves due messages straight into Dramatiq's Redis queues (a hash of messages by their
+# redis_message_id and a list of ids per queue), in one atomic step. Returns the count moved
+# and the next due time.
+_MOVE_TO_REDIS_QUEUES = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]), 'LIMIT', 0, tonumber(ARGV[2]))
+local moved = 0
+for _, id in ipairs(ids) do
+  local data = redis.call('HGET', KEYS[2], id)
+  if data then
+    local message = cjson.decode(data)
+    local queue = ARGV[3] .. ':' .. message['queue_name']
+    local rid = message['options']['redis_message_id']
+    redis.call('HSET', queue .. '.msgs', rid, data)
+    redis.call('RPUSH', queue, rid)
+    moved = moved + 1
+  end
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[2], id)
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {moved, nxt[2] or false}
+"""
+
+
 class RedisStateStore:
     """State in Redis: each operation is one round trip (a Lua script where it must be atomic)."""
 
@@ -86,6 +157,44 @@ class RedisStateStore:
         self.client = client
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
+        self._claim = client.register_script(_CLAIM)
+        self._move = client.register_script(_MOVE_TO_REDIS_QUEUES)
+
+    def schedule_add(self, data: bytes, due_ms: int) -> str:
+        entry = uuid.uuid4().hex
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(SCHEDULE_DATA_KEY, entry, data)
+        pipe.zadd(SCHEDULE_KEY, {entry: due_ms})
+        pipe.execute()
+        return entry
+
+    def schedule_claim(
+        self, now_ms: int, lease_ms: int, limit: int
+    ) -> tuple[list[tuple[str, bytes]], int | None]:
+        out, nxt = self._claim(
+            keys=[SCHEDULE_KEY, SCHEDULE_CLAIMED_KEY, SCHEDULE_DATA_KEY],
+            args=[now_ms, now_ms + lease_ms, limit],
+        )
+        pairs = [(out[i].decode(), out[i + 1]) for i in range(0, len(out), 2)]
+        return pairs, int(float(nxt)) if nxt else None
+
+    def schedule_ack(self, entry_ids: Sequence[str]) -> None:
+        if not entry_ids:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zrem(SCHEDULE_CLAIMED_KEY, *entry_ids)
+        pipe.hdel(SCHEDULE_DATA_KEY, *entry_ids)
+        pipe.execute()
+
+    def schedule_move_to_redis_queues(
+        self, now_ms: int, limit: int, namespace: str
+    ) -> tuple[int, int | None]:
+        """Move due messages into Dramatiq's Redis queues on this same server, atomically."""
+        moved, nxt = self._move(keys=[SCHEDULE_KEY, SCHEDULE_DATA_KEY], args=[now_ms, limit, namespace])
+        return int(moved), int(float(nxt)) if nxt else None
+
+    def schedule_size(self) -> int:
+        return int(self.client.hlen(SCHEDULE_DATA_KEY))
 
     def acquire_unique(self, key: str, holder: str, ttl_ms: int) -> str | None:
         current: Any = self._acquire(keys=[key], args=[holder, holder_id(holder), max(1, int(ttl_ms))])
@@ -114,6 +223,43 @@ class MemoryStateStore:
         self.clock: Clock = clock or time.time
         self._lock = threading.Lock()
         self._values: dict[str, tuple[str, float]] = {}  # key -> (value, expires at, seconds)
+        self._due: list[tuple[int, str]] = []  # heap of (due ms, entry id)
+        self._data: dict[str, bytes] = {}
+        self._claimed: dict[str, int] = {}  # entry id -> lease end (ms)
+
+    def schedule_add(self, data: bytes, due_ms: int) -> str:
+        entry = uuid.uuid4().hex
+        with self._lock:
+            self._data[entry] = data
+            heapq.heappush(self._due, (due_ms, entry))
+        return entry
+
+    def schedule_claim(
+        self, now_ms: int, lease_ms: int, limit: int
+    ) -> tuple[list[tuple[str, bytes]], int | None]:
+        out: list[tuple[str, bytes]] = []
+        with self._lock:
+            for entry, lease_end in list(self._claimed.items()):
+                if lease_end <= now_ms:
+                    del self._claimed[entry]
+                    heapq.heappush(self._due, (now_ms, entry))
+            while self._due and self._due[0][0] <= now_ms and len(out) < limit:
+                _, entry = heapq.heappop(self._due)
+                data = self._data.get(entry)
+                if data is not None:
+                    self._claimed[entry] = now_ms + lease_ms
+                    out.append((entry, data))
+            return out, self._due[0][0] if self._due else None
+
+    def schedule_ack(self, entry_ids: Sequence[str]) -> None:
+        with self._lock:
+            for entry in entry_ids:
+                self._claimed.pop(entry, None)
+                self._data.pop(entry, None)
+
+    def schedule_size(self) -> int:
+        with self._lock:
+            return len(self._data)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)

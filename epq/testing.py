@@ -24,6 +24,7 @@ When the plugin loads and ``EPQ_BROKER_URL`` is unset, it sets it to ``stub://``
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,6 +34,7 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
 
 from . import _runtime, handlers
+from .schedule import promote_due
 from .settings import reset_settings
 from .state import FakeClock, MemoryStateStore
 
@@ -44,21 +46,39 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def drain(broker: dramatiq.Broker, worker: dramatiq.Worker, *, timeout_ms: int = 30_000) -> None:
-    """Wait until every served queue (delayed messages included) is empty and the worker idle.
+    """Wait until no job is waiting, running, or scheduled for a time that has come.
 
-    On the stub broker a job that was dead-lettered raises its exception here, so a failing
-    handler fails the test that drains it.
+    Jobs scheduled for later (by the state store's clock, which ``epq_clock`` may stop) are left
+    in the schedule. On the stub broker a job that was dead-lettered raises its exception here,
+    so a failing handler fails the test that drains it.
     """
-    for queue in sorted(broker.get_declared_queues()):
-        if queue.endswith((".DQ", ".XQ")):
+    deadline = time.monotonic() + timeout_ms / 1000
+    store = getattr(broker, "epq_state", None)
+    while True:
+        remaining = max(1, int((deadline - time.monotonic()) * 1000))
+        for queue in sorted(broker.get_declared_queues()):
+            if queue.endswith((".DQ", ".XQ")):
+                continue
+            if isinstance(broker, StubBroker):
+                broker.join(queue, timeout=remaining, fail_fast=True)
+            elif isinstance(broker, RabbitmqBroker):
+                broker.join(queue, min_successes=3, idle_time=50, timeout=remaining)
+            else:
+                broker.join(queue, timeout=remaining)
+        worker.join()
+        if store is None:
+            return
+        moved, next_due = promote_due(broker, store)
+        if moved:
             continue
-        if isinstance(broker, StubBroker):
-            broker.join(queue, timeout=timeout_ms, fail_fast=True)
-        elif isinstance(broker, RabbitmqBroker):
-            broker.join(queue, min_successes=3, idle_time=50, timeout=timeout_ms)
-        else:
-            broker.join(queue, timeout=timeout_ms)
-    worker.join()
+        now = store.now_ms()
+        if next_due is None or next_due > now + _DUE_SOON_MS or time.monotonic() > deadline:
+            return
+        time.sleep(max(0, next_due - now) / 1000)
+
+
+#: Scheduled jobs due this soon (a short retry backoff, say) are waited for by :func:`drain`.
+_DUE_SOON_MS = 100
 
 
 class HandlerRegistry:

@@ -44,17 +44,29 @@ class Timeline:
 
     windows_s: dict[str, float]
     advance: Callable[[float], None]
+    fake: bool
 
     def window(self, kind: str) -> float:
         return self.windows_s[kind]
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
+        """Wait in real time; a fake clock also moves 10 ms a poll, so short backoffs come due."""
+        if not self.fake:
+            return wait_for(predicate, timeout=timeout)
+
+        def tick_then_check() -> bool:
+            self.advance(0.01)
+            return predicate()
+
+        return wait_for(tick_then_check, timeout=timeout)
 
 
 @pytest.fixture
 def timeline(broker: dramatiq.Broker, request: pytest.FixtureRequest) -> Timeline:
     if isinstance(broker, StubBroker):
         clock = request.getfixturevalue("epq_clock")
-        return Timeline({k: 300.0 for k in VALID} | {"index_endpoint": 900.0}, clock.advance)
-    return Timeline(dict.fromkeys(VALID, REAL_WINDOW_S), time.sleep)
+        return Timeline({k: 300.0 for k in VALID} | {"index_endpoint": 900.0}, clock.advance, fake=True)
+    return Timeline(dict.fromkeys(VALID, REAL_WINDOW_S), time.sleep, fake=False)
 
 
 def lock_key(kind: str, fields: dict[str, Any]) -> str:
@@ -220,7 +232,7 @@ def test_dead_lettered_index_job_frees_its_key_at_once(
     )
     key = lock_key("index_endpoint", VALID["index_endpoint"])
 
-    assert wait_for(lambda: message_count(broker, "default.XQ") == 1, timeout=20)
+    assert timeline.wait_for(lambda: message_count(broker, "default.XQ") == 1)
     assert len(calls) == 7  # every attempt passed through its own lock
     assert wait_for(lambda: lock_ttl_ms(key) is None)
     again = epq.QueueService(broker).enqueue_index_endpoint(VALID["index_endpoint"])
@@ -241,7 +253,7 @@ def test_retries_pass_through_their_own_lock(
     epq_handlers.register("register_job", flaky)
     first = epq.actors.register_job.send_with_options(kwargs=VALID["register_job"], backoff_ms=[5])
 
-    assert wait_for(lambda: len(calls) == 3, timeout=10)
+    assert timeline.wait_for(lambda: len(calls) == 3)
     drain(broker, worker)
     assert message_count(broker, "default.XQ") == 0
     # success: the key is still held by the first job
@@ -270,14 +282,14 @@ def test_a_retry_is_never_dropped_even_when_a_newer_job_holds_the_key(
     newer = epq.QueueService(broker).enqueue_register_job(VALID["register_job"])
     assert newer.unique_skipped_as_duplicate is False
     # Then both the retry and the new job run
-    assert wait_for(lambda: len(calls) == 3, timeout=10)
+    assert timeline.wait_for(lambda: len(calls) == 3)
     assert sorted(calls) == sorted([first.message_id, first.message_id, newer.job.id])
 
 
 def test_a_delayed_re_enqueue_passes_through_its_own_lock(
     broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry
 ) -> None:
-    # The worker moves a due delayed message to its queue with another enqueue of the same id.
+    # The promoter moves a due delayed message to its queue with another enqueue of the same id.
     received = epq_handlers.record("register_source")
     epq.actors.register_source.send_with_options(kwargs=VALID["register_source"], delay=200)
     assert wait_for(lambda: len(received) == 1, timeout=10)

@@ -13,6 +13,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
 
 from ..errors import BrokerUnavailable, ConfigurationError
+from ..schedule import DurableDelays
 from . import embedded
 from .urls import (
     EMBEDDED_SCHEME,
@@ -26,6 +27,24 @@ from .urls import (
 
 #: Seconds to wait for a server while connecting at start-up.
 CONNECT_TIMEOUT_S = 5.0
+#: The longest an idle Redis consumer sleeps between polls (Dramatiq's default is the worker timeout,
+#: 1 s), so a promoted or newly enqueued job starts quickly on idle workers.
+REDIS_IDLE_POLL_MS = 200
+
+
+class EpqStubBroker(DurableDelays, StubBroker):
+    """Dramatiq's stub broker with epq's durable delays."""
+
+
+class EpqRedisBroker(DurableDelays, RedisBroker):
+    """Dramatiq's Redis broker with epq's durable delays and a shorter idle poll."""
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
+        return super().consume(queue_name, prefetch, min(timeout, REDIS_IDLE_POLL_MS))
+
+
+class EpqRabbitmqBroker(DurableDelays, RabbitmqBroker):
+    """Dramatiq's RabbitMQ broker with epq's durable delays."""
 
 
 def build_broker(url: str, *, middleware: Sequence[dramatiq.Middleware] = ()) -> dramatiq.Broker:
@@ -38,12 +57,12 @@ def build_broker(url: str, *, middleware: Sequence[dramatiq.Middleware] = ()) ->
     scheme = scheme_of(url)
     broker: Any
     if scheme == STUB_SCHEME:
-        broker = StubBroker(middleware=list(middleware))
+        broker = EpqStubBroker(middleware=list(middleware))
     elif scheme in REDIS_SCHEMES or scheme == EMBEDDED_SCHEME:
         broker = RedisBroker(client=redis_client(url), middleware=list(middleware))  # type: ignore[no-untyped-call]
     else:
         assert scheme in RABBITMQ_SCHEMES
-        broker = RabbitmqBroker(url=url, confirm_delivery=True, middleware=list(middleware))
+        broker = EpqRabbitmqBroker(url=url, confirm_delivery=True, middleware=list(middleware))
         _check_rabbitmq(broker, url)
     broker.epq_url = mask_url(url)
     result: dramatiq.Broker = broker

@@ -1,0 +1,147 @@
+"""Durable delayed execution: delayed messages wait in the state store, not in a worker.
+
+Dramatiq's own delay puts a delayed message on a ``.DQ`` queue, from which a worker takes it and
+holds it unacknowledged in memory until its time. epq's brokers keep every delayed message
+(``run_at``, ``delay``, retry backoff) in the state store's schedule instead, and a
+:class:`Promoter` thread in each worker process moves due messages onto their queues:
+
+- Redis broker with its state in the same Redis: one Lua script moves due messages into the
+  broker's queues atomically, so a message is promoted exactly once whatever crashes.
+- Otherwise (RabbitMQ with ``EPQ_STATE_URL``, the stub broker): due entries are *claimed* with
+  a lease in one atomic step (two promoters never claim the same entry), published, then
+  forgotten. If a promoter dies between claim and publish, the lease runs out and another
+  promoter publishes the entry; a death in the instant between publish and forget publishes it
+  again (at-least-once, as every delivery; handlers are idempotent).
+
+Times are milliseconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+from uuid import uuid4
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import q_name
+
+from .state import RedisStateStore, StateStore
+
+logger = logging.getLogger("epq.schedule")
+
+#: How often an idle promoter looks for due messages.
+PROMOTE_INTERVAL_MS = 100
+#: How many messages one promotion step moves at most.
+PROMOTE_BATCH = 500
+#: How long a claimed entry stays claimed before another promoter may take it over.
+CLAIM_LEASE_MS = 30_000
+
+
+class DurableDelays:
+    """Broker mixin: a delayed ``enqueue`` goes to the state store's schedule, not to a ``.DQ``.
+
+    ``epq_state`` is set by :func:`epq.setup`; without it the broker behaves as Dramatiq's.
+    """
+
+    epq_state: StateStore | None = None
+
+    def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
+        broker: Any = self
+        store = self.epq_state
+        if not delay or delay <= 0 or store is None:
+            return super().enqueue(message, delay=None)  # type: ignore[misc, no-any-return]
+        due_ms = store.now_ms() + int(delay)
+        options: dict[str, Any] = {"epq_due_ms": due_ms}
+        if isinstance(self, RedisBroker):
+            options["redis_message_id"] = str(uuid4())
+        message = message.copy(queue_name=q_name(message.queue_name), options=options)
+        message.options.pop("eta", None)
+        broker.emit_before("enqueue", message, delay)
+        store.schedule_add(message.encode(), due_ms)
+        broker.emit_after("enqueue", message, delay)
+        return message
+
+
+def promote_due(
+    broker: dramatiq.Broker, store: StateStore, *, limit: int = PROMOTE_BATCH
+) -> tuple[int, int | None]:
+    """Move due scheduled messages onto their queues; return the count and the next due time."""
+    now = store.now_ms()
+    if (
+        isinstance(broker, RedisBroker)
+        and isinstance(store, RedisStateStore)
+        and store.client is broker.client
+    ):
+        return store.schedule_move_to_redis_queues(now, limit, broker.namespace)
+    claimed, next_due = store.schedule_claim(now, CLAIM_LEASE_MS, limit)
+    done: list[str] = []
+    try:
+        for entry, data in claimed:
+            broker.enqueue(dramatiq.Message.decode(data))
+            done.append(entry)
+    finally:
+        store.schedule_ack(done)
+    if len(done) < len(claimed):  # pragma: no cover - only when publishing raised
+        logger.warning(
+            "Promoted %d of %d due messages; the rest retry when their lease ends", len(done), len(claimed)
+        )
+    return len(done), next_due
+
+
+class Promoter:
+    """A daemon thread that promotes due messages until stopped."""
+
+    def __init__(
+        self, broker: dramatiq.Broker, store: StateStore, *, interval_ms: int = PROMOTE_INTERVAL_MS
+    ) -> None:
+        self.broker = broker
+        self.store = store
+        self.interval_ms = interval_ms
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="epq-promoter", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            wait_ms = self.interval_ms
+            try:
+                moved, next_due = promote_due(self.broker, self.store)
+                if moved >= PROMOTE_BATCH:
+                    continue
+                if next_due is not None:
+                    wait_ms = min(wait_ms, max(0, next_due - self.store.now_ms()))
+            except Exception:
+                logger.exception("Promoting scheduled messages failed; trying again in 1 s")
+                wait_ms = 1000
+            self._stop.wait(wait_ms / 1000)
+
+
+class Scheduling(dramatiq.Middleware):
+    """Runs a :class:`Promoter` in every worker process of the broker (from boot to shutdown)."""
+
+    def __init__(self, store: StateStore, *, interval_ms: int = PROMOTE_INTERVAL_MS) -> None:
+        self.store = store
+        self.interval_ms = interval_ms
+        self._promoters: dict[int, Promoter] = {}
+        self._lock = threading.Lock()
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        promoter = Promoter(broker, self.store, interval_ms=self.interval_ms)
+        with self._lock:
+            self._promoters[id(worker)] = promoter
+        promoter.start()
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        with self._lock:
+            promoter = self._promoters.pop(id(worker), None)
+        if promoter is not None:
+            promoter.stop()
