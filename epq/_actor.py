@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -144,7 +146,9 @@ class EpqActor(dramatiq.Actor[..., Any]):
         """Validate-free enqueue of an already validated request; returns the message sent."""
         target = broker or self.broker
         message = self.message_for(request, broker=target, **options)
-        delay_ms = _delay_ms(self.kind.name, request, delay)
+        store = getattr(target, "epq_state", None)
+        now_ms = store.now_ms() if store is not None else int(time.time() * 1000)
+        delay_ms = _delay_ms(self.kind.name, request, delay, now_ms)
         try:
             target.enqueue(message, delay=delay_ms)
         except (redis.RedisError, BrokerConnectionError, pika.exceptions.AMQPError, OSError) as exc:
@@ -216,7 +220,8 @@ def _from_ms(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
 
 
-def _delay_ms(kind: str, request: _Request, delay: timedelta | int | None) -> int | None:
+def _delay_ms(kind: str, request: _Request, delay: timedelta | int | None, now_ms: int) -> int | None:
+    """The delay in ms before the job may run, by the broker's state clock (``now_ms``)."""
     if delay is not None and request.run_at is not None:
         raise InvalidRequest(kind, [{"field": "run_at", "message": "give run_at or delay, not both"}])
     if isinstance(delay, timedelta):
@@ -226,7 +231,8 @@ def _delay_ms(kind: str, request: _Request, delay: timedelta | int | None) -> in
             raise InvalidRequest(kind, [{"field": "delay", "message": "must not be negative"}])
         return delay or None
     if request.run_at is not None:
-        ms = int((request.run_at - _utcnow()).total_seconds() * 1000)
+        # Rounded up, so that a job never starts before its run_at.
+        ms = math.ceil(request.run_at.timestamp() * 1000) - now_ms
         return ms if ms > 0 else None
     return None
 

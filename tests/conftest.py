@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import dramatiq
 import pika
@@ -135,6 +137,23 @@ def fresh_settings() -> Iterator[None]:
     reset_settings()
     yield
     reset_settings()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Any]:
+    """Start worker subprocesses (tests.workers.Worker); stopped after the test."""
+    from tests.workers import Worker
+
+    workers: list[Worker] = []
+
+    def start(argv: list[str], env: dict[str, str], key: str | None = None) -> Worker:
+        worker = Worker(argv, env, tmp_path, key)
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
 
 
 def current_broker() -> dramatiq.Broker:

@@ -3,13 +3,7 @@ runs jobs sent from this process, on Redis, RabbitMQ and the embedded default.""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,69 +13,11 @@ import redis
 import epq
 from epq import _runtime
 from epq.brokers import embedded
-from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL, rabbitmq_available, redis_available
+from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL, rabbitmq_available
 from tests.test_contract import FACADE, VALID
+from tests.workers import BIN, Worker
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS_URL = os.environ.get("EPQ_TEST_RESULTS_URL", "redis://127.0.0.1:6379/13")
-BIN = Path(sys.executable).parent
-
-
-class Worker:
-    """A worker subprocess and the results it reports."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], tmp_path: Path) -> None:
-        self.results = redis_available(RESULTS_URL)
-        self.key = f"epq:e2e:{uuid.uuid4()}"
-        self.log = tmp_path / "worker.log"
-        full_env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("EPQ_") or k.startswith("EPQ_TEST_")},
-            "EPQ_HANDLERS": "tests.e2e_handlers",
-            "EPQ_TEST_RESULTS_URL": RESULTS_URL,
-            "EPQ_TEST_RESULTS_KEY": self.key,
-            "PYTHONPATH": str(ROOT),
-            **env,
-        }
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(argv, env=full_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-
-    def collect(self, n: int, timeout: float = 45.0) -> list[dict[str, Any]]:
-        got: list[dict[str, Any]] = []
-        while len(got) < n:
-            item = self.results.blpop([self.key], timeout=timeout)
-            assert item is not None, (
-                f"only {len(got)} of {n} jobs reported; worker log:\n{self.log.read_text()}"
-            )
-            got.append(json.loads(item[1]))
-        return got
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.results.delete(self.key)
-        self.results.close()
-
-
-@pytest.fixture
-def start_worker(tmp_path: Path) -> Iterator[Any]:
-    workers: list[Worker] = []
-
-    def start(argv: list[str], env: dict[str, str]) -> Worker:
-        worker = Worker(argv, env, tmp_path)
-        workers.append(worker)
-        return worker
-
-    yield start
-    for worker in workers:
-        worker.stop()
-
 
 DRAMATIQ = [str(BIN / "dramatiq"), "epq.actors", "--processes", "1", "--threads", "2"]
 

@@ -12,6 +12,7 @@ import epq
 from epq import _runtime
 from epq.brokers import mask_url, scheme_of
 from epq.middleware import EpqMiddleware, EpqRetries
+from epq.schedule import DurableDelays
 from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL, rabbitmq_available
 
 UNREACHABLE_REDIS = "redis://:s3cret-pw@127.0.0.1:1/0"
@@ -44,6 +45,7 @@ def test_setup_builds_the_stub_broker_with_epq_middleware_and_binds_the_actors()
     broker = epq.setup("stub://")
 
     assert isinstance(broker, StubBroker)
+    assert isinstance(broker, DurableDelays)
     assert dramatiq.get_broker() is broker
     kinds = {type(m) for m in broker.middleware}
     assert {EpqRetries, EpqMiddleware} <= kinds
@@ -82,9 +84,10 @@ def test_queues_setting_decides_the_declared_queues(monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.redis
-def test_redis_url_builds_a_redis_broker(redis_client: object) -> None:
+def test_redis_url_builds_a_redis_broker_with_durable_delays(redis_client: object) -> None:
     broker = epq.setup(REDIS_URL)
     assert isinstance(broker, RedisBroker)
+    assert isinstance(broker, DurableDelays)
     assert broker.client.ping()
 
 
@@ -122,6 +125,7 @@ def test_rabbitmq_url_with_state_url_builds_a_rabbitmq_broker(state_client: obje
     broker = epq.setup(RABBITMQ_URL, state_url=STATE_URL)
     try:
         assert isinstance(broker, RabbitmqBroker)
+        assert isinstance(broker, DurableDelays)
         assert broker.confirm_delivery is True
     finally:
         broker.close()

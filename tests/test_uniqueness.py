@@ -196,7 +196,7 @@ def test_a_delayed_job_holds_its_key_until_window_after_its_run_time(
     first = svc.enqueue(kind, {**VALID[kind], "run_at": run_at})
     ttl = lock_ttl_ms(lock_key(kind, VALID[kind]))
     assert ttl is not None
-    assert (delay + window) * 1000 - 500 < ttl <= (delay + window) * 1000
+    assert (delay + window) * 1000 - 500 < ttl <= (delay + window) * 1000 + 2  # ms rounding up of run_at
 
     timeline.advance(window * 1.5)  # past a plain window, before the run time
     assert svc.enqueue(kind, VALID[kind]).job.id == first.job.id

@@ -39,6 +39,9 @@ class EpqStubBroker(DurableDelays, StubBroker):
 class EpqRedisBroker(DurableDelays, RedisBroker):
     """Dramatiq's Redis broker with epq's durable delays and a shorter idle poll."""
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
+
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
         return super().consume(queue_name, prefetch, min(timeout, REDIS_IDLE_POLL_MS))
 
@@ -59,7 +62,7 @@ def build_broker(url: str, *, middleware: Sequence[dramatiq.Middleware] = ()) ->
     if scheme == STUB_SCHEME:
         broker = EpqStubBroker(middleware=list(middleware))
     elif scheme in REDIS_SCHEMES or scheme == EMBEDDED_SCHEME:
-        broker = RedisBroker(client=redis_client(url), middleware=list(middleware))  # type: ignore[no-untyped-call]
+        broker = EpqRedisBroker(client=redis_client(url), middleware=list(middleware))
     else:
         assert scheme in RABBITMQ_SCHEMES
         broker = EpqRabbitmqBroker(url=url, confirm_delivery=True, middleware=list(middleware))
