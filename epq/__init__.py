@@ -23,6 +23,7 @@ from .errors import (
     HandlerNotFound,
     InvalidPayload,
     InvalidRequest,
+    JobNotFound,
 )
 from .handlers import handler
 from .models import (
@@ -59,6 +60,7 @@ __all__ = [
     "InvalidPayload",
     "InvalidRequest",
     "JobInsertResult",
+    "JobNotFound",
     "JobPriority",
     "JobQueue",
     "JobRecord",

@@ -20,7 +20,7 @@ from .brokers import display_url
 from .errors import BrokerUnavailable, DuplicateJob, HandlerNotFound, InvalidPayload, InvalidRequest
 from .handlers import get_handler
 from .kinds import JobKind
-from .middleware import Uniqueness, find_middleware
+from .middleware import JobRecords, Uniqueness, find_middleware
 from .models import JobPriority, JobRecord, JobState, _Request
 
 #: The largest payload (the request as JSON) a job may carry.
@@ -160,6 +160,10 @@ class EpqActor(dramatiq.Actor[..., Any]):
 
     @staticmethod
     def _release_after_failed_publish(broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> None:
+        records = find_middleware(broker, JobRecords)
+        if records is not None:
+            with contextlib.suppress(redis.RedisError):
+                records.records.delete(message.message_id)
         uniqueness = find_middleware(broker, Uniqueness)
         if uniqueness is None:
             return

@@ -14,7 +14,8 @@ from .brokers import build_broker, mask_url, redis_client, scheme_of
 from .brokers.urls import RABBITMQ_SCHEMES, REDIS_SCHEMES, STUB_SCHEME
 from .errors import ConfigurationError
 from .kinds import KINDS
-from .middleware import EpqMiddleware, EpqRetries, Uniqueness
+from .middleware import EpqMiddleware, EpqRetries, JobRecords, Uniqueness
+from .records import MemoryRecords, RecordStore, RedisRecords
 from .schedule import Scheduling
 from .settings import EpqSettings, default_state_dir, get_settings
 from .state import MemoryStateStore, RedisStateStore, StateStore
@@ -29,6 +30,7 @@ class Runtime:
     state_url: str | None
     settings: EpqSettings
     state: StateStore
+    records: RecordStore
 
 
 _lock = threading.RLock()
@@ -95,7 +97,21 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
     else:
         state = RedisStateStore(broker.client)  # type: ignore[attr-defined]
     broker.epq_state = state  # type: ignore[attr-defined]  # delayed messages go to its schedule
+    records: RecordStore
+    if isinstance(state, MemoryStateStore):
+        records = MemoryRecords(state)
+    else:
+        assert isinstance(state, RedisStateStore)
+        records = RedisRecords(state.client, state.now_ms)
     broker.add_middleware(Uniqueness(state))
+    broker.add_middleware(
+        JobRecords(
+            records,
+            state,
+            completed_ttl_ms=int(settings.completed_retention.total_seconds() * 1000),
+            discarded_ttl_ms=int(settings.discarded_retention.total_seconds() * 1000),
+        )
+    )
     broker.add_middleware(Scheduling(state))
     for queue in settings.queues:
         broker.declare_queue(queue)
@@ -104,7 +120,12 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
     with _lock:
         previous = _current
         _current = Runtime(
-            broker=broker, broker_url=broker_url, state_url=state_url, settings=settings, state=state
+            broker=broker,
+            broker_url=broker_url,
+            state_url=state_url,
+            settings=settings,
+            state=state,
+            records=records,
         )
     if previous is not None:
         _close(previous)  # the actors left it; nothing enqueues on it through epq any more

@@ -1,4 +1,4 @@
-"""The ``epq`` command: ``worker``, ``enqueue``, ``demo`` and ``embedded stop``."""
+"""The ``epq`` command: ``worker``, ``enqueue``, ``demo``, ``stats``, ``jobs``, ``dead``, ``embedded``."""
 
 from __future__ import annotations
 
@@ -51,6 +51,33 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run every job kind through a worker on a throwaway embedded Redis")
     demo.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the jobs (default 60)")
 
+    stats = sub.add_parser("stats", help="jobs per queue and priority: waiting, scheduled, running, dead")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    stats.add_argument(
+        "--watch", type=float, nargs="?", const=2.0, metavar="SECONDS", help="refresh every N s"
+    )
+    stats.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
+
+    jobs = sub.add_parser("jobs", help="look at or cancel one job")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    for name, text in (("show", "show a job's record"), ("cancel", "cancel a job that has not started")):
+        action = jobs_sub.add_parser(name, help=text)
+        action.add_argument("job_id", metavar="ID")
+        action.add_argument("--json", action="store_true", help="print JSON")
+        action.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
+
+    dead = sub.add_parser("dead", help="discarded jobs: list, retry, purge")
+    dead_sub = dead.add_subparsers(dest="dead_command", required=True, metavar="ACTION")
+    listing = dead_sub.add_parser("list", help="discarded jobs, newest first, with their last error")
+    listing.add_argument("--limit", type=int, default=50)
+    retry = dead_sub.add_parser("retry", help="run discarded jobs again (same id, kind and args)")
+    retry.add_argument("job_id", nargs="?", metavar="ID")
+    retry.add_argument("--all", action="store_true", help="every discarded job")
+    purge = dead_sub.add_parser("purge", help="forget every discarded job")
+    for action in (listing, retry, purge):
+        action.add_argument("--json", action="store_true", help="print JSON")
+        action.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
+
     emb = sub.add_parser("embedded", help="manage the embedded Redis server")
     emb_sub = emb.add_subparsers(dest="embedded_command", required=True, metavar="ACTION")
     stop = emb_sub.add_parser("stop", help="stop the embedded Redis server (data is kept on disk)")
@@ -74,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import _demo
 
             return _demo.run(timeout_s=args.timeout)
+        if args.command in ("stats", "jobs", "dead"):
+            from . import _ops
+
+            return _ops.run(args, parser)
         return _embedded_stop(args)
     except InvalidRequest as exc:
         print(f"epq: error: {exc}", file=sys.stderr)
@@ -81,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EpqError as exc:
         print(f"epq: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 def worker_command(args: argparse.Namespace) -> list[str]:

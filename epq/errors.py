@@ -11,6 +11,7 @@ Every error epq raises on purpose derives from :class:`EpqError`::
     │   ├── HandlerNotFound       a job's kind has no registered handler (worker side)
     │   └── HandlerAlreadyRegistered
     ├── InvalidPayload            a message's payload failed validation in the worker
+    ├── JobNotFound (LookupError) no record of that job id (never enqueued, or expired)
     └── DuplicateJob (dramatiq MiddlewareError)
                                   a unique job is already enqueued inside its window
 
@@ -86,6 +87,14 @@ class HandlerAlreadyRegistered(HandlerError):
 
 class InvalidPayload(EpqError):
     """A message's payload failed validation in the worker; it is dead-lettered, not retried."""
+
+
+class JobNotFound(EpqError, LookupError):
+    """No record of that job id: never enqueued here, or its record has expired."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"no job {job_id!r} (never enqueued, or its record expired)")
 
 
 class DuplicateJob(EpqError, MiddlewareError):

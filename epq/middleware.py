@@ -25,10 +25,11 @@ import dramatiq
 from dramatiq.broker import MessageProxy
 from dramatiq.common import q_name
 from dramatiq.errors import Retry
-from dramatiq.middleware import Retries
+from dramatiq.middleware import Retries, SkipMessage
 
 from .errors import DuplicateJob
 from .handlers import import_handler_modules, missing_kinds
+from .records import NOT_STARTED, OPEN_RECORD_TTL_MS, RecordStore, build_fields
 from .state import KEY_PREFIX, StateStore, holder_id
 
 M = TypeVar("M", bound=dramatiq.Middleware)
@@ -121,6 +122,9 @@ class EpqRetries(Retries):
             max_attempts,
             delay,
         )
+        store = getattr(broker, "epq_state", None)
+        now_ms = store.now_ms() if store is not None else int(time.time() * 1000)
+        message.options["epq_retry_due_ms"] = now_ms + delay
         broker.enqueue(message, delay=delay)  # type: ignore[arg-type]  # a proxy, as in Retries
 
 
@@ -236,3 +240,87 @@ def find_middleware(broker: dramatiq.Broker, kind: type[M]) -> M | None:
         if isinstance(middleware, kind):
             return middleware
     return None
+
+
+class JobRecords(dramatiq.Middleware):
+    """Writes each epq job's state transitions to the job records (River's lifecycle).
+
+    Only actors with the ``max_attempts`` option (the epq kinds) are recorded. Must come after
+    :class:`Uniqueness` (a duplicate gets no record). A job cancelled before it started is skipped
+    when a worker fetches it.
+    """
+
+    def __init__(
+        self, records: RecordStore, store: StateStore, *, completed_ttl_ms: int, discarded_ttl_ms: int
+    ) -> None:
+        self.records = records
+        self.store = store
+        self.completed_ttl_ms = completed_ttl_ms
+        self.discarded_ttl_ms = discarded_ttl_ms
+
+    @staticmethod
+    def _recorded(broker: dramatiq.Broker, message: Any) -> dramatiq.Actor[Any, Any] | None:
+        actor = broker.actors.get(message.actor_name)
+        return actor if actor is not None and "max_attempts" in actor.options else None
+
+    def before_enqueue(
+        self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int | None
+    ) -> None:
+        actor = self._recorded(broker, message)
+        if actor is None:
+            return
+        if "epq_recorded" in message.options:
+            if not delay:  # promoted from the schedule: ready to run
+                self.records.move(message.message_id, "available", {}, OPEN_RECORD_TTL_MS, NOT_STARTED[1:])
+            return
+        now = self.store.now_ms()
+        state = "scheduled" if delay else "available"
+        fields = build_fields(message, actor, state, now, now + int(delay or 0))
+        self.records.create(message.message_id, fields, OPEN_RECORD_TTL_MS)
+        message.options["epq_recorded"] = 1
+
+    def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        if self._recorded(broker, message) is None:
+            return
+        if self.records.start(message.message_id, self.store.now_ms(), OPEN_RECORD_TTL_MS) == "cancelled":
+            logger.info("Skipping cancelled %s job %s", message.actor_name, message.message_id)
+            raise SkipMessage(f"job {message.message_id} was cancelled")
+
+    def after_process_message(
+        self, broker: dramatiq.Broker, message: MessageProxy, *, result: Any = None, exception: Any = None
+    ) -> None:
+        if self._recorded(broker, message) is None:
+            return
+        now = self.store.now_ms()
+        if exception is None:
+            fields = {"finalized_at": str(now)}
+            self.records.move(message.message_id, "completed", fields, self.completed_ttl_ms, ("running",))
+            return
+        error = {
+            "attempt": int(message.options.get("retries", 1)),
+            "at": now,
+            "error_type": type(exception).__name__,
+            "message": str(exception)[:2000],
+            "traceback": str(message.options.get("traceback", ""))[-4000:],
+        }
+        if message.failed:
+            self.records.fail(
+                message.message_id, "discarded", error, {"finalized_at": str(now)}, self.discarded_ttl_ms
+            )
+        else:
+            due = str(message.options.get("epq_retry_due_ms", now))
+            self.records.fail(
+                message.message_id, "retryable", error, {"scheduled_at": due}, OPEN_RECORD_TTL_MS
+            )
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        # Skipped by another middleware (not a cancellation): it will not run.
+        if self._recorded(broker, message) is not None:
+            fields = {"finalized_at": str(self.store.now_ms())}
+            self.records.move(message.message_id, "discarded", fields, self.discarded_ttl_ms, ("running",))
+
+    def after_nack(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        # Dead-lettered without being processed (e.g. it could not be decoded for its actor).
+        if self._recorded(broker, message) is not None:
+            fields = {"finalized_at": str(self.store.now_ms())}
+            self.records.move(message.message_id, "discarded", fields, self.discarded_ttl_ms, NOT_STARTED)

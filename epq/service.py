@@ -2,22 +2,51 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 import dramatiq
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.brokers.stub import StubBroker
 
-from ._runtime import actor_for, setup
-from .errors import DuplicateJob
+from ._runtime import Runtime, actor_for, current, setup
+from .errors import ConfigurationError, DuplicateJob, JobNotFound
 from .models import (
     EnqueueIndexEndpointRequest,
     JobInsertResult,
+    JobRecord,
     RegisterDynamicScheduleRequest,
     RegisterDynamicTriggerRequest,
     RegisterJobRequest,
     RegisterSourceRequest,
     _Request,
 )
+from .records import NOT_STARTED, OPEN_RECORD_TTL_MS, to_job_record
+
+_STATS_COLUMNS = {
+    "available": "waiting",
+    "scheduled": "scheduled",
+    "retryable": "scheduled",
+    "running": "running",
+    "discarded": "dead",
+}
+_STATS_ORDER = ("waiting", "scheduled", "running", "dead")
+
+
+def purge_dead_letter_queues(broker: dramatiq.Broker) -> None:
+    """Empty the brokers' own dead-letter queues (``<queue>.XQ``) of every served queue."""
+    queues = [q for q in broker.get_declared_queues() if not q.endswith((".DQ", ".XQ"))]
+    if isinstance(broker, StubBroker):
+        for queue in queues:
+            broker.dead_letters_by_queue[queue].clear()
+    elif isinstance(broker, RedisBroker):
+        for queue in queues:
+            broker.client.delete(f"{broker.namespace}:{queue}.XQ", f"{broker.namespace}:{queue}.XQ.msgs")
+    elif isinstance(broker, RabbitmqBroker):
+        for queue in queues:
+            broker.channel.queue_purge(f"{queue}.XQ")
 
 
 class QueueService:
@@ -69,6 +98,118 @@ class QueueService:
     def enqueue(self, kind: str, request: _Request | Mapping[str, Any]) -> JobInsertResult:
         """Enqueue a job of any kind by name (what ``epq enqueue`` uses)."""
         return self._enqueue(kind, request)
+
+    # ---- job state ---------------------------------------------------------------------------
+
+    def _runtime(self) -> Runtime:
+        broker = self.broker
+        runtime = current()
+        if runtime is None or runtime.broker is not broker:
+            raise ConfigurationError("job records need the broker epq.setup() built")
+        return runtime
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        """The job's record, or None if there is none (never enqueued, or expired)."""
+        fields = self._runtime().records.get(job_id)
+        return to_job_record(job_id, fields) if fields is not None else None
+
+    def cancel_job(self, job_id: str) -> JobRecord:
+        """Cancel a job that has not started: it is skipped when fetched, its unique key freed.
+
+        A running or finished job is returned unchanged: the record's state tells (``cancelled``
+        only if this call, or an earlier one, cancelled it).
+
+        Raises:
+          JobNotFound: no record of ``job_id``.
+        """
+        runtime = self._runtime()
+        now = str(runtime.state.now_ms())
+        ttl = int(runtime.settings.completed_retention.total_seconds() * 1000)
+        before = runtime.records.move(job_id, "cancelled", {"finalized_at": now}, ttl, NOT_STARTED)
+        if before is None:
+            raise JobNotFound(job_id)
+        fields = runtime.records.get(job_id)
+        if fields is None:  # pragma: no cover - expired in between
+            raise JobNotFound(job_id)
+        if before in NOT_STARTED and fields.get("unique_key"):
+            runtime.state.release_unique(fields["unique_key"], job_id)
+        return to_job_record(job_id, fields)
+
+    def list_dead(self, limit: int = 100) -> list[JobRecord]:
+        """Discarded jobs, newest first, each with its errors (the last one is why it died)."""
+        records = self._runtime().records
+        out = []
+        for job_id in records.dead_ids(limit):
+            fields = records.get(job_id)
+            if fields is not None:
+                out.append(to_job_record(job_id, fields))
+        return out
+
+    def retry_dead(self, job_id: str) -> JobRecord:
+        """Run a discarded job again: same id, kind and args, with a fresh set of attempts.
+
+        A job that is not discarded is returned unchanged. If another job now holds its unique
+        key, :class:`epq.DuplicateJob` is raised and it stays discarded.
+        """
+        runtime = self._runtime()
+        fields = runtime.records.get(job_id)
+        if fields is None:
+            raise JobNotFound(job_id)
+        if fields["state"] != "discarded":
+            return to_job_record(job_id, fields)
+        actor = actor_for(fields["kind"])
+        max_attempts = str(int(fields.get("attempt", "0")) + actor.kind.max_attempts)
+        changes = {"max_attempts": max_attempts, "finalized_at": ""}
+        if (
+            runtime.records.move(job_id, "available", changes, OPEN_RECORD_TTL_MS, ("discarded",))
+            != "discarded"
+        ):
+            return self._record(runtime, job_id)
+        message: dramatiq.Message[Any] = dramatiq.Message(
+            queue_name=fields["queue"],
+            actor_name=fields["kind"],
+            args=(),
+            kwargs=json.loads(fields["args"]),
+            options={"epq_priority": int(fields["priority"]), "epq_recorded": 1},
+            message_id=job_id,
+            message_timestamp=int(fields["created_at"]),
+        )
+        try:
+            runtime.broker.enqueue(message)
+        except BaseException:
+            discarded_ttl = int(runtime.settings.discarded_retention.total_seconds() * 1000)
+            restore = {"max_attempts": fields["max_attempts"], "finalized_at": fields.get("finalized_at", "")}
+            runtime.records.move(job_id, "discarded", restore, discarded_ttl, ("available",))
+            raise
+        return self._record(runtime, job_id)
+
+    def purge_dead(self) -> int:
+        """Forget every discarded job (records and the brokers' dead-letter queues); return how many."""
+        runtime = self._runtime()
+        ids = runtime.records.dead_ids(10**9)
+        runtime.records.forget_dead(ids)
+        purge_dead_letter_queues(runtime.broker)
+        return len(ids)
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Per queue and priority: jobs waiting, scheduled (incl. retries), running, dead."""
+        table: dict[tuple[str, int], dict[str, int]] = {}
+        for group, count in self._runtime().records.counters().items():
+            queue, priority, state = group.rsplit("|", 2)
+            column = _STATS_COLUMNS.get(state)
+            if column is None:
+                continue
+            row = table.setdefault((queue, int(priority)), dict.fromkeys(_STATS_ORDER, 0))
+            row[column] += count
+        return [
+            {"queue": q, "priority": p, **row} for (q, p), row in sorted(table.items()) if any(row.values())
+        ]
+
+    def _record(self, runtime: Runtime, job_id: str) -> JobRecord:
+        fields = runtime.records.get(job_id)
+        if fields is None:
+            raise JobNotFound(job_id)
+        return to_job_record(job_id, fields)
 
     def _enqueue(self, kind: str, request: _Request | Mapping[str, Any]) -> JobInsertResult:
         broker = self.broker

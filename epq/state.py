@@ -22,6 +22,24 @@ KEY_PREFIX = "epq:"
 SCHEDULE_KEY = KEY_PREFIX + "schedule"
 SCHEDULE_DATA_KEY = KEY_PREFIX + "schedule:data"
 SCHEDULE_CLAIMED_KEY = KEY_PREFIX + "schedule:claimed"
+#: Job records (a hash per job), per queue/priority/state counters, and dead jobs by time.
+JOB_KEY_PREFIX = KEY_PREFIX + "job:"
+STATS_KEY = KEY_PREFIX + "stats"
+DEAD_KEY = KEY_PREFIX + "dead"
+
+# Lua shared by the record scripts: move a record to a state, keeping counters and the dead index.
+LUA_SET_STATE = """
+local function set_state(key, stats, dead, id, new_state, now)
+  local old = redis.call('HGET', key, 'state')
+  local group = redis.call('HGET', key, 'queue') .. '|' .. redis.call('HGET', key, 'priority') .. '|'
+  if old then redis.call('HINCRBY', stats, group .. old, -1) end
+  redis.call('HINCRBY', stats, group .. new_state, 1)
+  redis.call('HSET', key, 'state', new_state)
+  if new_state == 'discarded' then redis.call('ZADD', dead, now, id) end
+  if old == 'discarded' and new_state ~= 'discarded' then redis.call('ZREM', dead, id) end
+  return old
+end
+"""
 
 Clock = Callable[[], float]
 """Returns the current time in seconds since the epoch (like ``time.time``)."""
@@ -125,11 +143,13 @@ local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {out, nxt[2] or false}
 """
 
-# KEYS: schedule, data; ARGV: now ms, limit, Dramatiq's Redis namespace.
+# KEYS: schedule, data, stats, dead; ARGV: now ms, limit, Dramatiq's Redis namespace, job key prefix.
 # Moves due messages straight into Dramatiq's Redis queues (a hash of messages by their
-# redis_message_id and a list of ids per queue), in one atomic step. Returns the count moved
-# and the next due time.
-_MOVE_TO_REDIS_QUEUES = """
+# redis_message_id and a list of ids per queue), in one atomic step, and marks their records
+# available. Returns the count moved and the next due time.
+_MOVE_TO_REDIS_QUEUES = (
+    LUA_SET_STATE
+    + """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]), 'LIMIT', 0, tonumber(ARGV[2]))
 local moved = 0
 for _, id in ipairs(ids) do
@@ -141,6 +161,11 @@ for _, id in ipairs(ids) do
     redis.call('HSET', queue .. '.msgs', rid, data)
     redis.call('RPUSH', queue, rid)
     moved = moved + 1
+    local record = ARGV[4] .. message['message_id']
+    local state = redis.call('HGET', record, 'state')
+    if state == 'scheduled' or state == 'retryable' then
+      set_state(record, KEYS[3], KEYS[4], message['message_id'], 'available', ARGV[1])
+    end
   end
   redis.call('ZREM', KEYS[1], id)
   redis.call('HDEL', KEYS[2], id)
@@ -148,6 +173,7 @@ end
 local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {moved, nxt[2] or false}
 """
+)
 
 
 class RedisStateStore:
@@ -190,7 +216,10 @@ class RedisStateStore:
         self, now_ms: int, limit: int, namespace: str
     ) -> tuple[int, int | None]:
         """Move due messages into Dramatiq's Redis queues on this same server, atomically."""
-        moved, nxt = self._move(keys=[SCHEDULE_KEY, SCHEDULE_DATA_KEY], args=[now_ms, limit, namespace])
+        moved, nxt = self._move(
+            keys=[SCHEDULE_KEY, SCHEDULE_DATA_KEY, STATS_KEY, DEAD_KEY],
+            args=[now_ms, limit, namespace, JOB_KEY_PREFIX],
+        )
         return int(moved), int(float(nxt)) if nxt else None
 
     def schedule_size(self) -> int:

@@ -12,7 +12,8 @@ import epq
 EXPECTED = {
     "AttemptError", "BrokerUnavailable", "ConfigurationError", "DuplicateJob", "EndpointIndexSource",
     "EnqueueIndexEndpointRequest", "EpqError", "EpqSettings", "HandlerAlreadyRegistered", "HandlerError",
-    "HandlerNotFound", "InvalidPayload", "InvalidRequest", "JobInsertResult", "JobPriority", "JobQueue",
+    "HandlerNotFound", "InvalidPayload", "InvalidRequest", "JobInsertResult", "JobNotFound", "JobPriority",
+    "JobQueue",
     "JobRecord", "JobState", "QueueService", "RegisterDynamicScheduleRequest",
     "RegisterDynamicTriggerRequest", "RegisterJobRequest", "RegisterSourceRequest", "__version__",
     "handler", "setup",

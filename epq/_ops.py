@@ -1,0 +1,131 @@
+"""Operator commands: ``epq stats``, ``epq jobs show|cancel``, ``epq dead list|retry|purge``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from .models import JobRecord
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain text table: columns as wide as their widest cell, numbers right-aligned."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [all(isinstance(row[i], int) for row in rows) and bool(rows) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        parts = [c.rjust(w) if n else c.ljust(w) for c, w, n in zip(row, widths, numeric, strict=True)]
+        return "  ".join(parts).rstrip()
+
+    out = [line(cells[0]), line(["-" * w for w in widths])]
+    out += [line(r) for r in cells[1:]]
+    return "\n".join(out)
+
+
+def _when(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _last_error(record: JobRecord) -> str:
+    if not record.errors:
+        return "-"
+    err = record.errors[-1]
+    text = f"{err.error_type}: {err.message}".replace("\n", " ")
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def show_record(record: JobRecord) -> str:
+    rows = [
+        ("id", record.id), ("kind", record.kind), ("state", record.state.value), ("queue", record.queue),
+        ("priority", record.priority.value), ("attempt", f"{record.attempt} of {record.max_attempts}"),
+        ("created", _when(record.created_at)), ("scheduled", _when(record.scheduled_at)),
+        ("attempted", _when(record.attempted_at)), ("finalized", _when(record.finalized_at)),
+        ("args", json.dumps(record.args)),
+    ]  # fmt: skip
+    width = max(len(k) for k, _ in rows)
+    out = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    for err in record.errors:
+        out.append(f"error (attempt {err.attempt}, {_when(err.at)}): {err.error_type}: {err.message}")
+    return "\n".join(out)
+
+
+def _dump(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ._runtime import setup
+    from .errors import JobNotFound
+    from .service import QueueService
+
+    broker = setup(args.broker_url) if getattr(args, "broker_url", None) else setup()
+    svc = QueueService(broker)
+
+    if args.command == "stats":
+        while True:
+            rows = svc.stats()
+            if args.json:
+                _dump(rows)
+            else:
+                if args.watch:
+                    print("\x1b[2J\x1b[H", end="")
+                    print(f"epq stats  {datetime.now(timezone.utc):%H:%M:%S} UTC  (every {args.watch:g} s)")
+                headers = ("queue", "priority", "waiting", "scheduled", "running", "dead")
+                print(table(headers, [[r[h] for h in headers] for r in rows]) if rows else "no jobs")
+            if not args.watch:
+                return 0
+            sys.stdout.flush()
+            time.sleep(args.watch)
+
+    if args.command == "jobs":
+        if args.jobs_command == "show":
+            record = svc.get_job(args.job_id)
+            if record is None:
+                raise JobNotFound(args.job_id)
+            _dump(record.model_dump(mode="json")) if args.json else print(show_record(record))
+            return 0
+        record = svc.cancel_job(args.job_id)
+        cancelled = record.state.value == "cancelled"
+        if args.json:
+            _dump({"cancelled": cancelled, "job": record.model_dump(mode="json")})
+        else:
+            verdict = "cancelled" if cancelled else f"not cancelled: the job is {record.state.value}"
+            print(f"{record.id}: {verdict}")
+        return 0 if cancelled else 3
+
+    if args.dead_command == "list":
+        records = svc.list_dead(args.limit)
+        if args.json:
+            _dump([r.model_dump(mode="json") for r in records])
+        elif not records:
+            print("no dead jobs")
+        else:
+            headers = ("id", "kind", "queue", "attempts", "died", "last error")
+            lines = [
+                [r.id, r.kind, r.queue, r.attempt, _when(r.finalized_at), _last_error(r)] for r in records
+            ]
+            print(table(headers, lines))
+        return 0
+    if args.dead_command == "retry":
+        if bool(args.job_id) == bool(args.all):
+            parser.error("dead retry takes one job ID or --all")
+        ids = [args.job_id] if args.job_id else [r.id for r in svc.list_dead(10**9)]
+        retried = [svc.retry_dead(job_id) for job_id in ids]
+        if args.json:
+            _dump([r.model_dump(mode="json") for r in retried])
+        else:
+            for r in retried:
+                print(f"{r.id}: {r.state.value}")
+            print(f"retried {sum(r.state.value == 'available' for r in retried)} job(s)")
+        return 0
+    purged = svc.purge_dead()
+    _dump({"purged": purged}) if args.json else print(f"purged {purged} dead job(s)")
+    return 0
