@@ -89,14 +89,19 @@ class EpqRetries(Retries):
 
         attempt = int(message.options.get("retries", 0)) + 1
         message.options["retries"] = attempt
-        message.options["traceback"] = traceback.format_exc(limit=30)
+        message.options["traceback"] = "".join(
+            traceback.format_exception(type(exception), exception, exception.__traceback__, limit=30)
+        )
         message.options["requeue_timestamp"] = int(time.time() * 1000)
+        records = find_middleware(broker, JobRecords)
 
         throws = actor.options.get("throws")
         if throws and isinstance(exception, throws):
             logger.warning(
                 "Discarding %s job %s without retry: %s", message.actor_name, message.message_id, exception
             )
+            if records is not None:
+                records.attempt_failed(message, exception, retry_due_ms=None)
             message.fail()
             return
         if attempt >= int(max_attempts):
@@ -107,6 +112,8 @@ class EpqRetries(Retries):
                 attempt,
                 max_attempts,
             )
+            if records is not None:
+                records.attempt_failed(message, exception, retry_due_ms=None)
             message.fail()
             return
 
@@ -124,7 +131,8 @@ class EpqRetries(Retries):
         )
         store = getattr(broker, "epq_state", None)
         now_ms = store.now_ms() if store is not None else int(time.time() * 1000)
-        message.options["epq_retry_due_ms"] = now_ms + delay
+        if records is not None:  # recorded before the retry exists, so no worker can start it first
+            records.attempt_failed(message, exception, retry_due_ms=now_ms + delay)
         broker.enqueue(message, delay=delay)  # type: ignore[arg-type]  # a proxy, as in Retries
 
 
@@ -289,29 +297,26 @@ class JobRecords(dramatiq.Middleware):
     def after_process_message(
         self, broker: dramatiq.Broker, message: MessageProxy, *, result: Any = None, exception: Any = None
     ) -> None:
-        if self._recorded(broker, message) is None:
-            return
-        now = self.store.now_ms()
-        if exception is None:
-            fields = {"finalized_at": str(now)}
+        # Failures are recorded by EpqRetries, which decides between retry and discard.
+        if exception is None and self._recorded(broker, message) is not None:
+            fields = {"finalized_at": str(self.store.now_ms())}
             self.records.move(message.message_id, "completed", fields, self.completed_ttl_ms, ("running",))
-            return
+
+    def attempt_failed(self, message: Any, exception: BaseException, *, retry_due_ms: int | None) -> None:
+        """Record a failed attempt: ``retryable`` until ``retry_due_ms``, or ``discarded`` if None."""
+        now = self.store.now_ms()
         error = {
-            "attempt": int(message.options.get("retries", 1)),
             "at": now,
             "error_type": type(exception).__name__,
             "message": str(exception)[:2000],
             "traceback": str(message.options.get("traceback", ""))[-4000:],
         }
-        if message.failed:
-            self.records.fail(
-                message.message_id, "discarded", error, {"finalized_at": str(now)}, self.discarded_ttl_ms
-            )
+        if retry_due_ms is None:
+            fields = {"finalized_at": str(now)}
+            self.records.fail(message.message_id, "discarded", error, fields, self.discarded_ttl_ms)
         else:
-            due = str(message.options.get("epq_retry_due_ms", now))
-            self.records.fail(
-                message.message_id, "retryable", error, {"scheduled_at": due}, OPEN_RECORD_TTL_MS
-            )
+            fields = {"scheduled_at": str(retry_due_ms)}
+            self.records.fail(message.message_id, "retryable", error, fields, OPEN_RECORD_TTL_MS)
 
     def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         # Skipped by another middleware (not a cancellation): it will not run.

@@ -122,7 +122,9 @@ _FAIL = (
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local errors = cjson.decode(redis.call('HGET', KEYS[1], 'errors') or '[]')
-table.insert(errors, cjson.decode(ARGV[5]))
+local err = cjson.decode(ARGV[5])
+err['attempt'] = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
+table.insert(errors, err)
 while #errors > tonumber(ARGV[6]) do table.remove(errors, 1) end
 redis.call('HSET', KEYS[1], 'errors', cjson.encode(errors))
 for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
@@ -300,7 +302,7 @@ class MemoryRecords:
             if record is None:
                 return
             errors = json.loads(record.get("errors", "[]"))
-            errors = [*errors, dict(error)][-MAX_ERRORS:]
+            errors = [*errors, {**error, "attempt": int(record.get("attempt", "0"))}][-MAX_ERRORS:]
             record["errors"] = json.dumps(errors)
             record.update(fields)
             self._set_state(job_id, record, state)

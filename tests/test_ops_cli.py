@@ -1,0 +1,130 @@
+"""The operator commands against a real Redis: stats, jobs show/cancel, dead list/retry/purge."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import dramatiq
+import pytest
+import redis
+
+import epq
+import epq.actors
+from epq.testing import HandlerRegistry, drain
+from tests.conftest import REDIS_URL
+from tests.helpers import wait_for
+from tests.test_cli import EPQ, run_epq
+from tests.test_contract import VALID
+
+pytestmark = pytest.mark.redis
+ENV = {"EPQ_BROKER_URL": REDIS_URL}
+
+
+@pytest.fixture
+def jobs(redis_broker: dramatiq.Broker, epq_handlers: HandlerRegistry) -> dict[str, str]:
+    """One job in each state: completed, discarded, scheduled, available (no worker left)."""
+
+    def handler(request: Any) -> None:
+        if request.job_id == "dies":
+            raise ValueError("the endpoint answered 500")
+
+    epq_handlers.register("register_job", handler)
+    svc = epq.QueueService(redis_broker)
+    worker = dramatiq.Worker(redis_broker, worker_timeout=50, worker_threads=2)
+    worker.start()
+    try:
+        done = svc.enqueue_register_job({**VALID["register_job"], "job_id": "done"}).job.id
+        dies = epq.actors.register_job.send_with_options(
+            kwargs={**VALID["register_job"], "job_id": "dies"}, backoff_ms=[5]
+        ).message_id
+        assert wait_for(lambda: len(svc.list_dead()) == 1, timeout=10)
+        drain(redis_broker, worker)
+    finally:
+        worker.stop()
+    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    scheduled = svc.enqueue_register_job({**VALID["register_job"], "job_id": "later", "run_at": later}).job.id
+    waiting = svc.enqueue_register_job({**VALID["register_job"], "job_id": "waiting", "priority": 1}).job.id
+    return {"done": done, "dies": dies, "scheduled": scheduled, "waiting": waiting}
+
+
+def test_stats_table_and_json(jobs: dict[str, str]) -> None:
+    out = run_epq("stats", env=ENV)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["queue", "priority", "waiting", "scheduled", "running", "dead"]
+    assert lines[2].split() == ["default", "1", "1", "0", "0", "0"]
+    assert lines[3].split() == ["default", "2", "0", "1", "0", "1"]
+
+    data = json.loads(run_epq("stats", "--json", env=ENV).stdout)
+    assert data == [
+        {"queue": "default", "priority": 1, "waiting": 1, "scheduled": 0, "running": 0, "dead": 0},
+        {"queue": "default", "priority": 2, "waiting": 0, "scheduled": 1, "running": 0, "dead": 1},
+    ]
+
+
+def test_stats_watch_refreshes() -> None:
+    proc = subprocess.Popen([EPQ, "stats", "--watch", "0.2", "--broker-url", REDIS_URL],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=10)
+    assert out.count("epq stats") >= 3
+    assert proc.returncode == 130
+
+
+def test_jobs_show(jobs: dict[str, str]) -> None:
+    out = run_epq("jobs", "show", jobs["dies"], env=ENV)
+    assert out.returncode == 0, out.stderr
+    assert "state      discarded" in out.stdout
+    assert "attempt    3 of 3" in out.stdout
+    assert out.stdout.count("ValueError: the endpoint answered 500") == 3
+
+    record = json.loads(run_epq("jobs", "show", jobs["done"], "--json", env=ENV).stdout)
+    assert (record["id"], record["state"], record["attempt"]) == (jobs["done"], "completed", 1)
+
+    missing = run_epq("jobs", "show", "nope", env=ENV)
+    assert missing.returncode == 1
+    assert "no job 'nope'" in missing.stderr
+
+
+def test_jobs_cancel(jobs: dict[str, str], redis_client: redis.Redis) -> None:
+    out = run_epq("jobs", "cancel", jobs["waiting"], env=ENV)
+    assert (out.returncode, out.stdout.strip()) == (0, f"{jobs['waiting']}: cancelled")
+    assert redis_client.hget(f"epq:job:{jobs['waiting']}", "state") == b"cancelled"
+
+    out = run_epq("jobs", "cancel", jobs["done"], "--json", env=ENV)
+    assert out.returncode == 3
+    assert json.loads(out.stdout)["cancelled"] is False
+    assert run_epq("jobs", "cancel", jobs["done"], env=ENV).stdout.strip().endswith("the job is completed")
+
+
+def test_dead_list_retry_purge(jobs: dict[str, str]) -> None:
+    out = run_epq("dead", "list", env=ENV)
+    assert out.returncode == 0, out.stderr
+    header, _, row = out.stdout.splitlines()
+    assert header.split()[:4] == ["id", "kind", "queue", "attempts"]
+    assert row.startswith(jobs["dies"])
+    assert "ValueError: the endpoint answered 500" in row
+
+    listed = json.loads(run_epq("dead", "list", "--json", env=ENV).stdout)
+    assert [r["id"] for r in listed] == [jobs["dies"]]
+
+    out = run_epq("dead", "retry", jobs["dies"], env=ENV)
+    assert out.returncode == 0, out.stderr
+    assert f"{jobs['dies']}: available" in out.stdout
+    assert run_epq("dead", "list", env=ENV).stdout.strip() == "no dead jobs"
+
+    assert run_epq("dead", "retry", env=ENV).returncode == 2  # an ID or --all
+    assert "retried 0 job(s)" in run_epq("dead", "retry", "--all", env=ENV).stdout
+    assert json.loads(run_epq("dead", "purge", "--json", env=ENV).stdout) == {"purged": 0}
+
+
+def test_dead_purge_forgets_dead_jobs(jobs: dict[str, str]) -> None:
+    out = run_epq("dead", "purge", env=ENV)
+    assert out.stdout.strip() == "purged 1 dead job(s)"
+    assert run_epq("jobs", "show", jobs["dies"], env=ENV).returncode == 1
