@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -253,3 +254,28 @@ def test_the_retry_schedule_follows_the_table_on_the_fake_clock(
         epq_clock.advance((record.scheduled_at.timestamp() - epq_clock()) + 0.01)
     for delay, minutes in zip(delays, (1, 2, 4, 8, 16, 30), strict=True):
         assert minutes * 60 * 0.75 <= delay <= minutes * 60 * 1.25, (delays, minutes)
+
+
+def test_records_expire_per_the_retention_settings(
+    epq_broker: dramatiq.Broker, epq_worker: dramatiq.Worker, epq_handlers: HandlerRegistry, epq_clock: FakeClock
+) -> None:
+    def handler(request: Any) -> None:
+        if request.job_id == "dies":
+            raise RuntimeError("no")
+
+    epq_handlers.register("register_job", handler)
+    s = svc(epq_broker)
+    done = s.enqueue_register_job({**VALID["register_job"], "job_id": "done"}).job.id
+    dies = s.enqueue_register_job({**VALID["register_job"], "job_id": "dies"}).job.id
+    for _ in range(3):  # three attempts, 10 s and 20 s apart (+25 %)
+        with contextlib.suppress(RuntimeError):  # drain re-raises the dead-lettered job's error
+            drain(epq_broker, epq_worker)
+        epq_clock.advance(26)
+    assert (job(epq_broker, done).state, job(epq_broker, dies).state) == (S.COMPLETED, S.DISCARDED)
+
+    epq_clock.advance(24 * 3600)  # completed records are kept 24 h
+    assert s.get_job(done) is None
+    assert s.get_job(dies) is not None
+    epq_clock.advance(6 * 24 * 3600)  # discarded ones 7 days
+    assert s.get_job(dies) is None
+    assert s.list_dead() == []
