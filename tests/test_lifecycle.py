@@ -257,7 +257,10 @@ def test_the_retry_schedule_follows_the_table_on_the_fake_clock(
 
 
 def test_records_expire_per_the_retention_settings(
-    epq_broker: dramatiq.Broker, epq_worker: dramatiq.Worker, epq_handlers: HandlerRegistry, epq_clock: FakeClock
+    epq_broker: dramatiq.Broker,
+    epq_worker: dramatiq.Worker,
+    epq_handlers: HandlerRegistry,
+    epq_clock: FakeClock,
 ) -> None:
     def handler(request: Any) -> None:
         if request.job_id == "dies":
