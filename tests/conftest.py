@@ -133,13 +133,6 @@ def worker(broker: dramatiq.Broker) -> Iterator[dramatiq.Worker]:
 
 
 @pytest.fixture
-def fresh_settings() -> Iterator[None]:
-    reset_settings()
-    yield
-    reset_settings()
-
-
-@pytest.fixture
 def start_worker(tmp_path: Path) -> Iterator[Any]:
     """Start worker subprocesses (tests.workers.Worker); stopped after the test."""
     from tests.workers import Worker
@@ -154,9 +147,3 @@ def start_worker(tmp_path: Path) -> Iterator[Any]:
     yield start
     for worker in workers:
         worker.stop()
-
-
-def current_broker() -> dramatiq.Broker:
-    runtime = _runtime.current()
-    assert runtime is not None
-    return runtime.broker
