@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -282,3 +283,47 @@ def test_records_expire_per_the_retention_settings(
     epq_clock.advance(6 * 24 * 3600)  # discarded ones 7 days
     assert s.get_job(dies) is None
     assert s.list_dead() == []
+
+
+def test_cancelling_a_running_job_returns_it_unchanged(
+    broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def slow(request: Any) -> None:
+        started.set()
+        release.wait(10)
+
+    epq_handlers.register("register_job", slow)
+    result = svc(broker).enqueue_register_job(VALID["register_job"])
+    assert started.wait(10)
+
+    during = svc(broker).cancel_job(result.job.id)
+    release.set()
+    drain(broker, worker)
+
+    assert during.state is S.RUNNING
+    assert job(broker, result.job.id).state is S.COMPLETED
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param("redis", marks=pytest.mark.redis), pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)],
+)
+def test_finished_records_carry_their_retention_as_ttl(
+    name: str, request: pytest.FixtureRequest, epq_handlers: HandlerRegistry
+) -> None:
+    # (the stub's expiry is shown on the fake clock in test_records_expire_per_the_retention_settings)
+    broker = request.getfixturevalue(f"{name}_broker")
+    epq_handlers.record("register_job")
+    result = svc(broker).enqueue_register_job(VALID["register_job"])
+    worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=1)
+    worker.start()
+    try:
+        drain(broker, worker)
+    finally:
+        worker.stop()
+    assert job(broker, result.job.id).state is S.COMPLETED
+    state = _runtime.current().state  # type: ignore[union-attr]
+    ttl_ms = state.client.pttl(f"epq:job:{result.job.id}")  # type: ignore[attr-defined]
+    assert 24 * 3600 * 1000 - 60_000 < ttl_ms <= 24 * 3600 * 1000

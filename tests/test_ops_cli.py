@@ -120,8 +120,14 @@ def test_dead_list_retry_purge(jobs: dict[str, str]) -> None:
     assert run_epq("dead", "list", env=ENV).stdout.strip() == "no dead jobs"
 
     assert run_epq("dead", "retry", env=ENV).returncode == 2  # an ID or --all
-    assert "retried 0 job(s)" in run_epq("dead", "retry", "--all", env=ENV).stdout
     assert json.loads(run_epq("dead", "purge", "--json", env=ENV).stdout) == {"purged": 0}
+
+
+def test_dead_retry_all(jobs: dict[str, str]) -> None:
+    out = run_epq("dead", "retry", "--all", env=ENV)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [f"{jobs['dies']}: available", "retried 1 job(s)"]
+    assert json.loads(run_epq("dead", "list", "--json", env=ENV).stdout) == []
 
 
 def test_dead_purge_forgets_dead_jobs(jobs: dict[str, str]) -> None:
