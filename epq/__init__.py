@@ -24,6 +24,7 @@ from .errors import (
     InvalidPayload,
     InvalidRequest,
     JobNotFound,
+    StateUnavailable,
 )
 from .handlers import handler
 from .models import (
@@ -70,6 +71,7 @@ __all__ = [
     "RegisterDynamicTriggerRequest",
     "RegisterJobRequest",
     "RegisterSourceRequest",
+    "StateUnavailable",
     "__version__",
     "handler",
     "setup",

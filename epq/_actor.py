@@ -17,7 +17,14 @@ from dramatiq.errors import BrokerConnectionError
 from pydantic import ValidationError
 
 from .brokers import display_url
-from .errors import BrokerUnavailable, DuplicateJob, HandlerNotFound, InvalidPayload, InvalidRequest
+from .errors import (
+    BrokerUnavailable,
+    DuplicateJob,
+    HandlerNotFound,
+    InvalidPayload,
+    InvalidRequest,
+    StateUnavailable,
+)
 from .handlers import get_handler
 from .kinds import JobKind
 from .middleware import JobRecords, Uniqueness, find_middleware
@@ -34,7 +41,11 @@ def _utcnow() -> datetime:
 def make_job_function(kind: JobKind) -> Callable[..., Any]:
     """The function a kind's actor runs in the worker: validate, then call the handler."""
 
-    def run(**payload: Any) -> Any:
+    def run(*args: Any, **payload: Any) -> Any:
+        if args:
+            raise InvalidPayload(
+                f"{kind.name} takes keyword arguments only; the message has {len(args)} positional"
+            )
         try:
             request = kind.model.model_validate(payload)
         except ValidationError as exc:
@@ -151,6 +162,9 @@ class EpqActor(dramatiq.Actor[..., Any]):
         delay_ms = _delay_ms(self.kind.name, request, delay, now_ms)
         try:
             target.enqueue(message, delay=delay_ms)
+        except StateUnavailable:
+            self._release_after_failed_publish(target, message)
+            raise
         except (redis.RedisError, BrokerConnectionError, pika.exceptions.AMQPError, OSError) as exc:
             self._release_after_failed_publish(target, message)
             raise BrokerUnavailable(

@@ -5,6 +5,8 @@ Every error epq raises on purpose derives from :class:`EpqError`::
     EpqError
     ├── ConfigurationError        bad settings, unknown broker URL scheme, missing EPQ_STATE_URL
     ├── BrokerUnavailable         a broker or state server cannot be reached (URL shown masked)
+    │   └── StateUnavailable (dramatiq MiddlewareError)
+    │                             the state store failed inside a middleware hook
     ├── InvalidRequest (ValueError)
     │                             a request failed validation at the call site; names the field(s)
     ├── HandlerError
@@ -39,6 +41,14 @@ class BrokerUnavailable(EpqError):
     """A broker or state server could not be reached.
 
     The message names the scheme and host; a password in the URL is always masked.
+    """
+
+
+class StateUnavailable(BrokerUnavailable, MiddlewareError):
+    """The state store (Redis) failed while a middleware needed it.
+
+    A ``MiddlewareError``, so Dramatiq propagates it from ``before_*`` hooks instead of logging it
+    and carrying on without the lock or the record.
     """
 
 

@@ -12,27 +12,39 @@ Times are milliseconds, as everywhere in Dramatiq.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import random
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import dramatiq
+import redis
 from dramatiq.broker import MessageProxy
 from dramatiq.common import q_name
 from dramatiq.errors import Retry
 from dramatiq.middleware import Retries, SkipMessage
 
-from .errors import DuplicateJob
+from .errors import DuplicateJob, StateUnavailable
 from .handlers import import_handler_modules, missing_kinds
 from .records import NOT_STARTED, OPEN_RECORD_TTL_MS, RecordStore, build_fields
 from .state import KEY_PREFIX, StateStore, holder_id
 
 M = TypeVar("M", bound=dramatiq.Middleware)
+
+
+@contextlib.contextmanager
+def state_errors(what: str) -> Iterator[None]:
+    """Turn state-store errors into :class:`StateUnavailable` (which Dramatiq does not swallow)."""
+    try:
+        yield
+    except (redis.RedisError, OSError) as exc:
+        raise StateUnavailable(f"the state store failed while {what}: {exc!r}") from exc
+
 
 logger = logging.getLogger("epq")
 
@@ -100,8 +112,7 @@ class EpqRetries(Retries):
             logger.warning(
                 "Discarding %s job %s without retry: %s", message.actor_name, message.message_id, exception
             )
-            if records is not None:
-                records.attempt_failed(message, exception, retry_due_ms=None)
+            _record_failure(records, message, exception, None)
             message.fail()
             return
         if attempt >= int(max_attempts):
@@ -112,8 +123,7 @@ class EpqRetries(Retries):
                 attempt,
                 max_attempts,
             )
-            if records is not None:
-                records.attempt_failed(message, exception, retry_due_ms=None)
+            _record_failure(records, message, exception, None)
             message.fail()
             return
 
@@ -131,9 +141,29 @@ class EpqRetries(Retries):
         )
         store = getattr(broker, "epq_state", None)
         now_ms = store.now_ms() if store is not None else int(time.time() * 1000)
-        if records is not None:  # recorded before the retry exists, so no worker can start it first
-            records.attempt_failed(message, exception, retry_due_ms=now_ms + delay)
-        broker.enqueue(message, delay=delay)  # type: ignore[arg-type]  # a proxy, as in Retries
+        # recorded before the retry exists, so no worker can start it first
+        _record_failure(records, message, exception, now_ms + delay)
+        try:
+            broker.enqueue(message, delay=delay)  # type: ignore[arg-type]  # a proxy, as in Retries
+        except Exception:
+            # Dramatiq would log this and ack the message: the job would be lost. Dead-letter it
+            # instead, so that it can be retried (epq dead retry).
+            logger.exception("Could not schedule the retry of %s job %s; dead-lettering it",
+                             message.actor_name, message.message_id)  # fmt: skip
+            _record_failure(records, message, exception, None)
+            message.fail()
+
+
+def _record_failure(
+    records: JobRecords | None, message: Any, exception: BaseException, due_ms: int | None
+) -> None:
+    """Best effort: a record that cannot be written must not stop the retry or dead-lettering."""
+    if records is None:
+        return
+    try:
+        records.attempt_failed(message, exception, retry_due_ms=due_ms)
+    except Exception:
+        logger.exception("Could not record the failed attempt of job %s", message.message_id)
 
 
 class EpqMiddleware(dramatiq.Middleware):
@@ -218,7 +248,8 @@ class Uniqueness(dramatiq.Middleware):
                 str(message.options.get("epq_priority", "")),
             )
         )
-        current = self.store.acquire_unique(key, holder, window_ms + delay_ms)
+        with state_errors("taking a uniqueness lock"):
+            current = self.store.acquire_unique(key, holder, window_ms + delay_ms)
         if current is not None:
             raise DuplicateJob(message.actor_name, holder_id(current), holder=current)
         message.options["epq_unique_key"] = key
@@ -277,20 +308,26 @@ class JobRecords(dramatiq.Middleware):
         actor = self._recorded(broker, message)
         if actor is None:
             return
-        if "epq_recorded" in message.options:
-            if not delay:  # promoted from the schedule: ready to run
-                self.records.move(message.message_id, "available", {}, OPEN_RECORD_TTL_MS, NOT_STARTED[1:])
-            return
-        now = self.store.now_ms()
-        state = "scheduled" if delay else "available"
-        fields = build_fields(message, actor, state, now, now + int(delay or 0))
-        self.records.create(message.message_id, fields, OPEN_RECORD_TTL_MS)
+        with state_errors("writing a job record"):
+            if "epq_recorded" in message.options:
+                if not delay:  # promoted from the schedule: ready to run
+                    self.records.move(
+                        message.message_id, "available", {}, OPEN_RECORD_TTL_MS, NOT_STARTED[1:]
+                    )
+                return
+            now = self.store.now_ms()
+            state = "scheduled" if delay else "available"
+            fields = build_fields(message, actor, state, now, now + int(delay or 0))
+            # an open record outlives the job's wait, so a cancellation is still there at run time
+            self.records.create(message.message_id, fields, OPEN_RECORD_TTL_MS + int(delay or 0))
         message.options["epq_recorded"] = 1
 
     def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         if self._recorded(broker, message) is None:
             return
-        if self.records.start(message.message_id, self.store.now_ms(), OPEN_RECORD_TTL_MS) == "cancelled":
+        with state_errors("starting a job"):
+            before = self.records.start(message.message_id, self.store.now_ms(), OPEN_RECORD_TTL_MS)
+        if before == "cancelled":
             logger.info("Skipping cancelled %s job %s", message.actor_name, message.message_id)
             raise SkipMessage(f"job {message.message_id} was cancelled")
 
@@ -308,15 +345,21 @@ class JobRecords(dramatiq.Middleware):
         error = {
             "at": now,
             "error_type": type(exception).__name__,
-            "message": str(exception)[:2000],
-            "traceback": str(message.options.get("traceback", ""))[-4000:],
+            "message": _clean_text(str(exception)[:2000]),
+            "traceback": _clean_text(str(message.options.get("traceback", ""))[-4000:]),
         }
         if retry_due_ms is None:
             fields = {"finalized_at": str(now)}
             self.records.fail(message.message_id, "discarded", error, fields, self.discarded_ttl_ms)
         else:
             fields = {"scheduled_at": str(retry_due_ms)}
-            self.records.fail(message.message_id, "retryable", error, fields, OPEN_RECORD_TTL_MS)
+            ttl = OPEN_RECORD_TTL_MS + max(0, retry_due_ms - now)
+            self.records.fail(message.message_id, "retryable", error, fields, ttl)
+
+
+def _clean_text(text: str) -> str:
+    """Text that survives a UTF-8 round trip (lone surrogates, e.g. from file names, replaced)."""
+    return text.encode("utf-8", "replace").decode("utf-8")
 
     def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         # Skipped by another middleware (not a cancellation): it will not run.

@@ -101,6 +101,17 @@ return old
 """
 )
 
+# KEYS: record, stats, dead; ARGV: id. Deletes the record, its counter and its dead entry.
+_DELETE = """
+redis.call('ZREM', KEYS[3], ARGV[1])
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 0 end
+local group = redis.call('HGET', KEYS[1], 'queue') .. '|' .. redis.call('HGET', KEYS[1], 'priority') .. '|'
+redis.call('HINCRBY', KEYS[2], group .. state, -1)
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
 # KEYS: record, stats, dead; ARGV: id, now, ttl
 _START = (
     _LUA_SET_STATE
@@ -152,6 +163,7 @@ class RedisRecords:
         self._move = client.register_script(_MOVE)
         self._start = client.register_script(_START)
         self._fail = client.register_script(_FAIL)
+        self._delete = client.register_script(_DELETE)
 
     def _keys(self, job_id: str) -> list[str]:
         return [job_key(job_id), STATS_KEY, DEAD_KEY]
@@ -188,17 +200,21 @@ class RedisRecords:
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     def delete(self, job_id: str) -> None:
-        record = self.get(job_id)
-        if record is None:
-            return
-        pipe = self.client.pipeline(transaction=True)
-        pipe.delete(job_key(job_id))
-        pipe.hincrby(STATS_KEY, f"{record['queue']}|{record['priority']}|{record['state']}", -1)
-        pipe.zrem(DEAD_KEY, job_id)
-        pipe.execute()
+        self._delete(keys=self._keys(job_id), args=[job_id])
 
     def dead_ids(self, limit: int) -> list[str]:
-        return [i.decode() for i in self.client.zrevrange(DEAD_KEY, 0, max(0, limit - 1))]
+        """Newest first; ids whose record has expired are dropped from the index on the way."""
+        ids = [i.decode() for i in self.client.zrevrange(DEAD_KEY, 0, -1)]
+        if not ids:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.exists(job_key(job_id))
+        alive = pipe.execute()
+        gone = [job_id for job_id, exists in zip(ids, alive, strict=True) if not exists]
+        if gone:
+            self.client.zrem(DEAD_KEY, *gone)
+        return [job_id for job_id, exists in zip(ids, alive, strict=True) if exists][:limit]
 
     def forget_dead(self, job_ids: Iterable[str]) -> None:
         for job_id in job_ids:

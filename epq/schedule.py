@@ -33,8 +33,9 @@ logger = logging.getLogger("epq.schedule")
 
 #: How often an idle promoter looks for due messages.
 PROMOTE_INTERVAL_MS = 100
-#: How many messages one promotion step moves at most.
-PROMOTE_BATCH = 500
+#: How many messages one promotion step moves at most (claimed ones are published one by one,
+#: so this also bounds how long a claim is held before it is forgotten).
+PROMOTE_BATCH = 200
 #: How long a claimed entry stays claimed before another promoter may take it over.
 CLAIM_LEASE_MS = 30_000
 

@@ -123,9 +123,15 @@ class QueueService:
           JobNotFound: no record of ``job_id``.
         """
         runtime = self._runtime()
-        now = str(runtime.state.now_ms())
-        ttl = int(runtime.settings.completed_retention.total_seconds() * 1000)
-        before = runtime.records.move(job_id, "cancelled", {"finalized_at": now}, ttl, NOT_STARTED)
+        now_ms = runtime.state.now_ms()
+        current_fields = runtime.records.get(job_id)
+        if current_fields is None:
+            raise JobNotFound(job_id)
+        # kept until the job would have run, plus the retention: the worker that fetches it then
+        # must still find it cancelled
+        wait_ms = max(0, int(current_fields.get("scheduled_at") or now_ms) - now_ms)
+        ttl = wait_ms + int(runtime.settings.completed_retention.total_seconds() * 1000)
+        before = runtime.records.move(job_id, "cancelled", {"finalized_at": str(now_ms)}, ttl, NOT_STARTED)
         if before is None:
             raise JobNotFound(job_id)
         fields = runtime.records.get(job_id)
@@ -176,12 +182,22 @@ class QueueService:
         )
         try:
             runtime.broker.enqueue(message)
+        except DuplicateJob:
+            self._back_to_dead(runtime, job_id, fields)
+            raise
         except BaseException:
-            discarded_ttl = int(runtime.settings.discarded_retention.total_seconds() * 1000)
-            restore = {"max_attempts": fields["max_attempts"], "finalized_at": fields.get("finalized_at", "")}
-            runtime.records.move(job_id, "discarded", restore, discarded_ttl, ("available",))
+            key = fields.get("unique_key")
+            if key:  # the lock the enqueue may have taken before the publish failed
+                runtime.state.release_unique(key, job_id)
+            self._back_to_dead(runtime, job_id, fields)
             raise
         return self._record(runtime, job_id)
+
+    @staticmethod
+    def _back_to_dead(runtime: Runtime, job_id: str, fields: Mapping[str, str]) -> None:
+        discarded_ttl = int(runtime.settings.discarded_retention.total_seconds() * 1000)
+        restore = {"max_attempts": fields["max_attempts"], "finalized_at": fields.get("finalized_at", "")}
+        runtime.records.move(job_id, "discarded", restore, discarded_ttl, ("available",))
 
     def purge_dead(self) -> int:
         """Forget every discarded job (records and the brokers' dead-letter queues); return how many."""
@@ -193,14 +209,19 @@ class QueueService:
 
     def stats(self) -> list[dict[str, Any]]:
         """Per queue and priority: jobs waiting, scheduled (incl. retries), running, dead."""
+        runtime = self._runtime()
         table: dict[tuple[str, int], dict[str, int]] = {}
-        for group, count in self._runtime().records.counters().items():
+        for group, count in runtime.records.counters().items():
             queue, priority, state = group.rsplit("|", 2)
             column = _STATS_COLUMNS.get(state)
-            if column is None:
+            if column is None or column == "dead":
                 continue
             row = table.setdefault((queue, int(priority)), dict.fromkeys(_STATS_ORDER, 0))
             row[column] += count
+        # dead jobs from their records: discarded records expire, and their counters with them
+        for record in self.list_dead(10**9):
+            row = table.setdefault((record.queue, int(record.priority)), dict.fromkeys(_STATS_ORDER, 0))
+            row["dead"] += 1
         return [
             {"queue": q, "priority": p, **row} for (q, p), row in sorted(table.items()) if any(row.values())
         ]
@@ -224,7 +245,13 @@ class QueueService:
         try:
             message = actor.enqueue_request(validated, broker=broker)
         except DuplicateJob as dup:
-            return JobInsertResult(
-                job=actor.record_for_duplicate(dup, validated), unique_skipped_as_duplicate=True
-            )
+            runtime = current()
+            fields = None
+            if runtime is not None and runtime.broker is broker:
+                fields = runtime.records.get(dup.existing_job_id)
+            if fields is not None:
+                existing = to_job_record(dup.existing_job_id, fields)
+            else:  # no record (expired, or not epq's broker): what the lock says
+                existing = actor.record_for_duplicate(dup, validated)
+            return JobInsertResult(job=existing, unique_skipped_as_duplicate=True)
         return JobInsertResult(job=actor.record_for(message, validated), unique_skipped_as_duplicate=False)

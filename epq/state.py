@@ -79,6 +79,9 @@ class StateStore(Protocol):
     def schedule_size(self) -> int:
         """Entries waiting or claimed."""
 
+    def schedule_claimed(self) -> int:
+        """Entries claimed by a promoter and not yet forgotten."""
+
     def close(self) -> None:
         """Release connections."""
 
@@ -154,10 +157,15 @@ local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]), 'LIM
 local moved = 0
 for _, id in ipairs(ids) do
   local data = redis.call('HGET', KEYS[2], id)
-  if data then
-    local message = cjson.decode(data)
+  local ok, message = false, nil
+  if data then ok, message = pcall(cjson.decode, data) end
+  local rid = ok and type(message) == 'table' and type(message['options']) == 'table'
+    and message['options']['redis_message_id']
+  if data and not (rid and type(message['queue_name']) == 'string') then
+    -- not a message this script can move: set it aside rather than block the schedule
+    redis.call('HSET', KEYS[2] .. ':unreadable', id, data)
+  elseif data then
     local queue = ARGV[3] .. ':' .. message['queue_name']
-    local rid = message['options']['redis_message_id']
     redis.call('HSET', queue .. '.msgs', rid, data)
     redis.call('RPUSH', queue, rid)
     moved = moved + 1
@@ -225,6 +233,9 @@ class RedisStateStore:
     def schedule_size(self) -> int:
         return int(self.client.hlen(SCHEDULE_DATA_KEY))
 
+    def schedule_claimed(self) -> int:
+        return int(self.client.zcard(SCHEDULE_CLAIMED_KEY))
+
     def acquire_unique(self, key: str, holder: str, ttl_ms: int) -> str | None:
         current: Any = self._acquire(keys=[key], args=[holder, holder_id(holder), max(1, int(ttl_ms))])
         if current is None:
@@ -289,6 +300,10 @@ class MemoryStateStore:
     def schedule_size(self) -> int:
         with self._lock:
             return len(self._data)
+
+    def schedule_claimed(self) -> int:
+        with self._lock:
+            return len(self._claimed)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)

@@ -15,7 +15,8 @@ EXPECTED = {
     "HandlerNotFound", "InvalidPayload", "InvalidRequest", "JobInsertResult", "JobNotFound", "JobPriority",
     "JobQueue",
     "JobRecord", "JobState", "QueueService", "RegisterDynamicScheduleRequest",
-    "RegisterDynamicTriggerRequest", "RegisterJobRequest", "RegisterSourceRequest", "__version__",
+    "RegisterDynamicTriggerRequest", "RegisterJobRequest", "RegisterSourceRequest", "StateUnavailable",
+    "__version__",
     "handler", "setup",
 }  # fmt: skip
 

@@ -1,0 +1,160 @@
+"""Error paths: the state store failing, retries that cannot be scheduled, odd messages."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import dramatiq
+import pytest
+import redis
+
+import epq
+import epq.actors
+from epq import _runtime
+from epq.schedule import promote_due
+from epq.state import SCHEDULE_DATA_KEY, SCHEDULE_KEY, FakeClock
+from epq.testing import HandlerRegistry, drain
+from tests.helpers import message_count, total_waiting, wait_for
+from tests.test_contract import VALID
+
+
+def state() -> Any:
+    runtime = _runtime.current()
+    assert runtime is not None
+    return runtime.state
+
+
+def test_a_state_store_failure_at_enqueue_is_an_error_and_publishes_nothing(
+    broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def down(*args: Any, **kwargs: Any) -> None:
+        raise redis.TimeoutError("state store timed out")
+
+    monkeypatch.setattr(state(), "acquire_unique", down)
+    with pytest.raises(epq.BrokerUnavailable, match="state store"):
+        epq.QueueService(broker).enqueue_index_endpoint(VALID["index_endpoint"])
+    with pytest.raises(epq.StateUnavailable):
+        epq.actors.index_endpoint.send(**VALID["index_endpoint"])
+    assert total_waiting(broker) == 0
+
+
+def test_a_retry_that_cannot_be_scheduled_is_dead_lettered_not_lost(
+    broker: dramatiq.Broker,
+    worker: dramatiq.Worker,
+    epq_handlers: HandlerRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def fails(request: Any) -> None:
+        raise RuntimeError("handler failed")
+
+    def schedule_down(*args: Any, **kwargs: Any) -> None:
+        raise redis.ConnectionError("schedule unavailable")
+
+    epq_handlers.register("register_job", fails)
+    monkeypatch.setattr(state(), "schedule_add", schedule_down)
+    message = epq.actors.register_job.send(**VALID["register_job"])
+
+    assert wait_for(lambda: message_count(broker, "default.XQ") == 1, timeout=10)
+    record = epq.QueueService(broker).get_job(message.message_id)
+    assert record is not None
+    assert record.state is epq.JobState.DISCARDED
+
+
+def test_positional_arguments_on_the_wire_are_dead_lettered_at_once(
+    broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+) -> None:
+    received = epq_handlers.record("register_job")
+    message: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name="default", actor_name="register_job", args=(1, 2), kwargs={}, options={"backoff_ms": [1]}
+    )
+    broker.enqueue(message)
+    assert wait_for(lambda: message_count(broker, "default.XQ") == 1, timeout=10)
+    record = epq.QueueService(broker).get_job(message.message_id)
+    assert record is not None
+    assert (record.state, record.attempt, record.errors[-1].error_type) == (
+        epq.JobState.DISCARDED,
+        1,
+        "InvalidPayload",
+    )
+    assert received == []
+
+
+def test_a_duplicate_reports_the_existing_jobs_real_record(
+    broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+) -> None:
+    epq_handlers.record("index_endpoint")
+    svc = epq.QueueService(broker)
+    first = svc.enqueue_index_endpoint({**VALID["index_endpoint"], "reason": "first"})
+    drain(broker, worker)
+
+    again = svc.enqueue_index_endpoint({**VALID["index_endpoint"], "reason": "second"})
+
+    assert again.unique_skipped_as_duplicate
+    assert again.job.id == first.job.id
+    assert again.job.state is epq.JobState.COMPLETED
+    assert again.job.attempt == 1
+    assert again.job.args["reason"] == "first"
+
+
+def test_a_job_cancelled_days_ahead_is_still_skipped_when_due(
+    epq_broker: dramatiq.Broker,
+    epq_worker: dramatiq.Worker,
+    epq_handlers: HandlerRegistry,
+    epq_clock: FakeClock,
+) -> None:
+    received = epq_handlers.record("register_dynamic_schedule")
+    svc = epq.QueueService()
+    run_at = datetime.fromtimestamp(epq_clock(), tz=timezone.utc) + timedelta(days=2)
+    result = svc.enqueue_register_dynamic_schedule({**VALID["register_dynamic_schedule"], "run_at": run_at})
+    svc.cancel_job(result.job.id)
+
+    epq_clock.advance(2 * 24 * 3600 + 1)  # longer than the 24 h a finished record is kept
+    drain(epq_broker, epq_worker)
+
+    assert received == []
+    record = svc.get_job(result.job.id)
+    assert record is not None
+    assert record.state is epq.JobState.CANCELLED
+
+
+@pytest.mark.redis
+def test_an_unreadable_schedule_entry_does_not_block_the_others(redis_broker: dramatiq.Broker) -> None:
+    client = redis_broker.client  # type: ignore[attr-defined]
+    now = state().now_ms()
+    client.hset(SCHEDULE_DATA_KEY, "garbage", b"not json")
+    client.zadd(SCHEDULE_KEY, {"garbage": now - 1000})
+    epq.actors.register_job.send_with_options(kwargs=VALID["register_job"], delay=1)
+    moved = [0]
+
+    def promote() -> bool:
+        moved[0] += promote_due(redis_broker, state())[0]
+        return moved[0] >= 1
+
+    assert wait_for(promote)
+    assert message_count(redis_broker, "default") == 1
+    assert client.hget(SCHEDULE_DATA_KEY + ":unreadable", "garbage") == b"not json"
+    assert state().schedule_size() == 0
+
+
+@pytest.mark.redis
+def test_expired_dead_records_leave_the_dead_list_and_the_stats(
+    redis_broker: dramatiq.Broker, epq_handlers: HandlerRegistry
+) -> None:
+    def fails(request: Any) -> None:
+        raise RuntimeError("no")
+
+    epq_handlers.register("register_job", fails)
+    worker = dramatiq.Worker(redis_broker, worker_timeout=50, worker_threads=1)
+    worker.start()
+    try:
+        message = epq.actors.register_job.send_with_options(kwargs=VALID["register_job"], backoff_ms=[1])
+        svc = epq.QueueService(redis_broker)
+        assert wait_for(lambda: len(svc.list_dead()) == 1, timeout=10)
+    finally:
+        worker.stop()
+    assert [r["dead"] for r in svc.stats()] == [1]
+    redis_broker.client.pexpire(f"epq:job:{message.message_id}", 1)  # type: ignore[attr-defined]
+    assert wait_for(lambda: svc.list_dead() == [])
+    assert all(r["dead"] == 0 for r in svc.stats())
+    assert redis_broker.client.zcard("epq:dead") == 0  # type: ignore[attr-defined]
