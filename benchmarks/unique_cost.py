@@ -5,8 +5,10 @@
 
 For each broker it enqueues N jobs three ways, in the same run:
   plain      a plain Dramatiq actor's send() (the baseline)
-  epq-off    epq's index_endpoint.send() with uniqueness turned off (unique_for=0)
-  epq        epq's index_endpoint.send() with its uniqueness window (every key distinct)
+  epq-off    epq's index_endpoint.send() with uniqueness turned off (unique_for=0); it still
+             writes the job's record
+  epq        epq's index_endpoint.send() with its uniqueness window (every key distinct); the
+             lock is taken in the same script that writes the record
 and prints the enqueue rate, the ratio to plain Dramatiq, and the Redis round trips each enqueue
 made (counted in this process: every request redis-py writes to a socket, a pipeline or a Lua
 script being one). It flushes the Redis database it is given, and purges the queues it uses on

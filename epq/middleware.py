@@ -248,6 +248,11 @@ class Uniqueness(dramatiq.Middleware):
                 str(message.options.get("epq_priority", "")),
             )
         )
+        recorded_later = "max_attempts" in actor.options and "epq_recorded" not in message.options
+        if recorded_later and find_middleware(broker, JobRecords) is not None:
+            # JobRecords takes the lock together with writing the record: one round trip for both
+            message.options["epq_unique_pending"] = [key, holder, window_ms + delay_ms]
+            return
         with state_errors("taking a uniqueness lock"):
             current = self.store.acquire_unique(key, holder, window_ms + delay_ms)
         if current is not None:
@@ -319,7 +324,19 @@ class JobRecords(dramatiq.Middleware):
             state = "scheduled" if delay else "available"
             fields = build_fields(message, actor, state, now, now + int(delay or 0))
             # an open record outlives the job's wait, so a cancellation is still there at run time
-            self.records.create(message.message_id, fields, OPEN_RECORD_TTL_MS + int(delay or 0))
+            ttl = OPEN_RECORD_TTL_MS + int(delay or 0)
+            pending = message.options.pop("epq_unique_pending", None)
+            if pending is None:
+                self.records.create(message.message_id, fields, ttl)
+            else:
+                key, holder, lock_ttl = pending
+                fields["unique_key"] = key
+                current = self.records.create_locked(
+                    message.message_id, fields, ttl, key, holder, int(lock_ttl)
+                )
+                if current is not None:
+                    raise DuplicateJob(message.actor_name, holder_id(current), holder=current)
+                message.options["epq_unique_key"] = key
         message.options["epq_recorded"] = 1
 
     def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:

@@ -39,6 +39,18 @@ class RecordStore(Protocol):
     def create(self, job_id: str, fields: Mapping[str, str], ttl_ms: int) -> None:
         """Write a new record (``fields`` include ``state``, ``queue`` and ``priority``)."""
 
+    def create_locked(
+        self,
+        job_id: str,
+        fields: Mapping[str, str],
+        ttl_ms: int,
+        lock_key: str,
+        holder: str,
+        lock_ttl_ms: int,
+    ) -> str | None:
+        """Take the uniqueness lock and write the record, atomically; if another job holds the
+        lock, write nothing and return its holder value."""
+
     def move(
         self,
         job_id: str,
@@ -98,6 +110,30 @@ for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 set_state(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[4], ARGV[2])
 if tonumber(ARGV[3]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 return old
+"""
+)
+
+# KEYS: record, stats, dead, lock; ARGV: id, now, ttl, lock holder, lock ttl, field1, value1, ...
+# Takes the uniqueness lock (unless another job holds it: then returns that holder and writes
+# nothing) and writes the new record, in one round trip.
+_CREATE_LOCKED = (
+    _LUA_SET_STATE
+    + """
+local current = redis.call('GET', KEYS[4])
+if current then
+  local sep = string.find(current, '|', 1, true)
+  local current_id = sep and string.sub(current, 1, sep - 1) or current
+  if current_id ~= ARGV[1] then return current end
+else
+  redis.call('SET', KEYS[4], ARGV[4], 'PX', ARGV[5])
+end
+local state
+for i = 6, #ARGV, 2 do
+  if ARGV[i] == 'state' then state = ARGV[i + 1] else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+set_state(KEYS[1], KEYS[2], KEYS[3], ARGV[1], state, ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return false
 """
 )
 
@@ -164,12 +200,27 @@ class RedisRecords:
         self._start = client.register_script(_START)
         self._fail = client.register_script(_FAIL)
         self._delete = client.register_script(_DELETE)
+        self._create_locked = client.register_script(_CREATE_LOCKED)
 
     def _keys(self, job_id: str) -> list[str]:
         return [job_key(job_id), STATS_KEY, DEAD_KEY]
 
     def create(self, job_id: str, fields: Mapping[str, str], ttl_ms: int) -> None:
         self._create(keys=self._keys(job_id), args=[job_id, self.now_ms(), ttl_ms, *_flat(fields)])
+
+    def create_locked(
+        self,
+        job_id: str,
+        fields: Mapping[str, str],
+        ttl_ms: int,
+        lock_key: str,
+        holder: str,
+        lock_ttl_ms: int,
+    ) -> str | None:
+        keys = [*self._keys(job_id), lock_key]
+        args = [job_id, self.now_ms(), ttl_ms, holder, max(1, lock_ttl_ms), *_flat(fields)]
+        current = self._create_locked(keys=keys, args=args)
+        return current.decode() if current else None
 
     def move(
         self,
@@ -267,6 +318,20 @@ class MemoryRecords:
     def _expire(self, job_id: str, ttl_ms: int) -> None:
         fields, _ = self._records[job_id]
         self._records[job_id] = (fields, self.state.now_ms() + ttl_ms)
+
+    def create_locked(
+        self,
+        job_id: str,
+        fields: Mapping[str, str],
+        ttl_ms: int,
+        lock_key: str,
+        holder: str,
+        lock_ttl_ms: int,
+    ) -> str | None:
+        current = self.state.acquire_unique(lock_key, holder, lock_ttl_ms)
+        if current is None:
+            self.create(job_id, fields, ttl_ms)
+        return current
 
     def create(self, job_id: str, fields: Mapping[str, str], ttl_ms: int) -> None:
         with self._lock:

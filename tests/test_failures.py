@@ -31,7 +31,11 @@ def test_a_state_store_failure_at_enqueue_is_an_error_and_publishes_nothing(
     def down(*args: Any, **kwargs: Any) -> None:
         raise redis.TimeoutError("state store timed out")
 
-    monkeypatch.setattr(state(), "acquire_unique", down)
+    runtime = _runtime.current()
+    assert runtime is not None
+    monkeypatch.setattr(runtime.state, "acquire_unique", down)
+    monkeypatch.setattr(runtime.records, "create_locked", down)
+    monkeypatch.setattr(runtime.records, "create", down)
     with pytest.raises(epq.BrokerUnavailable, match="state store"):
         epq.QueueService(broker).enqueue_index_endpoint(VALID["index_endpoint"])
     with pytest.raises(epq.StateUnavailable):
