@@ -85,19 +85,21 @@ class RecordStore(Protocol):
         """``queue|priority|state`` -> number of jobs in that state."""
 
 
-# KEYS: record, stats, dead; ARGV: id, now, ttl, field1, value1, ...
-_CREATE = (
-    _LUA_SET_STATE
-    + """
-local state
-for i = 4, #ARGV, 2 do
-  if ARGV[i] == 'state' then state = ARGV[i + 1] else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+# Writes a new record from ARGV[first], ARGV[first + 1], ... (field, value pairs); KEYS: record,
+# stats, dead; ARGV[1] id, ARGV[2] now, ARGV[3] ttl.
+_LUA_WRITE_NEW = """
+local function write_new(first)
+  local state
+  for i = first, #ARGV, 2 do
+    if ARGV[i] == 'state' then state = ARGV[i + 1] else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  end
+  set_state(KEYS[1], KEYS[2], KEYS[3], ARGV[1], state, ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
-set_state(KEYS[1], KEYS[2], KEYS[3], ARGV[1], state, ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
 """
-)
+
+# KEYS: record, stats, dead; ARGV: id, now, ttl, field1, value1, ...
+_CREATE = _LUA_SET_STATE + _LUA_WRITE_NEW + "write_new(4)\nreturn 1\n"
 
 # KEYS: record, stats, dead; ARGV: id, now, ttl, new state, allowed (comma list, '' = any), f1, v1, ...
 _MOVE = (
@@ -118,6 +120,7 @@ return old
 # nothing) and writes the new record, in one round trip.
 _CREATE_LOCKED = (
     _LUA_SET_STATE
+    + _LUA_WRITE_NEW
     + """
 local current = redis.call('GET', KEYS[4])
 if current then
@@ -127,12 +130,7 @@ if current then
 else
   redis.call('SET', KEYS[4], ARGV[4], 'PX', ARGV[5])
 end
-local state
-for i = 6, #ARGV, 2 do
-  if ARGV[i] == 'state' then state = ARGV[i + 1] else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-end
-set_state(KEYS[1], KEYS[2], KEYS[3], ARGV[1], state, ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+write_new(6)
 return false
 """
 )
