@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from .brokers import display_url
 from .errors import (
     BrokerUnavailable,
+    ConfigurationError,
     DuplicateJob,
     HandlerNotFound,
     InvalidPayload,
@@ -162,7 +163,7 @@ class EpqActor(dramatiq.Actor[..., Any]):
         delay_ms = _delay_ms(self.kind.name, request, delay, now_ms)
         try:
             target.enqueue(message, delay=delay_ms)
-        except StateUnavailable:
+        except (StateUnavailable, ConfigurationError):
             self._release_after_failed_publish(target, message)
             raise
         except (redis.RedisError, BrokerConnectionError, pika.exceptions.AMQPError, OSError) as exc:

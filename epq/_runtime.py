@@ -15,6 +15,7 @@ from .brokers.urls import RABBITMQ_SCHEMES, REDIS_SCHEMES, STUB_SCHEME
 from .errors import ConfigurationError
 from .kinds import KINDS
 from .middleware import EpqMiddleware, EpqRetries, JobRecords, Uniqueness
+from .priority import Priority
 from .records import MemoryRecords, RecordStore, RedisRecords
 from .schedule import Scheduling
 from .settings import EpqSettings, default_state_dir, get_settings
@@ -138,6 +139,7 @@ def build_middleware(settings: EpqSettings) -> list[dramatiq.Middleware]:
     middleware.append(EpqRetries())
     middleware.append(CurrentMessage())
     middleware.append(EpqMiddleware(handler_modules=settings.handlers))
+    middleware.append(Priority())
     return middleware
 
 

@@ -1,4 +1,5 @@
-"""The ``epq`` command: ``worker``, ``enqueue``, ``demo``, ``stats``, ``jobs``, ``dead``, ``embedded``."""
+"""The ``epq`` command: ``worker``, ``enqueue``, ``demo``, ``stats``, ``jobs``, ``dead``,
+``migrate-queues``, ``embedded``."""
 
 from __future__ import annotations
 
@@ -78,6 +79,16 @@ def _parser() -> argparse.ArgumentParser:
         action.add_argument("--json", action="store_true", help="print JSON")
         action.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
 
+    migrate = sub.add_parser(
+        "migrate-queues",
+        help="re-create RabbitMQ queues declared without epq's priority argument, keeping their messages",
+        description="Stop the workers first. Each served queue declared with other arguments (by an "
+        "older epq or plain Dramatiq) is emptied into a holding queue, re-created with "
+        "x-max-priority, and refilled. Safe to run again after a crash; nothing to do on Redis.",
+    )
+    migrate.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
+    migrate.add_argument("--json", action="store_true", help="print JSON")
+
     emb = sub.add_parser("embedded", help="manage the embedded Redis server")
     emb_sub = emb.add_subparsers(dest="embedded_command", required=True, metavar="ACTION")
     stop = emb_sub.add_parser("stop", help="stop the embedded Redis server (data is kept on disk)")
@@ -101,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import _demo
 
             return _demo.run(timeout_s=args.timeout)
+        if args.command == "migrate-queues":
+            return _migrate_queues(args)
         if args.command in ("stats", "jobs", "dead"):
             from . import _ops
 
@@ -188,6 +201,21 @@ def _enqueue(args: argparse.Namespace, extra: Sequence[str], parser: argparse.Ar
     broker = setup(args.broker_url) if args.broker_url else setup()
     result = QueueService(broker).enqueue(args.kind, fields)
     print(result.model_dump_json(indent=2))
+    return 0
+
+
+def _migrate_queues(args: argparse.Namespace) -> int:
+    from ._runtime import setup
+    from .migrate import migrate_queues
+
+    broker = setup(args.broker_url) if args.broker_url else setup()
+    done = migrate_queues(broker)
+    if args.json:
+        print(json.dumps([vars(m) for m in done], indent=2))
+    elif not done:
+        print("nothing to migrate: only RabbitMQ queues need it")
+    else:
+        print("\n".join(m.describe() for m in done))
     return 0
 
 

@@ -37,6 +37,14 @@ class ConfigurationError(EpqError):
     """The settings or the arguments given to :func:`epq.setup` cannot work."""
 
 
+class QueueMismatch(ConfigurationError, MiddlewareError):
+    """A broker queue exists with other arguments than epq declares (RabbitMQ without
+    ``x-max-priority``); ``epq migrate-queues`` fixes it.
+
+    A ``MiddlewareError``, so that it stops a worker at boot instead of being logged and ignored.
+    """
+
+
 class BrokerUnavailable(EpqError):
     """A broker or state server could not be reached.
 

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 import redis
 
+from .priority import LUA_LANE_OF
+
 #: Every key epq writes starts with this.
 KEY_PREFIX = "epq:"
 #: The durable schedule: entry ids by due time (ms), their messages, and claimed entries by lease end.
@@ -147,11 +149,12 @@ return {out, nxt[2] or false}
 """
 
 # KEYS: schedule, data, stats, dead; ARGV: now ms, limit, Dramatiq's Redis namespace, job key prefix.
-# Moves due messages straight into Dramatiq's Redis queues (a hash of messages by their
-# redis_message_id and a list of ids per queue), in one atomic step, and marks their records
-# available. Returns the count moved and the next due time.
+# Moves due messages straight into the Redis broker's queues (a hash of messages by their
+# redis_message_id, and a list of ids per priority lane: see epq.brokers.redis_lanes), in one
+# atomic step, and marks their records available. Returns the count moved and the next due time.
 _MOVE_TO_REDIS_QUEUES = (
     LUA_SET_STATE
+    + LUA_LANE_OF
     + """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]), 'LIMIT', 0, tonumber(ARGV[2]))
 local moved = 0
@@ -167,7 +170,7 @@ for _, id in ipairs(ids) do
   elseif data then
     local queue = ARGV[3] .. ':' .. message['queue_name']
     redis.call('HSET', queue .. '.msgs', rid, data)
-    redis.call('RPUSH', queue, rid)
+    redis.call('RPUSH', queue .. '.P' .. lane_of(data), rid)
     moved = moved + 1
     local record = ARGV[4] .. message['message_id']
     local state = redis.call('HGET', record, 'state')

@@ -25,7 +25,9 @@ def message_count(broker: dramatiq.Broker, queue: str) -> int:
         key = f"{broker.namespace}:{queue}"
         if queue.endswith(".XQ"):
             return int(broker.client.zcard(key))
-        return int(broker.client.llen(key))
+        if queue.endswith(".DQ"):
+            return int(broker.client.llen(key))
+        return int(broker.waiting(queue))  # type: ignore[attr-defined]  # every priority lane
     if isinstance(broker, RabbitmqBroker):
         frame = broker.channel.queue_declare(queue, passive=True)
         return int(frame.method.message_count)

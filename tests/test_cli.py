@@ -47,10 +47,10 @@ def test_enqueue_prints_the_insert_result_and_the_job_is_on_redis(redis_client: 
         "available",
     )
     assert job["args"]["job_metadata"] == {"version": "2"}
-    assert redis_client.llen("dramatiq:events") == 1
+    assert redis_client.llen("dramatiq:events.P1") == 1  # the priority-1 lane
     assert (
         job["id"]
-        in redis_client.hget("dramatiq:events.msgs", redis_client.lindex("dramatiq:events", 0)).decode()
+        in redis_client.hget("dramatiq:events.msgs", redis_client.lindex("dramatiq:events.P1", 0)).decode()
     )
 
 
@@ -62,7 +62,7 @@ def test_enqueue_takes_all_fields_as_json(redis_client: redis.Redis) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["job"]["args"]["source"] == "HOOK"
-    assert redis_client.llen("dramatiq:default") == 1
+    assert redis_client.llen("dramatiq:default.P2") == 1  # the priority-2 lane
 
 
 @pytest.mark.redis
@@ -84,7 +84,7 @@ def test_enqueue_bad_input_exits_2_naming_the_field(
     assert out.stderr.startswith("epq: error: invalid index_endpoint request")
     assert field in out.stderr
     assert out.stdout == ""
-    assert redis_client.llen("dramatiq:default") == 0
+    assert redis_client.keys("dramatiq:default*") == []
 
 
 def test_enqueue_on_an_unreachable_broker_masks_the_password() -> None:

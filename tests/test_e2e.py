@@ -100,7 +100,7 @@ def test_epq_worker_serves_only_the_queues_it_is_given(start_worker: Any, redis_
 
     assert [r["job_id"] for r in reports] == [on_events]
     assert worker.results.blpop([worker.key], timeout=1) is None
-    assert redis_client.llen("dramatiq:default") == 1
+    assert redis_client.llen("dramatiq:default.P2") == 1  # the priority-2 lane
     assert (
         on_default in redis_client.hkeys("dramatiq:default.msgs")[0].decode()
         or redis_client.hlen("dramatiq:default.msgs") == 1

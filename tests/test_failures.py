@@ -162,3 +162,26 @@ def test_expired_dead_records_leave_the_dead_list_and_the_stats(
     assert wait_for(lambda: svc.list_dead() == [])
     assert all(r["dead"] == 0 for r in svc.stats())
     assert redis_broker.client.zcard("epq:dead") == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.redis
+def test_an_undecodable_message_on_redis_is_dead_lettered_and_the_worker_goes_on(
+    redis_broker: dramatiq.Broker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given a message that is not JSON waiting ahead of a valid job
+    client = redis_broker.client  # type: ignore[attr-defined]
+    client.hset("dramatiq:default.msgs", "junk", b"not json {")
+    client.rpush("dramatiq:default.P1", "junk")
+    received = epq_handlers.record("register_job")
+    epq.actors.register_job.send(**VALID["register_job"])
+    # When a worker runs
+    worker = dramatiq.Worker(redis_broker, worker_timeout=50, worker_threads=2)
+    worker.start()
+    try:
+        # Then the valid job runs, and the junk is in the dead-letter queue with its data
+        assert wait_for(lambda: len(received) == 1, timeout=10)
+        assert wait_for(lambda: message_count(redis_broker, "default.XQ") == 1, timeout=10)
+    finally:
+        worker.stop()
+    assert client.hget("dramatiq:default.XQ.msgs", "junk") == b"not json {"
+    assert message_count(redis_broker, "default") == 0

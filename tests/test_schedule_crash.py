@@ -89,7 +89,7 @@ def _promoter(broker_url: str, state_url: str | None, barrier: Any, out: Any) ->
 
 def _queued_message_ids(broker: dramatiq.Broker) -> list[str]:
     if isinstance(broker, RedisBroker):
-        rids = broker.client.lrange("dramatiq:default", 0, -1)
+        rids = broker.client.lrange("dramatiq:default.P2", 0, -1)  # register_job's priority lane
         datas = broker.client.hmget("dramatiq:default.msgs", rids) if rids else []
         return [dramatiq.Message.decode(d).message_id for d in datas]
     assert isinstance(broker, RabbitmqBroker)

@@ -333,7 +333,7 @@ def broken_publish(broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch) -> 
         def fail_enqueue(*args: Any, **kwargs: Any) -> None:
             raise redis.ConnectionError("simulated publish failure")
 
-        monkeypatch.setattr(broker, "do_enqueue", fail_enqueue)
+        monkeypatch.setattr(broker, "_lane_enqueue", fail_enqueue)
     else:
         assert isinstance(broker, RabbitmqBroker)
 

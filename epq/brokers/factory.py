@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from queue import Queue
 from typing import Any
 
 import dramatiq
 import pika.exceptions
 import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
-from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
+from dramatiq.common import dq_name
 
-from ..errors import BrokerUnavailable, ConfigurationError
+from ..errors import BrokerUnavailable, ConfigurationError, QueueMismatch
+from ..priority import RABBITMQ_MAX_PRIORITY, LaneQueue, amqp_priority, lane_of
 from ..schedule import DurableDelays
 from . import embedded
+from .redis_lanes import LaneRedisBroker
 from .urls import (
     EMBEDDED_SCHEME,
     RABBITMQ_SCHEMES,
@@ -30,24 +34,79 @@ CONNECT_TIMEOUT_S = 5.0
 #: The longest an idle Redis consumer sleeps between polls (Dramatiq's default is the worker timeout,
 #: 1 s), so a promoted or newly enqueued job starts quickly on idle workers.
 REDIS_IDLE_POLL_MS = 200
+#: AMQP reply code for a queue declared again with different arguments.
+PRECONDITION_FAILED = 406
 
 
 class EpqStubBroker(DurableDelays, StubBroker):
-    """Dramatiq's stub broker with epq's durable delays."""
+    """Dramatiq's stub broker with epq's durable delays and priority-ordered queues."""
+
+    def declare_queue(self, queue_name: str) -> None:
+        if queue_name in self.queues:
+            return
+        self.emit_before("declare_queue", queue_name)
+        self.queues[queue_name] = LaneQueue()
+        self.emit_after("declare_queue", queue_name)
+        delayed_name = dq_name(queue_name)
+        self.queues[delayed_name] = Queue()
+        self.delay_queues.add(delayed_name)
+        self.emit_after("declare_delay_queue", delayed_name)
 
 
-class EpqRedisBroker(DurableDelays, RedisBroker):
-    """Dramatiq's Redis broker with epq's durable delays and a shorter idle poll."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
+class EpqRedisBroker(DurableDelays, LaneRedisBroker):
+    """Dramatiq's Redis broker with epq's durable delays, priority lanes and a shorter idle poll."""
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
         return super().consume(queue_name, prefetch, min(timeout, REDIS_IDLE_POLL_MS))
 
 
 class EpqRabbitmqBroker(DurableDelays, RabbitmqBroker):
-    """Dramatiq's RabbitMQ broker with epq's durable delays."""
+    """Dramatiq's RabbitMQ broker with epq's durable delays and priority queues.
+
+    Queues are declared with ``x-max-priority`` and every message carries its lane's AMQP
+    priority. RabbitMQ cannot add that argument to an existing queue: declaring a queue that
+    exists without it fails with a :class:`~epq.errors.QueueMismatch` (a ``ConfigurationError``)
+    that says how to migrate.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("max_priority", RABBITMQ_MAX_PRIORITY)
+        super().__init__(**kwargs)
+
+    def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
+        if "broker_priority" not in message.options:
+            message = message.copy(options={"broker_priority": amqp_priority(lane_of(message.options))})
+        return super().enqueue(message, delay=delay)
+
+    def _declare_queue(self, queue_name: str) -> Any:
+        with self._declaring(queue_name):
+            return super()._declare_queue(queue_name)  # type: ignore[no-untyped-call]
+
+    def _declare_dq_queue(self, queue_name: str) -> Any:
+        with self._declaring(dq_name(queue_name)):
+            return super()._declare_dq_queue(queue_name)  # type: ignore[no-untyped-call]
+
+    @contextmanager
+    def _declaring(self, name: str) -> Iterator[None]:
+        try:
+            yield
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != PRECONDITION_FAILED:
+                raise
+            del self.connection  # the broker closed the channel; the next call opens a new one
+            raise QueueMismatch(
+                f"RabbitMQ queue {name!r} exists with other arguments than epq declares "
+                f"(x-max-priority={RABBITMQ_MAX_PRIORITY}, for priorities 1-4; RabbitMQ said: "
+                f"{exc.reply_text}). A queue's arguments cannot be changed in place: stop the "
+                "workers and run `epq migrate-queues`, which re-creates the queues and keeps "
+                "their messages."
+            ) from exc
+
+    def check_queues(self, queue_names: Iterable[str]) -> None:
+        """Declare ``queue_names`` on the server now (a worker calls this at boot), so that a
+        queue declared without epq's arguments fails loudly instead of in a consumer thread."""
+        for name in queue_names:
+            self.declare_queue(name, ensure=True)
 
 
 def build_broker(url: str, *, middleware: Sequence[dramatiq.Middleware] = ()) -> dramatiq.Broker:

@@ -1,0 +1,177 @@
+"""Priority lanes on Dramatiq's Redis broker.
+
+Dramatiq keeps a queue as a list of message ids (``<ns>:<queue>``) and a hash of messages by id
+(``<ns>:<queue>.msgs``); a fetch pops ids off the list into the worker's ack set
+(``<ns>:__acks__.<worker>.<queue>``). epq keeps the hash and the ack sets as they are, so acks,
+nacks, dead-lettering, requeue and Dramatiq's recovery of a dead worker's messages all still
+work, and splits the waiting ids into one list per priority, ``<ns>:<queue>.P1`` .. ``.P4``:
+
+- enqueue writes the message and pushes its id onto its lane, in one script;
+- fetch takes ids from lane 1, then 2, 3, 4 (FIFO within a lane), in one script. Ids found on
+  the plain list (put back there by Dramatiq's requeue at shutdown or its recovery of a dead
+  worker's messages, or left by an older epq) first go back to the front of their lane.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+from uuid import uuid4
+
+import dramatiq
+import redis
+from dramatiq.broker import MessageProxy
+from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
+from dramatiq.common import compute_backoff, current_millis
+from dramatiq.errors import ConnectionClosed, DecodeError
+
+from ..priority import LANES, LUA_LANE_OF, lane_of, redis_lane_key
+
+logger = logging.getLogger("epq.brokers.redis")
+
+#: How often a consumer whose prefetched messages are all being worked on looks for a free slot.
+BUSY_POLL_MS = 5
+#: How many ids one fetch moves from the plain list back to their lanes at most (bounds the
+#: script's run time after a large requeue; the rest move on the next fetches).
+REBALANCE_MAX = 500
+
+# KEYS: the message hash, the lane list; ARGV: message id, message data.
+_ENQUEUE = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[1])
+"""
+
+# KEYS: plain list, message hash, this worker's ack set, heartbeats, lane 1..4;
+# ARGV: now ms, worker id, how many to take, how many plain-list ids to move back at most.
+# Returns {id1, data1, id2, data2, ...} for up to ARGV[3] messages, highest priority first.
+_FETCH = (
+    LUA_LANE_OF
+    + """
+local plain, msgs, acks = KEYS[1], KEYS[2], KEYS[3]
+redis.call('ZADD', KEYS[4], ARGV[1], ARGV[2])
+for _ = 1, tonumber(ARGV[4]) do
+  local id = redis.call('RPOP', plain)
+  if not id then break end
+  local data = redis.call('HGET', msgs, id)
+  if data then redis.call('LPUSH', KEYS[4 + lane_of(data)], id) end
+end
+local out = {}
+local want = tonumber(ARGV[3])
+for lane = 1, 4 do
+  while #out < 2 * want do
+    local id = redis.call('LPOP', KEYS[4 + lane])
+    if not id then break end
+    local data = redis.call('HGET', msgs, id)
+    if data then
+      redis.call('SADD', acks, id)
+      out[#out + 1] = id
+      out[#out + 1] = data
+    end
+  end
+  if #out >= 2 * want then break end
+end
+return out
+"""
+)
+
+
+class LaneRedisBroker(RedisBroker):
+    """Dramatiq's Redis broker with a list per priority lane (see the module docstring)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
+        self._lane_enqueue = self.client.register_script(_ENQUEUE)
+        self._lane_fetch = self.client.register_script(_FETCH)
+
+    def lane_keys(self, queue_name: str) -> list[str]:
+        return [redis_lane_key(self.namespace, queue_name, lane) for lane in LANES]
+
+    def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
+        if delay is not None:
+            return super().enqueue(message, delay=delay)
+        message = message.copy(options={"redis_message_id": str(uuid4())})
+        rid = message.options["redis_message_id"]
+        queue = message.queue_name
+        lane = redis_lane_key(self.namespace, queue, lane_of(message.options))
+        self.emit_before("enqueue", message, None)
+        self._lane_enqueue(keys=[f"{self.namespace}:{queue}.msgs", lane], args=[rid, message.encode()])
+        self.emit_after("enqueue", message, None)
+        return message
+
+    @property
+    def consumer_class(self) -> type[LaneConsumer]:
+        return LaneConsumer
+
+    def fetch_lanes(self, queue_name: str, count: int) -> list[tuple[str, bytes]]:
+        """Take up to ``count`` messages of ``queue_name`` for this worker, highest priority
+        first: ``(redis message id, data)`` pairs."""
+        ns = self.namespace
+        keys = [
+            f"{ns}:{queue_name}",
+            f"{ns}:{queue_name}.msgs",
+            f"{ns}:__acks__.{self.broker_id}.{queue_name}",
+            f"{ns}:__heartbeats__",
+            *self.lane_keys(queue_name),
+        ]
+        out = self._lane_fetch(keys=keys, args=[current_millis(), self.broker_id, count, REBALANCE_MAX])
+        return [(out[i].decode(), out[i + 1]) for i in range(0, len(out), 2)]
+
+    def flush(self, queue_name: str) -> None:
+        super().flush(queue_name)
+        self.client.delete(*self.lane_keys(queue_name))
+
+    def waiting(self, queue_name: str) -> int:
+        """Messages of ``queue_name`` waiting to be fetched (every lane and the plain list)."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in [f"{self.namespace}:{queue_name}", *self.lane_keys(queue_name)]:
+            pipe.llen(key)
+        return sum(int(n) for n in pipe.execute())
+
+
+class LaneConsumer(_RedisConsumer):
+    """Dramatiq's Redis consumer, fetching through the lanes.
+
+    Two more changes: a message that cannot be decoded is dead-lettered (moved to ``.XQ`` with
+    its data) instead of stopping the consumer; and while every prefetched message is being
+    worked on, the consumer looks for a free slot every ``BUSY_POLL_MS`` rather than backing
+    off, so a new high-priority message is fetched as soon as one job ends.
+    """
+
+    broker: LaneRedisBroker
+
+    def __next__(self) -> MessageProxy | None:
+        try:
+            while True:
+                if self.message_cache:
+                    rid, data = self.message_cache.pop(0)
+                    try:
+                        message = dramatiq.Message.decode(data)
+                    except DecodeError as exc:
+                        self._dead_letter_undecodable(rid, exc)
+                        continue
+                    self.misses = 0
+                    self.queued_message_ids.add(message.message_id)
+                    return MessageProxy(message)
+                free = self.prefetch - self.outstanding_message_count
+                if free <= 0:
+                    time.sleep(BUSY_POLL_MS / 1000)
+                    return None
+                if self.queue_name.endswith(".DQ"):
+                    fetched = self.broker.do_fetch(self.queue_name, free)
+                    self.message_cache = [(None, data) for data in fetched if data is not None]
+                else:
+                    self.message_cache = self.broker.fetch_lanes(self.queue_name, free)
+                if not self.message_cache:
+                    self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
+                    time.sleep(backoff_ms / 1000)
+                    return None
+        except redis.ConnectionError as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+
+    def _dead_letter_undecodable(self, rid: str | None, exc: DecodeError) -> None:
+        logger.error(
+            "Dead-lettering an undecodable message %s on queue %r: %s", rid, self.queue_name, exc.error
+        )
+        if rid is not None:
+            self.broker.do_nack(self.queue_name, rid)
