@@ -373,19 +373,20 @@ class JobRecords(dramatiq.Middleware):
             ttl = OPEN_RECORD_TTL_MS + max(0, retry_due_ms - now)
             self.records.fail(message.message_id, "retryable", error, fields, ttl)
 
-
-def _clean_text(text: str) -> str:
-    """Text that survives a UTF-8 round trip (lone surrogates, e.g. from file names, replaced)."""
-    return text.encode("utf-8", "replace").decode("utf-8")
-
     def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
-        # Skipped by another middleware (not a cancellation): it will not run.
+        # Skipped by another middleware (not a cancellation), e.g. Dramatiq's AgeLimit: it will not run.
         if self._recorded(broker, message) is not None:
             fields = {"finalized_at": str(self.store.now_ms())}
-            self.records.move(message.message_id, "discarded", fields, self.discarded_ttl_ms, ("running",))
+            allowed = (*NOT_STARTED, "running")
+            self.records.move(message.message_id, "discarded", fields, self.discarded_ttl_ms, allowed)
 
     def after_nack(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         # Dead-lettered without being processed (e.g. it could not be decoded for its actor).
         if self._recorded(broker, message) is not None:
             fields = {"finalized_at": str(self.store.now_ms())}
             self.records.move(message.message_id, "discarded", fields, self.discarded_ttl_ms, NOT_STARTED)
+
+
+def _clean_text(text: str) -> str:
+    """Text that survives a UTF-8 round trip (lone surrogates, e.g. from file names, replaced)."""
+    return text.encode("utf-8", "replace").decode("utf-8")

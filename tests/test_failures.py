@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -185,3 +186,23 @@ def test_an_undecodable_message_on_redis_is_dead_lettered_and_the_worker_goes_on
         worker.stop()
     assert client.hget("dramatiq:default.XQ.msgs", "junk") == b"not json {"
     assert message_count(redis_broker, "default") == 0
+
+
+def test_a_job_skipped_by_another_middleware_is_discarded_and_frees_its_key(
+    broker: dramatiq.Broker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given a job whose max_age (Dramatiq's AgeLimit) has passed by the time a worker fetches it
+    received = epq_handlers.record("register_job")
+    message = epq.actors.register_job.send_with_options(kwargs=VALID["register_job"], max_age=1)
+    time.sleep(0.05)
+    # When a worker fetches it
+    worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=1)
+    worker.start()
+    svc = epq.QueueService(broker)
+    try:
+        # Then it does not run, its record says discarded, and its key is free again
+        assert wait_for(lambda: svc.get_job(message.message_id).state is epq.JobState.DISCARDED)  # type: ignore[union-attr]
+    finally:
+        worker.stop()
+    assert received == []
+    assert svc.enqueue_register_job(VALID["register_job"]).unique_skipped_as_duplicate is False
