@@ -369,3 +369,23 @@ def test_a_rabbitmq_queue_without_priorities_is_a_clear_error_then_migrates(
 def test_migrate_queues_has_nothing_to_do_on_redis(redis_client: redis.Redis) -> None:
     out = run_epq("migrate-queues", env={"EPQ_BROKER_URL": REDIS_URL})
     assert (out.returncode, out.stdout.strip()) == (0, "nothing to migrate: only RabbitMQ queues need it")
+
+
+@pytest.mark.redis
+def test_redis_recovers_the_messages_of_a_dead_worker_into_their_lanes(redis_broker: dramatiq.Broker) -> None:
+    # Given a worker that fetched a priority-1 and a priority-4 job, then died (no more heartbeats)
+    svc = epq.QueueService(redis_broker)
+    high = svc.enqueue_register_job(_request("register_job", 0, 1)).job.id
+    low = svc.enqueue_register_job(_request("register_job", 1, 4)).job.id
+    fetched = redis_broker.fetch_lanes("default", 2)  # type: ignore[attr-defined]
+    assert len(fetched) == 2
+    client = redis_broker.client  # type: ignore[attr-defined]
+    client.zadd("dramatiq:__heartbeats__", {redis_broker.broker_id: 0})  # type: ignore[attr-defined]
+    # and a newer priority-1 job
+    newer = svc.enqueue_register_job(_request("register_job", 2, 1)).job.id
+    # When another worker's fetch runs Dramatiq's maintenance (forced here; by chance in production)
+    other = _runtime.install(REDIS_URL).broker
+    other.maintenance_chance = 1_000_000  # type: ignore[attr-defined]
+    again = [dramatiq.Message.decode(d).message_id for _, d in other.fetch_lanes("default", 10)]  # type: ignore[attr-defined]
+    # Then the dead worker's jobs are fetched again, in priority order, ahead of newer ones
+    assert again == [high, newer, low]

@@ -15,6 +15,7 @@ work, and splits the waiting ids into one list per priority, ``<ns>:<queue>.P1``
 from __future__ import annotations
 
 import logging
+import random
 import time
 from typing import Any
 from uuid import uuid4
@@ -22,7 +23,7 @@ from uuid import uuid4
 import dramatiq
 import redis
 from dramatiq.broker import MessageProxy
-from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
+from dramatiq.brokers.redis import MAINTENANCE_SCALE, RedisBroker, _RedisConsumer
 from dramatiq.common import compute_backoff, current_millis
 from dramatiq.errors import ConnectionClosed, DecodeError
 
@@ -106,6 +107,8 @@ class LaneRedisBroker(RedisBroker):
     def fetch_lanes(self, queue_name: str, count: int) -> list[tuple[str, bytes]]:
         """Take up to ``count`` messages of ``queue_name`` for this worker, highest priority
         first: ``(redis message id, data)`` pairs."""
+        if random.randint(1, MAINTENANCE_SCALE) <= self.maintenance_chance:
+            self.maintain(queue_name)
         ns = self.namespace
         keys = [
             f"{ns}:{queue_name}",
@@ -116,6 +119,26 @@ class LaneRedisBroker(RedisBroker):
         ]
         out = self._lane_fetch(keys=keys, args=[current_millis(), self.broker_id, count, REBALANCE_MAX])
         return [(out[i].decode(), out[i + 1]) for i in range(0, len(out), 2)]
+
+    def maintain(self, queue_name: str) -> None:
+        """Run Dramatiq's queue maintenance for ``queue_name`` now: messages fetched by workers
+        whose heartbeat stopped go back to the plain list (the next fetch puts them back in their
+        lanes), and expired dead letters are dropped.
+
+        Dramatiq runs it by chance on its own fetch and enqueue commands; epq's lanes replace
+        those, so the fetch runs it with the same chance.
+        """
+        args = [
+            "qsize",
+            current_millis(),
+            queue_name,
+            self.broker_id,
+            self.heartbeat_timeout,
+            self.dead_message_ttl,
+            1,
+            self._max_unpack_size(),  # type: ignore[no-untyped-call]
+        ]
+        self.scripts["dispatch"](keys=[self.namespace], args=args)
 
     def flush(self, queue_name: str) -> None:
         super().flush(queue_name)
