@@ -98,6 +98,8 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
     else:
         state = RedisStateStore(broker.client)  # type: ignore[attr-defined]
     broker.epq_state = state  # type: ignore[attr-defined]  # delayed messages go to its schedule
+    if isinstance(state, RedisStateStore) and state.client is getattr(broker, "client", None):
+        broker.epq_records_fused = True  # type: ignore[attr-defined]  # see LaneRedisBroker
     records: RecordStore
     if isinstance(state, MemoryStateStore):
         records = MemoryRecords(state)

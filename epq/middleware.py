@@ -326,7 +326,21 @@ class JobRecords(dramatiq.Middleware):
             # an open record outlives the job's wait, so a cancellation is still there at run time
             ttl = OPEN_RECORD_TTL_MS + int(delay or 0)
             pending = message.options.pop("epq_unique_pending", None)
-            if pending is None:
+            if not delay and getattr(broker, "epq_records_fused", False):
+                # the broker takes the lock, writes the record and enqueues in one round trip
+                key, holder, lock_ttl = pending if pending is not None else ("", "", 0)
+                fields["unique_key"] = key
+                message.options["epq_fused"] = {
+                    "now": now,
+                    "ttl": ttl,
+                    "fields": fields,
+                    "lock_key": key,
+                    "holder": holder,
+                    "lock_ttl": int(lock_ttl),
+                }
+                if key:
+                    message.options["epq_unique_key"] = key
+            elif pending is None:
                 self.records.create(message.message_id, fields, ttl)
             else:
                 key, holder, lock_ttl = pending

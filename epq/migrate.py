@@ -85,10 +85,7 @@ def _migrate_one(connection: pika.BlockingConnection, name: str, arguments: dict
                 f"RabbitMQ queue {name!r} has {consumers} consumer(s): stop the workers, then migrate"
             )
         _declare(connection, holding, holding_args)
-        _move(connection, name, holding)
-        channel = connection.channel()
-        channel.queue_delete(name)
-        channel.close()
+        _empty_and_delete(connection, name, holding)
         if not _declare(connection, name, arguments):  # pragma: no cover - someone re-declared it meanwhile
             raise ConfigurationError(f"RabbitMQ queue {name!r} was declared again with other arguments")
         migrated = True
@@ -99,6 +96,27 @@ def _migrate_one(connection: pika.BlockingConnection, name: str, arguments: dict
         channel.queue_delete(holding)
         channel.close()
     return QueueMigration(name, migrated, moved_back)
+
+
+def _empty_and_delete(connection: pika.BlockingConnection, name: str, holding: str, tries: int = 5) -> None:
+    """Move ``name``'s messages to ``holding``, then delete ``name`` only if it is still empty and
+    unused (a producer or worker that came back meanwhile makes it try again)."""
+    for _ in range(tries):
+        _move(connection, name, holding)
+        channel = connection.channel()
+        try:
+            channel.queue_delete(name, if_unused=True, if_empty=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != PRECONDITION_FAILED:
+                raise
+            continue
+        channel.close()
+        return
+    raise ConfigurationError(
+        f"RabbitMQ queue {name!r} keeps receiving messages or consumers: stop every producer and "
+        "worker using it, then migrate again (its messages so far are safe in "
+        f"{holding!r}, and the next run moves them back)"
+    )
 
 
 def _declare(connection: pika.BlockingConnection, name: str, arguments: dict[str, Any]) -> bool:

@@ -35,8 +35,8 @@ RABBITMQ_MAX_PRIORITY = 4
 def lane_of(options: dict[str, Any]) -> int:
     """The priority lane of a message's options: ``epq_priority`` when it is 1..4, else 2."""
     value = options.get("epq_priority")
-    if type(value) is int and 1 <= value <= 4:
-        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value in LANES:
+        return int(value)  # as the Lua version: 1, 1.0 and JobPriority.HIGH are all lane 1
     return DEFAULT_LANE
 
 
@@ -72,15 +72,16 @@ class LaneQueue(queue.Queue):  # type: ignore[type-arg]
 
 
 class PriorityWorkQueue(queue.PriorityQueue):  # type: ignore[type-arg]
-    """Dramatiq's work queue, ordered by (actor priority, message lane, arrival).
+    """Dramatiq's work queue, ordered by (message priority, actor priority, arrival).
 
     Dramatiq puts ``_WorkQueueItem(actor.priority, message)`` items; this re-keys each one so
-    that the message's own priority breaks ties between actors of equal priority.
+    that the message's own priority (a message without one counts as 2, as on the brokers)
+    comes first, and Dramatiq's actor priority only breaks ties within a priority.
     """
 
     def _put(self, item: Any) -> None:
         lane = lane_of(item.message.options)
-        super()._put(dataclasses.replace(item, priority=item.priority * 8 + lane))
+        super()._put(dataclasses.replace(item, priority=(lane, item.priority)))
 
 
 class Priority(dramatiq.Middleware):

@@ -90,9 +90,16 @@ class RecordStore(Protocol):
 _LUA_WRITE_NEW = """
 local function write_new(first)
   local state
+  local pairs_ = {}
   for i = first, #ARGV, 2 do
-    if ARGV[i] == 'state' then state = ARGV[i + 1] else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+    if ARGV[i] == 'state' then
+      state = ARGV[i + 1]
+    else
+      pairs_[#pairs_ + 1] = ARGV[i]
+      pairs_[#pairs_ + 1] = ARGV[i + 1]
+    end
   end
+  if #pairs_ > 0 then redis.call('HSET', KEYS[1], unpack(pairs_)) end
   set_state(KEYS[1], KEYS[2], KEYS[3], ARGV[1], state, ARGV[2])
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
@@ -118,19 +125,54 @@ return old
 # KEYS: record, stats, dead, lock; ARGV: id, now, ttl, lock holder, lock ttl, field1, value1, ...
 # Takes the uniqueness lock (unless another job holds it: then returns that holder and writes
 # nothing) and writes the new record, in one round trip.
+# Lua: take the lock at KEYS[4] for ARGV[4] (holder) for ARGV[5] ms, unless another job (the id
+# before '|' in the holder value) holds it: then return that holder value. ARGV[1] is this job.
+_LUA_TAKE_LOCK = """
+local function take_lock()
+  local current = redis.call('GET', KEYS[4])
+  if current then
+    local sep = string.find(current, '|', 1, true)
+    local current_id = sep and string.sub(current, 1, sep - 1) or current
+    if current_id ~= ARGV[1] then return current end
+  else
+    redis.call('SET', KEYS[4], ARGV[4], 'PX', ARGV[5])
+  end
+  return false
+end
+"""
+
 _CREATE_LOCKED = (
     _LUA_SET_STATE
     + _LUA_WRITE_NEW
+    + _LUA_TAKE_LOCK
     + """
-local current = redis.call('GET', KEYS[4])
-if current then
-  local sep = string.find(current, '|', 1, true)
-  local current_id = sep and string.sub(current, 1, sep - 1) or current
-  if current_id ~= ARGV[1] then return current end
-else
-  redis.call('SET', KEYS[4], ARGV[4], 'PX', ARGV[5])
-end
+local current = take_lock()
+if current then return current end
 write_new(6)
+return false
+"""
+)
+
+# The whole of an enqueue on the Redis broker when its state lives in the same Redis, in one
+# round trip: take the uniqueness lock (if ARGV[4] is not ''), write the record, and put the
+# message on its priority lane (see epq.brokers.redis_lanes).
+# KEYS: record, stats, dead, lock (any key when there is no lock), message hash, lane;
+# ARGV: id, now, ttl, lock holder or '', lock ttl, redis message id, message data, the record's
+# fields as a JSON object of strings (one argument: far cheaper to send than one per field).
+# Returns false when enqueued, the lock's holder value when another job holds it.
+ENQUEUE_RECORDED = (
+    _LUA_SET_STATE
+    + _LUA_WRITE_NEW
+    + _LUA_TAKE_LOCK
+    + """
+if ARGV[4] ~= '' then
+  local current = take_lock()
+  if current then return current end
+end
+for name, value in pairs(cjson.decode(ARGV[8])) do ARGV[#ARGV + 1] = name; ARGV[#ARGV + 1] = value end
+write_new(9)
+redis.call('HSET', KEYS[5], ARGV[6], ARGV[7])
+redis.call('RPUSH', KEYS[6], ARGV[6])
 return false
 """
 )
@@ -146,19 +188,36 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
+# Lua: mark a record running (one more attempt) unless cancelled; returns the state before, or
+# false when there is no record. Needs LUA_SET_STATE.
+LUA_START_RECORD = """
+local function start_record(key, stats, dead, id, now, ttl)
+  local old = redis.call('HGET', key, 'state')
+  if not old then return false end
+  if old == 'cancelled' then return old end
+  set_state(key, stats, dead, id, 'running', now)
+  redis.call('HINCRBY', key, 'attempt', 1)
+  redis.call('HSET', key, 'attempted_at', now)
+  redis.call('PEXPIRE', key, ttl)
+  return old
+end
+"""
+
+# Lua: mark a running record completed (finalized now, kept for ttl). Needs LUA_SET_STATE.
+LUA_COMPLETE_RECORD = """
+local function complete_record(key, stats, dead, id, now, ttl)
+  if redis.call('HGET', key, 'state') ~= 'running' then return end
+  redis.call('HSET', key, 'finalized_at', now)
+  set_state(key, stats, dead, id, 'completed', now)
+  redis.call('PEXPIRE', key, ttl)
+end
+"""
+
 # KEYS: record, stats, dead; ARGV: id, now, ttl
 _START = (
     _LUA_SET_STATE
-    + """
-local old = redis.call('HGET', KEYS[1], 'state')
-if not old then return false end
-if old == 'cancelled' then return old end
-set_state(KEYS[1], KEYS[2], KEYS[3], ARGV[1], 'running', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HSET', KEYS[1], 'attempted_at', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return old
-"""
+    + LUA_START_RECORD
+    + "return start_record(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])\n"
 )
 
 # KEYS: record, stats, dead; ARGV: id, now, ttl, new state, error json, max errors, f1, v1, ...

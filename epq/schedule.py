@@ -24,8 +24,10 @@ from typing import Any
 from uuid import uuid4
 
 import dramatiq
+import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import q_name
+from dramatiq.errors import BrokerConnectionError
 
 from .state import RedisStateStore, StateStore
 
@@ -80,7 +82,15 @@ def promote_due(
     done: list[str] = []
     try:
         for entry, data in claimed:
-            broker.enqueue(dramatiq.Message.decode(data))
+            try:
+                broker.enqueue(dramatiq.Message.decode(data))
+            except (BrokerConnectionError, redis.ConnectionError):
+                raise  # the broker is gone: the rest of the batch waits for its lease too
+            except Exception:
+                # this one message cannot go (e.g. its queue needs `epq migrate-queues`): the
+                # others still do, and it is tried again when its lease runs out
+                logger.exception("Could not promote scheduled message %s; trying again later", entry)
+                continue
             done.append(entry)
     finally:
         store.schedule_ack(done)

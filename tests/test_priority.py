@@ -88,7 +88,7 @@ def test_the_work_queue_orders_prefetched_messages_by_their_priority() -> None:
     assert taken == ["d", "f", "c", "e", "a", "b"]
 
 
-def test_the_actor_priority_still_comes_before_the_message_priority() -> None:
+def test_the_message_priority_comes_before_the_actor_priority() -> None:
     work = PriorityWorkQueue()
     low_actor = dramatiq.Message(
         queue_name="q", actor_name="x", args=(), kwargs={}, options={"epq_priority": 1}
@@ -96,9 +96,11 @@ def test_the_actor_priority_still_comes_before_the_message_priority() -> None:
     high_actor = dramatiq.Message(
         queue_name="q", actor_name="y", args=(), kwargs={}, options={"epq_priority": 4}
     )
-    work.put(_WorkQueueItem(10, low_actor))
+    plain = dramatiq.Message(queue_name="q", actor_name="z", args=(), kwargs={}, options={})
+    work.put(_WorkQueueItem(0, plain))  # a plain Dramatiq message counts as priority 2
     work.put(_WorkQueueItem(0, high_actor))
-    assert work.get().message is high_actor
+    work.put(_WorkQueueItem(10, low_actor))
+    assert [work.get().message for _ in range(3)] == [low_actor, plain, high_actor]
 
 
 @pytest.mark.parametrize(
@@ -106,9 +108,12 @@ def test_the_actor_priority_still_comes_before_the_message_priority() -> None:
     [
         ({"epq_priority": 1}, 1),
         ({"epq_priority": 4}, 4),
+        ({"epq_priority": epq.JobPriority.HIGH}, 1),
+        ({"epq_priority": 3.0}, 3),
         ({}, 2),
         ({"epq_priority": 9}, 2),
         ({"epq_priority": "1"}, 2),
+        ({"epq_priority": True}, 2),
     ],
 )
 def test_a_message_without_a_valid_priority_is_normal(options: dict[str, Any], lane: int) -> None:
@@ -334,7 +339,11 @@ def test_a_rabbitmq_queue_without_priorities_is_a_clear_error_then_migrates(
     # When epq enqueues on the old queue, it refuses with the queue's name and the way out
     with pytest.raises(epq.ConfigurationError, match=rf"{legacy_queue}.*epq migrate-queues"):
         svc.enqueue_register_job(on_legacy)
-    # and nothing of the refused job is left behind (no record, no lock)
+    # (a job scheduled for later too: it would fail only when due)
+    with pytest.raises(epq.ConfigurationError, match=legacy_queue):
+        svc.enqueue_register_job({**on_legacy, "run_at": _soon()})
+    # and nothing of the refused jobs is left behind (no record, no lock, no schedule entry)
+    assert state_client.keys("epq:schedule*") == []
     assert state_client.keys("epq:job:*") == state_client.keys("epq:unique:*") == []
     # and a worker serving it refuses to boot, with the same message
     with pytest.raises(epq.ConfigurationError, match=legacy_queue):
@@ -346,6 +355,8 @@ def test_a_rabbitmq_queue_without_priorities_is_a_clear_error_then_migrates(
     report = {m["queue"]: m for m in json.loads(out.stdout)}
     # Then the queue was re-created with its two messages, and the others were left alone
     assert report[legacy_queue] == {"queue": legacy_queue, "migrated": True, "messages": 2}
+    assert report[f"{legacy_queue}.DQ"] == {"queue": f"{legacy_queue}.DQ", "migrated": True, "messages": 0}
+    assert _queue_arguments(f"{legacy_queue}.DQ") == _epq_arguments(f"{legacy_queue}.DQ")
     assert report["default"]["migrated"] is False
     assert _queue_arguments(legacy_queue) == _epq_arguments(legacy_queue)
     # and the kept jobs run by priority, after a new one enqueued there
@@ -389,3 +400,30 @@ def test_redis_recovers_the_messages_of_a_dead_worker_into_their_lanes(redis_bro
     again = [dramatiq.Message.decode(d).message_id for _, d in other.fetch_lanes("default", 10)]  # type: ignore[attr-defined]
     # Then the dead worker's jobs are fetched again, in priority order, ahead of newer ones
     assert again == [high, newer, low]
+
+
+@pytest.mark.rabbitmq
+def test_an_interrupted_migration_finishes_on_the_next_run(legacy_queue: str) -> None:
+    # Given a migration that crashed after re-creating the queue, its messages still in holding
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    channel = connection.channel()
+    holding = f"{legacy_queue}.epq-migrating"
+    channel.queue_declare(holding, durable=True, arguments={"x-max-priority": 4})
+    while (got := channel.basic_get(legacy_queue, auto_ack=False))[0] is not None:
+        channel.basic_publish("", holding, got[2], pika.BasicProperties(delivery_mode=2))
+        channel.basic_ack(got[0].delivery_tag)
+    channel.queue_delete(legacy_queue)
+    channel.queue_declare(legacy_queue, durable=True, arguments=_epq_arguments(legacy_queue))
+    connection.close()
+    broker = _runtime.install(RABBITMQ_URL, state_url=STATE_URL).broker
+    # When the migration runs again
+    from epq.migrate import migrate_queues
+
+    report = {m.queue: m for m in migrate_queues(broker)}
+    # Then the held messages are back in the queue, and the holding queue is gone
+    assert (report[legacy_queue].migrated, report[legacy_queue].messages) == (False, 2)
+    assert message_count(broker, legacy_queue) == 2
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+        connection.channel().queue_declare(holding, passive=True)
+    connection.close()

@@ -334,6 +334,7 @@ def broken_publish(broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch) -> 
             raise redis.ConnectionError("simulated publish failure")
 
         monkeypatch.setattr(broker, "_lane_enqueue", fail_enqueue)
+        monkeypatch.setattr(broker, "_enqueue_recorded", fail_enqueue)  # lock + record + message
     else:
         assert isinstance(broker, RabbitmqBroker)
 

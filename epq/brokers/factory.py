@@ -12,7 +12,7 @@ import pika.exceptions
 import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
-from dramatiq.common import dq_name
+from dramatiq.common import dq_name, q_name
 
 from ..errors import BrokerUnavailable, ConfigurationError, QueueMismatch
 from ..priority import RABBITMQ_MAX_PRIORITY, LaneQueue, amqp_priority, lane_of
@@ -74,6 +74,9 @@ class EpqRabbitmqBroker(DurableDelays, RabbitmqBroker):
         super().__init__(**kwargs)
 
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
+        # declared (and checked) before a delayed message goes to the schedule too, so that a
+        # queue without epq's arguments is refused at the call site, not later in a promoter
+        self.declare_queue(q_name(message.queue_name), ensure=True)
         if "broker_priority" not in message.options:
             message = message.copy(options={"broker_priority": amqp_priority(lane_of(message.options))})
         return super().enqueue(message, delay=delay)

@@ -14,6 +14,7 @@ work, and splits the waiting ids into one list per priority, ``<ns>:<queue>.P1``
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -27,7 +28,10 @@ from dramatiq.brokers.redis import MAINTENANCE_SCALE, RedisBroker, _RedisConsume
 from dramatiq.common import compute_backoff, current_millis
 from dramatiq.errors import ConnectionClosed, DecodeError
 
+from ..errors import DuplicateJob
 from ..priority import LANES, LUA_LANE_OF, lane_of, redis_lane_key
+from ..records import ENQUEUE_RECORDED, job_key
+from ..state import DEAD_KEY, STATS_KEY, holder_id
 
 logger = logging.getLogger("epq.brokers.redis")
 
@@ -35,7 +39,7 @@ logger = logging.getLogger("epq.brokers.redis")
 BUSY_POLL_MS = 5
 #: How many ids one fetch moves from the plain list back to their lanes at most (bounds the
 #: script's run time after a large requeue; the rest move on the next fetches).
-REBALANCE_MAX = 500
+REBALANCE_MAX = 100
 
 # KEYS: the message hash, the lane list; ARGV: message id, message data.
 _ENQUEUE = """
@@ -78,12 +82,20 @@ return out
 
 
 class LaneRedisBroker(RedisBroker):
-    """Dramatiq's Redis broker with a list per priority lane (see the module docstring)."""
+    """Dramatiq's Redis broker with a list per priority lane (see the module docstring).
+
+    ``epq_records_fused`` is set by :func:`epq.setup` when epq's state lives in this same Redis:
+    then an enqueue writes the job's record (and takes its lock) in the same script as the
+    message, and fetch and ack start and complete the record in their own scripts.
+    """
+
+    epq_records_fused = False
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]
         self._lane_enqueue = self.client.register_script(_ENQUEUE)
         self._lane_fetch = self.client.register_script(_FETCH)
+        self._enqueue_recorded = self.client.register_script(ENQUEUE_RECORDED)
 
     def lane_keys(self, queue_name: str) -> list[str]:
         return [redis_lane_key(self.namespace, queue_name, lane) for lane in LANES]
@@ -96,9 +108,28 @@ class LaneRedisBroker(RedisBroker):
         queue = message.queue_name
         lane = redis_lane_key(self.namespace, queue, lane_of(message.options))
         self.emit_before("enqueue", message, None)
-        self._lane_enqueue(keys=[f"{self.namespace}:{queue}.msgs", lane], args=[rid, message.encode()])
+        fused = message.options.pop("epq_fused", None)
+        msgs = f"{self.namespace}:{queue}.msgs"
+        if fused is None:
+            self._lane_enqueue(keys=[msgs, lane], args=[rid, message.encode()])
+        else:
+            self._enqueue_fused(message, fused, msgs, lane)
         self.emit_after("enqueue", message, None)
         return message
+
+    def _enqueue_fused(
+        self, message: dramatiq.Message[Any], fused: dict[str, Any], msgs: str, lane: str
+    ) -> None:
+        """Lock, record and message in one script (``JobRecords`` left them in ``epq_fused``)."""
+        record = job_key(message.message_id)
+        keys = [record, STATS_KEY, DEAD_KEY, fused["lock_key"] or record, msgs, lane]
+        args: list[Any] = [message.message_id, fused["now"], fused["ttl"], fused["holder"]]
+        args += [max(1, fused["lock_ttl"]), message.options["redis_message_id"], message.encode()]
+        args.append(json.dumps(fused["fields"], separators=(",", ":")))
+        current = self._enqueue_recorded(keys=keys, args=args)
+        if current:
+            holder = current.decode()
+            raise DuplicateJob(message.actor_name, holder_id(holder), holder=holder)
 
     @property
     def consumer_class(self) -> type[LaneConsumer]:
@@ -141,8 +172,8 @@ class LaneRedisBroker(RedisBroker):
         self.scripts["dispatch"](keys=[self.namespace], args=args)
 
     def flush(self, queue_name: str) -> None:
+        self.client.delete(*self.lane_keys(queue_name))  # first, so no lane id outlives its message
         super().flush(queue_name)
-        self.client.delete(*self.lane_keys(queue_name))
 
     def waiting(self, queue_name: str) -> int:
         """Messages of ``queue_name`` waiting to be fetched (every lane and the plain list)."""
