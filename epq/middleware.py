@@ -356,6 +356,8 @@ class JobRecords(dramatiq.Middleware):
     def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         if self._recorded(broker, message) is None:
             return
+        if getattr(message, "epq_started", False):
+            return  # the Redis fetch started the record (and dropped the job if cancelled)
         with state_errors("starting a job"):
             before = self.records.start(message.message_id, self.store.now_ms(), OPEN_RECORD_TTL_MS)
         if before == "cancelled":
@@ -366,6 +368,9 @@ class JobRecords(dramatiq.Middleware):
         self, broker: dramatiq.Broker, message: MessageProxy, *, result: Any = None, exception: Any = None
     ) -> None:
         # Failures are recorded by EpqRetries, which decides between retry and discard.
+        if exception is None and getattr(message, "epq_started", False):
+            message.epq_complete_ttl_ms = self.completed_ttl_ms  # type: ignore[attr-defined]  # the Redis ack completes it
+            return
         if exception is None and self._recorded(broker, message) is not None:
             fields = {"finalized_at": str(self.store.now_ms())}
             self.records.move(message.message_id, "completed", fields, self.completed_ttl_ms, ("running",))

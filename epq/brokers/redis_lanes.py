@@ -30,8 +30,15 @@ from dramatiq.errors import ConnectionClosed, DecodeError
 
 from ..errors import DuplicateJob
 from ..priority import LANES, LUA_LANE_OF, lane_of, redis_lane_key
-from ..records import ENQUEUE_RECORDED, job_key
-from ..state import DEAD_KEY, STATS_KEY, holder_id
+from ..records import (
+    ENQUEUE_RECORDED,
+    LUA_COMPLETE_RECORD,
+    LUA_START_RECORD,
+    LUA_UNSTART_RECORD,
+    OPEN_RECORD_TTL_MS,
+    job_key,
+)
+from ..state import DEAD_KEY, JOB_KEY_PREFIX, LUA_SET_STATE, STATS_KEY, holder_id
 
 logger = logging.getLogger("epq.brokers.redis")
 
@@ -47,13 +54,29 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[1])
 """
 
-# KEYS: plain list, message hash, this worker's ack set, heartbeats, lane 1..4;
-# ARGV: now ms, worker id, how many to take, how many plain-list ids to move back at most.
-# Returns {id1, data1, id2, data2, ...} for up to ARGV[3] messages, highest priority first.
+# KEYS: plain list, message hash, this worker's ack set, heartbeats, lane 1..4, record stats,
+# dead index; ARGV: now ms, worker id, how many to take, how many plain-list ids to move back at
+# most, job record key prefix ('' when records live elsewhere), open record ttl.
+# Returns {id1, data1, started1, id2, ...} for up to ARGV[3] messages, highest priority first;
+# `started` is '1' when this fetch marked the job's record running (River marks a job running
+# when a worker takes it). A job whose record is cancelled is dropped here, never delivered.
 _FETCH = (
     LUA_LANE_OF
+    + LUA_SET_STATE
+    + LUA_START_RECORD
     + """
 local plain, msgs, acks = KEYS[1], KEYS[2], KEYS[3]
+local prefix = ARGV[5]
+local function start(data)
+  if prefix == '' then return '0' end
+  local ok, message = pcall(cjson.decode, data)
+  if not (ok and type(message) == 'table' and type(message['message_id']) == 'string') then return '0' end
+  local id = message['message_id']
+  local old = start_record(prefix .. id, KEYS[9], KEYS[10], id, ARGV[1], ARGV[6])
+  if old == 'cancelled' then return 'cancelled' end
+  if old then return '1' end
+  return '0'
+end
 redis.call('ZADD', KEYS[4], ARGV[1], ARGV[2])
 for _ = 1, tonumber(ARGV[4]) do
   local id = redis.call('RPOP', plain)
@@ -62,22 +85,46 @@ for _ = 1, tonumber(ARGV[4]) do
   if data then redis.call('LPUSH', KEYS[4 + lane_of(data)], id) end
 end
 local out = {}
-local want = tonumber(ARGV[3])
+local want = 3 * tonumber(ARGV[3])
 for lane = 1, 4 do
-  while #out < 2 * want do
+  while #out < want do
     local id = redis.call('LPOP', KEYS[4 + lane])
     if not id then break end
     local data = redis.call('HGET', msgs, id)
     if data then
-      redis.call('SADD', acks, id)
-      out[#out + 1] = id
-      out[#out + 1] = data
+      local started = start(data)
+      if started == 'cancelled' then
+        redis.call('HDEL', msgs, id)
+      else
+        redis.call('SADD', acks, id)
+        out[#out + 1] = id
+        out[#out + 1] = data
+        out[#out + 1] = started
+      end
     end
   end
-  if #out >= 2 * want then break end
+  if #out >= want then break end
 end
 return out
 """
+)
+
+
+# KEYS: this worker's ack set, message hash, heartbeats, record, stats, dead;
+# ARGV: now ms, worker id, redis message id, job id, completed record ttl.
+_ACK_COMPLETED = (
+    LUA_SET_STATE
+    + LUA_COMPLETE_RECORD
+    + """
+redis.call('ZADD', KEYS[3], ARGV[1], ARGV[2])
+if redis.call('SREM', KEYS[1], ARGV[3]) > 0 then redis.call('HDEL', KEYS[2], ARGV[3]) end
+complete_record(KEYS[4], KEYS[5], KEYS[6], ARGV[4], ARGV[1], ARGV[5])
+"""
+)
+
+# KEYS: record, stats, dead; ARGV: job id, now ms.
+_UNSTART = (
+    LUA_SET_STATE + LUA_UNSTART_RECORD + "unstart_record(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])\n"
 )
 
 
@@ -96,6 +143,8 @@ class LaneRedisBroker(RedisBroker):
         self._lane_enqueue = self.client.register_script(_ENQUEUE)
         self._lane_fetch = self.client.register_script(_FETCH)
         self._enqueue_recorded = self.client.register_script(ENQUEUE_RECORDED)
+        self._ack_completed = self.client.register_script(_ACK_COMPLETED)
+        self._unstart = self.client.register_script(_UNSTART)
 
     def lane_keys(self, queue_name: str) -> list[str]:
         return [redis_lane_key(self.namespace, queue_name, lane) for lane in LANES]
@@ -135,9 +184,9 @@ class LaneRedisBroker(RedisBroker):
     def consumer_class(self) -> type[LaneConsumer]:
         return LaneConsumer
 
-    def fetch_lanes(self, queue_name: str, count: int) -> list[tuple[str, bytes]]:
+    def fetch_lanes(self, queue_name: str, count: int) -> list[tuple[str, bytes, bool]]:
         """Take up to ``count`` messages of ``queue_name`` for this worker, highest priority
-        first: ``(redis message id, data)`` pairs."""
+        first: ``(redis message id, data, record started)`` triples."""
         if random.randint(1, MAINTENANCE_SCALE) <= self.maintenance_chance:
             self.maintain(queue_name)
         ns = self.namespace
@@ -148,8 +197,33 @@ class LaneRedisBroker(RedisBroker):
             f"{ns}:__heartbeats__",
             *self.lane_keys(queue_name),
         ]
-        out = self._lane_fetch(keys=keys, args=[current_millis(), self.broker_id, count, REBALANCE_MAX])
-        return [(out[i].decode(), out[i + 1]) for i in range(0, len(out), 2)]
+        keys += [STATS_KEY, DEAD_KEY]
+        prefix = JOB_KEY_PREFIX if self.epq_records_fused else ""
+        args = [current_millis(), self.broker_id, count, REBALANCE_MAX, prefix, OPEN_RECORD_TTL_MS]
+        out = self._lane_fetch(keys=keys, args=args)
+        return [(out[i].decode(), out[i + 1], out[i + 2] == b"1") for i in range(0, len(out), 3)]
+
+    def ack_completed(self, queue_name: str, rid: str, job_id: str, ttl_ms: int) -> None:
+        """Acknowledge a message and mark its job completed, in one script."""
+        ns = self.namespace
+        keys = [
+            f"{ns}:__acks__.{self.broker_id}.{queue_name}",
+            f"{ns}:{queue_name}.msgs",
+            f"{ns}:__heartbeats__",
+            job_key(job_id),
+            STATS_KEY,
+            DEAD_KEY,
+        ]
+        self._ack_completed(keys=keys, args=[current_millis(), self.broker_id, rid, job_id, ttl_ms])
+
+    def unstart(self, job_ids: list[str]) -> None:
+        """Put the records of jobs fetched but never run (requeued) back to available."""
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            self._unstart(
+                keys=[job_key(job_id), STATS_KEY, DEAD_KEY], args=[job_id, current_millis()], client=pipe
+            )
+        pipe.execute()
 
     def maintain(self, queue_name: str) -> None:
         """Run Dramatiq's queue maintenance for ``queue_name`` now: messages fetched by workers
@@ -198,7 +272,7 @@ class LaneConsumer(_RedisConsumer):
         try:
             while True:
                 if self.message_cache:
-                    rid, data = self.message_cache.pop(0)
+                    rid, data, started = self.message_cache.pop(0)
                     try:
                         message = dramatiq.Message.decode(data)
                     except DecodeError as exc:
@@ -206,14 +280,17 @@ class LaneConsumer(_RedisConsumer):
                         continue
                     self.misses = 0
                     self.queued_message_ids.add(message.message_id)
-                    return MessageProxy(message)
+                    proxy = MessageProxy(message)
+                    if started:
+                        proxy.epq_started = True  # type: ignore[attr-defined]  # see JobRecords
+                    return proxy
                 free = self.prefetch - self.outstanding_message_count
                 if free <= 0:
                     time.sleep(BUSY_POLL_MS / 1000)
                     return None
                 if self.queue_name.endswith(".DQ"):
                     fetched = self.broker.do_fetch(self.queue_name, free)
-                    self.message_cache = [(None, data) for data in fetched if data is not None]
+                    self.message_cache = [(None, data, False) for data in fetched if data is not None]
                 else:
                     self.message_cache = self.broker.fetch_lanes(self.queue_name, free)
                 if not self.message_cache:
@@ -222,6 +299,26 @@ class LaneConsumer(_RedisConsumer):
                     return None
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+
+    def ack(self, message: Any) -> None:
+        ttl = getattr(message, "epq_complete_ttl_ms", None)
+        if ttl is None or self.queue_name.endswith(".DQ"):
+            super().ack(message)  # type: ignore[no-untyped-call]
+            return
+        try:
+            rid = message.options["redis_message_id"]
+            self.broker.ack_completed(self.queue_name, rid, message.message_id, ttl)
+        except redis.ConnectionError as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+        finally:
+            self.queued_message_ids.discard(message.message_id)
+
+    def requeue(self, messages: Any) -> None:
+        messages = list(messages)
+        super().requeue(messages)  # type: ignore[no-untyped-call]
+        started = [m.message_id for m in messages if getattr(m, "epq_started", False)]
+        if started:
+            self.broker.unstart(started)
 
     def _dead_letter_undecodable(self, rid: str | None, exc: DecodeError) -> None:
         logger.error(
