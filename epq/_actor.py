@@ -6,7 +6,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -29,7 +29,7 @@ from .errors import (
 from .handlers import get_handler
 from .kinds import JobKind
 from .middleware import JobRecords, Uniqueness, find_middleware
-from .models import JobPriority, JobRecord, JobState, _Request
+from .models import JobInsertResult, JobPriority, JobRecord, JobState, _Request
 
 #: The largest payload (the request as JSON) a job may carry.
 MAX_PAYLOAD_BYTES = 1024 * 1024
@@ -121,6 +121,17 @@ class EpqActor(dramatiq.Actor[..., Any]):
         **options: Any,
     ) -> dramatiq.Message[Any]:
         return self.enqueue_request(self.validate(args, kwargs), delay=delay, **options)
+
+    def send_many(self, requests: Iterable[_Request | Mapping[str, Any]]) -> list[JobInsertResult]:
+        """Enqueue many jobs of this kind in a few round trips: one ``JobInsertResult`` per
+        request, in order (``QueueService.enqueue_many`` for mixed kinds). A duplicate is
+        reported, not raised; an invalid request raises ``InvalidRequest`` and enqueues nothing."""
+        from . import _runtime, bulk
+
+        runtime = _runtime.current()
+        if runtime is None or runtime.broker is not self.broker:
+            raise ConfigurationError("send_many needs the broker epq.setup() built")
+        return bulk.enqueue_many(runtime, [(self, r) for r in requests])
 
     def message_for(
         self, request: _Request, *, broker: dramatiq.Broker, **options: Any

@@ -13,6 +13,7 @@ Times are milliseconds, as everywhere in Dramatiq.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -201,6 +202,9 @@ class Uniqueness(dramatiq.Middleware):
     window ends.
     """
 
+    #: A bulk enqueue takes the locks itself (see ``epq.bulk``).
+    epq_bulk_aware = True
+
     def __init__(self, store: StateStore) -> None:
         self.store = store
 
@@ -227,34 +231,48 @@ class Uniqueness(dramatiq.Middleware):
             return None
         return self.key_for(message.actor_name, unique_by, message.kwargs)
 
-    def before_enqueue(
+    def lock_for(
         self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int | None
-    ) -> None:
-        if "epq_unique_key" in message.options:
-            return  # its own retry or delayed re-enqueue
+    ) -> tuple[str, str, int] | None:
+        """The lock ``message`` needs: ``(key, holder value, ttl ms)``, or None without uniqueness.
+
+        The holder value records the job id, its creation and due times, queue and priority, so
+        that a duplicate can be answered with the holder's details even without its record.
+        """
         key = self.lock_key(broker, message)
         if key is None:
-            return
+            return None
         actor = broker.actors[message.actor_name]
         window_ms = int(_option(message, actor, "unique_for"))
         delay_ms = int(delay or 0)
-        now = self.store.now_ms()
         holder = "|".join(
             (
                 message.message_id,
                 str(message.message_timestamp),
-                str(now + delay_ms),
+                str(self.store.now_ms() + delay_ms),
                 q_name(message.queue_name),
                 str(message.options.get("epq_priority", "")),
             )
         )
+        return key, holder, window_ms + delay_ms
+
+    def before_enqueue(
+        self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int | None
+    ) -> None:
+        if "epq_unique_key" in message.options or in_bulk():
+            return  # its own retry or delayed re-enqueue, or epq.bulk took the lock already
+        lock = self.lock_for(broker, message, delay)
+        if lock is None:
+            return
+        key, holder, lock_ttl = lock
+        actor = broker.actors[message.actor_name]
         recorded_later = "max_attempts" in actor.options and "epq_recorded" not in message.options
         if recorded_later and find_middleware(broker, JobRecords) is not None:
             # JobRecords takes the lock together with writing the record: one round trip for both
-            message.options["epq_unique_pending"] = [key, holder, window_ms + delay_ms]
+            message.options["epq_unique_pending"] = [key, holder, lock_ttl]
             return
         with state_errors("taking a uniqueness lock"):
-            current = self.store.acquire_unique(key, holder, window_ms + delay_ms)
+            current = self.store.acquire_unique(key, holder, lock_ttl)
         if current is not None:
             raise DuplicateJob(message.actor_name, holder_id(current), holder=current)
         message.options["epq_unique_key"] = key
@@ -278,6 +296,15 @@ class Uniqueness(dramatiq.Middleware):
         self.release(message)
 
 
+_bulk: contextvars.ContextVar[bool] = contextvars.ContextVar("epq_bulk", default=False)
+
+
+def in_bulk() -> bool:
+    """Whether the current enqueue is part of :func:`epq.bulk.enqueue_many` (which takes the
+    locks and writes the records of the whole batch in a few round trips itself)."""
+    return _bulk.get()
+
+
 def find_middleware(broker: dramatiq.Broker, kind: type[M]) -> M | None:
     """The broker's middleware of type ``kind``, if it has one."""
     for middleware in broker.middleware:
@@ -293,6 +320,9 @@ class JobRecords(dramatiq.Middleware):
     :class:`Uniqueness` (a duplicate gets no record). A job cancelled before it started is skipped
     when a worker fetches it.
     """
+
+    #: A bulk enqueue writes the records itself (see ``epq.bulk``).
+    epq_bulk_aware = True
 
     def __init__(
         self, records: RecordStore, store: StateStore, *, completed_ttl_ms: int, discarded_ttl_ms: int
@@ -311,8 +341,8 @@ class JobRecords(dramatiq.Middleware):
         self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int | None
     ) -> None:
         actor = self._recorded(broker, message)
-        if actor is None:
-            return
+        if actor is None or in_bulk():
+            return  # in bulk, epq.bulk writes the records of the whole batch itself
         with state_errors("writing a job record"):
             if "epq_recorded" in message.options:
                 if not delay:  # promoted from the schedule: ready to run

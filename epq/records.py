@@ -15,7 +15,7 @@ import json
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import redis
 
@@ -35,6 +35,17 @@ def job_key(job_id: str) -> str:
     return JOB_KEY_PREFIX + job_id
 
 
+class NewRecord(NamedTuple):
+    """A record to write, with the uniqueness lock to take first (``lock_key`` '' for none)."""
+
+    job_id: str
+    fields: Mapping[str, str]
+    ttl_ms: int
+    lock_key: str = ""
+    holder: str = ""
+    lock_ttl_ms: int = 0
+
+
 class RecordStore(Protocol):
     def create(self, job_id: str, fields: Mapping[str, str], ttl_ms: int) -> None:
         """Write a new record (``fields`` include ``state``, ``queue`` and ``priority``)."""
@@ -50,6 +61,10 @@ class RecordStore(Protocol):
     ) -> str | None:
         """Take the uniqueness lock and write the record, atomically; if another job holds the
         lock, write nothing and return its holder value."""
+
+    def create_many(self, entries: Sequence[NewRecord]) -> list[str | None]:
+        """``create``/``create_locked`` for each entry, in order, in one round trip; for each, None
+        when written, or the holder value of the job that holds its lock."""
 
     def move(
         self,
@@ -85,28 +100,34 @@ class RecordStore(Protocol):
         """``queue|priority|state`` -> number of jobs in that state."""
 
 
-# Writes a new record from ARGV[first], ARGV[first + 1], ... (field, value pairs); KEYS: record,
-# stats, dead; ARGV[1] id, ARGV[2] now, ARGV[3] ttl.
+# Lua: write a new record from its fields (a JSON object of strings, ``state`` among them).
 _LUA_WRITE_NEW = """
-local function write_new(first)
-  local state
-  local pairs_ = {}
-  for i = first, #ARGV, 2 do
-    if ARGV[i] == 'state' then
-      state = ARGV[i + 1]
-    else
-      pairs_[#pairs_ + 1] = ARGV[i]
-      pairs_[#pairs_ + 1] = ARGV[i + 1]
-    end
+local function write_new(key, stats, dead, id, now, ttl, fields_json)
+  local fields = cjson.decode(fields_json)
+  local flat = {}
+  for name, value in pairs(fields) do
+    flat[#flat + 1] = name
+    flat[#flat + 1] = value
   end
-  if #pairs_ > 0 then redis.call('HSET', KEYS[1], unpack(pairs_)) end
-  set_state(KEYS[1], KEYS[2], KEYS[3], ARGV[1], state, ARGV[2])
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  -- a record written again (same id) first leaves the counters of its old state
+  local old = redis.call('HGET', key, 'state')
+  if old then set_state(key, stats, dead, id, fields['state'], now) end
+  redis.call('HSET', key, unpack(flat))
+  if not old then
+    redis.call('HINCRBY', stats, fields['queue'] .. '|' .. fields['priority'] .. '|' .. fields['state'], 1)
+    if fields['state'] == 'discarded' then redis.call('ZADD', dead, now, id) end
+  end
+  redis.call('PEXPIRE', key, ttl)
+  return fields
 end
 """
 
-# KEYS: record, stats, dead; ARGV: id, now, ttl, field1, value1, ...
-_CREATE = _LUA_SET_STATE + _LUA_WRITE_NEW + "write_new(4)\nreturn 1\n"
+# KEYS: record, stats, dead; ARGV: id, now, ttl, fields (JSON)
+_CREATE = (
+    _LUA_SET_STATE
+    + _LUA_WRITE_NEW
+    + "write_new(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4])\nreturn 1\n"
+)
 
 # KEYS: record, stats, dead; ARGV: id, now, ttl, new state, allowed (comma list, '' = any), f1, v1, ...
 _MOVE = (
@@ -125,30 +146,33 @@ return old
 # KEYS: record, stats, dead, lock; ARGV: id, now, ttl, lock holder, lock ttl, field1, value1, ...
 # Takes the uniqueness lock (unless another job holds it: then returns that holder and writes
 # nothing) and writes the new record, in one round trip.
-# Lua: take the lock at KEYS[4] for ARGV[4] (holder) for ARGV[5] ms, unless another job (the id
-# before '|' in the holder value) holds it: then return that holder value. ARGV[1] is this job.
+# Lua: take the uniqueness lock ``key`` for ``holder`` (its value; the job id comes before the
+# first '|') for ``ttl`` ms, unless another job holds it: then return that holder value.
 _LUA_TAKE_LOCK = """
-local function take_lock()
-  local current = redis.call('GET', KEYS[4])
+local function take_lock(key, holder, ttl, id)
+  local current = redis.call('GET', key)
   if current then
     local sep = string.find(current, '|', 1, true)
     local current_id = sep and string.sub(current, 1, sep - 1) or current
-    if current_id ~= ARGV[1] then return current end
+    if current_id ~= id then return current end
   else
-    redis.call('SET', KEYS[4], ARGV[4], 'PX', ARGV[5])
+    redis.call('SET', key, holder, 'PX', ttl)
   end
   return false
 end
 """
 
+# KEYS: record, stats, dead, lock; ARGV: id, now, ttl, lock holder, lock ttl, fields (JSON).
+# Takes the uniqueness lock (unless another job holds it: then returns that holder and writes
+# nothing) and writes the new record, in one round trip.
 _CREATE_LOCKED = (
     _LUA_SET_STATE
     + _LUA_WRITE_NEW
     + _LUA_TAKE_LOCK
     + """
-local current = take_lock()
+local current = take_lock(KEYS[4], ARGV[4], ARGV[5], ARGV[1])
 if current then return current end
-write_new(6)
+write_new(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[6])
 return false
 """
 )
@@ -157,8 +181,8 @@ return false
 # round trip: take the uniqueness lock (if ARGV[4] is not ''), write the record, and put the
 # message on its priority lane (see epq.brokers.redis_lanes).
 # KEYS: record, stats, dead, lock (any key when there is no lock), message hash, lane;
-# ARGV: id, now, ttl, lock holder or '', lock ttl, redis message id, message data, the record's
-# fields as a JSON object of strings (one argument: far cheaper to send than one per field).
+# ARGV: id, now, ttl, lock holder or '', lock ttl, redis message id, message data, fields (JSON:
+# one argument is far cheaper to send than one per field).
 # Returns false when enqueued, the lock's holder value when another job holds it.
 ENQUEUE_RECORDED = (
     _LUA_SET_STATE
@@ -166,14 +190,43 @@ ENQUEUE_RECORDED = (
     + _LUA_TAKE_LOCK
     + """
 if ARGV[4] ~= '' then
-  local current = take_lock()
+  local current = take_lock(KEYS[4], ARGV[4], ARGV[5], ARGV[1])
   if current then return current end
 end
-for name, value in pairs(cjson.decode(ARGV[8])) do ARGV[#ARGV + 1] = name; ARGV[#ARGV + 1] = value end
-write_new(9)
+write_new(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[8])
 redis.call('HSET', KEYS[5], ARGV[6], ARGV[7])
 redis.call('RPUSH', KEYS[6], ARGV[6])
 return false
+"""
+)
+
+# Many enqueues as ENQUEUE_RECORDED does one, in order, in one script (bulk enqueue). A later
+# job with the same unique key as an earlier one in the batch finds the earlier one's lock.
+# The message hash and lane come from the record's queue and priority (the lane's number).
+# KEYS: stats, dead; ARGV: now, record key prefix, record ttl, Dramatiq's Redis namespace, then 7
+# per job: id, lock key or '', lock holder, lock ttl, redis message id, message data, fields (JSON).
+# Returns one value per job: '' when enqueued, the lock's holder value when a duplicate.
+ENQUEUE_MANY_RECORDED = (
+    _LUA_SET_STATE
+    + _LUA_WRITE_NEW
+    + _LUA_TAKE_LOCK
+    + """
+local out = {}
+for i = 5, #ARGV, 7 do
+  local id = ARGV[i]
+  local current = false
+  if ARGV[i + 1] ~= '' then current = take_lock(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], id) end
+  if current then
+    out[#out + 1] = current
+  else
+    local fields = write_new(ARGV[2] .. id, KEYS[1], KEYS[2], id, ARGV[1], ARGV[3], ARGV[i + 6])
+    local queue = ARGV[4] .. ':' .. fields['queue']
+    redis.call('HSET', queue .. '.msgs', ARGV[i + 4], ARGV[i + 5])
+    redis.call('RPUSH', queue .. '.P' .. fields['priority'], ARGV[i + 4])
+    out[#out + 1] = ''
+  end
+end
+return out
 """
 )
 
@@ -249,6 +302,11 @@ return 1
 )
 
 
+def fields_json(fields: Mapping[str, str]) -> str:
+    """Record fields as the JSON object the create scripts take."""
+    return json.dumps(fields, separators=(",", ":"))
+
+
 def _flat(fields: Mapping[str, str]) -> list[str]:
     out: list[str] = []
     for name, value in fields.items():
@@ -273,7 +331,7 @@ class RedisRecords:
         return [job_key(job_id), STATS_KEY, DEAD_KEY]
 
     def create(self, job_id: str, fields: Mapping[str, str], ttl_ms: int) -> None:
-        self._create(keys=self._keys(job_id), args=[job_id, self.now_ms(), ttl_ms, *_flat(fields)])
+        self._create(keys=self._keys(job_id), args=[job_id, self.now_ms(), ttl_ms, fields_json(fields)])
 
     def create_locked(
         self,
@@ -285,9 +343,24 @@ class RedisRecords:
         lock_ttl_ms: int,
     ) -> str | None:
         keys = [*self._keys(job_id), lock_key]
-        args = [job_id, self.now_ms(), ttl_ms, holder, max(1, lock_ttl_ms), *_flat(fields)]
+        args = [job_id, self.now_ms(), ttl_ms, holder, max(1, lock_ttl_ms), fields_json(fields)]
         current = self._create_locked(keys=keys, args=args)
         return current.decode() if current else None
+
+    def create_many(self, entries: Sequence[NewRecord]) -> list[str | None]:
+        now = self.now_ms()
+        pipe = self.client.pipeline(transaction=False)
+        for e in entries:
+            keys = self._keys(e.job_id)
+            if e.lock_key:
+                args = [e.job_id, now, e.ttl_ms, e.holder, max(1, e.lock_ttl_ms), fields_json(e.fields)]
+                self._create_locked(keys=[*keys, e.lock_key], args=args, client=pipe)
+            else:
+                self._create(keys=keys, args=[e.job_id, now, e.ttl_ms, fields_json(e.fields)], client=pipe)
+        out: list[str | None] = []
+        for e, reply in zip(entries, pipe.execute(), strict=True):
+            out.append(reply.decode() if e.lock_key and reply else None)
+        return out
 
     def move(
         self,
@@ -399,6 +472,18 @@ class MemoryRecords:
         if current is None:
             self.create(job_id, fields, ttl_ms)
         return current
+
+    def create_many(self, entries: Sequence[NewRecord]) -> list[str | None]:
+        out: list[str | None] = []
+        for e in entries:
+            if e.lock_key:
+                out.append(
+                    self.create_locked(e.job_id, e.fields, e.ttl_ms, e.lock_key, e.holder, e.lock_ttl_ms)
+                )
+            else:
+                self.create(e.job_id, e.fields, e.ttl_ms)
+                out.append(None)
+        return out
 
     def create(self, job_id: str, fields: Mapping[str, str], ttl_ms: int) -> None:
         with self._lock:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from typing import Any
 from uuid import uuid4
 
@@ -55,16 +56,50 @@ class DurableDelays:
         store = self.epq_state
         if not delay or delay <= 0 or store is None:
             return super().enqueue(message, delay=None)  # type: ignore[misc, no-any-return]
-        due_ms = store.now_ms() + int(delay)
+        message, due_ms = self._to_schedule(message, delay)
+        broker.emit_before("enqueue", message, delay)
+        store.schedule_add(message.encode(), due_ms)
+        broker.emit_after("enqueue", message, delay)
+        return message
+
+    def _to_schedule(self, message: dramatiq.Message[Any], delay: int) -> tuple[dramatiq.Message[Any], int]:
+        """The message as it waits in the schedule, and its due time."""
+        assert self.epq_state is not None
+        due_ms = self.epq_state.now_ms() + int(delay)
         options: dict[str, Any] = {"epq_due_ms": due_ms}
         if isinstance(self, RedisBroker):
             options["redis_message_id"] = str(uuid4())
         message = message.copy(queue_name=q_name(message.queue_name), options=options)
         message.options.pop("eta", None)
-        broker.emit_before("enqueue", message, delay)
-        store.schedule_add(message.encode(), due_ms)
-        broker.emit_after("enqueue", message, delay)
+        return message, due_ms
+
+    def enqueue_batch(
+        self, items: Sequence[tuple[dramatiq.Message[Any], int | None]]
+    ) -> list[dramatiq.Message[Any]]:
+        """Enqueue ``(message, delay ms)`` pairs in as few round trips as the broker allows, all or
+        nothing (what a broker cannot take back is said on its ``_publish_batch``). Every
+        middleware's enqueue hooks run for each message, as for ``enqueue``."""
+        broker: Any = self
+        prepared: list[tuple[dramatiq.Message[Any], int | None, int | None]] = []
+        for message, delay in items:
+            due: int | None = None
+            if delay and delay > 0 and self.epq_state is not None:
+                message, due = self._to_schedule(message, delay)
+            else:
+                message, delay = broker._prepare_immediate(message), None
+            broker.emit_before("enqueue", message, delay)
+            prepared.append((message, due, delay))
+        broker._publish_batch([(m, due) for m, due, _ in prepared])
+        for message, _, delay in prepared:
+            broker.emit_after("enqueue", message, delay)
+        return [m for m, _, _ in prepared]
+
+    def _prepare_immediate(self, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
         return message
+
+    def _publish_batch(self, items: Sequence[tuple[dramatiq.Message[Any], int | None]]) -> None:
+        """Publish prepared messages; ``due`` (ms) set means: into the schedule."""
+        raise NotImplementedError  # pragma: no cover - every epq broker has one
 
 
 def promote_due(

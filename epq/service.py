@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import dramatiq
@@ -11,8 +11,9 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
 
+from ._actor import EpqActor
 from ._runtime import Runtime, actor_for, current, setup
-from .errors import ConfigurationError, DuplicateJob, JobNotFound
+from .errors import ConfigurationError, DuplicateJob, InvalidRequest, JobNotFound
 from .models import (
     EnqueueIndexEndpointRequest,
     JobInsertResult,
@@ -24,6 +25,14 @@ from .models import (
     _Request,
 )
 from .records import NOT_STARTED, OPEN_RECORD_TTL_MS, to_job_record
+
+_KIND_BY_MODEL: dict[type[_Request], str] = {
+    EnqueueIndexEndpointRequest: "index_endpoint",
+    RegisterJobRequest: "register_job",
+    RegisterSourceRequest: "register_source",
+    RegisterDynamicTriggerRequest: "register_dynamic_trigger",
+    RegisterDynamicScheduleRequest: "register_dynamic_schedule",
+}
 
 _STATS_COLUMNS = {
     "available": "waiting",
@@ -98,6 +107,44 @@ class QueueService:
     def enqueue(self, kind: str, request: _Request | Mapping[str, Any]) -> JobInsertResult:
         """Enqueue a job of any kind by name (what ``epq enqueue`` uses)."""
         return self._enqueue(kind, request)
+
+    def enqueue_many(
+        self, requests: Iterable[_Request | tuple[str, _Request | Mapping[str, Any]]]
+    ) -> list[JobInsertResult]:
+        """Enqueue many jobs (of any kinds) in a few round trips; one result per request, in order.
+
+        Each request is a request model (its class says the kind) or a ``(kind, model or
+        mapping)`` pair. Uniqueness holds per request: a duplicate of a held key, or of an
+        earlier request in the same call, is not enqueued and comes back with
+        ``unique_skipped_as_duplicate=True``. Any invalid request raises
+        :class:`epq.InvalidRequest` naming it (``[index].field``), and nothing is enqueued.
+        See :mod:`epq.bulk` for the round trips and what a broker failure leaves.
+        """
+        from . import bulk
+
+        pairs: list[tuple[EpqActor, _Request | Mapping[str, Any]]] = []
+        for index, item in enumerate(requests):
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                kind, request = item
+                if kind not in _KIND_BY_MODEL.values():
+                    raise InvalidRequest(
+                        "enqueue_many", [{"field": f"[{index}]", "message": f"unknown kind {kind!r}"}]
+                    )
+                pairs.append((actor_for(kind), request))
+            elif isinstance(item, _Request) and type(item) in _KIND_BY_MODEL:
+                pairs.append((actor_for(_KIND_BY_MODEL[type(item)]), item))
+            else:
+                raise InvalidRequest(
+                    "enqueue_many",
+                    [
+                        {
+                            "field": f"[{index}]",
+                            "message": "expected a request model or a (kind, request) pair",
+                        }
+                    ],
+                )
+        self.broker  # noqa: B018 - sets epq up if nothing has yet
+        return bulk.enqueue_many(self._runtime(), pairs)
 
     # ---- job state ---------------------------------------------------------------------------
 

@@ -197,13 +197,25 @@ class RedisStateStore:
         self._claim = client.register_script(_CLAIM)
         self._move = client.register_script(_MOVE_TO_REDIS_QUEUES)
 
-    def schedule_add(self, data: bytes, due_ms: int) -> str:
+    def schedule_add(self, data: bytes, due_ms: int, *, pipe: Any = None) -> str:
+        """Add an entry; with ``pipe`` (a pipeline on this store's client) only queue the commands."""
         entry = uuid.uuid4().hex
-        pipe = self.client.pipeline(transaction=True)
+        own = pipe is None
+        if own:
+            pipe = self.client.pipeline(transaction=True)
         pipe.hset(SCHEDULE_DATA_KEY, entry, data)
         pipe.zadd(SCHEDULE_KEY, {entry: due_ms})
-        pipe.execute()
+        if own:
+            pipe.execute()
         return entry
+
+    def schedule_remove(self, entry_ids: Sequence[str]) -> None:
+        """Forget entries that were never claimed (a bulk enqueue that failed half-way)."""
+        if entry_ids:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.zrem(SCHEDULE_KEY, *entry_ids)
+            pipe.hdel(SCHEDULE_DATA_KEY, *entry_ids)
+            pipe.execute()
 
     def schedule_claim(
         self, now_ms: int, lease_ms: int, limit: int

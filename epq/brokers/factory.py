@@ -6,6 +6,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from queue import Queue
 from typing import Any
+from uuid import uuid4
 
 import dramatiq
 import pika.exceptions
@@ -13,10 +14,12 @@ import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.common import dq_name, q_name
+from dramatiq.errors import QueueNotFound
 
 from ..errors import BrokerUnavailable, ConfigurationError, QueueMismatch
 from ..priority import RABBITMQ_MAX_PRIORITY, LaneQueue, amqp_priority, lane_of
 from ..schedule import DurableDelays
+from ..state import RedisStateStore
 from . import embedded
 from .redis_lanes import LaneRedisBroker
 from .urls import (
@@ -41,6 +44,19 @@ PRECONDITION_FAILED = 406
 class EpqStubBroker(DurableDelays, StubBroker):
     """Dramatiq's stub broker with epq's durable delays and priority-ordered queues."""
 
+    def _prepare_immediate(self, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
+        if message.queue_name not in self.queues:
+            raise QueueNotFound(message.queue_name)  # type: ignore[no-untyped-call]
+        return message
+
+    def _publish_batch(self, items: Sequence[tuple[dramatiq.Message[Any], int | None]]) -> None:
+        for message, due in items:
+            if due is None:
+                self.queues[message.queue_name].put(message.encode())
+            else:
+                assert self.epq_state is not None
+                self.epq_state.schedule_add(message.encode(), due)
+
     def declare_queue(self, queue_name: str) -> None:
         if queue_name in self.queues:
             return
@@ -55,6 +71,31 @@ class EpqStubBroker(DurableDelays, StubBroker):
 
 class EpqRedisBroker(DurableDelays, LaneRedisBroker):
     """Dramatiq's Redis broker with epq's durable delays, priority lanes and a shorter idle poll."""
+
+    def _prepare_immediate(self, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
+        return message.copy(options={"redis_message_id": str(uuid4())})
+
+    def _publish_batch(self, items: Sequence[tuple[dramatiq.Message[Any], int | None]]) -> None:
+        """One MULTI/EXEC: every message or none (the schedule too, when it lives here)."""
+        store = self.epq_state
+        same = isinstance(store, RedisStateStore) and store.client is self.client
+        pipe = self.client.pipeline(transaction=True)
+        elsewhere: list[str] = []
+        try:
+            for message, due in items:
+                if due is None:
+                    self.lane_enqueue(message, pipe=pipe)
+                elif same:
+                    assert isinstance(store, RedisStateStore)
+                    store.schedule_add(message.encode(), due, pipe=pipe)
+                else:
+                    assert store is not None
+                    elsewhere.append(store.schedule_add(message.encode(), due))
+            pipe.execute()
+        except BaseException:
+            if elsewhere and isinstance(store, RedisStateStore):
+                store.schedule_remove(elsewhere)
+            raise
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
         return super().consume(queue_name, prefetch, min(timeout, REDIS_IDLE_POLL_MS))
@@ -104,6 +145,45 @@ class EpqRabbitmqBroker(DurableDelays, RabbitmqBroker):
                 "workers and run `epq migrate-queues`, which re-creates the queues and keeps "
                 "their messages."
             ) from exc
+
+    def _prepare_immediate(self, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
+        self.declare_queue(message.queue_name, ensure=True)
+        if "broker_priority" not in message.options:
+            message = message.copy(options={"broker_priority": amqp_priority(lane_of(message.options))})
+        return message
+
+    def _publish_batch(self, items: Sequence[tuple[dramatiq.Message[Any], int | None]]) -> None:
+        """Delayed messages go to the schedule first, then the rest in one AMQP transaction; if
+        the transaction fails, the schedule entries are taken back."""
+        store = self.epq_state
+        scheduled: list[str] = []
+        try:
+            for message, due in items:
+                if due is not None:
+                    assert store is not None
+                    scheduled.append(store.schedule_add(message.encode(), due))
+            immediate = [m for m, due in items if due is None]
+            if immediate:
+                channel = self.connection.channel()
+                try:
+                    channel.tx_select()
+                    for message in immediate:
+                        channel.basic_publish(
+                            exchange="",
+                            routing_key=message.queue_name,
+                            body=message.encode(),
+                            properties=pika.BasicProperties(
+                                delivery_mode=2, priority=message.options.get("broker_priority")
+                            ),
+                        )
+                    channel.tx_commit()
+                finally:
+                    if channel.is_open:
+                        channel.close()
+        except BaseException:
+            if scheduled and isinstance(store, RedisStateStore):
+                store.schedule_remove(scheduled)
+            raise
 
     def check_queues(self, queue_names: Iterable[str]) -> None:
         """Declare ``queue_names`` on the server now (a worker calls this at boot), so that a

@@ -14,10 +14,10 @@ work, and splits the waiting ids into one list per priority, ``<ns>:<queue>.P1``
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
+from collections.abc import Sequence
 from typing import Any
 from uuid import uuid4
 
@@ -31,11 +31,14 @@ from dramatiq.errors import ConnectionClosed, DecodeError
 from ..errors import DuplicateJob
 from ..priority import LANES, LUA_LANE_OF, lane_of, redis_lane_key
 from ..records import (
+    ENQUEUE_MANY_RECORDED,
     ENQUEUE_RECORDED,
     LUA_COMPLETE_RECORD,
     LUA_START_RECORD,
     LUA_UNSTART_RECORD,
     OPEN_RECORD_TTL_MS,
+    NewRecord,
+    fields_json,
     job_key,
 )
 from ..state import DEAD_KEY, JOB_KEY_PREFIX, LUA_SET_STATE, STATS_KEY, holder_id
@@ -128,6 +131,18 @@ _UNSTART = (
 )
 
 
+def foreign_hooks(broker: dramatiq.Broker, name: str) -> list[dramatiq.Middleware]:
+    """The broker's middleware with a ``name`` hook of their own, but for epq's own middleware
+    that a bulk enqueue stands in for (``epq_bulk_aware``): a bulk enqueue skips emitting a
+    signal nobody else listens to."""
+    base = getattr(dramatiq.Middleware, name)
+    return [
+        m
+        for m in broker.middleware
+        if getattr(type(m), name) is not base and not getattr(m, "epq_bulk_aware", False)
+    ]
+
+
 class LaneRedisBroker(RedisBroker):
     """Dramatiq's Redis broker with a list per priority lane (see the module docstring).
 
@@ -144,6 +159,7 @@ class LaneRedisBroker(RedisBroker):
         self._lane_fetch = self.client.register_script(_FETCH)
         self._enqueue_recorded = self.client.register_script(ENQUEUE_RECORDED)
         self._ack_completed = self.client.register_script(_ACK_COMPLETED)
+        self._enqueue_many_recorded = self.client.register_script(ENQUEUE_MANY_RECORDED)
         self._unstart = self.client.register_script(_UNSTART)
 
     def lane_keys(self, queue_name: str) -> list[str]:
@@ -166,6 +182,51 @@ class LaneRedisBroker(RedisBroker):
         self.emit_after("enqueue", message, None)
         return message
 
+    def lane_enqueue(self, message: dramatiq.Message[Any], *, pipe: Any = None) -> None:
+        """Put a message (with its ``redis_message_id``) on its lane; no hooks, no record.
+        With ``pipe``, only queue the command on that pipeline."""
+        queue = message.queue_name
+        keys = [
+            f"{self.namespace}:{queue}.msgs",
+            redis_lane_key(self.namespace, queue, lane_of(message.options)),
+        ]
+        self._lane_enqueue(
+            keys=keys, args=[message.options["redis_message_id"], message.encode()], client=pipe
+        )
+
+    def enqueue_many_recorded(
+        self, jobs: Sequence[tuple[dramatiq.Message[Any], NewRecord]], now_ms: int
+    ) -> list[str | None]:
+        """Enqueue messages with their records (and locks) in one script, in order: for each, None
+        when enqueued or the holder value of the job that holds its lock. Enqueue hooks run for
+        each message; those that turn out duplicates get no ``after_enqueue``."""
+        args: list[Any] = [now_ms, JOB_KEY_PREFIX, OPEN_RECORD_TTL_MS, self.namespace]
+        sent = []
+        before, after = foreign_hooks(self, "before_enqueue"), foreign_hooks(self, "after_enqueue")
+        for message, record in jobs:
+            if record.ttl_ms != OPEN_RECORD_TTL_MS or record.fields["priority"] != str(
+                lane_of(message.options)
+            ):
+                raise ValueError("enqueue_many_recorded takes immediate jobs only")  # pragma: no cover
+            message.options["redis_message_id"] = rid = str(uuid4())  # a new message: no copy needed
+            if before:
+                self.emit_before("enqueue", message, None)
+            args += [
+                message.message_id, record.lock_key, record.holder, max(1, record.lock_ttl_ms),
+                rid, message.encode(), fields_json(record.fields),
+            ]  # fmt: skip
+            sent.append(message)
+        replies = self._enqueue_many_recorded(keys=[STATS_KEY, DEAD_KEY], args=args)
+        out: list[str | None] = []
+        for message, reply in zip(sent, replies, strict=True):
+            if reply:
+                out.append(reply.decode())
+            else:
+                out.append(None)
+                if after:
+                    self.emit_after("enqueue", message, None)
+        return out
+
     def _enqueue_fused(
         self, message: dramatiq.Message[Any], fused: dict[str, Any], msgs: str, lane: str
     ) -> None:
@@ -174,7 +235,7 @@ class LaneRedisBroker(RedisBroker):
         keys = [record, STATS_KEY, DEAD_KEY, fused["lock_key"] or record, msgs, lane]
         args: list[Any] = [message.message_id, fused["now"], fused["ttl"], fused["holder"]]
         args += [max(1, fused["lock_ttl"]), message.options["redis_message_id"], message.encode()]
-        args.append(json.dumps(fused["fields"], separators=(",", ":")))
+        args.append(fields_json(fused["fields"]))
         current = self._enqueue_recorded(keys=keys, args=args)
         if current:
             holder = current.decode()

@@ -1,0 +1,176 @@
+"""Bulk enqueue: ``QueueService.enqueue_many`` and the actors' ``send_many``, on every broker."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import dramatiq
+import pika.exceptions
+import pytest
+import redis
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.brokers.stub import StubBroker
+
+import epq
+import epq.actors
+from epq import _runtime
+from epq.middleware import Uniqueness
+from epq.testing import HandlerRegistry, drain
+from tests.helpers import message_count, total_waiting
+from tests.test_contract import ENDPOINT, VALID
+from tests.test_priority import _request
+
+
+def _index(n: int, **extra: Any) -> epq.EnqueueIndexEndpointRequest:
+    return epq.EnqueueIndexEndpointRequest(endpoint_id=uuid.UUID(int=n + 1), source="API", **extra)
+
+
+def test_enqueue_many_returns_a_result_per_request_in_order_and_every_job_runs(
+    broker: dramatiq.Broker, epq_handlers: HandlerRegistry
+) -> None:
+    received = epq_handlers.record("index_endpoint")
+    jobs = epq_handlers.record("register_job")
+    svc = epq.QueueService(broker)
+    requests: list[Any] = [_index(n) for n in range(30)]
+    requests.insert(5, ("register_job", _request("register_job", 0, 1)))  # a (kind, mapping) pair
+    results = svc.enqueue_many(requests)
+    assert len(results) == 31
+    assert [r.job.kind for r in results] == ["index_endpoint"] * 5 + ["register_job"] + [
+        "index_endpoint"
+    ] * 25
+    assert not any(r.unique_skipped_as_duplicate for r in results)
+    assert results[0].job.args["endpoint_id"] == str(uuid.UUID(int=1))
+    assert results[5].job.priority is epq.JobPriority.HIGH
+    for result in results:
+        record = svc.get_job(result.job.id)
+        assert record is not None
+        assert (record.state, record.kind) == (epq.JobState.AVAILABLE, result.job.kind)
+    assert total_waiting(broker) == 31
+    worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=2)
+    worker.start()
+    try:
+        drain(broker, worker)
+    finally:
+        worker.stop()
+    assert sorted(str(r.endpoint_id) for r in received) == sorted(
+        str(uuid.UUID(int=n + 1)) for n in range(30)
+    )
+    assert len(jobs) == 1
+    assert svc.get_job(results[0].job.id).state is epq.JobState.COMPLETED  # type: ignore[union-attr]
+
+
+def test_enqueue_many_reports_duplicates_in_the_batch_and_against_held_keys(broker: dramatiq.Broker) -> None:
+    svc = epq.QueueService(broker)
+    first = svc.enqueue_index_endpoint(_index(0))
+    results = svc.enqueue_many([_index(1), _index(0), _index(1), _index(2)])
+    assert [r.unique_skipped_as_duplicate for r in results] == [False, True, True, False]
+    assert results[1].job.id == first.job.id  # held before the batch
+    assert results[2].job.id == results[0].job.id  # held by an earlier request of the batch
+    assert total_waiting(broker) == 3
+
+
+def test_enqueue_many_schedules_the_requests_with_a_run_at(broker: dramatiq.Broker) -> None:
+    svc = epq.QueueService(broker)
+    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    results = svc.enqueue_many([_index(0), _index(1, run_at=later), _index(2)])
+    assert [r.job.state for r in results] == [
+        epq.JobState.AVAILABLE,
+        epq.JobState.SCHEDULED,
+        epq.JobState.AVAILABLE,
+    ]
+    assert svc.get_job(results[1].job.id).state is epq.JobState.SCHEDULED  # type: ignore[union-attr]
+    assert message_count(broker, "default") == 2
+    assert _runtime.current().state.schedule_size() == 1  # type: ignore[union-attr]
+
+
+def test_enqueue_many_refuses_the_whole_batch_on_one_bad_request(broker: dramatiq.Broker) -> None:
+    svc = epq.QueueService(broker)
+    bad = {**_request("register_job", 1, None), "endpoint_id": "not-a-uuid"}
+    with pytest.raises(epq.InvalidRequest) as info:
+        svc.enqueue_many(
+            [
+                _index(0),
+                ("register_job", bad),
+                ("register_job", {**VALID["register_job"], "queue_name": "nope"}),
+            ]
+        )
+    assert info.value.fields == ["[1].endpoint_id", "[2].queue_name"]
+    assert total_waiting(broker) == 0
+    assert svc.enqueue_index_endpoint(_index(0)).unique_skipped_as_duplicate is False  # no lock was left
+
+
+def test_enqueue_many_refuses_what_is_not_a_request(broker: dramatiq.Broker) -> None:
+    svc = epq.QueueService(broker)
+    with pytest.raises(epq.InvalidRequest, match=r"\[1\]"):
+        svc.enqueue_many([_index(0), {"endpoint_id": ENDPOINT}])
+    with pytest.raises(epq.InvalidRequest, match="unknown kind"):
+        svc.enqueue_many([("no_such_kind", {})])
+    assert total_waiting(broker) == 0
+
+
+def test_send_many_on_an_actor(broker: dramatiq.Broker) -> None:
+    results = epq.actors.register_source.send_many(
+        [{**VALID["register_source"], "source_id": f"s{n}"} for n in range(3)]
+        + [VALID["register_source"] | {"source_id": "s0"}]
+    )
+    assert [r.unique_skipped_as_duplicate for r in results] == [False, False, False, True]
+    assert total_waiting(broker) == 3
+
+
+@pytest.fixture
+def broken_batch_publish(broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: Any, **kwargs: Any) -> None:
+        if isinstance(broker, RabbitmqBroker):
+            raise pika.exceptions.AMQPConnectionError("simulated")
+        raise redis.ConnectionError("simulated")
+
+    if isinstance(broker, RedisBroker):
+        monkeypatch.setattr(broker, "_enqueue_many_recorded", fail)
+    monkeypatch.setattr(type(broker), "_publish_batch", fail)
+
+
+def test_a_failed_bulk_publish_leaves_no_job_no_record_and_no_lock(
+    broker: dramatiq.Broker, request: pytest.FixtureRequest
+) -> None:
+    if isinstance(broker, StubBroker):
+        pytest.skip("the stub broker publishes in memory: it cannot fail half-way")
+    request.getfixturevalue("broken_batch_publish")
+    svc = epq.QueueService(broker)
+    requests = [_index(n) for n in range(5)]
+    with pytest.raises(epq.BrokerUnavailable, match="0 of 5"):
+        svc.enqueue_many(requests)
+    request.getfixturevalue("monkeypatch").undo()
+    assert total_waiting(broker) == 0
+    uniqueness = next(m for m in broker.middleware if isinstance(m, Uniqueness))
+    for req in requests:
+        message = epq.actors.index_endpoint.message_for(req, broker=broker)
+        assert uniqueness.store.get_unique(uniqueness.lock_key(broker, message)) is None  # type: ignore[arg-type]
+    assert [r.unique_skipped_as_duplicate for r in svc.enqueue_many(requests)] == [False] * 5
+
+
+@pytest.mark.redis
+def test_enqueue_many_on_redis_is_one_round_trip_per_chunk(
+    redis_broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from epq import bulk
+
+    svc = epq.QueueService(redis_broker)
+    svc.enqueue_index_endpoint(_index(10_000))  # warm up: connection and scripts loaded
+    sent = [0]
+    original = redis.connection.AbstractConnection.send_packed_command
+
+    def counting(self: Any, command: Any, check_health: bool = True) -> None:
+        sent[0] += 1
+        original(self, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    n = 2 * bulk.CHUNK
+    results = svc.enqueue_many([_index(i) for i in range(n)])
+    monkeypatch.undo()
+    assert len(results) == n
+    # one script per chunk, then reading nothing more (no duplicates to look up)
+    assert sent[0] <= 2 + 1, sent[0]
+    assert message_count(redis_broker, "default") == n + 1
