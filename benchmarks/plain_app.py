@@ -1,4 +1,5 @@
-"""A plain Dramatiq app the benchmarks run workers on: one no-op actor on BENCH_BROKER_URL."""
+"""The plain Dramatiq app the benchmarks run workers on: one actor on BENCH_BROKER_URL, queue
+``bench-plain`` (its own name, so that it never meets epq's priority queues on RabbitMQ)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,18 @@ import dramatiq
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
 
+from benchmarks._report import report
+
+QUEUE = "bench-plain"
 _url = os.environ["BENCH_BROKER_URL"]
 broker: dramatiq.Broker = (
-    RabbitmqBroker(url=_url, confirm_delivery=True) if _url.startswith("amqp") else RedisBroker(url=_url)
+    RabbitmqBroker(url=_url, confirm_delivery=True)
+    if _url.startswith("amqp")
+    else RedisBroker(url=_url, namespace="benchplain")
 )
 dramatiq.set_broker(broker)
 
 
-@dramatiq.actor(queue_name="default", actor_name="plain_job", max_retries=0)
-def plain_job(n: int) -> None:
-    """Does nothing."""
+@dramatiq.actor(queue_name=QUEUE, actor_name="plain_job", max_retries=0)
+def plain_job(n: int, sent_at: float | None = None) -> None:
+    report(sent_at)

@@ -1,0 +1,435 @@
+"""epq against plain Dramatiq, measured in one run on this machine, on stub, Redis and RabbitMQ.
+
+    python benchmarks/compare.py                  # small defaults: well under two minutes
+    python benchmarks/compare.py --n 20000 --drain 20000 --processes 2 --json results.json
+
+For each broker, plain Dramatiq (one no-op actor) and epq (every epq middleware on: uniqueness,
+records, priorities, durable schedule, River retries) are measured side by side:
+
+- single enqueue: jobs sent one by one (epq: ``index_endpoint.send``, uniqueness on), plain and
+  epq in alternating rounds, the median round of each;
+- bulk enqueue: epq's ``QueueService.enqueue_many`` in batches of ``--batch``. Dramatiq has no
+  bulk send, so its baseline is its single send (the ratio is "bulk epq / single plain");
+- drain: a backlog of ``--drain`` no-op jobs, then ``--processes`` worker processes of
+  ``--threads`` threads (the stub broker: one in-process worker); jobs per second from the first
+  start to the last;
+- latency: ``--latency-jobs`` jobs sent ``--latency-gap-ms`` apart to idle workers; p50/p99 of
+  the time from send to start;
+- worker RSS: one worker process idle, then with ``--scheduled`` jobs scheduled an hour ahead
+  (plain Dramatiq: its delay queue; epq: its durable schedule).
+
+Every job does the same small thing in both apps: one Redis script call noting it
+(``benchmarks/_report.py``), which is how the run sees jobs start and finish.
+
+Uses Redis databases 8 (results), 9 (plain Dramatiq) and 10 (epq), flushed; on RabbitMQ the
+queues ``bench-plain*`` and epq's queues, purged. Prints a table with epq/plain ratios and writes
+JSON (``--json``, default ``benchmarks/results/compare-latest.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import redis
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.brokers.stub import StubBroker
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BIN = Path(sys.executable).parent
+
+import epq  # noqa: E402
+from benchmarks import _report  # noqa: E402
+from epq import _runtime, handlers  # noqa: E402
+
+RESULTS_URL = "redis://127.0.0.1:6379/8"
+PLAIN_QUEUE = "bench-plain"
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def _rss_mib(pid: int) -> float:
+    """RSS of a process's descendants (Dramatiq's worker processes), in MiB, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0, list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        todo += children.get(child, [])
+        try:
+            for line in Path(f"/proc/{child}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class Results:
+    """The results Redis: what the jobs noted."""
+
+    def __init__(self) -> None:
+        self.client = redis.Redis.from_url(RESULTS_URL)
+
+    def reset(self, target: int) -> None:
+        self.client.delete(*_report.KEYS)
+        os.environ["BENCH_TARGET"] = str(target)
+
+    def count(self) -> int:
+        return int(self.client.get("bench:count") or 0)
+
+    def wait(self, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.count() < n:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"only {self.count()} of {n} jobs ran in {timeout:.0f} s")
+            time.sleep(0.02)
+
+    def drain_rate(self, n: int) -> float:
+        first, last = float(self.client.get("bench:first") or 0), float(self.client.get("bench:last") or 0)
+        return n / (last - first) if last > first else float("nan")
+
+    def latencies(self) -> list[float]:
+        return [float(v) for v in self.client.lrange("bench:latency", 0, -1)]
+
+
+class App:
+    """One side of the comparison on one broker: how to send, how to run workers."""
+
+    def __init__(self, kind: str, broker_name: str, urls: dict[str, str]) -> None:
+        self.kind, self.broker_name, self.urls = kind, broker_name, urls
+        self.broker: Any = None
+        self.actor: Any = None
+
+    # setup and teardown
+
+    def open(self) -> None:
+        if self.kind == "plain":
+            if self.broker_name == "stub":
+                self.broker = StubBroker()
+            elif self.broker_name == "redis":
+                self.broker = RedisBroker(url=self.urls["plain_redis"], namespace="benchplain")
+            else:
+                self.broker = RabbitmqBroker(url=self.urls["rabbitmq"], confirm_delivery=True)
+            self.actor = dramatiq.Actor(
+                _plain_job, broker=self.broker, actor_name="plain_job", queue_name=PLAIN_QUEUE,
+                priority=0, options={"max_retries": 0},
+            )  # fmt: skip
+        else:
+            url = {"stub": "stub://", "redis": self.urls["epq_redis"], "rabbitmq": self.urls["rabbitmq"]}
+            state = self.urls["epq_redis"] if self.broker_name == "rabbitmq" else None
+            self.broker = _runtime.install(url[self.broker_name], state_url=state).broker
+        self.flush()
+
+    def flush(self) -> None:
+        if self.broker_name == "rabbitmq":
+            for q in list(self.broker.get_declared_queues()):
+                self.broker.declare_queue(q, ensure=True)
+        self.broker.flush_all()
+        if self.broker_name != "stub":
+            db = self.urls["plain_redis" if self.kind == "plain" else "epq_redis"]
+            redis.Redis.from_url(db).flushdb()
+
+    def close(self) -> None:
+        self.flush()
+        if self.kind == "epq":
+            _runtime.reset()
+        else:
+            self.broker.close()
+
+    # sending
+
+    def send(self, i: int, sent_at: float | None = None) -> None:
+        if self.kind == "plain":
+            self.actor.send(i, sent_at) if sent_at is not None else self.actor.send(i)
+            return
+        from epq import actors  # after _runtime.install: importing it earlier would set epq up
+
+        if sent_at is None:
+            actors.index_endpoint.send(endpoint_id=str(uuid.uuid4()), source="API")
+        else:
+            actors.register_job.send(
+                endpoint_id=str(uuid.uuid4()), job_id=f"lat-{i}", job_metadata={"sent_at": sent_at}
+            )
+
+    def send_bulk(self, n: int, batch: int) -> None:
+        svc = epq.QueueService(self.broker)
+        for start in range(0, n, batch):
+            size = min(batch, n - start)
+            svc.enqueue_many(
+                [epq.EnqueueIndexEndpointRequest(endpoint_id=uuid.uuid4(), source="API") for _ in range(size)]
+            )
+
+    def schedule(self, n: int) -> None:
+        if self.kind == "plain":
+            for i in range(n):
+                self.actor.send_with_options(args=(i,), delay=3_600_000)
+            return
+        later = datetime.now(timezone.utc) + timedelta(hours=1)
+        svc = epq.QueueService(self.broker)
+        for start in range(0, n, 500):
+            svc.enqueue_many(
+                [
+                    epq.EnqueueIndexEndpointRequest(endpoint_id=uuid.uuid4(), source="API", run_at=later)
+                    for _ in range(min(500, n - start))
+                ]
+            )
+
+    # workers
+
+    def start_workers(self, processes: int, threads: int) -> Any:
+        if self.broker_name == "stub":
+            worker = dramatiq.Worker(self.broker, worker_threads=threads, worker_timeout=50)
+            worker.start()
+            return worker
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_RESULTS_URL": RESULTS_URL}
+        if self.kind == "plain":
+            env["BENCH_BROKER_URL"] = (
+                self.urls["plain_redis"] if self.broker_name == "redis" else self.urls["rabbitmq"]
+            )
+            module = "benchmarks.plain_app"
+        else:
+            env["EPQ_HANDLERS"] = "benchmarks.epq_handlers"
+            if self.broker_name == "redis":
+                env["EPQ_BROKER_URL"] = self.urls["epq_redis"]
+            else:
+                env["EPQ_BROKER_URL"], env["EPQ_STATE_URL"] = self.urls["rabbitmq"], self.urls["epq_redis"]
+            module = "epq.actors"
+        cmd = [str(BIN / "dramatiq"), module, "--processes", str(processes), "--threads", str(threads)]
+        return subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def wait_booted(self, workers: Any, processes: int, results: Results) -> None:
+        """Until every worker process serves (a probe job per process ran)."""
+        if self.broker_name == "stub":
+            return
+        time.sleep(1.0)
+        before = results.count()
+        for i in range(processes * 4):
+            self.send(10_000_000 + i)
+        results.wait(before + processes * 4, timeout=60)
+
+    def stop_workers(self, workers: Any) -> None:
+        if self.broker_name == "stub":
+            workers.stop()
+            return
+        os.killpg(workers.pid, signal.SIGTERM)
+        try:
+            workers.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(workers.pid, signal.SIGKILL)
+            workers.wait()
+
+
+def _plain_job(n: int, sent_at: float | None = None) -> None:
+    _report.report(sent_at)
+
+
+def _epq_stub_handlers() -> None:
+    handlers.register("index_endpoint", lambda request: _report.report(None))
+    handlers.register(
+        "register_job",
+        lambda request: _report.report(
+            float(request.job_metadata["sent_at"]) if "sent_at" in request.job_metadata else None
+        ),
+    )
+
+
+# ---- measurements ----------------------------------------------------------------------------
+
+
+def measure(app: App, args: argparse.Namespace, results: Results) -> dict[str, float]:
+    out: dict[str, float] = {}
+    app.open()
+    try:
+        # bulk enqueue (epq only)
+        if app.kind == "epq":
+            start = time.perf_counter()
+            app.send_bulk(args.n, args.batch)
+            out["bulk_enqueue_per_s"] = args.n / (time.perf_counter() - start)
+            app.flush()
+        # drain: backlog first, then the workers
+        results.reset(args.drain)
+        if app.kind == "epq":
+            app.send_bulk(args.drain, args.batch)
+        else:
+            for i in range(args.drain):
+                app.send(i)
+        workers = app.start_workers(args.processes, args.threads)
+        try:
+            results.wait(args.drain, timeout=300)
+            out["drain_per_s"] = results.drain_rate(args.drain)
+            # latency, on the same (now idle) workers
+            time.sleep(0.5)
+            results.reset(10**9)
+            for i in range(args.latency_jobs):
+                app.send(i, sent_at=time.time())
+                time.sleep(args.latency_gap_ms / 1000)
+            results.wait(args.latency_jobs, timeout=60)
+            waits = results.latencies()
+            out["latency_p50_ms"], out["latency_p99_ms"] = _pct(waits, 0.5), _pct(waits, 0.99)
+        finally:
+            app.stop_workers(workers)
+        app.flush()
+        # worker RSS: idle, then with many jobs scheduled an hour ahead
+        if app.broker_name != "stub" and args.scheduled:
+            results.reset(10**9)
+            workers = app.start_workers(1, args.threads)
+            try:
+                app.wait_booted(workers, 1, results)
+                time.sleep(1.0)
+                out["rss_idle_mib"] = _rss_mib(workers.pid)
+                app.schedule(args.scheduled)
+                time.sleep(args.settle_s)
+                out["rss_scheduled_mib"] = _rss_mib(workers.pid)
+                out["rss_growth_pct"] = 100 * (out["rss_scheduled_mib"] / out["rss_idle_mib"] - 1)
+            finally:
+                app.stop_workers(workers)
+    finally:
+        app.close()
+    return out
+
+
+def single_enqueue(plain: App, ours: App, n: int, rounds: int) -> tuple[float, float]:
+    """Single-send rates of both apps, in alternating rounds (so that the machine's ups and
+    downs fall on both alike); the median round of each."""
+    plain.open()
+    ours.open()
+    try:
+        rates: dict[str, list[float]] = {"plain": [], "epq": []}
+        per_round = max(1, n // rounds)
+        plain.send(-1)
+        ours.send(-1)
+        for r in range(rounds):
+            for app in (plain, ours) if r % 2 == 0 else (ours, plain):
+                start = time.perf_counter()
+                for i in range(per_round):
+                    app.send(r * per_round + i)
+                rates[app.kind].append(per_round / (time.perf_counter() - start))
+        return statistics.median(rates["plain"]), statistics.median(rates["epq"])
+    finally:
+        ours.close()
+        plain.close()
+
+
+ROWS = [
+    ("single_enqueue_per_s", "single enqueue (jobs/s)", "single_enqueue_per_s"),
+    ("bulk_enqueue_per_s", "bulk enqueue (jobs/s; plain: single)", "single_enqueue_per_s"),
+    ("drain_per_s", "drain (jobs/s)", "drain_per_s"),
+    ("latency_p50_ms", "send-to-start p50 (ms)", "latency_p50_ms"),
+    ("latency_p99_ms", "send-to-start p99 (ms)", "latency_p99_ms"),
+    ("rss_idle_mib", "worker RSS idle (MiB)", "rss_idle_mib"),
+    ("rss_scheduled_mib", "worker RSS, jobs scheduled (MiB)", "rss_scheduled_mib"),
+    ("rss_growth_pct", "RSS growth with them (%)", "rss_growth_pct"),
+]
+
+
+def table(all_results: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = [f"{'broker':<10}{'measure':<38}{'plain':>12}{'epq':>12}{'epq/plain':>11}"]
+    lines.append("-" * len(lines[0]))
+    for broker, sides in all_results.items():
+        for key, label, plain_key in ROWS:
+            if key not in sides["epq"]:
+                continue
+            plain, ours = sides["plain"].get(plain_key, float("nan")), sides["epq"][key]
+            ratio = ours / plain if plain and plain == plain else float("nan")
+            lines.append(f"{broker:<10}{label:<38}{plain:>12.1f}{ours:>12.1f}{ratio:>10.2f}x")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--brokers", default="stub,redis,rabbitmq")
+    parser.add_argument("--n", type=int, default=2000, help="jobs per enqueue measurement")
+    parser.add_argument("--rounds", type=int, default=6, help="alternating rounds of single enqueue")
+    parser.add_argument("--batch", type=int, default=500, help="requests per enqueue_many call")
+    parser.add_argument("--drain", type=int, default=2000, help="backlog the workers drain")
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--latency-jobs", type=int, default=200)
+    parser.add_argument("--latency-gap-ms", type=float, default=5.0)
+    parser.add_argument("--scheduled", type=int, default=10_000, help="jobs scheduled for the RSS measure")
+    parser.add_argument("--settle-s", type=float, default=3.0)
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379", help="Redis server (databases 8-10)")
+    parser.add_argument("--rabbitmq", default="amqp://guest:guest@127.0.0.1:5672/%2F")
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "compare-latest.json"))
+    args = parser.parse_args()
+
+    base = args.redis.rstrip("/")
+    urls = {"plain_redis": f"{base}/9", "epq_redis": f"{base}/10", "rabbitmq": args.rabbitmq}
+    results = Results()
+    _epq_stub_handlers()
+    started = time.monotonic()
+    all_results: dict[str, dict[str, dict[str, float]]] = {}
+    for broker in args.brokers.split(","):
+        all_results[broker] = {}
+        print(f"measuring single enqueue on {broker} ...", file=sys.stderr, flush=True)
+        plain_rate, epq_rate = single_enqueue(
+            App("plain", broker, urls), App("epq", broker, urls), args.n, args.rounds
+        )
+        for kind in ("plain", "epq"):
+            print(f"measuring {kind} on {broker} ...", file=sys.stderr, flush=True)
+            all_results[broker][kind] = measure(App(kind, broker, urls), args, results)
+        all_results[broker]["plain"]["single_enqueue_per_s"] = plain_rate
+        all_results[broker]["epq"]["single_enqueue_per_s"] = epq_rate
+    elapsed = time.monotonic() - started
+    print(table(all_results))
+    print(f"\n{args.processes} worker process(es) x {args.threads} threads; {elapsed:.0f} s in all")
+    out = {
+        "when": datetime.now(timezone.utc).isoformat(),
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "node": platform.node()},
+        "args": vars(args),
+        "results": all_results,
+        "ratios": {
+            broker: {
+                key: sides["epq"][key] / sides["plain"][plain_key]
+                for key, _, plain_key in ROWS
+                if key in sides["epq"] and sides["plain"].get(plain_key)
+            }
+            for broker, sides in all_results.items()
+        },
+    }
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2, default=str))
+    print(f"JSON: {path}")
+
+
+if __name__ == "__main__":
+    main()
