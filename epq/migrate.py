@@ -78,19 +78,21 @@ def _migrate_one(connection: pika.BlockingConnection, name: str, arguments: dict
     holding = name + HOLDING_SUFFIX
     holding_args = {"x-max-priority": RABBITMQ_MAX_PRIORITY}
     migrated = False
-    if not _declare(connection, name, arguments):
+    if not _declare_with(connection, name, arguments):
         consumers = _consumers(connection, name)
         if consumers:
             raise ConfigurationError(
                 f"RabbitMQ queue {name!r} has {consumers} consumer(s): stop the workers, then migrate"
             )
-        _declare(connection, holding, holding_args)
+        _declare_with(connection, holding, holding_args)
         _empty_and_delete(connection, name, holding)
-        if not _declare(connection, name, arguments):  # pragma: no cover - someone re-declared it meanwhile
+        if not _declare(
+            connection, name, refused=PRECONDITION_FAILED, durable=True, arguments=arguments
+        ):  # pragma: no cover - someone re-declared it meanwhile
             raise ConfigurationError(f"RabbitMQ queue {name!r} was declared again with other arguments")
         migrated = True
     moved_back = 0
-    if _exists(connection, holding):
+    if _declare(connection, holding, refused=NOT_FOUND, passive=True):
         moved_back = _move(connection, holding, name)
         channel = connection.channel()
         channel.queue_delete(holding)
@@ -119,25 +121,19 @@ def _empty_and_delete(connection: pika.BlockingConnection, name: str, holding: s
     )
 
 
-def _declare(connection: pika.BlockingConnection, name: str, arguments: dict[str, Any]) -> bool:
-    """Declare ``name`` with ``arguments``; False when it exists with other arguments."""
-    channel = connection.channel()
-    try:
-        channel.queue_declare(name, durable=True, arguments=arguments)
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code != PRECONDITION_FAILED:
-            raise
-        return False
-    channel.close()
-    return True
+def _declare_with(connection: pika.BlockingConnection, name: str, arguments: dict[str, Any]) -> bool:
+    """Declare ``name`` durable with ``arguments``; False when it exists with other arguments."""
+    return _declare(connection, name, refused=PRECONDITION_FAILED, durable=True, arguments=arguments)
 
 
-def _exists(connection: pika.BlockingConnection, name: str) -> bool:
+def _declare(connection: pika.BlockingConnection, name: str, *, refused: int, **kwargs: Any) -> bool:
+    """``queue_declare`` on a channel of its own; False when the broker refuses it with the reply
+    code ``refused`` (406: exists with other arguments; 404, for a passive declare: no such queue)."""
     channel = connection.channel()
     try:
-        channel.queue_declare(name, passive=True)
+        channel.queue_declare(name, **kwargs)
     except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code != NOT_FOUND:
+        if exc.reply_code != refused:
             raise
         return False
     channel.close()

@@ -50,3 +50,15 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: flo
             return True
         time.sleep(interval)
     return predicate()
+
+
+def run_until_drained(broker: dramatiq.Broker, threads: int = 2) -> None:
+    """Start a worker, let it run every waiting job (see ``epq.testing.drain``), stop it."""
+    from epq.testing import drain
+
+    worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=threads)
+    worker.start()
+    try:
+        drain(broker, worker)
+    finally:
+        worker.stop()

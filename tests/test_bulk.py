@@ -18,8 +18,8 @@ import epq
 import epq.actors
 from epq import _runtime
 from epq.middleware import Uniqueness
-from epq.testing import HandlerRegistry, drain
-from tests.helpers import message_count, total_waiting
+from epq.testing import HandlerRegistry
+from tests.helpers import message_count, run_until_drained, total_waiting
 from tests.test_contract import ENDPOINT, VALID
 from tests.test_priority import _request
 
@@ -49,12 +49,7 @@ def test_enqueue_many_returns_a_result_per_request_in_order_and_every_job_runs(
         assert record is not None
         assert (record.state, record.kind) == (epq.JobState.AVAILABLE, result.job.kind)
     assert total_waiting(broker) == 31
-    worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=2)
-    worker.start()
-    try:
-        drain(broker, worker)
-    finally:
-        worker.stop()
+    run_until_drained(broker)
     assert sorted(str(r.endpoint_id) for r in received) == sorted(
         str(uuid.UUID(int=n + 1)) for n in range(30)
     )
