@@ -30,6 +30,7 @@ from .handlers import get_handler
 from .kinds import JobKind
 from .middleware import JobRecords, Uniqueness, find_middleware
 from .models import JobInsertResult, JobPriority, JobRecord, JobState, _Request
+from .records import ARGS_JSON_OPTION
 
 #: The largest payload (the request as JSON) a job may carry.
 MAX_PAYLOAD_BYTES = 1024 * 1024
@@ -148,7 +149,7 @@ class EpqActor(dramatiq.Actor[..., Any]):
             )
         priority = JobPriority(request.priority or kind.priority)
         payload = request.model_dump(mode="json")
-        _check_payload(kind.name, payload)
+        options[ARGS_JSON_OPTION] = _check_payload(kind.name, payload)  # the record reuses it
         options.setdefault("epq_priority", int(priority))
         return dramatiq.Message(
             queue_name=queue,
@@ -267,12 +268,13 @@ def _delay_ms(kind: str, request: _Request, delay: timedelta | int | None, now_m
     return None
 
 
-def _check_payload(kind: str, payload: dict[str, Any]) -> None:
-    """Refuse payloads that are not strict JSON or are larger than ``MAX_PAYLOAD_BYTES``."""
+def _check_payload(kind: str, payload: dict[str, Any]) -> str:
+    """Refuse payloads that are not strict JSON or are larger than ``MAX_PAYLOAD_BYTES``; return
+    the payload as compact JSON."""
     try:
         whole = json.dumps(payload, allow_nan=False, separators=(",", ":"))
         if len(whole) <= MAX_PAYLOAD_BYTES // 4 or len(whole.encode()) <= MAX_PAYLOAD_BYTES:
-            return  # the common case: one dump, and the field-by-field pass only to name a field
+            return whole  # the common case: one dump, and the field-by-field pass only to name a field
     except ValueError:
         pass
     sizes: dict[str, int] = {}
@@ -296,3 +298,4 @@ def _check_payload(kind: str, payload: dict[str, Any]) -> None:
                 }
             ],
         )
+    return json.dumps(payload, separators=(",", ":"))

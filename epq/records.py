@@ -29,6 +29,10 @@ MAX_ERRORS = 25
 OPEN_RECORD_TTL_MS = 30 * 24 * 3600 * 1000
 
 NOT_STARTED = ("available", "scheduled", "retryable")
+SEPARATORS = (",", ":")
+#: Message option carrying the payload as JSON from the actor to the record (removed before the
+#: message is encoded).
+ARGS_JSON_OPTION = "epq_args_json"
 
 
 def job_key(job_id: str) -> str:
@@ -608,7 +612,8 @@ def build_fields(message: Any, actor: Any, state: str, now_ms: int, scheduled_ms
         "kind": message.actor_name,
         "queue": message.queue_name.removesuffix(".DQ"),
         "priority": str(message.options.get("epq_priority", actor.options.get("epq_priority", 2))),
-        "args": json.dumps(message.kwargs, separators=(",", ":")),
+        "args": message.options.pop(ARGS_JSON_OPTION, None)
+        or json.dumps(message.kwargs, separators=(",", ":")),
         "state": state,
         "attempt": "0",
         "max_attempts": str(message.options.get("max_attempts", actor.options.get("max_attempts", 1))),

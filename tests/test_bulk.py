@@ -169,3 +169,22 @@ def test_enqueue_many_on_redis_is_one_round_trip_per_chunk(
     # one script per chunk, then reading nothing more (no duplicates to look up)
     assert sent[0] <= 2 + 1, sent[0]
     assert message_count(redis_broker, "default") == n + 1
+
+
+def test_what_epq_hands_to_its_own_middleware_never_travels_with_the_message(
+    broker: dramatiq.Broker, epq_handlers: HandlerRegistry
+) -> None:
+    from dramatiq.middleware import CurrentMessage
+
+    seen: list[dict[str, Any]] = []
+    epq_handlers.register(
+        "index_endpoint", lambda request: seen.append(CurrentMessage.get_current_message().options)
+    )
+    svc = epq.QueueService(broker)
+    epq.actors.index_endpoint.send(**_index(0).model_dump(mode="json"))
+    svc.enqueue_index_endpoint(_index(1))
+    svc.enqueue_many([_index(2), _index(3)])
+    run_until_drained(broker)
+    assert len(seen) == 4
+    for options in seen:
+        assert not {"epq_args_json", "epq_fused", "epq_unique_pending"} & set(options), options
