@@ -6,14 +6,16 @@ the job holding its unique key (an earlier request of the same batch included).
 
 - Every request is validated first; any bad one raises :class:`~epq.InvalidRequest` naming it
   (``[index].field``) and nothing is enqueued.
-- Redis with epq's state in the same server: each chunk of up to ``CHUNK`` jobs is one Lua
-  script (locks, records and messages together, atomic). Jobs with a delay go the general way.
+- Redis with epq's state in the same server: each run of up to ``CHUNK`` immediate jobs is one
+  Lua script (locks, records and messages together; no other client sees it half-done). Jobs
+  with a delay go the general way. Requests are handled in order, so of two with the same
+  unique key the earlier one wins.
 - Otherwise: one pipelined round trip takes the locks and writes the records, then the broker
   publishes the batch at once (Redis: one MULTI/EXEC; RabbitMQ: one AMQP transaction; stub: in
   memory). If publishing fails, the records and locks of the batch are taken back.
 
-A failure part-way through a batch larger than one chunk leaves the earlier chunks enqueued; the
-error says how many.
+A failure part-way through a batch larger than one run leaves the earlier runs enqueued; the
+error says how many jobs were, and up to which request.
 """
 
 from __future__ import annotations
@@ -58,21 +60,22 @@ def enqueue_many(
     broker = runtime.broker
     jobs = _prepare(runtime, items)
     holders: list[str | None] = [None] * len(jobs)
-    done = 0
+    handled: list[_Job] = []  # jobs whose enqueue (or duplicate answer) is final
+    fused = getattr(broker, "epq_records_fused", False)
     token = _bulk.set(True)
     try:
-        for start in range(0, len(jobs), CHUNK):
-            chunk = jobs[start : start + CHUNK]
-            if getattr(broker, "epq_records_fused", False):
-                _fused_chunk(runtime, chunk, holders)
+        for run in _runs(jobs, fused):
+            if fused and not run[0].delay:
+                _fused_run(runtime, run, holders)
             else:
-                _general_chunk(runtime, chunk, holders)
-            done += len(chunk)
+                _general_run(runtime, run, holders)
+            handled += run
     except (redis.RedisError, BrokerConnectionError, pika.exceptions.AMQPError, OSError) as exc:
-        enqueued = sum(1 for job in jobs[:done] if holders[job.index] is None)
+        enqueued = sum(1 for job in handled if holders[job.index] is None)
         raise BrokerUnavailable(
             f"bulk enqueue on {display_url(broker)} failed after {enqueued} of {len(jobs)} jobs were "
-            f"enqueued (the first {done} requests were handled; the rest were not): {exc!r}"
+            f"enqueued (requests [0] to [{len(handled) - 1}] were handled, in order; the rest were "
+            f"not): {exc!r}"
         ) from exc
     finally:
         _bulk.reset(token)
@@ -125,25 +128,36 @@ def _prepare(runtime: Runtime, items: Iterable[tuple[EpqActor, _Request | Mappin
     return jobs
 
 
-def _fused_chunk(runtime: Runtime, chunk: list[_Job], holders: list[str | None]) -> None:
-    broker: Any = runtime.broker
-    now_jobs = [job for job in chunk if not job.delay]
-    if now_jobs:
-        replies = broker.enqueue_many_recorded(
-            [(j.message, j.record) for j in now_jobs], runtime.state.now_ms()
-        )
-        for job, holder in zip(now_jobs, replies, strict=True):
-            holders[job.index] = holder
-    later = [job for job in chunk if job.delay]
-    if later:
-        _general_chunk(runtime, later, holders)
+def _runs(jobs: list[_Job], fused: bool) -> Iterable[list[_Job]]:
+    """Consecutive jobs that go the same way (on a fused broker, immediate jobs by script and
+    delayed ones the general way), ``CHUNK`` at most, in request order: so that of two requests
+    with the same unique key, the earlier one always wins."""
+    run: list[_Job] = []
+    for job in jobs:
+        if run and (len(run) >= CHUNK or (fused and bool(run[0].delay) != bool(job.delay))):
+            yield run
+            run = []
+        run.append(job)
+    if run:
+        yield run
 
 
-def _general_chunk(runtime: Runtime, chunk: list[_Job], holders: list[str | None]) -> None:
+def _fused_run(runtime: Runtime, run: list[_Job], holders: list[str | None]) -> None:
     broker: Any = runtime.broker
-    replies = runtime.records.create_many([job.record for job in chunk])
+    replies = broker.enqueue_many_recorded([(j.message, j.record) for j in run], runtime.state.now_ms())
+    for job, holder in zip(run, replies, strict=True):
+        holders[job.index] = holder
+
+
+def _general_run(runtime: Runtime, run: list[_Job], holders: list[str | None]) -> None:
+    broker: Any = runtime.broker
+    try:
+        replies = runtime.records.create_many([job.record for job in run])
+    except BaseException:
+        _take_back(runtime, run)  # part of the pipeline may have run: these ids are ours alone
+        raise
     accepted = []
-    for job, holder in zip(chunk, replies, strict=True):
+    for job, holder in zip(run, replies, strict=True):
         holders[job.index] = holder
         if holder is None:
             accepted.append(job)
@@ -152,11 +166,16 @@ def _general_chunk(runtime: Runtime, chunk: list[_Job], holders: list[str | None
     try:
         broker.enqueue_batch([(job.message, job.delay) for job in accepted])
     except BaseException:
-        for job in accepted:  # nothing of the chunk was published: take its records and locks back
-            runtime.records.delete(job.message.message_id)
-            if job.record.lock_key:
-                runtime.state.release_unique(job.record.lock_key, job.message.message_id)
+        _take_back(runtime, accepted)  # nothing of the run was published
         raise
+
+
+def _take_back(runtime: Runtime, jobs: list[_Job]) -> None:
+    """Delete the records and free the locks these jobs took (a lock held by another job stays)."""
+    for job in jobs:
+        runtime.records.delete(job.message.message_id)
+        if job.record.lock_key:
+            runtime.state.release_unique(job.record.lock_key, job.message.message_id)
 
 
 def _results(runtime: Runtime, jobs: list[_Job], holders: list[str | None]) -> list[JobInsertResult]:

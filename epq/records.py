@@ -193,6 +193,9 @@ ENQUEUE_RECORDED = (
     + _LUA_WRITE_NEW
     + _LUA_TAKE_LOCK
     + """
+-- the record exists only if this very call already ran (redis-py retries a call whose reply was
+-- lost): the job is enqueued, and must not be pushed twice
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
 if ARGV[4] ~= '' then
   local current = take_lock(KEYS[4], ARGV[4], ARGV[5], ARGV[1])
   if current then return current end
@@ -219,8 +222,14 @@ local out = {}
 for i = 5, #ARGV, 7 do
   local id = ARGV[i]
   local current = false
-  if ARGV[i + 1] ~= '' then current = take_lock(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], id) end
-  if current then
+  if redis.call('EXISTS', ARGV[2] .. id) == 1 then
+    current = ''  -- written by this same call before a retry (see ENQUEUE_RECORDED)
+  elseif ARGV[i + 1] ~= '' then
+    current = take_lock(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], id)
+  end
+  if current == '' then
+    out[#out + 1] = ''
+  elseif current then
     out[#out + 1] = current
   else
     local fields = write_new(ARGV[2] .. id, KEYS[1], KEYS[2], id, ARGV[1], ARGV[3], ARGV[i + 6])

@@ -188,3 +188,36 @@ def test_what_epq_hands_to_its_own_middleware_never_travels_with_the_message(
     assert len(seen) == 4
     for options in seen:
         assert not {"epq_args_json", "epq_fused", "epq_unique_pending"} & set(options), options
+
+
+def test_of_two_requests_with_one_key_the_earlier_wins_even_when_it_is_delayed(
+    broker: dramatiq.Broker,
+) -> None:
+    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    results = epq.QueueService(broker).enqueue_many([_index(0, run_at=later), _index(0), _index(1)])
+    assert [r.unique_skipped_as_duplicate for r in results] == [False, True, False]
+    assert results[1].job.id == results[0].job.id
+    assert results[1].job.state is epq.JobState.SCHEDULED
+
+
+@pytest.mark.redis
+def test_a_retried_enqueue_script_does_not_push_the_job_twice(redis_broker: dramatiq.Broker) -> None:
+    # redis-py retries a call whose reply was lost: the script may run twice with the same args
+    calls: list[dict[str, Any]] = []
+    script = redis_broker._enqueue_recorded  # type: ignore[attr-defined]
+
+    def twice(**kwargs: Any) -> Any:
+        calls.append(kwargs)
+        script(**kwargs)
+        return script(**kwargs)
+
+    redis_broker._enqueue_recorded = twice  # type: ignore[attr-defined]
+    try:
+        result = epq.QueueService(redis_broker).enqueue_index_endpoint(_index(0))
+    finally:
+        redis_broker._enqueue_recorded = script  # type: ignore[attr-defined]
+    assert len(calls) == 1
+    assert result.unique_skipped_as_duplicate is False
+    assert message_count(redis_broker, "default") == 1
+    counters = epq.QueueService(redis_broker).stats()
+    assert [(row["queue"], row["waiting"]) for row in counters] == [("default", 1)]

@@ -180,7 +180,9 @@ class EpqRabbitmqBroker(DurableDelays, RabbitmqBroker):
                 finally:
                     if channel.is_open:
                         channel.close()
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError)):
+                del self.connection  # as Dramatiq's enqueue does: the next call connects again
             if scheduled and isinstance(store, RedisStateStore):
                 store.schedule_remove(scheduled)
             raise

@@ -376,10 +376,12 @@ class LaneConsumer(_RedisConsumer):
 
     def requeue(self, messages: Any) -> None:
         messages = list(messages)
-        super().requeue(messages)  # type: ignore[no-untyped-call]
+        # records first, while the ids are still in this worker's ack set: once requeued, another
+        # worker may fetch (and start) them at once
         started = [m.message_id for m in messages if getattr(m, "epq_started", False)]
         if started:
             self.broker.unstart(started)
+        super().requeue(messages)  # type: ignore[no-untyped-call]
 
     def _dead_letter_undecodable(self, rid: str | None, exc: DecodeError) -> None:
         logger.error(
