@@ -448,3 +448,22 @@ def test_redis_jobs_fetched_but_not_run_at_shutdown_are_available_again(
     for job_id in ids[1:]:
         assert (records[job_id].state, records[job_id].attempt) == (epq.JobState.AVAILABLE, 0)  # type: ignore[union-attr]
     assert message_count(redis_broker, "default") == 2
+
+
+@pytest.mark.redis
+def test_redis_messages_fetched_but_not_handed_out_go_back_when_the_consumer_closes(
+    redis_broker: dramatiq.Broker,
+) -> None:
+    svc = epq.QueueService(redis_broker)
+    ids = [svc.enqueue_register_job(_request("register_job", n, None)).job.id for n in range(3)]
+    consumer = redis_broker.consume("default", prefetch=5, timeout=50)
+    first = next(consumer)  # fetches all three, hands out one
+    assert first is not None
+    assert first.message_id == ids[0]
+    consumer.close()
+    # the two never handed out are waiting again, their records not started
+    assert message_count(redis_broker, "default") == 2
+    for job_id in ids[1:]:
+        record = svc.get_job(job_id)
+        assert (record.state, record.attempt) == (epq.JobState.AVAILABLE, 0)  # type: ignore[union-attr]
+    assert svc.get_job(ids[0]).state is epq.JobState.RUNNING  # type: ignore[union-attr]

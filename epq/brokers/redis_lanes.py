@@ -14,6 +14,7 @@ work, and splits the waiting ids into one list per priority, ``<ns>:<queue>.P1``
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -383,9 +384,31 @@ class LaneConsumer(_RedisConsumer):
             self.broker.unstart(started)
         super().requeue(messages)  # type: ignore[no-untyped-call]
 
+    def close(self) -> None:
+        """Give back what was fetched but never handed to the worker (Dramatiq's consumer leaves
+        it in the ack set until a heartbeat times out): records first, then the ids."""
+        cached, self.message_cache = self.message_cache, []
+        started = [_message_id(data) for rid, data, was_started in cached if rid and was_started]
+        try:
+            if any(started):
+                self.broker.unstart([job_id for job_id in started if job_id])
+            rids = [rid for rid, _, _ in cached if rid]
+            if rids:
+                self.broker.do_requeue(self.queue_name, *rids)
+        except redis.ConnectionError as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+
     def _dead_letter_undecodable(self, rid: str | None, exc: DecodeError) -> None:
         logger.error(
             "Dead-lettering an undecodable message %s on queue %r: %s", rid, self.queue_name, exc.error
         )
         if rid is not None:
             self.broker.do_nack(self.queue_name, rid)
+
+
+def _message_id(data: bytes) -> str | None:
+    try:
+        value = json.loads(data).get("message_id")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
