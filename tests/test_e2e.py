@@ -105,3 +105,30 @@ def test_epq_worker_serves_only_the_queues_it_is_given(start_worker: Any, redis_
         on_default in redis_client.hkeys("dramatiq:default.msgs")[0].decode()
         or redis_client.hlen("dramatiq:default.msgs") == 1
     )
+
+
+@pytest.mark.rabbitmq
+def test_epq_worker_serves_only_the_queues_it_is_given_on_rabbitmq(
+    start_worker: Any, state_client: redis.Redis
+) -> None:
+    from tests.helpers import message_count
+
+    rabbitmq_available(RABBITMQ_URL)
+    broker = _runtime.install(RABBITMQ_URL, state_url=STATE_URL).broker
+    try:
+        for queue in ("default", "events"):
+            broker.declare_queue(queue, ensure=True)  # type: ignore[call-arg]
+            broker.flush(queue)
+        worker = start_worker(
+            [str(BIN / "epq"), "worker", "--processes", "1", "--threads", "2", "-Q", "events"],
+            {"EPQ_BROKER_URL": RABBITMQ_URL, "EPQ_STATE_URL": STATE_URL},
+        )
+        svc = epq.QueueService(broker)
+        svc.enqueue_register_job(VALID["register_job"])
+        on_events = svc.enqueue_register_job({**VALID["register_job"], "job_id": "e", "queue_name": "events"})
+
+        assert [r["job_id"] for r in worker.collect(1)] == [on_events.job.id]
+        assert worker.results.blpop([worker.key], timeout=1) is None
+        assert message_count(broker, "default") == 1
+    finally:
+        broker.flush_all()
