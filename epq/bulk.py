@@ -31,7 +31,7 @@ from dramatiq.errors import BrokerConnectionError
 
 from ._actor import EpqActor, _delay_ms
 from .brokers import display_url
-from .errors import BrokerUnavailable, InvalidRequest
+from .errors import BrokerUnavailable, DuplicateJob, InvalidRequest
 from .middleware import JobRecords, Uniqueness, _bulk, find_middleware
 from .models import JobInsertResult, _Request
 from .records import OPEN_RECORD_TTL_MS, NewRecord, build_fields, to_job_record
@@ -179,6 +179,9 @@ def _take_back(runtime: Runtime, jobs: list[_Job]) -> None:
 
 
 def _results(runtime: Runtime, jobs: list[_Job], holders: list[str | None]) -> list[JobInsertResult]:
+    # the records of the jobs holding the duplicates' keys, read in one round trip
+    holder_ids = {h.split("|", 1)[0] for h in holders if h is not None}
+    existing_fields = dict(zip(holder_ids, runtime.records.get_many(list(holder_ids)), strict=True))
     out: list[JobInsertResult] = []
     for job in jobs:
         holder = holders[job.index]
@@ -187,14 +190,11 @@ def _results(runtime: Runtime, jobs: list[_Job], holders: list[str | None]) -> l
             out.append(JobInsertResult(job=record, unique_skipped_as_duplicate=False))
             continue
         existing_id = holder.split("|", 1)[0]
-        fields = runtime.records.get(existing_id)
+        fields = existing_fields[existing_id]
         if fields is not None:
             existing = to_job_record(existing_id, fields)
-        else:
-            from .errors import DuplicateJob
-
-            existing = job.actor.record_for_duplicate(
-                DuplicateJob(job.actor.actor_name, existing_id, holder=holder), job.request
-            )
+        else:  # no record (expired): what the lock says
+            dup = DuplicateJob(job.actor.actor_name, existing_id, holder=holder)
+            existing = job.actor.record_for_duplicate(dup, job.request)
         out.append(JobInsertResult(job=existing, unique_skipped_as_duplicate=True))
     return out

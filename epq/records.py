@@ -93,6 +93,9 @@ class RecordStore(Protocol):
 
     def get(self, job_id: str) -> dict[str, str] | None: ...
 
+    def get_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]:
+        """``get`` for each id, in one round trip."""
+
     def delete(self, job_id: str) -> None: ...
 
     def dead_ids(self, limit: int) -> list[str]:
@@ -398,10 +401,13 @@ class RedisRecords:
         self._fail(keys=self._keys(job_id), args=args)
 
     def get(self, job_id: str) -> dict[str, str] | None:
-        raw = self.client.hgetall(job_key(job_id))
-        if not raw:
-            return None
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        return self.get_many([job_id])[0]
+
+    def get_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]:
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(job_key(job_id))
+        return [{k.decode(): v.decode() for k, v in raw.items()} or None for raw in pipe.execute()]
 
     def delete(self, job_id: str) -> None:
         self._delete(keys=self._keys(job_id), args=[job_id])
@@ -558,6 +564,9 @@ class MemoryRecords:
         with self._lock:
             record = self._live(job_id)
             return dict(record) if record is not None else None
+
+    def get_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]:
+        return [self.get(job_id) for job_id in job_ids]
 
     def delete(self, job_id: str) -> None:
         with self._lock:

@@ -211,9 +211,12 @@ class RedisStateStore:
 
     def schedule_remove(self, entry_ids: Sequence[str]) -> None:
         """Forget entries that were never claimed (a bulk enqueue that failed half-way)."""
+        self._forget(SCHEDULE_KEY, entry_ids)
+
+    def _forget(self, index_key: str, entry_ids: Sequence[str]) -> None:
         if entry_ids:
             pipe = self.client.pipeline(transaction=True)
-            pipe.zrem(SCHEDULE_KEY, *entry_ids)
+            pipe.zrem(index_key, *entry_ids)
             pipe.hdel(SCHEDULE_DATA_KEY, *entry_ids)
             pipe.execute()
 
@@ -228,12 +231,7 @@ class RedisStateStore:
         return pairs, int(float(nxt)) if nxt else None
 
     def schedule_ack(self, entry_ids: Sequence[str]) -> None:
-        if not entry_ids:
-            return
-        pipe = self.client.pipeline(transaction=True)
-        pipe.zrem(SCHEDULE_CLAIMED_KEY, *entry_ids)
-        pipe.hdel(SCHEDULE_DATA_KEY, *entry_ids)
-        pipe.execute()
+        self._forget(SCHEDULE_CLAIMED_KEY, entry_ids)
 
     def schedule_move_to_redis_queues(
         self, now_ms: int, limit: int, namespace: str
