@@ -6,10 +6,13 @@
 For each broker, plain Dramatiq (one no-op actor) and epq (every epq middleware on: uniqueness,
 records, priorities, durable schedule, River retries) are measured side by side:
 
-- single enqueue: jobs sent one by one (epq: ``index_endpoint.send``, uniqueness on), plain and
-  epq in alternating rounds, the median round of each;
-- bulk enqueue: epq's ``QueueService.enqueue_many`` in batches of ``--batch``. Dramatiq has no
-  bulk send, so its baseline is its single send (the ratio is "bulk epq / single plain");
+- single enqueue: ``--n`` jobs sent one by one (epq: ``index_endpoint.send``, uniqueness on);
+- bulk enqueue: ``--n`` jobs a round by epq's ``QueueService.enqueue_many``, in batches of
+  ``--batch`` (requests made and validated inside the timed part). Dramatiq has no bulk send,
+  so its baseline is its single send (the ratio is "bulk epq / single plain");
+- both measured in ``--rounds`` alternating rounds (plain, epq, bulk, then the other way
+  round), the median round of each, so that the machine's drift falls on all of them alike;
+  payload values (endpoint ids) are made before the clock starts;
 - drain: a backlog of ``--drain`` no-op jobs, then ``--processes`` worker processes of
   ``--threads`` threads (the stub broker: one in-process worker); jobs per second from the first
   start to the last;
@@ -167,25 +170,29 @@ class App:
 
     # sending
 
-    def send(self, i: int, sent_at: float | None = None) -> None:
+    def send(self, i: int, sent_at: float | None = None, endpoint_id: uuid.UUID | None = None) -> None:
         if self.kind == "plain":
             self.actor.send(i, sent_at) if sent_at is not None else self.actor.send(i)
             return
         from epq import actors  # after _runtime.install: importing it earlier would set epq up
 
         if sent_at is None:
-            actors.index_endpoint.send(endpoint_id=str(uuid.uuid4()), source="API")
+            actors.index_endpoint.send(endpoint_id=str(endpoint_id or uuid.uuid4()), source="API")
         else:
             actors.register_job.send(
                 endpoint_id=str(uuid.uuid4()), job_id=f"lat-{i}", job_metadata={"sent_at": sent_at}
             )
 
-    def send_bulk(self, n: int, batch: int) -> None:
+    def send_bulk(self, ids: list[uuid.UUID], batch: int) -> None:
+        """Enqueue one index job per endpoint id, ``batch`` requests per ``enqueue_many`` call (the
+        requests are made inside the timed part: validating them is epq's work)."""
         svc = epq.QueueService(self.broker)
-        for start in range(0, n, batch):
-            size = min(batch, n - start)
+        for start in range(0, len(ids), batch):
             svc.enqueue_many(
-                [epq.EnqueueIndexEndpointRequest(endpoint_id=uuid.uuid4(), source="API") for _ in range(size)]
+                [
+                    epq.EnqueueIndexEndpointRequest(endpoint_id=i, source="API")
+                    for i in ids[start : start + batch]
+                ]
             )
 
     def schedule(self, n: int) -> None:
@@ -276,16 +283,10 @@ def measure(app: App, args: argparse.Namespace, results: Results) -> dict[str, f
     out: dict[str, float] = {}
     app.open()
     try:
-        # bulk enqueue (epq only)
-        if app.kind == "epq":
-            start = time.perf_counter()
-            app.send_bulk(args.n, args.batch)
-            out["bulk_enqueue_per_s"] = args.n / (time.perf_counter() - start)
-            app.flush()
         # drain: backlog first, then the workers
         results.reset(args.drain)
         if app.kind == "epq":
-            app.send_bulk(args.drain, args.batch)
+            app.send_bulk([uuid.uuid4() for _ in range(args.drain)], args.batch)
         else:
             for i in range(args.drain):
                 app.send(i)
@@ -324,23 +325,31 @@ def measure(app: App, args: argparse.Namespace, results: Results) -> dict[str, f
     return out
 
 
-def single_enqueue(plain: App, ours: App, n: int, rounds: int) -> tuple[float, float]:
-    """Single-send rates of both apps, in alternating rounds (so that the machine's ups and
-    downs fall on both alike); the median round of each."""
+def enqueue_rates(plain: App, ours: App, args: argparse.Namespace) -> dict[str, float]:
+    """Single-send rates of both apps and epq's bulk rate, in alternating rounds (so that the
+    machine's ups and downs fall on all alike); the median round of each."""
     plain.open()
     ours.open()
     try:
-        rates: dict[str, list[float]] = {"plain": [], "epq": []}
-        per_round = max(1, n // rounds)
+        rates: dict[str, list[float]] = {"plain": [], "epq": [], "bulk": []}
+        per_round = max(1, args.n // args.rounds)
+        # payload values are made before the clock starts (plain Dramatiq's are plain ints)
+        ids = [uuid.uuid4() for _ in range(per_round * args.rounds + args.n * args.rounds)]
+        bulk_ids = ids[per_round * args.rounds :]
         plain.send(-1)
         ours.send(-1)
-        for r in range(rounds):
-            for app in (plain, ours) if r % 2 == 0 else (ours, plain):
+        for r in range(args.rounds):
+            for side in ("plain", "epq", "bulk") if r % 2 == 0 else ("bulk", "epq", "plain"):
                 start = time.perf_counter()
-                for i in range(per_round):
-                    app.send(r * per_round + i)
-                rates[app.kind].append(per_round / (time.perf_counter() - start))
-        return statistics.median(rates["plain"]), statistics.median(rates["epq"])
+                if side == "bulk":
+                    ours.send_bulk(bulk_ids[r * args.n : (r + 1) * args.n], args.batch)
+                    rates[side].append(args.n / (time.perf_counter() - start))
+                    continue
+                app = plain if side == "plain" else ours
+                for i in range(r * per_round, (r + 1) * per_round):
+                    app.send(i, endpoint_id=ids[i])
+                rates[side].append(per_round / (time.perf_counter() - start))
+        return {side: statistics.median(values) for side, values in rates.items()}
     finally:
         ours.close()
         plain.close()
@@ -400,14 +409,13 @@ def main() -> None:
     for broker in args.brokers.split(","):
         all_results[broker] = {}
         print(f"measuring single enqueue on {broker} ...", file=sys.stderr, flush=True)
-        plain_rate, epq_rate = single_enqueue(
-            App("plain", broker, urls), App("epq", broker, urls), args.n, args.rounds
-        )
+        rates = enqueue_rates(App("plain", broker, urls), App("epq", broker, urls), args)
         for kind in ("plain", "epq"):
             print(f"measuring {kind} on {broker} ...", file=sys.stderr, flush=True)
             all_results[broker][kind] = measure(App(kind, broker, urls), args, results)
-        all_results[broker]["plain"]["single_enqueue_per_s"] = plain_rate
-        all_results[broker]["epq"]["single_enqueue_per_s"] = epq_rate
+        all_results[broker]["plain"]["single_enqueue_per_s"] = rates["plain"]
+        all_results[broker]["epq"]["single_enqueue_per_s"] = rates["epq"]
+        all_results[broker]["epq"]["bulk_enqueue_per_s"] = rates["bulk"]
     elapsed = time.monotonic() - started
     print(table(all_results))
     print(f"\n{args.processes} worker process(es) x {args.threads} threads; {elapsed:.0f} s in all")

@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import dramatiq
 import pika.exceptions
@@ -16,6 +16,7 @@ import redis
 from dramatiq.errors import BrokerConnectionError
 from pydantic import ValidationError
 
+from ._messages import new_id
 from .brokers import display_url
 from .errors import (
     BrokerUnavailable,
@@ -135,9 +136,15 @@ class EpqActor(dramatiq.Actor[..., Any]):
         return bulk.enqueue_many(runtime, [(self, r) for r in requests])
 
     def message_for(
-        self, request: _Request, *, broker: dramatiq.Broker, **options: Any
+        self, request: _Request, *, broker: dramatiq.Broker, message_id: str | None = None, **options: Any
     ) -> dramatiq.Message[Any]:
-        """Build the message for a validated request (queue, priority and payload checked)."""
+        """Build the message for a validated request (queue, priority and payload checked); its
+        id is ``message_id``, or a new one."""
+        return self.message_from(self.check(request, broker), message_id=message_id, **options)
+
+    def check(self, request: _Request, broker: dramatiq.Broker) -> Checked:
+        """What a validated request's message needs, checked against the broker: its queue is
+        served, its payload is strict JSON within the size limit (else ``InvalidRequest``)."""
         kind = self.kind
         queue = request.queue_name or kind.queue
         declared = broker.get_declared_queues()
@@ -147,16 +154,23 @@ class EpqActor(dramatiq.Actor[..., Any]):
                 kind.name,
                 [{"field": "queue_name", "message": f"no worker serves queue {queue!r} (queues: {served})"}],
             )
-        priority = JobPriority(request.priority or kind.priority)
+        priority = int(JobPriority(request.priority or kind.priority))
         payload = request.model_dump(mode="json")
-        options[ARGS_JSON_OPTION] = _check_payload(kind.name, payload)  # the record reuses it
-        options.setdefault("epq_priority", int(priority))
+        return Checked(queue, priority, payload, _check_payload(kind.name, payload))
+
+    def message_from(
+        self, checked: Checked, *, message_id: str | None = None, **options: Any
+    ) -> dramatiq.Message[Any]:
+        """The message of a checked request (see ``check``)."""
+        options[ARGS_JSON_OPTION] = checked.payload_json  # the record reuses it
+        options.setdefault("epq_priority", checked.priority)
         return dramatiq.Message(
-            queue_name=queue,
+            queue_name=checked.queue,
             actor_name=self.actor_name,
             args=(),
-            kwargs=payload,
+            kwargs=checked.payload,
             options=options,
+            message_id=message_id or new_id(),
         )
 
     def enqueue_request(
@@ -204,19 +218,25 @@ class EpqActor(dramatiq.Actor[..., Any]):
     def record_for(self, message: dramatiq.Message[Any], request: _Request) -> JobRecord:
         """The job record of a message this actor just enqueued."""
         created = datetime.fromtimestamp(message.message_timestamp / 1000, tz=timezone.utc)
+        return JobRecord(**self.record_fields(message, request, created))
+
+    def record_fields(
+        self, message: dramatiq.Message[Any], request: _Request, created: datetime
+    ) -> dict[str, Any]:
+        """``record_for``'s fields, unvalidated (``created``: the message's timestamp)."""
         scheduled = request.run_at if request.run_at and request.run_at > created else created
-        return JobRecord(
-            id=message.message_id,
-            kind=self.actor_name,
-            queue=message.queue_name,
-            priority=JobPriority(message.options["epq_priority"]),
-            args=message.kwargs,
-            state=JobState.SCHEDULED if scheduled > created else JobState.AVAILABLE,
-            attempt=0,
-            max_attempts=int(self.options["max_attempts"]),
-            created_at=created,
-            scheduled_at=scheduled,
-        )
+        return {
+            "id": message.message_id,
+            "kind": self.actor_name,
+            "queue": message.queue_name,
+            "priority": message.options["epq_priority"],
+            "args": message.kwargs,
+            "state": JobState.SCHEDULED if scheduled > created else JobState.AVAILABLE,
+            "attempt": 0,
+            "max_attempts": int(self.options["max_attempts"]),
+            "created_at": created,
+            "scheduled_at": scheduled,
+        }
 
     def record_for_duplicate(self, dup: DuplicateJob, request: _Request) -> JobRecord:
         """The record of the job that holds ``request``'s unique key, from what its lock records.
@@ -247,6 +267,15 @@ class EpqActor(dramatiq.Actor[..., Any]):
         )
 
 
+class Checked(NamedTuple):
+    """A request checked for its message (``EpqActor.check``)."""
+
+    queue: str
+    priority: int
+    payload: dict[str, Any]
+    payload_json: str  # compact JSON of ``payload``
+
+
 def _from_ms(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
 
@@ -268,11 +297,14 @@ def _delay_ms(kind: str, request: _Request, delay: timedelta | int | None, now_m
     return None
 
 
+_strict_json = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+
+
 def _check_payload(kind: str, payload: dict[str, Any]) -> str:
     """Refuse payloads that are not strict JSON or are larger than ``MAX_PAYLOAD_BYTES``; return
     the payload as compact JSON."""
     try:
-        whole = json.dumps(payload, allow_nan=False, separators=(",", ":"))
+        whole = _strict_json(payload)
         if len(whole) <= MAX_PAYLOAD_BYTES // 4 or len(whole.encode()) <= MAX_PAYLOAD_BYTES:
             return whole  # the common case: one dump, and the field-by-field pass only to name a field
     except ValueError:

@@ -21,36 +21,41 @@ error says how many jobs were, and up to which request.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import dramatiq
 import pika.exceptions
 import redis
 from dramatiq.errors import BrokerConnectionError
+from pydantic import TypeAdapter
 
-from ._actor import EpqActor, _delay_ms
+from ._actor import Checked, EpqActor, _delay_ms
+from ._messages import new_ids
 from .brokers import display_url
 from .errors import BrokerUnavailable, DuplicateJob, InvalidRequest
 from .middleware import JobRecords, Uniqueness, _bulk, find_middleware
 from .models import JobInsertResult, _Request
-from .records import OPEN_RECORD_TTL_MS, NewRecord, build_fields, to_job_record
+from .records import ARGS_JSON_OPTION, OPEN_RECORD_TTL_MS, BulkJob, NewRecord, build_fields, to_job_record
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
 
 #: Jobs per Lua script (Redis) or per pipeline: bounds how long one script holds Redis.
-CHUNK = 500
+CHUNK = 100
 
 
-@dataclass
+@dataclass(slots=True)
 class _Job:
     index: int
     actor: EpqActor
     request: _Request
-    message: dramatiq.Message[Any]
+    checked: Checked
     delay: int | None
-    record: NewRecord
+    # made just before the job's run is sent (see _build)
+    message: dramatiq.Message[Any] = field(init=False)
+    lock: tuple[str, str, int] | None = field(init=False)  # (key, holder value, ttl ms)
 
 
 def enqueue_many(
@@ -58,28 +63,42 @@ def enqueue_many(
 ) -> list[JobInsertResult]:
     """Enqueue requests (models, or mappings of their fields) on the runtime's broker."""
     broker = runtime.broker
-    jobs = _prepare(runtime, items)
+    now = runtime.state.now_ms()
+    jobs = _prepare(runtime, list(items), now)
     holders: list[str | None] = [None] * len(jobs)
-    handled: list[_Job] = []  # jobs whose enqueue (or duplicate answer) is final
-    fused = getattr(broker, "epq_records_fused", False)
+    results: list[JobInsertResult | None] = [None] * len(jobs)
+    handled: list[_Job] = []  # jobs whose enqueue (or duplicate answer) is final, in order
+    fused = _FusedRuns(runtime, now, holders, results, handled) if _fused(broker) else None
     token = _bulk.set(True)
     try:
-        for run in _runs(jobs, fused):
-            if fused and not run[0].delay:
-                _fused_run(runtime, run, holders)
-            else:
-                _general_run(runtime, run, holders)
+        for run in _runs(jobs, fused is not None):
+            if fused is not None and not run[0].delay:
+                fused.add(run)
+                continue
+            if fused is not None:
+                fused.finish()
+            _general_run(runtime, run, holders, now)
             handled += run
+        if fused is not None:
+            fused.finish()
     except (redis.RedisError, BrokerConnectionError, pika.exceptions.AMQPError, OSError) as exc:
         enqueued = sum(1 for job in handled if holders[job.index] is None)
+        unknown = fused.unknown if fused is not None else []
+        maybe = f"requests [{unknown[0].index}] to [{unknown[-1].index}] may have been, " if unknown else ""
         raise BrokerUnavailable(
             f"bulk enqueue on {display_url(broker)} failed after {enqueued} of {len(jobs)} jobs were "
-            f"enqueued (requests [0] to [{len(handled) - 1}] were handled, in order; the rest were "
-            f"not): {exc!r}"
+            f"enqueued (requests [0] to [{len(handled) - 1}] were handled, in order; {maybe}the rest "
+            f"were not): {exc!r}"
         ) from exc
     finally:
         _bulk.reset(token)
-    return _results(runtime, jobs, holders)
+        if fused is not None:
+            fused.close()
+    return _results(runtime, jobs, holders, results)
+
+
+def _fused(broker: dramatiq.Broker) -> bool:
+    return bool(getattr(broker, "epq_records_fused", False))
 
 
 def _validate(actor: EpqActor, request: _Request | Mapping[str, Any]) -> _Request:
@@ -92,12 +111,12 @@ def _validate(actor: EpqActor, request: _Request | Mapping[str, Any]) -> _Reques
     raise InvalidRequest(actor.actor_name, [{"field": "request", "message": problem}])
 
 
-def _prepare(runtime: Runtime, items: Iterable[tuple[EpqActor, _Request | Mapping[str, Any]]]) -> list[_Job]:
-    """Validate every request and build its message, record and lock; refuse the whole batch,
-    naming every problem, if any request is bad."""
+def _prepare(
+    runtime: Runtime, items: list[tuple[EpqActor, _Request | Mapping[str, Any]]], now: int
+) -> list[_Job]:
+    """Validate and check every request; refuse the whole batch, naming every problem, if any
+    request is bad."""
     broker = runtime.broker
-    now = runtime.state.now_ms()
-    uniqueness = find_middleware(broker, Uniqueness)
     if find_middleware(broker, JobRecords) is None:  # pragma: no cover - epq.setup adds it
         raise RuntimeError("bulk enqueue needs epq's JobRecords middleware")
     jobs: list[_Job] = []
@@ -105,27 +124,28 @@ def _prepare(runtime: Runtime, items: Iterable[tuple[EpqActor, _Request | Mappin
     for index, (actor, raw) in enumerate(items):
         try:
             request = _validate(actor, raw)
-            message = actor.message_for(request, broker=broker)
+            checked = actor.check(request, broker)
             delay = _delay_ms(actor.kind.name, request, None, now)
         except InvalidRequest as exc:
             errors += [{"field": f"[{index}].{e['field']}", "message": e["message"]} for e in exc.errors]
             continue
-        lock = uniqueness.lock_for(broker, message, delay) if uniqueness is not None else None
-        state = "scheduled" if delay else "available"
-        fields = build_fields(message, actor, state, now, now + int(delay or 0))
-        ttl = OPEN_RECORD_TTL_MS + int(delay or 0)
-        if lock is None:
-            record = NewRecord(message.message_id, fields, ttl)
-        else:
-            key, holder, lock_ttl = lock
-            fields["unique_key"] = key
-            message.options["epq_unique_key"] = key
-            record = NewRecord(message.message_id, fields, ttl, key, holder, lock_ttl)
-        message.options["epq_recorded"] = 1
-        jobs.append(_Job(index, actor, request, message, delay, record))
+        jobs.append(_Job(index, actor, request, checked, delay))
     if errors:
         raise InvalidRequest("enqueue_many", errors)
     return jobs
+
+
+def _build(runtime: Runtime, run: list[_Job]) -> None:
+    """Make the messages of a run of checked jobs, and the locks they take."""
+    broker = runtime.broker
+    uniqueness = find_middleware(broker, Uniqueness)
+    for job, message_id in zip(run, new_ids(len(run)), strict=True):
+        message = job.actor.message_from(job.checked, message_id=message_id, epq_recorded=1)
+        del message.options[ARGS_JSON_OPTION]  # the record gets it from the job
+        lock = uniqueness.lock_for(broker, message, job.delay) if uniqueness is not None else None
+        if lock is not None:
+            message.options["epq_unique_key"] = lock[0]
+        job.message, job.lock = message, lock
 
 
 def _runs(jobs: list[_Job], fused: bool) -> Iterable[list[_Job]]:
@@ -142,17 +162,121 @@ def _runs(jobs: list[_Job], fused: bool) -> Iterable[list[_Job]]:
         yield run
 
 
-def _fused_run(runtime: Runtime, run: list[_Job], holders: list[str | None]) -> None:
-    broker: Any = runtime.broker
-    replies = broker.enqueue_many_recorded([(j.message, j.record) for j in run], runtime.state.now_ms())
-    for job, holder in zip(run, replies, strict=True):
-        holders[job.index] = holder
+class _FusedRuns:
+    """Runs of immediate jobs on a Redis broker that keeps epq's state: one script call per run,
+    each prepared while Redis runs the one before, and the results of each built while Redis
+    runs the next (one call in flight at a time, so runs still take effect in order)."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        now: int,
+        holders: list[str | None],
+        results: list[JobInsertResult | None],
+        handled: list[_Job],
+    ) -> None:
+        self.runtime = runtime
+        self.broker: Any = runtime.broker
+        self.now = now
+        self.holders, self.results, self.handled = holders, results, handled
+        self.stream: Any = None
+        self.in_flight: tuple[list[_Job], list[BulkJob]] | None = None
+        self.created: dict[int, datetime] = {}  # the jobs of a batch share a few timestamps
+
+    @property
+    def unknown(self) -> list[_Job]:
+        """The jobs of a call that reached Redis but whose reply never came (they may or may
+        not be enqueued)."""
+        if self.in_flight is None or not self.stream.reached:
+            return []
+        return self.in_flight[0]
+
+    def add(self, run: list[_Job]) -> None:
+        _build(self.runtime, run)
+        bulk_jobs = self._bulk_jobs(run)
+        keys, args = self.broker.bulk_call(bulk_jobs)
+        if self.stream is None:
+            self.stream = self.broker.bulk_stream().__enter__()
+        done = self._collect()
+        self.stream.send(keys, args)
+        self.in_flight = (run, bulk_jobs)
+        self._build_results(done)  # while Redis runs this run's call
+
+    def finish(self) -> None:
+        self._build_results(self._collect())
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.__exit__(None, None, None)
+            self.stream = None
+
+    def _collect(self) -> list[_Job]:
+        """Read the reply of the call in flight; the jobs it enqueued."""
+        if self.in_flight is None:
+            return []
+        run, bulk_jobs = self.in_flight
+        replies = self.broker.bulk_replies(bulk_jobs, self.stream.read())
+        self.in_flight = None
+        for job, holder in zip(run, replies, strict=True):
+            self.holders[job.index] = holder
+        self.handled += run
+        return run
+
+    def _bulk_jobs(self, run: list[_Job]) -> list[BulkJob]:
+        groups: dict[tuple[Any, ...], dict[str, str]] = {}
+        out: list[BulkJob] = []
+        for job in run:
+            message = job.message
+            options = message.options
+            priority, attempts = options.get("epq_priority"), options.get("max_attempts")
+            key = (job.actor, message.queue_name, priority, attempts, message.message_timestamp)
+            group = groups.get(key)
+            if group is None:
+                group = build_fields(message, job.actor, "available", self.now, self.now, "-")
+                del group["args"], group["unique_key"]  # the job's own
+                groups[key] = group
+            out.append(BulkJob(message, group, job.checked.payload_json, *(job.lock or ())))
+        return out
+
+    def _build_results(self, run: list[_Job]) -> None:
+        enqueued = [job for job in run if self.holders[job.index] is None]
+        for job, result in zip(enqueued, _enqueued(enqueued, self.created), strict=True):
+            self.results[job.index] = result
 
 
-def _general_run(runtime: Runtime, run: list[_Job], holders: list[str | None]) -> None:
+#: Validates many results in one call (much cheaper than one model at a time).
+_RESULTS = TypeAdapter(list[JobInsertResult])
+
+
+def _enqueued(jobs: list[_Job], created: dict[int, datetime]) -> list[JobInsertResult]:
+    """The results of jobs just enqueued (``created``: datetimes of timestamps, filled in)."""
+    out = []
+    for job in jobs:
+        ms = job.message.message_timestamp
+        if ms not in created:
+            created[ms] = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+        record = job.actor.record_fields(job.message, job.request, created[ms])
+        out.append({"job": record, "unique_skipped_as_duplicate": False})
+    return _RESULTS.validate_python(out)
+
+
+def _new_record(job: _Job, now: int) -> NewRecord:
+    delay = int(job.delay or 0)
+    state = "scheduled" if delay else "available"
+    fields = build_fields(job.message, job.actor, state, now, now + delay, job.checked.payload_json)
+    ttl = OPEN_RECORD_TTL_MS + delay  # an open record outlives the job's wait
+    if job.lock is None:
+        return NewRecord(job.message.message_id, fields, ttl)
+    key, holder, lock_ttl = job.lock
+    fields["unique_key"] = key
+    return NewRecord(job.message.message_id, fields, ttl, key, holder, lock_ttl)
+
+
+def _general_run(runtime: Runtime, run: list[_Job], holders: list[str | None], now: int) -> None:
     broker: Any = runtime.broker
+    _build(runtime, run)
     try:
-        replies = runtime.records.create_many([job.record for job in run])
+        replies = runtime.records.create_many([_new_record(job, now) for job in run])
     except BaseException:
         _take_back(runtime, run)  # part of the pipeline may have run: these ids are ours alone
         raise
@@ -174,21 +298,27 @@ def _take_back(runtime: Runtime, jobs: list[_Job]) -> None:
     """Delete the records and free the locks these jobs took (a lock held by another job stays)."""
     for job in jobs:
         runtime.records.delete(job.message.message_id)
-        if job.record.lock_key:
-            runtime.state.release_unique(job.record.lock_key, job.message.message_id)
+        if job.lock is not None:
+            runtime.state.release_unique(job.lock[0], job.message.message_id)
 
 
-def _results(runtime: Runtime, jobs: list[_Job], holders: list[str | None]) -> list[JobInsertResult]:
+def _results(
+    runtime: Runtime, jobs: list[_Job], holders: list[str | None], results: list[JobInsertResult | None]
+) -> list[JobInsertResult]:
+    """Fill in the results not built yet: duplicates, and the jobs enqueued the general way."""
     # the records of the jobs holding the duplicates' keys, read in one round trip
     holder_ids = {h.split("|", 1)[0] for h in holders if h is not None}
     existing_fields = dict(zip(holder_ids, runtime.records.get_many(list(holder_ids)), strict=True))
+    missing = [job for job in jobs if results[job.index] is None and holders[job.index] is None]
+    for job, made in zip(missing, _enqueued(missing, {}), strict=True):
+        results[job.index] = made
     out: list[JobInsertResult] = []
     for job in jobs:
-        holder = holders[job.index]
-        if holder is None:
-            record = job.actor.record_for(job.message, job.request)
-            out.append(JobInsertResult(job=record, unique_skipped_as_duplicate=False))
+        holder, result = holders[job.index], results[job.index]
+        if result is not None:
+            out.append(result)
             continue
+        assert holder is not None
         existing_id = holder.split("|", 1)[0]
         fields = existing_fields[existing_id]
         if fields is not None:

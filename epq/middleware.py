@@ -53,6 +53,11 @@ logger = logging.getLogger("epq")
 BACKOFF_JITTER = 0.25
 
 
+# Sorted keys, compact, unescaped: the unique fields' canonical form (changing it would change
+# every lock key).
+_canonical_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
+
 def _option(message: MessageProxy | dramatiq.Message[Any], actor: dramatiq.Actor[Any, Any], name: str) -> Any:
     """Message option > actor option (Dramatiq's precedence)."""
     if name in message.options:
@@ -215,13 +220,13 @@ class Uniqueness(dramatiq.Middleware):
     @staticmethod
     def key_for(actor_name: str, unique_by: Sequence[str], kwargs: dict[str, Any]) -> str:
         """The lock key of a payload: kind plus a digest of the unique fields (canonical JSON)."""
-        fields = {name: kwargs.get(name) for name in unique_by}
-        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        canonical = _canonical_json({name: kwargs.get(name) for name in unique_by})
         digest = hashlib.sha256(canonical.encode()).hexdigest()[:40]
         return f"{KEY_PREFIX}unique:{actor_name}:{digest}"
 
-    def lock_key(self, broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> str | None:
-        """The key ``message`` locks, or None when its actor has no uniqueness."""
+    @staticmethod
+    def _window(broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> tuple[int, Sequence[str]] | None:
+        """``(unique_for, unique_by)`` of ``message``, or None when its actor has no uniqueness."""
         actor = broker.actors.get(message.actor_name)
         if actor is None:
             return None
@@ -229,7 +234,12 @@ class Uniqueness(dramatiq.Middleware):
         unique_by = actor.options.get("unique_by")
         if not unique_for or not unique_by:
             return None
-        return self.key_for(message.actor_name, unique_by, message.kwargs)
+        return int(unique_for), unique_by
+
+    def lock_key(self, broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> str | None:
+        """The key ``message`` locks, or None when its actor has no uniqueness."""
+        window = self._window(broker, message)
+        return None if window is None else self.key_for(message.actor_name, window[1], message.kwargs)
 
     def lock_for(
         self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int | None
@@ -239,22 +249,17 @@ class Uniqueness(dramatiq.Middleware):
         The holder value records the job id, its creation and due times, queue and priority, so
         that a duplicate can be answered with the holder's details even without its record.
         """
-        key = self.lock_key(broker, message)
-        if key is None:
+        window = self._window(broker, message)
+        if window is None:
             return None
-        actor = broker.actors[message.actor_name]
-        window_ms = int(_option(message, actor, "unique_for"))
+        window_ms, unique_by = window
         delay_ms = int(delay or 0)
-        holder = "|".join(
-            (
-                message.message_id,
-                str(message.message_timestamp),
-                str(self.store.now_ms() + delay_ms),
-                q_name(message.queue_name),
-                str(message.options.get("epq_priority", "")),
-            )
+        due = self.store.now_ms() + delay_ms
+        holder = (
+            f"{message.message_id}|{message.message_timestamp}|{due}|{q_name(message.queue_name)}|"
+            f"{message.options.get('epq_priority', '')}"
         )
-        return key, holder, window_ms + delay_ms
+        return self.key_for(message.actor_name, unique_by, message.kwargs), holder, window_ms + delay_ms
 
     def before_enqueue(
         self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int | None
@@ -361,7 +366,6 @@ class JobRecords(dramatiq.Middleware):
                 key, holder, lock_ttl = pending if pending is not None else ("", "", 0)
                 fields["unique_key"] = key
                 message.options["epq_fused"] = {
-                    "now": now,
                     "ttl": ttl,
                     "fields": fields,
                     "lock_key": key,

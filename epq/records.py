@@ -20,13 +20,17 @@ from typing import Any, NamedTuple, Protocol
 import redis
 
 from .models import AttemptError, JobPriority, JobRecord, JobState
-from .state import DEAD_KEY, JOB_KEY_PREFIX, STATS_KEY, MemoryStateStore
+from .state import DEAD_KEY, JOB_KEY_PREFIX, KEY_PREFIX, STATS_KEY, MemoryStateStore
 from .state import LUA_SET_STATE as _LUA_SET_STATE
 
 #: How many attempt errors a record keeps (the newest).
 MAX_ERRORS = 25
 #: Records of jobs that have not finished expire after this long without a transition.
 OPEN_RECORD_TTL_MS = 30 * 24 * 3600 * 1000
+#: Each bulk enqueue script call leaves a token key this long, so that redis-py resending the
+#: call after a lost reply (see ENQUEUE_MANY_RECORDED) cannot enqueue a job twice.
+BULK_TOKEN_PREFIX = KEY_PREFIX + "bulk:"
+BULK_TOKEN_TTL_MS = 5 * 60 * 1000
 
 NOT_STARTED = ("available", "scheduled", "retryable")
 SEPARATORS = (",", ":")
@@ -45,6 +49,19 @@ class NewRecord(NamedTuple):
     job_id: str
     fields: Mapping[str, str]
     ttl_ms: int
+    lock_key: str = ""
+    holder: str = ""
+    lock_ttl_ms: int = 0
+
+
+class BulkJob(NamedTuple):
+    """An immediate job for ``enqueue_many_recorded``: its message, the record fields it shares
+    with the other jobs of its group (all but ``args`` and ``unique_key``; jobs of one group pass
+    the same mapping), its payload as JSON and its lock (``lock_key`` '' for none)."""
+
+    message: Any
+    group: Mapping[str, str]
+    args_json: str
     lock_key: str = ""
     holder: str = ""
     lock_ttl_ms: int = 0
@@ -150,21 +167,15 @@ return old
 """
 )
 
-# KEYS: record, stats, dead, lock; ARGV: id, now, ttl, lock holder, lock ttl, field1, value1, ...
-# Takes the uniqueness lock (unless another job holds it: then returns that holder and writes
-# nothing) and writes the new record, in one round trip.
 # Lua: take the uniqueness lock ``key`` for ``holder`` (its value; the job id comes before the
 # first '|') for ``ttl`` ms, unless another job holds it: then return that holder value.
 _LUA_TAKE_LOCK = """
 local function take_lock(key, holder, ttl, id)
+  if redis.call('SET', key, holder, 'NX', 'PX', ttl) then return false end
   local current = redis.call('GET', key)
-  if current then
-    local sep = string.find(current, '|', 1, true)
-    local current_id = sep and string.sub(current, 1, sep - 1) or current
-    if current_id ~= id then return current end
-  else
-    redis.call('SET', key, holder, 'PX', ttl)
-  end
+  local sep = string.find(current, '|', 1, true)
+  local current_id = sep and string.sub(current, 1, sep - 1) or current
+  if current_id ~= id then return current end
   return false
 end
 """
@@ -184,63 +195,107 @@ return false
 """
 )
 
+# Lua: write a record that does not exist yet, from the name, value pairs ARGV[first], ... (a
+# state that is not 'discarded' among them), and count it.
+_LUA_WRITE_FRESH = """
+local function write_fresh(key, stats, ttl, first)
+  local f = {}
+  for i = first, #ARGV, 2 do f[ARGV[i]] = ARGV[i + 1] end
+  redis.call('HSET', key, unpack(ARGV, first))
+  redis.call('HINCRBY', stats, f['queue'] .. '|' .. f['priority'] .. '|' .. f['state'], 1)
+  redis.call('PEXPIRE', key, ttl)
+end
+"""
+
 # The whole of an enqueue on the Redis broker when its state lives in the same Redis, in one
-# round trip: take the uniqueness lock (if ARGV[4] is not ''), write the record, and put the
+# round trip: take the uniqueness lock (if ARGV[3] is not ''), write the record, and put the
 # message on its priority lane (see epq.brokers.redis_lanes).
-# KEYS: record, stats, dead, lock (any key when there is no lock), message hash, lane;
-# ARGV: id, now, ttl, lock holder or '', lock ttl, redis message id, message data, fields (JSON:
-# one argument is far cheaper to send than one per field).
+# KEYS: record, stats, lock (any key when there is no lock), message hash, lane;
+# ARGV: id, record ttl, lock holder or '', lock ttl, redis message id, message data, then the
+# record's fields as name, value pairs (not one JSON argument: decoding it costs Redis more than
+# the extra arguments).
 # Returns false when enqueued, the lock's holder value when another job holds it.
 ENQUEUE_RECORDED = (
-    _LUA_SET_STATE
-    + _LUA_WRITE_NEW
-    + _LUA_TAKE_LOCK
+    _LUA_TAKE_LOCK
+    + _LUA_WRITE_FRESH
     + """
 -- the record exists only if this very call already ran (redis-py retries a call whose reply was
 -- lost): the job is enqueued, and must not be pushed twice
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-if ARGV[4] ~= '' then
-  local current = take_lock(KEYS[4], ARGV[4], ARGV[5], ARGV[1])
+if ARGV[3] ~= '' then
+  local current = take_lock(KEYS[3], ARGV[3], ARGV[4], ARGV[1])
   if current then return current end
 end
-write_new(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[8])
-redis.call('HSET', KEYS[5], ARGV[6], ARGV[7])
-redis.call('RPUSH', KEYS[6], ARGV[6])
+write_fresh(KEYS[1], KEYS[2], ARGV[2], 7)
+redis.call('HSET', KEYS[4], ARGV[5], ARGV[6])
+redis.call('RPUSH', KEYS[5], ARGV[5])
 return false
 """
 )
 
-# Many enqueues as ENQUEUE_RECORDED does one, in order, in one script (bulk enqueue). A later
-# job with the same unique key as an earlier one in the batch finds the earlier one's lock.
-# The message hash and lane come from the record's queue and priority (the lane's number).
-# KEYS: stats, dead; ARGV: now, record key prefix, record ttl, Dramatiq's Redis namespace, then 7
-# per job: id, lock key or '', lock holder, lock ttl, redis message id, message data, fields (JSON).
-# Returns one value per job: '' when enqueued, the lock's holder value when a duplicate.
+# Many enqueues as ENQUEUE_RECORDED does one, in order, in one script (bulk enqueue of immediate
+# jobs). A later job with the same unique key as an earlier one in the batch finds the earlier
+# one's lock. Jobs of a batch share most of their record fields, so those come once per group
+# (kind, queue, priority, attempts, creation time); each job brings its id, lock, message and
+# payload. Counters, message hashes and lanes are written once per group, not once per job; ids
+# go onto each lane in request order. A job's redis message id is its id.
+# KEYS: stats, the call's token (a key of its own: a second run of the same call, which redis-py
+# sends when the first one's reply was lost, finds it and skips the jobs the first run wrote).
+# ARGV: record key prefix, record ttl, Dramatiq's Redis namespace, token ttl, number of groups G,
+# G group fields (JSON objects: record fields but args and unique_key), then 7 per job: group
+# (1..G), id, lock key or '', lock holder, lock ttl, message data, payload (JSON).
+# Returns {position, holder, ...} for the jobs that are duplicates (position: 1 = first job).
 ENQUEUE_MANY_RECORDED = (
-    _LUA_SET_STATE
-    + _LUA_WRITE_NEW
-    + _LUA_TAKE_LOCK
+    _LUA_TAKE_LOCK
     + """
-local out = {}
-for i = 5, #ARGV, 7 do
-  local id = ARGV[i]
+local prefix, ttl, ns, ngroups = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[5])
+local rerun = not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[4])
+local groups, hashes, lanes = {}, {}, {}
+for g = 1, ngroups do
+  local fields = cjson.decode(ARGV[5 + g])
+  local flat = {}
+  for name, value in pairs(fields) do
+    flat[#flat + 1] = name
+    flat[#flat + 1] = value
+  end
+  local queue = ns .. ':' .. fields['queue']
+  local lane = queue .. '.P' .. fields['priority']
+  hashes[queue .. '.msgs'] = hashes[queue .. '.msgs'] or {}
+  lanes[lane] = lanes[lane] or {}
+  groups[g] = {flat = flat, n = 0, msgs = hashes[queue .. '.msgs'], ids = lanes[lane],
+    stat = fields['queue'] .. '|' .. fields['priority'] .. '|' .. fields['state']}
+end
+local out, position = {}, 0
+for i = 6 + ngroups, #ARGV, 7 do
+  position = position + 1
+  local group, id, lock = groups[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2]
+  local key = prefix .. id
   local current = false
-  if redis.call('EXISTS', ARGV[2] .. id) == 1 then
-    current = ''  -- written by this same call before a retry (see ENQUEUE_RECORDED)
-  elseif ARGV[i + 1] ~= '' then
-    current = take_lock(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], id)
+  if rerun and redis.call('EXISTS', key) == 1 then
+    current = ''  -- written by the first run of this call
+  elseif lock ~= '' then
+    current = take_lock(lock, ARGV[i + 3], ARGV[i + 4], id)
   end
-  if current == '' then
-    out[#out + 1] = ''
-  elseif current then
+  if current == false then
+    redis.call('HSET', key, 'args', ARGV[i + 6], 'unique_key', lock, unpack(group.flat))
+    redis.call('PEXPIRE', key, ttl)
+    group.n = group.n + 1
+    group.msgs[#group.msgs + 1] = id
+    group.msgs[#group.msgs + 1] = ARGV[i + 5]
+    group.ids[#group.ids + 1] = id
+  elseif current ~= '' then
+    out[#out + 1] = position
     out[#out + 1] = current
-  else
-    local fields = write_new(ARGV[2] .. id, KEYS[1], KEYS[2], id, ARGV[1], ARGV[3], ARGV[i + 6])
-    local queue = ARGV[4] .. ':' .. fields['queue']
-    redis.call('HSET', queue .. '.msgs', ARGV[i + 4], ARGV[i + 5])
-    redis.call('RPUSH', queue .. '.P' .. fields['priority'], ARGV[i + 4])
-    out[#out + 1] = ''
   end
+end
+for _, group in ipairs(groups) do
+  if group.n > 0 then redis.call('HINCRBY', KEYS[1], group.stat, group.n) end
+end
+for key, entries in pairs(hashes) do
+  if #entries > 0 then redis.call('HSET', key, unpack(entries)) end
+end
+for key, ids in pairs(lanes) do
+  if #ids > 0 then redis.call('RPUSH', key, unpack(ids)) end
 end
 return out
 """
@@ -318,12 +373,16 @@ return 1
 )
 
 
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def fields_json(fields: Mapping[str, str]) -> str:
     """Record fields as the JSON object the create scripts take."""
-    return json.dumps(fields, separators=(",", ":"))
+    return _compact_json(fields)
 
 
-def _flat(fields: Mapping[str, str]) -> list[str]:
+def flat_fields(fields: Mapping[str, str]) -> list[str]:
+    """Record fields as name, value pairs (the arguments some scripts take)."""
     out: list[str] = []
     for name, value in fields.items():
         out += [name, value]
@@ -386,7 +445,7 @@ class RedisRecords:
         ttl_ms: int,
         allowed_from: Sequence[str] = (),
     ) -> str | None:
-        args = [job_id, self.now_ms(), ttl_ms, state, ",".join(allowed_from), *_flat(fields)]
+        args = [job_id, self.now_ms(), ttl_ms, state, ",".join(allowed_from), *flat_fields(fields)]
         old = self._move(keys=self._keys(job_id), args=args)
         return old.decode() if old else None
 
@@ -397,7 +456,7 @@ class RedisRecords:
     def fail(
         self, job_id: str, state: str, error: Mapping[str, Any], fields: Mapping[str, str], ttl_ms: int
     ) -> None:
-        args = [job_id, self.now_ms(), ttl_ms, state, json.dumps(error), MAX_ERRORS, *_flat(fields)]
+        args = [job_id, self.now_ms(), ttl_ms, state, json.dumps(error), MAX_ERRORS, *flat_fields(fields)]
         self._fail(keys=self._keys(job_id), args=args)
 
     def get(self, job_id: str) -> dict[str, str] | None:
@@ -625,12 +684,17 @@ def to_job_record(job_id: str, fields: Mapping[str, str]) -> JobRecord:
     )
 
 
-def build_fields(message: Any, actor: Any, state: str, now_ms: int, scheduled_ms: int) -> dict[str, str]:
+def build_fields(
+    message: Any, actor: Any, state: str, now_ms: int, scheduled_ms: int, args_json: str | None = None
+) -> dict[str, str]:
+    """A new record's fields; ``args_json`` (else the message's ``ARGS_JSON_OPTION``, taken off
+    it) is the payload as JSON when the caller has it already."""
     return {
         "kind": message.actor_name,
         "queue": message.queue_name.removesuffix(".DQ"),
         "priority": str(message.options.get("epq_priority", actor.options.get("epq_priority", 2))),
-        "args": message.options.pop(ARGS_JSON_OPTION, None)
+        "args": args_json
+        or message.options.pop(ARGS_JSON_OPTION, None)
         or json.dumps(message.kwargs, separators=(",", ":")),
         "state": state,
         "attempt": "0",

@@ -10,12 +10,15 @@ import dramatiq
 import pika.exceptions
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
 
 import epq
 import epq.actors
 from epq import _runtime
+from epq.brokers.redis_lanes import ScriptStream
 from epq.middleware import Uniqueness
 from epq.testing import HandlerRegistry
 from tests.helpers import message_count, run_until_drained, total_waiting
@@ -120,8 +123,8 @@ def _break_batch_publish(broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatc
             raise pika.exceptions.AMQPConnectionError("simulated")
         raise redis.ConnectionError("simulated")
 
-    if isinstance(broker, RedisBroker):
-        monkeypatch.setattr(broker, "_enqueue_many_recorded", fail)
+    if isinstance(broker, RedisBroker):  # the script call never reaches Redis
+        monkeypatch.setattr(ScriptStream, "_send", fail)
     monkeypatch.setattr(type(broker), "_publish_batch", fail)
 
 
@@ -226,3 +229,62 @@ def test_a_retried_enqueue_script_does_not_push_the_job_twice(redis_broker: dram
     assert message_count(redis_broker, "default") == 1
     counters = epq.QueueService(redis_broker).stats()
     assert [(row["queue"], row["waiting"]) for row in counters] == [("default", 1)]
+
+
+def _lose_first_reply(monkeypatch: pytest.MonkeyPatch, retries: int) -> None:
+    """The first bulk script call runs, but its reply is lost on the way back."""
+    enter = ScriptStream.__enter__
+    lost = [False]
+
+    def entered(self: ScriptStream) -> ScriptStream:
+        out = enter(self)
+        read = self.conn.read_response
+
+        def read_response(*args: Any, **kwargs: Any) -> Any:
+            reply = read(*args, **kwargs)
+            if not lost[0]:
+                lost[0] = True
+                self.conn.disconnect()
+                raise redis.ConnectionError("reply lost")
+            return reply
+
+        monkeypatch.setattr(self.conn, "read_response", read_response)
+        monkeypatch.setattr(self.conn, "retry", Retry(NoBackoff(), retries))
+        return out
+
+    monkeypatch.setattr(ScriptStream, "__enter__", entered)
+
+
+@pytest.mark.redis
+def test_a_bulk_call_sent_again_after_its_reply_was_lost_enqueues_each_job_once(
+    redis_broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _lose_first_reply(monkeypatch, retries=1)
+    svc = epq.QueueService(redis_broker)
+    results = svc.enqueue_many([_index(n) for n in range(5)] + [_index(0)])
+    monkeypatch.undo()
+    assert [r.unique_skipped_as_duplicate for r in results] == [False] * 5 + [True]
+    assert results[5].job.id == results[0].job.id
+    assert message_count(redis_broker, "default") == 5
+    assert [(row["queue"], row["waiting"]) for row in svc.stats()] == [("default", 5)]
+
+
+@pytest.mark.redis
+def test_a_bulk_call_whose_reply_never_came_is_reported_as_maybe_enqueued(
+    redis_broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _lose_first_reply(monkeypatch, retries=0)
+    with pytest.raises(epq.BrokerUnavailable, match=r"requests \[0\] to \[2\] may have been"):
+        epq.QueueService(redis_broker).enqueue_many([_index(n) for n in range(3)])
+
+
+@pytest.mark.redis
+def test_bulk_enqueue_gives_a_server_that_lost_its_scripts_the_script_again(
+    redis_broker: dramatiq.Broker,
+) -> None:
+    svc = epq.QueueService(redis_broker)
+    svc.enqueue_many([_index(0)])
+    redis_broker.client.script_flush()  # type: ignore[attr-defined]  # as after a Redis restart
+    results = svc.enqueue_many([_index(n) for n in range(1, 4)])
+    assert [r.unique_skipped_as_duplicate for r in results] == [False] * 3
+    assert message_count(redis_broker, "default") == 4

@@ -20,7 +20,6 @@ import random
 import time
 from collections.abc import Sequence
 from typing import Any
-from uuid import uuid4
 
 import dramatiq
 import redis
@@ -28,18 +27,23 @@ from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import MAINTENANCE_SCALE, RedisBroker, _RedisConsumer
 from dramatiq.common import compute_backoff, current_millis
 from dramatiq.errors import ConnectionClosed, DecodeError
+from dramatiq.middleware import MiddlewareError
 
+from .._messages import encode, new_id
 from ..errors import DuplicateJob
 from ..priority import LANES, LUA_LANE_OF, lane_of, redis_lane_key
 from ..records import (
+    BULK_TOKEN_PREFIX,
+    BULK_TOKEN_TTL_MS,
     ENQUEUE_MANY_RECORDED,
     ENQUEUE_RECORDED,
     LUA_COMPLETE_RECORD,
     LUA_START_RECORD,
     LUA_UNSTART_RECORD,
     OPEN_RECORD_TTL_MS,
-    NewRecord,
+    BulkJob,
     fields_json,
+    flat_fields,
     job_key,
 )
 from ..state import DEAD_KEY, JOB_KEY_PREFIX, LUA_SET_STATE, STATS_KEY, holder_id
@@ -132,15 +136,98 @@ _UNSTART = (
 )
 
 
-def foreign_hooks(broker: dramatiq.Broker, name: str) -> list[dramatiq.Middleware]:
+_pack: Any
+try:
+    from hiredis import pack_command as _pack
+except ImportError:  # pragma: no cover - hiredis is a dependency; redis-py packs without it
+    _pack = None
+
+
+class ScriptStream:
+    """Calls of one Lua script on one connection, one at a time, each sent without waiting for
+    its reply: the caller prepares the next call (or works on the last reply) while Redis runs
+    the script. ``send`` then ``read``, in turns; use it as a context manager.
+
+    A connection that breaks before the reply is read is opened again and the call sent again,
+    as redis-py does for its own calls (so the script must be safe to run twice with the same
+    arguments); a server that has lost the script is given it again.
+    """
+
+    def __init__(self, client: redis.Redis[bytes], script: Any) -> None:
+        self.pool = client.connection_pool
+        self.script = script
+        self.conn: Any = None
+        self.call: tuple[Any, ...] | None = None  # sent, reply not read yet
+        self.packed: Any = None  # the call as sent
+        self.unsent = False  # the call must be sent (again) before its reply can be read
+        self.reached = False  # the call was sent whole at least once (it may have run)
+
+    def __enter__(self) -> ScriptStream:
+        self.conn = self.pool.get_connection()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.call is not None:
+            self.conn.disconnect()  # a reply nobody will read must not reach the next user
+        self.pool.release(self.conn)
+
+    def send(self, keys: Sequence[str], args: Sequence[Any]) -> None:
+        if self.call is not None:  # pragma: no cover - a programming error
+            raise RuntimeError("read the reply of the previous call first")
+        self.call = (len(keys), *keys, *args)
+        self.packed = None
+        self.unsent, self.reached = True, False
+        try:
+            self._send()
+        except (redis.ConnectionError, redis.TimeoutError):
+            self.conn.disconnect()  # read() sends it again, with redis-py's retry policy
+
+    def _send(self) -> None:
+        assert self.call is not None
+        if self.packed is None:
+            command = ("EVALSHA", self.script.sha, *self.call)
+            # hiredis straight away: redis-py would first look at each of thousands of arguments
+            self.packed = [_pack(command)] if _pack is not None else self.conn.pack_command(*command)
+        self.conn.send_packed_command(self.packed)
+        self.unsent, self.reached = False, True
+
+    def read(self) -> Any:
+        def attempt() -> Any:
+            if self.unsent:
+                self._send()
+            return self.conn.read_response()
+
+        def failed(error: Exception) -> None:
+            self.conn.disconnect()
+            self.unsent = True
+
+        try:
+            try:
+                return self.conn.retry.call_with_retry(attempt, failed)
+            except redis.exceptions.NoScriptError:
+                self.conn.send_command("SCRIPT", "LOAD", self.script.script)
+                sha = self.conn.read_response()
+                self.script.sha = sha.decode() if isinstance(sha, bytes) else sha
+                self.packed, self.unsent = None, True
+                return self.conn.retry.call_with_retry(attempt, failed)
+        except BaseException:
+            self.conn.disconnect()
+            raise
+        finally:
+            self.call = None
+
+
+def foreign_hooks(
+    broker: dramatiq.Broker, name: str, *, keep_bulk_aware: bool = False
+) -> list[dramatiq.Middleware]:
     """The broker's middleware with a ``name`` hook of their own, but for epq's own middleware
-    that a bulk enqueue stands in for (``epq_bulk_aware``): a bulk enqueue skips emitting a
-    signal nobody else listens to."""
+    that a bulk enqueue stands in for (``epq_bulk_aware``; kept with ``keep_bulk_aware``): a bulk
+    enqueue skips emitting a signal nobody else listens to."""
     base = getattr(dramatiq.Middleware, name)
     return [
         m
         for m in broker.middleware
-        if getattr(type(m), name) is not base and not getattr(m, "epq_bulk_aware", False)
+        if getattr(type(m), name) is not base and (keep_bulk_aware or not getattr(m, "epq_bulk_aware", False))
     ]
 
 
@@ -162,6 +249,31 @@ class LaneRedisBroker(RedisBroker):
         self._ack_completed = self.client.register_script(_ACK_COMPLETED)
         self._enqueue_many_recorded = self.client.register_script(ENQUEUE_MANY_RECORDED)
         self._unstart = self.client.register_script(_UNSTART)
+        self._hooks_cache: dict[tuple[str, bool], tuple[list[Any], list[dramatiq.Middleware]]] = {}
+
+    def _hooks(self, name: str, *, foreign: bool = False) -> list[dramatiq.Middleware]:
+        """The middleware with a ``name`` hook of their own (``foreign``: but for those a bulk
+        enqueue stands in for, see ``foreign_hooks``), worked out again when the middleware change."""
+        cached = self._hooks_cache.get((name, foreign))
+        if cached is None or cached[0] != self.middleware:  # compares the items by identity first
+            hooks = foreign_hooks(self, name, keep_bulk_aware=not foreign)
+            cached = self._hooks_cache[(name, foreign)] = (list(self.middleware), hooks)
+        return cached[1]
+
+    def _emit_enqueue(self, when: str, message: dramatiq.Message[Any]) -> None:
+        """``emit_before``/``emit_after("enqueue", message, None)``, calling only the middleware
+        that have the hook (the others' is Dramatiq's no-op); errors are handled as there."""
+        name = f"{when}_enqueue"
+        hooks = self._hooks(name)
+        for middleware in hooks if when == "before" else reversed(hooks):
+            try:
+                getattr(middleware, name)(self, message, None)
+            except MiddlewareError:
+                if when == "before":
+                    raise
+                self.logger.critical("Unexpected failure in %s of %r.", name, middleware, exc_info=True)
+            except Exception:
+                self.logger.critical("Unexpected failure in %s of %r.", name, middleware, exc_info=True)
 
     def lane_keys(self, queue_name: str) -> list[str]:
         return [redis_lane_key(self.namespace, queue_name, lane) for lane in LANES]
@@ -169,18 +281,18 @@ class LaneRedisBroker(RedisBroker):
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
         if delay is not None:
             return super().enqueue(message, delay=delay)
-        message = message.copy(options={"redis_message_id": str(uuid4())})
+        message = message.copy(options={"redis_message_id": new_id()})
         rid = message.options["redis_message_id"]
         queue = message.queue_name
         lane = redis_lane_key(self.namespace, queue, lane_of(message.options))
-        self.emit_before("enqueue", message, None)
+        self._emit_enqueue("before", message)
         fused = message.options.pop("epq_fused", None)
         msgs = f"{self.namespace}:{queue}.msgs"
         if fused is None:
             self._lane_enqueue(keys=[msgs, lane], args=[rid, message.encode()])
         else:
             self._enqueue_fused(message, fused, msgs, lane)
-        self.emit_after("enqueue", message, None)
+        self._emit_enqueue("after", message)
         return message
 
     def lane_enqueue(self, message: dramatiq.Message[Any], *, pipe: Any = None) -> None:
@@ -195,48 +307,65 @@ class LaneRedisBroker(RedisBroker):
             keys=keys, args=[message.options["redis_message_id"], message.encode()], client=pipe
         )
 
-    def enqueue_many_recorded(
-        self, jobs: Sequence[tuple[dramatiq.Message[Any], NewRecord]], now_ms: int
-    ) -> list[str | None]:
-        """Enqueue messages with their records (and locks) in one script, in order: for each, None
-        when enqueued or the holder value of the job that holds its lock. Enqueue hooks run for
-        each message; those that turn out duplicates get no ``after_enqueue``."""
-        args: list[Any] = [now_ms, JOB_KEY_PREFIX, OPEN_RECORD_TTL_MS, self.namespace]
-        sent = []
-        before, after = foreign_hooks(self, "before_enqueue"), foreign_hooks(self, "after_enqueue")
-        for message, record in jobs:
-            if record.ttl_ms != OPEN_RECORD_TTL_MS or record.fields["priority"] != str(
-                lane_of(message.options)
-            ):
-                raise ValueError("enqueue_many_recorded takes immediate jobs only")  # pragma: no cover
-            message.options["redis_message_id"] = rid = str(uuid4())  # a new message: no copy needed
+    def bulk_call(self, jobs: Sequence[BulkJob]) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of one ``ENQUEUE_MANY_RECORDED`` call enqueueing ``jobs``
+        (immediate jobs with their records and locks). Other middleware's ``before_enqueue``
+        hooks run here, for each message."""
+        before = self._hooks("before_enqueue", foreign=True)
+        groups: dict[int, int] = {}  # id of a group's fields -> its number in the script
+        group_args: list[str] = []
+        job_args: list[Any] = []
+        for job in jobs:
+            message = job.message
+            number = groups.get(id(job.group))
+            if number is None:
+                number = groups[id(job.group)] = len(groups) + 1
+                group_args.append(fields_json(job.group))
+            message.options["redis_message_id"] = message.message_id  # a new message: no copy needed
             if before:
                 self.emit_before("enqueue", message, None)
-            args += [
-                message.message_id, record.lock_key, record.holder, max(1, record.lock_ttl_ms),
-                rid, message.encode(), fields_json(record.fields),
-            ]  # fmt: skip
-            sent.append(message)
-        replies = self._enqueue_many_recorded(keys=[STATS_KEY, DEAD_KEY], args=args)
-        out: list[str | None] = []
-        for message, reply in zip(sent, replies, strict=True):
-            if reply:
-                out.append(reply.decode())
+                data = message.encode()  # a hook may have changed the payload
             else:
-                out.append(None)
-                if after:
-                    self.emit_after("enqueue", message, None)
+                data = encode(message, job.args_json)
+            lock_ttl = max(1, job.lock_ttl_ms)
+            job_args += [number, message.message_id, job.lock_key, job.holder, lock_ttl, data, job.args_json]
+        head = [JOB_KEY_PREFIX, OPEN_RECORD_TTL_MS, self.namespace, BULK_TOKEN_TTL_MS, len(group_args)]
+        return [STATS_KEY, BULK_TOKEN_PREFIX + new_id()], head + group_args + job_args
+
+    def bulk_replies(self, jobs: Sequence[BulkJob], reply: list[Any]) -> list[str | None]:
+        """For each job of a ``bulk_call``, from its reply: None when enqueued, or the holder value
+        of the job that holds its lock. Enqueued messages get other middleware's ``after_enqueue``."""
+        out: list[str | None] = [None] * len(jobs)
+        for i in range(0, len(reply), 2):
+            out[int(reply[i]) - 1] = reply[i + 1].decode()
+        if self._hooks("after_enqueue", foreign=True):
+            for job, holder in zip(jobs, out, strict=True):
+                if holder is None:
+                    self.emit_after("enqueue", job.message, None)
         return out
+
+    def enqueue_many_recorded(self, jobs: Sequence[BulkJob]) -> list[str | None]:
+        """Enqueue immediate jobs with their records and locks in one script call, in order (see
+        ``bulk_call`` and ``bulk_replies``)."""
+        keys, args = self.bulk_call(jobs)
+        return self.bulk_replies(jobs, self._enqueue_many_recorded(keys=keys, args=args))
+
+    def bulk_stream(self) -> ScriptStream:
+        """A connection to make ``bulk_call`` calls on while preparing the next one."""
+        return ScriptStream(self.client, self._enqueue_many_recorded)
 
     def _enqueue_fused(
         self, message: dramatiq.Message[Any], fused: dict[str, Any], msgs: str, lane: str
     ) -> None:
         """Lock, record and message in one script (``JobRecords`` left them in ``epq_fused``)."""
         record = job_key(message.message_id)
-        keys = [record, STATS_KEY, DEAD_KEY, fused["lock_key"] or record, msgs, lane]
-        args: list[Any] = [message.message_id, fused["now"], fused["ttl"], fused["holder"]]
-        args += [max(1, fused["lock_ttl"]), message.options["redis_message_id"], message.encode()]
-        args.append(fields_json(fused["fields"]))
+        keys = [record, STATS_KEY, fused["lock_key"] or record, msgs, lane]
+        fields = fused["fields"]
+        # the payload as JSON is in the record already, unless a hook of another middleware may
+        # have changed the message
+        data = encode(message, None if self._hooks("before_enqueue", foreign=True) else fields["args"])
+        args: list[Any] = [message.message_id, fused["ttl"], fused["holder"], max(1, fused["lock_ttl"])]
+        args += [message.options["redis_message_id"], data, *flat_fields(fields)]
         current = self._enqueue_recorded(keys=keys, args=args)
         if current:
             holder = current.decode()
