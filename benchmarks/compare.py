@@ -385,8 +385,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--brokers", default="stub,redis,rabbitmq")
-    parser.add_argument("--n", type=int, default=2000, help="jobs per enqueue measurement")
-    parser.add_argument("--rounds", type=int, default=6, help="alternating rounds of single enqueue")
+    parser.add_argument("--n", type=int, default=3000, help="jobs per enqueue measurement")
+    parser.add_argument("--rounds", type=int, default=10, help="alternating rounds of the enqueue measures")
     parser.add_argument("--batch", type=int, default=500, help="requests per enqueue_many call")
     parser.add_argument("--drain", type=int, default=2000, help="backlog the workers drain")
     parser.add_argument("--processes", type=int, default=1)

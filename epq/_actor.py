@@ -140,7 +140,9 @@ class EpqActor(dramatiq.Actor[..., Any]):
     ) -> dramatiq.Message[Any]:
         """Build the message for a validated request (queue, priority and payload checked); its
         id is ``message_id``, or a new one."""
-        return self.message_from(self.check(request, broker), message_id=message_id, **options)
+        checked = self.check(request, broker)
+        options[ARGS_JSON_OPTION] = checked.payload_json  # the record reuses it
+        return self.message_from(checked, message_id=message_id, **options)
 
     def check(self, request: _Request, broker: dramatiq.Broker) -> Checked:
         """What a validated request's message needs, checked against the broker: its queue is
@@ -162,7 +164,6 @@ class EpqActor(dramatiq.Actor[..., Any]):
         self, checked: Checked, *, message_id: str | None = None, **options: Any
     ) -> dramatiq.Message[Any]:
         """The message of a checked request (see ``check``)."""
-        options[ARGS_JSON_OPTION] = checked.payload_json  # the record reuses it
         options.setdefault("epq_priority", checked.priority)
         return dramatiq.Message(
             queue_name=checked.queue,

@@ -7,15 +7,17 @@ the job holding its unique key (an earlier request of the same batch included).
 - Every request is validated first; any bad one raises :class:`~epq.InvalidRequest` naming it
   (``[index].field``) and nothing is enqueued.
 - Redis with epq's state in the same server: each run of up to ``CHUNK`` immediate jobs is one
-  Lua script (locks, records and messages together; no other client sees it half-done). Jobs
-  with a delay go the general way. Requests are handled in order, so of two with the same
-  unique key the earlier one wins.
+  Lua script call (locks, records and messages together; no other client sees it half-done).
+  One call is in flight at a time: the next run's messages are made while Redis runs it, and
+  its results are made while Redis runs the next. Jobs with a delay go the general way.
+  Requests are handled in order, so of two with the same unique key the earlier one wins.
 - Otherwise: one pipelined round trip takes the locks and writes the records, then the broker
   publishes the batch at once (Redis: one MULTI/EXEC; RabbitMQ: one AMQP transaction; stub: in
   memory). If publishing fails, the records and locks of the batch are taken back.
 
 A failure part-way through a batch larger than one run leaves the earlier runs enqueued; the
-error says how many jobs were, and up to which request.
+error says how many jobs were, up to which request, and which requests (those of a call whose
+reply was lost) may have been.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from .brokers import display_url
 from .errors import BrokerUnavailable, DuplicateJob, InvalidRequest
 from .middleware import JobRecords, Uniqueness, _bulk, find_middleware
 from .models import JobInsertResult, _Request
-from .records import ARGS_JSON_OPTION, OPEN_RECORD_TTL_MS, BulkJob, NewRecord, build_fields, to_job_record
+from .records import OPEN_RECORD_TTL_MS, BulkJob, NewRecord, build_fields, to_job_record
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -141,7 +143,6 @@ def _build(runtime: Runtime, run: list[_Job]) -> None:
     uniqueness = find_middleware(broker, Uniqueness)
     for job, message_id in zip(run, new_ids(len(run)), strict=True):
         message = job.actor.message_from(job.checked, message_id=message_id, epq_recorded=1)
-        del message.options[ARGS_JSON_OPTION]  # the record gets it from the job
         lock = uniqueness.lock_for(broker, message, job.delay) if uniqueness is not None else None
         if lock is not None:
             message.options["epq_unique_key"] = lock[0]
