@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import dramatiq
 import pika.exceptions
+import pydantic_core
 import redis
 from dramatiq.errors import BrokerConnectionError
 from pydantic import ValidationError
@@ -298,17 +299,16 @@ def _delay_ms(kind: str, request: _Request, delay: timedelta | int | None, now_m
     return None
 
 
-_strict_json = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
-
-
 def _check_payload(kind: str, payload: dict[str, Any]) -> str:
     """Refuse payloads that are not strict JSON or are larger than ``MAX_PAYLOAD_BYTES``; return
-    the payload as compact JSON."""
+    the payload as compact JSON (UTF-8 text, not ASCII escapes)."""
     try:
-        whole = _strict_json(payload)
-        if len(whole) <= MAX_PAYLOAD_BYTES // 4 or len(whole.encode()) <= MAX_PAYLOAD_BYTES:
-            return whole  # the common case: one dump, and the field-by-field pass only to name a field
-    except ValueError:
+        # the common case: one fast dump, which writes NaN and Infinity as such (so a payload
+        # with neither word is strict JSON); the field-by-field pass below only names a field
+        whole = pydantic_core.to_json(payload, inf_nan_mode="constants")
+        if len(whole) <= MAX_PAYLOAD_BYTES and b"NaN" not in whole and b"Infinity" not in whole:
+            return whole.decode()
+    except pydantic_core.PydanticSerializationError:
         pass
     sizes: dict[str, int] = {}
     for name, value in payload.items():

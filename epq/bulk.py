@@ -39,7 +39,7 @@ from .brokers import display_url
 from .errors import BrokerUnavailable, DuplicateJob, InvalidRequest
 from .middleware import JobRecords, Uniqueness, _bulk, find_middleware
 from .models import JobInsertResult, _Request
-from .records import OPEN_RECORD_TTL_MS, BulkJob, NewRecord, build_fields, to_job_record
+from .records import OPEN_RECORD_TTL_MS, BulkGroup, BulkJob, NewRecord, build_fields, to_job_record
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -137,13 +137,14 @@ def _prepare(
     return jobs
 
 
-def _build(runtime: Runtime, run: list[_Job]) -> None:
-    """Make the messages of a run of checked jobs, and the locks they take."""
+def _build(runtime: Runtime, run: list[_Job], *, holders: bool = True) -> None:
+    """Make the messages of a run of checked jobs, and the locks they take (``holders=False``:
+    without the holder values)."""
     broker = runtime.broker
     uniqueness = find_middleware(broker, Uniqueness)
     for job, message_id in zip(run, new_ids(len(run)), strict=True):
         message = job.actor.message_from(job.checked, message_id=message_id, epq_recorded=1)
-        lock = uniqueness.lock_for(broker, message, job.delay) if uniqueness is not None else None
+        lock = uniqueness.lock_for(broker, message, job.delay, holder=holders) if uniqueness else None
         if lock is not None:
             message.options["epq_unique_key"] = lock[0]
         job.message, job.lock = message, lock
@@ -193,7 +194,7 @@ class _FusedRuns:
         return self.in_flight[0]
 
     def add(self, run: list[_Job]) -> None:
-        _build(self.runtime, run)
+        _build(self.runtime, run, holders=False)  # the script makes the holder values
         bulk_jobs = self._bulk_jobs(run)
         keys, args = self.broker.bulk_call(bulk_jobs)
         if self.stream is None:
@@ -224,7 +225,7 @@ class _FusedRuns:
         return run
 
     def _bulk_jobs(self, run: list[_Job]) -> list[BulkJob]:
-        groups: dict[tuple[Any, ...], dict[str, str]] = {}
+        groups: dict[tuple[Any, ...], BulkGroup] = {}
         out: list[BulkJob] = []
         for job in run:
             message = job.message
@@ -233,10 +234,12 @@ class _FusedRuns:
             key = (job.actor, message.queue_name, priority, attempts, message.message_timestamp)
             group = groups.get(key)
             if group is None:
-                group = build_fields(message, job.actor, "available", self.now, self.now, "-")
-                del group["args"], group["unique_key"]  # the job's own
-                groups[key] = group
-            out.append(BulkJob(message, group, job.checked.payload_json, *(job.lock or ())))
+                fields = build_fields(message, job.actor, "available", self.now, self.now, "-")
+                del fields["args"], fields["unique_key"]  # the job's own
+                # the jobs of a group are of one kind, so their locks (if any) have one ttl
+                tail, ttl = (Uniqueness.holder_tail(message, self.now), job.lock[2]) if job.lock else ("", 0)
+                group = groups[key] = BulkGroup(fields, tail, ttl)
+            out.append(BulkJob(message, group, job.checked.payload_json, job.lock[0] if job.lock else ""))
         return out
 
     def _build_results(self, run: list[_Job]) -> None:

@@ -242,9 +242,15 @@ class Uniqueness(dramatiq.Middleware):
         return None if window is None else self.key_for(message.actor_name, window[1], message.kwargs)
 
     def lock_for(
-        self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int | None
+        self,
+        broker: dramatiq.Broker,
+        message: dramatiq.Message[Any],
+        delay: int | None,
+        *,
+        holder: bool = True,
     ) -> tuple[str, str, int] | None:
-        """The lock ``message`` needs: ``(key, holder value, ttl ms)``, or None without uniqueness.
+        """The lock ``message`` needs: ``(key, holder value, ttl ms)``, or None without uniqueness
+        (``holder=False``: '' for the holder value, for a caller that makes it itself).
 
         The holder value records the job id, its creation and due times, queue and priority, so
         that a duplicate can be answered with the holder's details even without its record.
@@ -254,12 +260,17 @@ class Uniqueness(dramatiq.Middleware):
             return None
         window_ms, unique_by = window
         delay_ms = int(delay or 0)
-        due = self.store.now_ms() + delay_ms
-        holder = (
-            f"{message.message_id}|{message.message_timestamp}|{due}|{q_name(message.queue_name)}|"
-            f"{message.options.get('epq_priority', '')}"
-        )
-        return self.key_for(message.actor_name, unique_by, message.kwargs), holder, window_ms + delay_ms
+        value = ""
+        if holder:
+            tail = self.holder_tail(message, self.store.now_ms() + delay_ms)
+            value = message.message_id + tail
+        return self.key_for(message.actor_name, unique_by, message.kwargs), value, window_ms + delay_ms
+
+    @staticmethod
+    def holder_tail(message: dramatiq.Message[Any], due_ms: int) -> str:
+        """The holder value of ``message``'s lock after its id (``|created|due|queue|priority``)."""
+        queue, priority = q_name(message.queue_name), message.options.get("epq_priority", "")
+        return f"|{message.message_timestamp}|{due_ms}|{queue}|{priority}"
 
     def before_enqueue(
         self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int | None

@@ -54,17 +54,25 @@ class NewRecord(NamedTuple):
     lock_ttl_ms: int = 0
 
 
+class BulkGroup(NamedTuple):
+    """What the jobs of one group of a bulk enqueue share: their record fields but ``args`` and
+    ``unique_key``, and, for jobs that take a lock, their lock's holder value after the job id
+    (see ``Uniqueness.holder_tail``) and ttl."""
+
+    fields: Mapping[str, str]
+    holder_tail: str = ""
+    lock_ttl_ms: int = 0
+
+
 class BulkJob(NamedTuple):
-    """An immediate job for ``enqueue_many_recorded``: its message, the record fields it shares
-    with the other jobs of its group (all but ``args`` and ``unique_key``; jobs of one group pass
-    the same mapping), its payload as JSON and its lock (``lock_key`` '' for none)."""
+    """An immediate job for a bulk enqueue (``LaneRedisBroker.bulk_call``): its message, its group
+    (jobs of one group pass the same object), its payload as JSON and the key it locks ('' for
+    none)."""
 
     message: Any
-    group: Mapping[str, str]
+    group: BulkGroup
     args_json: str
     lock_key: str = ""
-    holder: str = ""
-    lock_ttl_ms: int = 0
 
 
 class RecordStore(Protocol):
@@ -242,8 +250,9 @@ return false
 # KEYS: stats, the call's token (a key of its own: a second run of the same call, which redis-py
 # sends when the first one's reply was lost, finds it and skips the jobs the first run wrote).
 # ARGV: record key prefix, record ttl, Dramatiq's Redis namespace, token ttl, number of groups G,
-# G group fields (JSON objects: record fields but args and unique_key), then 7 per job: group
-# (1..G), id, lock key or '', lock holder, lock ttl, message data, payload (JSON).
+# 3 per group: record fields but args and unique_key (a JSON object), the lock holder value after
+# the job id, the lock ttl; then 5 per job: group (1..G), id, lock key or '', message data,
+# payload (JSON).
 # Returns {position, holder, ...} for the jobs that are duplicates (position: 1 = first job).
 ENQUEUE_MANY_RECORDED = (
     _LUA_TAKE_LOCK
@@ -252,7 +261,7 @@ local prefix, ttl, ns, ngroups = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[5])
 local rerun = not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[4])
 local groups, hashes, lanes = {}, {}, {}
 for g = 1, ngroups do
-  local fields = cjson.decode(ARGV[5 + g])
+  local fields = cjson.decode(ARGV[3 + 3 * g])
   local flat = {}
   for name, value in pairs(fields) do
     flat[#flat + 1] = name
@@ -263,10 +272,11 @@ for g = 1, ngroups do
   hashes[queue .. '.msgs'] = hashes[queue .. '.msgs'] or {}
   lanes[lane] = lanes[lane] or {}
   groups[g] = {flat = flat, n = 0, msgs = hashes[queue .. '.msgs'], ids = lanes[lane],
-    stat = fields['queue'] .. '|' .. fields['priority'] .. '|' .. fields['state']}
+    stat = fields['queue'] .. '|' .. fields['priority'] .. '|' .. fields['state'],
+    tail = ARGV[4 + 3 * g], lock_ttl = ARGV[5 + 3 * g]}
 end
 local out, position = {}, 0
-for i = 6 + ngroups, #ARGV, 7 do
+for i = 6 + 3 * ngroups, #ARGV, 5 do
   position = position + 1
   local group, id, lock = groups[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2]
   local key = prefix .. id
@@ -274,14 +284,14 @@ for i = 6 + ngroups, #ARGV, 7 do
   if rerun and redis.call('EXISTS', key) == 1 then
     current = ''  -- written by the first run of this call
   elseif lock ~= '' then
-    current = take_lock(lock, ARGV[i + 3], ARGV[i + 4], id)
+    current = take_lock(lock, id .. group.tail, group.lock_ttl, id)
   end
   if current == false then
-    redis.call('HSET', key, 'args', ARGV[i + 6], 'unique_key', lock, unpack(group.flat))
+    redis.call('HSET', key, 'args', ARGV[i + 4], 'unique_key', lock, unpack(group.flat))
     redis.call('PEXPIRE', key, ttl)
     group.n = group.n + 1
     group.msgs[#group.msgs + 1] = id
-    group.msgs[#group.msgs + 1] = ARGV[i + 5]
+    group.msgs[#group.msgs + 1] = ARGV[i + 3]
     group.ids[#group.ids + 1] = id
   elseif current ~= '' then
     out[#out + 1] = position

@@ -19,7 +19,7 @@ import epq
 import epq.actors
 from epq import _runtime
 from epq.brokers.redis_lanes import ScriptStream
-from epq.middleware import Uniqueness
+from epq.middleware import JobRecords, Uniqueness
 from epq.testing import HandlerRegistry
 from tests.helpers import message_count, run_until_drained, total_waiting
 from tests.test_contract import ENDPOINT, VALID
@@ -67,6 +67,22 @@ def test_enqueue_many_reports_duplicates_in_the_batch_and_against_held_keys(brok
     assert results[1].job.id == first.job.id  # held before the batch
     assert results[2].job.id == results[0].job.id  # held by an earlier request of the batch
     assert total_waiting(broker) == 3
+
+
+def test_a_duplicate_of_a_job_whose_record_is_gone_is_answered_from_its_lock(
+    broker: dramatiq.Broker,
+) -> None:
+    # the lock's holder value (written by the bulk script on Redis) names the holder's times,
+    # queue and priority
+    svc = epq.QueueService(broker)
+    first = svc.enqueue_many([_index(0, priority=3)])[0].job
+    next(m for m in broker.middleware if isinstance(m, JobRecords)).records.delete(first.id)
+    again = svc.enqueue_many([_index(0)])[0]
+    assert again.unique_skipped_as_duplicate
+    got = again.job
+    assert (got.id, got.queue, got.priority) == (first.id, first.queue, epq.JobPriority.LOW)
+    assert got.created_at == first.created_at
+    assert abs(got.scheduled_at - first.scheduled_at) < timedelta(seconds=1)  # due: now, by the state clock
 
 
 def test_enqueue_many_schedules_the_requests_with_a_run_at(broker: dramatiq.Broker) -> None:

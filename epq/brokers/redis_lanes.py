@@ -312,24 +312,24 @@ class LaneRedisBroker(RedisBroker):
         (immediate jobs with their records and locks). Other middleware's ``before_enqueue``
         hooks run here, for each message."""
         before = self._hooks("before_enqueue", foreign=True)
-        groups: dict[int, int] = {}  # id of a group's fields -> its number in the script
-        group_args: list[str] = []
+        groups: dict[int, int] = {}  # id of a group -> its number in the script
+        group_args: list[Any] = []
         job_args: list[Any] = []
         for job in jobs:
             message = job.message
             number = groups.get(id(job.group))
             if number is None:
                 number = groups[id(job.group)] = len(groups) + 1
-                group_args.append(fields_json(job.group))
+                group = job.group
+                group_args += [fields_json(group.fields), group.holder_tail, max(1, group.lock_ttl_ms)]
             message.options["redis_message_id"] = message.message_id  # a new message: no copy needed
             if before:
                 self.emit_before("enqueue", message, None)
                 data = message.encode()  # a hook may have changed the payload
             else:
                 data = encode(message, job.args_json)
-            lock_ttl = max(1, job.lock_ttl_ms)
-            job_args += [number, message.message_id, job.lock_key, job.holder, lock_ttl, data, job.args_json]
-        head = [JOB_KEY_PREFIX, OPEN_RECORD_TTL_MS, self.namespace, BULK_TOKEN_TTL_MS, len(group_args)]
+            job_args += [number, message.message_id, job.lock_key, data, job.args_json]
+        head = [JOB_KEY_PREFIX, OPEN_RECORD_TTL_MS, self.namespace, BULK_TOKEN_TTL_MS, len(groups)]
         return [STATS_KEY, BULK_TOKEN_PREFIX + new_id()], head + group_args + job_args
 
     def bulk_replies(self, jobs: Sequence[BulkJob], reply: list[Any]) -> list[str | None]:
