@@ -157,7 +157,7 @@ class EpqActor(dramatiq.Actor[..., Any]):
                 kind.name,
                 [{"field": "queue_name", "message": f"no worker serves queue {queue!r} (queues: {served})"}],
             )
-        priority = int(JobPriority(request.priority or kind.priority))
+        priority = int(request.priority or kind.priority)  # both validated already
         payload = request.model_dump(mode="json")
         return Checked(queue, priority, payload, _check_payload(kind.name, payload))
 

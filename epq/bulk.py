@@ -260,7 +260,7 @@ def _enqueued(jobs: list[_Job], created: dict[int, datetime]) -> list[JobInsertR
         if ms not in created:
             created[ms] = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
         record = job.actor.record_fields(job.message, job.request, created[ms])
-        out.append({"job": record, "unique_skipped_as_duplicate": False})
+        out.append({"job": record})  # unique_skipped_as_duplicate: False
     return _RESULTS.validate_python(out)
 
 

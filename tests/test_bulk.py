@@ -10,10 +10,10 @@ import dramatiq
 import pika.exceptions
 import pytest
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 import epq
 import epq.actors

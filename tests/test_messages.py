@@ -1,0 +1,80 @@
+"""epq's message ids and its fast message encoding (epq._messages)."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any
+
+import dramatiq
+import pydantic_core
+import pytest
+from dramatiq.encoder import PickleEncoder
+
+from epq import _messages
+
+
+def test_ids_are_distinct_version_4_uuids() -> None:
+    ids = _messages.new_ids(1000) + [_messages.new_id() for _ in range(1000)]
+    assert len(set(ids)) == 2000
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_never_makes_its_parents_next_ids() -> None:
+    _messages.new_id()  # the parent now holds ids made ahead
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.write(write, json.dumps([_messages.new_id() for _ in range(50)]).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = set(json.loads(pipe.read()))
+    os.waitpid(pid, 0)
+    parent = {_messages.new_id() for _ in range(50)}
+    assert len(child) == 50
+    assert not child & parent
+
+
+PAYLOADS: list[dict[str, Any]] = [
+    {},
+    {"endpoint_id": str(uuid.uuid4()), "source": "API", "reason": "", "source_data": {}},
+    {"text": 'quotes " and \\ and \n and é and 中文 and \U0001f600', "none": None, "flag": True},
+    {"nested": {"list": [1, 2.5, -3, 10**30, {"deep": [None, False]}]}, "big": -(2**70)},
+]
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_the_fast_encoding_decodes_to_what_dramatiq_encodes(payload: dict[str, Any]) -> None:
+    message: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name="endpoint-index",
+        actor_name="index_endpoint",
+        args=(),
+        kwargs=payload,
+        options={"epq_priority": 2, "epq_unique_key": "epq:unique:x:ab", "redis_message_id": "r"},
+    )
+    payload_json = pydantic_core.to_json(payload).decode()  # as the actor's payload check makes it
+    fast = _messages.encode(message, payload_json)
+    assert json.loads(fast) == json.loads(message.encode())
+    assert dramatiq.Message.decode(fast) == message
+
+
+def test_the_fast_encoding_stands_aside_when_it_cannot_be_sure() -> None:
+    message: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name="q", actor_name="a", args=(1,), kwargs={}, options={}
+    )
+    assert _messages.encode(message, "{}") == message.encode()  # positional args
+    plain: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name="q", actor_name="a", args=(), kwargs={}, options={}
+    )
+    assert _messages.encode(plain, None) == plain.encode()  # no payload JSON
+    old = dramatiq.get_encoder()
+    dramatiq.set_encoder(PickleEncoder())
+    try:
+        assert _messages.encode(plain, "{}") == plain.encode()  # not Dramatiq's JSON encoder
+    finally:
+        dramatiq.set_encoder(old)
