@@ -199,6 +199,10 @@ class EpqActor(dramatiq.Actor[..., Any]):
             raise BrokerUnavailable(
                 f"could not enqueue {self.actor_name} on {display_url(target)}: {exc!r}"
             ) from exc
+        finally:
+            # the payload JSON went with the copy the broker enqueued; the caller's copy keeps
+            # none, so that a message made from it (say with other kwargs) cannot carry it
+            message.options.pop(ARGS_JSON_OPTION, None)
         return message
 
     @staticmethod

@@ -6,7 +6,7 @@ the job holding its unique key (an earlier request of the same batch included).
 
 - Every request is validated first; any bad one raises :class:`~epq.InvalidRequest` naming it
   (``[index].field``) and nothing is enqueued.
-- Redis with epq's state in the same server: each run of up to ``CHUNK`` immediate jobs is one
+- Redis with epq's state in the same server: each run of up to ``SCRIPT_RUN`` immediate jobs is one
   Lua script call (locks, records and messages together; no other client sees it half-done).
   One call is in flight at a time: the next run's messages are made while Redis runs it, and
   its results are made while Redis runs the next. Jobs with a delay go the general way.
@@ -45,7 +45,10 @@ if TYPE_CHECKING:
     from ._runtime import Runtime
 
 #: Jobs per Lua script (Redis) or per pipeline: bounds how long one script holds Redis.
-CHUNK = 100
+CHUNK = 500
+#: Jobs per script call (Redis with epq's state in it): small enough that making the next call
+#: overlaps well with Redis running this one, and far below what one script can unpack.
+SCRIPT_RUN = 100
 
 
 @dataclass(slots=True)
@@ -70,7 +73,7 @@ def enqueue_many(
     holders: list[str | None] = [None] * len(jobs)
     results: list[JobInsertResult | None] = [None] * len(jobs)
     handled: list[_Job] = []  # jobs whose enqueue (or duplicate answer) is final, in order
-    fused = _FusedRuns(runtime, now, holders, results, handled) if _fused(broker) else None
+    fused = _FusedRuns(runtime, holders, results, handled) if _fused(broker) else None
     token = _bulk.set(True)
     try:
         for run in _runs(jobs, fused is not None):
@@ -86,11 +89,13 @@ def enqueue_many(
     except (redis.RedisError, BrokerConnectionError, pika.exceptions.AMQPError, OSError) as exc:
         enqueued = sum(1 for job in handled if holders[job.index] is None)
         unknown = fused.unknown if fused is not None else []
+        done = (
+            f"requests [0] to [{len(handled) - 1}] were handled, in order" if handled else "none was handled"
+        )
         maybe = f"requests [{unknown[0].index}] to [{unknown[-1].index}] may have been, " if unknown else ""
         raise BrokerUnavailable(
             f"bulk enqueue on {display_url(broker)} failed after {enqueued} of {len(jobs)} jobs were "
-            f"enqueued (requests [0] to [{len(handled) - 1}] were handled, in order; {maybe}the rest "
-            f"were not): {exc!r}"
+            f"enqueued ({done}; {maybe}the rest were not): {exc!r}"
         ) from exc
     finally:
         _bulk.reset(token)
@@ -152,11 +157,13 @@ def _build(runtime: Runtime, run: list[_Job], *, holders: bool = True) -> None:
 
 def _runs(jobs: list[_Job], fused: bool) -> Iterable[list[_Job]]:
     """Consecutive jobs that go the same way (on a fused broker, immediate jobs by script and
-    delayed ones the general way), ``CHUNK`` at most, in request order: so that of two requests
+    delayed ones the general way), ``SCRIPT_RUN`` (immediate jobs on a fused broker) or ``CHUNK``
+    at most, in request order: so that of two requests
     with the same unique key, the earlier one always wins."""
     run: list[_Job] = []
     for job in jobs:
-        if run and (len(run) >= CHUNK or (fused and bool(run[0].delay) != bool(job.delay))):
+        limit = SCRIPT_RUN if fused and not job.delay else CHUNK
+        if run and (len(run) >= limit or (fused and bool(run[0].delay) != bool(job.delay))):
             yield run
             run = []
         run.append(job)
@@ -172,14 +179,12 @@ class _FusedRuns:
     def __init__(
         self,
         runtime: Runtime,
-        now: int,
         holders: list[str | None],
         results: list[JobInsertResult | None],
         handled: list[_Job],
     ) -> None:
         self.runtime = runtime
         self.broker: Any = runtime.broker
-        self.now = now
         self.holders, self.results, self.handled = holders, results, handled
         self.stream: Any = None
         self.in_flight: tuple[list[_Job], list[BulkJob]] | None = None
@@ -208,7 +213,16 @@ class _FusedRuns:
         self._build_results(self._collect())
 
     def close(self) -> None:
-        if self.stream is not None:
+        """Give the connection back. A call still in flight (another error came first) has its
+        reply read first: its jobs are then known, and it cannot run after later commands."""
+        if self.stream is None:
+            return
+        try:
+            if self.in_flight is not None and self.stream.call is not None:  # sent, not read
+                self._collect()
+        except (redis.RedisError, OSError):
+            pass  # the connection is dropped below; the error that came first is the one raised
+        finally:
             self.stream.__exit__(None, None, None)
             self.stream = None
 
@@ -234,10 +248,11 @@ class _FusedRuns:
             key = (job.actor, message.queue_name, priority, attempts, message.message_timestamp)
             group = groups.get(key)
             if group is None:
-                fields = build_fields(message, job.actor, "available", self.now, self.now, "-")
+                created = message.message_timestamp  # due at once: scheduled when created
+                fields = build_fields(message, job.actor, "available", created, created, "-")
                 del fields["args"], fields["unique_key"]  # the job's own
                 # the jobs of a group are of one kind, so their locks (if any) have one ttl
-                tail, ttl = (Uniqueness.holder_tail(message, self.now), job.lock[2]) if job.lock else ("", 0)
+                tail, ttl = (Uniqueness.holder_tail(message, created), job.lock[2]) if job.lock else ("", 0)
                 group = groups[key] = BulkGroup(fields, tail, ttl)
             out.append(BulkJob(message, group, job.checked.payload_json, job.lock[0] if job.lock else ""))
         return out

@@ -27,8 +27,8 @@ from .state import LUA_SET_STATE as _LUA_SET_STATE
 MAX_ERRORS = 25
 #: Records of jobs that have not finished expire after this long without a transition.
 OPEN_RECORD_TTL_MS = 30 * 24 * 3600 * 1000
-#: Each bulk enqueue script call leaves a token key this long, so that redis-py resending the
-#: call after a lost reply (see ENQUEUE_MANY_RECORDED) cannot enqueue a job twice.
+#: Each bulk enqueue script call leaves its reply under a token key this long, so that sending the
+#: call again after its reply was lost (see ENQUEUE_MANY_RECORDED) cannot enqueue a job twice.
 BULK_TOKEN_PREFIX = KEY_PREFIX + "bulk:"
 BULK_TOKEN_TTL_MS = 5 * 60 * 1000
 
@@ -247,8 +247,9 @@ return false
 # (kind, queue, priority, attempts, creation time); each job brings its id, lock, message and
 # payload. Counters, message hashes and lanes are written once per group, not once per job; ids
 # go onto each lane in request order. A job's redis message id is its id.
-# KEYS: stats, the call's token (a key of its own: a second run of the same call, which redis-py
-# sends when the first one's reply was lost, finds it and skips the jobs the first run wrote).
+# KEYS: stats, the call's token (a key of its own, where the first run of a call leaves its reply:
+# a second run of the same call, sent when the first one's reply was lost, returns that reply and
+# writes nothing).
 # ARGV: record key prefix, record ttl, Dramatiq's Redis namespace, token ttl, number of groups G,
 # 3 per group: record fields but args and unique_key (a JSON object), the lock holder value after
 # the job id, the lock ttl; then 5 per job: group (1..G), id, lock key or '', message data,
@@ -257,8 +258,9 @@ return false
 ENQUEUE_MANY_RECORDED = (
     _LUA_TAKE_LOCK
     + """
+local done = redis.call('GET', KEYS[2])
+if done then return cjson.decode(done) end
 local prefix, ttl, ns, ngroups = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[5])
-local rerun = not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[4])
 local groups, hashes, lanes = {}, {}, {}
 for g = 1, ngroups do
   local fields = cjson.decode(ARGV[3 + 3 * g])
@@ -281,11 +283,7 @@ for i = 6 + 3 * ngroups, #ARGV, 5 do
   local group, id, lock = groups[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2]
   local key = prefix .. id
   local current = false
-  if rerun and redis.call('EXISTS', key) == 1 then
-    current = ''  -- written by the first run of this call
-  elseif lock ~= '' then
-    current = take_lock(lock, id .. group.tail, group.lock_ttl, id)
-  end
+  if lock ~= '' then current = take_lock(lock, id .. group.tail, group.lock_ttl, id) end
   if current == false then
     redis.call('HSET', key, 'args', ARGV[i + 4], 'unique_key', lock, unpack(group.flat))
     redis.call('PEXPIRE', key, ttl)
@@ -293,11 +291,12 @@ for i = 6 + 3 * ngroups, #ARGV, 5 do
     group.msgs[#group.msgs + 1] = id
     group.msgs[#group.msgs + 1] = ARGV[i + 3]
     group.ids[#group.ids + 1] = id
-  elseif current ~= '' then
+  else
     out[#out + 1] = position
     out[#out + 1] = current
   end
 end
+-- (unpack takes a few thousand values at most: bulk.SCRIPT_RUN keeps calls well under that)
 for _, group in ipairs(groups) do
   if group.n > 0 then redis.call('HINCRBY', KEYS[1], group.stat, group.n) end
 end
@@ -307,6 +306,7 @@ end
 for key, ids in pairs(lanes) do
   if #ids > 0 then redis.call('RPUSH', key, unpack(ids)) end
 end
+redis.call('SET', KEYS[2], cjson.encode(out), 'PX', ARGV[4])
 return out
 """
 )

@@ -21,9 +21,9 @@ from epq import _runtime
 from epq.brokers.redis_lanes import ScriptStream
 from epq.middleware import JobRecords, Uniqueness
 from epq.testing import HandlerRegistry
-from tests.helpers import message_count, run_until_drained, total_waiting
+from tests.helpers import message_count, run_until_drained, total_waiting, wait_for
 from tests.test_contract import ENDPOINT, VALID
-from tests.test_priority import _request
+from tests.test_priority import StartLog, _request
 
 
 def _index(n: int, **extra: Any) -> epq.EnqueueIndexEndpointRequest:
@@ -186,7 +186,7 @@ def test_enqueue_many_on_redis_is_one_round_trip_per_chunk(
         original(self, command, check_health)
 
     monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
-    n = 2 * bulk.CHUNK
+    n = 2 * bulk.SCRIPT_RUN
     results = svc.enqueue_many([_index(i) for i in range(n)])
     monkeypatch.undo()
     assert len(results) == n
@@ -304,3 +304,164 @@ def test_bulk_enqueue_gives_a_server_that_lost_its_scripts_the_script_again(
     results = svc.enqueue_many([_index(n) for n in range(1, 4)])
     assert [r.unique_skipped_as_duplicate for r in results] == [False] * 3
     assert message_count(redis_broker, "default") == 4
+
+
+class _Stamp(dramatiq.Middleware):
+    """Another application's middleware: changes each message on its way in, notes each one in."""
+
+    def __init__(self) -> None:
+        self.enqueued: list[str] = []
+
+    def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: Any) -> None:
+        message.options["stamp"] = "yes"
+        message.kwargs["reason"] = "stamped"
+
+    def after_enqueue(self, broker: dramatiq.Broker, message: Any, delay: Any) -> None:
+        self.enqueued.append(message.message_id)
+
+
+def test_other_middleware_sees_and_may_change_each_job_of_a_batch(
+    broker: dramatiq.Broker, epq_handlers: HandlerRegistry
+) -> None:
+    from dramatiq.middleware import CurrentMessage
+
+    stamp = _Stamp()
+    broker.add_middleware(stamp)
+    seen: list[tuple[str, Any]] = []
+    epq_handlers.register(
+        "index_endpoint",
+        lambda request: seen.append(
+            (request.reason, CurrentMessage.get_current_message().options.get("stamp"))
+        ),
+    )
+    svc = epq.QueueService(broker)
+    results = svc.enqueue_many([_index(0), _index(1), _index(0)])  # the last one a duplicate
+    single = epq.actors.index_endpoint.send(**_index(2).model_dump(mode="json"))
+    run_until_drained(broker)
+    assert seen == [("stamped", "yes")] * 3  # what the hook changed is what the job got
+    assert stamp.enqueued == [results[0].job.id, results[1].job.id, single.message_id]
+
+
+class _Refuse(dramatiq.Middleware):
+    """Refuses the ``n``-th message it sees (``error``: the exception it raises)."""
+
+    def __init__(self, n: int, error: Exception) -> None:
+        self.n, self.error, self.seen = n, error, 0
+
+    def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: Any) -> None:
+        self.seen += 1
+        if self.seen == self.n:
+            raise self.error
+
+
+def test_a_middleware_error_part_way_leaves_the_earlier_runs_enqueued_once(
+    broker: dramatiq.Broker,
+) -> None:
+    from dramatiq.middleware import MiddlewareError
+
+    from epq import bulk
+
+    # on Redis, refused while the first run's call is in flight (its reply is still read); on
+    # the other brokers the whole batch is one run, refused before it is published
+    broker.add_middleware(_Refuse(bulk.SCRIPT_RUN + 50, MiddlewareError("refused")))
+    svc = epq.QueueService(broker)
+    with pytest.raises(MiddlewareError):
+        svc.enqueue_many([_index(i) for i in range(2 * bulk.SCRIPT_RUN)])
+    enqueued = total_waiting(broker)
+    assert enqueued == (bulk.SCRIPT_RUN if bulk._fused(broker) else 0)
+    # the connection is as good as before: the rest go in, and the earlier ones are duplicates
+    results = svc.enqueue_many([_index(i) for i in range(2 * bulk.SCRIPT_RUN)])
+    assert sum(r.unique_skipped_as_duplicate for r in results) == enqueued
+    assert total_waiting(broker) == 2 * bulk.SCRIPT_RUN
+
+
+def test_an_error_in_another_middleware_is_logged_and_the_batch_goes_on(broker: dramatiq.Broker) -> None:
+    broker.add_middleware(_Refuse(2, RuntimeError("a bug elsewhere")))  # as Dramatiq's emit does
+    results = epq.QueueService(broker).enqueue_many([_index(i) for i in range(3)])
+    assert not any(r.unique_skipped_as_duplicate for r in results)
+    assert total_waiting(broker) == 3
+
+
+def test_one_key_across_runs_and_ways_goes_to_the_earliest_request(broker: dramatiq.Broker) -> None:
+    from epq import bulk
+
+    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    requests = [_index(i) for i in range(bulk.SCRIPT_RUN)]  # a whole run
+    requests += [_index(0), _index(500, run_at=later), _index(500), _index(1, run_at=later)]
+    results = epq.QueueService(broker).enqueue_many(requests)
+    skipped = [r.unique_skipped_as_duplicate for r in results]
+    assert skipped == [False] * bulk.SCRIPT_RUN + [True, False, True, True]
+    n = bulk.SCRIPT_RUN
+    assert results[n].job.id == results[0].job.id
+    assert results[n + 2].job.id == results[n + 1].job.id
+    assert results[n + 3].job.id == results[1].job.id
+
+
+def test_one_call_with_kinds_and_priorities_sharing_a_queue_is_served_in_order(
+    broker: dramatiq.Broker, epq_handlers: HandlerRegistry
+) -> None:
+    log = StartLog(epq_handlers)
+    svc = epq.QueueService(broker)
+    requests: list[Any] = []
+    kinds = ["index_endpoint", "register_job", "index_endpoint", "register_source"] * 2
+    priorities = [3, 1, None, 3, 4, 1, None, 3]
+    for n, (kind, priority) in enumerate(zip(kinds, priorities, strict=True)):
+        requests.append((kind, _request(kind, n, priority)))
+    results = svc.enqueue_many(requests)
+    counters = {(row["queue"], row["priority"]): row["waiting"] for row in svc.stats()}
+    assert counters == {("default", 1): 2, ("default", 2): 2, ("default", 3): 3, ("default", 4): 1}
+    worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=1)
+    worker.start()
+    try:
+        assert wait_for(lambda: len(log.started) == len(requests), timeout=30)
+    finally:
+        worker.stop()
+    expected = sorted(range(len(results)), key=lambda i: (results[i].job.priority, i))
+    assert log.started == [results[i].job.id for i in expected]
+
+
+@pytest.mark.redis
+def test_a_lost_reply_in_the_middle_of_a_batch_is_reported_with_the_requests_it_covers(
+    redis_broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from epq import bulk
+
+    reads = [0]
+    original = ScriptStream.read
+
+    def read(self: ScriptStream) -> Any:
+        reads[0] += 1
+        if reads[0] == 2:
+            self.conn.disconnect()
+            self.call = None
+            raise redis.ConnectionError("reply lost")
+        return original(self)
+
+    monkeypatch.setattr(ScriptStream, "read", read)
+    run = bulk.SCRIPT_RUN
+    with pytest.raises(epq.BrokerUnavailable) as failed:
+        epq.QueueService(redis_broker).enqueue_many([_index(i) for i in range(3 * run)])
+    text = str(failed.value)
+    assert f"failed after {run} of {3 * run} jobs" in text
+    assert f"requests [0] to [{run - 1}] were handled" in text
+    assert f"requests [{run}] to [{2 * run - 1}] may have been" in text
+
+
+@pytest.mark.redis
+def test_a_bulk_call_run_again_returns_its_first_reply_and_writes_nothing(
+    redis_broker: dramatiq.Broker,
+) -> None:
+    # even when a job's record is gone in between (say, purged), it is not enqueued again
+    from epq import bulk
+
+    runtime = _runtime.current()
+    assert runtime is not None
+    jobs = bulk._prepare(runtime, [(epq.actors.index_endpoint, _index(i)) for i in range(3)], 0)
+    bulk._build(runtime, jobs, holders=False)
+    fused = bulk._FusedRuns(runtime, [None] * 3, [None] * 3, [])
+    keys, args = redis_broker.bulk_call(fused._bulk_jobs(jobs))  # type: ignore[attr-defined]
+    script = redis_broker._enqueue_many_recorded  # type: ignore[attr-defined]
+    first = script(keys=keys, args=args)
+    runtime.records.delete(jobs[0].message.message_id)
+    assert script(keys=keys, args=args) == first
+    assert message_count(redis_broker, "default") == 3

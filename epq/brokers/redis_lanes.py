@@ -27,7 +27,6 @@ from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import MAINTENANCE_SCALE, RedisBroker, _RedisConsumer
 from dramatiq.common import compute_backoff, current_millis
 from dramatiq.errors import ConnectionClosed, DecodeError
-from dramatiq.middleware import MiddlewareError
 
 from .._messages import encode, new_id
 from ..errors import DuplicateJob
@@ -148,9 +147,9 @@ class ScriptStream:
     its reply: the caller prepares the next call (or works on the last reply) while Redis runs
     the script. ``send`` then ``read``, in turns; use it as a context manager.
 
-    A connection that breaks before the reply is read is opened again and the call sent again,
-    as redis-py does for its own calls (so the script must be safe to run twice with the same
-    arguments); a server that has lost the script is given it again.
+    A connection that breaks before the reply is read is opened again and the call sent again, as
+    often as the connection's retry policy allows (so the script must be safe to run twice with
+    the same arguments); a server that has lost the script is given it again.
     """
 
     def __init__(self, client: redis.Redis[bytes], script: Any) -> None:
@@ -205,6 +204,7 @@ class ScriptStream:
             try:
                 return self.conn.retry.call_with_retry(attempt, failed)
             except redis.exceptions.NoScriptError:
+                self.reached = False  # it did not run
                 self.conn.send_command("SCRIPT", "LOAD", self.script.script)
                 sha = self.conn.read_response()
                 self.script.sha = sha.decode() if isinstance(sha, bytes) else sha
@@ -217,18 +217,17 @@ class ScriptStream:
             self.call = None
 
 
-def foreign_hooks(
-    broker: dramatiq.Broker, name: str, *, keep_bulk_aware: bool = False
-) -> list[dramatiq.Middleware]:
-    """The broker's middleware with a ``name`` hook of their own, but for epq's own middleware
-    that a bulk enqueue stands in for (``epq_bulk_aware``; kept with ``keep_bulk_aware``): a bulk
-    enqueue skips emitting a signal nobody else listens to."""
+def foreign_hooks(broker: dramatiq.Broker, name: str) -> list[dramatiq.Middleware]:
+    """The broker's middleware whose ``name`` hook is not Dramatiq's no-op (one set on the
+    instance counts), but for epq's own middleware that a bulk enqueue stands in for
+    (``epq_bulk_aware``): a bulk enqueue skips emitting a signal nobody else listens to."""
     base = getattr(dramatiq.Middleware, name)
-    return [
-        m
-        for m in broker.middleware
-        if getattr(type(m), name) is not base and (keep_bulk_aware or not getattr(m, "epq_bulk_aware", False))
-    ]
+    hooked = []
+    for middleware in broker.middleware:
+        hook = getattr(middleware, name)
+        if getattr(hook, "__func__", hook) is not base and not getattr(middleware, "epq_bulk_aware", False):
+            hooked.append(middleware)
+    return hooked
 
 
 class LaneRedisBroker(RedisBroker):
@@ -249,31 +248,6 @@ class LaneRedisBroker(RedisBroker):
         self._ack_completed = self.client.register_script(_ACK_COMPLETED)
         self._enqueue_many_recorded = self.client.register_script(ENQUEUE_MANY_RECORDED)
         self._unstart = self.client.register_script(_UNSTART)
-        self._hooks_cache: dict[tuple[str, bool], tuple[list[Any], list[dramatiq.Middleware]]] = {}
-
-    def _hooks(self, name: str, *, foreign: bool = False) -> list[dramatiq.Middleware]:
-        """The middleware with a ``name`` hook of their own (``foreign``: but for those a bulk
-        enqueue stands in for, see ``foreign_hooks``), worked out again when the middleware change."""
-        cached = self._hooks_cache.get((name, foreign))
-        if cached is None or cached[0] != self.middleware:  # compares the items by identity first
-            hooks = foreign_hooks(self, name, keep_bulk_aware=not foreign)
-            cached = self._hooks_cache[(name, foreign)] = (list(self.middleware), hooks)
-        return cached[1]
-
-    def _emit_enqueue(self, when: str, message: dramatiq.Message[Any]) -> None:
-        """``emit_before``/``emit_after("enqueue", message, None)``, calling only the middleware
-        that have the hook (the others' is Dramatiq's no-op); errors are handled as there."""
-        name = f"{when}_enqueue"
-        hooks = self._hooks(name)
-        for middleware in hooks if when == "before" else reversed(hooks):
-            try:
-                getattr(middleware, name)(self, message, None)
-            except MiddlewareError:
-                if when == "before":
-                    raise
-                self.logger.critical("Unexpected failure in %s of %r.", name, middleware, exc_info=True)
-            except Exception:
-                self.logger.critical("Unexpected failure in %s of %r.", name, middleware, exc_info=True)
 
     def lane_keys(self, queue_name: str) -> list[str]:
         return [redis_lane_key(self.namespace, queue_name, lane) for lane in LANES]
@@ -285,14 +259,14 @@ class LaneRedisBroker(RedisBroker):
         rid = message.options["redis_message_id"]
         queue = message.queue_name
         lane = redis_lane_key(self.namespace, queue, lane_of(message.options))
-        self._emit_enqueue("before", message)
+        self.emit_before("enqueue", message, None)
         fused = message.options.pop("epq_fused", None)
         msgs = f"{self.namespace}:{queue}.msgs"
         if fused is None:
             self._lane_enqueue(keys=[msgs, lane], args=[rid, message.encode()])
         else:
             self._enqueue_fused(message, fused, msgs, lane)
-        self._emit_enqueue("after", message)
+        self.emit_after("enqueue", message, None)
         return message
 
     def lane_enqueue(self, message: dramatiq.Message[Any], *, pipe: Any = None) -> None:
@@ -311,7 +285,7 @@ class LaneRedisBroker(RedisBroker):
         """The keys and arguments of one ``ENQUEUE_MANY_RECORDED`` call enqueueing ``jobs``
         (immediate jobs with their records and locks). Other middleware's ``before_enqueue``
         hooks run here, for each message."""
-        before = self._hooks("before_enqueue", foreign=True)
+        before = foreign_hooks(self, "before_enqueue")
         groups: dict[int, int] = {}  # id of a group -> its number in the script
         group_args: list[Any] = []
         job_args: list[Any] = []
@@ -338,7 +312,7 @@ class LaneRedisBroker(RedisBroker):
         out: list[str | None] = [None] * len(jobs)
         for i in range(0, len(reply), 2):
             out[int(reply[i]) - 1] = reply[i + 1].decode()
-        if self._hooks("after_enqueue", foreign=True):
+        if foreign_hooks(self, "after_enqueue"):
             for job, holder in zip(jobs, out, strict=True):
                 if holder is None:
                     self.emit_after("enqueue", job.message, None)
@@ -361,9 +335,7 @@ class LaneRedisBroker(RedisBroker):
         record = job_key(message.message_id)
         keys = [record, STATS_KEY, fused["lock_key"] or record, msgs, lane]
         fields = fused["fields"]
-        # the payload as JSON is in the record already, unless a hook of another middleware may
-        # have changed the message
-        data = encode(message, None if self._hooks("before_enqueue", foreign=True) else fields["args"])
+        data = message.encode()  # (not from the record's payload JSON: a hook may have changed it)
         args: list[Any] = [message.message_id, fused["ttl"], fused["holder"], max(1, fused["lock_ttl"])]
         args += [message.options["redis_message_id"], data, *flat_fields(fields)]
         current = self._enqueue_recorded(keys=keys, args=args)
