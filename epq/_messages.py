@@ -2,8 +2,9 @@
 
 - :func:`new_ids` and :func:`new_id` make random (version 4) UUID strings, like Dramatiq's
   ``generate_unique_id``, from one read of the OS's random source for many ids.
-- :func:`encode` gives the bytes Dramatiq's default JSON encoder gives for an epq message, reusing
-  the payload JSON the actor already made (the payload is the bulk of a message).
+- :func:`encode` encodes an epq message as Dramatiq's default JSON encoder does (the same JSON
+  once decoded; non-ASCII text stays UTF-8 in the payload), reusing the payload JSON the actor
+  already made (the payload is the bulk of a message).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def new_id() -> str:
 
 
 def encode(message: dramatiq.Message[Any], kwargs_json: str | None) -> bytes:
-    """``message.encode()``, faster when the encoder is Dramatiq's default JSON one and
-    ``kwargs_json`` is the compact JSON of ``message.kwargs`` (as ``_check_payload`` returns it)."""
+    """``message.encode()`` (the same once decoded), faster when the encoder is Dramatiq's default
+    JSON one and ``kwargs_json`` is the JSON of ``message.kwargs`` (as ``_check_payload`` makes it)."""
     if kwargs_json is None or message.args or type(dramatiq.get_encoder()) is not JSONEncoder:
         return message.encode()
     return (

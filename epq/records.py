@@ -204,13 +204,11 @@ return false
 )
 
 # Lua: write a record that does not exist yet, from the name, value pairs ARGV[first], ... (a
-# state that is not 'discarded' among them), and count it.
+# state that is not 'discarded' among them), and count it under ``group`` (queue|priority|state).
 _LUA_WRITE_FRESH = """
-local function write_fresh(key, stats, ttl, first)
-  local f = {}
-  for i = first, #ARGV, 2 do f[ARGV[i]] = ARGV[i + 1] end
+local function write_fresh(key, stats, ttl, first, group)
   redis.call('HSET', key, unpack(ARGV, first))
-  redis.call('HINCRBY', stats, f['queue'] .. '|' .. f['priority'] .. '|' .. f['state'], 1)
+  redis.call('HINCRBY', stats, group, 1)
   redis.call('PEXPIRE', key, ttl)
 end
 """
@@ -219,9 +217,9 @@ end
 # round trip: take the uniqueness lock (if ARGV[3] is not ''), write the record, and put the
 # message on its priority lane (see epq.brokers.redis_lanes).
 # KEYS: record, stats, lock (any key when there is no lock), message hash, lane;
-# ARGV: id, record ttl, lock holder or '', lock ttl, redis message id, message data, then the
-# record's fields as name, value pairs (not one JSON argument: decoding it costs Redis more than
-# the extra arguments).
+# ARGV: id, record ttl, lock holder or '', lock ttl, redis message id, message data, the record's
+# counter (queue|priority|state), then its fields as name, value pairs (not one JSON argument:
+# decoding it costs Redis more than the extra arguments).
 # Returns false when enqueued, the lock's holder value when another job holds it.
 ENQUEUE_RECORDED = (
     _LUA_TAKE_LOCK
@@ -234,7 +232,7 @@ if ARGV[3] ~= '' then
   local current = take_lock(KEYS[3], ARGV[3], ARGV[4], ARGV[1])
   if current then return current end
 end
-write_fresh(KEYS[1], KEYS[2], ARGV[2], 7)
+write_fresh(KEYS[1], KEYS[2], ARGV[2], 8, ARGV[7])
 redis.call('HSET', KEYS[4], ARGV[5], ARGV[6])
 redis.call('RPUSH', KEYS[5], ARGV[5])
 return false

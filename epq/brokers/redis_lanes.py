@@ -337,7 +337,8 @@ class LaneRedisBroker(RedisBroker):
         fields = fused["fields"]
         data = message.encode()  # (not from the record's payload JSON: a hook may have changed it)
         args: list[Any] = [message.message_id, fused["ttl"], fused["holder"], max(1, fused["lock_ttl"])]
-        args += [message.options["redis_message_id"], data, *flat_fields(fields)]
+        counter = f"{fields['queue']}|{fields['priority']}|{fields['state']}"
+        args += [message.options["redis_message_id"], data, counter, *flat_fields(fields)]
         current = self._enqueue_recorded(keys=keys, args=args)
         if current:
             holder = current.decode()
