@@ -225,28 +225,6 @@ def test_of_two_requests_with_one_key_the_earlier_wins_even_when_it_is_delayed(
 
 
 @pytest.mark.redis
-def test_a_retried_enqueue_script_does_not_push_the_job_twice(redis_broker: dramatiq.Broker) -> None:
-    # redis-py retries a call whose reply was lost: the script may run twice with the same args
-    calls: list[dict[str, Any]] = []
-    script = redis_broker._enqueue_recorded  # type: ignore[attr-defined]
-
-    def twice(**kwargs: Any) -> Any:
-        calls.append(kwargs)
-        script(**kwargs)
-        return script(**kwargs)
-
-    redis_broker._enqueue_recorded = twice  # type: ignore[attr-defined]
-    try:
-        result = epq.QueueService(redis_broker).enqueue_index_endpoint(_index(0))
-    finally:
-        redis_broker._enqueue_recorded = script  # type: ignore[attr-defined]
-    assert len(calls) == 1
-    assert result.unique_skipped_as_duplicate is False
-    assert message_count(redis_broker, "default") == 1
-    counters = epq.QueueService(redis_broker).stats()
-    assert [(row["queue"], row["waiting"]) for row in counters] == [("default", 1)]
-
-
 def _lose_first_reply(monkeypatch: pytest.MonkeyPatch, retries: int) -> None:
     """The first bulk script call runs, but its reply is lost on the way back."""
     enter = ScriptStream.__enter__
@@ -465,3 +443,25 @@ def test_a_bulk_call_run_again_returns_its_first_reply_and_writes_nothing(
     runtime.records.delete(jobs[0].message.message_id)
     assert script(keys=keys, args=args) == first
     assert message_count(redis_broker, "default") == 3
+
+
+@pytest.mark.redis
+def test_a_single_enqueue_sent_again_after_its_reply_was_lost_pushes_the_job_once(
+    redis_broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _lose_first_reply(monkeypatch, retries=1)
+    svc = epq.QueueService(redis_broker)
+    result = svc.enqueue_index_endpoint(_index(0))
+    monkeypatch.undo()
+    assert result.unique_skipped_as_duplicate is False
+    assert message_count(redis_broker, "default") == 1
+    assert [(row["queue"], row["waiting"]) for row in svc.stats()] == [("default", 1)]
+    # and without a lock to tell a second run by (a job of a kind without uniqueness)
+    _lose_first_reply(monkeypatch, retries=1)
+    message = epq.actors.index_endpoint.send_with_options(
+        kwargs=_index(1).model_dump(mode="json"), unique_for=0
+    )
+    monkeypatch.undo()
+    assert message_count(redis_broker, "default") == 2
+    assert [(row["queue"], row["waiting"]) for row in svc.stats()] == [("default", 2)]
+    assert svc.get_job(message.message_id) is not None

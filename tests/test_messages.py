@@ -63,15 +63,19 @@ def test_the_fast_encoding_decodes_to_what_dramatiq_encodes(payload: dict[str, A
     assert dramatiq.Message.decode(fast) == message
 
 
-def test_the_fast_encoding_stands_aside_when_it_cannot_be_sure() -> None:
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_without_the_payload_json_the_fast_encoding_is_dramatiqs_to_the_byte(payload: dict[str, Any]) -> None:
     message: dramatiq.Message[Any] = dramatiq.Message(
-        queue_name="q", actor_name="a", args=(1,), kwargs={}, options={}
+        queue_name="q", actor_name="a", args=(1, "x"), kwargs=payload, options={"o": [1, None]}
     )
-    assert _messages.encode(message, "{}") == message.encode()  # positional args
+    assert _messages.encode(message) == message.encode()
+    assert _messages.encode(message, "{}") == message.encode()  # positional args: the payload JSON unused
+
+
+def test_the_fast_encoding_stands_aside_for_another_encoder() -> None:
     plain: dramatiq.Message[Any] = dramatiq.Message(
         queue_name="q", actor_name="a", args=(), kwargs={}, options={}
     )
-    assert _messages.encode(plain, None) == plain.encode()  # no payload JSON
     old = dramatiq.get_encoder()
     dramatiq.set_encoder(PickleEncoder())
     try:
