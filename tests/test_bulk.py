@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -225,10 +226,10 @@ def test_of_two_requests_with_one_key_the_earlier_wins_even_when_it_is_delayed(
 
 
 @pytest.mark.redis
-def _lose_first_reply(monkeypatch: pytest.MonkeyPatch, retries: int) -> None:
-    """The first bulk script call runs, but its reply is lost on the way back."""
+def _lose_replies(monkeypatch: pytest.MonkeyPatch, retries: int, lost: int = 1) -> None:
+    """The script calls run, but the first ``lost`` replies are lost on the way back."""
     enter = ScriptStream.__enter__
-    lost = [False]
+    left = [lost]
 
     def entered(self: ScriptStream) -> ScriptStream:
         out = enter(self)
@@ -236,8 +237,8 @@ def _lose_first_reply(monkeypatch: pytest.MonkeyPatch, retries: int) -> None:
 
         def read_response(*args: Any, **kwargs: Any) -> Any:
             reply = read(*args, **kwargs)
-            if not lost[0]:
-                lost[0] = True
+            if left[0] > 0:
+                left[0] -= 1
                 self.conn.disconnect()
                 raise redis.ConnectionError("reply lost")
             return reply
@@ -253,7 +254,7 @@ def _lose_first_reply(monkeypatch: pytest.MonkeyPatch, retries: int) -> None:
 def test_a_bulk_call_sent_again_after_its_reply_was_lost_enqueues_each_job_once(
     redis_broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _lose_first_reply(monkeypatch, retries=1)
+    _lose_replies(monkeypatch, retries=1)
     svc = epq.QueueService(redis_broker)
     results = svc.enqueue_many([_index(n) for n in range(5)] + [_index(0)])
     monkeypatch.undo()
@@ -267,7 +268,7 @@ def test_a_bulk_call_sent_again_after_its_reply_was_lost_enqueues_each_job_once(
 def test_a_bulk_call_whose_reply_never_came_is_reported_as_maybe_enqueued(
     redis_broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _lose_first_reply(monkeypatch, retries=0)
+    _lose_replies(monkeypatch, retries=0, lost=2)
     with pytest.raises(epq.BrokerUnavailable, match=r"requests \[0\] to \[2\] may have been"):
         epq.QueueService(redis_broker).enqueue_many([_index(n) for n in range(3)])
 
@@ -449,7 +450,7 @@ def test_a_bulk_call_run_again_returns_its_first_reply_and_writes_nothing(
 def test_a_single_enqueue_sent_again_after_its_reply_was_lost_pushes_the_job_once(
     redis_broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _lose_first_reply(monkeypatch, retries=1)
+    _lose_replies(monkeypatch, retries=1)
     svc = epq.QueueService(redis_broker)
     result = svc.enqueue_index_endpoint(_index(0))
     monkeypatch.undo()
@@ -457,7 +458,7 @@ def test_a_single_enqueue_sent_again_after_its_reply_was_lost_pushes_the_job_onc
     assert message_count(redis_broker, "default") == 1
     assert [(row["queue"], row["waiting"]) for row in svc.stats()] == [("default", 1)]
     # and without a lock to tell a second run by (a job of a kind without uniqueness)
-    _lose_first_reply(monkeypatch, retries=1)
+    _lose_replies(monkeypatch, retries=1)
     message = epq.actors.index_endpoint.send_with_options(
         kwargs=_index(1).model_dump(mode="json"), unique_for=0
     )
@@ -465,3 +466,34 @@ def test_a_single_enqueue_sent_again_after_its_reply_was_lost_pushes_the_job_onc
     assert message_count(redis_broker, "default") == 2
     assert [(row["queue"], row["waiting"]) for row in svc.stats()] == [("default", 2)]
     assert svc.get_job(message.message_id) is not None
+
+
+@pytest.mark.redis
+def test_an_enqueue_on_a_kept_connection_the_server_closed_goes_through(
+    redis_broker: dramatiq.Broker, redis_client: redis.Redis
+) -> None:
+    svc = epq.QueueService(redis_broker)
+    svc.enqueue_index_endpoint(_index(0))  # leaves a connection kept for the next enqueue
+    kept = redis_broker._kept.idle[-1]  # type: ignore[attr-defined]
+    kept.send_command("CLIENT", "ID")
+    redis_client.client_kill_filter(_id=kept.read_response())  # as a server timeout would
+    assert not svc.enqueue_index_endpoint(_index(1)).unique_skipped_as_duplicate
+    assert not svc.enqueue_many([_index(2)])[0].unique_skipped_as_duplicate
+    assert message_count(redis_broker, "default") == 3
+
+
+@pytest.mark.redis
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_use_its_parents_kept_connections(redis_broker: dramatiq.Broker) -> None:
+    epq.QueueService(redis_broker).enqueue_index_endpoint(_index(0))
+    assert redis_broker._kept.idle  # type: ignore[attr-defined]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.write(write, str(len(redis_broker._kept.idle)).encode())  # type: ignore[attr-defined]
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        assert pipe.read() == "0"
+    os.waitpid(pid, 0)
+    assert redis_broker._kept.idle  # type: ignore[attr-defined]  # the parent keeps its own
