@@ -497,3 +497,28 @@ def test_a_forked_child_does_not_use_its_parents_kept_connections(redis_broker: 
         assert pipe.read() == "0"
     os.waitpid(pid, 0)
     assert redis_broker._kept.idle  # type: ignore[attr-defined]  # the parent keeps its own
+
+
+def test_kept_connections_leave_a_small_pool_most_of_its_connections() -> None:
+    from epq.brokers.redis_lanes import KeptConnections
+
+    class Pool:
+        max_connections = 8
+
+        def __init__(self) -> None:
+            self.released: list[object] = []
+
+        def get_connection(self) -> object:
+            return object()
+
+        def release(self, connection: object) -> None:
+            self.released.append(connection)
+
+    pool = Pool()
+    kept = KeptConnections(pool)
+    taken = [kept.get_connection() for _ in range(5)]
+    for connection in taken:
+        kept.release(connection)
+    assert len(kept.idle) == 2  # a quarter of the pool's 8
+    assert pool.released == taken[2:]
+    assert kept.get_connection() is taken[1]  # the idle ones are used first

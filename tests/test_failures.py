@@ -13,6 +13,7 @@ import redis
 import epq
 import epq.actors
 from epq import _runtime
+from epq.brokers.redis_lanes import ScriptStream
 from epq.schedule import promote_due
 from epq.state import SCHEDULE_DATA_KEY, SCHEDULE_KEY, FakeClock
 from epq.testing import HandlerRegistry, drain
@@ -41,7 +42,7 @@ def test_a_state_store_failure_at_enqueue_is_an_error_and_publishes_nothing(
     # message together: a failure there is the broker's
     fused = getattr(broker, "epq_records_fused", False)
     if fused:
-        monkeypatch.setattr(broker, "_enqueue_recorded", down)
+        monkeypatch.setattr(ScriptStream, "_send", down)  # the script call never reaches Redis
     with pytest.raises(epq.BrokerUnavailable, match="could not enqueue" if fused else "state store"):
         epq.QueueService(broker).enqueue_index_endpoint(VALID["index_endpoint"])
     with pytest.raises(epq.BrokerUnavailable if fused else epq.StateUnavailable):

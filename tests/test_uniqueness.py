@@ -19,6 +19,7 @@ from dramatiq.middleware import SkipMessage
 
 import epq
 from epq import _runtime
+from epq.brokers.redis_lanes import ScriptStream
 from epq.middleware import Uniqueness
 from epq.settings import reset_settings
 from epq.testing import HandlerRegistry, drain
@@ -334,7 +335,7 @@ def broken_publish(broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch) -> 
             raise redis.ConnectionError("simulated publish failure")
 
         monkeypatch.setattr(broker, "_lane_enqueue", fail_enqueue)
-        monkeypatch.setattr(broker, "_enqueue_recorded", fail_enqueue)  # lock + record + message
+        monkeypatch.setattr(ScriptStream, "_send", fail_enqueue)  # lock + record + message
     else:
         assert isinstance(broker, RabbitmqBroker)
 

@@ -149,15 +149,17 @@ class KeptConnections:
     give it back for every enqueue: that skips the pool's bookkeeping and the check it makes of
     each connection it hands out (a system call), about a tenth of an enqueue's time here.
 
-    Same interface as the pool (``get_connection``, ``release``). At most ``keep`` wait idle; a
-    forked child starts without its parent's (their sockets are the parent's). A connection the
+    Same interface as the pool (``get_connection``, ``release``). At most ``keep`` (and a quarter
+    of the pool's limit) wait idle; a forked child starts without its parent's (their sockets are
+    the parent's). A connection the
     server closed while it waited fails on its next call, which ``ScriptStream`` then sends again
     on a new one (the scripts are safe to run twice).
     """
 
     def __init__(self, pool: Any, keep: int = 16) -> None:
         self.pool = pool
-        self.keep = keep
+        # a pool with a small limit must not lose most of its connections to the idle ones here
+        self.keep = min(keep, int(getattr(pool, "max_connections", None) or 2**31) // 4)
         self.idle: list[Any] = []
         _kept.add(self)
 
