@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Any
 
 import dramatiq
@@ -20,6 +21,26 @@ from dramatiq.encoder import JSONEncoder
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 # Compact separators and ASCII escapes: the output of Dramatiq's JSONEncoder.
 _to_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def flat_json(mapping: dict[str, Any], *, ascii: bool = True, sort: bool = False) -> str | None:
+    """The compact JSON of a mapping whose values are all strings, ints or None, as ``json.dumps``
+    with ``separators=(",", ":")`` and that ``ensure_ascii`` and ``sort_keys`` writes it, to the
+    byte (a few times faster for such small mappings); None for any other mapping."""
+    quote = encode_basestring_ascii if ascii else encode_basestring
+    parts = []
+    for name in sorted(mapping) if sort else mapping:
+        value = mapping[name]
+        kind = type(value)
+        if type(name) is not str:
+            return None
+        if kind is str:
+            parts.append(f"{quote(name)}:{quote(value)}")
+        elif kind is int or value is None:
+            parts.append(f"{quote(name)}:{'null' if value is None else value}")
+        else:
+            return None
+    return "{" + ",".join(parts) + "}"
 
 
 def new_ids(n: int) -> list[str]:
@@ -64,8 +85,9 @@ def encode(message: dramatiq.Message[Any], kwargs_json: str | None = None) -> by
             "message_timestamp": message.message_timestamp,
         }  # Message.asdict(), in its order
         return _to_json(fields).encode()
+    options = message.options
     return (
         f'{{"queue_name":{_to_json(message.queue_name)},"actor_name":{_to_json(message.actor_name)},'
-        f'"args":[],"kwargs":{kwargs_json},"options":{_to_json(message.options)},'
+        f'"args":[],"kwargs":{kwargs_json},"options":{flat_json(options) or _to_json(options)},'
         f'"message_id":{_to_json(message.message_id)},"message_timestamp":{int(message.message_timestamp)}}}'
     ).encode()

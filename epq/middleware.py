@@ -30,6 +30,7 @@ from dramatiq.common import q_name
 from dramatiq.errors import Retry
 from dramatiq.middleware import Retries, SkipMessage
 
+from ._messages import flat_json
 from .errors import DuplicateJob, StateUnavailable
 from .handlers import import_handler_modules, missing_kinds
 from .records import NOT_STARTED, OPEN_RECORD_TTL_MS, RecordStore, build_fields
@@ -220,7 +221,8 @@ class Uniqueness(dramatiq.Middleware):
     @staticmethod
     def key_for(actor_name: str, unique_by: Sequence[str], kwargs: dict[str, Any]) -> str:
         """The lock key of a payload: kind plus a digest of the unique fields (canonical JSON)."""
-        canonical = _canonical_json({name: kwargs.get(name) for name in unique_by})
+        fields = {name: kwargs.get(name) for name in unique_by}
+        canonical = flat_json(fields, ascii=False, sort=True) or _canonical_json(fields)
         digest = hashlib.sha256(canonical.encode()).hexdigest()[:40]
         return f"{KEY_PREFIX}unique:{actor_name}:{digest}"
 

@@ -82,3 +82,43 @@ def test_the_fast_encoding_stands_aside_for_another_encoder() -> None:
         assert _messages.encode(plain, "{}") == plain.encode()  # not Dramatiq's JSON encoder
     finally:
         dramatiq.set_encoder(old)
+
+
+FLAT: list[dict[Any, Any]] = [
+    {},
+    {"b": "x", "a": 1, "c": None},
+    {"text": 'quotes " \\ \n \t \x00 é 中文 \U0001f600 \ud800', "z": -(10**30), "é": "ü"},
+    {"epq_priority": 2, "epq_unique_key": "epq:unique:k:ab", "redis_message_id": "r"},
+]
+NOT_FLAT: list[dict[Any, Any]] = [{"a": True}, {"a": 1.5}, {"a": [1]}, {"a": {}}, {1: "x"}]
+
+
+@pytest.mark.parametrize("ascii", [True, False])
+@pytest.mark.parametrize("sort", [True, False])
+def test_flat_json_is_json_dumps_to_the_byte(ascii: bool, sort: bool) -> None:
+    # unique keys are digests of such JSON: a byte of difference would change every key
+    for mapping in FLAT:
+        expected = json.dumps(mapping, separators=(",", ":"), ensure_ascii=ascii, sort_keys=sort)
+        assert _messages.flat_json(mapping, ascii=ascii, sort=sort) == expected
+    for mapping in NOT_FLAT:
+        assert _messages.flat_json(mapping, ascii=ascii, sort=sort) is None
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"endpoint_id": "d8b0a2c6-6a3c-4c8e-9d8b-1f2e3a4b5c6d", "source": "API", "reason": "x"},
+        {"endpoint_id": "é/中", "source": None},
+        {"endpoint_id": "e", "job_id": "j", "job_metadata": {"b": [1, 2.5], "a": None}},
+    ],
+)
+def test_a_unique_key_is_the_digest_of_the_sorted_json_of_its_fields(payload: dict[str, Any]) -> None:
+    import hashlib
+
+    from epq.middleware import Uniqueness
+
+    unique_by = [name for name in ("source", "endpoint_id", "job_id", "job_metadata") if name in payload]
+    fields = {name: payload.get(name) for name in unique_by}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:40]
+    assert Uniqueness.key_for("kind", unique_by, payload) == f"epq:unique:kind:{digest}"
