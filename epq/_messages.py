@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Any
 
@@ -91,3 +92,38 @@ def encode(message: dramatiq.Message[Any], kwargs_json: str | None = None) -> by
         f'"args":[],"kwargs":{kwargs_json},"options":{flat_json(options) or _to_json(options)},'
         f'"message_id":{_to_json(message.message_id)},"message_timestamp":{int(message.message_timestamp)}}}'
     ).encode()
+
+
+_ARGS, _KEY, _ID = "@@epq:args@@", "@@epq:key@@", "@@epq:id@@"
+_PLACES = re.compile("(@@epq:(?:args|key|id)@@)")
+
+
+def data_template(message: dramatiq.Message[Any], lock_key: str) -> tuple[str, str, str, str, str] | None:
+    """How to make the encoded message of each job like ``message`` (same queue, kind, options and
+    timestamp, but for its id, which is also its ``redis_message_id``, and its ``lock_key``) from
+    its payload JSON: fragments ``f1 .. f5`` such that ``encode`` would give
+    ``f1 + payload + f2 + lock_key + f3 + id + f4 + id + f5``. None when that cannot be relied on:
+    another encoder, positional args, or a lock key that JSON would escape."""
+    if type(dramatiq.get_encoder()) is not JSONEncoder or message.args:
+        return None
+    if lock_key and _to_json(lock_key) != f'"{lock_key}"':
+        return None
+    options = dict(message.options)  # the same keys in the same order, two of them marked
+    options["redis_message_id"] = _ID
+    if lock_key:
+        options["epq_unique_key"] = _KEY
+    probe: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name=message.queue_name,
+        actor_name=message.actor_name,
+        args=(),
+        kwargs={},
+        options=options,
+        message_id=_ID,
+        message_timestamp=message.message_timestamp,
+    )
+    parts = _PLACES.split(encode(probe, _ARGS).decode())
+    if lock_key and parts[1::2] == [_ARGS, _KEY, _ID, _ID]:
+        return parts[0], parts[2], parts[4], parts[6], parts[8]
+    if not lock_key and parts[1::2] == [_ARGS, _ID, _ID]:
+        return parts[0], parts[2], "", parts[4], parts[6]
+    return None  # pragma: no cover - the options of epq's bulk messages always split so

@@ -249,9 +249,10 @@ return false
 # a second run of the same call, sent when the first one's reply was lost, returns that reply and
 # writes nothing).
 # ARGV: record key prefix, record ttl, Dramatiq's Redis namespace, token ttl, number of groups G,
-# 3 per group: record fields but args and unique_key (a JSON object), the lock holder value after
-# the job id, the lock ttl; then 5 per job: group (1..G), id, lock key or '', message data,
-# payload (JSON).
+# 8 per group: record fields but args and unique_key (a JSON object), the lock holder value after
+# the job id, the lock ttl, and five fragments f1..f5 of its jobs' encoded messages (see
+# epq._messages.data_template); then 5 per job: group (1..G), id, lock key or '', message data
+# ('': f1 .. payload .. f2 .. lock key .. f3 .. id .. f4 .. id .. f5), payload (JSON).
 # Returns {position, holder, ...} for the jobs that are duplicates (position: 1 = first job).
 ENQUEUE_MANY_RECORDED = (
     _LUA_TAKE_LOCK
@@ -261,7 +262,8 @@ if done then return cjson.decode(done) end
 local prefix, ttl, ns, ngroups = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[5])
 local groups, hashes, lanes = {}, {}, {}
 for g = 1, ngroups do
-  local fields = cjson.decode(ARGV[3 + 3 * g])
+  local at = 6 + 8 * (g - 1)
+  local fields = cjson.decode(ARGV[at])
   local flat = {}
   for name, value in pairs(fields) do
     flat[#flat + 1] = name
@@ -273,10 +275,11 @@ for g = 1, ngroups do
   lanes[lane] = lanes[lane] or {}
   groups[g] = {flat = flat, n = 0, msgs = hashes[queue .. '.msgs'], ids = lanes[lane],
     stat = fields['queue'] .. '|' .. fields['priority'] .. '|' .. fields['state'],
-    tail = ARGV[4 + 3 * g], lock_ttl = ARGV[5 + 3 * g]}
+    tail = ARGV[at + 1], lock_ttl = ARGV[at + 2], f = {ARGV[at + 3], ARGV[at + 4], ARGV[at + 5],
+    ARGV[at + 6], ARGV[at + 7]}}
 end
 local out, position = {}, 0
-for i = 6 + 3 * ngroups, #ARGV, 5 do
+for i = 6 + 8 * ngroups, #ARGV, 5 do
   position = position + 1
   local group, id, lock = groups[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2]
   local key = prefix .. id
@@ -286,8 +289,13 @@ for i = 6 + 3 * ngroups, #ARGV, 5 do
     redis.call('HSET', key, 'args', ARGV[i + 4], 'unique_key', lock, unpack(group.flat))
     redis.call('PEXPIRE', key, ttl)
     group.n = group.n + 1
+    local data = ARGV[i + 3]
+    if data == '' then
+      local f = group.f
+      data = f[1] .. ARGV[i + 4] .. f[2] .. lock .. f[3] .. id .. f[4] .. id .. f[5]
+    end
     group.msgs[#group.msgs + 1] = id
-    group.msgs[#group.msgs + 1] = ARGV[i + 3]
+    group.msgs[#group.msgs + 1] = data
     group.ids[#group.ids + 1] = id
   else
     out[#out + 1] = position

@@ -439,6 +439,7 @@ def test_a_bulk_call_run_again_returns_its_first_reply_and_writes_nothing(
     bulk._build(runtime, jobs, holders=False)
     fused = bulk._FusedRuns(runtime, [None] * 3, [None] * 3, [])
     keys, args = redis_broker.bulk_call(fused._bulk_jobs(jobs))  # type: ignore[attr-defined]
+    assert args[-15:][3::5] == ["", "", ""]  # the script makes the messages, from the payloads
     script = redis_broker._enqueue_many_recorded  # type: ignore[attr-defined]
     first = script(keys=keys, args=args)
     runtime.records.delete(jobs[0].message.message_id)
@@ -522,3 +523,26 @@ def test_kept_connections_leave_a_small_pool_most_of_its_connections() -> None:
     assert len(kept.idle) == 2  # a quarter of the pool's 8
     assert pool.released == taken[2:]
     assert kept.get_connection() is taken[1]  # the idle ones are used first
+
+
+@pytest.mark.redis
+def test_the_messages_the_bulk_script_makes_are_the_messages_epq_sends(
+    redis_broker: dramatiq.Broker, redis_client: redis.Redis
+) -> None:
+    results = epq.QueueService(redis_broker).enqueue_many(
+        [_index(0, priority=1), _index(1), ("register_job", _request("register_job", 2, None))]
+    )
+    for result in results:
+        job = result.job
+        data = redis_client.hget("dramatiq:default.msgs", job.id)
+        message = dramatiq.Message.decode(data)
+        assert (message.message_id, message.queue_name, message.actor_name) == (job.id, job.queue, job.kind)
+        assert message.kwargs == job.args
+        assert message.message_timestamp == round(job.created_at.timestamp() * 1000)
+        record = redis_client.hgetall(f"epq:job:{job.id}")
+        assert message.options == {
+            "epq_recorded": 1,
+            "epq_priority": int(job.priority),
+            "epq_unique_key": record[b"unique_key"].decode(),
+            "redis_message_id": job.id,
+        }

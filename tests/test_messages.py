@@ -122,3 +122,39 @@ def test_a_unique_key_is_the_digest_of_the_sorted_json_of_its_fields(payload: di
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     digest = hashlib.sha256(canonical.encode()).hexdigest()[:40]
     assert Uniqueness.key_for("kind", unique_by, payload) == f"epq:unique:kind:{digest}"
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+@pytest.mark.parametrize("lock_key", ["epq:unique:index_endpoint:0a1b", ""])
+def test_a_data_template_makes_what_the_encoder_makes(payload: dict[str, Any], lock_key: str) -> None:
+    options: dict[str, Any] = {"epq_recorded": 1, "epq_priority": 3}
+    if lock_key:
+        options["epq_unique_key"] = lock_key
+    message: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name="q-é", actor_name="kind", args=(), kwargs=payload, options=options
+    )
+    message.options["redis_message_id"] = message.message_id
+    template = _messages.data_template(message, lock_key)
+    assert template is not None
+    f1, f2, f3, f4, f5 = template
+    payload_json = pydantic_core.to_json(payload).decode()
+    made = f1 + payload_json + f2 + lock_key + f3 + message.message_id + f4 + message.message_id + f5
+    assert made.encode() == _messages.encode(message, payload_json)
+    assert dramatiq.Message.decode(made.encode()) == message
+
+
+def test_no_data_template_when_it_cannot_be_relied_on() -> None:
+    message: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name="q", actor_name="a", args=(), kwargs={}, options={"epq_unique_key": 'k"ey'}
+    )
+    assert _messages.data_template(message, 'k"ey') is None  # JSON would escape the key
+    positional: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name="q", actor_name="a", args=(1,), kwargs={}, options={}
+    )
+    assert _messages.data_template(positional, "") is None
+    old = dramatiq.get_encoder()
+    dramatiq.set_encoder(PickleEncoder())
+    try:
+        assert _messages.data_template(message, "") is None
+    finally:
+        dramatiq.set_encoder(old)

@@ -30,7 +30,7 @@ from dramatiq.brokers.redis import MAINTENANCE_SCALE, RedisBroker, _RedisConsume
 from dramatiq.common import compute_backoff, current_millis
 from dramatiq.errors import ConnectionClosed, DecodeError
 
-from .._messages import encode, new_id
+from .._messages import data_template, encode, new_id
 from ..errors import DuplicateJob
 from ..priority import LANES, LUA_LANE_OF, lane_of, redis_lane_key
 from ..records import (
@@ -340,21 +340,25 @@ class LaneRedisBroker(RedisBroker):
         hooks run here, for each message."""
         before = foreign_hooks(self, "before_enqueue")
         groups: dict[int, int] = {}  # id of a group -> its number in the script
+        templated: dict[int, bool] = {}  # group number -> the script makes its jobs' messages
         group_args: list[Any] = []
         job_args: list[Any] = []
         for job in jobs:
             message = job.message
+            message.options["redis_message_id"] = message.message_id  # a new message: no copy needed
             number = groups.get(id(job.group))
             if number is None:
                 number = groups[id(job.group)] = len(groups) + 1
                 group = job.group
+                template = None if before else data_template(message, job.lock_key)
+                templated[number] = template is not None
                 group_args += [fields_json(group.fields), group.holder_tail, max(1, group.lock_ttl_ms)]
-            message.options["redis_message_id"] = message.message_id  # a new message: no copy needed
+                group_args += template or ("", "", "", "", "")
             if before:
                 self.emit_before("enqueue", message, None)
-                data = message.encode()  # a hook may have changed the payload
+                data: Any = message.encode()  # a hook may have changed the payload
             else:
-                data = encode(message, job.args_json)
+                data = "" if templated[number] else encode(message, job.args_json)
             job_args += [number, message.message_id, job.lock_key, data, job.args_json]
         head = [JOB_KEY_PREFIX, OPEN_RECORD_TTL_MS, self.namespace, BULK_TOKEN_TTL_MS, len(groups)]
         return [STATS_KEY, BULK_TOKEN_PREFIX + new_id()], head + group_args + job_args
