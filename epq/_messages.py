@@ -55,13 +55,16 @@ def new_ids(n: int) -> list[str]:
 
 
 # Ids made ahead, 256 at a time (one read of the random source, which is a system call, for
-# many). A forked child starts without the parent's: they would be the parent's next ids too.
+# many), by this process: a forked child (however it was forked) must not make its parent's.
 _ahead: list[str] = []
-os.register_at_fork(after_in_child=_ahead.clear)
+_ahead_pid = os.getpid()
 
 
 def new_id() -> str:
     """One random version-4 UUID string (see ``new_ids``)."""
+    global _ahead, _ahead_pid
+    if _ahead_pid != os.getpid():
+        _ahead, _ahead_pid = [], os.getpid()
     try:
         return _ahead.pop()  # atomic: two threads never get the same id
     except IndexError:

@@ -13,8 +13,6 @@ import pytest
 import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 import epq
 import epq.actors
@@ -226,7 +224,7 @@ def test_of_two_requests_with_one_key_the_earlier_wins_even_when_it_is_delayed(
 
 
 @pytest.mark.redis
-def _lose_replies(monkeypatch: pytest.MonkeyPatch, retries: int, lost: int = 1) -> None:
+def _lose_replies(monkeypatch: pytest.MonkeyPatch, lost: int = 1) -> None:
     """The script calls run, but the first ``lost`` replies are lost on the way back."""
     enter = ScriptStream.__enter__
     left = [lost]
@@ -244,7 +242,6 @@ def _lose_replies(monkeypatch: pytest.MonkeyPatch, retries: int, lost: int = 1) 
             return reply
 
         monkeypatch.setattr(self.conn, "read_response", read_response)
-        monkeypatch.setattr(self.conn, "retry", Retry(NoBackoff(), retries))
         return out
 
     monkeypatch.setattr(ScriptStream, "__enter__", entered)
@@ -254,7 +251,7 @@ def _lose_replies(monkeypatch: pytest.MonkeyPatch, retries: int, lost: int = 1) 
 def test_a_bulk_call_sent_again_after_its_reply_was_lost_enqueues_each_job_once(
     redis_broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _lose_replies(monkeypatch, retries=1)
+    _lose_replies(monkeypatch)
     svc = epq.QueueService(redis_broker)
     results = svc.enqueue_many([_index(n) for n in range(5)] + [_index(0)])
     monkeypatch.undo()
@@ -268,7 +265,7 @@ def test_a_bulk_call_sent_again_after_its_reply_was_lost_enqueues_each_job_once(
 def test_a_bulk_call_whose_reply_never_came_is_reported_as_maybe_enqueued(
     redis_broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _lose_replies(monkeypatch, retries=0, lost=2)
+    _lose_replies(monkeypatch, lost=2)
     with pytest.raises(epq.BrokerUnavailable, match=r"requests \[0\] to \[2\] may have been"):
         epq.QueueService(redis_broker).enqueue_many([_index(n) for n in range(3)])
 
@@ -451,7 +448,7 @@ def test_a_bulk_call_run_again_returns_its_first_reply_and_writes_nothing(
 def test_a_single_enqueue_sent_again_after_its_reply_was_lost_pushes_the_job_once(
     redis_broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _lose_replies(monkeypatch, retries=1)
+    _lose_replies(monkeypatch)
     svc = epq.QueueService(redis_broker)
     result = svc.enqueue_index_endpoint(_index(0))
     monkeypatch.undo()
@@ -459,7 +456,7 @@ def test_a_single_enqueue_sent_again_after_its_reply_was_lost_pushes_the_job_onc
     assert message_count(redis_broker, "default") == 1
     assert [(row["queue"], row["waiting"]) for row in svc.stats()] == [("default", 1)]
     # and without a lock to tell a second run by (a job of a kind without uniqueness)
-    _lose_replies(monkeypatch, retries=1)
+    _lose_replies(monkeypatch)
     message = epq.actors.index_endpoint.send_with_options(
         kwargs=_index(1).model_dump(mode="json"), unique_for=0
     )
@@ -487,17 +484,19 @@ def test_an_enqueue_on_a_kept_connection_the_server_closed_goes_through(
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_does_not_use_its_parents_kept_connections(redis_broker: dramatiq.Broker) -> None:
     epq.QueueService(redis_broker).enqueue_index_endpoint(_index(0))
-    assert redis_broker._kept.idle  # type: ignore[attr-defined]
+    kept = redis_broker._kept  # type: ignore[attr-defined]
+    parents = list(kept.idle)
+    assert parents
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child
-        os.write(write, str(len(redis_broker._kept.idle)).encode())  # type: ignore[attr-defined]
+    if pid == 0:  # the child (forked with or without Python's fork hooks, it checks its pid)
+        os.write(write, str(sum(kept.get_connection() is c for c in parents)).encode())
         os._exit(0)
     os.close(write)
     with os.fdopen(read) as pipe:
         assert pipe.read() == "0"
     os.waitpid(pid, 0)
-    assert redis_broker._kept.idle  # type: ignore[attr-defined]  # the parent keeps its own
+    assert kept.idle == parents  # the parent keeps its own
 
 
 def test_kept_connections_leave_a_small_pool_most_of_its_connections() -> None:
@@ -510,7 +509,7 @@ def test_kept_connections_leave_a_small_pool_most_of_its_connections() -> None:
             self.released: list[object] = []
 
         def get_connection(self) -> object:
-            return object()
+            return type("Connection", (), {"_sock": object()})()  # a connected one
 
         def release(self, connection: object) -> None:
             self.released.append(connection)
@@ -523,6 +522,9 @@ def test_kept_connections_leave_a_small_pool_most_of_its_connections() -> None:
     assert len(kept.idle) == 2  # a quarter of the pool's 8
     assert pool.released == taken[2:]
     assert kept.get_connection() is taken[1]  # the idle ones are used first
+    taken[0]._sock = None  # type: ignore[attr-defined]  # disconnected: back to the pool, not kept
+    kept.release(taken[0])
+    assert pool.released[-1] is taken[0]
 
 
 @pytest.mark.redis

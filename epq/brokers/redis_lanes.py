@@ -19,7 +19,6 @@ import logging
 import os
 import random
 import time
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -150,10 +149,10 @@ class KeptConnections:
     each connection it hands out (a system call), about a tenth of an enqueue's time here.
 
     Same interface as the pool (``get_connection``, ``release``). At most ``keep`` (and a quarter
-    of the pool's limit) wait idle; a forked child starts without its parent's (their sockets are
-    the parent's). A connection the
-    server closed while it waited fails on its next call, which ``ScriptStream`` then sends again
-    on a new one (the scripts are safe to run twice).
+    of the pool's limit) wait idle, connected ones only (others go back to the pool). A process
+    forked from the one that kept them (however it was forked) starts without them: their sockets
+    are the parent's. A connection the server closed while it waited fails on its next call,
+    which ``ScriptStream`` then sends once more on a new one.
     """
 
     def __init__(self, pool: Any, keep: int = 16) -> None:
@@ -161,30 +160,33 @@ class KeptConnections:
         # a pool with a small limit must not lose most of its connections to the idle ones here
         self.keep = min(keep, int(getattr(pool, "max_connections", None) or 2**31) // 4)
         self.idle: list[Any] = []
-        _kept.add(self)
+        self.pid = os.getpid()
 
     def get_connection(self) -> Any:
+        if self.pid != os.getpid():
+            self.idle, self.pid = [], os.getpid()
         try:
             return self.idle.pop()  # atomic: one connection, one thread
         except IndexError:
             return self.pool.get_connection()
 
     def release(self, connection: Any) -> None:
-        if len(self.idle) < self.keep:
+        keep = self.pid == os.getpid() and len(self.idle) < self.keep
+        if keep and getattr(connection, "_sock", None) is not None and not _must_reconnect(connection):
             self.idle.append(connection)
         else:
             self.pool.release(connection)
 
-
-_kept: weakref.WeakSet[KeptConnections] = weakref.WeakSet()
-
-
-def _forget_kept() -> None:
-    for kept in list(_kept):
-        kept.idle.clear()
+    def close(self) -> None:
+        """Give the idle connections back to the pool."""
+        while self.idle:
+            self.pool.release(self.idle.pop())
 
 
-os.register_at_fork(after_in_child=_forget_kept)
+def _must_reconnect(connection: Any) -> bool:
+    """Whether redis-py marked the connection for a new one (its maintenance notices)."""
+    should = getattr(connection, "should_reconnect", None)
+    return bool(should()) if should is not None else False
 
 
 class ScriptStream:
@@ -192,9 +194,10 @@ class ScriptStream:
     its reply: the caller prepares the next call (or works on the last reply) while Redis runs
     the script. ``send`` then ``read``, in turns; use it as a context manager.
 
-    A connection that breaks before the reply is read is opened again and the call sent again, as
-    often as the connection's retry policy allows and at least once (so the script must be safe
-    to run twice with the same arguments); a server that has lost the script is given it again.
+    A server that cannot be reached fails on entry, as a redis-py command would. A connection
+    that breaks before the reply is read is opened again and the call sent once more (so the
+    script must be safe to run twice with the same arguments); a server that has lost the script
+    is given it again.
     """
 
     def __init__(self, pool: Any, script: Any) -> None:
@@ -208,6 +211,11 @@ class ScriptStream:
 
     def __enter__(self) -> ScriptStream:
         self.conn = self.pool.get_connection()
+        try:
+            self.conn.connect()  # nothing to do when connected
+        except BaseException:
+            self.pool.release(self.conn)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -224,7 +232,7 @@ class ScriptStream:
         try:
             self._send()
         except (redis.ConnectionError, redis.TimeoutError):
-            self.conn.disconnect()  # read() sends it again, with redis-py's retry policy
+            self.conn.disconnect()  # read() sends it again
 
     def _send(self) -> None:
         assert self.call is not None
@@ -235,33 +243,27 @@ class ScriptStream:
         self.conn.send_packed_command(self.packed)
         self.unsent, self.reached = False, True
 
+    def _reply(self) -> Any:
+        if self.unsent:
+            self._send()
+        try:
+            return self.conn.read_response()
+        except redis.exceptions.NoScriptError:  # this call did not run: load, then send again
+            self.conn.send_command("SCRIPT", "LOAD", self.script.script)
+            sha = self.conn.read_response()
+            self.script.sha = sha.decode() if isinstance(sha, bytes) else sha
+            self.packed = None
+            self._send()
+            return self.conn.read_response()
+
     def read(self) -> Any:
-        def attempt() -> Any:
-            if self.unsent:
-                self._send()
-            try:
-                return self.conn.read_response()
-            except redis.exceptions.NoScriptError:  # the call did not run: load, then send again
-                self.reached = False
-                self.conn.send_command("SCRIPT", "LOAD", self.script.script)
-                sha = self.conn.read_response()
-                self.script.sha = sha.decode() if isinstance(sha, bytes) else sha
-                self.packed = None
-                self._send()
-                return self.conn.read_response()
-
-        def failed(error: Exception) -> None:
-            self.conn.disconnect()
-            self.unsent = True
-
         try:
             try:
-                return self.conn.retry.call_with_retry(attempt, failed)
-            except redis.ConnectionError as error:
-                # once more on a new connection, whatever the retry policy: a kept connection
-                # may have been closed by the server while it waited (the call is safe to repeat)
-                failed(error)
-                return attempt()
+                return self._reply()
+            except redis.ConnectionError:
+                self.conn.disconnect()  # once more, on a new connection
+                self.unsent = True
+                return self._reply()
         except BaseException:
             self.conn.disconnect()
             raise
@@ -301,6 +303,10 @@ class LaneRedisBroker(RedisBroker):
         self._enqueue_many_recorded = self.client.register_script(ENQUEUE_MANY_RECORDED)
         self._unstart = self.client.register_script(_UNSTART)
         self._kept = KeptConnections(self.client.connection_pool)
+
+    def close(self) -> None:
+        self._kept.close()  # the kept connections go back to the pool, which owns them
+        super().close()
 
     def lane_keys(self, queue_name: str) -> list[str]:
         return [redis_lane_key(self.namespace, queue_name, lane) for lane in LANES]
