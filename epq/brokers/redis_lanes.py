@@ -381,12 +381,6 @@ class LaneRedisBroker(RedisBroker):
                     self.emit_after("enqueue", job.message, None)
         return out
 
-    def enqueue_many_recorded(self, jobs: Sequence[BulkJob]) -> list[str | None]:
-        """Enqueue immediate jobs with their records and locks in one script call, in order (see
-        ``bulk_call`` and ``bulk_replies``)."""
-        keys, args = self.bulk_call(jobs)
-        return self.bulk_replies(jobs, self._enqueue_many_recorded(keys=keys, args=args))
-
     def bulk_stream(self) -> ScriptStream:
         """A connection to make ``bulk_call`` calls on while preparing the next one."""
         return ScriptStream(self._kept, self._enqueue_many_recorded)
