@@ -403,8 +403,6 @@ class JobRecords(dramatiq.Middleware):
     def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         if self._recorded(broker, message) is None:
             return
-        if getattr(message, "epq_started", False):
-            return  # the Redis fetch started the record (and dropped the job if cancelled)
         with state_errors("starting a job"):
             before = self.records.start(message.message_id, self.store.now_ms(), OPEN_RECORD_TTL_MS)
         if before == "cancelled":
@@ -415,7 +413,7 @@ class JobRecords(dramatiq.Middleware):
         self, broker: dramatiq.Broker, message: MessageProxy, *, result: Any = None, exception: Any = None
     ) -> None:
         # Failures are recorded by EpqRetries, which decides between retry and discard.
-        if exception is None and getattr(message, "epq_started", False):
+        if exception is None and getattr(message, "epq_fused_ack", False):
             message.epq_complete_ttl_ms = self.completed_ttl_ms  # type: ignore[attr-defined]  # the Redis ack completes it
             return
         if exception is None and self._recorded(broker, message) is not None:

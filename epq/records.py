@@ -353,16 +353,6 @@ local function complete_record(key, stats, dead, id, now, ttl)
 end
 """
 
-# Lua: put a record that was started but never ran (fetched, then requeued at shutdown) back
-# to available, taking its attempt back. Needs LUA_SET_STATE.
-LUA_UNSTART_RECORD = """
-local function unstart_record(key, stats, dead, id, now)
-  if redis.call('HGET', key, 'state') ~= 'running' then return end
-  set_state(key, stats, dead, id, 'available', now)
-  redis.call('HINCRBY', key, 'attempt', -1)
-end
-"""
-
 # KEYS: record, stats, dead; ARGV: id, now, ttl
 _START = (
     _LUA_SET_STATE

@@ -14,7 +14,6 @@ work, and splits the waiting ids into one list per priority, ``<ns>:<queue>.P1``
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -38,8 +37,6 @@ from ..records import (
     ENQUEUE_MANY_RECORDED,
     ENQUEUE_RECORDED,
     LUA_COMPLETE_RECORD,
-    LUA_START_RECORD,
-    LUA_UNSTART_RECORD,
     OPEN_RECORD_TTL_MS,
     BulkJob,
     fields_json,
@@ -62,28 +59,23 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[1])
 """
 
-# KEYS: plain list, message hash, this worker's ack set, heartbeats, lane 1..4, record stats,
-# dead index; ARGV: now ms, worker id, how many to take, how many plain-list ids to move back at
-# most, job record key prefix ('' when records live elsewhere), open record ttl.
-# Returns {id1, data1, started1, id2, ...} for up to ARGV[3] messages, highest priority first;
-# `started` is '1' when this fetch marked the job's record running (River marks a job running
-# when a worker takes it). A job whose record is cancelled is dropped here, never delivered.
+# KEYS: plain list, message hash, this worker's ack set, heartbeats, lane 1..4; ARGV: now ms,
+# worker id, how many to take, how many plain-list ids to move back at most, job record key prefix
+# ('' when records live elsewhere).
+# Returns {id1, data1, id2, data2, ...} for up to ARGV[3] messages, highest priority first. A job
+# whose record is cancelled is dropped here, never delivered. Records are not started here: a job
+# is running once a worker thread starts it (JobRecords.before_process_message), not while it
+# waits in a worker's prefetch.
 _FETCH = (
     LUA_LANE_OF
-    + LUA_SET_STATE
-    + LUA_START_RECORD
     + """
 local plain, msgs, acks = KEYS[1], KEYS[2], KEYS[3]
 local prefix = ARGV[5]
-local function start(data)
-  if prefix == '' then return '0' end
+local function cancelled(data)
+  if prefix == '' then return false end
   local ok, message = pcall(cjson.decode, data)
-  if not (ok and type(message) == 'table' and type(message['message_id']) == 'string') then return '0' end
-  local id = message['message_id']
-  local old = start_record(prefix .. id, KEYS[9], KEYS[10], id, ARGV[1], ARGV[6])
-  if old == 'cancelled' then return 'cancelled' end
-  if old then return '1' end
-  return '0'
+  if not (ok and type(message) == 'table' and type(message['message_id']) == 'string') then return false end
+  return redis.call('HGET', prefix .. message['message_id'], 'state') == 'cancelled'
 end
 redis.call('ZADD', KEYS[4], ARGV[1], ARGV[2])
 for _ = 1, tonumber(ARGV[4]) do
@@ -93,21 +85,19 @@ for _ = 1, tonumber(ARGV[4]) do
   if data then redis.call('LPUSH', KEYS[4 + lane_of(data)], id) end
 end
 local out = {}
-local want = 3 * tonumber(ARGV[3])
+local want = 2 * tonumber(ARGV[3])
 for lane = 1, 4 do
   while #out < want do
     local id = redis.call('LPOP', KEYS[4 + lane])
     if not id then break end
     local data = redis.call('HGET', msgs, id)
     if data then
-      local started = start(data)
-      if started == 'cancelled' then
+      if cancelled(data) then
         redis.call('HDEL', msgs, id)
       else
         redis.call('SADD', acks, id)
         out[#out + 1] = id
         out[#out + 1] = data
-        out[#out + 1] = started
       end
     end
   end
@@ -129,12 +119,6 @@ if redis.call('SREM', KEYS[1], ARGV[3]) > 0 then redis.call('HDEL', KEYS[2], ARG
 complete_record(KEYS[4], KEYS[5], KEYS[6], ARGV[4], ARGV[1], ARGV[5])
 """
 )
-
-# KEYS: record, stats, dead; ARGV: job id, now ms.
-_UNSTART = (
-    LUA_SET_STATE + LUA_UNSTART_RECORD + "unstart_record(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])\n"
-)
-
 
 _pack: Any
 try:
@@ -301,7 +285,6 @@ class LaneRedisBroker(RedisBroker):
         self._enqueue_recorded = self.client.register_script(ENQUEUE_RECORDED)
         self._ack_completed = self.client.register_script(_ACK_COMPLETED)
         self._enqueue_many_recorded = self.client.register_script(ENQUEUE_MANY_RECORDED)
-        self._unstart = self.client.register_script(_UNSTART)
         self._kept = KeptConnections(self.client.connection_pool)
 
     def close(self) -> None:
@@ -407,9 +390,9 @@ class LaneRedisBroker(RedisBroker):
     def consumer_class(self) -> type[LaneConsumer]:
         return LaneConsumer
 
-    def fetch_lanes(self, queue_name: str, count: int) -> list[tuple[str, bytes, bool]]:
+    def fetch_lanes(self, queue_name: str, count: int) -> list[tuple[str, bytes]]:
         """Take up to ``count`` messages of ``queue_name`` for this worker, highest priority
-        first: ``(redis message id, data, record started)`` triples."""
+        first: ``(redis message id, data)`` pairs."""
         if random.randint(1, MAINTENANCE_SCALE) <= self.maintenance_chance:
             self.maintain(queue_name)
         ns = self.namespace
@@ -420,11 +403,10 @@ class LaneRedisBroker(RedisBroker):
             f"{ns}:__heartbeats__",
             *self.lane_keys(queue_name),
         ]
-        keys += [STATS_KEY, DEAD_KEY]
         prefix = JOB_KEY_PREFIX if self.epq_records_fused else ""
-        args = [current_millis(), self.broker_id, count, REBALANCE_MAX, prefix, OPEN_RECORD_TTL_MS]
+        args = [current_millis(), self.broker_id, count, REBALANCE_MAX, prefix]
         out = self._lane_fetch(keys=keys, args=args)
-        return [(out[i].decode(), out[i + 1], out[i + 2] == b"1") for i in range(0, len(out), 3)]
+        return [(out[i].decode(), out[i + 1]) for i in range(0, len(out), 2)]
 
     def ack_completed(self, queue_name: str, rid: str, job_id: str, ttl_ms: int) -> None:
         """Acknowledge a message and mark its job completed, in one script."""
@@ -438,15 +420,6 @@ class LaneRedisBroker(RedisBroker):
             DEAD_KEY,
         ]
         self._ack_completed(keys=keys, args=[current_millis(), self.broker_id, rid, job_id, ttl_ms])
-
-    def unstart(self, job_ids: list[str]) -> None:
-        """Put the records of jobs fetched but never run (requeued) back to available."""
-        pipe = self.client.pipeline(transaction=False)
-        for job_id in job_ids:
-            self._unstart(
-                keys=[job_key(job_id), STATS_KEY, DEAD_KEY], args=[job_id, current_millis()], client=pipe
-            )
-        pipe.execute()
 
     def maintain(self, queue_name: str) -> None:
         """Run Dramatiq's queue maintenance for ``queue_name`` now: messages fetched by workers
@@ -495,7 +468,7 @@ class LaneConsumer(_RedisConsumer):
         try:
             while True:
                 if self.message_cache:
-                    rid, data, started = self.message_cache.pop(0)
+                    rid, data = self.message_cache.pop(0)
                     try:
                         message = dramatiq.Message.decode(data)
                     except DecodeError as exc:
@@ -504,8 +477,8 @@ class LaneConsumer(_RedisConsumer):
                     self.misses = 0
                     self.queued_message_ids.add(message.message_id)
                     proxy = MessageProxy(message)
-                    if started:
-                        proxy.epq_started = True  # type: ignore[attr-defined]  # see JobRecords
+                    if rid is not None and self.broker.epq_records_fused:
+                        proxy.epq_fused_ack = True  # type: ignore[attr-defined]  # see JobRecords
                     return proxy
                 free = self.prefetch - self.outstanding_message_count
                 if free <= 0:
@@ -513,7 +486,7 @@ class LaneConsumer(_RedisConsumer):
                     return None
                 if self.queue_name.endswith(".DQ"):
                     fetched = self.broker.do_fetch(self.queue_name, free)
-                    self.message_cache = [(None, data, False) for data in fetched if data is not None]
+                    self.message_cache = [(None, data) for data in fetched if data is not None]
                 else:
                     self.message_cache = self.broker.fetch_lanes(self.queue_name, free)
                 if not self.message_cache:
@@ -536,24 +509,12 @@ class LaneConsumer(_RedisConsumer):
         finally:
             self.queued_message_ids.discard(message.message_id)
 
-    def requeue(self, messages: Any) -> None:
-        messages = list(messages)
-        # records first, while the ids are still in this worker's ack set: once requeued, another
-        # worker may fetch (and start) them at once
-        started = [m.message_id for m in messages if getattr(m, "epq_started", False)]
-        if started:
-            self.broker.unstart(started)
-        super().requeue(messages)  # type: ignore[no-untyped-call]
-
     def close(self) -> None:
         """Give back what was fetched but never handed to the worker (Dramatiq's consumer leaves
-        it in the ack set until a heartbeat times out): records first, then the ids."""
+        it in the ack set until a heartbeat times out)."""
         cached, self.message_cache = self.message_cache, []
-        started = [_message_id(data) for rid, data, was_started in cached if rid and was_started]
+        rids = [rid for rid, _ in cached if rid]
         try:
-            if any(started):
-                self.broker.unstart([job_id for job_id in started if job_id])
-            rids = [rid for rid, _, _ in cached if rid]
             if rids:
                 self.broker.do_requeue(self.queue_name, *rids)
         except redis.ConnectionError as exc:
@@ -565,11 +526,3 @@ class LaneConsumer(_RedisConsumer):
         )
         if rid is not None:
             self.broker.do_nack(self.queue_name, rid)
-
-
-def _message_id(data: bytes) -> str | None:
-    try:
-        value = json.loads(data).get("message_id")
-    except (ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
