@@ -58,7 +58,8 @@ def make_job_function(kind: JobKind) -> Callable[..., Any]:
         if fn is None:
             raise HandlerNotFound(
                 f"no handler registered for {kind.name}; register one with "
-                f"@epq.handler({kind.name!r}) in a module named in EPQ_HANDLERS"
+                f"@epq.handler({kind.name!r}) in a module named in EPQ_HANDLERS (in a test: "
+                f"import that module, or use epq_handlers.register({kind.name!r}, fn))"
             )
         return fn(request)
 
