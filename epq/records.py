@@ -508,7 +508,7 @@ class RedisRecords:
     def find_ids(self, prefix: str, limit: int) -> list[str]:
         match = job_key(check_id_prefix(prefix)) + "*"  # no glob character can be in the prefix
         found: list[str] = []
-        for key in self.client.scan_iter(match=match, count=1000, _type="hash"):
+        for key in self.client.scan_iter(match=match, count=1000):
             found.append(key.decode()[len(JOB_KEY_PREFIX) :])
             if len(found) >= limit:
                 break

@@ -227,6 +227,8 @@ def test_jobs_show_and_cancel_take_a_unique_id_prefix(
     out = run_epq("jobs", "cancel", jobs["waiting"][:13], env=ENV)
     assert (out.returncode, out.stdout.strip()) == (0, f"{jobs['waiting']}: cancelled")
     assert redis_client.hget(f"epq:job:{jobs['waiting']}", "state") == b"cancelled"
+    out = run_epq("dead", "retry", jobs["dies"][:8], env=ENV)
+    assert (out.returncode, out.stdout.splitlines()[0]) == (0, f"{jobs['dies']}: available")
 
 
 def test_an_ambiguous_id_prefix_lists_the_matches(jobs: dict[str, str], redis_client: redis.Redis) -> None:
