@@ -160,6 +160,15 @@ class QueueService:
         fields = self._runtime().records.get(job_id)
         return to_job_record(job_id, fields) if fields is not None else None
 
+    def find_job_ids(self, prefix: str, limit: int = 10) -> list[str]:
+        """Ids of (at most ``limit``) jobs whose id starts with ``prefix``, in no particular order;
+        what ``epq jobs show ID-PREFIX`` looks up. Scans every record: not for hot paths.
+
+        Raises:
+          ValueError: ``prefix`` is empty or holds a character job ids do not (``*?[]`` say).
+        """
+        return self._runtime().records.find_ids(prefix, limit)
+
     def cancel_job(self, job_id: str) -> JobRecord:
         """Cancel a job that has not started: it is skipped when fetched, its unique key freed.
 
