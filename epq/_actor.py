@@ -33,9 +33,7 @@ from .kinds import JobKind
 from .middleware import JobRecords, Uniqueness, find_middleware
 from .models import JobInsertResult, JobPriority, JobRecord, JobState, _Request
 from .records import ARGS_JSON_OPTION
-
-#: The largest payload (the request as JSON) a job may carry.
-MAX_PAYLOAD_BYTES = 1024 * 1024
+from .wire import MAX_PAYLOAD_BYTES
 
 
 def _utcnow() -> datetime:

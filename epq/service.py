@@ -13,7 +13,7 @@ from dramatiq.brokers.stub import StubBroker
 
 from ._actor import EpqActor
 from ._runtime import Runtime, actor_for, current, setup
-from .errors import ConfigurationError, DuplicateJob, InvalidRequest, JobNotFound
+from .errors import ConfigurationError, DuplicateJob, InvalidPayload, InvalidRequest, JobNotFound
 from .models import (
     EnqueueIndexEndpointRequest,
     JobInsertResult,
@@ -219,6 +219,11 @@ class QueueService:
             raise JobNotFound(job_id)
         if fields["state"] != "discarded":
             return to_job_record(job_id, fields)
+        if fields.get("malformed"):
+            raise InvalidPayload(
+                f"job {job_id} is a malformed message a worker refused; it cannot be run again "
+                "(epq dead purge forgets it)"
+            )
         actor = actor_for(fields["kind"])
         max_attempts = str(int(fields.get("attempt", "0")) + actor.kind.max_attempts)
         changes = {"max_attempts": max_attempts, "finalized_at": ""}
