@@ -34,7 +34,14 @@ from dramatiq.middleware import Retries, SkipMessage
 from ._messages import flat_json
 from .errors import DuplicateJob, StateUnavailable
 from .handlers import import_handler_modules, missing_kinds
-from .outage import must_requeue, requeue_instead, until_written, worker_booting, worker_stopping
+from .outage import (
+    must_requeue,
+    requeue_instead,
+    until_written,
+    worker_booting,
+    worker_stopping,
+    written_if_possible,
+)
 from .records import NOT_STARTED, OPEN_RECORD_TTL_MS, RecordStore, build_fields
 from .state import KEY_PREFIX, StateStore, holder_id
 from .wire import MalformedMessage
@@ -334,7 +341,7 @@ class Uniqueness(dramatiq.Middleware):
         return self.store.release_unique(key, message.message_id)
 
     def after_nack(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
-        if until_written(lambda: self.release(message), "releasing a uniqueness lock"):
+        if written_if_possible(lambda: self.release(message), "releasing a uniqueness lock"):
             logger.info(
                 "Released the uniqueness lock of dead-lettered %s job %s",
                 message.actor_name,
@@ -342,7 +349,7 @@ class Uniqueness(dramatiq.Middleware):
             )
 
     def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
-        self.release(message)
+        written_if_possible(lambda: self.release(message), "releasing a uniqueness lock")
 
 
 _bulk: contextvars.ContextVar[bool] = contextvars.ContextVar("epq_bulk", default=False)
@@ -552,7 +559,7 @@ class JobRecords(dramatiq.Middleware):
         # Dead-lettered without being processed (e.g. it could not be decoded for its actor).
         if self._recorded(broker, message) is not None:
             fields = {"finalized_at": str(self.store.now_ms())}
-            until_written(
+            written_if_possible(
                 lambda: self.records.move(
                     message.message_id, "discarded", fields, self.discarded_ttl_ms, NOT_STARTED
                 ),

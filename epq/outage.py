@@ -87,6 +87,17 @@ def until_written(write: Callable[[], T], what: str) -> T:
                 logger.warning("Still waiting for the state store while %s (%d tries)", what, tries)
 
 
+def written_if_possible(write: Callable[[], T], what: str) -> T | None:
+    """:func:`until_written` for a write made after the message is settled (a lock released
+    after a dead letter): when the worker stops first, it is left undone with a warning (the
+    lock then ends with its TTL) instead of raising into Dramatiq's hooks."""
+    try:
+        return until_written(write, what)
+    except StateUnavailable as exc:
+        logger.warning("Left undone: %s (%s)", what, exc)
+        return None
+
+
 def requeue_instead(message: Any) -> None:
     """Have ``message`` (a worker's message proxy) go back to its queue, neither acked nor
     dead-lettered, when the worker is done with it."""

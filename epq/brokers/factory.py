@@ -87,6 +87,13 @@ class EpqStubConsumer(_StubConsumer):
             return
         super().nack(message)  # type: ignore[no-untyped-call]
 
+    def requeue(self, messages: Any) -> None:
+        """Put back what a stopping worker fetched but never ran (Dramatiq's stub consumer drops
+        it, and the queue then waits for it forever)."""
+        for message in messages:
+            self.queue.put(message.encode())
+            super().ack(message)  # type: ignore[no-untyped-call]  # (its fetch is done with)
+
 
 class EpqStubBroker(DurableDelays, StubBroker):
     """Dramatiq's stub broker with epq's durable delays and priority-ordered queues."""
