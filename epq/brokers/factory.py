@@ -1,4 +1,8 @@
-"""Build a Dramatiq broker from a URL, and check that it can be reached."""
+"""Build a Dramatiq broker from a URL, and check that it can be reached.
+
+The stub and Redis brokers are here; the RabbitMQ broker is in ``rabbitmq.py``, imported only
+when a RabbitMQ URL is used.
+"""
 
 from __future__ import annotations
 
@@ -76,6 +80,9 @@ class EpqStubBroker(DurableDelays, StubBroker):
 class EpqRedisBroker(DurableDelays, LaneRedisBroker):
     """Dramatiq's Redis broker with epq's durable delays, priority lanes and a shorter idle poll."""
 
+    #: The driver's errors an enqueue maps to ``BrokerUnavailable`` (see :func:`unreachable_errors`).
+    epq_driver_errors: tuple[type[BaseException], ...] = (redis.RedisError,)
+
     def _prepare_immediate(self, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
         return message.copy(options={"redis_message_id": str(uuid4())})
 
@@ -100,9 +107,6 @@ class EpqRedisBroker(DurableDelays, LaneRedisBroker):
             if elsewhere and isinstance(store, RedisStateStore):
                 store.schedule_remove(elsewhere)
             raise
-
-    #: The driver's errors an enqueue maps to ``BrokerUnavailable`` (see :func:`unreachable_errors`).
-    epq_driver_errors: tuple[type[BaseException], ...] = (redis.RedisError,)
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
         return super().consume(queue_name, prefetch, min(timeout, REDIS_IDLE_POLL_MS))
