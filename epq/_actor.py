@@ -31,9 +31,7 @@ from .kinds import JobKind
 from .middleware import JobRecords, Uniqueness, find_middleware
 from .models import JobInsertResult, JobPriority, JobRecord, JobState, _Request
 from .records import ARGS_JSON_OPTION
-
-#: The largest payload (the request as JSON) a job may carry.
-MAX_PAYLOAD_BYTES = 1024 * 1024
+from .wire import MAX_PAYLOAD_BYTES
 
 
 def _utcnow() -> datetime:
@@ -56,7 +54,8 @@ def make_job_function(kind: JobKind) -> Callable[..., Any]:
         if fn is None:
             raise HandlerNotFound(
                 f"no handler registered for {kind.name}; register one with "
-                f"@epq.handler({kind.name!r}) in a module named in EPQ_HANDLERS"
+                f"@epq.handler({kind.name!r}) in a module named in EPQ_HANDLERS (in a test: "
+                f"import that module, or use epq_handlers.register({kind.name!r}, fn))"
             )
         return fn(request)
 

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable, Sequence
-from queue import Queue
+from queue import Empty, Queue
 from typing import Any
 from uuid import uuid4
 
 import dramatiq
 import redis
-from dramatiq.brokers.stub import StubBroker
+from dramatiq.brokers.stub import StubBroker, _StubConsumer, _StubMessageProxy
 from dramatiq.common import dq_name
 from dramatiq.errors import BrokerConnectionError, QueueNotFound
 
-from ..errors import BrokerUnavailable, ConfigurationError
+from .. import wire
+from ..errors import BrokerUnavailable, ConfigurationError, StateUnavailable
+from ..middleware import refuse_malformed
+from ..outage import must_requeue
 from ..priority import LaneQueue
 from ..schedule import DurableDelays
 from ..state import RedisStateStore
@@ -44,8 +47,57 @@ REDIS_IDLE_POLL_MS = 200
 RABBITMQ_MODULE = "epq.brokers.rabbitmq"
 
 
+class EpqStubConsumer(_StubConsumer):
+    """Dramatiq's stub consumer, checking messages as they come off the queue (``epq.wire``:
+    a malformed one is recorded and dropped) and giving back a message the worker could not
+    finish because the state store was unreachable (``epq.outage``)."""
+
+    def __init__(self, broker: EpqStubBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+        super().__init__(  # type: ignore[no-untyped-call]
+            broker.queues[queue_name], broker.dead_letters_by_queue[queue_name], prefetch, timeout
+        )
+        self.broker = broker
+        self.queue_name = queue_name
+
+    def __next__(self) -> Any:
+        if not self.prefetch_semaphore.acquire(timeout=self.timeout / 1000):
+            return None
+        try:
+            data = self.queue.get(timeout=self.timeout / 1000)
+        except Empty:
+            self.prefetch_semaphore.release()
+            return None
+        try:
+            return _StubMessageProxy(wire.decode(data, self.broker.actors))
+        except wire.MalformedMessage as exc:
+            try:
+                refuse_malformed(self.broker, self.queue_name, exc)
+            except StateUnavailable:
+                self.queue.put(data)  # (a stub's state store is memory: never in practice)
+            self.queue.task_done()
+            self.prefetch_semaphore.release()
+            return None
+
+    def ack(self, message: Any) -> None:
+        if must_requeue(message):
+            self.queue.put(message.encode())
+        super().ack(message)  # type: ignore[no-untyped-call]
+
+    def nack(self, message: Any) -> None:
+        if must_requeue(message):
+            self.queue.put(message.encode())
+            super().ack(message)  # type: ignore[no-untyped-call]
+            return
+        super().nack(message)  # type: ignore[no-untyped-call]
+
+
 class EpqStubBroker(DurableDelays, StubBroker):
     """Dramatiq's stub broker with epq's durable delays and priority-ordered queues."""
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 100) -> EpqStubConsumer:
+        if queue_name not in self.queues:
+            raise QueueNotFound(queue_name)  # type: ignore[no-untyped-call]
+        return EpqStubConsumer(self, queue_name, prefetch, timeout)
 
     def _prepare_immediate(self, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
         if message.queue_name not in self.queues:
