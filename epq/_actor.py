@@ -11,14 +11,12 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
 import dramatiq
-import pika.exceptions
 import pydantic_core
 import redis
-from dramatiq.errors import BrokerConnectionError
 from pydantic import ValidationError
 
 from ._messages import new_id
-from .brokers import display_url
+from .brokers import display_url, unreachable_errors
 from .errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -193,7 +191,7 @@ class EpqActor(dramatiq.Actor[..., Any]):
         except (StateUnavailable, ConfigurationError):
             self._release_after_failed_publish(target, message)
             raise
-        except (redis.RedisError, BrokerConnectionError, pika.exceptions.AMQPError, OSError) as exc:
+        except unreachable_errors(target) as exc:
             self._release_after_failed_publish(target, message)
             raise BrokerUnavailable(
                 f"could not enqueue {self.actor_name} on {display_url(target)}: {exc!r}"

@@ -7,9 +7,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import dramatiq
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
-from dramatiq.brokers.redis import RedisBroker
-from dramatiq.brokers.stub import StubBroker
 
 from ._actor import EpqActor
 from ._runtime import Runtime, actor_for, current, setup
@@ -45,17 +42,12 @@ _STATS_ORDER = ("waiting", "scheduled", "running", "dead")
 
 
 def purge_dead_letter_queues(broker: dramatiq.Broker) -> None:
-    """Empty the brokers' own dead-letter queues (``<queue>.XQ``) of every served queue."""
+    """Empty the brokers' own dead-letter queues (``<queue>.XQ``) of every served queue (each
+    epq broker knows where its own are: ``purge_dead_letters``)."""
     queues = [q for q in broker.get_declared_queues() if not q.endswith((".DQ", ".XQ"))]
-    if isinstance(broker, StubBroker):
-        for queue in queues:
-            broker.dead_letters_by_queue[queue].clear()
-    elif isinstance(broker, RedisBroker):
-        for queue in queues:
-            broker.client.delete(f"{broker.namespace}:{queue}.XQ", f"{broker.namespace}:{queue}.XQ.msgs")
-    elif isinstance(broker, RabbitmqBroker):
-        for queue in queues:
-            broker.channel.queue_purge(f"{queue}.XQ")
+    purge = getattr(broker, "purge_dead_letters", None)
+    if purge is not None:
+        purge(queues)
 
 
 class QueueService:
