@@ -8,15 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import dramatiq
 import pika
 import pika.exceptions
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer, _RabbitmqMessage
 from dramatiq.common import dq_name, q_name
+from dramatiq.errors import ConnectionClosed
 
-from ..errors import BrokerUnavailable, QueueMismatch
+from .. import wire
+from ..errors import BrokerUnavailable, QueueMismatch, StateUnavailable
+from ..middleware import refuse_malformed
+from ..outage import must_requeue
 from ..priority import RABBITMQ_MAX_PRIORITY, amqp_priority, lane_of
 from ..schedule import DurableDelays
 from ..state import RedisStateStore
@@ -24,6 +29,60 @@ from .urls import mask_url
 
 #: AMQP reply code for a queue declared again with different arguments.
 PRECONDITION_FAILED = 406
+
+
+class EpqRabbitmqConsumer(_RabbitmqConsumer):
+    """Dramatiq's RabbitMQ consumer, checking each message as it comes off the queue
+    (``epq.wire``: a malformed one is recorded and dead-lettered with its reason, instead of
+    reaching the worker's threads), and giving back (``basic_nack`` with requeue) a message the
+    worker could not finish because the state store was unreachable (``epq.outage``)."""
+
+    def __next__(self) -> Any:
+        try:
+            method, _properties, body = next(self.iterator)
+            if method is None:
+                return None
+        except (AssertionError, pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as exc:
+            # (as Dramatiq's: a queue that disappeared is declared again when the consumer restarts)
+            if getattr(exc, "reply_code", None) == 404:
+                self.broker.queues_pending.add(q_name(self.queue_name))
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+        try:
+            message = wire.decode(body, self.broker.actors)
+        except wire.MalformedMessage as exc:
+            try:
+                refuse_malformed(self.broker, self.queue_name, exc)
+            except StateUnavailable:
+                self._settle(method.delivery_tag, requeue=True)
+                return None
+            self._settle(method.delivery_tag, requeue=False)  # to .XQ, by the dead-letter exchange
+            return None
+        self.known_tags.add(method.delivery_tag)
+        return _RabbitmqMessage(method.redelivered, method.delivery_tag, message)  # type: ignore[no-untyped-call]
+
+    def _settle(self, tag: int, *, requeue: bool) -> None:
+        self.connection.add_callback_threadsafe(partial(self.channel.basic_nack, tag, requeue=requeue))
+
+    def ack(self, message: Any) -> None:
+        if must_requeue(message):
+            self._give_back(message)
+            return
+        super().ack(message)  # type: ignore[no-untyped-call]
+
+    def nack(self, message: Any) -> None:
+        if must_requeue(message):
+            self._give_back(message)
+            return
+        super().nack(message)  # type: ignore[no-untyped-call]
+
+    def _give_back(self, message: Any) -> None:
+        try:
+            self.known_tags.remove(message._tag)
+            self._settle(message._tag, requeue=True)
+        except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+        except KeyError:
+            pass  # (the consumer restarted since: RabbitMQ gives the message back by itself)
 
 
 class EpqRabbitmqBroker(DurableDelays, RabbitmqBroker):
@@ -41,6 +100,10 @@ class EpqRabbitmqBroker(DurableDelays, RabbitmqBroker):
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("max_priority", RABBITMQ_MAX_PRIORITY)
         super().__init__(**kwargs)
+
+    @property
+    def consumer_class(self) -> type[EpqRabbitmqConsumer]:
+        return EpqRabbitmqConsumer
 
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
         # declared (and checked) before a delayed message goes to the schedule too, so that a
