@@ -1,6 +1,7 @@
-"""Handlers for the crash tests: each job notes its start on ``<key>:started`` and, unless
-EPQ_TEST_HOLD is set (then it hangs, as a job does in a worker about to be killed), its end on
-``<key>`` in the results Redis (EPQ_TEST_RESULTS_URL, EPQ_TEST_RESULTS_KEY)."""
+"""Handlers for the crash and outage tests: each job notes its start on ``<key>:started``, works
+EPQ_TEST_WORK_MS milliseconds, and notes its end on ``<key>`` in the results Redis
+(EPQ_TEST_RESULTS_URL, EPQ_TEST_RESULTS_KEY); with EPQ_TEST_HOLD set it hangs instead, as a job
+does in a worker about to be killed."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from epq.kinds import KINDS
 _client = redis.Redis.from_url(os.environ["EPQ_TEST_RESULTS_URL"])
 _key = os.environ["EPQ_TEST_RESULTS_KEY"]
 _hold = bool(os.environ.get("EPQ_TEST_HOLD"))
+_work_s = int(os.environ.get("EPQ_TEST_WORK_MS", "0")) / 1000
 
 
 def _run(request: Any) -> None:
@@ -26,6 +28,7 @@ def _run(request: Any) -> None:
     _client.rpush(f"{_key}:started", note)
     if _hold:
         time.sleep(3600)
+    time.sleep(_work_s)
     _client.rpush(_key, note)
 
 
