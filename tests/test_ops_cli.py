@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
-import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -69,10 +69,16 @@ def test_stats_table_and_json(jobs: dict[str, str]) -> None:
 
 def test_stats_watch_refreshes() -> None:
     proc = subprocess.Popen([EPQ, "stats", "--watch", "0.2", "--broker-url", REDIS_URL],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    time.sleep(2.0)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    # read as it refreshes (however slowly a loaded machine starts it), then interrupt it
+    assert proc.stdout is not None
+    out = ""
+    while out.count("epq stats") < 3 and (line := proc.stdout.readline()):
+        out += line
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=10)
+    rest, _ = proc.communicate(timeout=10)
+    out += rest
     assert out.count("epq stats") >= 3
     assert proc.returncode == 130
 
