@@ -1,15 +1,16 @@
 """The test suite's own throwaway Redis and RabbitMQ servers.
 
 Each test process (the single pytest process, or each pytest-xdist worker) gets a private
-``redis-server`` and a private RabbitMQ node, started with ``brokers/redis-start`` and
-``brokers/rabbitmq-start`` on free ports, with their data in a temporary session directory. A
-server is started when the first test that needs it runs (Redis in about 0.1 s, RabbitMQ in about
-5 s), so a run of unit tests starts none. Their URLs are fixed up front (the port is chosen when
-this module is imported), since test modules import them as constants.
+``redis-server``, and the run gets one private RabbitMQ node with a vhost per process; they are
+started with ``brokers/redis-start`` and ``brokers/rabbitmq-start`` on free ports, with their data
+in a temporary session directory. A server is started when the first test that needs it runs
+(Redis in about 0.1 s, RabbitMQ in about 5 s), so a run of unit tests starts none. Their URLs are
+fixed up front (ports are chosen when this module is imported), since test modules import them
+as constants.
 
 The process that created the session directory (the controller under xdist) stops every server
-in it at the end, whoever started it, and removes the directory; a worker stops its own. Servers
-are stopped with ``--kill``: their data is thrown away anyway.
+in it at the end, whoever started it, and removes the directory; a worker stops its own Redis.
+Servers are stopped with ``--kill``: their data is thrown away anyway.
 
 ``EPQ_TEST_REDIS_URL``, ``EPQ_TEST_STATE_URL``, ``EPQ_TEST_RESULTS_URL`` and
 ``EPQ_TEST_RABBITMQ_URL`` name servers to use instead (the suite flushes those Redis databases
@@ -18,7 +19,11 @@ and purges the queues it uses there): no private server of that kind is started 
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import fcntl
+import hashlib
+import json
 import os
 import random
 import shutil
@@ -27,6 +32,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parents[2]
 BROKERS = ROOT / "brokers"
@@ -160,6 +166,88 @@ class PrivateServer:
         self.started = False
 
 
+class SharedRabbitmq(PrivateServer):
+    """The session's one RabbitMQ node, a vhost per xdist worker (one node boots in ~5 s of CPU).
+
+    The first process that needs it starts it, under a lock in its data directory, with the
+    vhosts of every worker and the guest user loaded from a definitions file at boot; the owner of
+    the session stops it at the end.
+    """
+
+    def __init__(self, port: int, datadir: Path, vhost: str) -> None:
+        super().__init__("rabbitmq", port, datadir)
+        self.vhost = vhost
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/{quote(self.vhost, safe='')}"
+
+    def ensure_started(self) -> None:
+        if self.started:
+            return
+        with open(self.datadir / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+            state = self.datadir / "state"
+            if not state.exists():
+                try:
+                    self._write_definitions()
+                    self._start()
+                    state.write_text("")
+                except ServerUnavailable as exc:
+                    state.write_text(str(exc))
+            error = state.read_text()
+        if error:
+            raise ServerUnavailable(error)
+        if self.vhost not in self._defined_vhosts():  # a worker xdist added later
+            self._add_vhost()
+        self.started = True
+
+    def stop(self) -> None:
+        """Shared: the session's owner stops it (Session.close)."""
+
+    def _defined_vhosts(self) -> list[str]:
+        count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+        return ["/", *(f"gw{n}" for n in range(count))]
+
+    def _write_definitions(self) -> None:
+        salt = os.urandom(4)
+        password_hash = base64.b64encode(salt + hashlib.sha256(salt + b"guest").digest()).decode()
+        vhosts = self._defined_vhosts()
+        definitions = {
+            "users": [
+                {
+                    "name": "guest",
+                    "password_hash": password_hash,
+                    "hashing_algorithm": "rabbit_password_hashing_sha256",
+                    "tags": ["administrator"],
+                }
+            ],
+            "vhosts": [{"name": name} for name in vhosts],
+            "permissions": [
+                {"user": "guest", "vhost": name, "configure": ".*", "write": ".*", "read": ".*"}
+                for name in vhosts
+            ],
+        }
+        (self.datadir / "conf.d").mkdir(parents=True, exist_ok=True)
+        (self.datadir / "definitions.json").write_text(json.dumps(definitions))
+        (self.datadir / "conf.d" / "90-epq-tests.conf").write_text(
+            f"definitions.import_backend = local_filesystem\n"
+            f"definitions.local.path = {self.datadir / 'definitions.json'}\n"
+        )
+
+    def _add_vhost(self) -> None:
+        ctl = [str(Path(self._script_env()["EPQ_RABBITMQ_BIN"]) / "rabbitmqctl"), "-q", "-n"]
+        ctl.append(f"epq-{self.port}@localhost")
+        env = {**os.environ, "HOME": str(self.datadir)}  # the node's Erlang cookie
+        for args in (
+            ["add_vhost", self.vhost],
+            ["set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*"],
+        ):
+            run = subprocess.run([*ctl, *args], env=env, capture_output=True, text=True, timeout=120)
+            if run.returncode != 0 and "already exists" not in run.stderr:
+                raise ServerUnavailable(f"rabbitmqctl {args[0]} {self.vhost} failed: {run.stderr.strip()}")
+
+
 def stop_server(kind: str, datadir: Path) -> None:
     """Kill the server whose data dir is ``datadir`` (if it runs); the scripts check it is ours."""
     port_file = datadir / "port"
@@ -201,11 +289,21 @@ class Session:
         else:
             directory, owner = Path(tempfile.mkdtemp(prefix="epq-test-servers-")), True
             os.environ[SESSION_ENV] = str(directory)
+            (directory / "rabbitmq").mkdir()  # the shared node's port, fixed before workers start
+            (directory / "rabbitmq" / "port").write_text(str(_choose_port("rabbitmq")))
         return cls(directory, owner, os.environ.get("PYTEST_XDIST_WORKER", "main"))
 
     def server(self, kind: str, purpose: str = "") -> PrivateServer:
-        """This process's ``kind`` server ("redis" or "rabbitmq"); another one per ``purpose``."""
+        """This process's ``kind`` server ("redis" or "rabbitmq"); another one per ``purpose``.
+
+        RabbitMQ is the session's shared node (a vhost of this process's own), unless a
+        ``purpose`` asks for a node of its own.
+        """
         name = f"{kind}-{purpose}" if purpose else kind
+        if name == "rabbitmq" and name not in self.servers:
+            port = int((self.directory / "rabbitmq" / "port").read_text())
+            vhost = "/" if self.name == "main" else self.name
+            self.servers[name] = SharedRabbitmq(port, self.directory / "rabbitmq", vhost)
         if name not in self.servers:
             datadir = self.directory / self.name / name
             self.servers[name] = PrivateServer(kind, _choose_port(kind), datadir)
@@ -220,7 +318,7 @@ class Session:
             server.stop()
         if not self.owner:
             return
-        for port_file in sorted(self.directory.glob("*/*/port")):
+        for port_file in sorted([*self.directory.glob("*/port"), *self.directory.glob("*/*/port")]):
             stop_server(port_file.parent.name.split("-")[0], port_file.parent)
         shutil.rmtree(self.directory, ignore_errors=True)
         if os.environ.get(SESSION_ENV) == str(self.directory):
