@@ -97,6 +97,16 @@ def pytest_configure(config: pytest.Config) -> None:
         )
 
 
+SLOW_TEST_TIMEOUT_S = 180
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` (worker subprocesses) get 180 s instead of 60 on a loaded machine."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT_S))
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     SERVERS.close()
 
