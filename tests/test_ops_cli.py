@@ -74,11 +74,16 @@ def test_stats_watch_refreshes() -> None:
     # read as it refreshes (however slowly a loaded machine starts it), then interrupt it
     assert proc.stdout is not None
     out = ""
-    while out.count("epq stats") < 3 and (line := proc.stdout.readline()):
-        out += line
-    proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=10)
-    out += rest
+    try:
+        while out.count("epq stats") < 3 and (line := proc.stdout.readline()):
+            out += line
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+        out += rest
+    finally:
+        if proc.poll() is None:  # not stopped by SIGINT: leave no process (or open pipe) behind
+            proc.kill()
+            proc.communicate()
     assert out.count("epq stats") >= 3
     assert proc.returncode == 130
 
