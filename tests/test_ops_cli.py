@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 from datetime import datetime, timedelta, timezone
@@ -68,9 +67,15 @@ def test_stats_table_and_json(jobs: dict[str, str]) -> None:
 
 
 def test_stats_watch_refreshes() -> None:
-    proc = subprocess.Popen([EPQ, "stats", "--watch", "0.2", "--broker-url", REDIS_URL],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    # The command gets SIGINT's default action, as under a terminal, even when this process was
+    # started with SIGINT ignored (a background job of a non-interactive shell), which it would
+    # inherit; a Python handler here is reset to the default in the child.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([EPQ, "stats", "--watch", "0.2", "--broker-url", REDIS_URL],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, previous)
     # read as it refreshes (however slowly a loaded machine starts it), then interrupt it
     assert proc.stdout is not None
     out = ""
