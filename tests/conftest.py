@@ -12,6 +12,8 @@ missing) or reached skips its tests locally and fails them under CI=true. The st
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -88,7 +90,15 @@ def rabbitmq_available(url: str) -> None:
         _unreachable(f"RabbitMQ at {url}", exc)
 
 
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    # SIGTERM (tox or CI stopping the run) unwinds like Ctrl-C, so fixtures stop their worker
+    # subprocesses and pytest_unconfigure stops the servers.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     workers = getattr(config.option, "numprocesses", None)
     if GIVEN_URLS and workers not in (None, 0, 1) and not hasattr(config, "workerinput"):
         raise pytest.UsageError(
