@@ -11,14 +11,12 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
 import dramatiq
-import pika.exceptions
 import pydantic_core
 import redis
-from dramatiq.errors import BrokerConnectionError
 from pydantic import ValidationError
 
 from ._messages import new_id
-from .brokers import display_url
+from .brokers import display_url, unreachable_errors
 from .errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -33,9 +31,7 @@ from .kinds import JobKind
 from .middleware import JobRecords, Uniqueness, find_middleware
 from .models import JobInsertResult, JobPriority, JobRecord, JobState, _Request
 from .records import ARGS_JSON_OPTION
-
-#: The largest payload (the request as JSON) a job may carry.
-MAX_PAYLOAD_BYTES = 1024 * 1024
+from .wire import MAX_PAYLOAD_BYTES
 
 
 def _utcnow() -> datetime:
@@ -58,7 +54,8 @@ def make_job_function(kind: JobKind) -> Callable[..., Any]:
         if fn is None:
             raise HandlerNotFound(
                 f"no handler registered for {kind.name}; register one with "
-                f"@epq.handler({kind.name!r}) in a module named in EPQ_HANDLERS"
+                f"@epq.handler({kind.name!r}) in a module named in EPQ_HANDLERS (in a test: "
+                f"import that module, or use epq_handlers.register({kind.name!r}, fn))"
             )
         return fn(request)
 
@@ -194,7 +191,7 @@ class EpqActor(dramatiq.Actor[..., Any]):
         except (StateUnavailable, ConfigurationError):
             self._release_after_failed_publish(target, message)
             raise
-        except (redis.RedisError, BrokerConnectionError, pika.exceptions.AMQPError, OSError) as exc:
+        except unreachable_errors(target) as exc:
             self._release_after_failed_publish(target, message)
             raise BrokerUnavailable(
                 f"could not enqueue {self.actor_name} on {display_url(target)}: {exc!r}"

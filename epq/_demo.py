@@ -115,12 +115,15 @@ def run(*, out: TextIO = sys.stdout, timeout_s: float = 60.0) -> int:
         return 0
     finally:
         if worker is not None and worker.poll() is None:
+            print(f"stopping the worker (pid {worker.pid})...", file=out, flush=True)
             worker.send_signal(signal.SIGTERM)
             try:
                 worker.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
+        print(f"stopping the demo's embedded Redis and deleting {workdir}", file=out, flush=True)
+        _runtime.reset()
         embedded.stop_server(workdir / "demo.db")
         shutil.rmtree(workdir, ignore_errors=True)
 

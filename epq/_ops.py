@@ -62,11 +62,11 @@ def _dump(value: Any) -> None:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ._runtime import setup
-    from .errors import JobNotFound
+    from .cli import open_broker, resolve_job_id
+    from .errors import InvalidPayload, JobNotFound
     from .service import QueueService
 
-    broker = setup(args.broker_url) if getattr(args, "broker_url", None) else setup()
+    broker = open_broker(args, may_start_embedded=False)
     svc = QueueService(broker)
 
     if args.command == "stats":
@@ -86,13 +86,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             time.sleep(args.watch)
 
     if args.command == "jobs":
+        job_id = resolve_job_id(svc, args.job_id)
         if args.jobs_command == "show":
-            record = svc.get_job(args.job_id)
-            if record is None:
-                raise JobNotFound(args.job_id)
+            record = svc.get_job(job_id)
+            if record is None:  # pragma: no cover - expired in between
+                raise JobNotFound(job_id)
             _dump(record.model_dump(mode="json")) if args.json else print(show_record(record))
             return 0
-        record = svc.cancel_job(args.job_id)
+        record = svc.cancel_job(job_id)
         cancelled = record.state.value == "cancelled"
         if args.json:
             _dump({"cancelled": cancelled, "job": record.model_dump(mode="json")})
@@ -117,8 +118,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.dead_command == "retry":
         if bool(args.job_id) == bool(args.all):
             parser.error("dead retry takes one job ID or --all")
-        ids = [args.job_id] if args.job_id else [r.id for r in svc.list_dead(10**9)]
-        retried = [svc.retry_dead(job_id) for job_id in ids]
+        ids = [resolve_job_id(svc, args.job_id)] if args.job_id else [r.id for r in svc.list_dead(10**9)]
+        retried = []
+        for job_id in ids:
+            try:
+                retried.append(svc.retry_dead(job_id))
+            except InvalidPayload as exc:
+                if args.job_id:
+                    raise
+                print(f"epq: skipped {job_id}: {exc}", file=sys.stderr)  # (--all: the others still go)
         if args.json:
             _dump([r.model_dump(mode="json") for r in retried])
         else:
@@ -126,6 +134,30 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 print(f"{r.id}: {r.state.value}")
             print(f"retried {sum(r.state.value == 'available' for r in retried)} job(s)")
         return 0
+    if not args.yes and not _confirm_purge(svc):
+        return 1
     purged = svc.purge_dead()
     _dump({"purged": purged}) if args.json else print(f"purged {purged} dead job(s)")
     return 0
+
+
+def _confirm_purge(svc: Any) -> bool:
+    """Ask on the terminal before ``dead purge`` forgets the dead jobs; without a terminal, refuse."""
+    from .brokers import display_url
+    from .errors import EpqError
+
+    count = len(svc.list_dead(10**9))
+    if not sys.stdin.isatty():
+        raise EpqError(
+            f"dead purge would forget {count} dead job(s) and asks first, but stdin is not a "
+            "terminal: pass --yes to purge without asking"
+        )
+    if count == 0:
+        return True
+    question = f"purge {count} dead job(s) on {display_url(svc.broker)}? [y/N] "
+    print(question, end="", file=sys.stderr, flush=True)
+    answer = sys.stdin.readline().strip().lower()
+    if answer in ("y", "yes"):
+        return True
+    print("nothing purged", file=sys.stderr)
+    return False

@@ -40,12 +40,13 @@ def handler(kind: str) -> Callable[[F], F]:
     return decorator
 
 
-def register(kind: str, fn: HandlerFn) -> None:
-    """Register ``fn`` as the handler of ``kind`` (see :func:`handler`)."""
+def register(kind: str, fn: HandlerFn, *, replace: bool = False) -> None:
+    """Register ``fn`` as the handler of ``kind`` (see :func:`handler`); ``replace`` lets it take
+    the place of another handler (tests)."""
     get_kind(kind)
     with _lock:
         current = _handlers.get(kind)
-        if current is not None and current is not fn:
+        if current is not None and current is not fn and not replace:
             raise HandlerAlreadyRegistered(
                 f"{kind} already has handler {_name(current)}; not registering {_name(fn)}"
             )
@@ -64,16 +65,21 @@ def missing_kinds() -> list[str]:
 
 @contextmanager
 def isolated_handlers() -> Iterator[dict[str, HandlerFn]]:
-    """Run a block with an empty registry, restoring the previous one afterwards (for tests)."""
+    """Run a block that may change the registry, restoring it afterwards (for tests)."""
     with _lock:
         saved = dict(_handlers)
-        _handlers.clear()
     try:
         yield _handlers
     finally:
         with _lock:
             _handlers.clear()
             _handlers.update(saved)
+
+
+def unregister_all() -> None:
+    """Forget every handler (tests; see :func:`isolated_handlers`)."""
+    with _lock:
+        _handlers.clear()
 
 
 def import_handler_modules(modules: Iterable[str]) -> None:

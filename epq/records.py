@@ -12,6 +12,7 @@ States: ``available``/``scheduled`` → ``running`` → ``completed`` | ``retrya
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -39,8 +40,20 @@ SEPARATORS = (",", ":")
 ARGS_JSON_OPTION = "epq_args_json"
 
 
+#: What an id prefix given to :meth:`RecordStore.find_ids` may contain: the characters of job
+#: ids (UUIDs, and ids Dramatiq or an application chose), never a glob character of Redis' MATCH.
+ID_PREFIX_CHARACTERS = re.compile(r"[0-9A-Za-z_.:-]+")
+
+
 def job_key(job_id: str) -> str:
     return JOB_KEY_PREFIX + job_id
+
+
+def check_id_prefix(prefix: str) -> str:
+    """``prefix``, if it may be looked up; ValueError otherwise (empty, or a glob character)."""
+    if not ID_PREFIX_CHARACTERS.fullmatch(prefix):
+        raise ValueError(f"a job id prefix is letters, digits and '_.:-' only, not {prefix!r}")
+    return prefix
 
 
 class NewRecord(NamedTuple):
@@ -120,6 +133,14 @@ class RecordStore(Protocol):
 
     def get_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]:
         """``get`` for each id, in one round trip."""
+
+    def find_ids(self, prefix: str, limit: int) -> list[str]:
+        """Ids of (at most ``limit``) jobs with a record whose id starts with ``prefix``, in no
+        particular order. Scans every record: for operators, not for hot paths.
+
+        Raises:
+          ValueError: ``prefix`` fails :func:`check_id_prefix`.
+        """
 
     def delete(self, job_id: str) -> None: ...
 
@@ -353,16 +374,6 @@ local function complete_record(key, stats, dead, id, now, ttl)
 end
 """
 
-# Lua: put a record that was started but never ran (fetched, then requeued at shutdown) back
-# to available, taking its attempt back. Needs LUA_SET_STATE.
-LUA_UNSTART_RECORD = """
-local function unstart_record(key, stats, dead, id, now)
-  if redis.call('HGET', key, 'state') ~= 'running' then return end
-  set_state(key, stats, dead, id, 'available', now)
-  redis.call('HINCRBY', key, 'attempt', -1)
-end
-"""
-
 # KEYS: record, stats, dead; ARGV: id, now, ttl
 _START = (
     _LUA_SET_STATE
@@ -483,6 +494,15 @@ class RedisRecords:
         for job_id in job_ids:
             pipe.hgetall(job_key(job_id))
         return [{k.decode(): v.decode() for k, v in raw.items()} or None for raw in pipe.execute()]
+
+    def find_ids(self, prefix: str, limit: int) -> list[str]:
+        match = job_key(check_id_prefix(prefix)) + "*"  # no glob character can be in the prefix
+        found: list[str] = []
+        for key in self.client.scan_iter(match=match, count=1000):
+            found.append(key.decode()[len(JOB_KEY_PREFIX) :])
+            if len(found) >= limit:
+                break
+        return found
 
     def delete(self, job_id: str) -> None:
         self._delete(keys=self._keys(job_id), args=[job_id])
@@ -642,6 +662,12 @@ class MemoryRecords:
 
     def get_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]:
         return [self.get(job_id) for job_id in job_ids]
+
+    def find_ids(self, prefix: str, limit: int) -> list[str]:
+        check_id_prefix(prefix)
+        with self._lock:
+            candidates = [job_id for job_id in self._records if job_id.startswith(prefix)]
+            return [job_id for job_id in candidates if self._live(job_id) is not None][:limit]
 
     def delete(self, job_id: str) -> None:
         with self._lock:

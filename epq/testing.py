@@ -5,11 +5,13 @@ Installed with epq and loaded by pytest automatically (entry point ``pytest11``)
 - ``epq_broker``: a fresh Dramatiq ``StubBroker`` with epq's middleware, the epq actors bound
   to it (and set as Dramatiq's global broker);
 - ``epq_worker``: a started ``dramatiq.Worker`` on that broker, stopped after the test;
-- ``epq_handlers``: an empty handler registry for the test (restored afterwards), with
-  ``record(kind)`` to capture the requests a kind's handler receives;
+- ``epq_handlers``: the handler registry for the test: the application's handlers stay, and
+  ``register(kind, fn)`` or ``record(kind)`` (which captures the requests a kind's handler
+  receives) replace one kind's handler until the test ends;
 - ``epq_clock``: a :class:`~epq.state.FakeClock` driving the stub's state store, so uniqueness
   windows can be crossed with ``epq_clock.advance(seconds)`` instead of sleeping;
-- :func:`drain`: wait until every queue is empty and the worker is idle.
+- :func:`drain`: wait until every queue is empty and the worker is idle, and fail if a handler
+  failed and its job did not succeed since.
 
     def test_indexing(epq_broker, epq_worker, epq_handlers):
         received = epq_handlers.record("index_endpoint")
@@ -24,13 +26,13 @@ When the plugin loads and ``EPQ_BROKER_URL`` is unset, it sets it to ``stub://``
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import dramatiq
 import pytest
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
 
 from . import _runtime, handlers
@@ -38,20 +40,77 @@ from .schedule import promote_due
 from .settings import reset_settings
 from .state import FakeClock, MemoryStateStore
 
-__all__ = ["FakeClock", "HandlerRegistry", "drain", "epq_broker", "epq_clock", "epq_handlers", "epq_worker"]
+if TYPE_CHECKING:
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+__all__ = [
+    "FakeClock",
+    "HandlerFailures",
+    "HandlerRegistry",
+    "drain",
+    "epq_broker",
+    "epq_clock",
+    "epq_handlers",
+    "epq_worker",
+    "watch_failures",
+]
 
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("EPQ_BROKER_URL", "stub://")
 
 
-def drain(broker: dramatiq.Broker, worker: dramatiq.Worker, *, timeout_ms: int = 30_000) -> None:
+class HandlerFailures(dramatiq.Middleware):
+    """Notes each job whose handler raised, until the job succeeds (see :func:`drain`)."""
+
+    def __init__(self) -> None:
+        self.failed: dict[str, BaseException] = {}  # message id -> the last exception
+
+    def after_process_message(
+        self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: Any = None
+    ) -> None:
+        if exception is None:
+            self.failed.pop(message.message_id, None)
+        else:
+            self.failed[message.message_id] = exception
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        self.failed.pop(message.message_id, None)
+
+
+def watch_failures(broker: dramatiq.Broker) -> HandlerFailures:
+    """The broker's :class:`HandlerFailures`, added on first use (``epq_broker`` adds it when it
+    builds the broker; :func:`drain` on another broker sees failures from its first call on)."""
+    for middleware in broker.middleware:
+        if isinstance(middleware, HandlerFailures):
+            return middleware
+    watcher = HandlerFailures()
+    broker.add_middleware(watcher)
+    return watcher
+
+
+def drain(
+    broker: dramatiq.Broker, worker: dramatiq.Worker, *, timeout_ms: int = 30_000, fail_fast: bool = True
+) -> None:
     """Wait until no job is waiting, running, or scheduled for a time that has come.
 
     Jobs scheduled for later (by the state store's clock, which ``epq_clock`` may stop) are left
-    in the schedule. On the stub broker a job that was dead-lettered raises its exception here,
-    so a failing handler fails the test that drains it.
+    in the schedule. With ``fail_fast`` (the default), a handler that raised fails the test that
+    drains it: when the drain ends, the exception of a job that failed and has not succeeded
+    since (dead-lettered, or waiting for a retry) is raised here, as Dramatiq's
+    ``StubBroker.join`` raises a dead-lettered message's. Pass ``fail_fast=False`` to test
+    failures and retries themselves.
     """
+    failures = watch_failures(broker)
+    try:
+        _drain(broker, worker, timeout_ms)
+    finally:
+        left, failures.failed = failures.failed, {}
+    if fail_fast and left:
+        raise next(iter(left.values()))
+
+
+def _drain(broker: dramatiq.Broker, worker: dramatiq.Worker, timeout_ms: int) -> None:
     deadline = time.monotonic() + timeout_ms / 1000
     store = getattr(broker, "epq_state", None)
     while True:
@@ -60,8 +119,8 @@ def drain(broker: dramatiq.Broker, worker: dramatiq.Worker, *, timeout_ms: int =
             if queue.endswith((".DQ", ".XQ")):
                 continue
             if isinstance(broker, StubBroker):
-                broker.join(queue, timeout=remaining, fail_fast=True)
-            elif isinstance(broker, RabbitmqBroker):
+                broker.join(queue, timeout=remaining, fail_fast=False)
+            elif _is_rabbitmq(broker):
                 broker.join(queue, min_successes=3, idle_time=50, timeout=remaining)
             else:
                 broker.join(queue, timeout=remaining)
@@ -79,22 +138,33 @@ def drain(broker: dramatiq.Broker, worker: dramatiq.Worker, *, timeout_ms: int =
         time.sleep(max(0, next_due - now) / 1000)
 
 
+def _is_rabbitmq(broker: dramatiq.Broker) -> TypeGuard[RabbitmqBroker]:
+    # without importing Dramatiq's RabbitMQ broker (and pika) into every test run that loads this
+    # plugin: if its module is not loaded, no broker is one
+    rabbitmq = sys.modules.get("dramatiq.brokers.rabbitmq")
+    return rabbitmq is not None and isinstance(broker, rabbitmq.RabbitmqBroker)
+
+
 #: Scheduled jobs due this soon (a short retry backoff, say) are waited for by :func:`drain`.
 _DUE_SOON_MS = 100
 
 
 class HandlerRegistry:
-    """The handler registry of one test."""
+    """The handler registry of one test (the application's handlers are in it)."""
 
     def register(self, kind: str, fn: Callable[[Any], Any]) -> None:
-        """Use ``fn`` as the handler of ``kind`` for this test."""
-        handlers.register(kind, fn)
+        """Use ``fn`` as the handler of ``kind`` for this test (in place of any other)."""
+        handlers.register(kind, fn, replace=True)
 
     def record(self, kind: str) -> list[Any]:
-        """Register a handler that appends each request it receives to the returned list."""
+        """Handle ``kind`` for this test by appending each request to the returned list."""
         received: list[Any] = []
-        handlers.register(kind, received.append)
+        self.register(kind, received.append)
         return received
+
+    def clear(self) -> None:
+        """Leave this test with no handler at all."""
+        handlers.unregister_all()
 
 
 @pytest.fixture
@@ -104,6 +174,7 @@ def epq_broker() -> Iterator[StubBroker]:
     runtime = _runtime.install("stub://")
     broker = runtime.broker
     assert isinstance(broker, StubBroker)
+    watch_failures(broker)
     yield broker
     broker.flush_all()
     _runtime.reset()
@@ -121,7 +192,8 @@ def epq_worker(epq_broker: StubBroker) -> Iterator[dramatiq.Worker]:
 
 @pytest.fixture
 def epq_handlers() -> Iterator[HandlerRegistry]:
-    """An empty handler registry for the test; the previous one comes back afterwards."""
+    """The handler registry for the test, as the application registered it; whatever the test
+    changes is undone afterwards."""
     with handlers.isolated_handlers():
         yield HandlerRegistry()
 

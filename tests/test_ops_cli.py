@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import select
 import signal
 import subprocess
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -73,23 +77,26 @@ def test_stats_watch_refreshes() -> None:
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         proc = subprocess.Popen([EPQ, "stats", "--watch", "0.2", "--broker-url", REDIS_URL],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     finally:
         signal.signal(signal.SIGINT, previous)
-    # read as it refreshes (however slowly a loaded machine starts it), then interrupt it
     assert proc.stdout is not None
-    out = ""
+    seen = b""
     try:
-        while out.count("epq stats") < 3 and (line := proc.stdout.readline()):
-            out += line
+        deadline = time.monotonic() + 30  # a loaded machine can take seconds to start Python
+        while seen.count(b"epq stats") < 3 and time.monotonic() < deadline:
+            if select.select([proc.stdout], [], [], 0.5)[0]:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:  # it exited
+                    break
+                seen += chunk
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
-        out += rest
     finally:
         if proc.poll() is None:  # not stopped by SIGINT: leave no process (or open pipe) behind
             proc.kill()
             proc.communicate()
-    assert out.count("epq stats") >= 3
+    assert (seen + rest).count(b"epq stats") >= 3
     assert proc.returncode == 130
 
 
@@ -136,7 +143,7 @@ def test_dead_list_retry_purge(jobs: dict[str, str]) -> None:
     assert run_epq("dead", "list", env=ENV).stdout.strip() == "no dead jobs"
 
     assert run_epq("dead", "retry", env=ENV).returncode == 2  # an ID or --all
-    assert json.loads(run_epq("dead", "purge", "--json", env=ENV).stdout) == {"purged": 0}
+    assert json.loads(run_epq("dead", "purge", "--yes", "--json", env=ENV).stdout) == {"purged": 0}
 
 
 def test_dead_retry_all(jobs: dict[str, str]) -> None:
@@ -147,6 +154,114 @@ def test_dead_retry_all(jobs: dict[str, str]) -> None:
 
 
 def test_dead_purge_forgets_dead_jobs(jobs: dict[str, str]) -> None:
-    out = run_epq("dead", "purge", env=ENV)
+    out = run_epq("dead", "purge", "--yes", env=ENV)
     assert out.stdout.strip() == "purged 1 dead job(s)"
     assert run_epq("jobs", "show", jobs["dies"], env=ENV).returncode == 1
+
+
+def test_dead_purge_without_a_terminal_or_yes_refuses(jobs: dict[str, str]) -> None:
+    out = run_epq("dead", "purge", env=ENV)
+    assert out.returncode == 1
+    assert out.stdout == ""
+    assert out.stderr.splitlines()[1:] == [
+        "epq: error: dead purge would forget 1 dead job(s) and asks first, but stdin is not a "
+        "terminal: pass --yes to purge without asking"
+    ]
+    assert run_epq("jobs", "show", jobs["dies"], env=ENV).returncode == 0  # still there
+
+
+def _purge_on_a_terminal(answer: str) -> tuple[int, str]:
+    """Run ``epq dead purge`` with a pseudo-terminal as stdin, answer its question, return the
+    exit code and everything it wrote to the terminal (stderr goes there too)."""
+    primary, secondary = pty.openpty()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("EPQ_")}, **ENV}
+    proc = subprocess.Popen(
+        [EPQ, "dead", "purge"], stdin=secondary, stdout=secondary, stderr=secondary, env=env
+    )
+    os.close(secondary)
+    seen = b""
+    try:
+        while b"[y/N] " not in seen:
+            ready, _, _ = select.select([primary], [], [], 30)
+            assert ready, f"no question asked; got {seen!r}"
+            seen += os.read(primary, 4096)
+        os.write(primary, answer.encode() + b"\n")
+        code = proc.wait(timeout=30)
+        while select.select([primary], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # the terminal closed with the process
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(primary)
+        if proc.poll() is None:
+            proc.kill()
+    return code, seen.decode().replace("\r\n", "\n")
+
+
+def test_dead_purge_asks_on_a_terminal_and_no_keeps_the_jobs(jobs: dict[str, str]) -> None:
+    code, text = _purge_on_a_terminal("n")
+    assert f"purge 1 dead job(s) on {REDIS_URL}? [y/N] " in text
+    assert "nothing purged" in text
+    assert code == 1
+    assert run_epq("jobs", "show", jobs["dies"], env=ENV).returncode == 0
+
+
+def test_dead_purge_asks_on_a_terminal_and_yes_purges(jobs: dict[str, str]) -> None:
+    code, text = _purge_on_a_terminal("y")
+    assert code == 0
+    assert "purged 1 dead job(s)" in text
+    assert run_epq("jobs", "show", jobs["dies"], env=ENV).returncode == 1
+
+
+def test_operator_commands_say_which_broker_on_stderr(jobs: dict[str, str]) -> None:
+    for command in (
+        ["stats", "--json"],
+        ["dead", "list", "--json"],
+        ["jobs", "show", jobs["done"], "--json"],
+    ):
+        out = run_epq(*command, env=ENV)
+        assert out.returncode == 0, out.stderr
+        assert out.stderr == f"epq: broker {REDIS_URL}\n"
+        json.loads(out.stdout)  # stdout stays pure JSON
+
+
+def test_jobs_show_and_cancel_take_a_unique_id_prefix(
+    jobs: dict[str, str], redis_client: redis.Redis
+) -> None:
+    # the 8 characters `epq demo` prints are enough
+    out = run_epq("jobs", "show", jobs["dies"][:8], "--json", env=ENV)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["id"] == jobs["dies"]
+    out = run_epq("jobs", "cancel", jobs["waiting"][:13], env=ENV)
+    assert (out.returncode, out.stdout.strip()) == (0, f"{jobs['waiting']}: cancelled")
+    assert redis_client.hget(f"epq:job:{jobs['waiting']}", "state") == b"cancelled"
+    out = run_epq("dead", "retry", jobs["dies"][:8], env=ENV)
+    assert (out.returncode, out.stdout.splitlines()[0]) == (0, f"{jobs['dies']}: available")
+
+
+def test_an_ambiguous_id_prefix_lists_the_matches(jobs: dict[str, str], redis_client: redis.Redis) -> None:
+    twins = ["deadbeef-0000-4000-8000-000000000001", "deadbeef-0000-4000-8000-000000000002"]
+    for job_id in twins:
+        redis_client.hset(f"epq:job:{job_id}", "state", "available")
+    out = run_epq("jobs", "show", "deadbeef", env=ENV)
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[1:] == [
+        f"epq: error: job id prefix 'deadbeef' matches 2 jobs: {twins[0]}, {twins[1]}; give more characters"
+    ]
+    assert "matches 2 jobs" in run_epq("jobs", "show", twins[0][:-1], env=ENV).stderr
+
+
+@pytest.mark.parametrize("given", ["deadbeef*", "deadbe??", "*", "deadbe", "[d]eadbeef"])
+def test_short_or_glob_prefixes_find_nothing(
+    jobs: dict[str, str], redis_client: redis.Redis, given: str
+) -> None:
+    redis_client.hset("epq:job:deadbeef-0000-4000-8000-000000000001", "state", "available")
+    out = run_epq("jobs", "show", given, env=ENV)
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[1:] == [
+        f"epq: error: no job {given!r} (never enqueued, or its record expired)"
+    ]

@@ -166,7 +166,7 @@ def test_retries_on_the_stub_follow_the_fake_clock(
     epq_handlers.register("register_job", fails_once)
     epq.actors.register_job.send(**VALID["register_job"])  # the real backoff: 10 s ±25 %
     assert wait_for(lambda: len(calls) == 1)
-    drain(epq_broker, epq_worker)
+    drain(epq_broker, epq_worker, fail_fast=False)  # the retry is left waiting, on purpose
     assert len(calls) == 1
     epq_clock.advance(7)  # less than 10 s - 25 %
     drain(epq_broker, epq_worker)

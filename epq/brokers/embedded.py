@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from ..errors import BrokerUnavailable, ConfigurationError
 
@@ -47,10 +49,22 @@ def _redis_executable() -> str:
     return exe
 
 
+def _client(sock: Path, *, timeout_s: float = 2.0) -> redis.Redis[bytes]:
+    """A client that never retries: redis-py's default policy retries a failed command three
+    times with backoff, which after ``SHUTDOWN`` (the server closes the connection as it exits)
+    or on a dead socket only costs seconds."""
+    return redis.Redis(
+        unix_socket_path=str(sock),
+        socket_connect_timeout=1,
+        socket_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
 def _ping(sock: Path) -> bool:
     if not sock.exists():
         return False
-    client = redis.Redis(unix_socket_path=str(sock), socket_connect_timeout=1, socket_timeout=2)
+    client = _client(sock)
     try:
         return bool(client.ping())
     except (redis.ConnectionError, redis.TimeoutError, OSError):
@@ -117,12 +131,30 @@ def _start(db_path: Path, sock: Path) -> None:
     raise BrokerUnavailable(f"the embedded Redis server for {db_path} did not start; see {log_path}")
 
 
+def server_pid(db_path: Path) -> int | None:
+    """The process id of the server running for ``db_path``, or None if none answers."""
+    sock = socket_path(db_path)
+    if not sock.exists():
+        return None
+    client = _client(sock)
+    try:
+        return int(client.info("server")["process_id"])
+    except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError, KeyError):
+        return None
+    finally:
+        client.close()
+
+
 def stop_server(db_path: Path) -> bool:
-    """Stop the server for ``db_path`` (saving its data). Return whether one was running."""
+    """Stop the server for ``db_path`` (saving its data). Return whether one was running.
+
+    Takes milliseconds plus the time to save the data: ``SHUTDOWN SAVE`` returns once the
+    snapshot is written, and the server removes its socket as it exits.
+    """
     sock = socket_path(db_path)
     if not _ping(sock):
         return False
-    client = redis.Redis(unix_socket_path=str(sock), socket_timeout=10)
+    client = _client(sock, timeout_s=_START_TIMEOUT_S)  # saving a large dataset takes a while
     try:
         client.shutdown(save=True)
     except redis.ConnectionError:
@@ -131,5 +163,5 @@ def stop_server(db_path: Path) -> bool:
         client.close()
     deadline = time.monotonic() + _START_TIMEOUT_S
     while time.monotonic() < deadline and _ping(sock):
-        time.sleep(0.05)
+        time.sleep(0.01)
     return True

@@ -14,10 +14,8 @@ work, and splits the waiting ids into one list per priority, ``<ns>:<queue>.P1``
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -25,12 +23,15 @@ from typing import Any
 import dramatiq
 import redis
 from dramatiq.broker import MessageProxy
-from dramatiq.brokers.redis import MAINTENANCE_SCALE, RedisBroker, _RedisConsumer
+from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import compute_backoff, current_millis
-from dramatiq.errors import ConnectionClosed, DecodeError
+from dramatiq.errors import ConnectionClosed
 
+from .. import wire
 from .._messages import data_template, encode, new_id
-from ..errors import DuplicateJob
+from ..errors import DuplicateJob, StateUnavailable
+from ..middleware import refuse_malformed
+from ..outage import must_requeue
 from ..priority import LANES, LUA_LANE_OF, lane_of, redis_lane_key
 from ..records import (
     BULK_TOKEN_PREFIX,
@@ -38,8 +39,6 @@ from ..records import (
     ENQUEUE_MANY_RECORDED,
     ENQUEUE_RECORDED,
     LUA_COMPLETE_RECORD,
-    LUA_START_RECORD,
-    LUA_UNSTART_RECORD,
     OPEN_RECORD_TTL_MS,
     BulkJob,
     fields_json,
@@ -52,6 +51,15 @@ logger = logging.getLogger("epq.brokers.redis")
 
 #: How often a consumer whose prefetched messages are all being worked on looks for a free slot.
 BUSY_POLL_MS = 5
+#: A worker whose heartbeat is older than this is dead: its fetched messages go back to their
+#: queues (Dramatiq's default is 60 s). Every consumer beats at least every
+#: ``HEARTBEAT_INTERVAL_MS``, busy or idle.
+HEARTBEAT_TIMEOUT_MS = 15_000
+HEARTBEAT_INTERVAL_MS = 3_000
+#: How often each consumer runs Dramatiq's maintenance of its queue (recovering the messages of
+#: dead workers). With the heartbeat timeout, a crashed worker's jobs run again within about
+#: ``HEARTBEAT_TIMEOUT_MS + MAINTENANCE_INTERVAL_MS`` on a worker that is idle.
+MAINTENANCE_INTERVAL_MS = 5_000
 #: How many ids one fetch moves from the plain list back to their lanes at most (bounds the
 #: script's run time after a large requeue; the rest move on the next fetches).
 REBALANCE_MAX = 100
@@ -62,28 +70,23 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[1])
 """
 
-# KEYS: plain list, message hash, this worker's ack set, heartbeats, lane 1..4, record stats,
-# dead index; ARGV: now ms, worker id, how many to take, how many plain-list ids to move back at
-# most, job record key prefix ('' when records live elsewhere), open record ttl.
-# Returns {id1, data1, started1, id2, ...} for up to ARGV[3] messages, highest priority first;
-# `started` is '1' when this fetch marked the job's record running (River marks a job running
-# when a worker takes it). A job whose record is cancelled is dropped here, never delivered.
+# KEYS: plain list, message hash, this worker's ack set, heartbeats, lane 1..4; ARGV: now ms,
+# worker id, how many to take, how many plain-list ids to move back at most, job record key prefix
+# ('' when records live elsewhere).
+# Returns {id1, data1, id2, data2, ...} for up to ARGV[3] messages, highest priority first. A job
+# whose record is cancelled is dropped here, never delivered. Records are not started here: a job
+# is running once a worker thread starts it (JobRecords.before_process_message), not while it
+# waits in a worker's prefetch.
 _FETCH = (
     LUA_LANE_OF
-    + LUA_SET_STATE
-    + LUA_START_RECORD
     + """
 local plain, msgs, acks = KEYS[1], KEYS[2], KEYS[3]
 local prefix = ARGV[5]
-local function start(data)
-  if prefix == '' then return '0' end
+local function cancelled(data)
+  if prefix == '' then return false end
   local ok, message = pcall(cjson.decode, data)
-  if not (ok and type(message) == 'table' and type(message['message_id']) == 'string') then return '0' end
-  local id = message['message_id']
-  local old = start_record(prefix .. id, KEYS[9], KEYS[10], id, ARGV[1], ARGV[6])
-  if old == 'cancelled' then return 'cancelled' end
-  if old then return '1' end
-  return '0'
+  if not (ok and type(message) == 'table' and type(message['message_id']) == 'string') then return false end
+  return redis.call('HGET', prefix .. message['message_id'], 'state') == 'cancelled'
 end
 redis.call('ZADD', KEYS[4], ARGV[1], ARGV[2])
 for _ = 1, tonumber(ARGV[4]) do
@@ -93,21 +96,19 @@ for _ = 1, tonumber(ARGV[4]) do
   if data then redis.call('LPUSH', KEYS[4 + lane_of(data)], id) end
 end
 local out = {}
-local want = 3 * tonumber(ARGV[3])
+local want = 2 * tonumber(ARGV[3])
 for lane = 1, 4 do
   while #out < want do
     local id = redis.call('LPOP', KEYS[4 + lane])
     if not id then break end
     local data = redis.call('HGET', msgs, id)
     if data then
-      local started = start(data)
-      if started == 'cancelled' then
+      if cancelled(data) then
         redis.call('HDEL', msgs, id)
       else
         redis.call('SADD', acks, id)
         out[#out + 1] = id
         out[#out + 1] = data
-        out[#out + 1] = started
       end
     end
   end
@@ -129,12 +130,6 @@ if redis.call('SREM', KEYS[1], ARGV[3]) > 0 then redis.call('HDEL', KEYS[2], ARG
 complete_record(KEYS[4], KEYS[5], KEYS[6], ARGV[4], ARGV[1], ARGV[5])
 """
 )
-
-# KEYS: record, stats, dead; ARGV: job id, now ms.
-_UNSTART = (
-    LUA_SET_STATE + LUA_UNSTART_RECORD + "unstart_record(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])\n"
-)
-
 
 _pack: Any
 try:
@@ -295,13 +290,13 @@ class LaneRedisBroker(RedisBroker):
     epq_records_fused = False
 
     def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("heartbeat_timeout", HEARTBEAT_TIMEOUT_MS)
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]
         self._lane_enqueue = self.client.register_script(_ENQUEUE)
         self._lane_fetch = self.client.register_script(_FETCH)
         self._enqueue_recorded = self.client.register_script(ENQUEUE_RECORDED)
         self._ack_completed = self.client.register_script(_ACK_COMPLETED)
         self._enqueue_many_recorded = self.client.register_script(ENQUEUE_MANY_RECORDED)
-        self._unstart = self.client.register_script(_UNSTART)
         self._kept = KeptConnections(self.client.connection_pool)
 
     def close(self) -> None:
@@ -407,11 +402,9 @@ class LaneRedisBroker(RedisBroker):
     def consumer_class(self) -> type[LaneConsumer]:
         return LaneConsumer
 
-    def fetch_lanes(self, queue_name: str, count: int) -> list[tuple[str, bytes, bool]]:
+    def fetch_lanes(self, queue_name: str, count: int) -> list[tuple[str, bytes]]:
         """Take up to ``count`` messages of ``queue_name`` for this worker, highest priority
-        first: ``(redis message id, data, record started)`` triples."""
-        if random.randint(1, MAINTENANCE_SCALE) <= self.maintenance_chance:
-            self.maintain(queue_name)
+        first: ``(redis message id, data)`` pairs."""
         ns = self.namespace
         keys = [
             f"{ns}:{queue_name}",
@@ -420,11 +413,10 @@ class LaneRedisBroker(RedisBroker):
             f"{ns}:__heartbeats__",
             *self.lane_keys(queue_name),
         ]
-        keys += [STATS_KEY, DEAD_KEY]
         prefix = JOB_KEY_PREFIX if self.epq_records_fused else ""
-        args = [current_millis(), self.broker_id, count, REBALANCE_MAX, prefix, OPEN_RECORD_TTL_MS]
+        args = [current_millis(), self.broker_id, count, REBALANCE_MAX, prefix]
         out = self._lane_fetch(keys=keys, args=args)
-        return [(out[i].decode(), out[i + 1], out[i + 2] == b"1") for i in range(0, len(out), 3)]
+        return [(out[i].decode(), out[i + 1]) for i in range(0, len(out), 2)]
 
     def ack_completed(self, queue_name: str, rid: str, job_id: str, ttl_ms: int) -> None:
         """Acknowledge a message and mark its job completed, in one script."""
@@ -439,22 +431,17 @@ class LaneRedisBroker(RedisBroker):
         ]
         self._ack_completed(keys=keys, args=[current_millis(), self.broker_id, rid, job_id, ttl_ms])
 
-    def unstart(self, job_ids: list[str]) -> None:
-        """Put the records of jobs fetched but never run (requeued) back to available."""
-        pipe = self.client.pipeline(transaction=False)
-        for job_id in job_ids:
-            self._unstart(
-                keys=[job_key(job_id), STATS_KEY, DEAD_KEY], args=[job_id, current_millis()], client=pipe
-            )
-        pipe.execute()
+    def heartbeat(self) -> None:
+        """Tell other workers this one is alive (every fetch and ack does too)."""
+        self.client.zadd(f"{self.namespace}:__heartbeats__", {self.broker_id: current_millis()})
 
     def maintain(self, queue_name: str) -> None:
         """Run Dramatiq's queue maintenance for ``queue_name`` now: messages fetched by workers
         whose heartbeat stopped go back to the plain list (the next fetch puts them back in their
         lanes), and expired dead letters are dropped.
 
-        Dramatiq runs it by chance on its own fetch and enqueue commands; epq's lanes replace
-        those, so the fetch runs it with the same chance.
+        Dramatiq runs it by chance (0.1 % of its own commands); epq's consumers run it every
+        ``MAINTENANCE_INTERVAL_MS`` instead, so a crashed worker's jobs come back in seconds.
         """
         args = [
             "qsize",
@@ -483,37 +470,61 @@ class LaneRedisBroker(RedisBroker):
 class LaneConsumer(_RedisConsumer):
     """Dramatiq's Redis consumer, fetching through the lanes.
 
-    Two more changes: a message that cannot be decoded is dead-lettered (moved to ``.XQ`` with
-    its data) instead of stopping the consumer; and while every prefetched message is being
-    worked on, the consumer looks for a free slot every ``BUSY_POLL_MS`` rather than backing
-    off, so a new high-priority message is fetched as soon as one job ends.
+    More changes:
+    - a message refused off the wire (``epq.wire``: undecodable, the wrong shape, too large, an
+      unknown actor) is recorded and dead-lettered (moved to ``.XQ`` with its data) instead of
+      crashing the consumer or reaching the worker's threads; a message whose
+      ``redis_message_id`` is missing or wrong gets the one it is stored under, so it can be acked;
+    - a message the worker gives back (``epq.outage``: the state store was unreachable when the
+      worker stopped) is requeued instead of acked or dead-lettered;
+    - while every prefetched message is being worked on, the consumer looks for a free slot every
+      ``BUSY_POLL_MS`` rather than backing off (so a new high-priority message is fetched as
+      soon as one job ends), and beats its heartbeat every ``HEARTBEAT_INTERVAL_MS``, so that
+      long jobs do not make the worker look dead;
+    - Dramatiq's maintenance (recovering the messages of dead workers) runs every
+      ``MAINTENANCE_INTERVAL_MS`` per consumer, not by chance.
     """
 
     broker: LaneRedisBroker
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self.maintained_at = 0.0  # monotonic seconds
+        self.beaten_at = time.monotonic()
 
     def __next__(self) -> MessageProxy | None:
         try:
             while True:
                 if self.message_cache:
-                    rid, data, started = self.message_cache.pop(0)
+                    rid, data = self.message_cache.pop(0)
                     try:
-                        message = dramatiq.Message.decode(data)
-                    except DecodeError as exc:
-                        self._dead_letter_undecodable(rid, exc)
+                        message = wire.decode(data, self.broker.actors)
+                    except wire.MalformedMessage as exc:
+                        self._refuse(rid, exc)
                         continue
+                    if rid is not None and message.options.get("redis_message_id") != rid:
+                        message.options["redis_message_id"] = rid  # stored under it: acked by it
                     self.misses = 0
                     self.queued_message_ids.add(message.message_id)
                     proxy = MessageProxy(message)
-                    if started:
-                        proxy.epq_started = True  # type: ignore[attr-defined]  # see JobRecords
+                    if rid is not None and self.broker.epq_records_fused:
+                        proxy.epq_fused_ack = True  # type: ignore[attr-defined]  # see JobRecords
                     return proxy
+                now = time.monotonic()
+                if now - self.maintained_at >= MAINTENANCE_INTERVAL_MS / 1000:
+                    self.maintained_at = now
+                    self.broker.maintain(self.queue_name)
                 free = self.prefetch - self.outstanding_message_count
                 if free <= 0:
+                    if now - self.beaten_at >= HEARTBEAT_INTERVAL_MS / 1000:
+                        self.beaten_at = now
+                        self.broker.heartbeat()
                     time.sleep(BUSY_POLL_MS / 1000)
                     return None
+                self.beaten_at = now  # a fetch beats the heartbeat
                 if self.queue_name.endswith(".DQ"):
                     fetched = self.broker.do_fetch(self.queue_name, free)
-                    self.message_cache = [(None, data, False) for data in fetched if data is not None]
+                    self.message_cache = [(None, data) for data in fetched if data is not None]
                 else:
                     self.message_cache = self.broker.fetch_lanes(self.queue_name, free)
                 if not self.message_cache:
@@ -524,6 +535,9 @@ class LaneConsumer(_RedisConsumer):
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
 
     def ack(self, message: Any) -> None:
+        if must_requeue(message):
+            self._give_back(message)
+            return
         ttl = getattr(message, "epq_complete_ttl_ms", None)
         if ttl is None or self.queue_name.endswith(".DQ"):
             super().ack(message)  # type: ignore[no-untyped-call]
@@ -536,40 +550,40 @@ class LaneConsumer(_RedisConsumer):
         finally:
             self.queued_message_ids.discard(message.message_id)
 
-    def requeue(self, messages: Any) -> None:
-        messages = list(messages)
-        # records first, while the ids are still in this worker's ack set: once requeued, another
-        # worker may fetch (and start) them at once
-        started = [m.message_id for m in messages if getattr(m, "epq_started", False)]
-        if started:
-            self.broker.unstart(started)
-        super().requeue(messages)  # type: ignore[no-untyped-call]
+    def nack(self, message: Any) -> None:
+        if must_requeue(message):
+            self._give_back(message)
+            return
+        super().nack(message)  # type: ignore[no-untyped-call]
+
+    def _give_back(self, message: Any) -> None:
+        try:
+            self.broker.do_requeue(self.queue_name, message.options["redis_message_id"])
+        except redis.ConnectionError as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+        finally:
+            self.queued_message_ids.discard(message.message_id)
 
     def close(self) -> None:
         """Give back what was fetched but never handed to the worker (Dramatiq's consumer leaves
-        it in the ack set until a heartbeat times out): records first, then the ids."""
+        it in the ack set until a heartbeat times out)."""
         cached, self.message_cache = self.message_cache, []
-        started = [_message_id(data) for rid, data, was_started in cached if rid and was_started]
+        rids = [rid for rid, _ in cached if rid]
         try:
-            if any(started):
-                self.broker.unstart([job_id for job_id in started if job_id])
-            rids = [rid for rid, _, _ in cached if rid]
             if rids:
                 self.broker.do_requeue(self.queue_name, *rids)
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
 
-    def _dead_letter_undecodable(self, rid: str | None, exc: DecodeError) -> None:
-        logger.error(
-            "Dead-lettering an undecodable message %s on queue %r: %s", rid, self.queue_name, exc.error
-        )
-        if rid is not None:
-            self.broker.do_nack(self.queue_name, rid)
-
-
-def _message_id(data: bytes) -> str | None:
-    try:
-        value = json.loads(data).get("message_id")
-    except (ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
+    def _refuse(self, rid: str | None, exc: wire.MalformedMessage) -> None:
+        """Record and dead-letter a malformed message (or requeue it if the record cannot be
+        written before the worker stops)."""
+        if rid is None:  # (a .DQ message: Dramatiq's fetch gives no id, and epq sends none there)
+            logger.error("Dropping a malformed message on %r: %s", self.queue_name, exc.reason)
+            return
+        try:
+            refuse_malformed(self.broker, self.queue_name, exc)
+        except StateUnavailable:
+            self.broker.do_requeue(self.queue_name, rid)
+            return
+        self.broker.do_nack(self.queue_name, rid)
