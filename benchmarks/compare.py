@@ -60,7 +60,6 @@ from benchmarks import _report  # noqa: E402
 from benchmarks._proc import rss_mib  # noqa: E402
 from epq import _runtime, handlers  # noqa: E402
 
-RESULTS_URL = "redis://127.0.0.1:6379/8"
 PLAIN_QUEUE = "bench-plain"
 
 
@@ -77,8 +76,8 @@ def _pct(values: list[float], q: float) -> float:
 class Results:
     """The results Redis: what the jobs noted."""
 
-    def __init__(self) -> None:
-        self.client = redis.Redis.from_url(RESULTS_URL)
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(url)
 
     def reset(self, target: int) -> None:
         self.client.delete(*_report.KEYS)
@@ -195,7 +194,7 @@ class App:
             worker = dramatiq.Worker(self.broker, worker_threads=threads, worker_timeout=50)
             worker.start()
             return worker
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_RESULTS_URL": RESULTS_URL}
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}  # BENCH_RESULTS_URL: set by main()
         if self.kind == "plain":
             env["BENCH_BROKER_URL"] = (
                 self.urls["plain_redis"] if self.broker_name == "redis" else self.urls["rabbitmq"]
@@ -380,7 +379,8 @@ def main() -> None:
 
     base = args.redis.rstrip("/")
     urls = {"plain_redis": f"{base}/9", "epq_redis": f"{base}/10", "rabbitmq": args.rabbitmq}
-    results = Results()
+    os.environ["BENCH_RESULTS_URL"] = f"{base}/8"  # where the jobs note themselves (_report)
+    results = Results(os.environ["BENCH_RESULTS_URL"])
     _epq_stub_handlers()
     started = time.monotonic()
     all_results: dict[str, dict[str, dict[str, float]]] = {}

@@ -1,17 +1,22 @@
 """Broker fixtures: one per broker, and a lazily parametrized ``broker`` for the contract suite.
 
-Redis and RabbitMQ come from the environment (EPQ_TEST_REDIS_URL, EPQ_TEST_RABBITMQ_URL,
-EPQ_TEST_STATE_URL). An unreachable server skips its tests locally and fails them under CI=true.
-The stub case uses the ``epq_broker`` fixture of the ``epq.testing`` plugin, as an application
-would.
+Redis and RabbitMQ are the suite's own throwaway servers (``tests/support/servers.py``): each
+test process starts a private ``redis-server`` and RabbitMQ node on free ports when its first
+test needs them, and stops them at the end. EPQ_TEST_REDIS_URL, EPQ_TEST_STATE_URL,
+EPQ_TEST_RESULTS_URL and EPQ_TEST_RABBITMQ_URL name other servers instead (the suite flushes
+those databases and purges its queues there). A server that cannot be started (its binary is
+missing) or reached skips its tests locally and fails them under CI=true. The stub case uses the
+``epq_broker`` fixture of the ``epq.testing`` plugin, as an application would.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import dramatiq
 import pika
@@ -21,23 +26,52 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
 from epq import _runtime
 from epq.settings import reset_settings
+from tests.support.servers import ServerUnavailable, Session
 
-pytest_plugins = ["pytester"]
+pytest_plugins = ["pytester", "tests.support.canary"]
 
-REDIS_URL = os.environ.get("EPQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-STATE_URL = os.environ.get("EPQ_TEST_STATE_URL", "redis://127.0.0.1:6379/14")
-RABBITMQ_URL = os.environ.get("EPQ_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+GIVEN_URLS = {
+    name: os.environ[name]
+    for name in ("EPQ_TEST_REDIS_URL", "EPQ_TEST_STATE_URL", "EPQ_TEST_RESULTS_URL", "EPQ_TEST_RABBITMQ_URL")
+    if os.environ.get(name)
+}
+SERVERS = Session.create()
 
 
-def _unreachable(what: str, exc: BaseException) -> None:
-    message = f"{what} is unreachable: {exc!r}"
+def _private(kind: str) -> str:
+    return SERVERS.server(kind).url
+
+
+REDIS_URL = GIVEN_URLS.get("EPQ_TEST_REDIS_URL") or f"{_private('redis')}/15"
+STATE_URL = GIVEN_URLS.get("EPQ_TEST_STATE_URL") or f"{_private('redis')}/14"
+# where worker subprocesses' handlers report (tests/workers.py)
+RESULTS_URL = GIVEN_URLS.get("EPQ_TEST_RESULTS_URL") or f"{_private('redis')}/13"
+RABBITMQ_URL = GIVEN_URLS.get("EPQ_TEST_RABBITMQ_URL") or _private("rabbitmq")
+
+
+def _unavailable(message: str) -> NoReturn:
     if IN_CI:
         pytest.fail(f"{message} (CI=true: servers are required)")
     pytest.skip(message)
 
 
+def _unreachable(what: str, exc: BaseException) -> NoReturn:
+    _unavailable(f"{what} is unreachable: {exc!r}")
+
+
+def ensure_server(url: str) -> None:
+    """Start the private server behind ``url`` if it is one; skip (fail under CI) if it cannot."""
+    for server in SERVERS.servers.values():
+        if url == server.url or url.startswith(server.url + "/"):
+            try:
+                server.ensure_started()
+            except ServerUnavailable as exc:
+                _unavailable(f"no private {server.kind} server for the tests: {exc}")
+
+
 def redis_available(url: str) -> redis.Redis:
+    ensure_server(url)
     client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=None)
     try:
         client.ping()
@@ -47,12 +81,54 @@ def redis_available(url: str) -> redis.Redis:
 
 
 def rabbitmq_available(url: str) -> None:
+    ensure_server(url)
     params = pika.URLParameters(url)
     params.socket_timeout = 2
     try:
         pika.BlockingConnection(params).close()
     except (pika.exceptions.AMQPError, OSError) as exc:
         _unreachable(f"RabbitMQ at {url}", exc)
+
+
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # SIGTERM (tox or CI stopping the run) unwinds like Ctrl-C, so fixtures stop their worker
+    # subprocesses and pytest_unconfigure stops the servers.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    workers = getattr(config.option, "numprocesses", None)
+    if GIVEN_URLS and workers not in (None, 0, 1) and not hasattr(config, "workerinput"):
+        raise pytest.UsageError(
+            f"{', '.join(sorted(GIVEN_URLS))} point every xdist worker at the same servers, "
+            "where they would flush each other's data: run with -n 0, or unset them"
+        )
+
+
+SLOW_TEST_TIMEOUT_S = 180
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` (worker subprocesses) get 180 s instead of 60 on a loaded machine."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT_S))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    SERVERS.close()
+
+
+@pytest.fixture(autouse=True)
+def _servers_for_markers(request: pytest.FixtureRequest) -> None:
+    """A test marked ``redis`` or ``rabbitmq`` gets that server started (or is skipped)."""
+    if request.node.get_closest_marker("redis") or request.node.get_closest_marker("rabbitmq"):
+        redis_available(REDIS_URL).close()
+        redis_available(STATE_URL).close()
+    if request.node.get_closest_marker("rabbitmq"):
+        rabbitmq_available(RABBITMQ_URL)
 
 
 @pytest.fixture(autouse=True)

@@ -9,15 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import redis_available
+from tests.conftest import REDIS_URL, redis_available
 from tests.workers import ROOT
 
 
 @pytest.mark.redis
 def test_compare_prints_the_table_and_writes_json(tmp_path: Path) -> None:
-    redis_available("redis://127.0.0.1:6379/8")  # where the jobs note themselves
+    server = REDIS_URL.rsplit("/", 1)[0]  # the test Redis server; compare.py uses its databases 8-10
+    redis_available(f"{server}/8").close()  # where the jobs note themselves
     out_file = tmp_path / "run.json"
-    args = "--brokers stub --n 60 --rounds 2 --drain 60 --latency-jobs 5 --latency-gap-ms 1 --scheduled 0"
+    args = f"--redis {server} --brokers stub"
+    args += " --n 60 --rounds 2 --drain 60 --latency-jobs 5 --latency-gap-ms 1 --scheduled 0"
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "compare.py"), *args.split(), "--json", str(out_file)],
         capture_output=True, text=True, timeout=120, cwd=ROOT,

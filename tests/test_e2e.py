@@ -67,6 +67,7 @@ def test_dramatiq_worker_on_rabbitmq(start_worker: Any, state_client: redis.Redi
 
 
 @pytest.mark.embedded
+@pytest.mark.redis  # the worker's handlers report to the results Redis
 def test_dramatiq_worker_on_the_embedded_default(
     start_worker: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -74,8 +75,8 @@ def test_dramatiq_worker_on_the_embedded_default(
     state_home = tmp_path / "state"
     monkeypatch.setenv("XDG_STATE_HOME", str(state_home))
     monkeypatch.delenv("EPQ_BROKER_URL")
+    worker = start_worker(DRAMATIQ, {"XDG_STATE_HOME": str(state_home)})
     try:
-        worker = start_worker(DRAMATIQ, {"XDG_STATE_HOME": str(state_home)})
         sent = _send_every_kind(_runtime.default_broker_url())
         _check(worker.collect(len(sent)), sent, worker)
     finally:

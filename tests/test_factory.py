@@ -100,6 +100,7 @@ def test_unreachable_redis_is_a_clear_error_with_the_password_masked() -> None:
     assert "s3cret-pw" not in repr(caught.value)
 
 
+@pytest.mark.redis  # the state store is reachable, so the error is about RabbitMQ
 def test_unreachable_rabbitmq_is_a_clear_error_with_the_password_masked() -> None:
     with pytest.raises(epq.BrokerUnavailable) as caught:
         epq.setup(UNREACHABLE_RABBIT, state_url=REDIS_URL)

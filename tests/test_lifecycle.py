@@ -138,14 +138,15 @@ def test_cancel_a_scheduled_job(
     broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry
 ) -> None:
     received = epq_handlers.record("register_dynamic_schedule")
-    run_at = datetime.now(timezone.utc) + timedelta(seconds=0.5)
+    # 2 s: the cancel comes before the run time even if a loaded machine pauses the test
+    run_at = datetime.now(timezone.utc) + timedelta(seconds=2)
     result = svc(broker).enqueue_register_dynamic_schedule(
         {**VALID["register_dynamic_schedule"], "run_at": run_at}
     )
     assert job(broker, result.job.id).state is S.SCHEDULED
 
     assert svc(broker).cancel_job(result.job.id).state is S.CANCELLED
-    time.sleep(1.0)
+    time.sleep(2.5)
     drain(broker, worker)
     assert received == []
     assert job(broker, result.job.id).state is S.CANCELLED
@@ -173,13 +174,14 @@ def test_unknown_jobs(broker: dramatiq.Broker) -> None:
 
 def test_scheduled_until_promoted_then_available(broker: dramatiq.Broker) -> None:
     # no worker: promote by hand once the job is due
-    run_at = datetime.now(timezone.utc) + timedelta(seconds=0.3)
+    # 1.5 s: the first promotion comes before the run time even if a loaded machine pauses the test
+    run_at = datetime.now(timezone.utc) + timedelta(seconds=1.5)
     result = svc(broker).enqueue_register_job({**VALID["register_job"], "run_at": run_at})
     assert job(broker, result.job.id).state is S.SCHEDULED
     state = _runtime.current().state  # type: ignore[union-attr]
     assert promote_due(broker, state)[0] == 0
     assert job(broker, result.job.id).state is S.SCHEDULED
-    time.sleep(0.4)
+    time.sleep(max(0.0, (run_at - datetime.now(timezone.utc)).total_seconds()) + 0.1)
     assert promote_due(broker, state)[0] == 1
     assert job(broker, result.job.id).state is S.AVAILABLE
     assert message_count(broker, "default") == 1

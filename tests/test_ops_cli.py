@@ -71,19 +71,31 @@ def test_stats_table_and_json(jobs: dict[str, str]) -> None:
 
 
 def test_stats_watch_refreshes() -> None:
-    proc = subprocess.Popen([EPQ, "stats", "--watch", "0.2", "--broker-url", REDIS_URL],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    # The command gets SIGINT's default action, as under a terminal, even when this process was
+    # started with SIGINT ignored (a background job of a non-interactive shell), which it would
+    # inherit; a Python handler here is reset to the default in the child.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([EPQ, "stats", "--watch", "0.2", "--broker-url", REDIS_URL],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert proc.stdout is not None
     seen = b""
-    deadline = time.monotonic() + 30  # a loaded machine can take seconds to start Python
-    while seen.count(b"epq stats") < 3 and time.monotonic() < deadline:
-        if select.select([proc.stdout], [], [], 0.5)[0]:
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            if not chunk:  # it exited
-                break
-            seen += chunk
-    proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=10)
+    try:
+        deadline = time.monotonic() + 30  # a loaded machine can take seconds to start Python
+        while seen.count(b"epq stats") < 3 and time.monotonic() < deadline:
+            if select.select([proc.stdout], [], [], 0.5)[0]:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:  # it exited
+                    break
+                seen += chunk
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # not stopped by SIGINT: leave no process (or open pipe) behind
+            proc.kill()
+            proc.communicate()
     assert (seen + rest).count(b"epq stats") >= 3
     assert proc.returncode == 130
 

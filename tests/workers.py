@@ -11,10 +11,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import redis_available
+from tests.conftest import RESULTS_URL, redis_available
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS_URL = os.environ.get("EPQ_TEST_RESULTS_URL", "redis://127.0.0.1:6379/13")
 BIN = Path(sys.executable).parent
 
 
