@@ -63,9 +63,7 @@ def _kill_for_a_while(state: StateRedis) -> None:
     state.start()
 
 
-def _everything_ran_once_or_more(
-    worker: Any, broker: Any, ids: set[str], timeout: float
-) -> Counter[str]:
+def _everything_ran_once_or_more(worker: Any, broker: Any, ids: set[str], timeout: float) -> Counter[str]:
     reports = worker.collect(len(ids), timeout=timeout)
     counts = Counter(r["job_id"] for r in reports)
     while set(counts) != ids:  # duplicates (at-least-once) may have taken some of the first n
