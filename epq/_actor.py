@@ -23,15 +23,17 @@ from .errors import (
     BrokerUnavailable,
     ConfigurationError,
     DuplicateJob,
+    EnqueueFailed,
     HandlerNotFound,
     InvalidPayload,
     InvalidRequest,
     StateUnavailable,
+    short_field,
 )
 from .handlers import get_handler
 from .kinds import JobKind
 from .middleware import JobRecords, Uniqueness, find_middleware
-from .models import JobInsertResult, JobPriority, JobRecord, JobState, _Request
+from .models import MAX_NESTING, JobInsertResult, JobPriority, JobRecord, JobState, _Request
 from .records import ARGS_JSON_OPTION
 
 #: The largest payload (the request as JSON) a job may carry.
@@ -160,7 +162,7 @@ class EpqActor(dramatiq.Actor[..., Any]):
             )
         priority = int(request.priority or kind.priority)  # both validated already
         payload = request.model_dump(mode="json")
-        return Checked(queue, priority, payload, _check_payload(kind.name, payload))
+        return Checked(queue, priority, payload, _check_payload(kind.name, payload, request))
 
     def message_from(
         self, checked: Checked, *, message_id: str | None = None, **options: Any
@@ -192,7 +194,7 @@ class EpqActor(dramatiq.Actor[..., Any]):
         delay_ms = _delay_ms(self.kind.name, request, delay, now_ms)
         try:
             target.enqueue(message, delay=delay_ms)
-        except (StateUnavailable, ConfigurationError):
+        except (StateUnavailable, ConfigurationError, EnqueueFailed):
             self._release_after_failed_publish(target, message)
             raise
         except (redis.RedisError, BrokerConnectionError, pika.exceptions.AMQPError, OSError) as exc:
@@ -304,17 +306,31 @@ def _delay_ms(kind: str, request: _Request, delay: timedelta | int | None, now_m
     return None
 
 
-def _check_payload(kind: str, payload: dict[str, Any]) -> str:
-    """Refuse payloads that are not strict JSON or are larger than ``MAX_PAYLOAD_BYTES``; return
-    the payload as compact JSON (UTF-8 text, not ASCII escapes)."""
+def _check_payload(kind: str, payload: dict[str, Any], request: _Request) -> str:
+    """Refuse payloads that are not strict JSON, hold text that is not valid UTF-8 (a lone
+    surrogate, as ``os.fsdecode`` makes of a file name's stray byte), nest deeper than
+    ``MAX_NESTING`` or are larger than ``MAX_PAYLOAD_BYTES``; return the payload as compact JSON
+    (UTF-8 text, not ASCII escapes). ``payload`` is ``request`` dumped as JSON values (where a
+    key's lone surrogate is already replaced by U+FFFD: ``request`` still has it)."""
     try:
         # the common case: one fast dump, which writes NaN and Infinity as such (so a payload
-        # with neither word is strict JSON); the field-by-field pass below only names a field
+        # with neither word is strict JSON) and fails on a lone surrogate; a payload with few
+        # brackets cannot nest deeply. The passes below only run to name a field.
         whole = pydantic_core.to_json(payload, inf_nan_mode="constants")
-        if len(whole) <= MAX_PAYLOAD_BYTES and b"NaN" not in whole and b"Infinity" not in whole:
+        if (
+            len(whole) <= MAX_PAYLOAD_BYTES
+            and b"NaN" not in whole
+            and b"Infinity" not in whole
+            and whole.count(b"{") + whole.count(b"[") <= MAX_NESTING + 1  # +1: the payload itself
+            and "\ufffd".encode() not in whole  # a key's lone surrogate, replaced in the dump
+        ):
             return whole.decode()
     except pydantic_core.PydanticSerializationError:
         pass
+    for name in payload:
+        problem = _text_problem(name, getattr(request, name, None), 0)
+        if problem is not None:
+            raise InvalidRequest(kind, [{"field": short_field(problem[0]), "message": problem[1]}])
     sizes: dict[str, int] = {}
     for name, value in payload.items():
         try:
@@ -337,3 +353,38 @@ def _check_payload(kind: str, payload: dict[str, Any]) -> str:
             ],
         )
     return json.dumps(payload, separators=(",", ":"))
+
+
+def _text_problem(path: str, value: Any, depth: int) -> tuple[str, str] | None:
+    """The first problem of a JSON value that the fast dump cannot name: ``(field, message)`` for
+    text (a value or a key) that is not valid UTF-8, or nesting deeper than ``MAX_NESTING``."""
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError as exc:
+                return path, "is " + _not_utf8(value, exc)
+        return None
+    if isinstance(value, dict | list):
+        if depth >= MAX_NESTING:
+            return path.split(".", 1)[0], f"nested deeper than {MAX_NESTING} levels"
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str) and not key.isascii():
+                try:
+                    key.encode()
+                except UnicodeEncodeError as exc:
+                    return path, "has a key that is " + _not_utf8(key, exc)
+            problem = _text_problem(f"{path}.{key}", item, depth + 1)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _not_utf8(text: str, exc: UnicodeEncodeError) -> str:
+    bad = text[exc.start : exc.end]
+    return (
+        f"not valid UTF-8 text: {ascii(bad)[1:-1]} at character {exc.start} is a lone surrogate "
+        "(as os.fsdecode makes of a byte that is not UTF-8); decode such bytes with "
+        "errors='replace' or send them base64-encoded"
+    )
