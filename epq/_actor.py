@@ -28,6 +28,7 @@ from .errors import (
     InvalidPayload,
     InvalidRequest,
     StateUnavailable,
+    describe_error,
     short_field,
 )
 from .handlers import get_handler
@@ -198,9 +199,10 @@ class EpqActor(dramatiq.Actor[..., Any]):
             self._release_after_failed_publish(target, message)
             raise
         except (redis.RedisError, BrokerConnectionError, pika.exceptions.AMQPError, OSError) as exc:
-            self._release_after_failed_publish(target, message)
+            if not _whole_or_nothing(target, delay_ms, exc):
+                self._release_after_failed_publish(target, message)
             raise BrokerUnavailable(
-                f"could not enqueue {self.actor_name} on {display_url(target)}: {exc!r}"
+                f"could not enqueue {self.actor_name} on {display_url(target)}: {describe_error(exc)}"
             ) from exc
         finally:
             # the payload JSON went with the copy the broker enqueued; the caller's copy keeps
@@ -210,19 +212,16 @@ class EpqActor(dramatiq.Actor[..., Any]):
 
     @staticmethod
     def _release_after_failed_publish(broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> None:
-        records = find_middleware(broker, JobRecords)
-        if records is not None:
-            with contextlib.suppress(redis.RedisError):
+        # If the state store is down too, the record and the lock expire with their TTLs; the
+        # first failure ends the cleanup, so a store that does not answer costs one timeout.
+        with contextlib.suppress(redis.RedisError, OSError):
+            records = find_middleware(broker, JobRecords)
+            if records is not None:
                 records.records.delete(message.message_id)
-        uniqueness = find_middleware(broker, Uniqueness)
-        if uniqueness is None:
-            return
-        key = uniqueness.lock_key(broker, message)
-        if key is None:
-            return
-        # If the state store is down too, the lock simply expires with its window.
-        with contextlib.suppress(redis.RedisError):
-            uniqueness.release(message, key)
+            uniqueness = find_middleware(broker, Uniqueness)
+            key = uniqueness.lock_key(broker, message) if uniqueness is not None else None
+            if uniqueness is not None and key is not None:
+                uniqueness.release(message, key)
 
     def record_for(self, message: dramatiq.Message[Any], request: _Request) -> JobRecord:
         """The job record of a message this actor just enqueued."""
@@ -274,6 +273,16 @@ class EpqActor(dramatiq.Actor[..., Any]):
             created_at=created,
             scheduled_at=scheduled,
         )
+
+
+def _whole_or_nothing(broker: dramatiq.Broker, delay_ms: int | None, exc: BaseException) -> bool:
+    """Whether a failed enqueue was one script call that took the lock, wrote the record and
+    enqueued the message (Redis with epq's state in it, no delay) and failed on the connection:
+    the script ran whole, its reply lost, or not at all. Either way there is nothing to take
+    back (taking back an enqueued job would leave it without its record and lock), and a server
+    that did not answer would not answer the cleanup either."""
+    fused = bool(getattr(broker, "epq_records_fused", False)) and not delay_ms
+    return fused and isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
 
 
 class Checked(NamedTuple):

@@ -99,6 +99,28 @@ class InvalidRequest(EpqError, ValueError):
         return cls(kind, errors)
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line that says what a driver error was: ``ConnectionError: Error 111 connecting to
+    127.0.0.1:6390. Connection refused.``. Neither ``repr`` nor ``str`` will do alone: redis-py's
+    repr is only ``network:ConnectionError``, and pika's str is often empty (its args say it)."""
+    name = type(exc).__name__
+    text = " ".join(str(exc).split())
+    if not text:
+        text = "; ".join(" ".join(str(arg).split()) for arg in exc.args if str(arg).strip())
+    if not text:
+        text = "; ".join(repr(arg) for arg in exc.args)
+    cause = exc.__cause__ or exc.__context__
+    if not text and cause is not None and cause is not exc:
+        text = describe_error(cause)
+    if not text:
+        text = "timed out" if "timeout" in name.lower() else "no details given"
+    if name == "TimeoutError" and type(exc).__module__.startswith("redis"):
+        from .brokers.factory import REDIS_REPLY_TIMEOUT_S
+
+        text += f" (no reply within {REDIS_REPLY_TIMEOUT_S:g} s)"
+    return f"{name}: {text}"
+
+
 #: The longest field name an error shows (a dotted path into nested metadata can be long).
 MAX_FIELD_NAME = 80
 

@@ -31,7 +31,7 @@ from dramatiq.errors import Retry
 from dramatiq.middleware import MiddlewareError, Retries, SkipMessage
 
 from ._messages import flat_json
-from .errors import DuplicateJob, EnqueueFailed, StateUnavailable
+from .errors import DuplicateJob, EnqueueFailed, StateUnavailable, describe_error
 from .handlers import import_handler_modules, missing_kinds
 from .records import NOT_STARTED, OPEN_RECORD_TTL_MS, RecordStore, build_fields
 from .state import KEY_PREFIX, StateStore, holder_id
@@ -45,7 +45,7 @@ def state_errors(what: str) -> Iterator[None]:
     try:
         yield
     except (redis.RedisError, OSError) as exc:
-        raise StateUnavailable(f"the state store failed while {what}: {exc!r}") from exc
+        raise StateUnavailable(f"the state store failed while {what}: {describe_error(exc)}") from exc
 
 
 @contextlib.contextmanager
@@ -60,7 +60,7 @@ def enqueue_hook_errors(hook: str, message: dramatiq.Message[Any]) -> Iterator[N
     except Exception as exc:
         raise EnqueueFailed(
             f"{hook} failed for {message.actor_name} job {message.message_id}, which was not "
-            f"enqueued: {type(exc).__name__}: {exc}"
+            f"enqueued: {describe_error(exc)}"
         ) from exc
 
 

