@@ -198,7 +198,12 @@ class QueueService:
         return to_job_record(job_id, fields)
 
     def list_dead(self, limit: int = 100) -> list[JobRecord]:
-        """Discarded jobs, newest first, each with its errors (the last one is why it died)."""
+        """Discarded jobs, newest first, each with its errors (the last one is why it died); at
+        most ``limit`` (0 or more)."""
+        if limit < 0:
+            raise ValueError(f"limit must be 0 or more, not {limit}")
+        if limit == 0:
+            return []
         records = self._runtime().records
         out = []
         for job_id in records.dead_ids(limit):

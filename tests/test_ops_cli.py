@@ -134,6 +134,16 @@ def test_dead_list_retry_purge(jobs: dict[str, str]) -> None:
     assert json.loads(run_epq("dead", "purge", "--yes", "--json", env=ENV).stdout) == {"purged": 0}
 
 
+def test_dead_list_limit_counts_jobs_and_never_drops_one(jobs: dict[str, str]) -> None:
+    # (a negative limit used to reach Redis's ZREVRANGE as an index, dropping the oldest job)
+    listed = json.loads(run_epq("dead", "list", "--limit", "1", "--json", env=ENV).stdout)
+    assert [r["id"] for r in listed] == [jobs["dies"]]
+    svc = epq.QueueService()
+    assert svc.list_dead(0) == []
+    with pytest.raises(ValueError, match="limit must be 0 or more, not -1"):
+        svc.list_dead(-1)
+
+
 def test_dead_retry_all(jobs: dict[str, str]) -> None:
     out = run_epq("dead", "retry", "--all", env=ENV)
     assert out.returncode == 0, out.stderr

@@ -246,6 +246,9 @@ def redis_client(url: str, **kwargs: Any) -> redis.Redis[bytes]:
     except redis.AuthenticationError as exc:  # pragma: no cover - depends on server config
         client.close()
         raise BrokerUnavailable(f"Redis at {mask_url(url)} refused the credentials") from exc
+    except redis.ResponseError as exc:  # e.g. a database number the server does not have
+        client.close()
+        raise ConfigurationError(f"Redis at {mask_url(url)} refused the connection: {exc}") from exc
     return client
 
 
