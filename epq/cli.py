@@ -188,6 +188,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] not in ("redis", "pika"):
+            raise  # a bug: its traceback is what to report
+        from .errors import describe_error
+
+        # the server went away after the command connected (say during `stats --watch`)
+        print(f"epq: error: the broker or state store failed: {describe_error(exc)}", file=sys.stderr)
+        return 1
 
 
 def check_operator_args(args: argparse.Namespace) -> None:

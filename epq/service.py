@@ -44,6 +44,16 @@ _STATS_COLUMNS = {
 _STATS_ORDER = ("waiting", "scheduled", "running", "dead")
 
 
+def _is_text(job_id: str) -> bool:
+    """Whether ``job_id`` can be a key at all (a lone surrogate, as from a command line's stray
+    byte, cannot be encoded); no job has an id that is not."""
+    try:
+        job_id.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def purge_dead_letter_queues(broker: dramatiq.Broker) -> None:
     """Empty the brokers' own dead-letter queues (``<queue>.XQ``) of every served queue."""
     queues = [q for q in broker.get_declared_queues() if not q.endswith((".DQ", ".XQ"))]
@@ -157,6 +167,8 @@ class QueueService:
 
     def get_job(self, job_id: str) -> JobRecord | None:
         """The job's record, or None if there is none (never enqueued, or expired)."""
+        if not _is_text(job_id):
+            return None
         fields = self._runtime().records.get(job_id)
         return to_job_record(job_id, fields) if fields is not None else None
 
@@ -180,7 +192,7 @@ class QueueService:
         """
         runtime = self._runtime()
         now_ms = runtime.state.now_ms()
-        current_fields = runtime.records.get(job_id)
+        current_fields = runtime.records.get(job_id) if _is_text(job_id) else None
         if current_fields is None:
             raise JobNotFound(job_id)
         # kept until the job would have run, plus the retention: the worker that fetches it then
@@ -219,7 +231,7 @@ class QueueService:
         key, :class:`epq.DuplicateJob` is raised and it stays discarded.
         """
         runtime = self._runtime()
-        fields = runtime.records.get(job_id)
+        fields = runtime.records.get(job_id) if _is_text(job_id) else None
         if fields is None:
             raise JobNotFound(job_id)
         if fields["state"] != "discarded":

@@ -263,3 +263,16 @@ def test_short_or_glob_prefixes_find_nothing(
     assert out.stderr.splitlines()[1:] == [
         f"epq: error: no job {given!r} (never enqueued, or its record expired)"
     ]
+
+
+@pytest.mark.parametrize("command", [["jobs", "show"], ["jobs", "cancel"], ["dead", "retry"]])
+def test_a_job_id_that_is_not_text_is_not_found(command: list[str]) -> None:
+    # a stray byte on the command line becomes a lone surrogate, which no Redis key can hold
+    out = subprocess.run(
+        [EPQ.encode(), *(c.encode() for c in command), b"0123abcd\xff"],
+        env={**os.environ, **ENV}, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.decode().splitlines()
+    assert lines[-1] == "epq: error: no job '0123abcd\\udcff' (never enqueued, or its record expired)"
+    assert len(lines) == 2  # with the broker line

@@ -176,3 +176,21 @@ def test_a_consumer_on_a_frozen_redis_warns_and_tries_again(
         message = next(consumer)
     assert message is not None  # the same consumer goes on once Redis answers
     consumer.close()
+
+
+def test_stats_watch_on_a_server_that_goes_away_ends_in_one_line(private_redis: PrivateRedis) -> None:
+    from tests.test_cli import EPQ
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPQ_")}
+    proc = subprocess.Popen(
+        [EPQ, "stats", "--watch", "0.1", "--broker-url", private_redis.url],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert "epq stats" in proc.stdout.readline()  # it is watching
+    private_redis.stop()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    lines = [line for line in err.splitlines() if not line.startswith("epq: broker ")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("epq: error: the broker or state store failed: ConnectionError: ")
