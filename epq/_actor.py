@@ -315,6 +315,9 @@ def _delay_ms(kind: str, request: _Request, delay: timedelta | int | None, now_m
     return None
 
 
+_REPLACEMENT = "\ufffd".encode()  # U+FFFD in UTF-8
+
+
 def _check_payload(kind: str, payload: dict[str, Any], request: _Request) -> str:
     """Refuse payloads that are not strict JSON, hold text that is not valid UTF-8 (a lone
     surrogate, as ``os.fsdecode`` makes of a file name's stray byte), nest deeper than
@@ -331,7 +334,7 @@ def _check_payload(kind: str, payload: dict[str, Any], request: _Request) -> str
             and b"NaN" not in whole
             and b"Infinity" not in whole
             and whole.count(b"{") + whole.count(b"[") <= MAX_NESTING + 1  # +1: the payload itself
-            and "\ufffd".encode() not in whole  # a key's lone surrogate, replaced in the dump
+            and _REPLACEMENT not in whole  # a key's lone surrogate, replaced in the dump
         ):
             return whole.decode()
     except pydantic_core.PydanticSerializationError:
