@@ -57,6 +57,7 @@ BIN = Path(sys.executable).parent
 
 import epq  # noqa: E402
 from benchmarks import _report  # noqa: E402
+from benchmarks._proc import rss_mib  # noqa: E402
 from epq import _runtime, handlers  # noqa: E402
 
 RESULTS_URL = "redis://127.0.0.1:6379/8"
@@ -64,29 +65,6 @@ PLAIN_QUEUE = "bench-plain"
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-def _rss_mib(pid: int) -> float:
-    """RSS of a process's descendants (Dramatiq's worker processes), in MiB, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0, list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        todo += children.get(child, [])
-        try:
-            for line in Path(f"/proc/{child}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total / 1024
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -313,10 +291,10 @@ def measure(app: App, args: argparse.Namespace, results: Results) -> dict[str, f
             try:
                 app.wait_booted(workers, 1, results)
                 time.sleep(1.0)
-                out["rss_idle_mib"] = _rss_mib(workers.pid)
+                out["rss_idle_mib"] = rss_mib(workers.pid)
                 app.schedule(args.scheduled)
                 time.sleep(args.settle_s)
-                out["rss_scheduled_mib"] = _rss_mib(workers.pid)
+                out["rss_scheduled_mib"] = rss_mib(workers.pid)
                 out["rss_growth_pct"] = 100 * (out["rss_scheduled_mib"] / out["rss_idle_mib"] - 1)
             finally:
                 app.stop_workers(workers)

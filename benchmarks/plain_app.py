@@ -6,18 +6,22 @@ from __future__ import annotations
 import os
 
 import dramatiq
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
-from dramatiq.brokers.redis import RedisBroker
 
 from benchmarks._report import report
 
 QUEUE = "bench-plain"
 _url = os.environ["BENCH_BROKER_URL"]
-broker: dramatiq.Broker = (
-    RabbitmqBroker(url=_url, confirm_delivery=True)
-    if _url.startswith("amqp")
-    else RedisBroker(url=_url, namespace="benchplain")
-)
+broker: dramatiq.Broker
+# each broker module only where it is used, as an application on one broker would (the idle RSS
+# compared in footprint.py would otherwise count pika in a Redis worker)
+if _url.startswith("amqp"):
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+    broker = RabbitmqBroker(url=_url, confirm_delivery=True)
+else:
+    from dramatiq.brokers.redis import RedisBroker
+
+    broker = RedisBroker(url=_url, namespace="benchplain")
 dramatiq.set_broker(broker)
 
 

@@ -9,42 +9,59 @@ delayed runs) on Redis, RabbitMQ, an embedded Redis, or Dramatiq's stub broker.
         epq.EnqueueIndexEndpointRequest(endpoint_id=uuid4(), source=epq.EndpointIndexSource.API)
     )
 
-Importing ``epq`` connects to nothing; ``epq.setup()`` (or ``import epq.actors``) does.
+Importing ``epq`` connects to nothing and loads little: each public name is imported from its
+module on first use (PEP 562), so an application that only builds requests never loads the
+broker drivers. ``epq.setup()`` connects; so does the first use of ``epq.actors`` (the five
+actors, bound to the broker the settings name: see :mod:`epq.actors`).
 """
 
-from ._runtime import setup
-from .errors import (
-    BrokerUnavailable,
-    ConfigurationError,
-    DuplicateJob,
-    EpqError,
-    HandlerAlreadyRegistered,
-    HandlerError,
-    HandlerNotFound,
-    InvalidPayload,
-    InvalidRequest,
-    JobNotFound,
-    StateUnavailable,
-)
-from .handlers import handler
-from .models import (
-    AttemptError,
-    EndpointIndexSource,
-    EnqueueIndexEndpointRequest,
-    JobInsertResult,
-    JobPriority,
-    JobQueue,
-    JobRecord,
-    JobState,
-    RegisterDynamicScheduleRequest,
-    RegisterDynamicTriggerRequest,
-    RegisterJobRequest,
-    RegisterSourceRequest,
-)
-from .service import QueueService
-from .settings import EpqSettings
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"  # the one place the version is written (pyproject reads it from here)
+
+#: Where each public name lives, imported on first use.
+_LAZY = {
+    "setup": "._runtime",
+    **dict.fromkeys(
+        (
+            "BrokerUnavailable",
+            "ConfigurationError",
+            "DuplicateJob",
+            "EpqError",
+            "HandlerAlreadyRegistered",
+            "HandlerError",
+            "HandlerNotFound",
+            "InvalidPayload",
+            "InvalidRequest",
+            "JobNotFound",
+            "StateUnavailable",
+        ),
+        ".errors",
+    ),
+    "handler": ".handlers",
+    **dict.fromkeys(
+        (
+            "AttemptError",
+            "EndpointIndexSource",
+            "EnqueueIndexEndpointRequest",
+            "JobInsertResult",
+            "JobPriority",
+            "JobQueue",
+            "JobRecord",
+            "JobState",
+            "RegisterDynamicScheduleRequest",
+            "RegisterDynamicTriggerRequest",
+            "RegisterJobRequest",
+            "RegisterSourceRequest",
+        ),
+        ".models",
+    ),
+    "QueueService": ".service",
+    "EpqSettings": ".settings",
+}
 
 __all__ = [
     "AttemptError",
@@ -76,3 +93,57 @@ __all__ = [
     "handler",
     "setup",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first use; ``epq.actors`` sets epq up from the settings."""
+    if name == "actors":
+        # the submodule: importing it calls epq.setup() (the import binds it as epq.actors)
+        return importlib.import_module(".actors", __name__)
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'epq' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later uses are plain lookups
+    return value
+
+
+def __dir__() -> list[str]:
+    # the public names, and not ``actors``: listing it would let introspection (say
+    # inspect.getmembers) set epq up and connect to a broker
+    return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see: the names as if imported here
+    from . import actors as actors
+    from ._runtime import setup
+    from .errors import (
+        BrokerUnavailable,
+        ConfigurationError,
+        DuplicateJob,
+        EpqError,
+        HandlerAlreadyRegistered,
+        HandlerError,
+        HandlerNotFound,
+        InvalidPayload,
+        InvalidRequest,
+        JobNotFound,
+        StateUnavailable,
+    )
+    from .handlers import handler
+    from .models import (
+        AttemptError,
+        EndpointIndexSource,
+        EnqueueIndexEndpointRequest,
+        JobInsertResult,
+        JobPriority,
+        JobQueue,
+        JobRecord,
+        JobState,
+        RegisterDynamicScheduleRequest,
+        RegisterDynamicTriggerRequest,
+        RegisterJobRequest,
+        RegisterSourceRequest,
+    )
+    from .service import QueueService
+    from .settings import EpqSettings

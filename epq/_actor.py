@@ -11,14 +11,12 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
 import dramatiq
-import pika.exceptions
 import pydantic_core
 import redis
-from dramatiq.errors import BrokerConnectionError
 from pydantic import ValidationError
 
 from ._messages import new_id
-from .brokers import display_url
+from .brokers import display_url, unreachable_errors
 from .errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -36,9 +34,7 @@ from .kinds import JobKind
 from .middleware import JobRecords, Uniqueness, find_middleware
 from .models import MAX_NESTING, JobInsertResult, JobPriority, JobRecord, JobState, _Request
 from .records import ARGS_JSON_OPTION
-
-#: The largest payload (the request as JSON) a job may carry.
-MAX_PAYLOAD_BYTES = 1024 * 1024
+from .wire import MAX_PAYLOAD_BYTES
 
 
 def _utcnow() -> datetime:
@@ -198,7 +194,7 @@ class EpqActor(dramatiq.Actor[..., Any]):
         except (StateUnavailable, ConfigurationError, EnqueueFailed):
             self._release_after_failed_publish(target, message)
             raise
-        except (redis.RedisError, BrokerConnectionError, pika.exceptions.AMQPError, OSError) as exc:
+        except unreachable_errors(target) as exc:
             if not _whole_or_nothing(target, delay_ms, exc):
                 self._release_after_failed_publish(target, message)
             raise BrokerUnavailable(

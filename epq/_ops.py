@@ -63,7 +63,7 @@ def _dump(value: Any) -> None:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .cli import open_broker, resolve_job_id
-    from .errors import JobNotFound
+    from .errors import InvalidPayload, JobNotFound
     from .service import QueueService
 
     broker = open_broker(args, may_start_embedded=False)
@@ -119,7 +119,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if bool(args.job_id) == bool(args.all):
             parser.error("dead retry takes one job ID or --all")
         ids = [resolve_job_id(svc, args.job_id)] if args.job_id else [r.id for r in svc.list_dead(10**9)]
-        retried = [svc.retry_dead(job_id) for job_id in ids]
+        retried = []
+        for job_id in ids:
+            try:
+                retried.append(svc.retry_dead(job_id))
+            except InvalidPayload as exc:
+                if args.job_id:
+                    raise
+                print(f"epq: skipped {job_id}: {exc}", file=sys.stderr)  # (--all: the others still go)
         if args.json:
             _dump([r.model_dump(mode="json") for r in retried])
         else:

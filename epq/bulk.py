@@ -28,14 +28,12 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import dramatiq
-import pika.exceptions
 import redis
-from dramatiq.errors import BrokerConnectionError
 from pydantic import TypeAdapter
 
 from ._actor import Checked, EpqActor, _delay_ms
 from ._messages import new_ids
-from .brokers import display_url
+from .brokers import display_url, unreachable_errors
 from .errors import BrokerUnavailable, DuplicateJob, InvalidRequest, describe_error
 from .middleware import JobRecords, Uniqueness, _bulk, find_middleware
 from .models import JobInsertResult, _Request
@@ -86,7 +84,7 @@ def enqueue_many(
             handled += run
         if fused is not None:
             fused.finish()
-    except (redis.RedisError, BrokerConnectionError, pika.exceptions.AMQPError, OSError) as exc:
+    except unreachable_errors(broker) as exc:
         enqueued = sum(1 for job in handled if holders[job.index] is None)
         unknown = fused.unknown if fused is not None else []
         done = (

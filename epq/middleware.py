@@ -20,6 +20,7 @@ import logging
 import random
 import time
 import traceback
+import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -33,8 +34,17 @@ from dramatiq.middleware import MiddlewareError, Retries, SkipMessage
 from ._messages import flat_json
 from .errors import DuplicateJob, EnqueueFailed, StateUnavailable, describe_error
 from .handlers import import_handler_modules, missing_kinds
+from .outage import (
+    must_requeue,
+    requeue_instead,
+    until_written,
+    worker_booting,
+    worker_stopping,
+    written_if_possible,
+)
 from .records import NOT_STARTED, OPEN_RECORD_TTL_MS, RecordStore, build_fields
 from .state import KEY_PREFIX, StateStore, holder_id
+from .wire import MalformedMessage
 
 M = TypeVar("M", bound=dramatiq.Middleware)
 
@@ -114,8 +124,8 @@ class EpqRetries(Retries):
         result: Any = None,
         exception: BaseException | None = None,
     ) -> None:
-        if exception is None:
-            return
+        if exception is None or must_requeue(message):
+            return  # (epq's own hooks could not reach the state store: the job did not run)
         actor = broker.get_actor(message.actor_name)
         max_attempts = _option(message, actor, "max_attempts")
         if max_attempts is None:
@@ -129,7 +139,27 @@ class EpqRetries(Retries):
         )
         message.options["requeue_timestamp"] = int(time.time() * 1000)
         records = find_middleware(broker, JobRecords)
+        try:
+            self._retry_or_discard(broker, message, actor, exception, attempt, int(max_attempts), records)
+        except StateUnavailable:
+            # the worker stopped while the state store was away: the outcome is not written, so
+            # the message goes back to its queue (and this attempt is not counted)
+            logger.warning("Giving %s job %s back to its queue: the state store is unreachable",
+                           message.actor_name, message.message_id)  # fmt: skip
+            requeue_instead(message)
 
+    def _retry_or_discard(
+        self,
+        broker: dramatiq.Broker,
+        message: MessageProxy,
+        actor: dramatiq.Actor[Any, Any],
+        exception: BaseException,
+        attempt: int,
+        max_attempts: int,
+        records: JobRecords | None,
+    ) -> None:
+        """Write the failed attempt, then schedule the retry or dead-letter the message (each
+        write waits for an unreachable state store: see ``epq.outage``)."""
         throws = actor.options.get("throws")
         if throws and isinstance(exception, throws):
             logger.warning(
@@ -138,7 +168,7 @@ class EpqRetries(Retries):
             _record_failure(records, message, exception, None)
             message.fail()
             return
-        if attempt >= int(max_attempts):
+        if attempt >= max_attempts:
             logger.warning(
                 "%s job %s failed its last attempt (%d of %d); dead-lettering it",
                 message.actor_name,
@@ -167,7 +197,12 @@ class EpqRetries(Retries):
         # recorded before the retry exists, so no worker can start it first
         _record_failure(records, message, exception, now_ms + delay)
         try:
-            broker.enqueue(message, delay=delay)  # type: ignore[arg-type]  # a proxy, as in Retries
+            until_written(
+                lambda: broker.enqueue(message, delay=delay),  # type: ignore[arg-type]  # a proxy, as in Retries
+                "scheduling a retry",
+            )
+        except StateUnavailable:
+            raise
         except Exception:
             # Dramatiq would log this and ack the message: the job would be lost. Dead-letter it
             # instead, so that it can be retried (epq dead retry).
@@ -180,13 +215,12 @@ class EpqRetries(Retries):
 def _record_failure(
     records: JobRecords | None, message: Any, exception: BaseException, due_ms: int | None
 ) -> None:
-    """Best effort: a record that cannot be written must not stop the retry or dead-lettering."""
-    if records is None:
-        return
-    try:
-        records.attempt_failed(message, exception, retry_due_ms=due_ms)
-    except Exception:
-        logger.exception("Could not record the failed attempt of job %s", message.message_id)
+    """Write a failed attempt, waiting while the state store is unreachable (the outage rule)."""
+    if records is not None:
+        until_written(
+            lambda: records.attempt_failed(message, exception, retry_due_ms=due_ms),
+            "recording a failed attempt",
+        )
 
 
 class EpqMiddleware(dramatiq.Middleware):
@@ -200,6 +234,7 @@ class EpqMiddleware(dramatiq.Middleware):
         self.handler_modules = tuple(handler_modules)
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        worker_booting()
         import_handler_modules(self.handler_modules)
         missing = missing_kinds()
         if missing:
@@ -208,6 +243,9 @@ class EpqMiddleware(dramatiq.Middleware):
                 "Register handlers with @epq.handler(kind) in a module named in EPQ_HANDLERS.",
                 ", ".join(missing),
             )
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        worker_stopping()  # threads waiting for the state store give their messages back
 
 
 class Uniqueness(dramatiq.Middleware):
@@ -323,7 +361,7 @@ class Uniqueness(dramatiq.Middleware):
         return self.store.release_unique(key, message.message_id)
 
     def after_nack(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
-        if self.release(message):
+        if written_if_possible(lambda: self.release(message), "releasing a uniqueness lock"):
             logger.info(
                 "Released the uniqueness lock of dead-lettered %s job %s",
                 message.actor_name,
@@ -331,7 +369,7 @@ class Uniqueness(dramatiq.Middleware):
             )
 
     def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
-        self.release(message)
+        written_if_possible(lambda: self.release(message), "releasing a uniqueness lock")
 
 
 _bulk: contextvars.ContextVar[bool] = contextvars.ContextVar("epq_bulk", default=False)
@@ -341,6 +379,20 @@ def in_bulk() -> bool:
     """Whether the current enqueue is part of :func:`epq.bulk.enqueue_many` (which takes the
     locks and writes the records of the whole batch in a few round trips itself)."""
     return _bulk.get()
+
+
+def refuse_malformed(broker: dramatiq.Broker, queue_name: str, error: MalformedMessage) -> None:
+    """Log and record a message a consumer refuses off the wire (see ``epq.wire``), before the
+    consumer dead-letters it.
+
+    Raises:
+      StateUnavailable: the worker stopped before the record could be written; the consumer
+        gives the message back to its queue instead of dead-lettering it.
+    """
+    logger.error("Dead-lettering a malformed message on queue %r: %s", queue_name, error.reason)
+    records = find_middleware(broker, JobRecords)
+    if records is not None:
+        until_written(lambda: records.record_malformed(queue_name, error), "recording a malformed message")
 
 
 def find_middleware(broker: dramatiq.Broker, kind: type[M]) -> M | None:
@@ -433,8 +485,14 @@ class JobRecords(dramatiq.Middleware):
     def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         if self._recorded(broker, message) is None:
             return
-        with state_errors("starting a job"):
-            before = self.records.start(message.message_id, self.store.now_ms(), OPEN_RECORD_TTL_MS)
+        try:
+            before = until_written(
+                lambda: self.records.start(message.message_id, self.store.now_ms(), OPEN_RECORD_TTL_MS),
+                "starting a job",
+            )
+        except StateUnavailable:
+            requeue_instead(message)  # not started: it goes back to its queue
+            raise
         if before == "cancelled":
             logger.info("Skipping cancelled %s job %s", message.actor_name, message.message_id)
             raise SkipMessage(f"job {message.message_id} was cancelled")
@@ -448,7 +506,24 @@ class JobRecords(dramatiq.Middleware):
             return
         if exception is None and self._recorded(broker, message) is not None:
             fields = {"finalized_at": str(self.store.now_ms())}
-            self.records.move(message.message_id, "completed", fields, self.completed_ttl_ms, ("running",))
+            self._write_or_requeue(
+                message,
+                lambda: self.records.move(
+                    message.message_id, "completed", fields, self.completed_ttl_ms, ("running",)
+                ),
+                "completing a job",
+            )
+
+    @staticmethod
+    def _write_or_requeue(message: MessageProxy, write: Any, what: str) -> None:
+        """Write a job's outcome before its message is acked; a worker that stops before the state
+        store comes back gives the message back to its queue instead (it runs again)."""
+        try:
+            until_written(write, what)
+        except StateUnavailable:
+            logger.warning("Giving %s job %s back to its queue: the state store is unreachable",
+                           message.actor_name, message.message_id)  # fmt: skip
+            requeue_instead(message)
 
     def attempt_failed(self, message: Any, exception: BaseException, *, retry_due_ms: int | None) -> None:
         """Record a failed attempt: ``retryable`` until ``retry_due_ms``, or ``discarded`` if None."""
@@ -467,18 +542,59 @@ class JobRecords(dramatiq.Middleware):
             ttl = OPEN_RECORD_TTL_MS + max(0, retry_due_ms - now)
             self.records.fail(message.message_id, "retryable", error, fields, ttl)
 
+    def record_malformed(self, queue_name: str, error: MalformedMessage) -> str:
+        """Record a message refused off the wire as a discarded job with the reason; return the
+        record's id (the message's own when it has a usable one and a record of it exists or
+        can be made under it)."""
+        now = self.store.now_ms()
+        entry = {"at": now, "error_type": "MalformedMessage", "message": _clean_text(error.reason)[:2000],
+                 "traceback": ""}  # fmt: skip
+        job_id = error.message_id
+        if job_id is not None and self.records.get(job_id) is not None:
+            self.records.fail(job_id, "discarded", entry, {"finalized_at": str(now)}, self.discarded_ttl_ms)
+            return job_id
+        job_id = job_id or f"malformed-{uuid.uuid4()}"
+        fields = {
+            "kind": error.actor_name or "unknown",
+            "queue": q_name(queue_name),
+            "priority": "2",
+            "args": json.dumps({"malformed_message": error.preview}),
+            "state": "discarded",
+            "attempt": "0",
+            "max_attempts": "0",
+            "errors": json.dumps([{**entry, "attempt": 0}]),
+            "created_at": str(now),
+            "scheduled_at": str(now),
+            "finalized_at": str(now),
+            "unique_key": "",
+            "malformed": "1",
+        }
+        self.records.create(job_id, fields, self.discarded_ttl_ms)
+        return job_id
+
     def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         # Skipped by another middleware (not a cancellation), e.g. Dramatiq's AgeLimit: it will not run.
         if self._recorded(broker, message) is not None:
             fields = {"finalized_at": str(self.store.now_ms())}
             allowed = (*NOT_STARTED, "running")
-            self.records.move(message.message_id, "discarded", fields, self.discarded_ttl_ms, allowed)
+            self._write_or_requeue(
+                message,
+                lambda: self.records.move(
+                    message.message_id, "discarded", fields, self.discarded_ttl_ms, allowed
+                ),
+                "discarding a skipped job",
+            )
 
     def after_nack(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         # Dead-lettered without being processed (e.g. it could not be decoded for its actor).
         if self._recorded(broker, message) is not None:
             fields = {"finalized_at": str(self.store.now_ms())}
-            self.records.move(message.message_id, "discarded", fields, self.discarded_ttl_ms, NOT_STARTED)
+            written_if_possible(
+                lambda: self.records.move(
+                    message.message_id, "discarded", fields, self.discarded_ttl_ms, NOT_STARTED
+                ),
+                "recording a dead letter",
+            )
 
 
 def _clean_text(text: str) -> str:

@@ -27,13 +27,13 @@ import pika
 import pika.exceptions
 from dramatiq.common import dq_name
 
+from .brokers.rabbitmq import PRECONDITION_FAILED, EpqRabbitmqBroker
 from .errors import ConfigurationError
 from .priority import RABBITMQ_MAX_PRIORITY, amqp_priority, lane_of
 
 #: Suffix of the holding queue a migration moves messages through.
 HOLDING_SUFFIX = ".epq-migrating"
 NOT_FOUND = 404
-PRECONDITION_FAILED = 406
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,6 @@ class QueueMigration:
 
 def migrate_queues(broker: dramatiq.Broker) -> list[QueueMigration]:
     """Migrate every served queue of ``broker`` (RabbitMQ); other brokers need nothing."""
-    from .brokers.factory import EpqRabbitmqBroker
-
     if not isinstance(broker, EpqRabbitmqBroker):
         return []
     queues = sorted(q for q in broker.get_declared_queues() if not q.endswith((".DQ", ".XQ")))

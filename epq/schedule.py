@@ -30,6 +30,8 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import q_name
 from dramatiq.errors import BrokerConnectionError
 
+from .errors import StateUnavailable
+from .outage import until_written
 from .state import RedisStateStore, StateStore
 
 logger = logging.getLogger("epq.schedule")
@@ -117,9 +119,12 @@ def promote_due(
     done: list[str] = []
     try:
         for entry, data in claimed:
+            message = dramatiq.Message.decode(data)
             try:
-                broker.enqueue(dramatiq.Message.decode(data))
-            except (BrokerConnectionError, redis.ConnectionError):
+                # (its record is set available on the way: that write waits for an unreachable
+                # state store rather than leaving the entry to its lease, which would run it late)
+                until_written(lambda m=message: broker.enqueue(m), "promoting a scheduled job")  # type: ignore[misc]
+            except (BrokerConnectionError, redis.ConnectionError, StateUnavailable):
                 raise  # the broker is gone: the rest of the batch waits for its lease too
             except Exception:
                 # this one message cannot go (e.g. its queue needs `epq migrate-queues`): the
@@ -128,7 +133,9 @@ def promote_due(
                 continue
             done.append(entry)
     finally:
-        store.schedule_ack(done)
+        # forgotten once published, even if the state store blinks meanwhile: an entry left
+        # claimed would be published again when its lease runs out
+        until_written(lambda: store.schedule_ack(done), "forgetting promoted schedule entries")
     if len(done) < len(claimed):  # pragma: no cover - only when publishing raised
         logger.warning(
             "Promoted %d of %d due messages; the rest retry when their lease ends", len(done), len(claimed)

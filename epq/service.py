@@ -7,13 +7,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import dramatiq
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
-from dramatiq.brokers.redis import RedisBroker
-from dramatiq.brokers.stub import StubBroker
 
 from ._actor import EpqActor
 from ._runtime import Runtime, actor_for, current, setup
-from .errors import ConfigurationError, DuplicateJob, InvalidRequest, JobNotFound
+from .errors import ConfigurationError, DuplicateJob, InvalidPayload, InvalidRequest, JobNotFound
 from .models import (
     EnqueueIndexEndpointRequest,
     JobInsertResult,
@@ -55,17 +52,12 @@ def _is_text(job_id: str) -> bool:
 
 
 def purge_dead_letter_queues(broker: dramatiq.Broker) -> None:
-    """Empty the brokers' own dead-letter queues (``<queue>.XQ``) of every served queue."""
+    """Empty the brokers' own dead-letter queues (``<queue>.XQ``) of every served queue (each
+    epq broker knows where its own are: ``purge_dead_letters``)."""
     queues = [q for q in broker.get_declared_queues() if not q.endswith((".DQ", ".XQ"))]
-    if isinstance(broker, StubBroker):
-        for queue in queues:
-            broker.dead_letters_by_queue[queue].clear()
-    elif isinstance(broker, RedisBroker):
-        for queue in queues:
-            broker.client.delete(f"{broker.namespace}:{queue}.XQ", f"{broker.namespace}:{queue}.XQ.msgs")
-    elif isinstance(broker, RabbitmqBroker):
-        for queue in queues:
-            broker.channel.queue_purge(f"{queue}.XQ")
+    purge = getattr(broker, "purge_dead_letters", None)
+    if purge is not None:
+        purge(queues)
 
 
 class QueueService:
@@ -236,6 +228,11 @@ class QueueService:
             raise JobNotFound(job_id)
         if fields["state"] != "discarded":
             return to_job_record(job_id, fields)
+        if fields.get("malformed"):
+            raise InvalidPayload(
+                f"job {job_id} is a malformed message a worker refused; it cannot be run again "
+                "(epq dead purge forgets it)"
+            )
         actor = actor_for(fields["kind"])
         max_attempts = str(int(fields.get("attempt", "0")) + actor.kind.max_attempts)
         changes = {"max_attempts": max_attempts, "finalized_at": ""}

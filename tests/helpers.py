@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 
 import dramatiq
+import pika
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
@@ -32,6 +34,20 @@ def message_count(broker: dramatiq.Broker, queue: str) -> int:
         frame = broker.channel.queue_declare(queue, passive=True)
         return int(frame.method.message_count)
     raise TypeError(f"unknown broker {broker!r}")
+
+
+def push_raw(broker: dramatiq.Broker, queue: str, data: bytes, rid: str | None = None) -> None:
+    """Put ``data`` on ``queue`` as it is, as a foreign producer (or a corrupted message) would."""
+    if isinstance(broker, StubBroker):
+        broker.queues[queue].put(data)
+    elif isinstance(broker, RedisBroker):
+        rid = rid or str(uuid.uuid4())
+        broker.client.hset(f"{broker.namespace}:{queue}.msgs", rid, data)
+        broker.client.rpush(f"{broker.namespace}:{queue}.P2", rid)
+    elif isinstance(broker, RabbitmqBroker):
+        broker.channel.basic_publish("", queue, data, pika.BasicProperties(delivery_mode=2))
+    else:
+        raise TypeError(f"unknown broker {broker!r}")
 
 
 def total_waiting(broker: dramatiq.Broker) -> int:

@@ -171,3 +171,30 @@ def test_enqueue_on_a_broker_that_went_away_is_broker_unavailable() -> None:
     assert "redis://:***@127.0.0.1:1/0" in str(caught.value)
     assert "s3cret-pw" not in str(caught.value)
     assert isinstance(caught.value.__cause__, redis.ConnectionError)
+
+
+def test_a_rabbitmq_driver_error_at_enqueue_is_broker_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    # pika's errors are mapped too, though the enqueue path no longer imports pika: the
+    # RabbitMQ broker names them (epq_driver_errors)
+    import pika.exceptions
+
+    from epq.brokers.rabbitmq import EpqRabbitmqBroker
+
+    # Given an epq RabbitMQ broker (never connected) whose publish fails in the driver
+    broker = EpqRabbitmqBroker(url=UNREACHABLE_RABBIT, confirm_delivery=True)
+    broker.epq_url = mask_url(UNREACHABLE_RABBIT)
+    broker.declare_queue("default")
+    _runtime.actor_for("register_job")
+
+    def publish_fails(message: dramatiq.Message[object], *, delay: int | None = None) -> None:
+        raise pika.exceptions.AMQPChannelError("channel closed by the server")
+
+    monkeypatch.setattr(broker, "enqueue", publish_fails)
+    # When a job is enqueued on it
+    with pytest.raises(epq.BrokerUnavailable) as caught:
+        epq.QueueService(broker).enqueue_register_job(
+            {"endpoint_id": "6f1d1c1e-4a5b-4c3d-9e8f-0a1b2c3d4e5f", "job_id": "j", "job_metadata": {}}
+        )
+    # Then the error names the masked URL and keeps pika's error as its cause
+    assert "amqp://guest:***@127.0.0.1:1/%2F" in str(caught.value)
+    assert isinstance(caught.value.__cause__, pika.exceptions.AMQPChannelError)

@@ -50,7 +50,39 @@ def test_a_state_store_failure_at_enqueue_is_an_error_and_publishes_nothing(
     assert total_waiting(broker) == 0
 
 
-def test_a_retry_that_cannot_be_scheduled_is_dead_lettered_not_lost(
+def test_a_retry_waits_for_an_unreachable_state_store_and_is_scheduled_once_it_is_back(
+    broker: dramatiq.Broker,
+    worker: dramatiq.Worker,
+    epq_handlers: HandlerRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a failing handler, and a state store whose schedule is unreachable for a while
+    def fails(request: Any) -> None:
+        raise RuntimeError("handler failed")
+
+    store = state()
+    real_add, tries = store.schedule_add, []
+
+    def schedule_blinks(*args: Any, **kwargs: Any) -> Any:
+        tries.append(1)
+        if len(tries) <= 4:
+            raise redis.ConnectionError("schedule unavailable")
+        return real_add(*args, **kwargs)
+
+    epq_handlers.register("register_job", fails)
+    monkeypatch.setattr(store, "schedule_add", schedule_blinks)
+    # When the job fails
+    message = epq.actors.register_job.send(**VALID["register_job"])
+    # Then its retry is scheduled once the store answers again; nothing is dead-lettered
+    assert wait_for(lambda: store.schedule_size() == 1, timeout=10)
+    assert len(tries) == 5
+    record = epq.QueueService(broker).get_job(message.message_id)
+    assert record is not None
+    assert record.state is epq.JobState.RETRYABLE
+    assert message_count(broker, "default.XQ") == 0
+
+
+def test_a_retry_that_cannot_be_scheduled_for_another_reason_is_dead_lettered_not_lost(
     broker: dramatiq.Broker,
     worker: dramatiq.Worker,
     epq_handlers: HandlerRegistry,
@@ -59,11 +91,11 @@ def test_a_retry_that_cannot_be_scheduled_is_dead_lettered_not_lost(
     def fails(request: Any) -> None:
         raise RuntimeError("handler failed")
 
-    def schedule_down(*args: Any, **kwargs: Any) -> None:
-        raise redis.ConnectionError("schedule unavailable")
+    def schedule_broken(*args: Any, **kwargs: Any) -> None:
+        raise redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
 
     epq_handlers.register("register_job", fails)
-    monkeypatch.setattr(state(), "schedule_add", schedule_down)
+    monkeypatch.setattr(state(), "schedule_add", schedule_broken)
     message = epq.actors.register_job.send(**VALID["register_job"])
 
     assert wait_for(lambda: message_count(broker, "default.XQ") == 1, timeout=10)

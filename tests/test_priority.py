@@ -394,9 +394,10 @@ def test_redis_recovers_the_messages_of_a_dead_worker_into_their_lanes(redis_bro
     client.zadd("dramatiq:__heartbeats__", {redis_broker.broker_id: 0})  # type: ignore[attr-defined]
     # and a newer priority-1 job
     newer = svc.enqueue_register_job(_request("register_job", 2, 1)).job.id
-    # When another worker's fetch runs Dramatiq's maintenance (forced here; by chance in production)
+    # When another worker runs Dramatiq's maintenance (each consumer does every few seconds), then
+    # fetches
     other = _runtime.install(REDIS_URL).broker
-    other.maintenance_chance = 1_000_000  # type: ignore[attr-defined]
+    other.maintain("default")  # type: ignore[attr-defined]
     again = [dramatiq.Message.decode(d).message_id for _, d in other.fetch_lanes("default", 10)]  # type: ignore[attr-defined]
     # Then the dead worker's jobs are fetched again, in priority order, ahead of newer ones
     assert again == [high, newer, low]

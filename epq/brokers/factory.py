@@ -1,23 +1,28 @@
-"""Build a Dramatiq broker from a URL, and check that it can be reached."""
+"""Build a Dramatiq broker from a URL, and check that it can be reached.
+
+The stub and Redis brokers are here; the RabbitMQ broker is in ``rabbitmq.py``, imported only
+when a RabbitMQ URL is used.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from queue import Queue
+import importlib
+from collections.abc import Iterable, Sequence
+from queue import Empty, Queue
 from typing import Any
 from uuid import uuid4
 
 import dramatiq
-import pika.exceptions
 import redis
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
-from dramatiq.brokers.stub import StubBroker
-from dramatiq.common import dq_name, q_name
-from dramatiq.errors import QueueNotFound
+from dramatiq.brokers.stub import StubBroker, _StubConsumer, _StubMessageProxy
+from dramatiq.common import dq_name
+from dramatiq.errors import BrokerConnectionError, QueueNotFound
 
-from ..errors import BrokerUnavailable, ConfigurationError, QueueMismatch, describe_error
-from ..priority import RABBITMQ_MAX_PRIORITY, LaneQueue, amqp_priority, lane_of
+from .. import wire
+from ..errors import BrokerUnavailable, ConfigurationError, StateUnavailable, describe_error
+from ..middleware import refuse_malformed
+from ..outage import must_requeue
+from ..priority import LaneQueue
 from ..schedule import DurableDelays
 from ..state import RedisStateStore
 from . import embedded
@@ -41,12 +46,69 @@ REDIS_REPLY_TIMEOUT_S = 5.0
 #: The longest an idle Redis consumer sleeps between polls (Dramatiq's default is the worker timeout,
 #: 1 s), so a promoted or newly enqueued job starts quickly on idle workers.
 REDIS_IDLE_POLL_MS = 200
-#: AMQP reply code for a queue declared again with different arguments.
-PRECONDITION_FAILED = 406
+#: The module of the RabbitMQ broker, imported only when a RabbitMQ URL is used: a process on
+#: Redis or the stub broker never loads pika (this is the one place epq imports a broker lazily).
+RABBITMQ_MODULE = "epq.brokers.rabbitmq"
+
+
+class EpqStubConsumer(_StubConsumer):
+    """Dramatiq's stub consumer, checking messages as they come off the queue (``epq.wire``:
+    a malformed one is recorded and dropped) and giving back a message the worker could not
+    finish because the state store was unreachable (``epq.outage``)."""
+
+    def __init__(self, broker: EpqStubBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+        super().__init__(  # type: ignore[no-untyped-call]
+            broker.queues[queue_name], broker.dead_letters_by_queue[queue_name], prefetch, timeout
+        )
+        self.broker = broker
+        self.queue_name = queue_name
+
+    def __next__(self) -> Any:
+        if not self.prefetch_semaphore.acquire(timeout=self.timeout / 1000):
+            return None
+        try:
+            data = self.queue.get(timeout=self.timeout / 1000)
+        except Empty:
+            self.prefetch_semaphore.release()
+            return None
+        try:
+            return _StubMessageProxy(wire.decode(data, self.broker.actors))
+        except wire.MalformedMessage as exc:
+            try:
+                refuse_malformed(self.broker, self.queue_name, exc)
+            except StateUnavailable:
+                self.queue.put(data)  # (a stub's state store is memory: never in practice)
+            self.queue.task_done()
+            self.prefetch_semaphore.release()
+            return None
+
+    def ack(self, message: Any) -> None:
+        if must_requeue(message):
+            self.queue.put(message.encode())
+        super().ack(message)  # type: ignore[no-untyped-call]
+
+    def nack(self, message: Any) -> None:
+        if must_requeue(message):
+            self.queue.put(message.encode())
+            super().ack(message)  # type: ignore[no-untyped-call]
+            return
+        super().nack(message)  # type: ignore[no-untyped-call]
+
+    def requeue(self, messages: Any) -> None:
+        """Put back what a stopping worker fetched but never ran (Dramatiq's stub consumer drops
+        it, and the queue then waits for it forever)."""
+        for message in messages:
+            self.queue.put(message.encode())
+            super().ack(message)  # type: ignore[no-untyped-call]  # (its fetch is done with)
 
 
 class EpqStubBroker(DurableDelays, StubBroker):
     """Dramatiq's stub broker with epq's durable delays and priority-ordered queues."""
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 100) -> EpqStubConsumer:
+        if queue_name not in self.queues:
+            raise QueueNotFound(queue_name)  # type: ignore[no-untyped-call]
+        return EpqStubConsumer(self, queue_name, prefetch, timeout)
 
     def _prepare_immediate(self, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
         if message.queue_name not in self.queues:
@@ -72,9 +134,17 @@ class EpqStubBroker(DurableDelays, StubBroker):
         self.delay_queues.add(delayed_name)
         self.emit_after("declare_delay_queue", delayed_name)
 
+    def purge_dead_letters(self, queues: Iterable[str]) -> None:
+        """Empty the dead-letter queues of ``queues``."""
+        for queue in queues:
+            self.dead_letters_by_queue[queue].clear()
+
 
 class EpqRedisBroker(DurableDelays, LaneRedisBroker):
     """Dramatiq's Redis broker with epq's durable delays, priority lanes and a shorter idle poll."""
+
+    #: The driver's errors an enqueue maps to ``BrokerUnavailable`` (see :func:`unreachable_errors`).
+    epq_driver_errors: tuple[type[BaseException], ...] = (redis.RedisError,)
 
     def _prepare_immediate(self, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
         return message.copy(options={"redis_message_id": str(uuid4())})
@@ -104,98 +174,10 @@ class EpqRedisBroker(DurableDelays, LaneRedisBroker):
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
         return super().consume(queue_name, prefetch, min(timeout, REDIS_IDLE_POLL_MS))
 
-
-class EpqRabbitmqBroker(DurableDelays, RabbitmqBroker):
-    """Dramatiq's RabbitMQ broker with epq's durable delays and priority queues.
-
-    Queues are declared with ``x-max-priority`` and every message carries its lane's AMQP
-    priority. RabbitMQ cannot add that argument to an existing queue: declaring a queue that
-    exists without it fails with a :class:`~epq.errors.QueueMismatch` (a ``ConfigurationError``)
-    that says how to migrate.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("max_priority", RABBITMQ_MAX_PRIORITY)
-        super().__init__(**kwargs)
-
-    def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
-        # declared (and checked) before a delayed message goes to the schedule too, so that a
-        # queue without epq's arguments is refused at the call site, not later in a promoter
-        self.declare_queue(q_name(message.queue_name), ensure=True)
-        if "broker_priority" not in message.options:
-            message = message.copy(options={"broker_priority": amqp_priority(lane_of(message.options))})
-        return super().enqueue(message, delay=delay)
-
-    def _declare_queue(self, queue_name: str) -> Any:
-        with self._declaring(queue_name):
-            return super()._declare_queue(queue_name)  # type: ignore[no-untyped-call]
-
-    def _declare_dq_queue(self, queue_name: str) -> Any:
-        with self._declaring(dq_name(queue_name)):
-            return super()._declare_dq_queue(queue_name)  # type: ignore[no-untyped-call]
-
-    @contextmanager
-    def _declaring(self, name: str) -> Iterator[None]:
-        try:
-            yield
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code != PRECONDITION_FAILED:
-                raise
-            del self.connection  # the broker closed the channel; the next call opens a new one
-            raise QueueMismatch(
-                f"RabbitMQ queue {name!r} exists with other arguments than epq declares "
-                f"(x-max-priority={RABBITMQ_MAX_PRIORITY}, for priorities 1-4; RabbitMQ said: "
-                f"{exc.reply_text}). A queue's arguments cannot be changed in place: stop the "
-                "workers and run `epq migrate-queues`, which re-creates the queues and keeps "
-                "their messages."
-            ) from exc
-
-    def _prepare_immediate(self, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
-        self.declare_queue(message.queue_name, ensure=True)
-        if "broker_priority" not in message.options:
-            message = message.copy(options={"broker_priority": amqp_priority(lane_of(message.options))})
-        return message
-
-    def _publish_batch(self, items: Sequence[tuple[dramatiq.Message[Any], int | None]]) -> None:
-        """Delayed messages go to the schedule first, then the rest in one AMQP transaction; if
-        the transaction fails, the schedule entries are taken back."""
-        store = self.epq_state
-        scheduled: list[str] = []
-        try:
-            for message, due in items:
-                if due is not None:
-                    assert store is not None
-                    scheduled.append(store.schedule_add(message.encode(), due))
-            immediate = [m for m, due in items if due is None]
-            if immediate:
-                channel = self.connection.channel()
-                try:
-                    channel.tx_select()
-                    for message in immediate:
-                        channel.basic_publish(
-                            exchange="",
-                            routing_key=message.queue_name,
-                            body=message.encode(),
-                            properties=pika.BasicProperties(
-                                delivery_mode=2, priority=message.options.get("broker_priority")
-                            ),
-                        )
-                    channel.tx_commit()
-                finally:
-                    if channel.is_open:
-                        channel.close()
-        except BaseException as exc:
-            if isinstance(exc, (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError)):
-                del self.connection  # as Dramatiq's enqueue does: the next call connects again
-            if scheduled and isinstance(store, RedisStateStore):
-                store.schedule_remove(scheduled)
-            raise
-
-    def check_queues(self, queue_names: Iterable[str]) -> None:
-        """Declare ``queue_names`` on the server now (a worker calls this at boot), so that a
-        queue declared without epq's arguments fails loudly instead of in a consumer thread."""
-        for name in queue_names:
-            self.declare_queue(name, ensure=True)
+    def purge_dead_letters(self, queues: Iterable[str]) -> None:
+        """Empty Dramatiq's dead-letter queues (``<queue>.XQ``) of ``queues``."""
+        for queue in queues:
+            self.client.delete(f"{self.namespace}:{queue}.XQ", f"{self.namespace}:{queue}.XQ.msgs")
 
 
 def build_broker(url: str, *, middleware: Sequence[dramatiq.Middleware] = ()) -> dramatiq.Broker:
@@ -213,8 +195,8 @@ def build_broker(url: str, *, middleware: Sequence[dramatiq.Middleware] = ()) ->
         broker = EpqRedisBroker(client=redis_client(url), middleware=list(middleware))
     else:
         assert scheme in RABBITMQ_SCHEMES
-        broker = EpqRabbitmqBroker(url=url, confirm_delivery=True, middleware=list(middleware))
-        _check_rabbitmq(broker, url)
+        rabbitmq = importlib.import_module(RABBITMQ_MODULE)
+        broker = rabbitmq.connect(url, middleware=list(middleware), timeout_s=CONNECT_TIMEOUT_S)
     broker.epq_url = mask_url(url)
     result: dramatiq.Broker = broker
     return result
@@ -252,19 +234,15 @@ def redis_client(url: str, **kwargs: Any) -> redis.Redis[bytes]:
     return client
 
 
-def _check_rabbitmq(broker: RabbitmqBroker, url: str) -> None:
-    params = broker.parameters
-    for p in params if isinstance(params, list) else [params]:
-        p.socket_timeout = CONNECT_TIMEOUT_S
-        p.blocked_connection_timeout = 30
-    try:
-        broker.connection  # noqa: B018 - opens this thread's connection
-    except pika.exceptions.ProbableAuthenticationError as exc:
-        raise BrokerUnavailable(f"RabbitMQ at {mask_url(url)} refused the credentials") from exc
-    except (pika.exceptions.AMQPError, OSError) as exc:
-        raise BrokerUnavailable(f"cannot reach RabbitMQ at {mask_url(url)}: {describe_error(exc)}") from exc
-
-
 def display_url(broker: dramatiq.Broker) -> str:
     """The masked URL a broker was built from (``"<unknown>"`` for brokers epq did not build)."""
     return str(getattr(broker, "epq_url", "<unknown>"))
+
+
+def unreachable_errors(broker: dramatiq.Broker) -> tuple[type[BaseException], ...]:
+    """The errors that mean a server could not be reached while enqueueing on ``broker`` (the
+    enqueue paths map them to ``BrokerUnavailable``): Dramatiq's ``BrokerConnectionError``,
+    ``OSError``, redis-py's (the state store is a Redis) and those of the broker's own driver
+    (pika's for RabbitMQ), found on the broker so that no driver is imported for nothing."""
+    own: tuple[type[BaseException], ...] = getattr(broker, "epq_driver_errors", ())
+    return (BrokerConnectionError, OSError, redis.RedisError, *own)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,12 +23,15 @@ from typing import Any
 import dramatiq
 import redis
 from dramatiq.broker import MessageProxy
-from dramatiq.brokers.redis import MAINTENANCE_SCALE, RedisBroker, _RedisConsumer
+from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import compute_backoff, current_millis
-from dramatiq.errors import ConnectionClosed, DecodeError
+from dramatiq.errors import ConnectionClosed
 
+from .. import wire
 from .._messages import data_template, encode, new_id
-from ..errors import DuplicateJob
+from ..errors import DuplicateJob, StateUnavailable
+from ..middleware import refuse_malformed
+from ..outage import must_requeue
 from ..priority import LANES, LUA_LANE_OF, lane_of, redis_lane_key
 from ..records import (
     BULK_TOKEN_PREFIX,
@@ -49,6 +51,15 @@ logger = logging.getLogger("epq.brokers.redis")
 
 #: How often a consumer whose prefetched messages are all being worked on looks for a free slot.
 BUSY_POLL_MS = 5
+#: A worker whose heartbeat is older than this is dead: its fetched messages go back to their
+#: queues (Dramatiq's default is 60 s). Every consumer beats at least every
+#: ``HEARTBEAT_INTERVAL_MS``, busy or idle.
+HEARTBEAT_TIMEOUT_MS = 15_000
+HEARTBEAT_INTERVAL_MS = 3_000
+#: How often each consumer runs Dramatiq's maintenance of its queue (recovering the messages of
+#: dead workers). With the heartbeat timeout, a crashed worker's jobs run again within about
+#: ``HEARTBEAT_TIMEOUT_MS + MAINTENANCE_INTERVAL_MS`` on a worker that is idle.
+MAINTENANCE_INTERVAL_MS = 5_000
 #: How many ids one fetch moves from the plain list back to their lanes at most (bounds the
 #: script's run time after a large requeue; the rest move on the next fetches).
 REBALANCE_MAX = 100
@@ -279,6 +290,7 @@ class LaneRedisBroker(RedisBroker):
     epq_records_fused = False
 
     def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("heartbeat_timeout", HEARTBEAT_TIMEOUT_MS)
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]
         self._lane_enqueue = self.client.register_script(_ENQUEUE)
         self._lane_fetch = self.client.register_script(_FETCH)
@@ -393,8 +405,6 @@ class LaneRedisBroker(RedisBroker):
     def fetch_lanes(self, queue_name: str, count: int) -> list[tuple[str, bytes]]:
         """Take up to ``count`` messages of ``queue_name`` for this worker, highest priority
         first: ``(redis message id, data)`` pairs."""
-        if random.randint(1, MAINTENANCE_SCALE) <= self.maintenance_chance:
-            self.maintain(queue_name)
         ns = self.namespace
         keys = [
             f"{ns}:{queue_name}",
@@ -421,13 +431,17 @@ class LaneRedisBroker(RedisBroker):
         ]
         self._ack_completed(keys=keys, args=[current_millis(), self.broker_id, rid, job_id, ttl_ms])
 
+    def heartbeat(self) -> None:
+        """Tell other workers this one is alive (every fetch and ack does too)."""
+        self.client.zadd(f"{self.namespace}:__heartbeats__", {self.broker_id: current_millis()})
+
     def maintain(self, queue_name: str) -> None:
         """Run Dramatiq's queue maintenance for ``queue_name`` now: messages fetched by workers
         whose heartbeat stopped go back to the plain list (the next fetch puts them back in their
         lanes), and expired dead letters are dropped.
 
-        Dramatiq runs it by chance on its own fetch and enqueue commands; epq's lanes replace
-        those, so the fetch runs it with the same chance.
+        Dramatiq runs it by chance (0.1 % of its own commands); epq's consumers run it every
+        ``MAINTENANCE_INTERVAL_MS`` instead, so a crashed worker's jobs come back in seconds.
         """
         args = [
             "qsize",
@@ -456,13 +470,27 @@ class LaneRedisBroker(RedisBroker):
 class LaneConsumer(_RedisConsumer):
     """Dramatiq's Redis consumer, fetching through the lanes.
 
-    Two more changes: a message that cannot be decoded is dead-lettered (moved to ``.XQ`` with
-    its data) instead of stopping the consumer; and while every prefetched message is being
-    worked on, the consumer looks for a free slot every ``BUSY_POLL_MS`` rather than backing
-    off, so a new high-priority message is fetched as soon as one job ends.
+    More changes:
+    - a message refused off the wire (``epq.wire``: undecodable, the wrong shape, too large, an
+      unknown actor) is recorded and dead-lettered (moved to ``.XQ`` with its data) instead of
+      crashing the consumer or reaching the worker's threads; a message whose
+      ``redis_message_id`` is missing or wrong gets the one it is stored under, so it can be acked;
+    - a message the worker gives back (``epq.outage``: the state store was unreachable when the
+      worker stopped) is requeued instead of acked or dead-lettered;
+    - while every prefetched message is being worked on, the consumer looks for a free slot every
+      ``BUSY_POLL_MS`` rather than backing off (so a new high-priority message is fetched as
+      soon as one job ends), and beats its heartbeat every ``HEARTBEAT_INTERVAL_MS``, so that
+      long jobs do not make the worker look dead;
+    - Dramatiq's maintenance (recovering the messages of dead workers) runs every
+      ``MAINTENANCE_INTERVAL_MS`` per consumer, not by chance.
     """
 
     broker: LaneRedisBroker
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self.maintained_at = 0.0  # monotonic seconds
+        self.beaten_at = time.monotonic()
 
     def __next__(self) -> MessageProxy | None:
         try:
@@ -470,20 +498,30 @@ class LaneConsumer(_RedisConsumer):
                 if self.message_cache:
                     rid, data = self.message_cache.pop(0)
                     try:
-                        message = dramatiq.Message.decode(data)
-                    except DecodeError as exc:
-                        self._dead_letter_undecodable(rid, exc)
+                        message = wire.decode(data, self.broker.actors)
+                    except wire.MalformedMessage as exc:
+                        self._refuse(rid, exc)
                         continue
+                    if rid is not None and message.options.get("redis_message_id") != rid:
+                        message.options["redis_message_id"] = rid  # stored under it: acked by it
                     self.misses = 0
                     self.queued_message_ids.add(message.message_id)
                     proxy = MessageProxy(message)
                     if rid is not None and self.broker.epq_records_fused:
                         proxy.epq_fused_ack = True  # type: ignore[attr-defined]  # see JobRecords
                     return proxy
+                now = time.monotonic()
+                if now - self.maintained_at >= MAINTENANCE_INTERVAL_MS / 1000:
+                    self.maintained_at = now
+                    self.broker.maintain(self.queue_name)
                 free = self.prefetch - self.outstanding_message_count
                 if free <= 0:
+                    if now - self.beaten_at >= HEARTBEAT_INTERVAL_MS / 1000:
+                        self.beaten_at = now
+                        self.broker.heartbeat()
                     time.sleep(BUSY_POLL_MS / 1000)
                     return None
+                self.beaten_at = now  # a fetch beats the heartbeat
                 if self.queue_name.endswith(".DQ"):
                     fetched = self.broker.do_fetch(self.queue_name, free)
                     self.message_cache = [(None, data) for data in fetched if data is not None]
@@ -502,6 +540,9 @@ class LaneConsumer(_RedisConsumer):
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
 
     def ack(self, message: Any) -> None:
+        if must_requeue(message):
+            self._give_back(message)
+            return
         ttl = getattr(message, "epq_complete_ttl_ms", None)
         if ttl is None or self.queue_name.endswith(".DQ"):
             super().ack(message)  # type: ignore[no-untyped-call]
@@ -509,6 +550,20 @@ class LaneConsumer(_RedisConsumer):
         try:
             rid = message.options["redis_message_id"]
             self.broker.ack_completed(self.queue_name, rid, message.message_id, ttl)
+        except redis.ConnectionError as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+        finally:
+            self.queued_message_ids.discard(message.message_id)
+
+    def nack(self, message: Any) -> None:
+        if must_requeue(message):
+            self._give_back(message)
+            return
+        super().nack(message)  # type: ignore[no-untyped-call]
+
+    def _give_back(self, message: Any) -> None:
+        try:
+            self.broker.do_requeue(self.queue_name, message.options["redis_message_id"])
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
         finally:
@@ -525,9 +580,15 @@ class LaneConsumer(_RedisConsumer):
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
 
-    def _dead_letter_undecodable(self, rid: str | None, exc: DecodeError) -> None:
-        logger.error(
-            "Dead-lettering an undecodable message %s on queue %r: %s", rid, self.queue_name, exc.error
-        )
-        if rid is not None:
-            self.broker.do_nack(self.queue_name, rid)
+    def _refuse(self, rid: str | None, exc: wire.MalformedMessage) -> None:
+        """Record and dead-letter a malformed message (or requeue it if the record cannot be
+        written before the worker stops)."""
+        if rid is None:  # (a .DQ message: Dramatiq's fetch gives no id, and epq sends none there)
+            logger.error("Dropping a malformed message on %r: %s", self.queue_name, exc.reason)
+            return
+        try:
+            refuse_malformed(self.broker, self.queue_name, exc)
+        except StateUnavailable:
+            self.broker.do_requeue(self.queue_name, rid)
+            return
+        self.broker.do_nack(self.queue_name, rid)

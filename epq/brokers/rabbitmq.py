@@ -1,0 +1,211 @@
+"""The RabbitMQ broker: Dramatiq's, with epq's durable delays and priority queues.
+
+Imported only when a RabbitMQ URL is used (``factory.build_broker`` picks it by scheme), so that
+a process on Redis or the stub broker never loads pika or Dramatiq's RabbitMQ broker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import dramatiq
+import pika
+import pika.exceptions
+from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer, _RabbitmqMessage
+from dramatiq.common import dq_name, q_name
+from dramatiq.errors import ConnectionClosed
+
+from .. import wire
+from ..errors import BrokerUnavailable, QueueMismatch, StateUnavailable, describe_error
+from ..middleware import refuse_malformed
+from ..outage import must_requeue
+from ..priority import RABBITMQ_MAX_PRIORITY, amqp_priority, lane_of
+from ..schedule import DurableDelays
+from ..state import RedisStateStore
+from .urls import mask_url
+
+#: AMQP reply code for a queue declared again with different arguments.
+PRECONDITION_FAILED = 406
+
+
+class EpqRabbitmqConsumer(_RabbitmqConsumer):
+    """Dramatiq's RabbitMQ consumer, checking each message as it comes off the queue
+    (``epq.wire``: a malformed one is recorded and dead-lettered with its reason, instead of
+    reaching the worker's threads), and giving back (``basic_nack`` with requeue) a message the
+    worker could not finish because the state store was unreachable (``epq.outage``)."""
+
+    def __next__(self) -> Any:
+        try:
+            method, _properties, body = next(self.iterator)
+            if method is None:
+                return None
+        except (AssertionError, pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as exc:
+            # (as Dramatiq's: a queue that disappeared is declared again when the consumer restarts)
+            if getattr(exc, "reply_code", None) == 404:
+                self.broker.queues_pending.add(q_name(self.queue_name))
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+        try:
+            message = wire.decode(body, self.broker.actors)
+        except wire.MalformedMessage as exc:
+            try:
+                refuse_malformed(self.broker, self.queue_name, exc)
+            except StateUnavailable:
+                self._settle(method.delivery_tag, requeue=True)
+                return None
+            self._settle(method.delivery_tag, requeue=False)  # to .XQ, by the dead-letter exchange
+            return None
+        self.known_tags.add(method.delivery_tag)
+        return _RabbitmqMessage(method.redelivered, method.delivery_tag, message)  # type: ignore[no-untyped-call]
+
+    def _settle(self, tag: int, *, requeue: bool) -> None:
+        self.connection.add_callback_threadsafe(partial(self.channel.basic_nack, tag, requeue=requeue))
+
+    def ack(self, message: Any) -> None:
+        if must_requeue(message):
+            self._give_back(message)
+            return
+        super().ack(message)  # type: ignore[no-untyped-call]
+
+    def nack(self, message: Any) -> None:
+        if must_requeue(message):
+            self._give_back(message)
+            return
+        super().nack(message)  # type: ignore[no-untyped-call]
+
+    def _give_back(self, message: Any) -> None:
+        try:
+            self.known_tags.remove(message._tag)
+            self._settle(message._tag, requeue=True)
+        except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+        except KeyError:
+            pass  # (the consumer restarted since: RabbitMQ gives the message back by itself)
+
+
+class EpqRabbitmqBroker(DurableDelays, RabbitmqBroker):
+    """Dramatiq's RabbitMQ broker with epq's durable delays and priority queues.
+
+    Queues are declared with ``x-max-priority`` and every message carries its lane's AMQP
+    priority. RabbitMQ cannot add that argument to an existing queue: declaring a queue that
+    exists without it fails with a :class:`~epq.errors.QueueMismatch` (a ``ConfigurationError``)
+    that says how to migrate.
+    """
+
+    #: The driver's errors an enqueue maps to ``BrokerUnavailable`` (see ``factory.unreachable_errors``).
+    epq_driver_errors: tuple[type[BaseException], ...] = (pika.exceptions.AMQPError,)
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("max_priority", RABBITMQ_MAX_PRIORITY)
+        super().__init__(**kwargs)
+
+    @property
+    def consumer_class(self) -> type[EpqRabbitmqConsumer]:
+        return EpqRabbitmqConsumer
+
+    def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
+        # declared (and checked) before a delayed message goes to the schedule too, so that a
+        # queue without epq's arguments is refused at the call site, not later in a promoter
+        self.declare_queue(q_name(message.queue_name), ensure=True)
+        if "broker_priority" not in message.options:
+            message = message.copy(options={"broker_priority": amqp_priority(lane_of(message.options))})
+        return super().enqueue(message, delay=delay)
+
+    def _declare_queue(self, queue_name: str) -> Any:
+        with self._declaring(queue_name):
+            return super()._declare_queue(queue_name)  # type: ignore[no-untyped-call]
+
+    def _declare_dq_queue(self, queue_name: str) -> Any:
+        with self._declaring(dq_name(queue_name)):
+            return super()._declare_dq_queue(queue_name)  # type: ignore[no-untyped-call]
+
+    @contextmanager
+    def _declaring(self, name: str) -> Iterator[None]:
+        try:
+            yield
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != PRECONDITION_FAILED:
+                raise
+            del self.connection  # the broker closed the channel; the next call opens a new one
+            raise QueueMismatch(
+                f"RabbitMQ queue {name!r} exists with other arguments than epq declares "
+                f"(x-max-priority={RABBITMQ_MAX_PRIORITY}, for priorities 1-4; RabbitMQ said: "
+                f"{exc.reply_text}). A queue's arguments cannot be changed in place: stop the "
+                "workers and run `epq migrate-queues`, which re-creates the queues and keeps "
+                "their messages."
+            ) from exc
+
+    def _prepare_immediate(self, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
+        self.declare_queue(message.queue_name, ensure=True)
+        if "broker_priority" not in message.options:
+            message = message.copy(options={"broker_priority": amqp_priority(lane_of(message.options))})
+        return message
+
+    def _publish_batch(self, items: Sequence[tuple[dramatiq.Message[Any], int | None]]) -> None:
+        """Delayed messages go to the schedule first, then the rest in one AMQP transaction; if
+        the transaction fails, the schedule entries are taken back."""
+        store = self.epq_state
+        scheduled: list[str] = []
+        try:
+            for message, due in items:
+                if due is not None:
+                    assert store is not None
+                    scheduled.append(store.schedule_add(message.encode(), due))
+            immediate = [m for m, due in items if due is None]
+            if immediate:
+                channel = self.connection.channel()
+                try:
+                    channel.tx_select()
+                    for message in immediate:
+                        channel.basic_publish(
+                            exchange="",
+                            routing_key=message.queue_name,
+                            body=message.encode(),
+                            properties=pika.BasicProperties(
+                                delivery_mode=2, priority=message.options.get("broker_priority")
+                            ),
+                        )
+                    channel.tx_commit()
+                finally:
+                    if channel.is_open:
+                        channel.close()
+        except BaseException as exc:
+            if isinstance(exc, (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError)):
+                del self.connection  # as Dramatiq's enqueue does: the next call connects again
+            if scheduled and isinstance(store, RedisStateStore):
+                store.schedule_remove(scheduled)
+            raise
+
+    def check_queues(self, queue_names: Iterable[str]) -> None:
+        """Declare ``queue_names`` on the server now (a worker calls this at boot), so that a
+        queue declared without epq's arguments fails loudly instead of in a consumer thread."""
+        for name in queue_names:
+            self.declare_queue(name, ensure=True)
+
+    def purge_dead_letters(self, queues: Iterable[str]) -> None:
+        """Empty RabbitMQ's dead-letter queues (``<queue>.XQ``) of ``queues``."""
+        for queue in queues:
+            self.channel.queue_purge(f"{queue}.XQ")
+
+
+def connect(url: str, *, middleware: list[dramatiq.Middleware], timeout_s: float) -> EpqRabbitmqBroker:
+    """The broker for an ``amqp://`` or ``amqps://`` URL, its connection opened (``timeout_s``
+    for the socket), so that an unreachable server or bad credentials fail here.
+
+    Raises:
+      BrokerUnavailable: the server cannot be reached or refused the credentials (URL masked).
+    """
+    broker = EpqRabbitmqBroker(url=url, confirm_delivery=True, middleware=middleware)
+    params = broker.parameters
+    for p in params if isinstance(params, list) else [params]:
+        p.socket_timeout = timeout_s
+        p.blocked_connection_timeout = 30
+    try:
+        broker.connection  # noqa: B018 - opens this thread's connection
+    except pika.exceptions.ProbableAuthenticationError as exc:
+        raise BrokerUnavailable(f"RabbitMQ at {mask_url(url)} refused the credentials") from exc
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        raise BrokerUnavailable(f"cannot reach RabbitMQ at {mask_url(url)}: {describe_error(exc)}") from exc
+    return broker

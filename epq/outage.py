@@ -1,0 +1,109 @@
+"""The outage rule: a message leaves the broker only once its outcome is durably written.
+
+A worker writes a job's outcome to the state store (its record, the retry in the schedule, the
+record of a dead letter) before it acks, fails or dead-letters the message. When the state store
+cannot be reached, the worker thread that holds the message waits for it to come back
+(:func:`until_written`) and then writes the outcome: the message stays unacknowledged in the
+meantime, so nothing is lost and nothing is dead-lettered because epq's own infrastructure
+failed. If the worker stops while it waits, the message is given back to its queue untouched
+(:func:`requeue_instead`, carried out by epq's consumers), to run again later.
+
+Only errors that mean "unreachable" are waited out (connection refused or lost, timeouts, a Redis
+still loading its data after a restart); any other error is a bug or a misconfiguration and is
+raised at once. Times are milliseconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import redis
+
+from .errors import StateUnavailable
+
+logger = logging.getLogger("epq.outage")
+
+T = TypeVar("T")
+
+#: Redis errors that mean the server cannot be reached right now (``BusyLoadingError``, a Redis
+#: loading its data after a restart, is a ``ConnectionError``).
+UNREACHABLE: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
+#: The waits between tries while the state store is unreachable; the last one repeats.
+BACKOFF_MS = (50, 100, 250, 500, 1000)
+#: Option of a message's proxy: give it back to its queue instead of acking or failing it.
+_REQUEUE = "epq_requeue"
+
+_stopping = threading.Event()
+
+
+def worker_booting() -> None:
+    """A worker is starting in this process: waiting for the state store is allowed."""
+    _stopping.clear()
+
+
+def worker_stopping() -> None:
+    """The worker is shutting down: threads waiting for the state store give up (their messages
+    go back to their queues)."""
+    _stopping.set()
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or the error it wraps) means the state store cannot be reached."""
+    if isinstance(exc, StateUnavailable):
+        return exc.__cause__ is None or unreachable(exc.__cause__)
+    return isinstance(exc, UNREACHABLE)
+
+
+def until_written(write: Callable[[], T], what: str) -> T:
+    """Run ``write`` until it succeeds, waiting while the state store is unreachable.
+
+    Raises:
+      StateUnavailable: the worker began to stop before the store came back (the caller's
+        message must then go back to its queue: see :func:`requeue_instead`).
+    """
+    tries = 0
+    while True:
+        try:
+            return write()
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            if _stopping.is_set():
+                raise StateUnavailable(
+                    f"the state store is unreachable while {what} and the worker is stopping: {exc}"
+                ) from exc
+            if tries == 0:
+                logger.warning(
+                    "The state store is unreachable while %s (%s); the message waits until it is back",
+                    what,
+                    exc,
+                )
+            _stopping.wait(BACKOFF_MS[min(tries, len(BACKOFF_MS) - 1)] / 1000)
+            tries += 1
+            if tries % 20 == 0:
+                logger.warning("Still waiting for the state store while %s (%d tries)", what, tries)
+
+
+def written_if_possible(write: Callable[[], T], what: str) -> T | None:
+    """:func:`until_written` for a write made after the message is settled (a lock released
+    after a dead letter): when the worker stops first, it is left undone with a warning (the
+    lock then ends with its TTL) instead of raising into Dramatiq's hooks."""
+    try:
+        return until_written(write, what)
+    except StateUnavailable as exc:
+        logger.warning("Left undone: %s (%s)", what, exc)
+        return None
+
+
+def requeue_instead(message: Any) -> None:
+    """Have ``message`` (a worker's message proxy) go back to its queue, neither acked nor
+    dead-lettered, when the worker is done with it."""
+    setattr(message, _REQUEUE, True)
+
+
+def must_requeue(message: Any) -> bool:
+    """Whether :func:`requeue_instead` was called for ``message``."""
+    return bool(getattr(message, _REQUEUE, False))
