@@ -21,15 +21,18 @@ from .errors import (
     BrokerUnavailable,
     ConfigurationError,
     DuplicateJob,
+    EnqueueFailed,
     HandlerNotFound,
     InvalidPayload,
     InvalidRequest,
     StateUnavailable,
+    describe_error,
+    short_field,
 )
 from .handlers import get_handler
 from .kinds import JobKind
 from .middleware import JobRecords, Uniqueness, find_middleware
-from .models import JobInsertResult, JobPriority, JobRecord, JobState, _Request
+from .models import MAX_NESTING, JobInsertResult, JobPriority, JobRecord, JobState, _Request
 from .records import ARGS_JSON_OPTION
 from .wire import MAX_PAYLOAD_BYTES
 
@@ -156,7 +159,7 @@ class EpqActor(dramatiq.Actor[..., Any]):
             )
         priority = int(request.priority or kind.priority)  # both validated already
         payload = request.model_dump(mode="json")
-        return Checked(queue, priority, payload, _check_payload(kind.name, payload))
+        return Checked(queue, priority, payload, _check_payload(kind.name, payload, request))
 
     def message_from(
         self, checked: Checked, *, message_id: str | None = None, **options: Any
@@ -188,13 +191,14 @@ class EpqActor(dramatiq.Actor[..., Any]):
         delay_ms = _delay_ms(self.kind.name, request, delay, now_ms)
         try:
             target.enqueue(message, delay=delay_ms)
-        except (StateUnavailable, ConfigurationError):
+        except (StateUnavailable, ConfigurationError, EnqueueFailed):
             self._release_after_failed_publish(target, message)
             raise
         except unreachable_errors(target) as exc:
-            self._release_after_failed_publish(target, message)
+            if not _whole_or_nothing(target, delay_ms, exc):
+                self._release_after_failed_publish(target, message)
             raise BrokerUnavailable(
-                f"could not enqueue {self.actor_name} on {display_url(target)}: {exc!r}"
+                f"could not enqueue {self.actor_name} on {display_url(target)}: {describe_error(exc)}"
             ) from exc
         finally:
             # the payload JSON went with the copy the broker enqueued; the caller's copy keeps
@@ -204,19 +208,16 @@ class EpqActor(dramatiq.Actor[..., Any]):
 
     @staticmethod
     def _release_after_failed_publish(broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> None:
-        records = find_middleware(broker, JobRecords)
-        if records is not None:
-            with contextlib.suppress(redis.RedisError):
+        # If the state store is down too, the record and the lock expire with their TTLs; the
+        # first failure ends the cleanup, so a store that does not answer costs one timeout.
+        with contextlib.suppress(redis.RedisError, OSError):
+            records = find_middleware(broker, JobRecords)
+            if records is not None:
                 records.records.delete(message.message_id)
-        uniqueness = find_middleware(broker, Uniqueness)
-        if uniqueness is None:
-            return
-        key = uniqueness.lock_key(broker, message)
-        if key is None:
-            return
-        # If the state store is down too, the lock simply expires with its window.
-        with contextlib.suppress(redis.RedisError):
-            uniqueness.release(message, key)
+            uniqueness = find_middleware(broker, Uniqueness)
+            key = uniqueness.lock_key(broker, message) if uniqueness is not None else None
+            if uniqueness is not None and key is not None:
+                uniqueness.release(message, key)
 
     def record_for(self, message: dramatiq.Message[Any], request: _Request) -> JobRecord:
         """The job record of a message this actor just enqueued."""
@@ -270,6 +271,16 @@ class EpqActor(dramatiq.Actor[..., Any]):
         )
 
 
+def _whole_or_nothing(broker: dramatiq.Broker, delay_ms: int | None, exc: BaseException) -> bool:
+    """Whether a failed enqueue was one script call that took the lock, wrote the record and
+    enqueued the message (Redis with epq's state in it, no delay) and failed on the connection:
+    the script ran whole, its reply lost, or not at all. Either way there is nothing to take
+    back (taking back an enqueued job would leave it without its record and lock), and a server
+    that did not answer would not answer the cleanup either."""
+    fused = bool(getattr(broker, "epq_records_fused", False)) and not delay_ms
+    return fused and isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
+
+
 class Checked(NamedTuple):
     """A request checked for its message (``EpqActor.check``)."""
 
@@ -300,17 +311,34 @@ def _delay_ms(kind: str, request: _Request, delay: timedelta | int | None, now_m
     return None
 
 
-def _check_payload(kind: str, payload: dict[str, Any]) -> str:
-    """Refuse payloads that are not strict JSON or are larger than ``MAX_PAYLOAD_BYTES``; return
-    the payload as compact JSON (UTF-8 text, not ASCII escapes)."""
+_REPLACEMENT = "\ufffd".encode()  # U+FFFD in UTF-8
+
+
+def _check_payload(kind: str, payload: dict[str, Any], request: _Request) -> str:
+    """Refuse payloads that are not strict JSON, hold text that is not valid UTF-8 (a lone
+    surrogate, as ``os.fsdecode`` makes of a file name's stray byte), nest deeper than
+    ``MAX_NESTING`` or are larger than ``MAX_PAYLOAD_BYTES``; return the payload as compact JSON
+    (UTF-8 text, not ASCII escapes). ``payload`` is ``request`` dumped as JSON values (where a
+    key's lone surrogate is already replaced by U+FFFD: ``request`` still has it)."""
     try:
         # the common case: one fast dump, which writes NaN and Infinity as such (so a payload
-        # with neither word is strict JSON); the field-by-field pass below only names a field
+        # with neither word is strict JSON) and fails on a lone surrogate; a payload with few
+        # brackets cannot nest deeply. The passes below only run to name a field.
         whole = pydantic_core.to_json(payload, inf_nan_mode="constants")
-        if len(whole) <= MAX_PAYLOAD_BYTES and b"NaN" not in whole and b"Infinity" not in whole:
+        if (
+            len(whole) <= MAX_PAYLOAD_BYTES
+            and b"NaN" not in whole
+            and b"Infinity" not in whole
+            and whole.count(b"{") + whole.count(b"[") <= MAX_NESTING + 1  # +1: the payload itself
+            and _REPLACEMENT not in whole  # a key's lone surrogate, replaced in the dump
+        ):
             return whole.decode()
     except pydantic_core.PydanticSerializationError:
         pass
+    for name in payload:
+        problem = _text_problem(name, getattr(request, name, None), 0)
+        if problem is not None:
+            raise InvalidRequest(kind, [{"field": short_field(problem[0]), "message": problem[1]}])
     sizes: dict[str, int] = {}
     for name, value in payload.items():
         try:
@@ -333,3 +361,38 @@ def _check_payload(kind: str, payload: dict[str, Any]) -> str:
             ],
         )
     return json.dumps(payload, separators=(",", ":"))
+
+
+def _text_problem(path: str, value: Any, depth: int) -> tuple[str, str] | None:
+    """The first problem of a JSON value that the fast dump cannot name: ``(field, message)`` for
+    text (a value or a key) that is not valid UTF-8, or nesting deeper than ``MAX_NESTING``."""
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError as exc:
+                return path, "is " + _not_utf8(value, exc)
+        return None
+    if isinstance(value, dict | list):
+        if depth >= MAX_NESTING:
+            return path.split(".", 1)[0], f"nested deeper than {MAX_NESTING} levels"
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str) and not key.isascii():
+                try:
+                    key.encode()
+                except UnicodeEncodeError as exc:
+                    return path, "has a key that is " + _not_utf8(key, exc)
+            problem = _text_problem(f"{path}.{key}", item, depth + 1)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _not_utf8(text: str, exc: UnicodeEncodeError) -> str:
+    bad = text[exc.start : exc.end]
+    return (
+        f"not valid UTF-8 text: {ascii(bad)[1:-1]} at character {exc.start} is a lone surrogate "
+        "(as os.fsdecode makes of a byte that is not UTF-8); decode such bytes with "
+        "errors='replace' or send them base64-encoded"
+    )

@@ -34,7 +34,7 @@ from pydantic import TypeAdapter
 from ._actor import Checked, EpqActor, _delay_ms
 from ._messages import new_ids
 from .brokers import display_url, unreachable_errors
-from .errors import BrokerUnavailable, DuplicateJob, InvalidRequest
+from .errors import BrokerUnavailable, DuplicateJob, InvalidRequest, describe_error
 from .middleware import JobRecords, Uniqueness, _bulk, find_middleware
 from .models import JobInsertResult, _Request
 from .records import OPEN_RECORD_TTL_MS, BulkGroup, BulkJob, NewRecord, build_fields, to_job_record
@@ -93,7 +93,7 @@ def enqueue_many(
         maybe = f"requests [{unknown[0].index}] to [{unknown[-1].index}] may have been, " if unknown else ""
         raise BrokerUnavailable(
             f"bulk enqueue on {display_url(broker)} failed after {enqueued} of {len(jobs)} jobs were "
-            f"enqueued ({done}; {maybe}the rest were not): {exc!r}"
+            f"enqueued ({done}; {maybe}the rest were not): {describe_error(exc)}"
         ) from exc
     finally:
         _bulk.reset(token)

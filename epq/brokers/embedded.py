@@ -5,12 +5,17 @@ PATH). The first process that needs the server starts it as a daemon listening o
 socket next to the database file; a file lock makes concurrent starts safe, and later processes
 connect to the running server. It keeps its data on disk (RDB snapshots and an append-only file)
 and runs until :func:`stop_server` (``epq embedded stop``) or the machine stops.
+
+Job payloads are private: the directory epq creates is 0700, and the server runs with umask 077,
+so that its files (data, append-only file, log, pid) are 0600; files an older version left
+readable by others are made 0600 when the server starts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import shutil
 import subprocess
 import time
@@ -24,6 +29,8 @@ from ..errors import BrokerUnavailable, ConfigurationError
 
 _START_TIMEOUT_S = 15.0
 _MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux, 104 on macOS
+#: The umask the server runs with: its files are readable by their owner only.
+_PRIVATE_UMASK = 0o077
 
 
 def socket_path(db_path: Path) -> Path:
@@ -87,7 +94,7 @@ def ensure_server(db_path: Path) -> Path:
         return sock
     db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     lock_path = db_path.with_name(db_path.name + ".lock")
-    with open(lock_path, "a") as lock:
+    with open(os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if _ping(sock):
@@ -102,6 +109,9 @@ def _start(db_path: Path, sock: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
     log_path = db_path.with_name(db_path.name + ".log")
+    for suffix in ("", ".aof", ".log", ".pid"):  # left readable by an older version
+        with contextlib.suppress(FileNotFoundError):
+            db_path.with_name(db_path.name + suffix).chmod(0o600)
     args = [
         _redis_executable(),
         "--daemonize", "yes",
@@ -118,7 +128,7 @@ def _start(db_path: Path, sock: Path) -> None:
         "--logfile", str(log_path),
     ]  # fmt: skip
     try:
-        subprocess.run(args, check=True, capture_output=True, timeout=_START_TIMEOUT_S)
+        subprocess.run(args, check=True, capture_output=True, timeout=_START_TIMEOUT_S, umask=_PRIVATE_UMASK)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
         raise BrokerUnavailable(
             f"could not start the embedded Redis server for {db_path} (see {log_path}): {exc}"

