@@ -114,6 +114,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 [r.id, r.kind, r.queue, r.attempt, _when(r.finalized_at), _last_error(r)] for r in records
             ]
             print(table(headers, lines))
+        if not args.json:
+            _unrecorded_dead_letters(svc, records if len(records) < args.limit else None)
         return 0
     if args.dead_command == "retry":
         if bool(args.job_id) == bool(args.all):
@@ -141,20 +143,39 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _unrecorded_dead_letters(svc: Any, records: Sequence[JobRecord] | None) -> None:
+    """Say which dead-letter queues hold messages that no record lists (``records``: every dead
+    record, or None when the listing was cut by ``--limit``)."""
+    if records is None:
+        return
+    listed: dict[str, int] = {}
+    for record in records:
+        listed[record.queue] = listed.get(record.queue, 0) + 1
+    for queue, held in svc.dead_letter_counts().items():
+        if held > listed.get(queue, 0):
+            print(
+                f"{queue}.XQ holds {held} message(s), {held - listed.get(queue, 0)} without a record "
+                "(dead letters of plain Dramatiq actors, or older than their record); "
+                "epq dead purge empties it"
+            )
+
+
 def _confirm_purge(svc: Any) -> bool:
     """Ask on the terminal before ``dead purge`` forgets the dead jobs; without a terminal, refuse."""
     from .brokers import display_url
     from .errors import EpqError
 
     count = len(svc.list_dead(10**9))
+    held = sum(svc.dead_letter_counts().values())
+    what = f"{count} dead job(s) and {held} message(s) in the dead-letter queues"
     if not sys.stdin.isatty():
         raise EpqError(
-            f"dead purge would forget {count} dead job(s) and asks first, but stdin is not a "
+            f"dead purge would forget {what} and asks first, but stdin is not a "
             "terminal: pass --yes to purge without asking"
         )
-    if count == 0:
+    if count == 0 and held == 0:
         return True
-    question = f"purge {count} dead job(s) on {display_url(svc.broker)}? [y/N] "
+    question = f"purge {what} on {display_url(svc.broker)}? [y/N] "
     print(question, end="", file=sys.stderr, flush=True)
     answer = sys.stdin.readline().strip().lower()
     if answer in ("y", "yes"):

@@ -51,13 +51,16 @@ def _is_text(job_id: str) -> bool:
     return True
 
 
+def _served(broker: dramatiq.Broker) -> list[str]:
+    return sorted(q for q in broker.get_declared_queues() if not q.endswith((".DQ", ".XQ")))
+
+
 def purge_dead_letter_queues(broker: dramatiq.Broker) -> None:
     """Empty the brokers' own dead-letter queues (``<queue>.XQ``) of every served queue (each
     epq broker knows where its own are: ``purge_dead_letters``)."""
-    queues = [q for q in broker.get_declared_queues() if not q.endswith((".DQ", ".XQ"))]
     purge = getattr(broker, "purge_dead_letters", None)
     if purge is not None:
-        purge(queues)
+        purge(_served(broker))
 
 
 class QueueService:
@@ -268,6 +271,13 @@ class QueueService:
         discarded_ttl = int(runtime.settings.discarded_retention.total_seconds() * 1000)
         restore = {"max_attempts": fields["max_attempts"], "finalized_at": fields.get("finalized_at", "")}
         runtime.records.move(job_id, "discarded", restore, discarded_ttl, ("available",))
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        """Per served queue, the messages in the broker's own dead-letter queue (``<queue>.XQ``):
+        epq's dead jobs, and dead letters without a record (plain Dramatiq actors'), which
+        :meth:`list_dead` cannot show."""
+        count = getattr(self.broker, "count_dead_letters", None)
+        return {} if count is None else dict(count(_served(self.broker)))
 
     def purge_dead(self) -> int:
         """Forget every discarded job (records and the brokers' dead-letter queues); return how many."""

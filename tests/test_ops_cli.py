@@ -288,3 +288,16 @@ def test_a_job_id_that_is_not_text_is_not_found(command: list[str]) -> None:
     lines = out.stderr.decode().splitlines()
     assert lines[-1] == "epq: error: no job '0123abcd\\udcff' (never enqueued, or its record expired)"
     assert len(lines) == 2  # with the broker line
+
+
+def test_dead_list_names_dead_letters_that_no_record_lists(
+    redis_broker: dramatiq.Broker, jobs: dict[str, str]
+) -> None:
+    # Given, besides the one dead job, a message dead-lettered without a record
+    client = redis_broker.client  # type: ignore[attr-defined]
+    client.zadd("dramatiq:default.XQ", {"foreign": time.time() * 1000})
+    # When an operator lists the dead jobs
+    out = run_epq("dead", "list", env=ENV)
+    # Then the listing says the dead-letter queue holds one more than it shows
+    assert out.returncode == 0, out.stderr
+    assert "default.XQ holds 2 message(s), 1 without a record" in out.stdout

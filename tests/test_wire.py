@@ -44,6 +44,7 @@ MALFORMED: dict[str, tuple[bytes, str]] = {
     "invalid UTF-8": (b'{"queue_name": "\xff\xfe"}', "not UTF-8"),
     "not an object": (encoded([1, 2, 3]), "not a JSON object but array"),
     "a field missing": (encoded({k: v for k, v in good().items() if k != "kwargs"}), "no kwargs"),
+    "no message id": (encoded({k: v for k, v in good().items() if k != "message_id"}), "no message_id"),
     "a field of the wrong type": (encoded(good(args={"a": 1})), "args must be an array, not object"),
     "options not an object": (encoded(good(options=[1])), "options must be an object, not array"),
     "bad retries": (encoded(good(options={"retries": "three"})), "options.retries must be an integer"),
@@ -134,3 +135,22 @@ def test_a_redis_message_without_its_id_in_the_options_runs_once_and_is_acked(
     client = redis_broker.client
     assert not client.hexists("dramatiq:default.msgs", rid)  # acked: it will not run again
     assert client.scard(f"dramatiq:__acks__.{redis_broker.broker_id}.default") == 0
+
+
+def test_dead_letters_without_a_record_are_counted_where_operators_look(
+    broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given a plain Dramatiq actor (no job records) whose message is dead-lettered
+    @dramatiq.actor(broker=broker, queue_name="default", max_retries=0)
+    def plain_fails() -> None:
+        raise RuntimeError("plain actor failed")
+
+    plain_fails.send()
+    drain(broker, worker, fail_fast=False)
+    svc = epq.QueueService(broker)
+    # Then no record lists it, but the dead-letter counts do
+    assert svc.list_dead() == []
+    assert wait_for(lambda: svc.dead_letter_counts().get("default") == 1)
+    # and purge empties the dead-letter queue too
+    svc.purge_dead()
+    assert svc.dead_letter_counts().get("default") == 0

@@ -139,6 +139,10 @@ class EpqStubBroker(DurableDelays, StubBroker):
         for queue in queues:
             self.dead_letters_by_queue[queue].clear()
 
+    def count_dead_letters(self, queues: Iterable[str]) -> dict[str, int]:
+        """How many messages the dead-letter queue of each of ``queues`` holds."""
+        return {queue: len(self.dead_letters_by_queue[queue]) for queue in queues}
+
 
 class EpqRedisBroker(DurableDelays, LaneRedisBroker):
     """Dramatiq's Redis broker with epq's durable delays, priority lanes and a shorter idle poll."""
@@ -178,6 +182,14 @@ class EpqRedisBroker(DurableDelays, LaneRedisBroker):
         """Empty Dramatiq's dead-letter queues (``<queue>.XQ``) of ``queues``."""
         for queue in queues:
             self.client.delete(f"{self.namespace}:{queue}.XQ", f"{self.namespace}:{queue}.XQ.msgs")
+
+    def count_dead_letters(self, queues: Iterable[str]) -> dict[str, int]:
+        """How many messages the dead-letter queue (``<queue>.XQ``) of each of ``queues`` holds."""
+        queues = list(queues)
+        pipe = self.client.pipeline(transaction=False)
+        for queue in queues:
+            pipe.zcard(f"{self.namespace}:{queue}.XQ")
+        return {queue: int(n) for queue, n in zip(queues, pipe.execute(), strict=True)}
 
 
 def build_broker(url: str, *, middleware: Sequence[dramatiq.Middleware] = ()) -> dramatiq.Broker:

@@ -189,6 +189,13 @@ class EpqRabbitmqBroker(DurableDelays, RabbitmqBroker):
         for queue in queues:
             self.channel.queue_purge(f"{queue}.XQ")
 
+    def count_dead_letters(self, queues: Iterable[str]) -> dict[str, int]:
+        """How many messages the dead-letter queue (``<queue>.XQ``) of each of ``queues`` holds."""
+        return {
+            queue: int(self.channel.queue_declare(f"{queue}.XQ", passive=True).method.message_count)
+            for queue in queues
+        }
+
 
 def connect(url: str, *, middleware: list[dramatiq.Middleware], timeout_s: float) -> EpqRabbitmqBroker:
     """The broker for an ``amqp://`` or ``amqps://`` URL, its connection opened (``timeout_s``
