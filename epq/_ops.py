@@ -155,7 +155,7 @@ def _unrecorded_dead_letters(svc: Any, records: Sequence[JobRecord] | None) -> N
         if held > listed.get(queue, 0):
             print(
                 f"{queue}.XQ holds {held} message(s), {held - listed.get(queue, 0)} without a record "
-                "(dead letters of plain Dramatiq actors, or older than their record); "
+                "(plain Dramatiq actors' dead letters, or jobs retried or purged since); "
                 "epq dead purge empties it"
             )
 

@@ -140,7 +140,10 @@ def test_dead_list_retry_purge(jobs: dict[str, str]) -> None:
     out = run_epq("dead", "retry", jobs["dies"], env=ENV)
     assert out.returncode == 0, out.stderr
     assert f"{jobs['dies']}: available" in out.stdout
-    assert run_epq("dead", "list", env=ENV).stdout.strip() == "no dead jobs"
+    listing = run_epq("dead", "list", env=ENV).stdout.splitlines()
+    assert listing[0] == "no dead jobs"
+    # (its first death's message is still in the dead-letter queue, which the listing says)
+    assert listing[1].startswith("default.XQ holds 1 message(s), 1 without a record")
 
     assert run_epq("dead", "retry", env=ENV).returncode == 2  # an ID or --all
     assert json.loads(run_epq("dead", "purge", "--yes", "--json", env=ENV).stdout) == {"purged": 0}
@@ -174,8 +177,8 @@ def test_dead_purge_without_a_terminal_or_yes_refuses(jobs: dict[str, str]) -> N
     assert out.returncode == 1
     assert out.stdout == ""
     assert out.stderr.splitlines()[1:] == [
-        "epq: error: dead purge would forget 1 dead job(s) and asks first, but stdin is not a "
-        "terminal: pass --yes to purge without asking"
+        "epq: error: dead purge would forget 1 dead job(s) and 1 message(s) in the dead-letter "
+        "queues and asks first, but stdin is not a terminal: pass --yes to purge without asking"
     ]
     assert run_epq("jobs", "show", jobs["dies"], env=ENV).returncode == 0  # still there
 
@@ -214,7 +217,7 @@ def _purge_on_a_terminal(answer: str) -> tuple[int, str]:
 
 def test_dead_purge_asks_on_a_terminal_and_no_keeps_the_jobs(jobs: dict[str, str]) -> None:
     code, text = _purge_on_a_terminal("n")
-    assert f"purge 1 dead job(s) on {REDIS_URL}? [y/N] " in text
+    assert f"purge 1 dead job(s) and 1 message(s) in the dead-letter queues on {REDIS_URL}? [y/N] " in text
     assert "nothing purged" in text
     assert code == 1
     assert run_epq("jobs", "show", jobs["dies"], env=ENV).returncode == 0
