@@ -35,11 +35,14 @@ from ._messages import flat_json
 from .errors import DuplicateJob, EnqueueFailed, StateUnavailable, describe_error
 from .handlers import import_handler_modules, missing_kinds
 from .outage import (
+    WorkerStopping,
     must_requeue,
     requeue_instead,
+    unreachable,
     until_written,
     worker_booting,
     worker_stopping,
+    write_or_give_back,
     written_if_possible,
 )
 from .records import NOT_STARTED, OPEN_RECORD_TTL_MS, RecordStore, build_fields
@@ -76,6 +79,8 @@ def enqueue_hook_errors(hook: str, message: dramatiq.Message[Any]) -> Iterator[N
 
 logger = logging.getLogger("epq")
 
+#: How much of a failed attempt's traceback a retried message carries (its end).
+TRACEBACK_CHARS = 8000
 #: Jitter applied to every backoff delay: the delay is drawn from [1 - J, 1 + J] * base.
 BACKOFF_JITTER = 0.25
 
@@ -136,17 +141,24 @@ class EpqRetries(Retries):
         message.options["retries"] = attempt
         message.options["traceback"] = "".join(
             traceback.format_exception(type(exception), exception, exception.__traceback__, limit=30)
-        )
+        )[-TRACEBACK_CHARS:]  # (a retried message must stay within the wire's size limit)
         message.options["requeue_timestamp"] = int(time.time() * 1000)
         records = find_middleware(broker, JobRecords)
         try:
             self._retry_or_discard(broker, message, actor, exception, attempt, int(max_attempts), records)
-        except StateUnavailable:
+        except WorkerStopping:
             # the worker stopped while the state store was away: the outcome is not written, so
-            # the message goes back to its queue (and this attempt is not counted)
+            # the message goes back to its queue, this attempt not counted
+            message.options["retries"] = attempt - 1
             logger.warning("Giving %s job %s back to its queue: the state store is unreachable",
                            message.actor_name, message.message_id)  # fmt: skip
             requeue_instead(message)
+        except Exception:
+            # the state store answers but cannot take the outcome (a bug, not an outage): the
+            # message is dead-lettered rather than acked, so that it is not lost
+            logger.exception("Could not write the failed attempt of %s job %s; dead-lettering it",
+                             message.actor_name, message.message_id)  # fmt: skip
+            message.fail()
 
     def _retry_or_discard(
         self,
@@ -201,7 +213,7 @@ class EpqRetries(Retries):
                 lambda: broker.enqueue(message, delay=delay),  # type: ignore[arg-type]  # a proxy, as in Retries
                 "scheduling a retry",
             )
-        except StateUnavailable:
+        except WorkerStopping:
             raise
         except Exception:
             # Dramatiq would log this and ack the message: the job would be lost. Dead-letter it
@@ -386,13 +398,21 @@ def refuse_malformed(broker: dramatiq.Broker, queue_name: str, error: MalformedM
     consumer dead-letters it.
 
     Raises:
-      StateUnavailable: the worker stopped before the record could be written; the consumer
-        gives the message back to its queue instead of dead-lettering it.
+      StateUnavailable: the state store is unreachable; the consumer gives the message back to
+        its queue instead of dead-lettering it, and tries again a little later.
     """
-    logger.error("Dead-lettering a malformed message on queue %r: %s", queue_name, error.reason)
     records = find_middleware(broker, JobRecords)
     if records is not None:
-        until_written(lambda: records.record_malformed(queue_name, error), "recording a malformed message")
+        # one try: a consumer thread that waited would stop its broker connection's heartbeats
+        try:
+            records.record_malformed(queue_name, error)
+        except Exception as exc:
+            if unreachable(exc):
+                raise StateUnavailable(
+                    f"cannot record a malformed message on {queue_name!r}: {describe_error(exc)}"
+                ) from exc
+            raise
+    logger.error("Dead-lettering a malformed message on queue %r: %s", queue_name, error.reason)
 
 
 def find_middleware(broker: dramatiq.Broker, kind: type[M]) -> M | None:
@@ -486,11 +506,12 @@ class JobRecords(dramatiq.Middleware):
         if self._recorded(broker, message) is None:
             return
         try:
-            before = until_written(
-                lambda: self.records.start(message.message_id, self.store.now_ms(), OPEN_RECORD_TTL_MS),
-                "starting a job",
-            )
-        except StateUnavailable:
+            with state_errors("starting a job"):  # (other errors: a MiddlewareError, so it does not run)
+                before = until_written(
+                    lambda: self.records.start(message.message_id, self.store.now_ms(), OPEN_RECORD_TTL_MS),
+                    "starting a job",
+                )
+        except WorkerStopping:
             requeue_instead(message)  # not started: it goes back to its queue
             raise
         if before == "cancelled":
@@ -506,7 +527,7 @@ class JobRecords(dramatiq.Middleware):
             return
         if exception is None and self._recorded(broker, message) is not None:
             fields = {"finalized_at": str(self.store.now_ms())}
-            self._write_or_requeue(
+            self._write(
                 message,
                 lambda: self.records.move(
                     message.message_id, "completed", fields, self.completed_ttl_ms, ("running",)
@@ -515,15 +536,14 @@ class JobRecords(dramatiq.Middleware):
             )
 
     @staticmethod
-    def _write_or_requeue(message: MessageProxy, write: Any, what: str) -> None:
-        """Write a job's outcome before its message is acked; a worker that stops before the state
-        store comes back gives the message back to its queue instead (it runs again)."""
+    def _write(message: MessageProxy, write: Any, what: str) -> None:
+        """Write a job's outcome before its message is acked (``write_or_give_back``); a state store
+        that answers but cannot take it (a bug) is logged, and the message acked as it would be."""
         try:
-            until_written(write, what)
-        except StateUnavailable:
-            logger.warning("Giving %s job %s back to its queue: the state store is unreachable",
-                           message.actor_name, message.message_id)  # fmt: skip
-            requeue_instead(message)
+            write_or_give_back(message, write, what)
+        except Exception:
+            logger.exception("Could not write the record of %s job %s while %s",
+                             message.actor_name, message.message_id, what)  # fmt: skip
 
     def attempt_failed(self, message: Any, exception: BaseException, *, retry_due_ms: int | None) -> None:
         """Record a failed attempt: ``retryable`` until ``retry_due_ms``, or ``discarded`` if None."""
@@ -577,7 +597,7 @@ class JobRecords(dramatiq.Middleware):
         if self._recorded(broker, message) is not None:
             fields = {"finalized_at": str(self.store.now_ms())}
             allowed = (*NOT_STARTED, "running")
-            self._write_or_requeue(
+            self._write(
                 message,
                 lambda: self.records.move(
                     message.message_id, "discarded", fields, self.discarded_ttl_ms, allowed

@@ -29,14 +29,29 @@ logger = logging.getLogger("epq.outage")
 T = TypeVar("T")
 
 #: Redis errors that mean the server cannot be reached right now (``BusyLoadingError``, a Redis
-#: loading its data after a restart, is a ``ConnectionError``).
-UNREACHABLE: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
+#: loading its data after a restart, is a ``ConnectionError``; ``ReadOnlyError``, a replica that is
+#: not promoted yet after a failover, and ``OutOfMemoryError`` pass too).
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    OSError,
+    redis.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,  # type: ignore[attr-defined]  # (missing from types-redis)
+)
+#: Replies of a Redis that cannot take writes for now (a failed snapshot, a busy script, a cluster
+#: in the middle of a change).
+UNREACHABLE_REPLIES = ("MISCONF", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "LOADING")
 #: The waits between tries while the state store is unreachable; the last one repeats.
 BACKOFF_MS = (50, 100, 250, 500, 1000)
 #: Option of a message's proxy: give it back to its queue instead of acking or failing it.
 _REQUEUE = "epq_requeue"
 
 _stopping = threading.Event()
+
+
+class WorkerStopping(StateUnavailable):
+    """The worker began to stop while the state store was unreachable: the write was not made, and
+    the message it was for goes back to its queue."""
 
 
 def worker_booting() -> None:
@@ -51,18 +66,23 @@ def worker_stopping() -> None:
 
 
 def unreachable(exc: BaseException) -> bool:
-    """Whether ``exc`` (or the error it wraps) means the state store cannot be reached."""
+    """Whether ``exc`` (or the error it wraps) means the state store cannot be reached now."""
+    if isinstance(exc, WorkerStopping):
+        return False
     if isinstance(exc, StateUnavailable):
-        return exc.__cause__ is None or unreachable(exc.__cause__)
+        return exc.__cause__ is not None and unreachable(exc.__cause__)
+    if isinstance(exc, redis.ResponseError):
+        return isinstance(exc, UNREACHABLE) or str(exc).startswith(UNREACHABLE_REPLIES)
     return isinstance(exc, UNREACHABLE)
 
 
 def until_written(write: Callable[[], T], what: str) -> T:
-    """Run ``write`` until it succeeds, waiting while the state store is unreachable.
+    """Run ``write`` until it succeeds, waiting while the state store is unreachable. Other errors
+    (bugs, not outages) are raised at once.
 
     Raises:
-      StateUnavailable: the worker began to stop before the store came back (the caller's
-        message must then go back to its queue: see :func:`requeue_instead`).
+      WorkerStopping: the worker began to stop before the store came back (the caller's message
+        must then go back to its queue: see :func:`write_or_give_back`).
     """
     tries = 0
     while True:
@@ -72,7 +92,7 @@ def until_written(write: Callable[[], T], what: str) -> T:
             if not unreachable(exc):
                 raise
             if _stopping.is_set():
-                raise StateUnavailable(
+                raise WorkerStopping(
                     f"the state store is unreachable while {what} and the worker is stopping: "
                     f"{describe_error(exc)}"
                 ) from exc
@@ -88,13 +108,27 @@ def until_written(write: Callable[[], T], what: str) -> T:
                 logger.warning("Still waiting for the state store while %s (%d tries)", what, tries)
 
 
+def write_or_give_back(message: Any, write: Callable[[], T], what: str) -> bool:
+    """:func:`until_written` for a write a message's outcome depends on: when the worker stops
+    before the state store comes back, the message goes back to its queue (:func:`requeue_instead`)
+    and False is returned. Other errors are raised."""
+    try:
+        until_written(write, what)
+    except WorkerStopping:
+        logger.warning("Giving %s job %s back to its queue: the state store is unreachable",
+                       message.actor_name, message.message_id)  # fmt: skip
+        requeue_instead(message)
+        return False
+    return True
+
+
 def written_if_possible(write: Callable[[], T], what: str) -> T | None:
     """:func:`until_written` for a write made after the message is settled (a lock released
     after a dead letter): when the worker stops first, it is left undone with a warning (the
     lock then ends with its TTL) instead of raising into Dramatiq's hooks."""
     try:
         return until_written(write, what)
-    except StateUnavailable as exc:
+    except WorkerStopping as exc:
         logger.warning("Left undone: %s (%s)", what, exc)
         return None
 

@@ -30,8 +30,8 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import q_name
 from dramatiq.errors import BrokerConnectionError
 
-from .errors import StateUnavailable
-from .outage import until_written
+from .errors import StateUnavailable, describe_error
+from .outage import WorkerStopping, until_written
 from .state import RedisStateStore, StateStore
 
 logger = logging.getLogger("epq.schedule")
@@ -60,7 +60,10 @@ class DurableDelays:
             return super().enqueue(message, delay=None)  # type: ignore[misc, no-any-return]
         message, due_ms = self._to_schedule(message, delay)
         broker.emit_before("enqueue", message, delay)
-        store.schedule_add(message.encode(), due_ms)
+        # one entry per job and attempt: a retry's scheduling sent again after a lost reply
+        # (epq.outage) writes the same entry, not a second one
+        entry = f"{message.message_id}:{message.options.get('retries', 0)}"
+        store.schedule_add(message.encode(), due_ms, entry=entry)
         broker.emit_after("enqueue", message, delay)
         return message
 
@@ -121,14 +124,19 @@ def promote_due(
         for entry, data in claimed:
             message = dramatiq.Message.decode(data)
             try:
-                # (its record is set available on the way: that write waits for an unreachable
-                # state store rather than leaving the entry to its lease, which would run it late)
-                until_written(lambda m=message: broker.enqueue(m), "promoting a scheduled job")  # type: ignore[misc]
-            except (BrokerConnectionError, redis.ConnectionError, StateUnavailable):
-                raise  # the broker is gone: the rest of the batch waits for its lease too
-            except Exception:
+                until_written(lambda m=message: _publish(broker, m), "promoting a scheduled job")  # type: ignore[misc]
+            except WorkerStopping:
+                raise
+            except _PublishFailed as failed:
+                cause = failed.__cause__
+                if isinstance(cause, (BrokerConnectionError, redis.ConnectionError)):
+                    raise cause from None  # the broker is gone: the rest of the batch waits for its lease
                 # this one message cannot go (e.g. its queue needs `epq migrate-queues`): the
                 # others still do, and it is tried again when its lease runs out
+                logger.error("Could not promote scheduled message %s; trying again later: %s",
+                             entry, describe_error(cause or failed))  # fmt: skip
+                continue
+            except Exception:
                 logger.exception("Could not promote scheduled message %s; trying again later", entry)
                 continue
             done.append(entry)
@@ -141,6 +149,23 @@ def promote_due(
             "Promoted %d of %d due messages; the rest retry when their lease ends", len(done), len(claimed)
         )
     return len(done), next_due
+
+
+class _PublishFailed(Exception):
+    """Publishing a promoted message failed for another reason than an unreachable state store
+    (which is waited out: see ``_publish``)."""
+
+
+def _publish(broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> None:
+    """Publish a promoted message. Its record is set available on the way, before the publish:
+    when the state store is unreachable there, trying again is safe, and waiting beats leaving the
+    entry to its lease (it would run 30 s late). Other errors are not tried again here."""
+    try:
+        broker.enqueue(message)
+    except StateUnavailable:
+        raise
+    except Exception as exc:
+        raise _PublishFailed(str(exc)) from exc
 
 
 class Promoter:

@@ -66,8 +66,9 @@ class StateStore(Protocol):
     def now_ms(self) -> int:
         """The store's clock, in milliseconds since the epoch."""
 
-    def schedule_add(self, data: bytes, due_ms: int) -> str:
-        """Keep an encoded message until ``due_ms``; return the schedule entry's id."""
+    def schedule_add(self, data: bytes, due_ms: int, *, entry: str | None = None) -> str:
+        """Keep an encoded message until ``due_ms``; return the schedule entry's id (``entry``, so
+        that adding it again is harmless, or a new one)."""
 
     def schedule_claim(
         self, now_ms: int, lease_ms: int, limit: int
@@ -197,9 +198,9 @@ class RedisStateStore:
         self._claim = client.register_script(_CLAIM)
         self._move = client.register_script(_MOVE_TO_REDIS_QUEUES)
 
-    def schedule_add(self, data: bytes, due_ms: int, *, pipe: Any = None) -> str:
+    def schedule_add(self, data: bytes, due_ms: int, *, entry: str | None = None, pipe: Any = None) -> str:
         """Add an entry; with ``pipe`` (a pipeline on this store's client) only queue the commands."""
-        entry = uuid.uuid4().hex
+        entry = entry or uuid.uuid4().hex
         own = pipe is None
         if own:
             pipe = self.client.pipeline(transaction=True)
@@ -280,9 +281,11 @@ class MemoryStateStore:
         self._data: dict[str, bytes] = {}
         self._claimed: dict[str, int] = {}  # entry id -> lease end (ms)
 
-    def schedule_add(self, data: bytes, due_ms: int) -> str:
-        entry = uuid.uuid4().hex
+    def schedule_add(self, data: bytes, due_ms: int, *, entry: str | None = None) -> str:
+        entry = entry or uuid.uuid4().hex
         with self._lock:
+            if entry in self._data:
+                return entry
             self._data[entry] = data
             heapq.heappush(self._due, (due_ms, entry))
         return entry

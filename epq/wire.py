@@ -21,9 +21,17 @@ import dramatiq
 #: The largest payload (the request as JSON) a job may carry: checked at the call site, and again
 #: here as the message comes off the wire.
 MAX_PAYLOAD_BYTES = 1024 * 1024
-#: The largest message a worker takes: the payload limit, plus room for the options (a retried
-#: job carries the traceback of its last failure).
-MAX_MESSAGE_BYTES = MAX_PAYLOAD_BYTES + 64 * 1024
+#: Room for a message's other fields and options (a retried job carries the end of the traceback
+#: of its last failure).
+ENVELOPE_BYTES = 64 * 1024
+#: A message this large is taken without measuring its payload.
+MAX_MESSAGE_BYTES = MAX_PAYLOAD_BYTES + ENVELOPE_BYTES
+#: The largest message a worker reads at all: Dramatiq's encoder writes non-ASCII text as
+#: ``\uXXXX`` escapes, up to 6 bytes for one byte of the payload's UTF-8.
+MAX_WIRE_BYTES = 6 * MAX_PAYLOAD_BYTES + ENVELOPE_BYTES
+#: How long a consumer waits before it takes a malformed message again when its record could not
+#: be written (the state store is unreachable).
+REFUSE_RETRY_MS = 1_000
 #: How much of a refused message its record keeps, for operators to see what it was.
 PREVIEW_CHARS = 2000
 #: Message ids that can name a job record.
@@ -40,10 +48,17 @@ _FIELDS: dict[str, type] = {
     "message_timestamp": int,
 }
 # Options a worker's middleware reads, and their JSON types (others are the actor's business).
-_INT_OPTIONS = (
-    "retries", "max_retries", "max_attempts", "min_backoff", "max_backoff", "time_limit", "max_age",
-    "eta", "epq_due_ms", "requeue_timestamp",
-)  # fmt: skip
+_INT_OPTIONS = ("retries", "max_retries", "max_attempts")
+# (Dramatiq takes floats for these, and ``eta`` may be null)
+_NUMBER_OPTIONS = (
+    "min_backoff",
+    "max_backoff",
+    "time_limit",
+    "max_age",
+    "eta",
+    "epq_due_ms",
+    "requeue_timestamp",
+)
 _STR_OPTIONS = ("redis_message_id", "epq_unique_key")
 
 
@@ -66,6 +81,11 @@ class MalformedMessage(Exception):
         actor_name = fields.get("actor_name")
         self.actor_name = actor_name if isinstance(actor_name, str) else None
         self.preview = data[:PREVIEW_CHARS].decode("utf-8", "replace")
+
+
+def _payload_bytes(args: list[Any], kwargs: dict[str, Any]) -> int:
+    text = json.dumps(kwargs if not args else [args, kwargs], ensure_ascii=False, separators=(",", ":"))
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _is(value: Any, kind: type) -> bool:
@@ -91,8 +111,8 @@ def decode(data: bytes, actors: Container[str] | None = None) -> dramatiq.Messag
     Raises:
       MalformedMessage: why the message is refused.
     """
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise MalformedMessage(f"message is {len(data)} bytes, over the {MAX_MESSAGE_BYTES}-byte limit", data)
+    if len(data) > MAX_WIRE_BYTES:
+        raise MalformedMessage(f"message is {len(data)} bytes, over the {MAX_WIRE_BYTES}-byte limit", data)
     try:
         fields = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -115,6 +135,11 @@ def decode(data: bytes, actors: Container[str] | None = None) -> dramatiq.Messag
         if name in options and not _is(options[name], int):
             got = _type_name(options[name])
             raise MalformedMessage(f"options.{name} must be an integer, not {got}", data, fields)
+    for name in _NUMBER_OPTIONS:
+        value = options.get(name)
+        if value is not None and not (_is(value, int) or isinstance(value, float)):
+            got = _type_name(value)
+            raise MalformedMessage(f"options.{name} must be a number, not {got}", data, fields)
     for name in _STR_OPTIONS:
         if name in options and not _is(options[name], str):
             got = _type_name(options[name])
@@ -124,6 +149,11 @@ def decode(data: bytes, actors: Container[str] | None = None) -> dramatiq.Messag
         isinstance(backoff, list) and backoff and all(_is(b, int) for b in backoff)
     ):
         raise MalformedMessage("options.backoff_ms must be a non-empty array of integers", data, fields)
+    if len(data) > MAX_MESSAGE_BYTES:  # measured as the call site measures it: UTF-8 JSON
+        size = _payload_bytes(fields["args"], fields["kwargs"])
+        if size > MAX_PAYLOAD_BYTES:
+            reason = f"payload is {size} bytes, over the {MAX_PAYLOAD_BYTES}-byte limit"
+            raise MalformedMessage(reason, data, fields)
     if actors is not None and fields["actor_name"] not in actors:
         raise MalformedMessage(f"unknown actor {fields['actor_name']!r}", data, fields)
     return dramatiq.Message(**fields)

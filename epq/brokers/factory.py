@@ -76,8 +76,8 @@ class EpqStubConsumer(_StubConsumer):
         except wire.MalformedMessage as exc:
             try:
                 refuse_malformed(self.broker, self.queue_name, exc)
-            except StateUnavailable:
-                self.queue.put(data)  # (a stub's state store is memory: never in practice)
+            except StateUnavailable:  # (a stub's state store is memory: not in practice)
+                self.queue.put(data)
             self.queue.task_done()
             self.prefetch_semaphore.release()
             return None

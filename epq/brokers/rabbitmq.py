@@ -52,8 +52,10 @@ class EpqRabbitmqConsumer(_RabbitmqConsumer):
         except wire.MalformedMessage as exc:
             try:
                 refuse_malformed(self.broker, self.queue_name, exc)
-            except StateUnavailable:
+            except StateUnavailable as unavailable:
+                self.logger.warning("%s; giving it back for later", unavailable)
                 self._settle(method.delivery_tag, requeue=True)
+                self.connection.sleep(wire.REFUSE_RETRY_MS / 1000)  # (pika's sleep keeps heartbeats going)
                 return None
             self._settle(method.delivery_tag, requeue=False)  # to .XQ, by the dead-letter exchange
             return None

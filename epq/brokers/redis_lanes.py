@@ -284,7 +284,8 @@ class LaneRedisBroker(RedisBroker):
 
     ``epq_records_fused`` is set by :func:`epq.setup` when epq's state lives in this same Redis:
     then an enqueue writes the job's record (and takes its lock) in the same script as the
-    message, and fetch and ack start and complete the record in their own scripts.
+    message, the fetch drops jobs whose record is cancelled, and the ack completes the record
+    (a worker thread starts it: ``JobRecords.before_process_message``).
     """
 
     epq_records_fused = False
@@ -489,7 +490,9 @@ class LaneConsumer(_RedisConsumer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-        self.maintained_at = 0.0  # monotonic seconds
+        # (not at once: after an outage, other workers' heartbeats are stale until their
+        # consumers have reconnected and fetched, and their jobs must not be taken from them)
+        self.maintained_at = time.monotonic()  # monotonic seconds
         self.beaten_at = time.monotonic()
 
     def __next__(self) -> MessageProxy | None:
@@ -564,8 +567,11 @@ class LaneConsumer(_RedisConsumer):
     def _give_back(self, message: Any) -> None:
         try:
             self.broker.do_requeue(self.queue_name, message.options["redis_message_id"])
-        except redis.ConnectionError as exc:
-            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+        except (redis.ConnectionError, redis.TimeoutError):
+            # the broker is down too (the stopping worker's Redis holds its state): the message
+            # stays in this worker's ack set, and comes back when its heartbeat has expired
+            logger.warning("Could not give message %s back to %r; it comes back when this worker's "
+                           "heartbeat expires", message.message_id, self.queue_name)  # fmt: skip
         finally:
             self.queued_message_ids.discard(message.message_id)
 
@@ -588,7 +594,9 @@ class LaneConsumer(_RedisConsumer):
             return
         try:
             refuse_malformed(self.broker, self.queue_name, exc)
-        except StateUnavailable:
+        except StateUnavailable as unavailable:
+            logger.warning("%s; giving it back for later", unavailable)
             self.broker.do_requeue(self.queue_name, rid)
+            time.sleep(wire.REFUSE_RETRY_MS / 1000)
             return
         self.broker.do_nack(self.queue_name, rid)
