@@ -507,8 +507,11 @@ class JobRecords(dramatiq.Middleware):
             return
         try:
             with state_errors("starting a job"):  # (other errors: a MiddlewareError, so it does not run)
+                # (on Redis with the records in the broker's server, on the broker's kept connections)
+                fused = getattr(message, "epq_fused_ack", False)
+                start = broker.start_record if fused else self.records.start  # type: ignore[attr-defined]
                 before = until_written(
-                    lambda: self.records.start(message.message_id, self.store.now_ms(), OPEN_RECORD_TTL_MS),
+                    lambda: start(message.message_id, self.store.now_ms(), OPEN_RECORD_TTL_MS),
                     "starting a job",
                 )
         except WorkerStopping:

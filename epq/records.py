@@ -374,8 +374,8 @@ local function complete_record(key, stats, dead, id, now, ttl)
 end
 """
 
-# KEYS: record, stats, dead; ARGV: id, now, ttl
-_START = (
+# KEYS: record, stats, dead; ARGV: id, now, ttl. Returns the state before (see LUA_START_RECORD).
+START_RECORD = (
     _LUA_SET_STATE
     + LUA_START_RECORD
     + "return start_record(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])\n"
@@ -424,7 +424,7 @@ class RedisRecords:
         self.now_ms = clock_ms
         self._create = client.register_script(_CREATE)
         self._move = client.register_script(_MOVE)
-        self._start = client.register_script(_START)
+        self._start = client.register_script(START_RECORD)
         self._fail = client.register_script(_FAIL)
         self._delete = client.register_script(_DELETE)
         self._create_locked = client.register_script(_CREATE_LOCKED)

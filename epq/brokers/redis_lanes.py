@@ -40,6 +40,7 @@ from ..records import (
     ENQUEUE_RECORDED,
     LUA_COMPLETE_RECORD,
     OPEN_RECORD_TTL_MS,
+    START_RECORD,
     BulkJob,
     fields_json,
     flat_fields,
@@ -297,6 +298,7 @@ class LaneRedisBroker(RedisBroker):
         self._lane_fetch = self.client.register_script(_FETCH)
         self._enqueue_recorded = self.client.register_script(ENQUEUE_RECORDED)
         self._ack_completed = self.client.register_script(_ACK_COMPLETED)
+        self._start_record = self.client.register_script(START_RECORD)
         self._enqueue_many_recorded = self.client.register_script(ENQUEUE_MANY_RECORDED)
         self._kept = KeptConnections(self.client.connection_pool)
 
@@ -430,7 +432,17 @@ class LaneRedisBroker(RedisBroker):
             STATS_KEY,
             DEAD_KEY,
         ]
-        self._ack_completed(keys=keys, args=[current_millis(), self.broker_id, rid, job_id, ttl_ms])
+        with ScriptStream(self._kept, self._ack_completed) as call:  # (thinner than redis-py's)
+            call.send(keys, [current_millis(), self.broker_id, rid, job_id, ttl_ms])
+            call.read()
+
+    def start_record(self, job_id: str, now_ms: int, ttl_ms: int) -> str | None:
+        """``RecordStore.start`` for a job whose record lives in this Redis, on a kept connection
+        (one call per job, as the ack: see ``ScriptStream``). Returns the state before."""
+        with ScriptStream(self._kept, self._start_record) as call:
+            call.send([job_key(job_id), STATS_KEY, DEAD_KEY], [job_id, now_ms, ttl_ms])
+            before = call.read()
+        return before.decode() if before else None
 
     def heartbeat(self) -> None:
         """Tell other workers this one is alive (every fetch and ack does too)."""
