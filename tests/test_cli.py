@@ -19,7 +19,7 @@ import redis
 
 import epq
 from epq import cli
-from epq.brokers import embedded, redis_client
+from epq.brokers import embedded, mask_url, redis_client
 from epq.kinds import KINDS
 from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL, rabbitmq_available
 
@@ -44,7 +44,7 @@ def test_enqueue_prints_the_insert_result_and_the_job_is_on_redis(redis_client: 
         env={"EPQ_BROKER_URL": REDIS_URL},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert out.stderr == f"epq: broker {REDIS_URL}\n"  # which broker, on stderr: stdout is the JSON
+    assert out.stderr == f"epq: broker {mask_url(REDIS_URL)}\n"  # which broker, on stderr: stdout is the JSON
     result = json.loads(out.stdout)
     assert result["unique_skipped_as_duplicate"] is False
     job = result["job"]

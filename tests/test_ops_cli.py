@@ -18,6 +18,7 @@ import redis
 
 import epq
 import epq.actors
+from epq.brokers import mask_url
 from epq.testing import HandlerRegistry, drain
 from tests.conftest import REDIS_URL
 from tests.helpers import wait_for
@@ -217,7 +218,7 @@ def _purge_on_a_terminal(answer: str) -> tuple[int, str]:
 
 def test_dead_purge_asks_on_a_terminal_and_no_keeps_the_jobs(jobs: dict[str, str]) -> None:
     code, text = _purge_on_a_terminal("n")
-    assert f"purge 1 dead job(s) and 1 message(s) in the dead-letter queues on {REDIS_URL}? [y/N] " in text
+    assert f"purge 1 dead job(s) and 1 message(s) in the dead-letter queues on {mask_url(REDIS_URL)}? [y/N] " in text
     assert "nothing purged" in text
     assert code == 1
     assert run_epq("jobs", "show", jobs["dies"], env=ENV).returncode == 0
@@ -238,7 +239,7 @@ def test_operator_commands_say_which_broker_on_stderr(jobs: dict[str, str]) -> N
     ):
         out = run_epq(*command, env=ENV)
         assert out.returncode == 0, out.stderr
-        assert out.stderr == f"epq: broker {REDIS_URL}\n"
+        assert out.stderr == f"epq: broker {mask_url(REDIS_URL)}\n"
         json.loads(out.stdout)  # stdout stays pure JSON
 
 

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import random
+import secrets
 import shutil
 import socket
 import subprocess
@@ -33,6 +34,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
+
+import redis
 
 ROOT = Path(__file__).resolve().parents[2]
 BROKERS = ROOT / "brokers"
@@ -96,12 +99,15 @@ class PrivateServer:
     started: bool = False
     error: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # Set on the server once it runs (Redis: requirepass): a process of another run, say a worker
+    # subprocess orphaned by a killed run whose port this server now has, cannot reach its data.
+    password: str = field(default_factory=lambda: secrets.token_hex(12))
 
     @property
     def url(self) -> str:
         if self.kind == "redis":
-            return f"redis://127.0.0.1:{self.port}"
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+            return f"redis://:{self.password}@127.0.0.1:{self.port}"
+        return f"amqp://guest:{self.password}@127.0.0.1:{self.port}/%2F"
 
     def _script_env(self) -> dict[str, str]:
         env = {**os.environ, **self.env}
@@ -142,6 +148,10 @@ class PrivateServer:
             stop_server(self.kind, self.datadir)  # it may have half-started
             last = (run.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise ServerUnavailable(f"brokers/{self.kind}-start failed: {last} (logs in {self.datadir})")
+        if self.kind == "redis":
+            client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10)
+            client.config_set("requirepass", self.password)
+            client.close()
 
     def stop(self) -> None:
         if not self.started:
@@ -159,12 +169,12 @@ class SharedRabbitmq(PrivateServer):
     """
 
     def __init__(self, port: int, datadir: Path, vhost: str) -> None:
-        super().__init__("rabbitmq", port, datadir)
+        super().__init__("rabbitmq", port, datadir, password=(datadir / "password").read_text())
         self.vhost = vhost
 
     @property
     def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/{quote(self.vhost, safe='')}"
+        return f"amqp://guest:{self.password}@127.0.0.1:{self.port}/{quote(self.vhost, safe='')}"
 
     def ensure_started(self) -> None:
         if self.started:
@@ -195,7 +205,8 @@ class SharedRabbitmq(PrivateServer):
 
     def _write_definitions(self) -> None:
         salt = os.urandom(4)
-        password_hash = base64.b64encode(salt + hashlib.sha256(salt + b"guest").digest()).decode()
+        digest = hashlib.sha256(salt + self.password.encode()).digest()
+        password_hash = base64.b64encode(salt + digest).decode()
         vhosts = self._defined_vhosts()
         definitions = {
             "users": [
@@ -275,6 +286,7 @@ class Session:
             os.environ[SESSION_ENV] = str(directory)
             (directory / "rabbitmq").mkdir()  # the shared node's port, fixed before workers start
             (directory / "rabbitmq" / "port").write_text(str(_choose_port("rabbitmq")))
+            (directory / "rabbitmq" / "password").write_text(secrets.token_hex(12))
         return cls(directory, owner, os.environ.get("PYTEST_XDIST_WORKER", "main"))
 
     def server(self, kind: str, purpose: str = "") -> PrivateServer:
