@@ -573,8 +573,11 @@ class JobRecords(dramatiq.Middleware):
         entry = {"at": now, "error_type": "MalformedMessage", "message": _clean_text(error.reason)[:2000],
                  "traceback": ""}  # fmt: skip
         job_id = error.message_id
-        if job_id is not None and self.records.get(job_id) is not None:
+        existing = self.records.get(job_id) if job_id is not None else None
+        if job_id is not None and existing is not None:
             self.records.fail(job_id, "discarded", entry, {"finalized_at": str(now)}, self.discarded_ttl_ms)
+            if existing.get("unique_key"):  # it will not run: its key is free, as for any dead job
+                self.store.release_unique(existing["unique_key"], job_id)
             return job_id
         job_id = job_id or f"malformed-{uuid.uuid4()}"
         fields = {

@@ -173,3 +173,28 @@ def test_dead_letters_without_a_record_are_counted_where_operators_look(
     # and purge empties the dead-letter queue too
     svc.purge_dead()
     assert svc.dead_letter_counts().get("default") == 0
+
+
+def test_an_epq_job_whose_message_is_corrupted_dies_with_its_record_and_frees_its_key(
+    epq_broker: dramatiq.Broker, epq_worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given an enqueued job whose message gets corrupted on its way (a bad retries option)
+    received = epq_handlers.record("register_job")
+    epq_worker.pause()
+    svc = epq.QueueService(epq_broker)
+    job_id = svc.enqueue_register_job(VALID["register_job"]).job.id
+    data = epq_broker.queues["default"].get_nowait()  # type: ignore[attr-defined]
+    epq_broker.queues["default"].task_done()  # type: ignore[attr-defined]
+    fields = json.loads(data)
+    fields["options"]["retries"] = "three"
+    push_raw(epq_broker, "default", encoded(fields))
+    # When the worker takes it
+    epq_worker.resume()
+    drain(epq_broker, epq_worker)
+    # Then the job's own record says why it died, it never ran, and its unique key is free
+    record = svc.get_job(job_id)
+    assert record is not None
+    assert record.state is epq.JobState.DISCARDED
+    assert "options.retries must be an integer" in record.errors[-1].message
+    assert received == []
+    assert not svc.enqueue_register_job(VALID["register_job"]).unique_skipped_as_duplicate
