@@ -50,6 +50,10 @@ def test_a_state_store_failure_at_enqueue_is_an_error_and_publishes_nothing(
     assert total_waiting(broker) == 0
 
 
+def _handler_fails(request: Any) -> None:
+    raise RuntimeError("handler failed")
+
+
 def test_a_retry_waits_for_an_unreachable_state_store_and_is_scheduled_once_it_is_back(
     broker: dramatiq.Broker,
     worker: dramatiq.Worker,
@@ -57,9 +61,6 @@ def test_a_retry_waits_for_an_unreachable_state_store_and_is_scheduled_once_it_i
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Given a failing handler, and a state store whose schedule is unreachable for a while
-    def fails(request: Any) -> None:
-        raise RuntimeError("handler failed")
-
     store = state()
     real_add, tries = store.schedule_add, []
 
@@ -69,7 +70,7 @@ def test_a_retry_waits_for_an_unreachable_state_store_and_is_scheduled_once_it_i
             raise redis.ConnectionError("schedule unavailable")
         return real_add(*args, **kwargs)
 
-    epq_handlers.register("register_job", fails)
+    epq_handlers.register("register_job", _handler_fails)
     monkeypatch.setattr(store, "schedule_add", schedule_blinks)
     # When the job fails
     message = epq.actors.register_job.send(**VALID["register_job"])
@@ -88,13 +89,10 @@ def test_a_retry_that_cannot_be_scheduled_for_another_reason_is_dead_lettered_no
     epq_handlers: HandlerRegistry,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def fails(request: Any) -> None:
-        raise RuntimeError("handler failed")
-
     def schedule_broken(*args: Any, **kwargs: Any) -> None:
         raise redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
 
-    epq_handlers.register("register_job", fails)
+    epq_handlers.register("register_job", _handler_fails)
     monkeypatch.setattr(state(), "schedule_add", schedule_broken)
     message = epq.actors.register_job.send(**VALID["register_job"])
 
