@@ -57,5 +57,8 @@ def test_the_jobs_of_a_killed_redis_worker_run_again_within_the_bound(
     assert {d["job_id"] for d in done} == ids
     assert took < RECOVERY_BOUND_S
     svc = epq.QueueService(broker)
-    assert {svc.get_job(job_id).state.value for job_id in ids} == {"completed"}
+    # (a handler reports before its worker writes the record's end: wait for the records)
+    assert wait_for(lambda: {svc.get_job(job_id).state.value for job_id in ids} == {"completed"}), {
+        job_id: svc.get_job(job_id).state.value for job_id in ids
+    }
     survivor.results.delete(started)
