@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta, timezone
-from typing import Any, NamedTuple
+from typing import Any
 
 import dramatiq
-import pydantic_core
-import redis
 from pydantic import ValidationError
 
+from . import bulk
 from ._messages import new_id
-from .brokers import display_url, unreachable_errors
+from .backends.base import Holder, backend_of, display_url
+from .backends.errors import CONNECTION_ERRORS, STORE_ERRORS, unreachable_errors
+from .checks import Checked, check_request, delay_ms
 from .errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -27,14 +26,12 @@ from .errors import (
     InvalidRequest,
     StateUnavailable,
     describe_error,
-    short_field,
 )
 from .handlers import get_handler
 from .kinds import JobKind
 from .middleware import JobRecords, Uniqueness, find_middleware
-from .models import MAX_NESTING, JobInsertResult, JobPriority, JobRecord, JobState, _Request
+from .models import JobInsertResult, JobPriority, JobRecord, JobState, _Request
 from .records import ARGS_JSON_OPTION
-from .wire import MAX_PAYLOAD_BYTES
 
 
 def _utcnow() -> datetime:
@@ -129,12 +126,7 @@ class EpqActor(dramatiq.Actor[..., Any]):
         """Enqueue many jobs of this kind in a few round trips: one ``JobInsertResult`` per
         request, in order (``QueueService.enqueue_many`` for mixed kinds). A duplicate is
         reported, not raised; an invalid request raises ``InvalidRequest`` and enqueues nothing."""
-        from . import _runtime, bulk
-
-        runtime = _runtime.current()
-        if runtime is None or runtime.broker is not self.broker:
-            raise ConfigurationError("send_many needs the broker epq.setup() built")
-        return bulk.enqueue_many(runtime, [(self, r) for r in requests])
+        return bulk.enqueue_many(self.broker, [(self, r) for r in requests])
 
     def message_for(
         self, request: _Request, *, broker: dramatiq.Broker, message_id: str | None = None, **options: Any
@@ -146,20 +138,9 @@ class EpqActor(dramatiq.Actor[..., Any]):
         return self.message_from(checked, message_id=message_id, **options)
 
     def check(self, request: _Request, broker: dramatiq.Broker) -> Checked:
-        """What a validated request's message needs, checked against the broker: its queue is
-        served, its payload is strict JSON within the size limit (else ``InvalidRequest``)."""
-        kind = self.kind
-        queue = request.queue_name or kind.queue
-        declared = broker.get_declared_queues()
-        if queue not in declared:
-            served = ", ".join(sorted(q for q in declared if not q.endswith((".DQ", ".XQ"))))
-            raise InvalidRequest(
-                kind.name,
-                [{"field": "queue_name", "message": f"no worker serves queue {queue!r} (queues: {served})"}],
-            )
-        priority = int(request.priority or kind.priority)  # both validated already
-        payload = request.model_dump(mode="json")
-        return Checked(queue, priority, payload, _check_payload(kind.name, payload, request))
+        """What a validated request's message needs, checked against the broker (see
+        :func:`epq.checks.check_request`)."""
+        return check_request(self.kind, request, broker)
 
     def message_from(
         self, checked: Checked, *, message_id: str | None = None, **options: Any
@@ -186,16 +167,16 @@ class EpqActor(dramatiq.Actor[..., Any]):
         """Validate-free enqueue of an already validated request; returns the message sent."""
         target = broker or self.broker
         message = self.message_for(request, broker=target, **options)
-        store = getattr(target, "epq_state", None)
-        now_ms = store.now_ms() if store is not None else int(time.time() * 1000)
-        delay_ms = _delay_ms(self.kind.name, request, delay, now_ms)
+        backend = backend_of(target)
+        now_ms = backend.state.now_ms() if backend is not None else int(time.time() * 1000)
+        wait_ms = delay_ms(self.kind.name, request, delay, now_ms)
         try:
-            target.enqueue(message, delay=delay_ms)
+            target.enqueue(message, delay=wait_ms)
         except (StateUnavailable, ConfigurationError, EnqueueFailed):
             self._release_after_failed_publish(target, message)
             raise
         except unreachable_errors(target) as exc:
-            if not _whole_or_nothing(target, delay_ms, exc):
+            if not _whole_or_nothing(target, wait_ms, exc):
                 self._release_after_failed_publish(target, message)
             raise BrokerUnavailable(
                 f"could not enqueue {self.actor_name} on {display_url(target)}: {describe_error(exc)}"
@@ -210,7 +191,7 @@ class EpqActor(dramatiq.Actor[..., Any]):
     def _release_after_failed_publish(broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> None:
         # If the state store is down too, the record and the lock expire with their TTLs; the
         # first failure ends the cleanup, so a store that does not answer costs one timeout.
-        with contextlib.suppress(redis.RedisError, OSError):
+        with contextlib.suppress(*STORE_ERRORS):
             records = find_middleware(broker, JobRecords)
             if records is not None:
                 records.records.delete(message.message_id)
@@ -247,12 +228,17 @@ class EpqActor(dramatiq.Actor[..., Any]):
 
         ``args`` are this request's (they agree with the holder's on every unique-key field).
         """
-        parts = dup.holder.split("|")
+        holder = Holder.parse(dup.holder)
         now = _utcnow()
-        try:
-            created, scheduled = _from_ms(int(parts[1])), _from_ms(int(parts[2]))
-            queue, priority = parts[3], JobPriority(int(parts[4]))
-        except (IndexError, ValueError):
+        if (
+            holder.priority in (1, 2, 3, 4)
+            and holder.queue is not None
+            and holder.created_ms is not None
+            and holder.due_ms is not None
+        ):
+            created, scheduled = _from_ms(holder.created_ms), _from_ms(holder.due_ms)
+            queue, priority = holder.queue, JobPriority(holder.priority)
+        else:  # (a holder value without its details)
             created = scheduled = now
             queue, priority = (
                 request.queue_name or self.kind.queue,
@@ -277,122 +263,10 @@ def _whole_or_nothing(broker: dramatiq.Broker, delay_ms: int | None, exc: BaseEx
     the script ran whole, its reply lost, or not at all. Either way there is nothing to take
     back (taking back an enqueued job would leave it without its record and lock), and a server
     that did not answer would not answer the cleanup either."""
-    fused = bool(getattr(broker, "epq_records_fused", False)) and not delay_ms
-    return fused and isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
-
-
-class Checked(NamedTuple):
-    """A request checked for its message (``EpqActor.check``)."""
-
-    queue: str
-    priority: int
-    payload: dict[str, Any]
-    payload_json: str  # compact JSON of ``payload``
+    backend = backend_of(broker)
+    fused = backend is not None and backend.fused and not delay_ms
+    return fused and isinstance(exc, CONNECTION_ERRORS)
 
 
 def _from_ms(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
-
-
-def _delay_ms(kind: str, request: _Request, delay: timedelta | int | None, now_ms: int) -> int | None:
-    """The delay in ms before the job may run, by the broker's state clock (``now_ms``)."""
-    if delay is not None and request.run_at is not None:
-        raise InvalidRequest(kind, [{"field": "run_at", "message": "give run_at or delay, not both"}])
-    if isinstance(delay, timedelta):
-        delay = int(delay.total_seconds() * 1000)
-    if delay is not None:
-        if delay < 0:
-            raise InvalidRequest(kind, [{"field": "delay", "message": "must not be negative"}])
-        return delay or None
-    if request.run_at is not None:
-        # Rounded up, so that a job never starts before its run_at.
-        ms = math.ceil(request.run_at.timestamp() * 1000) - now_ms
-        return ms if ms > 0 else None
-    return None
-
-
-_REPLACEMENT = "\ufffd".encode()  # U+FFFD in UTF-8
-
-
-def _check_payload(kind: str, payload: dict[str, Any], request: _Request) -> str:
-    """Refuse payloads that are not strict JSON, hold text that is not valid UTF-8 (a lone
-    surrogate, as ``os.fsdecode`` makes of a file name's stray byte), nest deeper than
-    ``MAX_NESTING`` or are larger than ``MAX_PAYLOAD_BYTES``; return the payload as compact JSON
-    (UTF-8 text, not ASCII escapes). ``payload`` is ``request`` dumped as JSON values (where a
-    key's lone surrogate is already replaced by U+FFFD: ``request`` still has it)."""
-    try:
-        # the common case: one fast dump, which writes NaN and Infinity as such (so a payload
-        # with neither word is strict JSON) and fails on a lone surrogate; a payload with few
-        # brackets cannot nest deeply. The passes below only run to name a field.
-        whole = pydantic_core.to_json(payload, inf_nan_mode="constants")
-        if (
-            len(whole) <= MAX_PAYLOAD_BYTES
-            and b"NaN" not in whole
-            and b"Infinity" not in whole
-            and whole.count(b"{") + whole.count(b"[") <= MAX_NESTING + 1  # +1: the payload itself
-            and _REPLACEMENT not in whole  # a key's lone surrogate, replaced in the dump
-        ):
-            return whole.decode()
-    except pydantic_core.PydanticSerializationError:
-        pass
-    for name in payload:
-        problem = _text_problem(name, getattr(request, name, None), 0)
-        if problem is not None:
-            raise InvalidRequest(kind, [{"field": short_field(problem[0]), "message": problem[1]}])
-    sizes: dict[str, int] = {}
-    for name, value in payload.items():
-        try:
-            sizes[name] = len(json.dumps(value, allow_nan=False, separators=(",", ":")).encode())
-        except ValueError:
-            raise InvalidRequest(
-                kind, [{"field": name, "message": "NaN and Infinity are not valid JSON"}]
-            ) from None
-    total = sum(sizes.values()) + sum(len(k) + 4 for k in sizes) + 2
-    if total > MAX_PAYLOAD_BYTES:
-        largest = max(sizes, key=lambda k: sizes[k])
-        raise InvalidRequest(
-            kind,
-            [
-                {
-                    "field": largest,
-                    "message": f"payload is {total} bytes, over the {MAX_PAYLOAD_BYTES}-byte limit "
-                    f"({largest} alone is {sizes[largest]} bytes)",
-                }
-            ],
-        )
-    return json.dumps(payload, separators=(",", ":"))
-
-
-def _text_problem(path: str, value: Any, depth: int) -> tuple[str, str] | None:
-    """The first problem of a JSON value that the fast dump cannot name: ``(field, message)`` for
-    text (a value or a key) that is not valid UTF-8, or nesting deeper than ``MAX_NESTING``."""
-    if isinstance(value, str):
-        if not value.isascii():
-            try:
-                value.encode()
-            except UnicodeEncodeError as exc:
-                return path, "is " + _not_utf8(value, exc)
-        return None
-    if isinstance(value, dict | list):
-        if depth >= MAX_NESTING:
-            return path.split(".", 1)[0], f"nested deeper than {MAX_NESTING} levels"
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        for key, item in items:
-            if isinstance(key, str) and not key.isascii():
-                try:
-                    key.encode()
-                except UnicodeEncodeError as exc:
-                    return path, "has a key that is " + _not_utf8(key, exc)
-            problem = _text_problem(f"{path}.{key}", item, depth + 1)
-            if problem is not None:
-                return problem
-    return None
-
-
-def _not_utf8(text: str, exc: UnicodeEncodeError) -> str:
-    bad = text[exc.start : exc.end]
-    return (
-        f"not valid UTF-8 text: {ascii(bad)[1:-1]} at character {exc.start} is a lone surrogate "
-        "(as os.fsdecode makes of a byte that is not UTF-8); decode such bytes with "
-        "errors='replace' or send them base64-encoded"
-    )

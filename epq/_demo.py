@@ -16,7 +16,7 @@ from typing import Any, TextIO
 from uuid import uuid4
 
 from . import _runtime
-from .brokers import embedded
+from .backends import embedded
 from .models import (
     EndpointIndexSource,
     EnqueueIndexEndpointRequest,

@@ -162,7 +162,7 @@ def _unrecorded_dead_letters(svc: Any, records: Sequence[JobRecord] | None) -> N
 
 def _confirm_purge(svc: Any) -> bool:
     """Ask on the terminal before ``dead purge`` forgets the dead jobs; without a terminal, refuse."""
-    from .brokers import display_url
+    from .backends.base import display_url
     from .errors import EpqError
 
     count = len(svc.list_dead(10**9))

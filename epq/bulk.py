@@ -25,22 +25,32 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import dramatiq
-import redis
 from pydantic import TypeAdapter
 
-from ._actor import Checked, EpqActor, _delay_ms
 from ._messages import new_ids
-from .brokers import display_url, unreachable_errors
-from .errors import BrokerUnavailable, DuplicateJob, InvalidRequest, describe_error
+from .backends.base import (
+    BulkGroup,
+    BulkJob,
+    NewRecord,
+    RecordStore,
+    StateStore,
+    backend_of,
+    display_url,
+    holder_id,
+)
+from .backends.errors import STORE_ERRORS, unreachable_errors
+from .checks import Checked, delay_ms
+from .errors import BrokerUnavailable, ConfigurationError, DuplicateJob, InvalidRequest, describe_error
 from .middleware import JobRecords, Uniqueness, _bulk, find_middleware
 from .models import JobInsertResult, _Request
-from .records import OPEN_RECORD_TTL_MS, BulkGroup, BulkJob, NewRecord, build_fields, to_job_record
+from .records import OPEN_RECORD_TTL_MS, build_fields, to_job_record
 
-if TYPE_CHECKING:
-    from ._runtime import Runtime
+if TYPE_CHECKING:  # (the actors call this module: a type, not an import at run time)
+    from ._actor import EpqActor
+
 
 #: Jobs per Lua script (Redis) or per pipeline: bounds how long one script holds Redis.
 CHUNK = 500
@@ -61,17 +71,32 @@ class _Job:
     lock: tuple[str, str, int] | None = field(init=False)  # (key, holder value, ttl ms)
 
 
+class _Target(NamedTuple):
+    """The broker a bulk enqueue goes to, and the stores epq keeps beside it."""
+
+    broker: Any
+    state: StateStore
+    records: RecordStore
+
+
 def enqueue_many(
-    runtime: Runtime, items: Iterable[tuple[EpqActor, _Request | Mapping[str, Any]]]
+    broker: dramatiq.Broker, items: Iterable[tuple[EpqActor, _Request | Mapping[str, Any]]]
 ) -> list[JobInsertResult]:
-    """Enqueue requests (models, or mappings of their fields) on the runtime's broker."""
-    broker = runtime.broker
-    now = runtime.state.now_ms()
-    jobs = _prepare(runtime, list(items), now)
+    """Enqueue requests (models, or mappings of their fields) on ``broker``, a broker epq built.
+
+    Raises:
+      ConfigurationError: ``broker`` is not one epq built (its jobs would have no records).
+    """
+    backend = backend_of(broker)
+    if backend is None:
+        raise ConfigurationError("bulk enqueue needs a broker epq.setup() built")
+    target = _Target(broker, backend.state, backend.records)
+    now = target.state.now_ms()
+    jobs = _prepare(target, list(items), now)
     holders: list[str | None] = [None] * len(jobs)
     results: list[JobInsertResult | None] = [None] * len(jobs)
     handled: list[_Job] = []  # jobs whose enqueue (or duplicate answer) is final, in order
-    fused = _FusedRuns(runtime, holders, results, handled) if _fused(broker) else None
+    fused = _FusedRuns(target, holders, results, handled) if _fused(broker) else None
     token = _bulk.set(True)
     try:
         for run in _runs(jobs, fused is not None):
@@ -80,7 +105,7 @@ def enqueue_many(
                 continue
             if fused is not None:
                 fused.finish()
-            _general_run(runtime, run, holders, now)
+            _general_run(target, run, holders, now)
             handled += run
         if fused is not None:
             fused.finish()
@@ -99,11 +124,12 @@ def enqueue_many(
         _bulk.reset(token)
         if fused is not None:
             fused.close()
-    return _results(runtime, jobs, holders, results)
+    return _results(target, jobs, holders, results)
 
 
 def _fused(broker: dramatiq.Broker) -> bool:
-    return bool(getattr(broker, "epq_records_fused", False))
+    backend = backend_of(broker)
+    return backend is not None and backend.fused
 
 
 def _validate(actor: EpqActor, request: _Request | Mapping[str, Any]) -> _Request:
@@ -117,11 +143,11 @@ def _validate(actor: EpqActor, request: _Request | Mapping[str, Any]) -> _Reques
 
 
 def _prepare(
-    runtime: Runtime, items: list[tuple[EpqActor, _Request | Mapping[str, Any]]], now: int
+    target: _Target, items: list[tuple[EpqActor, _Request | Mapping[str, Any]]], now: int
 ) -> list[_Job]:
     """Validate and check every request; refuse the whole batch, naming every problem, if any
     request is bad."""
-    broker = runtime.broker
+    broker = target.broker
     if find_middleware(broker, JobRecords) is None:  # pragma: no cover - epq.setup adds it
         raise RuntimeError("bulk enqueue needs epq's JobRecords middleware")
     jobs: list[_Job] = []
@@ -130,7 +156,7 @@ def _prepare(
         try:
             request = _validate(actor, raw)
             checked = actor.check(request, broker)
-            delay = _delay_ms(actor.kind.name, request, None, now)
+            delay = delay_ms(actor.kind.name, request, None, now)
         except InvalidRequest as exc:
             errors += [{"field": f"[{index}].{e['field']}", "message": e["message"]} for e in exc.errors]
             continue
@@ -140,10 +166,10 @@ def _prepare(
     return jobs
 
 
-def _build(runtime: Runtime, run: list[_Job], *, holders: bool = True) -> None:
+def _build(target: _Target, run: list[_Job], *, holders: bool = True) -> None:
     """Make the messages of a run of checked jobs, and the locks they take (``holders=False``:
     without the holder values)."""
-    broker = runtime.broker
+    broker = target.broker
     uniqueness = find_middleware(broker, Uniqueness)
     for job, message_id in zip(run, new_ids(len(run)), strict=True):
         message = job.actor.message_from(job.checked, message_id=message_id, epq_recorded=1)
@@ -176,13 +202,13 @@ class _FusedRuns:
 
     def __init__(
         self,
-        runtime: Runtime,
+        target: _Target,
         holders: list[str | None],
         results: list[JobInsertResult | None],
         handled: list[_Job],
     ) -> None:
-        self.runtime = runtime
-        self.broker: Any = runtime.broker
+        self.target = target
+        self.broker: Any = target.broker
         self.holders, self.results, self.handled = holders, results, handled
         self.stream: Any = None
         self.in_flight: tuple[list[_Job], list[BulkJob]] | None = None
@@ -197,7 +223,7 @@ class _FusedRuns:
         return self.in_flight[0]
 
     def add(self, run: list[_Job]) -> None:
-        _build(self.runtime, run, holders=False)  # the script makes the holder values
+        _build(self.target, run, holders=False)  # the script makes the holder values
         bulk_jobs = self._bulk_jobs(run)
         keys, args = self.broker.bulk_call(bulk_jobs)
         if self.stream is None:
@@ -218,7 +244,7 @@ class _FusedRuns:
         try:
             if self.in_flight is not None and self.stream.call is not None:  # sent, not read
                 self._collect()
-        except (redis.RedisError, OSError):
+        except STORE_ERRORS:
             pass  # the connection is dropped below; the error that came first is the one raised
         finally:
             self.stream.__exit__(None, None, None)
@@ -289,13 +315,13 @@ def _new_record(job: _Job, now: int) -> NewRecord:
     return NewRecord(job.message.message_id, fields, ttl, key, holder, lock_ttl)
 
 
-def _general_run(runtime: Runtime, run: list[_Job], holders: list[str | None], now: int) -> None:
-    broker: Any = runtime.broker
-    _build(runtime, run)
+def _general_run(target: _Target, run: list[_Job], holders: list[str | None], now: int) -> None:
+    broker: Any = target.broker
+    _build(target, run)
     try:
-        replies = runtime.records.create_many([_new_record(job, now) for job in run])
+        replies = target.records.create_many([_new_record(job, now) for job in run])
     except BaseException:
-        _take_back(runtime, run)  # part of the pipeline may have run: these ids are ours alone
+        _take_back(target, run)  # part of the pipeline may have run: these ids are ours alone
         raise
     accepted = []
     for job, holder in zip(run, replies, strict=True):
@@ -307,25 +333,25 @@ def _general_run(runtime: Runtime, run: list[_Job], holders: list[str | None], n
     try:
         broker.enqueue_batch([(job.message, job.delay) for job in accepted])
     except BaseException:
-        _take_back(runtime, accepted)  # nothing of the run was published
+        _take_back(target, accepted)  # nothing of the run was published
         raise
 
 
-def _take_back(runtime: Runtime, jobs: list[_Job]) -> None:
+def _take_back(target: _Target, jobs: list[_Job]) -> None:
     """Delete the records and free the locks these jobs took (a lock held by another job stays)."""
     for job in jobs:
-        runtime.records.delete(job.message.message_id)
+        target.records.delete(job.message.message_id)
         if job.lock is not None:
-            runtime.state.release_unique(job.lock[0], job.message.message_id)
+            target.state.release_unique(job.lock[0], job.message.message_id)
 
 
 def _results(
-    runtime: Runtime, jobs: list[_Job], holders: list[str | None], results: list[JobInsertResult | None]
+    target: _Target, jobs: list[_Job], holders: list[str | None], results: list[JobInsertResult | None]
 ) -> list[JobInsertResult]:
     """Fill in the results not built yet: duplicates, and the jobs enqueued the general way."""
     # the records of the jobs holding the duplicates' keys, read in one round trip
-    holder_ids = {h.split("|", 1)[0] for h in holders if h is not None}
-    existing_fields = dict(zip(holder_ids, runtime.records.get_many(list(holder_ids)), strict=True))
+    holder_ids = {holder_id(h) for h in holders if h is not None}
+    existing_fields = dict(zip(holder_ids, target.records.get_many(list(holder_ids)), strict=True))
     missing = [job for job in jobs if results[job.index] is None and holders[job.index] is None]
     for job, made in zip(missing, _enqueued(missing, {}), strict=True):
         results[job.index] = made
@@ -336,7 +362,7 @@ def _results(
             out.append(result)
             continue
         assert holder is not None
-        existing_id = holder.split("|", 1)[0]
+        existing_id = holder_id(holder)
         fields = existing_fields[existing_id]
         if fields is not None:
             existing = to_job_record(existing_id, fields)

@@ -320,8 +320,9 @@ def _connect(args: argparse.Namespace, *, may_start_embedded: bool) -> tuple[dra
     command would quietly report on the wrong broker.
     """
     from . import _runtime
-    from .brokers import display_url, embedded, mask_url
-    from .brokers.urls import EMBEDDED_SCHEME, embedded_path, scheme_of
+    from .backends import embedded
+    from .backends.base import display_url
+    from .backends.urls import EMBEDDED_SCHEME, embedded_path, mask_url, scheme_of
     from .settings import get_settings
 
     url = getattr(args, "broker_url", None) or get_settings().broker_url
@@ -434,7 +435,7 @@ def _json_input(kind: str, given: str) -> str:
 
 def _load_json(kind: str, field: str, text: str) -> Any:
     """``json.loads``, with a parse error or nesting too deep for the parser as ``InvalidRequest``."""
-    from .models import MAX_NESTING
+    from .errors import MAX_NESTING
 
     try:
         return json.loads(text)
@@ -559,7 +560,7 @@ def _describe_type(annotation: Any) -> tuple[str, str]:
 
 
 def _migrate_queues(args: argparse.Namespace) -> int:
-    from .migrate import migrate_queues
+    from .backends.rabbitmq.migrate import migrate_queues
 
     broker = open_broker(args, may_start_embedded=False)
     done = migrate_queues(broker)
@@ -575,8 +576,8 @@ def _migrate_queues(args: argparse.Namespace) -> int:
 def _embedded(args: argparse.Namespace) -> int:
     import time
 
-    from .brokers import embedded
-    from .brokers.urls import embedded_path
+    from .backends import embedded
+    from .backends.urls import embedded_path
     from .settings import default_state_dir
 
     if not args.path:

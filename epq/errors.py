@@ -87,8 +87,6 @@ class InvalidRequest(EpqError, ValueError):
     def from_validation_error(cls, kind: str, exc: Any) -> InvalidRequest:
         """Build from a :class:`pydantic.ValidationError`, keeping one entry per error (field
         names cut to ``MAX_FIELD_NAME`` characters)."""
-        from .models import MAX_NESTING
-
         errors = []
         for err in exc.errors(include_url=False):
             parts = [str(part) for part in err.get("loc", ())]
@@ -97,6 +95,12 @@ class InvalidRequest(EpqError, ValueError):
                 parts, message = parts[:1], f"nested deeper than {MAX_NESTING} levels"
             errors.append({"field": short_field(".".join(parts) or "request"), "message": message})
         return cls(kind, errors)
+
+
+#: Seconds epq's Redis clients wait for a reply (every command: epq sends no blocking ones). A
+#: Redis that accepts connections but does not answer (stopped, swapping, stuck) fails an enqueue
+#: after this long with ``BrokerUnavailable``, instead of blocking the caller.
+REDIS_REPLY_TIMEOUT_S = 5.0
 
 
 def describe_error(exc: BaseException) -> str:
@@ -115,12 +119,13 @@ def describe_error(exc: BaseException) -> str:
     if not text:
         text = "timed out" if "timeout" in name.lower() else "no details given"
     if name == "TimeoutError" and type(exc).__module__.startswith("redis"):
-        from .brokers.factory import REDIS_REPLY_TIMEOUT_S
-
         text += f" (no reply within {REDIS_REPLY_TIMEOUT_S:g} s)"
     return f"{name}: {text}"
 
 
+#: The deepest a request field's value may nest (each object or array is one level): far more
+#: than any metadata needs, and far below where pydantic and JSON libraries give up (about 250).
+MAX_NESTING = 32
 #: The longest field name an error shows (a dotted path into nested metadata can be long).
 MAX_FIELD_NAME = 80
 

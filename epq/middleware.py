@@ -25,13 +25,14 @@ from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import dramatiq
-import redis
 from dramatiq.broker import MessageProxy
 from dramatiq.common import q_name
 from dramatiq.errors import Retry
 from dramatiq.middleware import MiddlewareError, Retries, SkipMessage
 
 from ._messages import flat_json
+from .backends.base import Holder, RecordStore, StateStore, backend_of, holder_id, unique_lock_key
+from .backends.errors import STORE_ERRORS
 from .errors import DuplicateJob, EnqueueFailed, StateUnavailable, describe_error
 from .handlers import import_handler_modules, missing_kinds
 from .outage import (
@@ -45,8 +46,7 @@ from .outage import (
     write_or_give_back,
     written_if_possible,
 )
-from .records import NOT_STARTED, OPEN_RECORD_TTL_MS, RecordStore, build_fields
-from .state import KEY_PREFIX, StateStore, holder_id
+from .records import NOT_STARTED, OPEN_RECORD_TTL_MS, build_fields
 from .wire import MalformedMessage
 
 M = TypeVar("M", bound=dramatiq.Middleware)
@@ -57,7 +57,7 @@ def state_errors(what: str) -> Iterator[None]:
     """Turn state-store errors into :class:`StateUnavailable` (which Dramatiq does not swallow)."""
     try:
         yield
-    except (redis.RedisError, OSError) as exc:
+    except STORE_ERRORS as exc:
         raise StateUnavailable(f"the state store failed while {what}: {describe_error(exc)}") from exc
 
 
@@ -204,8 +204,8 @@ class EpqRetries(Retries):
             max_attempts,
             delay,
         )
-        store = getattr(broker, "epq_state", None)
-        now_ms = store.now_ms() if store is not None else int(time.time() * 1000)
+        backend = backend_of(broker)
+        now_ms = backend.state.now_ms() if backend is not None else int(time.time() * 1000)
         # recorded before the retry exists, so no worker can start it first
         _record_failure(records, message, exception, now_ms + delay)
         try:
@@ -290,7 +290,7 @@ class Uniqueness(dramatiq.Middleware):
         fields = {name: kwargs.get(name) for name in unique_by}
         canonical = flat_json(fields, ascii=False, sort=True) or _canonical_json(fields)
         digest = hashlib.sha256(canonical.encode()).hexdigest()[:40]
-        return f"{KEY_PREFIX}unique:{actor_name}:{digest}"
+        return unique_lock_key(actor_name, digest)
 
     @staticmethod
     def _window(broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> tuple[int, Sequence[str]] | None:
@@ -336,9 +336,9 @@ class Uniqueness(dramatiq.Middleware):
 
     @staticmethod
     def holder_tail(message: dramatiq.Message[Any], due_ms: int) -> str:
-        """The holder value of ``message``'s lock after its id (``|created|due|queue|priority``)."""
-        queue, priority = q_name(message.queue_name), message.options.get("epq_priority", "")
-        return f"|{message.message_timestamp}|{due_ms}|{queue}|{priority}"
+        """The holder value of ``message``'s lock after its id (see ``Holder``)."""
+        priority = message.options.get("epq_priority", "")
+        return Holder.tail(message.message_timestamp, due_ms, message.queue_name, priority)
 
     def before_enqueue(
         self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int | None
@@ -476,7 +476,8 @@ class JobRecords(dramatiq.Middleware):
             # an open record outlives the job's wait, so a cancellation is still there at run time
             ttl = OPEN_RECORD_TTL_MS + int(delay or 0)
             pending = message.options.pop("epq_unique_pending", None)
-            if not delay and getattr(broker, "epq_records_fused", False):
+            backend = backend_of(broker)
+            if not delay and backend is not None and backend.fused:
                 # the broker takes the lock, writes the record and enqueues in one round trip
                 key, holder, lock_ttl = pending if pending is not None else ("", "", 0)
                 fields["unique_key"] = key

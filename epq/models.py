@@ -71,10 +71,6 @@ def _reject_bool(value: Any) -> Any:
 Priority = Annotated[JobPriority, BeforeValidator(_reject_bool)]
 JsonObject = dict[str, JsonValue]
 
-#: The deepest a request field's value may nest (each object or array is one level): far more
-#: than any metadata needs, and far below where pydantic and JSON libraries give up (about 250).
-MAX_NESTING = 32
-
 #: The names of the enqueue options every request carries besides its own fields.
 ENQUEUE_OPTION_FIELDS = ("queue_name", "run_at", "priority")
 
@@ -128,15 +124,6 @@ class RegisterDynamicScheduleRequest(_Request):
     endpoint_id: UUID
     schedule_id: Annotated[str, Field(min_length=1)]
     schedule_metadata: JsonObject
-
-
-AnyRequest = (
-    EnqueueIndexEndpointRequest
-    | RegisterJobRequest
-    | RegisterSourceRequest
-    | RegisterDynamicTriggerRequest
-    | RegisterDynamicScheduleRequest
-)
 
 
 class AttemptError(BaseModel):

@@ -20,27 +20,13 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import redis
-
+from .backends.errors import store_unreachable
 from .errors import StateUnavailable, describe_error
 
 logger = logging.getLogger("epq.outage")
 
 T = TypeVar("T")
 
-#: Redis errors that mean the server cannot be reached right now (``BusyLoadingError``, a Redis
-#: loading its data after a restart, is a ``ConnectionError``; ``ReadOnlyError``, a replica that is
-#: not promoted yet after a failover, and ``OutOfMemoryError`` pass too).
-UNREACHABLE: tuple[type[BaseException], ...] = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    OSError,
-    redis.ReadOnlyError,
-    redis.exceptions.OutOfMemoryError,  # type: ignore[attr-defined]  # (missing from types-redis)
-)
-#: Replies of a Redis that cannot take writes for now (a failed snapshot, a busy script, a cluster
-#: in the middle of a change).
-UNREACHABLE_REPLIES = ("MISCONF", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "LOADING")
 #: The waits between tries while the state store is unreachable; the last one repeats.
 BACKOFF_MS = (50, 100, 250, 500, 1000)
 #: Option of a message's proxy: give it back to its queue instead of acking or failing it.
@@ -71,9 +57,7 @@ def unreachable(exc: BaseException) -> bool:
         return False
     if isinstance(exc, StateUnavailable):
         return exc.__cause__ is not None and unreachable(exc.__cause__)
-    if isinstance(exc, redis.ResponseError):
-        return isinstance(exc, UNREACHABLE) or str(exc).startswith(UNREACHABLE_REPLIES)
-    return isinstance(exc, UNREACHABLE)
+    return store_unreachable(exc)
 
 
 def until_written(write: Callable[[], T], what: str) -> T:

@@ -5,7 +5,7 @@ waiting messages of a queue in priority order (see ``docs/decisions.md``, decisi
 
 - Redis: one list per (queue, priority) "lane"; a worker's fetch takes from lane 1 first.
 - RabbitMQ: queues declared with ``x-max-priority``; a message's AMQP priority is ``5 - p``.
-- stub: a queue object that hands out lane 1 first.
+- stub: a queue object that hands out lane 1 first (``epq.backends.memory.LaneQueue``).
 
 Inside a worker process, messages already fetched (prefetched) wait in Dramatiq's work queue,
 which orders them by the actor's priority only. :class:`Priority` replaces that queue with one
@@ -16,12 +16,12 @@ low-priority ones starts before them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import queue
-from collections import deque
 from typing import Any
 
 import dramatiq
+
+from .backends.base import served_queues
 
 #: The priorities, highest first.
 LANES = (1, 2, 3, 4)
@@ -43,32 +43,6 @@ def lane_of(options: dict[str, Any]) -> int:
 def amqp_priority(lane: int) -> int:
     """The AMQP priority for a lane: 1 -> 4 ... 4 -> 1 (RabbitMQ delivers higher numbers first)."""
     return RABBITMQ_MAX_PRIORITY + 1 - lane
-
-
-class LaneQueue(queue.Queue):  # type: ignore[type-arg]
-    """A FIFO queue per lane behind :class:`queue.Queue`'s interface; ``get`` serves lane 1 first.
-
-    Items are encoded messages (the stub broker's queue items).
-    """
-
-    def _init(self, maxsize: int) -> None:
-        self._lanes: dict[int, deque[bytes]] = {lane: deque() for lane in LANES}
-
-    def _qsize(self) -> int:
-        return sum(len(lane) for lane in self._lanes.values())
-
-    def _put(self, item: bytes) -> None:
-        try:
-            options = json.loads(item).get("options") or {}
-        except (ValueError, AttributeError):
-            options = {}
-        self._lanes[lane_of(options if isinstance(options, dict) else {})].append(item)
-
-    def _get(self) -> bytes:
-        for lane in LANES:
-            if self._lanes[lane]:
-                return self._lanes[lane].popleft()
-        raise IndexError("get from an empty LaneQueue")  # pragma: no cover - Queue checks qsize first
 
 
 class PriorityWorkQueue(queue.PriorityQueue):  # type: ignore[type-arg]
@@ -97,26 +71,4 @@ class Priority(dramatiq.Middleware):
         check_queues = getattr(broker, "check_queues", None)
         if check_queues is not None:
             whitelist = worker.consumer_whitelist
-            check_queues(
-                q
-                for q in broker.get_declared_queues()
-                if not q.endswith((".DQ", ".XQ")) and (not whitelist or q in whitelist)
-            )
-
-
-#: Lua: ``lane_of(data)`` for an encoded message, as :func:`lane_of` (used by the Redis scripts).
-LUA_LANE_OF = """
-local function lane_of(data)
-  local ok, message = pcall(cjson.decode, data)
-  if ok and type(message) == 'table' and type(message['options']) == 'table' then
-    local p = message['options']['epq_priority']
-    if type(p) == 'number' and p >= 1 and p <= 4 and p == math.floor(p) then return p end
-  end
-  return DEFAULT_LANE
-end
-""".replace("DEFAULT_LANE", str(DEFAULT_LANE))
-
-
-def redis_lane_key(namespace: str, queue_name: str, lane: int) -> str:
-    """The Redis list holding the ids of ``queue_name``'s waiting messages of priority ``lane``."""
-    return f"{namespace}:{queue_name}.P{lane}"
+            check_queues(q for q in served_queues(broker) if not whitelist or q in whitelist)

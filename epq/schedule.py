@@ -2,8 +2,9 @@
 
 Dramatiq's own delay puts a delayed message on a ``.DQ`` queue, from which a worker takes it and
 holds it unacknowledged in memory until its time. epq's brokers keep every delayed message
-(``run_at``, ``delay``, retry backoff) in the state store's schedule instead, and a
-:class:`Promoter` thread in each worker process moves due messages onto their queues:
+(``run_at``, ``delay``, retry backoff) in the state store's schedule instead (the broker side is
+``epq.backends.base.DurableDelays``), and a :class:`Promoter` thread in each worker process
+moves due messages onto their queues:
 
 - Redis broker with its state in the same Redis: one Lua script moves due messages into the
   broker's queues atomically, so a message is promoted exactly once whatever crashes.
@@ -20,19 +21,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
 from typing import Any
-from uuid import uuid4
 
 import dramatiq
-import redis
-from dramatiq.brokers.redis import RedisBroker
-from dramatiq.common import q_name
-from dramatiq.errors import BrokerConnectionError
 
+from .backends.base import StateStore
+from .backends.errors import broker_gone
 from .errors import StateUnavailable, describe_error
 from .outage import WorkerStopping, until_written
-from .state import RedisStateStore, StateStore
 
 logger = logging.getLogger("epq.schedule")
 
@@ -45,79 +41,15 @@ PROMOTE_BATCH = 200
 CLAIM_LEASE_MS = 30_000
 
 
-class DurableDelays:
-    """Broker mixin: a delayed ``enqueue`` goes to the state store's schedule, not to a ``.DQ``.
-
-    ``epq_state`` is set by :func:`epq.setup`; without it the broker behaves as Dramatiq's.
-    """
-
-    epq_state: StateStore | None = None
-
-    def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
-        broker: Any = self
-        store = self.epq_state
-        if not delay or delay <= 0 or store is None:
-            return super().enqueue(message, delay=None)  # type: ignore[misc, no-any-return]
-        message, due_ms = self._to_schedule(message, delay)
-        broker.emit_before("enqueue", message, delay)
-        # one entry per job and attempt: a retry's scheduling sent again after a lost reply
-        # (epq.outage) writes the same entry, not a second one
-        entry = f"{message.message_id}:{message.options.get('retries', 0)}"
-        store.schedule_add(message.encode(), due_ms, entry=entry)
-        broker.emit_after("enqueue", message, delay)
-        return message
-
-    def _to_schedule(self, message: dramatiq.Message[Any], delay: int) -> tuple[dramatiq.Message[Any], int]:
-        """The message as it waits in the schedule, and its due time."""
-        assert self.epq_state is not None
-        due_ms = self.epq_state.now_ms() + int(delay)
-        options: dict[str, Any] = {"epq_due_ms": due_ms}
-        if isinstance(self, RedisBroker):
-            options["redis_message_id"] = str(uuid4())
-        message = message.copy(queue_name=q_name(message.queue_name), options=options)
-        message.options.pop("eta", None)
-        return message, due_ms
-
-    def enqueue_batch(
-        self, items: Sequence[tuple[dramatiq.Message[Any], int | None]]
-    ) -> list[dramatiq.Message[Any]]:
-        """Enqueue ``(message, delay ms)`` pairs in as few round trips as the broker allows, all or
-        nothing (what a broker cannot take back is said on its ``_publish_batch``). Every
-        middleware's enqueue hooks run for each message, as for ``enqueue``."""
-        broker: Any = self
-        prepared: list[tuple[dramatiq.Message[Any], int | None, int | None]] = []
-        for message, delay in items:
-            due: int | None = None
-            if delay and delay > 0 and self.epq_state is not None:
-                message, due = self._to_schedule(message, delay)
-            else:
-                message, delay = broker._prepare_immediate(message), None
-            broker.emit_before("enqueue", message, delay)
-            prepared.append((message, due, delay))
-        broker._publish_batch([(m, due) for m, due, _ in prepared])
-        for message, _, delay in prepared:
-            broker.emit_after("enqueue", message, delay)
-        return [m for m, _, _ in prepared]
-
-    def _prepare_immediate(self, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
-        return message
-
-    def _publish_batch(self, items: Sequence[tuple[dramatiq.Message[Any], int | None]]) -> None:
-        """Publish prepared messages; ``due`` (ms) set means: into the schedule."""
-        raise NotImplementedError  # pragma: no cover - every epq broker has one
-
-
 def promote_due(
     broker: dramatiq.Broker, store: StateStore, *, limit: int = PROMOTE_BATCH
 ) -> tuple[int, int | None]:
     """Move due scheduled messages onto their queues; return the count and the next due time."""
     now = store.now_ms()
-    if (
-        isinstance(broker, RedisBroker)
-        and isinstance(store, RedisStateStore)
-        and store.client is broker.client
-    ):
-        return store.schedule_move_to_redis_queues(now, limit, broker.namespace)
+    native = getattr(broker, "promote_due", None)  # (an epq broker: see DurableDelays)
+    moved: tuple[int, int | None] | None = native(now, limit) if native is not None else None
+    if moved is not None:
+        return moved  # the broker moved them in one atomic step
     claimed, next_due = store.schedule_claim(now, CLAIM_LEASE_MS, limit)
     done: list[str] = []
     try:
@@ -129,7 +61,7 @@ def promote_due(
                 raise
             except _PublishFailed as failed:
                 cause = failed.__cause__
-                if isinstance(cause, (BrokerConnectionError, redis.ConnectionError)):
+                if cause is not None and broker_gone(cause):
                     raise cause from None  # the broker is gone: the rest of the batch waits for its lease
                 # this one message cannot go (e.g. its queue needs `epq migrate-queues`): the
                 # others still do, and it is tried again when its lease runs out

@@ -8,8 +8,10 @@ from typing import Any
 
 import dramatiq
 
+from . import bulk
 from ._actor import EpqActor
 from ._runtime import Runtime, actor_for, current, setup
+from .backends.base import served_queues, split_counter_group
 from .errors import ConfigurationError, DuplicateJob, InvalidPayload, InvalidRequest, JobNotFound
 from .models import (
     EnqueueIndexEndpointRequest,
@@ -51,16 +53,12 @@ def _is_text(job_id: str) -> bool:
     return True
 
 
-def _served(broker: dramatiq.Broker) -> list[str]:
-    return sorted(q for q in broker.get_declared_queues() if not q.endswith((".DQ", ".XQ")))
-
-
 def purge_dead_letter_queues(broker: dramatiq.Broker) -> None:
     """Empty the brokers' own dead-letter queues (``<queue>.XQ``) of every served queue (each
     epq broker knows where its own are: ``purge_dead_letters``)."""
     purge = getattr(broker, "purge_dead_letters", None)
     if purge is not None:
-        purge(_served(broker))
+        purge(served_queues(broker))
 
 
 class QueueService:
@@ -125,7 +123,6 @@ class QueueService:
         :class:`epq.InvalidRequest` naming it (``[index].field``), and nothing is enqueued.
         See :mod:`epq.bulk` for the round trips and what a broker failure leaves.
         """
-        from . import bulk
 
         pairs: list[tuple[EpqActor, _Request | Mapping[str, Any]]] = []
         for index, item in enumerate(requests):
@@ -148,8 +145,7 @@ class QueueService:
                         }
                     ],
                 )
-        self.broker  # noqa: B018 - sets epq up if nothing has yet
-        return bulk.enqueue_many(self._runtime(), pairs)
+        return bulk.enqueue_many(self.broker, pairs)  # (self.broker sets epq up if nothing has yet)
 
     # ---- job state ---------------------------------------------------------------------------
 
@@ -277,7 +273,7 @@ class QueueService:
         epq's dead jobs, and dead letters without a record (plain Dramatiq actors'), which
         :meth:`list_dead` cannot show."""
         count = getattr(self.broker, "count_dead_letters", None)
-        return {} if count is None else dict(count(_served(self.broker)))
+        return {} if count is None else dict(count(served_queues(self.broker)))
 
     def purge_dead(self) -> int:
         """Forget every discarded job (records and the brokers' dead-letter queues); return how many."""
@@ -292,11 +288,11 @@ class QueueService:
         runtime = self._runtime()
         table: dict[tuple[str, int], dict[str, int]] = {}
         for group, count in runtime.records.counters().items():
-            queue, priority, state = group.rsplit("|", 2)
+            queue, priority, state = split_counter_group(group)
             column = _STATS_COLUMNS.get(state)
             if column is None or column == "dead":
                 continue
-            row = table.setdefault((queue, int(priority)), dict.fromkeys(_STATS_ORDER, 0))
+            row = table.setdefault((queue, priority), dict.fromkeys(_STATS_ORDER, 0))
             row[column] += count
         # dead jobs from their records: discarded records expire, and their counters with them
         for record in self.list_dead(10**9):

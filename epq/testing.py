@@ -26,22 +26,18 @@ When the plugin loads and ``EPQ_BROKER_URL`` is unset, it sets it to ``stub://``
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import Any, cast
 
 import dramatiq
 import pytest
-from dramatiq.brokers.stub import StubBroker
 
 from . import _runtime, handlers
+from .backends.base import backend_of, served_queues
+from .backends.memory import EpqStubBroker, FakeClock, MemoryStateStore
 from .schedule import promote_due
 from .settings import reset_settings
-from .state import FakeClock, MemoryStateStore
-
-if TYPE_CHECKING:
-    from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
 __all__ = [
     "FakeClock",
@@ -112,16 +108,14 @@ def drain(
 
 def _drain(broker: dramatiq.Broker, worker: dramatiq.Worker, timeout_ms: int) -> None:
     deadline = time.monotonic() + timeout_ms / 1000
-    store = getattr(broker, "epq_state", None)
+    backend = backend_of(broker)
+    store = backend.state if backend is not None else None
     while True:
         remaining = max(1, int((deadline - time.monotonic()) * 1000))
-        for queue in sorted(broker.get_declared_queues()):
-            if queue.endswith((".DQ", ".XQ")):
-                continue
-            if isinstance(broker, StubBroker):
-                broker.join(queue, timeout=remaining, fail_fast=False)
-            elif _is_rabbitmq(broker):
-                broker.join(queue, min_successes=3, idle_time=50, timeout=remaining)
+        for queue in served_queues(broker):
+            join = getattr(broker, "join_queue", None)  # an epq broker's (see DurableDelays)
+            if join is not None:
+                join(queue, remaining)
             else:
                 broker.join(queue, timeout=remaining)
         worker.join()
@@ -136,13 +130,6 @@ def _drain(broker: dramatiq.Broker, worker: dramatiq.Worker, timeout_ms: int) ->
         if next_due is None or next_due > now + _DUE_SOON_MS or time.monotonic() > deadline:
             return
         time.sleep(max(0, next_due - now) / 1000)
-
-
-def _is_rabbitmq(broker: dramatiq.Broker) -> TypeGuard[RabbitmqBroker]:
-    # without importing Dramatiq's RabbitMQ broker (and pika) into every test run that loads this
-    # plugin: if its module is not loaded, no broker is one
-    rabbitmq = sys.modules.get("dramatiq.brokers.rabbitmq")
-    return rabbitmq is not None and isinstance(broker, rabbitmq.RabbitmqBroker)
 
 
 #: Scheduled jobs due this soon (a short retry backoff, say) are waited for by :func:`drain`.
@@ -168,12 +155,11 @@ class HandlerRegistry:
 
 
 @pytest.fixture
-def epq_broker() -> Iterator[StubBroker]:
+def epq_broker() -> Iterator[EpqStubBroker]:
     """A fresh stub broker with the epq actors bound to it."""
     reset_settings()
     runtime = _runtime.install("stub://")
-    broker = runtime.broker
-    assert isinstance(broker, StubBroker)
+    broker = cast(EpqStubBroker, runtime.broker)  # (stub:// builds one)
     watch_failures(broker)
     yield broker
     broker.flush_all()
@@ -182,7 +168,7 @@ def epq_broker() -> Iterator[StubBroker]:
 
 
 @pytest.fixture
-def epq_worker(epq_broker: StubBroker) -> Iterator[dramatiq.Worker]:
+def epq_worker(epq_broker: EpqStubBroker) -> Iterator[dramatiq.Worker]:
     """A worker on ``epq_broker`` (2 threads), started before the test and stopped after."""
     worker = dramatiq.Worker(epq_broker, worker_timeout=50, worker_threads=2)
     worker.start()
@@ -199,7 +185,7 @@ def epq_handlers() -> Iterator[HandlerRegistry]:
 
 
 @pytest.fixture
-def epq_clock(epq_broker: StubBroker) -> FakeClock:
+def epq_clock(epq_broker: EpqStubBroker) -> FakeClock:
     """The clock of ``epq_broker``'s state store, stopped at the current time until advanced."""
     runtime = _runtime.current()
     assert runtime is not None

@@ -13,9 +13,8 @@ import pytest
 import epq
 import epq.actors
 from epq import _runtime
-from epq.errors import EnqueueFailed
+from epq.errors import MAX_NESTING, EnqueueFailed
 from epq.middleware import JobRecords, Uniqueness
-from epq.models import MAX_NESTING
 from tests.helpers import total_waiting
 from tests.test_contract import VALID
 

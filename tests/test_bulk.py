@@ -17,7 +17,7 @@ from dramatiq.brokers.redis import RedisBroker
 import epq
 import epq.actors
 from epq import _runtime
-from epq.brokers.redis_lanes import ScriptStream
+from epq.backends.redis.connections import ScriptStream
 from epq.middleware import JobRecords, Uniqueness
 from epq.testing import HandlerRegistry
 from tests.helpers import message_count, run_until_drained, total_waiting, wait_for
@@ -500,7 +500,7 @@ def test_a_forked_child_does_not_use_its_parents_kept_connections(redis_broker: 
 
 
 def test_kept_connections_leave_a_small_pool_most_of_its_connections() -> None:
-    from epq.brokers.redis_lanes import KeptConnections
+    from epq.backends.redis.connections import KeptConnections
 
     class Pool:
         max_connections = 8

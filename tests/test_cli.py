@@ -19,7 +19,9 @@ import redis
 
 import epq
 from epq import cli
-from epq.brokers import embedded, mask_url, redis_client
+from epq.backends import embedded
+from epq.backends.redis.connections import redis_client
+from epq.backends.urls import mask_url
 from epq.kinds import KINDS
 from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL, rabbitmq_available
 

@@ -12,7 +12,7 @@ import redis
 
 import epq
 from epq import _runtime
-from epq.brokers import embedded
+from epq.backends import embedded
 from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL, rabbitmq_available
 from tests.test_contract import FACADE, VALID
 from tests.workers import BIN, Worker

@@ -16,7 +16,8 @@ from dramatiq.brokers.redis import RedisBroker
 
 import epq
 from epq import _runtime
-from epq.brokers import embedded, redis_client
+from epq.backends import embedded
+from epq.backends.redis.connections import redis_client
 
 pytestmark = pytest.mark.embedded
 
@@ -30,7 +31,7 @@ def db_path(tmp_path: Path) -> Iterator[Path]:
 
 def _server_pid(url: str) -> int:
     code = (
-        "import sys; from epq.brokers import redis_client; "
+        "import sys; from epq.backends.redis.connections import redis_client; "
         "c = redis_client(sys.argv[1]); c.incr('starts'); print(c.info('server')['process_id'])"
     )
     out = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True, timeout=60)

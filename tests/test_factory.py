@@ -10,9 +10,10 @@ from dramatiq.brokers.stub import StubBroker
 
 import epq
 from epq import _runtime
-from epq.brokers import mask_url, scheme_of
+from epq.backends.base import Backend, DurableDelays
+from epq.backends.memory import MemoryRecords, MemoryStateStore
+from epq.backends.urls import mask_url, scheme_of
 from epq.middleware import EpqMiddleware, EpqRetries
-from epq.schedule import DurableDelays
 from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL, rabbitmq_available
 
 UNREACHABLE_REDIS = "redis://:s3cret-pw@127.0.0.1:1/0"
@@ -152,6 +153,11 @@ def test_settings_broker_url_is_used_by_setup(monkeypatch: pytest.MonkeyPatch) -
         epq.setup()
 
 
+def _backend(url: str) -> Backend:
+    state = MemoryStateStore()
+    return Backend(mask_url(url), state, MemoryRecords(state))
+
+
 def test_enqueue_on_a_broker_that_went_away_is_broker_unavailable() -> None:
     # Given a Redis broker whose server stops answering after setup
     import redis
@@ -159,7 +165,7 @@ def test_enqueue_on_a_broker_that_went_away_is_broker_unavailable() -> None:
     from epq._actor import EpqActor
 
     broker = RedisBroker(client=redis.Redis.from_url(UNREACHABLE_REDIS, socket_connect_timeout=0.5))
-    broker.epq_url = mask_url(UNREACHABLE_REDIS)
+    broker.epq = _backend(UNREACHABLE_REDIS)  # what epq keeps beside a broker it built
     broker.declare_queue("default")
     actor = _runtime.actor_for("register_job")
     assert isinstance(actor, EpqActor)
@@ -179,11 +185,11 @@ def test_a_rabbitmq_driver_error_at_enqueue_is_broker_unavailable(monkeypatch: p
     # RabbitMQ broker names them (epq_driver_errors)
     import pika.exceptions
 
-    from epq.brokers.rabbitmq import EpqRabbitmqBroker
+    from epq.backends.rabbitmq.broker import EpqRabbitmqBroker
 
     # Given an epq RabbitMQ broker (never connected) whose publish fails in the driver
     broker = EpqRabbitmqBroker(url=UNREACHABLE_RABBIT, confirm_delivery=True)
-    broker.epq_url = mask_url(UNREACHABLE_RABBIT)
+    broker.epq = _backend(UNREACHABLE_RABBIT)
     broker.declare_queue("default")
     _runtime.actor_for("register_job")
 

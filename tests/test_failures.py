@@ -13,9 +13,12 @@ import redis
 import epq
 import epq.actors
 from epq import _runtime
-from epq.brokers.redis_lanes import ScriptStream
+from epq.backends.base import backend_of
+from epq.backends.memory import FakeClock
+from epq.backends.redis.connections import ScriptStream
+from epq.backends.redis.keys import SCHEDULE as SCHEDULE_KEY
+from epq.backends.redis.keys import SCHEDULE_DATA as SCHEDULE_DATA_KEY
 from epq.schedule import promote_due
-from epq.state import SCHEDULE_DATA_KEY, SCHEDULE_KEY, FakeClock
 from epq.testing import HandlerRegistry, drain
 from tests.helpers import message_count, total_waiting, wait_for
 from tests.test_contract import VALID
@@ -40,7 +43,8 @@ def test_a_state_store_failure_at_enqueue_is_an_error_and_publishes_nothing(
     monkeypatch.setattr(runtime.records, "create", down)
     # on Redis the state lives in the broker's server, and one script writes the record and the
     # message together: a failure there is the broker's
-    fused = getattr(broker, "epq_records_fused", False)
+    backend = backend_of(broker)
+    fused = backend is not None and backend.fused
     if fused:
         monkeypatch.setattr(ScriptStream, "_send", down)  # the script call never reaches Redis
     with pytest.raises(epq.BrokerUnavailable, match="could not enqueue" if fused else "state store"):

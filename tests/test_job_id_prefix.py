@@ -7,7 +7,7 @@ import pytest
 
 import epq
 from epq import _runtime
-from epq.records import RecordStore
+from epq.backends.base import RecordStore
 
 TWINS = ("0123abcd-1111-4000-8000-000000000001", "0123abcd-2222-4000-8000-000000000002")
 OTHER = "0123abce-3333-4000-8000-000000000003"

@@ -14,8 +14,8 @@ import pytest
 import epq
 import epq.actors
 from epq import _runtime
+from epq.backends.memory import FakeClock
 from epq.schedule import promote_due
-from epq.state import FakeClock
 from epq.testing import HandlerRegistry, drain
 from tests.helpers import message_count, wait_for
 from tests.test_contract import VALID

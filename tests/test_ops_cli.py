@@ -18,7 +18,7 @@ import redis
 
 import epq
 import epq.actors
-from epq.brokers import mask_url
+from epq.backends.urls import mask_url
 from epq.testing import HandlerRegistry, drain
 from tests.conftest import REDIS_URL
 from tests.helpers import wait_for

@@ -20,7 +20,7 @@ from dramatiq.worker import _WorkQueueItem
 
 import epq
 from epq import _runtime
-from epq.brokers import mask_url
+from epq.backends.urls import mask_url
 from epq.priority import PriorityWorkQueue, lane_of
 from epq.settings import reset_settings
 from epq.testing import HandlerRegistry
@@ -431,7 +431,7 @@ def test_an_interrupted_migration_finishes_on_the_next_run(legacy_queue: str) ->
     connection.close()
     broker = _runtime.install(RABBITMQ_URL, state_url=STATE_URL).broker
     # When the migration runs again
-    from epq.migrate import migrate_queues
+    from epq.backends.rabbitmq.migrate import migrate_queues
 
     report = {m.queue: m for m in migrate_queues(broker)}
     # Then the held messages are back in the queue, and the holding queue is gone

@@ -10,7 +10,7 @@ import redis
 
 import epq
 from epq import _runtime
-from epq.brokers.redis_lanes import HEARTBEAT_TIMEOUT_MS, MAINTENANCE_INTERVAL_MS
+from epq.backends.redis.broker import HEARTBEAT_TIMEOUT_MS, MAINTENANCE_INTERVAL_MS
 from tests.conftest import REDIS_URL
 from tests.helpers import wait_for
 from tests.test_contract import VALID

@@ -12,8 +12,8 @@ import dramatiq
 import epq
 import epq.actors
 from epq import _runtime
+from epq.backends.memory import FakeClock
 from epq.schedule import promote_due
-from epq.state import FakeClock
 from epq.testing import HandlerRegistry, drain
 from tests.helpers import message_count, total_waiting, wait_for
 from tests.test_contract import VALID

@@ -24,10 +24,10 @@ from dramatiq.middleware import SkipMessage
 
 import epq
 from epq import _runtime
-from epq.brokers.redis_lanes import ScriptStream
+from epq.backends.base import KEY_PREFIX
+from epq.backends.redis.connections import ScriptStream
 from epq.middleware import Uniqueness
 from epq.settings import reset_settings
-from epq.state import KEY_PREFIX
 from epq.testing import HandlerRegistry, drain
 from tests.helpers import message_count, total_waiting, wait_for
 from tests.test_contract import VALID, actor
@@ -100,7 +100,7 @@ def lock_key(kind: str, fields: dict[str, Any]) -> str:
 
 def lock_ttl_ms(key: str) -> int | None:
     state = _runtime.current().state  # type: ignore[union-attr]
-    if isinstance(state, epq.state.MemoryStateStore):
+    if isinstance(state, epq.backends.memory.MemoryStateStore):
         return state.ttl_ms(key)
     ttl = state.client.pttl(key)  # type: ignore[attr-defined]
     return None if ttl < 0 else int(ttl)

@@ -24,9 +24,8 @@ import redis
 
 import epq
 from epq import _runtime
-from epq.brokers import embedded
-from epq.brokers.factory import REDIS_REPLY_TIMEOUT_S
-from epq.errors import describe_error
+from epq.backends import embedded
+from epq.errors import REDIS_REPLY_TIMEOUT_S, describe_error
 from tests.helpers import total_waiting
 from tests.test_contract import VALID
 

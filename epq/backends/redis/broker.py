@@ -15,9 +15,8 @@ work, and splits the waiting ids into one list per priority, ``<ns>:<queue>.P1``
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import dramatiq
@@ -27,28 +26,19 @@ from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import compute_backoff, current_millis
 from dramatiq.errors import ConnectionClosed
 
-from .. import wire
-from .._messages import data_template, encode, new_id
-from ..errors import DuplicateJob, StateUnavailable
-from ..middleware import refuse_malformed
-from ..outage import must_requeue
-from ..priority import LANES, LUA_LANE_OF, lane_of, redis_lane_key
-from ..records import (
-    BULK_TOKEN_PREFIX,
-    BULK_TOKEN_TTL_MS,
-    ENQUEUE_MANY_RECORDED,
-    ENQUEUE_RECORDED,
-    LUA_COMPLETE_RECORD,
-    OPEN_RECORD_TTL_MS,
-    START_RECORD,
-    BulkJob,
-    fields_json,
-    flat_fields,
-    job_key,
-)
-from ..state import DEAD_KEY, JOB_KEY_PREFIX, LUA_SET_STATE, STATS_KEY, holder_id
+from ... import wire
+from ..._messages import data_template, encode, new_id
+from ...errors import DuplicateJob, StateUnavailable
+from ...middleware import refuse_malformed
+from ...outage import must_requeue
+from ...priority import LANES, lane_of
+from ...records import OPEN_RECORD_TTL_MS
+from ..base import BulkJob, DurableDelays, counter_group, holder_id
+from . import keys, scripts
+from .connections import KeptConnections, ScriptStream
+from .store import RedisStateStore, fields_json, flat_fields
 
-logger = logging.getLogger("epq.brokers.redis")
+logger = logging.getLogger("epq.backends.redis")
 
 #: How often a consumer whose prefetched messages are all being worked on looks for a free slot.
 BUSY_POLL_MS = 5
@@ -64,207 +54,12 @@ MAINTENANCE_INTERVAL_MS = 5_000
 #: How many ids one fetch moves from the plain list back to their lanes at most (bounds the
 #: script's run time after a large requeue; the rest move on the next fetches).
 REBALANCE_MAX = 100
-
-# KEYS: the message hash, the lane list; ARGV: message id, message data.
-_ENQUEUE = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('RPUSH', KEYS[2], ARGV[1])
-"""
-
-# KEYS: plain list, message hash, this worker's ack set, heartbeats, lane 1..4; ARGV: now ms,
-# worker id, how many to take, how many plain-list ids to move back at most, job record key prefix
-# ('' when records live elsewhere).
-# Returns {id1, data1, id2, data2, ...} for up to ARGV[3] messages, highest priority first. A job
-# whose record is cancelled is dropped here, never delivered. Records are not started here: a job
-# is running once a worker thread starts it (JobRecords.before_process_message), not while it
-# waits in a worker's prefetch.
-_FETCH = (
-    LUA_LANE_OF
-    + """
-local plain, msgs, acks = KEYS[1], KEYS[2], KEYS[3]
-local prefix = ARGV[5]
-local function cancelled(data)
-  if prefix == '' then return false end
-  local ok, message = pcall(cjson.decode, data)
-  if not (ok and type(message) == 'table' and type(message['message_id']) == 'string') then return false end
-  return redis.call('HGET', prefix .. message['message_id'], 'state') == 'cancelled'
-end
-redis.call('ZADD', KEYS[4], ARGV[1], ARGV[2])
-for _ = 1, tonumber(ARGV[4]) do
-  local id = redis.call('RPOP', plain)
-  if not id then break end
-  local data = redis.call('HGET', msgs, id)
-  if data then redis.call('LPUSH', KEYS[4 + lane_of(data)], id) end
-end
-local out = {}
-local want = 2 * tonumber(ARGV[3])
-for lane = 1, 4 do
-  while #out < want do
-    local id = redis.call('LPOP', KEYS[4 + lane])
-    if not id then break end
-    local data = redis.call('HGET', msgs, id)
-    if data then
-      if cancelled(data) then
-        redis.call('HDEL', msgs, id)
-      else
-        redis.call('SADD', acks, id)
-        out[#out + 1] = id
-        out[#out + 1] = data
-      end
-    end
-  end
-  if #out >= want then break end
-end
-return out
-"""
-)
-
-
-# KEYS: this worker's ack set, message hash, heartbeats, record, stats, dead;
-# ARGV: now ms, worker id, redis message id, job id, completed record ttl.
-_ACK_COMPLETED = (
-    LUA_SET_STATE
-    + LUA_COMPLETE_RECORD
-    + """
-redis.call('ZADD', KEYS[3], ARGV[1], ARGV[2])
-if redis.call('SREM', KEYS[1], ARGV[3]) > 0 then redis.call('HDEL', KEYS[2], ARGV[3]) end
-complete_record(KEYS[4], KEYS[5], KEYS[6], ARGV[4], ARGV[1], ARGV[5])
-"""
-)
-
-_pack: Any
-try:
-    from hiredis import pack_command as _pack
-except ImportError:  # pragma: no cover - hiredis is a dependency; redis-py packs without it
-    _pack = None
-
-
-class KeptConnections:
-    """Connections of a redis-py pool kept out of it for epq's script calls, which take one and
-    give it back for every enqueue: that skips the pool's bookkeeping and the check it makes of
-    each connection it hands out (a system call), about a tenth of an enqueue's time here.
-
-    Same interface as the pool (``get_connection``, ``release``). At most ``keep`` (and a quarter
-    of the pool's limit) wait idle, connected ones only (others go back to the pool). A process
-    forked from the one that kept them (however it was forked) starts without them: their sockets
-    are the parent's. A connection the server closed while it waited fails on its next call,
-    which ``ScriptStream`` then sends once more on a new one.
-    """
-
-    def __init__(self, pool: Any, keep: int = 16) -> None:
-        self.pool = pool
-        # a pool with a small limit must not lose most of its connections to the idle ones here
-        self.keep = min(keep, int(getattr(pool, "max_connections", None) or 2**31) // 4)
-        self.idle: list[Any] = []
-        self.pid = os.getpid()
-
-    def get_connection(self) -> Any:
-        if self.pid != os.getpid():
-            self.idle, self.pid = [], os.getpid()
-        try:
-            return self.idle.pop()  # atomic: one connection, one thread
-        except IndexError:
-            return self.pool.get_connection()
-
-    def release(self, connection: Any) -> None:
-        keep = self.pid == os.getpid() and len(self.idle) < self.keep
-        if keep and getattr(connection, "_sock", None) is not None and not _must_reconnect(connection):
-            self.idle.append(connection)
-        else:
-            self.pool.release(connection)
-
-    def close(self) -> None:
-        """Give the idle connections back to the pool."""
-        while self.idle:
-            self.pool.release(self.idle.pop())
-
-
-def _must_reconnect(connection: Any) -> bool:
-    """Whether redis-py marked the connection for a new one (its maintenance notices)."""
-    should = getattr(connection, "should_reconnect", None)
-    return bool(should()) if should is not None else False
-
-
-class ScriptStream:
-    """Calls of one Lua script on one connection, one at a time, each sent without waiting for
-    its reply: the caller prepares the next call (or works on the last reply) while Redis runs
-    the script. ``send`` then ``read``, in turns; use it as a context manager.
-
-    A server that cannot be reached fails on entry, as a redis-py command would. A connection
-    that breaks before the reply is read is opened again and the call sent once more (so the
-    script must be safe to run twice with the same arguments); a server that has lost the script
-    is given it again.
-    """
-
-    def __init__(self, pool: Any, script: Any) -> None:
-        self.pool = pool  # a redis-py pool, or KeptConnections
-        self.script = script
-        self.conn: Any = None
-        self.call: tuple[Any, ...] | None = None  # sent, reply not read yet
-        self.packed: Any = None  # the call as sent
-        self.unsent = False  # the call must be sent (again) before its reply can be read
-        self.reached = False  # the call was sent whole at least once (it may have run)
-
-    def __enter__(self) -> ScriptStream:
-        self.conn = self.pool.get_connection()
-        try:
-            self.conn.connect()  # nothing to do when connected
-        except BaseException:
-            self.pool.release(self.conn)
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.call is not None:
-            self.conn.disconnect()  # a reply nobody will read must not reach the next user
-        self.pool.release(self.conn)
-
-    def send(self, keys: Sequence[str], args: Sequence[Any]) -> None:
-        if self.call is not None:  # pragma: no cover - a programming error
-            raise RuntimeError("read the reply of the previous call first")
-        self.call = (len(keys), *keys, *args)
-        self.packed = None
-        self.unsent, self.reached = True, False
-        try:
-            self._send()
-        except (redis.ConnectionError, redis.TimeoutError):
-            self.conn.disconnect()  # read() sends it again
-
-    def _send(self) -> None:
-        assert self.call is not None
-        if self.packed is None:
-            command = ("EVALSHA", self.script.sha, *self.call)
-            # hiredis straight away: redis-py would first look at each of thousands of arguments
-            self.packed = [_pack(command)] if _pack is not None else self.conn.pack_command(*command)
-        self.conn.send_packed_command(self.packed)
-        self.unsent, self.reached = False, True
-
-    def _reply(self) -> Any:
-        if self.unsent:
-            self._send()
-        try:
-            return self.conn.read_response()
-        except redis.exceptions.NoScriptError:  # this call did not run: load, then send again
-            self.conn.send_command("SCRIPT", "LOAD", self.script.script)
-            sha = self.conn.read_response()
-            self.script.sha = sha.decode() if isinstance(sha, bytes) else sha
-            self.packed = None
-            self._send()
-            return self.conn.read_response()
-
-    def read(self) -> Any:
-        try:
-            try:
-                return self._reply()
-            except redis.ConnectionError:
-                self.conn.disconnect()  # once more, on a new connection
-                self.unsent = True
-                return self._reply()
-        except BaseException:
-            self.conn.disconnect()
-            raise
-        finally:
-            self.call = None
+#: The longest an idle consumer sleeps between polls (Dramatiq's default is the worker timeout,
+#: 1 s), so a promoted or newly enqueued job starts quickly on idle workers.
+IDLE_POLL_MS = 200
+#: Each bulk enqueue script call leaves its reply under a token key this long, so that sending the
+#: call again after its reply was lost (see enqueue_many_recorded.lua) cannot enqueue a job twice.
+BULK_TOKEN_TTL_MS = 5 * 60 * 1000
 
 
 def foreign_hooks(broker: dramatiq.Broker, name: str) -> list[dramatiq.Middleware]:
@@ -280,45 +75,55 @@ def foreign_hooks(broker: dramatiq.Broker, name: str) -> list[dramatiq.Middlewar
     return hooked
 
 
-class LaneRedisBroker(RedisBroker):
-    """Dramatiq's Redis broker with a list per priority lane (see the module docstring).
+class EpqRedisBroker(DurableDelays, RedisBroker):
+    """Dramatiq's Redis broker with a list per priority lane (see the module docstring), epq's
+    durable delays and a shorter idle poll.
 
-    ``epq_records_fused`` is set by :func:`epq.setup` when epq's state lives in this same Redis:
-    then an enqueue writes the job's record (and takes its lock) in the same script as the
-    message, the fetch drops jobs whose record is cancelled, and the ack completes the record
-    (a worker thread starts it: ``JobRecords.before_process_message``).
+    When epq's state lives in this same Redis (``Backend.fused``), an enqueue writes the job's
+    record (and takes its lock) in the same script as the message, the fetch drops jobs whose
+    record is cancelled, the schedule's due messages move into the lanes in one script, and the
+    ack completes the record (a worker thread starts it: ``JobRecords.before_process_message``).
     """
 
-    epq_records_fused = False
+    #: The driver's errors an enqueue maps to ``BrokerUnavailable`` (see
+    #: ``epq.backends.errors.unreachable_errors``).
+    epq_driver_errors: tuple[type[BaseException], ...] = (redis.RedisError,)
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("heartbeat_timeout", HEARTBEAT_TIMEOUT_MS)
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]
-        self._lane_enqueue = self.client.register_script(_ENQUEUE)
-        self._lane_fetch = self.client.register_script(_FETCH)
-        self._enqueue_recorded = self.client.register_script(ENQUEUE_RECORDED)
-        self._ack_completed = self.client.register_script(_ACK_COMPLETED)
-        self._start_record = self.client.register_script(START_RECORD)
-        self._enqueue_many_recorded = self.client.register_script(ENQUEUE_MANY_RECORDED)
+        self._lane_enqueue = scripts.register(self.client, "lane_enqueue")
+        self._lane_fetch = scripts.register(self.client, "lane_fetch")
+        self._enqueue_recorded = scripts.register(self.client, "enqueue_recorded")
+        self._ack_completed = scripts.register(self.client, "ack_completed")
+        self._start_record = scripts.register(self.client, "record_start")
+        self._enqueue_many_recorded = scripts.register(self.client, "enqueue_many_recorded")
         self._kept = KeptConnections(self.client.connection_pool)
+
+    @property
+    def fused(self) -> bool:
+        """Whether epq's records and locks live in this Redis (see the class docstring)."""
+        return self.epq is not None and self.epq.fused
 
     def close(self) -> None:
         self._kept.close()  # the kept connections go back to the pool, which owns them
         super().close()
 
     def lane_keys(self, queue_name: str) -> list[str]:
-        return [redis_lane_key(self.namespace, queue_name, lane) for lane in LANES]
+        return [keys.lane(self.namespace, queue_name, lane) for lane in LANES]
+
+    # ---- enqueue --------------------------------------------------------------------------------
 
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
-        if delay is not None:
-            return super().enqueue(message, delay=delay)
+        if delay and delay > 0 and self.epq_store is not None:
+            return super().enqueue(message, delay=delay)  # into the schedule (DurableDelays)
         message = message.copy(options={"redis_message_id": new_id()})
         rid = message.options["redis_message_id"]
         queue = message.queue_name
-        lane = redis_lane_key(self.namespace, queue, lane_of(message.options))
+        lane = keys.lane(self.namespace, queue, lane_of(message.options))
         self.emit_before("enqueue", message, None)
         fused = message.options.pop("epq_fused", None)
-        msgs = f"{self.namespace}:{queue}.msgs"
+        msgs = keys.messages(self.namespace, queue)
         if fused is None:
             self._lane_enqueue(keys=[msgs, lane], args=[rid, message.encode()])
         else:
@@ -326,20 +131,64 @@ class LaneRedisBroker(RedisBroker):
         self.emit_after("enqueue", message, None)
         return message
 
+    def _scheduled_options(self) -> dict[str, Any]:
+        return {"redis_message_id": new_id()}  # what the schedule's move into the lanes files it under
+
     def lane_enqueue(self, message: dramatiq.Message[Any], *, pipe: Any = None) -> None:
         """Put a message (with its ``redis_message_id``) on its lane; no hooks, no record.
         With ``pipe``, only queue the command on that pipeline."""
         queue = message.queue_name
-        keys = [
-            f"{self.namespace}:{queue}.msgs",
-            redis_lane_key(self.namespace, queue, lane_of(message.options)),
-        ]
-        self._lane_enqueue(
-            keys=keys, args=[message.options["redis_message_id"], message.encode()], client=pipe
-        )
+        lane = keys.lane(self.namespace, queue, lane_of(message.options))
+        args = [message.options["redis_message_id"], message.encode()]
+        self._lane_enqueue(keys=[keys.messages(self.namespace, queue), lane], args=args, client=pipe)
+
+    def _prepare_immediate(self, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
+        return message.copy(options={"redis_message_id": new_id()})
+
+    def _publish_batch(self, items: Sequence[tuple[dramatiq.Message[Any], int | None]]) -> None:
+        """One MULTI/EXEC: every message or none (the schedule too, when it lives here)."""
+        store = self.epq_store
+        same = isinstance(store, RedisStateStore) and store.client is self.client
+        pipe = self.client.pipeline(transaction=True)
+        elsewhere: list[str] = []
+        try:
+            for message, due in items:
+                if due is None:
+                    self.lane_enqueue(message, pipe=pipe)
+                elif same:
+                    assert isinstance(store, RedisStateStore)
+                    store.schedule_add(message.encode(), due, pipe=pipe)
+                else:
+                    assert store is not None
+                    elsewhere.append(store.schedule_add(message.encode(), due))
+            pipe.execute()
+        except BaseException:
+            if elsewhere and store is not None:
+                store.schedule_remove(elsewhere)
+            raise
+
+    def _enqueue_fused(
+        self, message: dramatiq.Message[Any], fused: dict[str, Any], msgs: str, lane: str
+    ) -> None:
+        """Lock, record and message in one script (``JobRecords`` left them in ``epq_fused``)."""
+        record = keys.job(message.message_id)
+        script_keys = [record, keys.STATS, fused["lock_key"] or record, msgs, lane]
+        fields = fused["fields"]
+        data = encode(message)  # (not from the record's payload JSON: a hook may have changed it)
+        args: list[Any] = [message.message_id, fused["ttl"], fused["holder"], max(1, fused["lock_ttl"])]
+        counter = counter_group(fields["queue"], fields["priority"], fields["state"])
+        args += [message.options["redis_message_id"], data, counter, *flat_fields(fields)]
+        with ScriptStream(self._kept, self._enqueue_recorded) as call:  # (thinner than redis-py's)
+            call.send(script_keys, args)
+            current = call.read()
+        if current:
+            holder = current.decode()
+            raise DuplicateJob(message.actor_name, holder_id(holder), holder=holder)
+
+    # ---- bulk enqueue -------------------------------------------------------------------------
 
     def bulk_call(self, jobs: Sequence[BulkJob]) -> tuple[list[str], list[Any]]:
-        """The keys and arguments of one ``ENQUEUE_MANY_RECORDED`` call enqueueing ``jobs``
+        """The keys and arguments of one ``enqueue_many_recorded`` call enqueueing ``jobs``
         (immediate jobs with their records and locks). Other middleware's ``before_enqueue``
         hooks run here, for each message."""
         before = foreign_hooks(self, "before_enqueue")
@@ -364,8 +213,8 @@ class LaneRedisBroker(RedisBroker):
             else:
                 data = "" if templated[number] else encode(message, job.args_json)
             job_args += [number, message.message_id, job.lock_key, data, job.args_json]
-        head = [JOB_KEY_PREFIX, OPEN_RECORD_TTL_MS, self.namespace, BULK_TOKEN_TTL_MS, len(groups)]
-        return [STATS_KEY, BULK_TOKEN_PREFIX + new_id()], head + group_args + job_args
+        head = [keys.JOB_PREFIX, OPEN_RECORD_TTL_MS, self.namespace, BULK_TOKEN_TTL_MS, len(groups)]
+        return [keys.STATS, keys.bulk_token(new_id())], head + group_args + job_args
 
     def bulk_replies(self, jobs: Sequence[BulkJob], reply: list[Any]) -> list[str | None]:
         """For each job of a ``bulk_call``, from its reply: None when enqueued, or the holder value
@@ -383,70 +232,66 @@ class LaneRedisBroker(RedisBroker):
         """A connection to make ``bulk_call`` calls on while preparing the next one."""
         return ScriptStream(self._kept, self._enqueue_many_recorded)
 
-    def _enqueue_fused(
-        self, message: dramatiq.Message[Any], fused: dict[str, Any], msgs: str, lane: str
-    ) -> None:
-        """Lock, record and message in one script (``JobRecords`` left them in ``epq_fused``)."""
-        record = job_key(message.message_id)
-        keys = [record, STATS_KEY, fused["lock_key"] or record, msgs, lane]
-        fields = fused["fields"]
-        data = encode(message)  # (not from the record's payload JSON: a hook may have changed it)
-        args: list[Any] = [message.message_id, fused["ttl"], fused["holder"], max(1, fused["lock_ttl"])]
-        counter = f"{fields['queue']}|{fields['priority']}|{fields['state']}"
-        args += [message.options["redis_message_id"], data, counter, *flat_fields(fields)]
-        with ScriptStream(self._kept, self._enqueue_recorded) as call:  # (thinner than redis-py's)
-            call.send(keys, args)
-            current = call.read()
-        if current:
-            holder = current.decode()
-            raise DuplicateJob(message.actor_name, holder_id(holder), holder=holder)
+    # ---- the schedule -------------------------------------------------------------------------
+
+    def promote_due(self, now_ms: int, limit: int) -> tuple[int, int | None] | None:
+        """Move due scheduled messages into the lanes in one script when the schedule lives in
+        this Redis (the count and the next due time); None otherwise (``epq.schedule`` claims and
+        publishes them instead)."""
+        store = self.epq_store
+        if isinstance(store, RedisStateStore) and store.client is self.client:
+            return store.schedule_move_to_redis_queues(now_ms, limit, self.namespace)
+        return None
+
+    # ---- consume ------------------------------------------------------------------------------
 
     @property
     def consumer_class(self) -> type[LaneConsumer]:
         return LaneConsumer
 
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
+        return super().consume(queue_name, prefetch, min(timeout, IDLE_POLL_MS))
+
     def fetch_lanes(self, queue_name: str, count: int) -> list[tuple[str, bytes]]:
         """Take up to ``count`` messages of ``queue_name`` for this worker, highest priority
         first: ``(redis message id, data)`` pairs."""
         ns = self.namespace
-        keys = [
-            f"{ns}:{queue_name}",
-            f"{ns}:{queue_name}.msgs",
-            f"{ns}:__acks__.{self.broker_id}.{queue_name}",
-            f"{ns}:__heartbeats__",
+        script_keys = [
+            keys.queue(ns, queue_name),
+            keys.messages(ns, queue_name),
+            keys.acks(ns, self.broker_id, queue_name),
+            keys.heartbeats(ns),
             *self.lane_keys(queue_name),
         ]
-        prefix = JOB_KEY_PREFIX if self.epq_records_fused else ""
+        prefix = keys.JOB_PREFIX if self.fused else ""
         args = [current_millis(), self.broker_id, count, REBALANCE_MAX, prefix]
-        out = self._lane_fetch(keys=keys, args=args)
+        out = self._lane_fetch(keys=script_keys, args=args)
         return [(out[i].decode(), out[i + 1]) for i in range(0, len(out), 2)]
 
     def ack_completed(self, queue_name: str, rid: str, job_id: str, ttl_ms: int) -> None:
         """Acknowledge a message and mark its job completed, in one script."""
         ns = self.namespace
-        keys = [
-            f"{ns}:__acks__.{self.broker_id}.{queue_name}",
-            f"{ns}:{queue_name}.msgs",
-            f"{ns}:__heartbeats__",
-            job_key(job_id),
-            STATS_KEY,
-            DEAD_KEY,
+        script_keys = [
+            keys.acks(ns, self.broker_id, queue_name),
+            keys.messages(ns, queue_name),
+            keys.heartbeats(ns),
+            *keys.record_keys(job_id),
         ]
         with ScriptStream(self._kept, self._ack_completed) as call:  # (thinner than redis-py's)
-            call.send(keys, [current_millis(), self.broker_id, rid, job_id, ttl_ms])
+            call.send(script_keys, [current_millis(), self.broker_id, rid, job_id, ttl_ms])
             call.read()
 
     def start_record(self, job_id: str, now_ms: int, ttl_ms: int) -> str | None:
         """``RecordStore.start`` for a job whose record lives in this Redis, on a kept connection
         (one call per job, as the ack: see ``ScriptStream``). Returns the state before."""
         with ScriptStream(self._kept, self._start_record) as call:
-            call.send([job_key(job_id), STATS_KEY, DEAD_KEY], [job_id, now_ms, ttl_ms])
+            call.send(keys.record_keys(job_id), [job_id, now_ms, ttl_ms])
             before = call.read()
         return before.decode() if before else None
 
     def heartbeat(self) -> None:
         """Tell other workers this one is alive (every fetch and ack does too)."""
-        self.client.zadd(f"{self.namespace}:__heartbeats__", {self.broker_id: current_millis()})
+        self.client.zadd(keys.heartbeats(self.namespace), {self.broker_id: current_millis()})
 
     def maintain(self, queue_name: str) -> None:
         """Run Dramatiq's queue maintenance for ``queue_name`` now: messages fetched by workers
@@ -468,6 +313,8 @@ class LaneRedisBroker(RedisBroker):
         ]
         self.scripts["dispatch"](keys=[self.namespace], args=args)
 
+    # ---- operators ----------------------------------------------------------------------------
+
     def flush(self, queue_name: str) -> None:
         self.client.delete(*self.lane_keys(queue_name))  # first, so no lane id outlives its message
         super().flush(queue_name)
@@ -475,9 +322,22 @@ class LaneRedisBroker(RedisBroker):
     def waiting(self, queue_name: str) -> int:
         """Messages of ``queue_name`` waiting to be fetched (every lane and the plain list)."""
         pipe = self.client.pipeline(transaction=False)
-        for key in [f"{self.namespace}:{queue_name}", *self.lane_keys(queue_name)]:
+        for key in [keys.queue(self.namespace, queue_name), *self.lane_keys(queue_name)]:
             pipe.llen(key)
         return sum(int(n) for n in pipe.execute())
+
+    def purge_dead_letters(self, queues: Iterable[str]) -> None:
+        """Empty Dramatiq's dead-letter queues (``<queue>.XQ``) of ``queues``."""
+        for queue in queues:
+            self.client.delete(*keys.dead_letters(self.namespace, queue))
+
+    def count_dead_letters(self, queues: Iterable[str]) -> dict[str, int]:
+        """How many messages the dead-letter queue (``<queue>.XQ``) of each of ``queues`` holds."""
+        queues = list(queues)
+        pipe = self.client.pipeline(transaction=False)
+        for queue in queues:
+            pipe.zcard(keys.dead_letters(self.namespace, queue)[0])
+        return {queue: int(n) for queue, n in zip(queues, pipe.execute(), strict=True)}
 
 
 class LaneConsumer(_RedisConsumer):
@@ -498,7 +358,7 @@ class LaneConsumer(_RedisConsumer):
       ``MAINTENANCE_INTERVAL_MS`` per consumer, not by chance.
     """
 
-    broker: LaneRedisBroker
+    broker: EpqRedisBroker
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
@@ -522,7 +382,7 @@ class LaneConsumer(_RedisConsumer):
                     self.misses = 0
                     self.queued_message_ids.add(message.message_id)
                     proxy = MessageProxy(message)
-                    if rid is not None and self.broker.epq_records_fused:
+                    if rid is not None and self.broker.fused:
                         proxy.epq_fused_ack = True  # type: ignore[attr-defined]  # see JobRecords
                     return proxy
                 now = time.monotonic()

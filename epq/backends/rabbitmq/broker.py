@@ -1,6 +1,7 @@
 """The RabbitMQ broker: Dramatiq's, with epq's durable delays and priority queues.
 
-Imported only when a RabbitMQ URL is used (``factory.build_broker`` picks it by scheme), so that
+Imported only when a RabbitMQ URL is used (``epq.backends.factory.build_broker`` picks it by
+scheme), so that
 a process on Redis or the stub broker never loads pika or Dramatiq's RabbitMQ broker.
 """
 
@@ -18,14 +19,13 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer, _Rabbit
 from dramatiq.common import dq_name, q_name
 from dramatiq.errors import ConnectionClosed
 
-from .. import wire
-from ..errors import BrokerUnavailable, QueueMismatch, StateUnavailable, describe_error
-from ..middleware import refuse_malformed
-from ..outage import must_requeue
-from ..priority import RABBITMQ_MAX_PRIORITY, amqp_priority, lane_of
-from ..schedule import DurableDelays
-from ..state import RedisStateStore
-from .urls import mask_url
+from ... import wire
+from ...errors import BrokerUnavailable, QueueMismatch, StateUnavailable, describe_error
+from ...middleware import refuse_malformed
+from ...outage import must_requeue
+from ...priority import RABBITMQ_MAX_PRIORITY, amqp_priority, lane_of
+from ..base import DurableDelays
+from ..urls import mask_url
 
 #: AMQP reply code for a queue declared again with different arguments.
 PRECONDITION_FAILED = 406
@@ -96,7 +96,8 @@ class EpqRabbitmqBroker(DurableDelays, RabbitmqBroker):
     that says how to migrate.
     """
 
-    #: The driver's errors an enqueue maps to ``BrokerUnavailable`` (see ``factory.unreachable_errors``).
+    #: The driver's errors an enqueue maps to ``BrokerUnavailable`` (see
+    #: ``epq.backends.errors.unreachable_errors``).
     epq_driver_errors: tuple[type[BaseException], ...] = (pika.exceptions.AMQPError,)
 
     def __init__(self, **kwargs: Any) -> None:
@@ -139,6 +140,10 @@ class EpqRabbitmqBroker(DurableDelays, RabbitmqBroker):
                 "their messages."
             ) from exc
 
+    def join_queue(self, queue_name: str, timeout_ms: int) -> None:
+        # RabbitMQ's counts lag: the queue must be seen empty several times in a row
+        self.join(queue_name, min_successes=3, idle_time=50, timeout=timeout_ms)
+
     def _prepare_immediate(self, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
         self.declare_queue(message.queue_name, ensure=True)
         if "broker_priority" not in message.options:
@@ -148,7 +153,7 @@ class EpqRabbitmqBroker(DurableDelays, RabbitmqBroker):
     def _publish_batch(self, items: Sequence[tuple[dramatiq.Message[Any], int | None]]) -> None:
         """Delayed messages go to the schedule first, then the rest in one AMQP transaction; if
         the transaction fails, the schedule entries are taken back."""
-        store = self.epq_state
+        store = self.epq_store
         scheduled: list[str] = []
         try:
             for message, due in items:
@@ -176,7 +181,7 @@ class EpqRabbitmqBroker(DurableDelays, RabbitmqBroker):
         except BaseException as exc:
             if isinstance(exc, (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError)):
                 del self.connection  # as Dramatiq's enqueue does: the next call connects again
-            if scheduled and isinstance(store, RedisStateStore):
+            if scheduled and store is not None:
                 store.schedule_remove(scheduled)
             raise
 

@@ -27,9 +27,10 @@ import pika
 import pika.exceptions
 from dramatiq.common import dq_name
 
-from .brokers.rabbitmq import PRECONDITION_FAILED, EpqRabbitmqBroker
-from .errors import ConfigurationError
-from .priority import RABBITMQ_MAX_PRIORITY, amqp_priority, lane_of
+from ...errors import ConfigurationError
+from ...priority import RABBITMQ_MAX_PRIORITY, amqp_priority, lane_of
+from ..base import served_queues
+from .broker import PRECONDITION_FAILED, EpqRabbitmqBroker
 
 #: Suffix of the holding queue a migration moves messages through.
 HOLDING_SUFFIX = ".epq-migrating"
@@ -58,7 +59,7 @@ def migrate_queues(broker: dramatiq.Broker) -> list[QueueMigration]:
     """Migrate every served queue of ``broker`` (RabbitMQ); other brokers need nothing."""
     if not isinstance(broker, EpqRabbitmqBroker):
         return []
-    queues = sorted(q for q in broker.get_declared_queues() if not q.endswith((".DQ", ".XQ")))
+    queues = served_queues(broker)
     connection = pika.BlockingConnection(broker.parameters)
     try:
         out = []

@@ -1,0 +1,370 @@
+"""What epq asks of a backend, in one place.
+
+A backend is a Dramatiq broker with epq's extras (:class:`EpqBroker`), a state store
+(:class:`StateStore`: uniqueness locks, the durable schedule, the clock) and a record store
+(:class:`RecordStore`: the job records). epq's semantics (``epq.middleware``, ``epq.schedule``,
+``epq.bulk``, ``epq.service``) use nothing else of a backend. Three backends implement them:
+``epq.backends.memory`` (Dramatiq's stub broker), ``epq.backends.redis`` and
+``epq.backends.rabbitmq`` (with a Redis for the state).
+
+Times are milliseconds since the epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+import dramatiq
+from dramatiq.common import q_name
+
+#: Every name epq gives a lock or key in a store starts with this.
+KEY_PREFIX = "epq:"
+
+Clock = Callable[[], float]
+"""Returns the current time in seconds since the epoch (like ``time.time``)."""
+
+
+def unique_lock_key(kind: str, digest: str) -> str:
+    """The name of a uniqueness lock: the kind and a digest of the unique fields."""
+    return f"{KEY_PREFIX}unique:{kind}:{digest}"
+
+
+# ---- uniqueness lock holders --------------------------------------------------------------------
+
+
+class Holder(NamedTuple):
+    """What a uniqueness lock's value records of the job holding it:
+    ``<job id>|<created ms>|<due ms>|<queue>|<priority>``, so that a duplicate can be answered
+    with the holder's details even without its record. The Lua scripts read the job id the same
+    way (``lua/lib/holder_id.lua``)."""
+
+    job_id: str
+    created_ms: int | None = None
+    due_ms: int | None = None
+    queue: str | None = None
+    priority: int | None = None
+
+    @staticmethod
+    def tail(created_ms: int, due_ms: int, queue_name: str, priority: object) -> str:
+        """The value after the job id (``|created|due|queue|priority``)."""
+        return f"|{created_ms}|{due_ms}|{q_name(queue_name)}|{priority}"
+
+    @classmethod
+    def parse(cls, value: str) -> Holder:
+        """The parts of a holder value; only ``job_id`` when the rest cannot be read."""
+        parts = value.split("|")
+        try:
+            return cls(parts[0], int(parts[1]), int(parts[2]), parts[3], int(parts[4]))
+        except (IndexError, ValueError):
+            return cls(parts[0])
+
+
+def holder_id(holder: str) -> str:
+    """The job id of a holder value."""
+    return Holder.parse(holder).job_id
+
+
+# ---- the state store ---------------------------------------------------------------------------
+
+
+class StateStore(Protocol):
+    """Uniqueness locks, the durable schedule and the clock, shared by every process of a
+    deployment: the broker's Redis, the Redis named by ``EPQ_STATE_URL`` next to RabbitMQ, or
+    memory (with an injectable clock) for the stub broker."""
+
+    def acquire_unique(self, key: str, holder: str, ttl_ms: int) -> str | None:
+        """Take ``key`` for ``holder`` for ``ttl_ms`` unless someone else holds it.
+
+        Returns None when taken (or already held by the same holder id), otherwise the current
+        holder's value. Atomic across every process using the store.
+        """
+
+    def release_unique(self, key: str, job_id: str) -> bool:
+        """Delete ``key`` if the holder stored there is ``job_id``; return whether it was."""
+
+    def get_unique(self, key: str) -> str | None:
+        """The holder value stored at ``key``, or None."""
+
+    def now_ms(self) -> int:
+        """The store's clock, in milliseconds since the epoch."""
+
+    def schedule_add(self, data: bytes, due_ms: int, *, entry: str | None = None) -> str:
+        """Keep an encoded message until ``due_ms``; return the schedule entry's id (``entry``, so
+        that adding it again is harmless, or a new one)."""
+
+    def schedule_remove(self, entry_ids: Sequence[str]) -> None:
+        """Forget entries that were never claimed (a batch that failed half-way)."""
+
+    def schedule_claim(
+        self, now_ms: int, lease_ms: int, limit: int
+    ) -> tuple[list[tuple[str, bytes]], int | None]:
+        """Claim up to ``limit`` due entries for ``lease_ms`` (entries whose lease ran out are due
+        again). Return ``(entry id, message)`` pairs and the next due time in the schedule."""
+
+    def schedule_ack(self, entry_ids: Sequence[str]) -> None:
+        """Forget claimed entries once their messages are on the broker."""
+
+    def schedule_size(self) -> int:
+        """Entries waiting or claimed."""
+
+    def schedule_claimed(self) -> int:
+        """Entries claimed by a promoter and not yet forgotten."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+# ---- the record store --------------------------------------------------------------------------
+
+
+class NewRecord(NamedTuple):
+    """A record to write, with the uniqueness lock to take first (``lock_key`` '' for none)."""
+
+    job_id: str
+    fields: Mapping[str, str]
+    ttl_ms: int
+    lock_key: str = ""
+    holder: str = ""
+    lock_ttl_ms: int = 0
+
+
+class RecordStore(Protocol):
+    """Job records: a record per job with the fields of :class:`epq.JobRecord` (as strings; times
+    in ms), per ``queue|priority|state`` counters and an index of dead (discarded) jobs, each
+    transition one atomic step."""
+
+    def create(self, job_id: str, fields: Mapping[str, str], ttl_ms: int) -> None:
+        """Write a new record (``fields`` include ``state``, ``queue`` and ``priority``)."""
+
+    def create_locked(
+        self,
+        job_id: str,
+        fields: Mapping[str, str],
+        ttl_ms: int,
+        lock_key: str,
+        holder: str,
+        lock_ttl_ms: int,
+    ) -> str | None:
+        """Take the uniqueness lock and write the record, atomically; if another job holds the
+        lock, write nothing and return its holder value."""
+
+    def create_many(self, entries: Sequence[NewRecord]) -> list[str | None]:
+        """``create``/``create_locked`` for each entry, in order, in one round trip; for each, None
+        when written, or the holder value of the job that holds its lock."""
+
+    def move(
+        self,
+        job_id: str,
+        state: str,
+        fields: Mapping[str, str],
+        ttl_ms: int,
+        allowed_from: Sequence[str] = (),
+    ) -> str | None:
+        """Set ``state`` (if the current state is in ``allowed_from``, or always when empty).
+
+        Returns the state before, or None when there is no record."""
+
+    def start(self, job_id: str, now_ms: int, ttl_ms: int) -> str | None:
+        """Mark the job running, one more attempt; returns the state before (``cancelled``: not
+        started)."""
+
+    def fail(
+        self, job_id: str, state: str, error: Mapping[str, Any], fields: Mapping[str, str], ttl_ms: int
+    ) -> None:
+        """Append an attempt error and set ``state``."""
+
+    def get(self, job_id: str) -> dict[str, str] | None: ...
+
+    def get_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]:
+        """``get`` for each id, in one round trip."""
+
+    def find_ids(self, prefix: str, limit: int) -> list[str]:
+        """Ids of (at most ``limit``) jobs with a record whose id starts with ``prefix``, in no
+        particular order. Scans every record: for operators, not for hot paths.
+
+        Raises:
+          ValueError: ``prefix`` fails :func:`epq.records.check_id_prefix`.
+        """
+
+    def delete(self, job_id: str) -> None: ...
+
+    def dead_ids(self, limit: int) -> list[str]:
+        """Ids of discarded jobs, newest first."""
+
+    def forget_dead(self, job_ids: Iterable[str]) -> None: ...
+
+    def counters(self) -> dict[str, int]:
+        """``queue|priority|state`` -> number of jobs in that state."""
+
+
+def counter_group(queue: str, priority: object, state: str) -> str:
+    """The name of a record counter (``queue|priority|state``), as the scripts make it too."""
+    return f"{queue}|{priority}|{state}"
+
+
+def split_counter_group(group: str) -> tuple[str, int, str]:
+    """``(queue, priority, state)`` of a counter's name."""
+    queue, priority, state = group.rsplit("|", 2)
+    return queue, int(priority), state
+
+
+# ---- bulk enqueue in one call (the Redis backend with its records beside the queues) ------------
+
+
+class BulkGroup(NamedTuple):
+    """What the jobs of one group of a bulk enqueue share: their record fields but ``args`` and
+    ``unique_key``, and, for jobs that take a lock, their lock's holder value after the job id
+    (see ``Holder.tail``) and ttl."""
+
+    fields: Mapping[str, str]
+    holder_tail: str = ""
+    lock_ttl_ms: int = 0
+
+
+class BulkJob(NamedTuple):
+    """An immediate job for a bulk enqueue (``EpqRedisBroker.bulk_call``): its message, its group
+    (jobs of one group pass the same object), its payload as JSON and the key it locks ('' for
+    none)."""
+
+    message: Any
+    group: BulkGroup
+    args_json: str
+    lock_key: str = ""
+
+
+# ---- the broker --------------------------------------------------------------------------------
+
+
+class EpqBroker(Protocol):
+    """What epq asks of a broker besides Dramatiq's ``Broker`` interface (every epq broker is
+    a :class:`DurableDelays`)."""
+
+    def enqueue_batch(
+        self, items: Sequence[tuple[dramatiq.Message[Any], int | None]]
+    ) -> list[dramatiq.Message[Any]]: ...
+
+    def purge_dead_letters(self, queues: Iterable[str]) -> None: ...
+
+    def count_dead_letters(self, queues: Iterable[str]) -> dict[str, int]: ...
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What epq keeps beside a broker it built, reachable from the broker as ``broker.epq`` (see
+    :func:`backend_of`): the one place epq's context rides on a Dramatiq object."""
+
+    #: The URL the broker was built from, its password masked (for messages).
+    url: str
+    state: StateStore
+    records: RecordStore
+    #: The records and locks live in the broker's own Redis: an enqueue writes them in the same
+    #: script as the message, and the ack completes the record (see ``EpqRedisBroker``).
+    fused: bool = False
+
+
+def backend_of(broker: object) -> Backend | None:
+    """The :class:`Backend` of a broker epq built, None for any other broker."""
+    backend = getattr(broker, "epq", None)
+    return backend if isinstance(backend, Backend) else None
+
+
+def display_url(broker: dramatiq.Broker) -> str:
+    """The masked URL a broker was built from (``"<unknown>"`` for brokers epq did not build)."""
+    backend = backend_of(broker)
+    return backend.url if backend is not None else "<unknown>"
+
+
+def is_served(broker: dramatiq.Broker, queue_name: str) -> bool:
+    """Whether a broker serves ``queue_name``: it is declared, and not one of Dramatiq's delay
+    (``.DQ``) or dead-letter (``.XQ``) queues."""
+    return queue_name in broker.get_declared_queues() and not queue_name.endswith((".DQ", ".XQ"))
+
+
+def served_queues(broker: dramatiq.Broker) -> list[str]:
+    """The queues a broker serves (see :func:`is_served`), sorted."""
+    return sorted(q for q in broker.get_declared_queues() if is_served(broker, q))
+
+
+class DurableDelays:
+    """Broker mixin: a delayed ``enqueue`` goes to the state store's schedule, not to a ``.DQ``
+    (see ``epq.schedule``), and ``enqueue_batch`` enqueues many messages at once.
+
+    ``epq`` is set by :func:`epq.backends.factory.build_backend`; without it the broker behaves
+    as Dramatiq's.
+    """
+
+    epq: Backend | None = None
+
+    @property
+    def epq_store(self) -> StateStore | None:
+        """The state store whose schedule keeps this broker's delayed messages."""
+        return self.epq.state if self.epq is not None else None
+
+    def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
+        broker: Any = self
+        store = self.epq_store
+        if not delay or delay <= 0 or store is None:
+            return super().enqueue(message, delay=None)  # type: ignore[misc, no-any-return]
+        message, due_ms = self._to_schedule(message, delay)
+        broker.emit_before("enqueue", message, delay)
+        # one entry per job and attempt: a retry's scheduling sent again after a lost reply
+        # (epq.outage) writes the same entry, not a second one
+        entry = f"{message.message_id}:{message.options.get('retries', 0)}"
+        store.schedule_add(message.encode(), due_ms, entry=entry)
+        broker.emit_after("enqueue", message, delay)
+        return message
+
+    def _to_schedule(self, message: dramatiq.Message[Any], delay: int) -> tuple[dramatiq.Message[Any], int]:
+        """The message as it waits in the schedule, and its due time."""
+        assert self.epq_store is not None
+        due_ms = self.epq_store.now_ms() + int(delay)
+        options: dict[str, Any] = {"epq_due_ms": due_ms, **self._scheduled_options()}
+        message = message.copy(queue_name=q_name(message.queue_name), options=options)
+        message.options.pop("eta", None)
+        return message, due_ms
+
+    def _scheduled_options(self) -> dict[str, Any]:
+        """Options a message gets as it goes into the schedule (a broker's own ids, say)."""
+        return {}
+
+    def enqueue_batch(
+        self, items: Sequence[tuple[dramatiq.Message[Any], int | None]]
+    ) -> list[dramatiq.Message[Any]]:
+        """Enqueue ``(message, delay ms)`` pairs in as few round trips as the broker allows, all or
+        nothing (what a broker cannot take back is said on its ``_publish_batch``). Every
+        middleware's enqueue hooks run for each message, as for ``enqueue``."""
+        broker: Any = self
+        prepared: list[tuple[dramatiq.Message[Any], int | None, int | None]] = []
+        for message, delay in items:
+            due: int | None = None
+            if delay and delay > 0 and self.epq_store is not None:
+                message, due = self._to_schedule(message, delay)
+            else:
+                message, delay = broker._prepare_immediate(message), None
+            broker.emit_before("enqueue", message, delay)
+            prepared.append((message, due, delay))
+        broker._publish_batch([(m, due) for m, due, _ in prepared])
+        for message, _, delay in prepared:
+            broker.emit_after("enqueue", message, delay)
+        return [m for m, _, _ in prepared]
+
+    def _prepare_immediate(self, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
+        return message
+
+    def join_queue(self, queue_name: str, timeout_ms: int) -> None:
+        """Wait until ``queue_name`` is empty and nothing of it is in flight (for tests:
+        ``epq.testing.drain``)."""
+        broker: Any = self
+        broker.join(queue_name, timeout=timeout_ms)
+
+    def promote_due(self, now_ms: int, limit: int) -> tuple[int, int | None] | None:
+        """Move due scheduled messages onto their queues in one atomic step, if this broker can
+        (the count moved and the next due time); None when it cannot, and ``epq.schedule``
+        claims and publishes them one by one instead."""
+        return None
+
+    def _publish_batch(self, items: Sequence[tuple[dramatiq.Message[Any], int | None]]) -> None:
+        """Publish prepared messages; ``due`` (ms) set means: into the schedule."""
+        raise NotImplementedError  # pragma: no cover - every epq broker has one

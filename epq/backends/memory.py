@@ -1,0 +1,431 @@
+"""The memory backend: Dramatiq's stub broker with epq's durable delays and priority-ordered
+queues, and the state and records in this process's memory, on a clock tests can stop
+(:class:`FakeClock`). What ``stub://`` builds, and what the pytest plugin (``epq.testing``) uses.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from queue import Empty, Queue
+from typing import Any
+
+import dramatiq
+from dramatiq.brokers.stub import StubBroker, _StubConsumer, _StubMessageProxy
+from dramatiq.common import dq_name
+from dramatiq.errors import QueueNotFound
+
+from .. import wire
+from ..errors import StateUnavailable
+from ..middleware import refuse_malformed
+from ..outage import must_requeue
+from ..priority import LANES, lane_of
+from ..records import MAX_ERRORS, check_id_prefix
+from .base import Clock, DurableDelays, NewRecord, counter_group, holder_id
+
+
+class FakeClock:
+    """A clock that only moves when told to; pass it to :class:`MemoryStateStore`."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self._now = time.time() if start is None else start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward by ``seconds``."""
+        with self._lock:
+            self._now += seconds
+
+
+class MemoryStateStore:
+    """State in this process's memory, for the stub broker. ``clock`` decides what time it is."""
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        self.clock: Clock = clock or time.time
+        self._lock = threading.Lock()
+        self._values: dict[str, tuple[str, float]] = {}  # key -> (value, expires at, seconds)
+        self._due: list[tuple[int, str]] = []  # heap of (due ms, entry id)
+        self._data: dict[str, bytes] = {}
+        self._claimed: dict[str, int] = {}  # entry id -> lease end (ms)
+
+    def schedule_add(self, data: bytes, due_ms: int, *, entry: str | None = None) -> str:
+        entry = entry or uuid.uuid4().hex
+        with self._lock:
+            if entry in self._data:
+                return entry
+            self._data[entry] = data
+            heapq.heappush(self._due, (due_ms, entry))
+        return entry
+
+    def schedule_remove(self, entry_ids: Sequence[str]) -> None:
+        with self._lock:
+            for entry in entry_ids:
+                self._data.pop(entry, None)  # (its place in the heap is passed over when due)
+
+    def schedule_claim(
+        self, now_ms: int, lease_ms: int, limit: int
+    ) -> tuple[list[tuple[str, bytes]], int | None]:
+        out: list[tuple[str, bytes]] = []
+        with self._lock:
+            for entry, lease_end in list(self._claimed.items()):
+                if lease_end <= now_ms:
+                    del self._claimed[entry]
+                    heapq.heappush(self._due, (now_ms, entry))
+            while self._due and self._due[0][0] <= now_ms and len(out) < limit:
+                _, entry = heapq.heappop(self._due)
+                data = self._data.get(entry)
+                if data is not None:
+                    self._claimed[entry] = now_ms + lease_ms
+                    out.append((entry, data))
+            return out, self._due[0][0] if self._due else None
+
+    def schedule_ack(self, entry_ids: Sequence[str]) -> None:
+        with self._lock:
+            for entry in entry_ids:
+                self._claimed.pop(entry, None)
+                self._data.pop(entry, None)
+
+    def schedule_size(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+    def schedule_claimed(self) -> int:
+        with self._lock:
+            return len(self._claimed)
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def _live(self, key: str) -> str | None:
+        item = self._values.get(key)
+        if item is None:
+            return None
+        if item[1] <= self.clock():
+            del self._values[key]
+            return None
+        return item[0]
+
+    def acquire_unique(self, key: str, holder: str, ttl_ms: int) -> str | None:
+        with self._lock:
+            current = self._live(key)
+            if current is None:
+                self._values[key] = (holder, self.clock() + max(1, int(ttl_ms)) / 1000)
+                return None
+            if holder_id(current) == holder_id(holder):
+                return None
+            return current
+
+    def release_unique(self, key: str, job_id: str) -> bool:
+        with self._lock:
+            current = self._live(key)
+            if current is not None and holder_id(current) == job_id:
+                del self._values[key]
+                return True
+            return False
+
+    def get_unique(self, key: str) -> str | None:
+        with self._lock:
+            return self._live(key)
+
+    def ttl_ms(self, key: str) -> int | None:
+        """Milliseconds left on ``key`` (None when absent); for tests."""
+        with self._lock:
+            if self._live(key) is None:
+                return None
+            return int((self._values[key][1] - self.clock()) * 1000)
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryRecords:
+    """Job records in memory (stub broker), on the state store's clock."""
+
+    def __init__(self, state: MemoryStateStore) -> None:
+        self.state = state
+        self._lock = threading.Lock()
+        self._records: dict[str, tuple[dict[str, str], int]] = {}  # id -> (fields, expires ms)
+        self._stats: dict[str, int] = {}
+        self._dead: dict[str, int] = {}
+
+    def _live(self, job_id: str) -> dict[str, str] | None:
+        item = self._records.get(job_id)
+        if item is None:
+            return None
+        if item[1] <= self.state.now_ms():
+            self._drop(job_id)
+            return None
+        return item[0]
+
+    def _drop(self, job_id: str) -> None:
+        fields, _ = self._records.pop(job_id)
+        self._count(fields, fields["state"], -1)
+        self._dead.pop(job_id, None)
+
+    def _count(self, fields: Mapping[str, str], state: str, delta: int) -> None:
+        group = counter_group(fields["queue"], fields["priority"], state)
+        self._stats[group] = self._stats.get(group, 0) + delta
+
+    def _set_state(self, job_id: str, fields: dict[str, str], state: str) -> str | None:
+        old = fields.get("state")
+        if old is not None:
+            self._count(fields, old, -1)
+        self._count(fields, state, 1)
+        fields["state"] = state
+        if state == "discarded":
+            self._dead[job_id] = self.state.now_ms()
+        elif old == "discarded":
+            self._dead.pop(job_id, None)
+        return old
+
+    def _expire(self, job_id: str, ttl_ms: int) -> None:
+        fields, _ = self._records[job_id]
+        self._records[job_id] = (fields, self.state.now_ms() + ttl_ms)
+
+    def create_locked(
+        self,
+        job_id: str,
+        fields: Mapping[str, str],
+        ttl_ms: int,
+        lock_key: str,
+        holder: str,
+        lock_ttl_ms: int,
+    ) -> str | None:
+        current = self.state.acquire_unique(lock_key, holder, lock_ttl_ms)
+        if current is None:
+            self.create(job_id, fields, ttl_ms)
+        return current
+
+    def create_many(self, entries: Sequence[NewRecord]) -> list[str | None]:
+        out: list[str | None] = []
+        for e in entries:
+            if e.lock_key:
+                out.append(
+                    self.create_locked(e.job_id, e.fields, e.ttl_ms, e.lock_key, e.holder, e.lock_ttl_ms)
+                )
+            else:
+                self.create(e.job_id, e.fields, e.ttl_ms)
+                out.append(None)
+        return out
+
+    def create(self, job_id: str, fields: Mapping[str, str], ttl_ms: int) -> None:
+        with self._lock:
+            record = {k: v for k, v in fields.items() if k != "state"}
+            self._records[job_id] = (record, 0)
+            self._set_state(job_id, record, fields["state"])
+            self._expire(job_id, ttl_ms)
+
+    def move(
+        self,
+        job_id: str,
+        state: str,
+        fields: Mapping[str, str],
+        ttl_ms: int,
+        allowed_from: Sequence[str] = (),
+    ) -> str | None:
+        with self._lock:
+            record = self._live(job_id)
+            if record is None:
+                return None
+            old = record["state"]
+            if allowed_from and old not in allowed_from:
+                return old
+            record.update(fields)
+            self._set_state(job_id, record, state)
+            if ttl_ms > 0:
+                self._expire(job_id, ttl_ms)
+            return old
+
+    def start(self, job_id: str, now_ms: int, ttl_ms: int) -> str | None:
+        with self._lock:
+            record = self._live(job_id)
+            if record is None:
+                return None
+            old = record["state"]
+            if old == "cancelled":
+                return old
+            self._set_state(job_id, record, "running")
+            record["attempt"] = str(int(record.get("attempt", "0")) + 1)
+            record["attempted_at"] = str(now_ms)
+            self._expire(job_id, ttl_ms)
+            return old
+
+    def fail(
+        self, job_id: str, state: str, error: Mapping[str, Any], fields: Mapping[str, str], ttl_ms: int
+    ) -> None:
+        with self._lock:
+            record = self._live(job_id)
+            if record is None:
+                return
+            errors = json.loads(record.get("errors", "[]"))
+            errors = [*errors, {**error, "attempt": int(record.get("attempt", "0"))}][-MAX_ERRORS:]
+            record["errors"] = json.dumps(errors)
+            record.update(fields)
+            self._set_state(job_id, record, state)
+            self._expire(job_id, ttl_ms)
+
+    def get(self, job_id: str) -> dict[str, str] | None:
+        with self._lock:
+            record = self._live(job_id)
+            return dict(record) if record is not None else None
+
+    def get_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]:
+        return [self.get(job_id) for job_id in job_ids]
+
+    def find_ids(self, prefix: str, limit: int) -> list[str]:
+        check_id_prefix(prefix)
+        with self._lock:
+            candidates = [job_id for job_id in self._records if job_id.startswith(prefix)]
+            return [job_id for job_id in candidates if self._live(job_id) is not None][:limit]
+
+    def delete(self, job_id: str) -> None:
+        with self._lock:
+            if self._live(job_id) is not None:
+                self._drop(job_id)
+
+    def dead_ids(self, limit: int) -> list[str]:
+        with self._lock:
+            ids = sorted(self._dead, key=lambda i: self._dead[i], reverse=True)
+            return [i for i in ids if self._live(i) is not None][:limit]
+
+    def forget_dead(self, job_ids: Iterable[str]) -> None:
+        for job_id in job_ids:
+            self.delete(job_id)
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            for job_id in list(self._records):
+                self._live(job_id)
+            return dict(self._stats)
+
+
+class LaneQueue(Queue):  # type: ignore[type-arg]
+    """A FIFO queue per lane behind :class:`queue.Queue`'s interface; ``get`` serves lane 1 first.
+
+    Items are encoded messages (the stub broker's queue items).
+    """
+
+    def _init(self, maxsize: int) -> None:
+        self._lanes: dict[int, deque[bytes]] = {lane: deque() for lane in LANES}
+
+    def _qsize(self) -> int:
+        return sum(len(lane) for lane in self._lanes.values())
+
+    def _put(self, item: bytes) -> None:
+        try:
+            options = json.loads(item).get("options") or {}
+        except (ValueError, AttributeError):
+            options = {}
+        self._lanes[lane_of(options if isinstance(options, dict) else {})].append(item)
+
+    def _get(self) -> bytes:
+        for lane in LANES:
+            if self._lanes[lane]:
+                return self._lanes[lane].popleft()
+        raise IndexError("get from an empty LaneQueue")  # pragma: no cover - Queue checks qsize first
+
+
+class EpqStubConsumer(_StubConsumer):
+    """Dramatiq's stub consumer, checking messages as they come off the queue (``epq.wire``:
+    a malformed one is recorded and dropped) and giving back a message the worker could not
+    finish because the state store was unreachable (``epq.outage``)."""
+
+    def __init__(self, broker: EpqStubBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+        super().__init__(  # type: ignore[no-untyped-call]
+            broker.queues[queue_name], broker.dead_letters_by_queue[queue_name], prefetch, timeout
+        )
+        self.broker = broker
+        self.queue_name = queue_name
+
+    def __next__(self) -> Any:
+        if not self.prefetch_semaphore.acquire(timeout=self.timeout / 1000):
+            return None
+        try:
+            data = self.queue.get(timeout=self.timeout / 1000)
+        except Empty:
+            self.prefetch_semaphore.release()
+            return None
+        try:
+            return _StubMessageProxy(wire.decode(data, self.broker.actors))
+        except wire.MalformedMessage as exc:
+            try:
+                refuse_malformed(self.broker, self.queue_name, exc)
+            except StateUnavailable:  # (a stub's state store is memory: not in practice)
+                self.queue.put(data)
+            self.queue.task_done()
+            self.prefetch_semaphore.release()
+            return None
+
+    def ack(self, message: Any) -> None:
+        if must_requeue(message):
+            self.queue.put(message.encode())
+        super().ack(message)  # type: ignore[no-untyped-call]
+
+    def nack(self, message: Any) -> None:
+        if must_requeue(message):
+            self.queue.put(message.encode())
+            super().ack(message)  # type: ignore[no-untyped-call]
+            return
+        super().nack(message)  # type: ignore[no-untyped-call]
+
+    def requeue(self, messages: Any) -> None:
+        """Put back what a stopping worker fetched but never ran (Dramatiq's stub consumer drops
+        it, and the queue then waits for it forever)."""
+        for message in messages:
+            self.queue.put(message.encode())
+            super().ack(message)  # type: ignore[no-untyped-call]  # (its fetch is done with)
+
+
+class EpqStubBroker(DurableDelays, StubBroker):
+    """Dramatiq's stub broker with epq's durable delays and priority-ordered queues."""
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 100) -> EpqStubConsumer:
+        if queue_name not in self.queues:
+            raise QueueNotFound(queue_name)  # type: ignore[no-untyped-call]
+        return EpqStubConsumer(self, queue_name, prefetch, timeout)
+
+    def join_queue(self, queue_name: str, timeout_ms: int) -> None:
+        # (a failed job is epq.testing.drain's to report, after the queues are empty)
+        self.join(queue_name, timeout=timeout_ms, fail_fast=False)
+
+    def _prepare_immediate(self, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
+        if message.queue_name not in self.queues:
+            raise QueueNotFound(message.queue_name)  # type: ignore[no-untyped-call]
+        return message
+
+    def _publish_batch(self, items: Sequence[tuple[dramatiq.Message[Any], int | None]]) -> None:
+        for message, due in items:
+            if due is None:
+                self.queues[message.queue_name].put(message.encode())
+            else:
+                assert self.epq_store is not None
+                self.epq_store.schedule_add(message.encode(), due)
+
+    def declare_queue(self, queue_name: str) -> None:
+        if queue_name in self.queues:
+            return
+        self.emit_before("declare_queue", queue_name)
+        self.queues[queue_name] = LaneQueue()
+        self.emit_after("declare_queue", queue_name)
+        delayed_name = dq_name(queue_name)
+        self.queues[delayed_name] = Queue()
+        self.delay_queues.add(delayed_name)
+        self.emit_after("declare_delay_queue", delayed_name)
+
+    def purge_dead_letters(self, queues: Iterable[str]) -> None:
+        """Empty the dead-letter queues of ``queues``."""
+        for queue in queues:
+            self.dead_letters_by_queue[queue].clear()
+
+    def count_dead_letters(self, queues: Iterable[str]) -> dict[str, int]:
+        """How many messages the dead-letter queue of each of ``queues`` holds."""
+        return {queue: len(self.dead_letters_by_queue[queue]) for queue in queues}

@@ -1,0 +1,69 @@
+"""Every Redis key epq reads or writes: its own (``epq:*``) and those of Dramatiq's Redis layout
+that it writes into. A key's format is written here once; the Lua scripts get keys as ``KEYS``
+(or, where a script makes them itself, the prefix from here as an argument)."""
+
+from __future__ import annotations
+
+from ..base import KEY_PREFIX
+
+# ---- epq's own ---------------------------------------------------------------------------------
+
+#: The durable schedule: entry ids by due time (ms), their messages, claimed entries by lease end,
+#: and entries the Redis promotion could not read (set aside rather than block the schedule).
+SCHEDULE = KEY_PREFIX + "schedule"
+SCHEDULE_DATA = KEY_PREFIX + "schedule:data"
+SCHEDULE_CLAIMED = KEY_PREFIX + "schedule:claimed"
+SCHEDULE_UNREADABLE = SCHEDULE_DATA + ":unreadable"
+#: Job records (a hash per job), per queue|priority|state counters, and dead jobs by time.
+JOB_PREFIX = KEY_PREFIX + "job:"
+STATS = KEY_PREFIX + "stats"
+DEAD = KEY_PREFIX + "dead"
+#: Each bulk enqueue script call leaves its reply under a token key of its own.
+BULK_TOKEN_PREFIX = KEY_PREFIX + "bulk:"
+
+
+def job(job_id: str) -> str:
+    """The hash of a job's record."""
+    return JOB_PREFIX + job_id
+
+
+def record_keys(job_id: str) -> list[str]:
+    """What every record script takes first: the record, the counters, the dead index."""
+    return [JOB_PREFIX + job_id, STATS, DEAD]
+
+
+def bulk_token(token: str) -> str:
+    return BULK_TOKEN_PREFIX + token
+
+
+# ---- Dramatiq's Redis layout (namespace ``ns``, "dramatiq" by default) --------------------------
+
+
+def queue(ns: str, queue_name: str) -> str:
+    """Dramatiq's list of a queue's waiting message ids (epq's lanes empty it as they fetch)."""
+    return f"{ns}:{queue_name}"
+
+
+def messages(ns: str, queue_name: str) -> str:
+    """The hash of a queue's messages by their ``redis_message_id``."""
+    return f"{ns}:{queue_name}.msgs"
+
+
+def lane(ns: str, queue_name: str, priority: int) -> str:
+    """epq's list of a queue's waiting message ids of one priority (1..4)."""
+    return f"{ns}:{queue_name}.P{priority}"
+
+
+def acks(ns: str, worker_id: str, queue_name: str) -> str:
+    """The set of message ids a worker fetched from a queue and has not acknowledged."""
+    return f"{ns}:__acks__.{worker_id}.{queue_name}"
+
+
+def heartbeats(ns: str) -> str:
+    """Worker ids by their last heartbeat (ms)."""
+    return f"{ns}:__heartbeats__"
+
+
+def dead_letters(ns: str, queue_name: str) -> tuple[str, str]:
+    """A queue's dead-letter index (ids by time) and messages (``<queue>.XQ``)."""
+    return f"{ns}:{queue_name}.XQ", f"{ns}:{queue_name}.XQ.msgs"

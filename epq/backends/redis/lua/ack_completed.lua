@@ -1,0 +1,7 @@
+-- #include lib/complete_record.lua
+-- Acknowledge a message and mark its job completed, in one script.
+-- KEYS: this worker's ack set, message hash, heartbeats, record, stats, dead;
+-- ARGV: now ms, worker id, redis message id, job id, completed record ttl.
+redis.call('ZADD', KEYS[3], ARGV[1], ARGV[2])
+if redis.call('SREM', KEYS[1], ARGV[3]) > 0 then redis.call('HDEL', KEYS[2], ARGV[3]) end
+complete_record(KEYS[4], KEYS[5], KEYS[6], ARGV[4], ARGV[1], ARGV[5])

@@ -1,0 +1,20 @@
+-- #include lib/set_state.lua
+-- write_new: write a new record from its fields (a JSON object of strings, `state` among them).
+local function write_new(key, stats, dead, id, now, ttl, fields_json)
+  local fields = cjson.decode(fields_json)
+  local flat = {}
+  for name, value in pairs(fields) do
+    flat[#flat + 1] = name
+    flat[#flat + 1] = value
+  end
+  -- a record written again (same id) first leaves the counters of its old state
+  local old = redis.call('HGET', key, 'state')
+  if old then set_state(key, stats, dead, id, fields['state'], now) end
+  redis.call('HSET', key, unpack(flat))
+  if not old then
+    redis.call('HINCRBY', stats, fields['queue'] .. '|' .. fields['priority'] .. '|' .. fields['state'], 1)
+    if fields['state'] == 'discarded' then redis.call('ZADD', dead, now, id) end
+  end
+  redis.call('PEXPIRE', key, ttl)
+  return fields
+end

@@ -1,0 +1,222 @@
+"""epq's state and job records in Redis: every ``epq:*`` key (see ``keys``), each operation one
+round trip (a Lua script where it must be atomic)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import redis
+
+from ...records import MAX_ERRORS, check_id_prefix
+from ..base import NewRecord
+from . import keys, scripts
+
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def fields_json(fields: Mapping[str, str]) -> str:
+    """Record fields as the JSON object the create scripts take."""
+    return _compact_json(fields)
+
+
+def flat_fields(fields: Mapping[str, str]) -> list[str]:
+    """Record fields as name, value pairs (the arguments some scripts take)."""
+    out: list[str] = []
+    for name, value in fields.items():
+        out += [name, value]
+    return out
+
+
+def _text(reply: Any) -> str | None:
+    """A script's string reply as text (None for Lua's false)."""
+    if not reply:
+        return None
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
+class RedisStateStore:
+    """Uniqueness locks, the durable schedule and the clock in Redis."""
+
+    def __init__(self, client: redis.Redis[bytes]) -> None:
+        self.client = client
+        self._acquire = scripts.register(client, "lock_acquire")
+        self._release = scripts.register(client, "lock_release")
+        self._claim = scripts.register(client, "schedule_claim")
+        self._move = scripts.register(client, "schedule_move")
+
+    def schedule_add(self, data: bytes, due_ms: int, *, entry: str | None = None, pipe: Any = None) -> str:
+        """Add an entry; with ``pipe`` (a pipeline on this store's client) only queue the commands."""
+        entry = entry or uuid.uuid4().hex
+        own = pipe is None
+        if own:
+            pipe = self.client.pipeline(transaction=True)
+        pipe.hset(keys.SCHEDULE_DATA, entry, data)
+        pipe.zadd(keys.SCHEDULE, {entry: due_ms})
+        if own:
+            pipe.execute()
+        return entry
+
+    def schedule_remove(self, entry_ids: Sequence[str]) -> None:
+        self._forget(keys.SCHEDULE, entry_ids)
+
+    def _forget(self, index_key: str, entry_ids: Sequence[str]) -> None:
+        if entry_ids:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.zrem(index_key, *entry_ids)
+            pipe.hdel(keys.SCHEDULE_DATA, *entry_ids)
+            pipe.execute()
+
+    def schedule_claim(
+        self, now_ms: int, lease_ms: int, limit: int
+    ) -> tuple[list[tuple[str, bytes]], int | None]:
+        out, nxt = self._claim(
+            keys=[keys.SCHEDULE, keys.SCHEDULE_CLAIMED, keys.SCHEDULE_DATA],
+            args=[now_ms, now_ms + lease_ms, limit],
+        )
+        pairs = [(out[i].decode(), out[i + 1]) for i in range(0, len(out), 2)]
+        return pairs, int(float(nxt)) if nxt else None
+
+    def schedule_ack(self, entry_ids: Sequence[str]) -> None:
+        self._forget(keys.SCHEDULE_CLAIMED, entry_ids)
+
+    def schedule_move_to_redis_queues(
+        self, now_ms: int, limit: int, namespace: str
+    ) -> tuple[int, int | None]:
+        """Move due messages into Dramatiq's Redis queues on this same server, atomically, and
+        mark their records available; the count moved and the next due time."""
+        moved, nxt = self._move(
+            keys=[keys.SCHEDULE, keys.SCHEDULE_DATA, keys.STATS, keys.DEAD, keys.SCHEDULE_UNREADABLE],
+            args=[now_ms, limit, namespace, keys.JOB_PREFIX],
+        )
+        return int(moved), int(float(nxt)) if nxt else None
+
+    def schedule_size(self) -> int:
+        return int(self.client.hlen(keys.SCHEDULE_DATA))
+
+    def schedule_claimed(self) -> int:
+        return int(self.client.zcard(keys.SCHEDULE_CLAIMED))
+
+    def acquire_unique(self, key: str, holder: str, ttl_ms: int) -> str | None:
+        return _text(self._acquire(keys=[key], args=[holder, max(1, int(ttl_ms))]))
+
+    def release_unique(self, key: str, job_id: str) -> bool:
+        return bool(self._release(keys=[key], args=[job_id]))
+
+    def get_unique(self, key: str) -> str | None:
+        return _text(self.client.get(key))
+
+    def now_ms(self) -> int:
+        return int(time.time() * 1000)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class RedisRecords:
+    """Job records in Redis; every method is one round trip."""
+
+    def __init__(self, client: redis.Redis[bytes], clock_ms: Any) -> None:
+        self.client = client
+        self.now_ms = clock_ms
+        self._create = scripts.register(client, "record_create")
+        self._move = scripts.register(client, "record_move")
+        self._start = scripts.register(client, "record_start")
+        self._fail = scripts.register(client, "record_fail")
+        self._delete = scripts.register(client, "record_delete")
+        self._create_locked = scripts.register(client, "record_create_locked")
+
+    def create(self, job_id: str, fields: Mapping[str, str], ttl_ms: int) -> None:
+        self._create(keys=keys.record_keys(job_id), args=[job_id, self.now_ms(), ttl_ms, fields_json(fields)])
+
+    def create_locked(
+        self,
+        job_id: str,
+        fields: Mapping[str, str],
+        ttl_ms: int,
+        lock_key: str,
+        holder: str,
+        lock_ttl_ms: int,
+    ) -> str | None:
+        args = [job_id, self.now_ms(), ttl_ms, holder, max(1, lock_ttl_ms), fields_json(fields)]
+        return _text(self._create_locked(keys=[*keys.record_keys(job_id), lock_key], args=args))
+
+    def create_many(self, entries: Sequence[NewRecord]) -> list[str | None]:
+        now = self.now_ms()
+        pipe = self.client.pipeline(transaction=False)
+        for e in entries:
+            record = keys.record_keys(e.job_id)
+            if e.lock_key:
+                args = [e.job_id, now, e.ttl_ms, e.holder, max(1, e.lock_ttl_ms), fields_json(e.fields)]
+                self._create_locked(keys=[*record, e.lock_key], args=args, client=pipe)
+            else:
+                self._create(keys=record, args=[e.job_id, now, e.ttl_ms, fields_json(e.fields)], client=pipe)
+        out: list[str | None] = []
+        for e, reply in zip(entries, pipe.execute(), strict=True):
+            out.append(_text(reply) if e.lock_key else None)
+        return out
+
+    def move(
+        self,
+        job_id: str,
+        state: str,
+        fields: Mapping[str, str],
+        ttl_ms: int,
+        allowed_from: Sequence[str] = (),
+    ) -> str | None:
+        args = [job_id, self.now_ms(), ttl_ms, state, ",".join(allowed_from), *flat_fields(fields)]
+        return _text(self._move(keys=keys.record_keys(job_id), args=args))
+
+    def start(self, job_id: str, now_ms: int, ttl_ms: int) -> str | None:
+        return _text(self._start(keys=keys.record_keys(job_id), args=[job_id, now_ms, ttl_ms]))
+
+    def fail(
+        self, job_id: str, state: str, error: Mapping[str, Any], fields: Mapping[str, str], ttl_ms: int
+    ) -> None:
+        args = [job_id, self.now_ms(), ttl_ms, state, json.dumps(error), MAX_ERRORS, *flat_fields(fields)]
+        self._fail(keys=keys.record_keys(job_id), args=args)
+
+    def get(self, job_id: str) -> dict[str, str] | None:
+        return self.get_many([job_id])[0]
+
+    def get_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]:
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(keys.job(job_id))
+        return [{k.decode(): v.decode() for k, v in raw.items()} or None for raw in pipe.execute()]
+
+    def find_ids(self, prefix: str, limit: int) -> list[str]:
+        match = keys.job(check_id_prefix(prefix)) + "*"  # no glob character can be in the prefix
+        found: list[str] = []
+        for key in self.client.scan_iter(match=match, count=1000):
+            found.append(key.decode()[len(keys.JOB_PREFIX) :])
+            if len(found) >= limit:
+                break
+        return found
+
+    def delete(self, job_id: str) -> None:
+        self._delete(keys=keys.record_keys(job_id), args=[job_id])
+
+    def dead_ids(self, limit: int) -> list[str]:
+        """Newest first; ids whose record has expired are dropped from the index on the way."""
+        ids = [i.decode() for i in self.client.zrevrange(keys.DEAD, 0, -1)]
+        if not ids:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.exists(keys.job(job_id))
+        alive = pipe.execute()
+        gone = [job_id for job_id, exists in zip(ids, alive, strict=True) if not exists]
+        if gone:
+            self.client.zrem(keys.DEAD, *gone)
+        return [job_id for job_id, exists in zip(ids, alive, strict=True) if exists][:limit]
+
+    def forget_dead(self, job_ids: Iterable[str]) -> None:
+        for job_id in job_ids:
+            self.delete(job_id)
+
+    def counters(self) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.client.hgetall(keys.STATS).items()}
