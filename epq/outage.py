@@ -15,12 +15,13 @@ raised at once. Times are milliseconds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from .backends.errors import store_unreachable
+from .backends.errors import STORE_ERRORS, store_unreachable
 from .errors import StateUnavailable, describe_error
 
 logger = logging.getLogger("epq.outage")
@@ -126,3 +127,12 @@ def requeue_instead(message: Any) -> None:
 def must_requeue(message: Any) -> bool:
     """Whether :func:`requeue_instead` was called for ``message``."""
     return bool(getattr(message, _REQUEUE, False))
+
+
+@contextlib.contextmanager
+def state_errors(what: str) -> Iterator[None]:
+    """Turn state-store errors into :class:`StateUnavailable` (which Dramatiq does not swallow)."""
+    try:
+        yield
+    except STORE_ERRORS as exc:
+        raise StateUnavailable(f"the state store failed while {what}: {describe_error(exc)}") from exc

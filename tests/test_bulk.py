@@ -17,8 +17,10 @@ from dramatiq.brokers.redis import RedisBroker
 import epq
 import epq.actors
 from epq import _runtime
+from epq.backends.base import backend_of
 from epq.backends.redis.connections import ScriptStream
-from epq.middleware import JobRecords, Uniqueness
+from epq.middleware.job_records import JobRecords
+from epq.middleware.uniqueness import Uniqueness
 from epq.testing import HandlerRegistry
 from tests.helpers import message_count, run_until_drained, total_waiting, wait_for
 from tests.test_contract import ENDPOINT, VALID
@@ -173,7 +175,7 @@ def test_a_failed_bulk_publish_leaves_no_job_no_record_and_no_lock(
 def test_enqueue_many_on_redis_is_one_round_trip_per_chunk(
     redis_broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from epq import bulk
+    from epq import insert as bulk
 
     svc = epq.QueueService(redis_broker)
     svc.enqueue_index_endpoint(_index(10_000))  # warm up: connection and scripts loaded
@@ -335,7 +337,7 @@ def test_a_middleware_error_part_way_leaves_the_earlier_runs_enqueued_once(
 ) -> None:
     from dramatiq.middleware import MiddlewareError
 
-    from epq import bulk
+    from epq import insert as bulk
 
     # on Redis, refused while the first run's call is in flight (its reply is still read); on
     # the other brokers the whole batch is one run, refused before it is published
@@ -344,7 +346,9 @@ def test_a_middleware_error_part_way_leaves_the_earlier_runs_enqueued_once(
     with pytest.raises(MiddlewareError):
         svc.enqueue_many([_index(i) for i in range(2 * bulk.SCRIPT_RUN)])
     enqueued = total_waiting(broker)
-    assert enqueued == (bulk.SCRIPT_RUN if bulk._fused(broker) else 0)
+    backend = backend_of(broker)
+    assert backend is not None
+    assert enqueued == (bulk.SCRIPT_RUN if backend.fused else 0)
     # the connection is as good as before: the rest go in, and the earlier ones are duplicates
     results = svc.enqueue_many([_index(i) for i in range(2 * bulk.SCRIPT_RUN)])
     assert sum(r.unique_skipped_as_duplicate for r in results) == enqueued
@@ -359,7 +363,7 @@ def test_an_error_in_another_middleware_is_logged_and_the_batch_goes_on(broker: 
 
 
 def test_one_key_across_runs_and_ways_goes_to_the_earliest_request(broker: dramatiq.Broker) -> None:
-    from epq import bulk
+    from epq import insert as bulk
 
     later = datetime.now(timezone.utc) + timedelta(hours=1)
     requests = [_index(i) for i in range(bulk.SCRIPT_RUN)]  # a whole run
@@ -400,7 +404,7 @@ def test_one_call_with_kinds_and_priorities_sharing_a_queue_is_served_in_order(
 def test_a_lost_reply_in_the_middle_of_a_batch_is_reported_with_the_requests_it_covers(
     redis_broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from epq import bulk
+    from epq import insert as bulk
 
     reads = [0]
     original = ScriptStream.read
@@ -428,7 +432,7 @@ def test_a_bulk_call_run_again_returns_its_first_reply_and_writes_nothing(
     redis_broker: dramatiq.Broker,
 ) -> None:
     # even when a job's record is gone in between (say, purged), it is not enqueued again
-    from epq import bulk
+    from epq import insert as bulk
 
     runtime = _runtime.current()
     assert runtime is not None

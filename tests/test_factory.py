@@ -13,7 +13,8 @@ from epq import _runtime
 from epq.backends.base import Backend, DurableDelays
 from epq.backends.memory import MemoryRecords, MemoryStateStore
 from epq.backends.urls import mask_url, scheme_of
-from epq.middleware import EpqMiddleware, EpqRetries
+from epq.middleware.boot import EpqMiddleware
+from epq.middleware.retries import EpqRetries
 from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL, rabbitmq_available
 
 UNREACHABLE_REDIS = "redis://:s3cret-pw@127.0.0.1:1/0"

@@ -26,7 +26,7 @@ import epq
 from epq import _runtime
 from epq.backends.base import KEY_PREFIX
 from epq.backends.redis.connections import ScriptStream
-from epq.middleware import Uniqueness
+from epq.middleware.uniqueness import Uniqueness
 from epq.settings import reset_settings
 from epq.testing import HandlerRegistry, drain
 from tests.helpers import message_count, total_waiting, wait_for

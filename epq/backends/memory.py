@@ -22,7 +22,7 @@ from dramatiq.errors import QueueNotFound
 
 from .. import wire
 from ..errors import StateUnavailable
-from ..middleware import refuse_malformed
+from ..middleware.job_records import refuse_malformed
 from ..outage import must_requeue
 from ..priority import LANES, lane_of
 from ..records import MAX_ERRORS, check_id_prefix

@@ -21,7 +21,7 @@ from dramatiq.errors import ConnectionClosed
 
 from ... import wire
 from ...errors import BrokerUnavailable, QueueMismatch, StateUnavailable, describe_error
-from ...middleware import refuse_malformed
+from ...middleware.job_records import refuse_malformed
 from ...outage import must_requeue
 from ...priority import RABBITMQ_MAX_PRIORITY, amqp_priority, lane_of
 from ..base import DurableDelays
