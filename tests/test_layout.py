@@ -117,6 +117,22 @@ def test_the_import_graph_checker_finds_a_cycle() -> None:
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
+def test_epq_has_no_import_cycle() -> None:
+    cycle = _cycle(_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_no_epq_module_imports_another_inside_a_function() -> None:
+    modules = _modules()
+    late = [
+        f"{path.relative_to(ROOT)}:{line} imports {target}"
+        for name, path in modules.items()
+        for target, in_function, line in _imports(path)
+        if in_function and (target == "epq" or target.startswith("epq."))
+    ]
+    assert late == []
+
+
 def test_drivers_are_imported_only_under_backends() -> None:
     outside = [
         f"{path.relative_to(ROOT)}:{line} imports {target}"
