@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from .backends.base import InFlight, in_flight
 from .backends.errors import STORE_ERRORS, store_unreachable
 from .errors import StateUnavailable, describe_error
 
@@ -30,8 +31,6 @@ T = TypeVar("T")
 
 #: The waits between tries while the state store is unreachable; the last one repeats.
 BACKOFF_MS = (50, 100, 250, 500, 1000)
-#: Option of a message's proxy: give it back to its queue instead of acking or failing it.
-_REQUEUE = "epq_requeue"
 
 _stopping = threading.Event()
 
@@ -121,12 +120,13 @@ def written_if_possible(write: Callable[[], T], what: str) -> T | None:
 def requeue_instead(message: Any) -> None:
     """Have ``message`` (a worker's message proxy) go back to its queue, neither acked nor
     dead-lettered, when the worker is done with it."""
-    setattr(message, _REQUEUE, True)
+    in_flight(message).requeue = True
 
 
 def must_requeue(message: Any) -> bool:
     """Whether :func:`requeue_instead` was called for ``message``."""
-    return bool(getattr(message, _REQUEUE, False))
+    state = getattr(message, "epq", None)
+    return isinstance(state, InFlight) and state.requeue
 
 
 @contextlib.contextmanager

@@ -264,6 +264,29 @@ class Backend:
     fused: bool = False
 
 
+@dataclass
+class InFlight:
+    """What epq notes on a message proxy while a worker has it, as ``proxy.epq`` (see
+    :func:`in_flight`): the one place its per-message context rides on a Dramatiq object."""
+
+    #: Its record lives in the broker's own Redis (``Backend.fused``): the worker starts it, and
+    #: the ack completes it, on the broker's connections.
+    records_here: bool = False
+    #: Set when it succeeded and ``records_here``: the ack completes its record, kept this long.
+    complete_ttl_ms: int | None = None
+    #: Give it back to its queue instead of acking or dead-lettering it (``epq.outage``).
+    requeue: bool = False
+
+
+def in_flight(proxy: Any) -> InFlight:
+    """The :class:`InFlight` of a message proxy, made on first use."""
+    state = getattr(proxy, "epq", None)
+    if not isinstance(state, InFlight):
+        state = InFlight()
+        proxy.epq = state
+    return state
+
+
 def backend_of(broker: object) -> Backend | None:
     """The :class:`Backend` of a broker epq built, None for any other broker."""
     backend = getattr(broker, "epq", None)

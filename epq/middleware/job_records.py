@@ -13,7 +13,7 @@ from dramatiq.broker import MessageProxy
 from dramatiq.common import q_name
 from dramatiq.middleware import SkipMessage
 
-from ..backends.base import RecordStore, StateStore, holder_id
+from ..backends.base import RecordStore, StateStore, holder_id, in_flight
 from ..errors import DuplicateJob, StateUnavailable, describe_error
 from ..options import DUE_MS, RECORDED, UNIQUE_KEY
 from ..outage import (
@@ -128,7 +128,7 @@ class JobRecords(dramatiq.Middleware):
         try:
             with state_errors("starting a job"):  # (other errors: a MiddlewareError, so it does not run)
                 # (on Redis with the records in the broker's server, on the broker's kept connections)
-                fused = getattr(message, "epq_fused_ack", False)
+                fused = in_flight(message).records_here
                 start = broker.start_record if fused else self.records.start  # type: ignore[attr-defined]
                 before = until_written(
                     lambda: start(message.message_id, self.store.now_ms(), OPEN_RECORD_TTL_MS),
@@ -145,8 +145,8 @@ class JobRecords(dramatiq.Middleware):
         self, broker: dramatiq.Broker, message: MessageProxy, *, result: Any = None, exception: Any = None
     ) -> None:
         # Failures are recorded by EpqRetries, which decides between retry and discard.
-        if exception is None and getattr(message, "epq_fused_ack", False):
-            message.epq_complete_ttl_ms = self.completed_ttl_ms  # type: ignore[attr-defined]  # the Redis ack completes it
+        if exception is None and in_flight(message).records_here:
+            in_flight(message).complete_ttl_ms = self.completed_ttl_ms  # the Redis ack completes it
             return
         if exception is None and self._recorded(broker, message) is not None:
             fields = {"finalized_at": str(self.store.now_ms())}

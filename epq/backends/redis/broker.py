@@ -33,7 +33,7 @@ from ...middleware.job_records import refuse_malformed
 from ...outage import must_requeue
 from ...priority import LANES, lane_of
 from ...records import OPEN_RECORD_TTL_MS
-from ..base import BulkJob, DurableDelays, NewRecord, counter_group
+from ..base import BulkJob, DurableDelays, NewRecord, counter_group, in_flight
 from . import keys, scripts
 from .connections import KeptConnections, ScriptStream
 from .store import RedisStateStore, fields_json, flat_fields
@@ -400,7 +400,7 @@ class LaneConsumer(_RedisConsumer):
                     self.queued_message_ids.add(message.message_id)
                     proxy = MessageProxy(message)
                     if rid is not None and self.broker.fused:
-                        proxy.epq_fused_ack = True  # type: ignore[attr-defined]  # see JobRecords
+                        in_flight(proxy).records_here = True  # see JobRecords
                     return proxy
                 now = time.monotonic()
                 if now - self.maintained_at >= MAINTENANCE_INTERVAL_MS / 1000:
@@ -435,7 +435,7 @@ class LaneConsumer(_RedisConsumer):
         if must_requeue(message):
             self._give_back(message)
             return
-        ttl = getattr(message, "epq_complete_ttl_ms", None)
+        ttl = in_flight(message).complete_ttl_ms
         if ttl is None or self.queue_name.endswith(".DQ"):
             super().ack(message)  # type: ignore[no-untyped-call]
             return
