@@ -138,7 +138,7 @@ def insert_one(
             holder = target.broker.insert_recorded(plan.message, record, checked.payload_json)
         else:
             with state_errors("writing a job record"):
-                holder = _create(target.records, record)
+                holder = target.records.create(record)
             if holder is None:
                 target.broker.enqueue(plan.message, delay=plan.delay)
     except (StateUnavailable, ConfigurationError, EnqueueFailed):
@@ -158,13 +158,6 @@ def insert_one(
     if holder is not None:
         raise DuplicateJob(actor.actor_name, holder_id(holder), holder=holder)
     return plan
-
-
-def _create(records: RecordStore, record: NewRecord) -> str | None:
-    if record.lock_key:
-        return records.create_locked(*record)
-    records.create(record.job_id, record.fields, record.ttl_ms)
-    return None
 
 
 # ---- many jobs ----------------------------------------------------------------------------------

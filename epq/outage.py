@@ -136,3 +136,24 @@ def state_errors(what: str) -> Iterator[None]:
         yield
     except STORE_ERRORS as exc:
         raise StateUnavailable(f"the state store failed while {what}: {describe_error(exc)}") from exc
+
+
+class GivesBack:
+    """Consumer mixin (before Dramatiq's consumer): a message :func:`requeue_instead` marked goes
+    back to its queue (``give_back``, each broker's own way) instead of being acked or
+    dead-lettered."""
+
+    def ack(self, message: Any) -> None:
+        if must_requeue(message):
+            self.give_back(message)
+        else:
+            super().ack(message)  # type: ignore[misc]
+
+    def nack(self, message: Any) -> None:
+        if must_requeue(message):
+            self.give_back(message)
+        else:
+            super().nack(message)  # type: ignore[misc]
+
+    def give_back(self, message: Any) -> None:
+        raise NotImplementedError  # pragma: no cover - every epq consumer has one

@@ -39,7 +39,6 @@ def test_a_state_store_failure_at_enqueue_is_an_error_and_publishes_nothing(
     runtime = _runtime.current()
     assert runtime is not None
     monkeypatch.setattr(runtime.state, "acquire_unique", down)
-    monkeypatch.setattr(runtime.records, "create_locked", down)
     monkeypatch.setattr(runtime.records, "create", down)
     # on Redis the state lives in the broker's server, and one script writes the record and the
     # message together: a failure there is the broker's

@@ -114,7 +114,7 @@ def test_a_state_store_failure_says_why(epq_broker: dramatiq.Broker, monkeypatch
 
     runtime = _runtime.current()
     assert runtime is not None
-    monkeypatch.setattr(runtime.records, "create_locked", refused)
+    monkeypatch.setattr(runtime.records, "create", refused)
     with pytest.raises(epq.StateUnavailable) as caught:
         epq.QueueService(epq_broker).enqueue_register_job(VALID["register_job"])
     assert str(caught.value) == (

@@ -22,6 +22,9 @@ from dramatiq.common import q_name
 #: Every name epq gives a lock or key in a store starts with this.
 KEY_PREFIX = "epq:"
 
+RecordFields = Mapping[str, str]
+"""A record's fields: names to text (times are milliseconds since the epoch, as text)."""
+
 Clock = Callable[[], float]
 """Returns the current time in seconds since the epoch (like ``time.time``)."""
 
@@ -123,7 +126,7 @@ class NewRecord(NamedTuple):
     """A record to write, with the uniqueness lock to take first (``lock_key`` '' for none)."""
 
     job_id: str
-    fields: Mapping[str, str]
+    fields: RecordFields
     ttl_ms: int
     lock_key: str = ""
     holder: str = ""
@@ -135,32 +138,16 @@ class RecordStore(Protocol):
     in ms), per ``queue|priority|state`` counters and an index of dead (discarded) jobs, each
     transition one atomic step."""
 
-    def create(self, job_id: str, fields: Mapping[str, str], ttl_ms: int) -> None:
-        """Write a new record (``fields`` include ``state``, ``queue`` and ``priority``)."""
+    def create(self, record: NewRecord) -> str | None:
+        """Take the record's uniqueness lock (if it has one) and write it (``fields`` include
+        ``state``, ``queue`` and ``priority``), atomically. Returns None when written; when
+        another job holds the lock, writes nothing and returns that job's holder value."""
 
-    def create_locked(
-        self,
-        job_id: str,
-        fields: Mapping[str, str],
-        ttl_ms: int,
-        lock_key: str,
-        holder: str,
-        lock_ttl_ms: int,
-    ) -> str | None:
-        """Take the uniqueness lock and write the record, atomically; if another job holds the
-        lock, write nothing and return its holder value."""
-
-    def create_many(self, entries: Sequence[NewRecord]) -> list[str | None]:
-        """``create``/``create_locked`` for each entry, in order, in one round trip; for each, None
-        when written, or the holder value of the job that holds its lock."""
+    def create_many(self, records: Sequence[NewRecord]) -> list[str | None]:
+        """``create`` for each record, in order, in one round trip."""
 
     def move(
-        self,
-        job_id: str,
-        state: str,
-        fields: Mapping[str, str],
-        ttl_ms: int,
-        allowed_from: Sequence[str] = (),
+        self, job_id: str, state: str, fields: RecordFields, ttl_ms: int, allowed_from: Sequence[str] = ()
     ) -> str | None:
         """Set ``state`` (if the current state is in ``allowed_from``, or always when empty).
 
@@ -171,7 +158,7 @@ class RecordStore(Protocol):
         started)."""
 
     def fail(
-        self, job_id: str, state: str, error: Mapping[str, Any], fields: Mapping[str, str], ttl_ms: int
+        self, job_id: str, state: str, error: Mapping[str, Any], fields: RecordFields, ttl_ms: int
     ) -> None:
         """Append an attempt error and set ``state``."""
 
@@ -218,7 +205,7 @@ class BulkGroup(NamedTuple):
     ``unique_key``, and, for jobs that take a lock, their lock's holder value after the job id
     (see ``Holder.tail``) and ttl."""
 
-    fields: Mapping[str, str]
+    fields: RecordFields
     holder_tail: str = ""
     lock_ttl_ms: int = 0
 

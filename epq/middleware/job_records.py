@@ -13,7 +13,7 @@ from dramatiq.broker import MessageProxy
 from dramatiq.common import q_name
 from dramatiq.middleware import SkipMessage
 
-from ..backends.base import RecordStore, StateStore, holder_id, in_flight
+from ..backends.base import NewRecord, RecordStore, StateStore, holder_id, in_flight
 from ..errors import DuplicateJob, StateUnavailable, describe_error
 from ..options import DUE_MS, RECORDED, UNIQUE_KEY
 from ..outage import (
@@ -112,14 +112,12 @@ class JobRecords(dramatiq.Middleware):
         wait = int(delay or 0)
         fields = message_record_fields(message, actor, "scheduled" if wait else "available", now + wait)
         ttl = OPEN_RECORD_TTL_MS + wait  # an open record outlives the job's wait
+        record = NewRecord(message.message_id, fields, ttl, *(lock or ()))
         with state_errors("writing a job record"):
-            if lock is None:
-                self.records.create(message.message_id, fields, ttl)
-            else:
-                current = self.records.create_locked(message.message_id, fields, ttl, *lock)
-                if current is not None:
-                    del message.options[UNIQUE_KEY]
-                    raise DuplicateJob(message.actor_name, holder_id(current), holder=current)
+            current = self.records.create(record)
+        if current is not None:
+            del message.options[UNIQUE_KEY]
+            raise DuplicateJob(message.actor_name, holder_id(current), holder=current)
         message.options[RECORDED] = 1
 
     def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
@@ -211,7 +209,7 @@ class JobRecords(dramatiq.Middleware):
             scheduled_ms=now,
         )
         fields.update(errors=json.dumps([{**entry, "attempt": 0}]), finalized_at=str(now), malformed="1")
-        self.records.create(job_id, fields, self.discarded_ttl_ms)
+        self.records.create(NewRecord(job_id, fields, self.discarded_ttl_ms))
         return job_id
 
     def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:

@@ -30,7 +30,7 @@ from ... import wire
 from ..._messages import data_template, encode, new_id
 from ...errors import StateUnavailable
 from ...middleware.job_records import refuse_malformed
-from ...outage import must_requeue
+from ...outage import GivesBack, must_requeue
 from ...priority import LANES, lane_of
 from ...records import OPEN_RECORD_TTL_MS
 from ..base import BulkJob, DurableDelays, NewRecord, counter_group, in_flight
@@ -357,7 +357,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
         return {queue: int(n) for queue, n in zip(queues, pipe.execute(), strict=True)}
 
 
-class LaneConsumer(_RedisConsumer):
+class LaneConsumer(GivesBack, _RedisConsumer):
     """Dramatiq's Redis consumer, fetching through the lanes.
 
     More changes:
@@ -432,12 +432,9 @@ class LaneConsumer(_RedisConsumer):
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
 
     def ack(self, message: Any) -> None:
-        if must_requeue(message):
-            self._give_back(message)
-            return
         ttl = in_flight(message).complete_ttl_ms
-        if ttl is None or self.queue_name.endswith(".DQ"):
-            super().ack(message)  # type: ignore[no-untyped-call]
+        if ttl is None or must_requeue(message) or self.queue_name.endswith(".DQ"):
+            super().ack(message)  # (GivesBack: or back to its queue)
             return
         try:
             rid = message.options["redis_message_id"]
@@ -447,13 +444,7 @@ class LaneConsumer(_RedisConsumer):
         finally:
             self.queued_message_ids.discard(message.message_id)
 
-    def nack(self, message: Any) -> None:
-        if must_requeue(message):
-            self._give_back(message)
-            return
-        super().nack(message)  # type: ignore[no-untyped-call]
-
-    def _give_back(self, message: Any) -> None:
+    def give_back(self, message: Any) -> None:
         try:
             self.broker.do_requeue(self.queue_name, message.options["redis_message_id"])
         except (redis.ConnectionError, redis.TimeoutError):
