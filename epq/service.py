@@ -23,6 +23,7 @@ from .models import (
     RegisterSourceRequest,
     _Request,
 )
+from .options import PRIORITY, RECORDED
 from .records import NOT_STARTED, OPEN_RECORD_TTL_MS, to_job_record
 
 _KIND_BY_MODEL: dict[type[_Request], str] = {
@@ -245,7 +246,7 @@ class QueueService:
             actor_name=fields["kind"],
             args=(),
             kwargs=json.loads(fields["args"]),
-            options={"epq_priority": int(fields["priority"]), "epq_recorded": 1},
+            options={PRIORITY: int(fields["priority"]), RECORDED: 1},
             message_id=job_id,
             message_timestamp=int(fields["created_at"]),
         )

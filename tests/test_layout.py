@@ -144,6 +144,27 @@ def test_drivers_are_imported_only_under_backends() -> None:
     assert outside == []
 
 
+def _names(node: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | {
+        n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)
+    }
+
+
+def test_nothing_outside_backends_checks_a_brokers_type() -> None:
+    checks = [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for name, path in _modules().items()
+        if not name.startswith("epq.backends")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ("isinstance", "issubclass")
+        and len(node.args) == 2
+        and any("Broker" in n for n in _names(node.args[1]))
+    ]
+    assert checks == []
+
+
 def test_every_lua_script_is_a_file_and_every_file_is_used() -> None:
     py_sources = "\n".join(p.read_text(encoding="utf-8") for p in PACKAGE.rglob("*.py"))
     assert "redis.call(" not in py_sources  # no Lua written as a Python string

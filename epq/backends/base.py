@@ -19,6 +19,8 @@ from typing import Any, NamedTuple, Protocol
 import dramatiq
 from dramatiq.common import q_name
 
+from ..options import DUE_MS
+
 #: Every name epq gives a lock or key in a store starts with this.
 KEY_PREFIX = "epq:"
 
@@ -330,7 +332,7 @@ class DurableDelays:
         """The message as it waits in the schedule, and its due time."""
         assert self.epq_store is not None
         due_ms = self.epq_store.now_ms() + int(delay)
-        options: dict[str, Any] = {"epq_due_ms": due_ms, **self._scheduled_options()}
+        options: dict[str, Any] = {DUE_MS: due_ms, **self._scheduled_options()}
         message = message.copy(queue_name=q_name(message.queue_name), options=options)
         message.options.pop("eta", None)
         return message, due_ms
