@@ -130,21 +130,27 @@ class RedisRecords:
         self._create_locked = scripts.register(client, "record_create_locked")
 
     def create(self, record: NewRecord) -> str | None:
-        return self.create_many([record])[0]
+        reply = self._create_call(record, self.now_ms(), self.client)  # (one: no pipeline)
+        return _text(reply) if record.lock_key else None
 
     def create_many(self, records: Sequence[NewRecord]) -> list[str | None]:
         now = self.now_ms()
         pipe = self.client.pipeline(transaction=False)
-        for r in records:
-            if r.lock_key:
-                args = [r.job_id, now, r.ttl_ms, r.holder, max(1, r.lock_ttl_ms), fields_json(r.fields)]
-                self._create_locked(keys=[*keys.record_keys(r.job_id), r.lock_key], args=args, client=pipe)
-            else:
-                args = [r.job_id, now, r.ttl_ms, fields_json(r.fields)]
-                self._create(keys=keys.record_keys(r.job_id), args=args, client=pipe)
-        return [
-            _text(reply) if r.lock_key else None for r, reply in zip(records, pipe.execute(), strict=True)
-        ]
+        for record in records:
+            self._create_call(record, now, pipe)
+        replies = pipe.execute()
+        return [_text(reply) if r.lock_key else None for r, reply in zip(records, replies, strict=True)]
+
+    def _create_call(self, r: NewRecord, now: int, client: Any) -> Any:
+        """Call the script that writes a record (and takes its lock, if it has one) on ``client``
+        (the store's client, or a pipeline)."""
+        record_keys = keys.record_keys(r.job_id)
+        if r.lock_key:
+            args = [r.job_id, now, r.ttl_ms, r.holder, max(1, r.lock_ttl_ms), fields_json(r.fields)]
+            return self._create_locked(keys=[*record_keys, r.lock_key], args=args, client=client)
+        return self._create(
+            keys=record_keys, args=[r.job_id, now, r.ttl_ms, fields_json(r.fields)], client=client
+        )
 
     def move(
         self, job_id: str, state: str, fields: RecordFields, ttl_ms: int, allowed_from: Sequence[str] = ()
