@@ -24,8 +24,8 @@ import pytest
 import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
-from epq import _runtime
 from epq.settings import reset_settings
+from epq.testing import install, reset
 from tests.support.servers import ServerUnavailable, Session
 
 pytest_plugins = ["pytester", "tests.support.canary"]
@@ -138,10 +138,10 @@ def _clean_epq_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if name.startswith("EPQ_") and not name.startswith("EPQ_TEST_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("EPQ_BROKER_URL", "stub://")
-    _runtime.reset()
+    reset()
     reset_settings()
     yield
-    _runtime.reset()
+    reset()
     reset_settings()
 
 
@@ -167,7 +167,7 @@ def state_client() -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def redis_broker(redis_client: redis.Redis) -> Iterator[dramatiq.Broker]:
-    broker = _runtime.install(REDIS_URL).broker
+    broker = install(REDIS_URL)
     yield broker
     broker.flush_all()
     broker.close()
@@ -176,7 +176,7 @@ def redis_broker(redis_client: redis.Redis) -> Iterator[dramatiq.Broker]:
 @pytest.fixture
 def rabbitmq_broker(state_client: redis.Redis) -> Iterator[dramatiq.Broker]:
     rabbitmq_available(RABBITMQ_URL)
-    broker = _runtime.install(RABBITMQ_URL, state_url=STATE_URL).broker
+    broker = install(RABBITMQ_URL, state_url=STATE_URL)
     assert isinstance(broker, RabbitmqBroker)
     for queue in list(broker.get_declared_queues()):
         broker.declare_queue(queue, ensure=True)

@@ -12,9 +12,9 @@ import pytest
 
 import epq
 import epq.actors
-from epq import _runtime
 from epq.errors import MAX_NESTING, EnqueueFailed
 from epq.middleware import JobRecords, Uniqueness
+from epq.testing import backend
 from tests.helpers import total_waiting
 from tests.test_contract import VALID
 
@@ -25,9 +25,7 @@ SURROGATE = os.fsdecode(b"report-\xff.csv")
 def _nothing_left(broker: dramatiq.Broker) -> None:
     """No message waiting, no job record, and no lock held for VALID register_job."""
     assert total_waiting(broker) == 0
-    runtime = _runtime.current()
-    assert runtime is not None
-    assert sum(runtime.records.counters().values()) == 0
+    assert sum(backend(broker).records.counters().values()) == 0
     # the same unique fields with valid metadata take their key: no lock was left behind
     result = epq.QueueService(broker).enqueue_register_job(VALID["register_job"])
     assert result.unique_skipped_as_duplicate is False

@@ -16,10 +16,9 @@ from dramatiq.brokers.redis import RedisBroker
 
 import epq
 import epq.actors
-from epq import _runtime
 from epq.backends.redis.connections import ScriptStream
 from epq.middleware import JobRecords, Uniqueness
-from epq.testing import HandlerRegistry
+from epq.testing import HandlerRegistry, backend
 from tests.helpers import message_count, run_until_drained, total_waiting, wait_for
 from tests.test_contract import ENDPOINT, VALID
 from tests.test_priority import StartLog, _request
@@ -95,7 +94,7 @@ def test_enqueue_many_schedules_the_requests_with_a_run_at(broker: dramatiq.Brok
     ]
     assert svc.get_job(results[1].job.id).state is epq.JobState.SCHEDULED  # type: ignore[union-attr]
     assert message_count(broker, "default") == 2
-    assert _runtime.current().state.schedule_size() == 1  # type: ignore[union-attr]
+    assert backend(broker).state.schedule_size() == 1
 
 
 def test_enqueue_many_refuses_the_whole_batch_on_one_bad_request(broker: dramatiq.Broker) -> None:
@@ -430,16 +429,16 @@ def test_a_bulk_call_run_again_returns_its_first_reply_and_writes_nothing(
     # even when a job's record is gone in between (say, purged), it is not enqueued again
     from epq import bulk
 
-    runtime = _runtime.current()
-    assert runtime is not None
-    jobs = bulk._prepare(runtime, [(epq.actors.index_endpoint, _index(i)) for i in range(3)], 0)
-    bulk._build(runtime, jobs, holders=False)
-    fused = bulk._FusedRuns(runtime, [None] * 3, [None] * 3, [])
+    stores = backend(redis_broker)
+    target = bulk._Target(redis_broker, stores.state, stores.records)
+    jobs = bulk._prepare(target, [(epq.actors.index_endpoint, _index(i)) for i in range(3)], 0)
+    bulk._build(target, jobs, holders=False)
+    fused = bulk._FusedRuns(target, [None] * 3, [None] * 3, [])
     keys, args = redis_broker.bulk_call(fused._bulk_jobs(jobs))  # type: ignore[attr-defined]
     assert args[-15:][3::5] == ["", "", ""]  # the script makes the messages, from the payloads
     script = redis_broker._enqueue_many_recorded  # type: ignore[attr-defined]
     first = script(keys=keys, args=args)
-    runtime.records.delete(jobs[0].message.message_id)
+    stores.records.delete(jobs[0].message.message_id)
     assert script(keys=keys, args=args) == first
     assert message_count(redis_broker, "default") == 3
 

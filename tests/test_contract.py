@@ -38,7 +38,7 @@ FACADE = {
 }
 
 
-def actor(kind: str) -> epq._actor.EpqActor:
+def actor(kind: str) -> Any:
     return getattr(epq.actors, kind)
 
 

@@ -11,8 +11,8 @@ import pytest
 import redis
 
 import epq
-from epq import _runtime
 from epq.backends import embedded
+from epq.testing import install
 from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL, rabbitmq_available
 from tests.test_contract import FACADE, VALID
 from tests.workers import BIN, Worker
@@ -22,9 +22,15 @@ pytestmark = pytest.mark.slow
 DRAMATIQ = [str(BIN / "dramatiq"), "epq.actors", "--processes", "1", "--threads", "2"]
 
 
-def _send_every_kind(broker_url: str, state_url: str | None = None) -> dict[str, str]:
-    """Send one job of each kind (one through the facade, on the events queue); return id -> kind."""
-    _runtime.install(broker_url, state_url=state_url)
+def _send_every_kind(broker_url: str | None, state_url: str | None = None) -> dict[str, str]:
+    """Send one job of each kind (one through the facade, on the events queue); return id -> kind.
+
+    With no ``broker_url``, epq is set up from the settings (the embedded default when they name
+    no broker)."""
+    if broker_url is None:
+        epq.setup()
+    else:
+        install(broker_url, state_url=state_url)
     from epq import actors
 
     sent = {}
@@ -59,7 +65,7 @@ def test_dramatiq_worker_on_redis(start_worker: Any, redis_client: redis.Redis) 
 @pytest.mark.rabbitmq
 def test_dramatiq_worker_on_rabbitmq(start_worker: Any, state_client: redis.Redis) -> None:
     rabbitmq_available(RABBITMQ_URL)
-    broker = _runtime.install(RABBITMQ_URL, state_url=STATE_URL).broker
+    broker = install(RABBITMQ_URL, state_url=STATE_URL)
     broker.flush_all()
     worker = start_worker(DRAMATIQ, {"EPQ_BROKER_URL": RABBITMQ_URL, "EPQ_STATE_URL": STATE_URL})
     sent = _send_every_kind(RABBITMQ_URL, STATE_URL)
@@ -77,7 +83,7 @@ def test_dramatiq_worker_on_the_embedded_default(
     monkeypatch.delenv("EPQ_BROKER_URL")
     worker = start_worker(DRAMATIQ, {"XDG_STATE_HOME": str(state_home)})
     try:
-        sent = _send_every_kind(_runtime.default_broker_url())
+        sent = _send_every_kind(None)
         _check(worker.collect(len(sent)), sent, worker)
     finally:
         worker.stop()
@@ -90,7 +96,7 @@ def test_epq_worker_serves_only_the_queues_it_is_given(start_worker: Any, redis_
         [str(BIN / "epq"), "worker", "--processes", "1", "--threads", "2", "-Q", "events"],
         {"EPQ_BROKER_URL": REDIS_URL},
     )
-    broker = _runtime.install(REDIS_URL).broker
+    broker = install(REDIS_URL)
     svc = epq.QueueService(broker)
     on_default = svc.enqueue_register_job(VALID["register_job"]).job.id
     on_events = svc.enqueue_register_job(
@@ -115,7 +121,7 @@ def test_epq_worker_serves_only_the_queues_it_is_given_on_rabbitmq(
     from tests.helpers import message_count
 
     rabbitmq_available(RABBITMQ_URL)
-    broker = _runtime.install(RABBITMQ_URL, state_url=STATE_URL).broker
+    broker = install(RABBITMQ_URL, state_url=STATE_URL)
     try:
         for queue in ("default", "events"):
             broker.declare_queue(queue, ensure=True)  # type: ignore[call-arg]

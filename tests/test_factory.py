@@ -9,11 +9,11 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
 
 import epq
-from epq import _runtime
 from epq.backends.base import Backend, DurableDelays
 from epq.backends.memory import MemoryRecords, MemoryStateStore
 from epq.backends.urls import mask_url, scheme_of
 from epq.middleware import EpqMiddleware, EpqRetries
+from epq.testing import install
 from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL, rabbitmq_available
 
 UNREACHABLE_REDIS = "redis://:s3cret-pw@127.0.0.1:1/0"
@@ -74,7 +74,7 @@ def test_setup_builds_the_stub_broker_with_epq_middleware_and_binds_the_actors()
 def test_setup_is_idempotent_and_rebinds_on_a_new_url() -> None:
     first = epq.setup("stub://")
     assert epq.setup("stub://") is first
-    fresh = _runtime.install("stub://").broker
+    fresh = install("stub://")
     assert fresh is not first
     from epq import actors
 
@@ -84,7 +84,7 @@ def test_setup_is_idempotent_and_rebinds_on_a_new_url() -> None:
 
 def test_queues_setting_decides_the_declared_queues(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EPQ_QUEUES", "default, bulk")
-    broker = _runtime.install("stub://").broker
+    broker = install("stub://")
     assert {"default", "bulk"} <= broker.get_declared_queues()
     assert "events" not in broker.get_declared_queues()
     from epq import actors
@@ -162,13 +162,12 @@ def test_enqueue_on_a_broker_that_went_away_is_broker_unavailable() -> None:
     # Given a Redis broker whose server stops answering after setup
     import redis
 
-    from epq._actor import EpqActor
-
     broker = RedisBroker(client=redis.Redis.from_url(UNREACHABLE_REDIS, socket_connect_timeout=0.5))
     broker.epq = _backend(UNREACHABLE_REDIS)  # what epq keeps beside a broker it built
     broker.declare_queue("default")
-    actor = _runtime.actor_for("register_job")
-    assert isinstance(actor, EpqActor)
+    import epq.actors  # the actors are bound (to a stub broker, as EPQ_BROKER_URL says)
+
+    assert isinstance(epq.actors.register_job, dramatiq.Actor)
     # When a job is enqueued on it
     with pytest.raises(epq.BrokerUnavailable) as caught:
         epq.QueueService(broker).enqueue_register_job(
@@ -191,7 +190,9 @@ def test_a_rabbitmq_driver_error_at_enqueue_is_broker_unavailable(monkeypatch: p
     broker = EpqRabbitmqBroker(url=UNREACHABLE_RABBIT, confirm_delivery=True)
     broker.epq = _backend(UNREACHABLE_RABBIT)
     broker.declare_queue("default")
-    _runtime.actor_for("register_job")
+    import epq.actors  # the actors are bound (to a stub broker, as EPQ_BROKER_URL says)
+
+    assert isinstance(epq.actors.register_job, dramatiq.Actor)
 
     def publish_fails(message: dramatiq.Message[object], *, delay: int | None = None) -> None:
         raise pika.exceptions.AMQPChannelError("channel closed by the server")

@@ -12,22 +12,18 @@ import redis
 
 import epq
 import epq.actors
-from epq import _runtime
-from epq.backends.base import backend_of
 from epq.backends.memory import FakeClock
 from epq.backends.redis.connections import ScriptStream
 from epq.backends.redis.keys import SCHEDULE as SCHEDULE_KEY
 from epq.backends.redis.keys import SCHEDULE_DATA as SCHEDULE_DATA_KEY
 from epq.schedule import promote_due
-from epq.testing import HandlerRegistry, drain
+from epq.testing import HandlerRegistry, backend, drain
 from tests.helpers import message_count, total_waiting, wait_for
 from tests.test_contract import VALID
 
 
 def state() -> Any:
-    runtime = _runtime.current()
-    assert runtime is not None
-    return runtime.state
+    return backend().state
 
 
 def test_a_state_store_failure_at_enqueue_is_an_error_and_publishes_nothing(
@@ -36,15 +32,13 @@ def test_a_state_store_failure_at_enqueue_is_an_error_and_publishes_nothing(
     def down(*args: Any, **kwargs: Any) -> None:
         raise redis.TimeoutError("state store timed out")
 
-    runtime = _runtime.current()
-    assert runtime is not None
-    monkeypatch.setattr(runtime.state, "acquire_unique", down)
-    monkeypatch.setattr(runtime.records, "create_locked", down)
-    monkeypatch.setattr(runtime.records, "create", down)
+    stores = backend(broker)
+    monkeypatch.setattr(stores.state, "acquire_unique", down)
+    monkeypatch.setattr(stores.records, "create_locked", down)
+    monkeypatch.setattr(stores.records, "create", down)
     # on Redis the state lives in the broker's server, and one script writes the record and the
     # message together: a failure there is the broker's
-    backend = backend_of(broker)
-    fused = backend is not None and backend.fused
+    fused = stores.fused
     if fused:
         monkeypatch.setattr(ScriptStream, "_send", down)  # the script call never reaches Redis
     with pytest.raises(epq.BrokerUnavailable, match="could not enqueue" if fused else "state store"):

@@ -12,7 +12,7 @@ import pytest
 
 import epq
 from epq import handlers
-from epq.testing import HandlerRegistry
+from epq.testing import HandlerRegistry, install
 
 
 def test_handler_decorator_registers_and_returns_the_function(epq_handlers: HandlerRegistry) -> None:
@@ -51,9 +51,7 @@ def test_worker_boot_imports_epq_handlers_and_warns_about_missing_kinds(
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("EPQ_HANDLERS", "app_handlers_boot")
-    from epq import _runtime
-
-    broker = _runtime.install("stub://").broker
+    broker = install("stub://")
     # When a worker boots
     with caplog.at_level(logging.WARNING, logger="epq"):
         worker = dramatiq.Worker(broker, worker_timeout=50)

@@ -13,10 +13,9 @@ import pytest
 
 import epq
 import epq.actors
-from epq import _runtime
 from epq.backends.memory import FakeClock
 from epq.schedule import promote_due
-from epq.testing import HandlerRegistry, drain
+from epq.testing import HandlerRegistry, backend, drain
 from tests.helpers import message_count, wait_for
 from tests.test_contract import VALID
 
@@ -178,7 +177,7 @@ def test_scheduled_until_promoted_then_available(broker: dramatiq.Broker) -> Non
     run_at = datetime.now(timezone.utc) + timedelta(seconds=1.5)
     result = svc(broker).enqueue_register_job({**VALID["register_job"], "run_at": run_at})
     assert job(broker, result.job.id).state is S.SCHEDULED
-    state = _runtime.current().state  # type: ignore[union-attr]
+    state = backend(broker).state
     assert promote_due(broker, state)[0] == 0
     assert job(broker, result.job.id).state is S.SCHEDULED
     time.sleep(max(0.0, (run_at - datetime.now(timezone.utc)).total_seconds()) + 0.1)
@@ -326,7 +325,7 @@ def test_finished_records_carry_their_retention_as_ttl(
     finally:
         worker.stop()
     assert job(broker, result.job.id).state is S.COMPLETED
-    state = _runtime.current().state  # type: ignore[union-attr]
+    state = backend(broker).state
     ttl_ms = state.client.pttl(f"epq:job:{result.job.id}")  # type: ignore[attr-defined]
     assert 24 * 3600 * 1000 - 60_000 < ttl_ms <= 24 * 3600 * 1000
 

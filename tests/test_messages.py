@@ -1,4 +1,4 @@
-"""epq's message ids and its fast message encoding (epq._messages)."""
+"""epq's message ids and its fast message encoding (``epq.testing.messages``)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import pydantic_core
 import pytest
 from dramatiq.encoder import PickleEncoder
 
-from epq import _messages
+from epq.testing import messages
 
 
 def test_ids_are_distinct_version_4_uuids() -> None:
-    ids = _messages.new_ids(1000) + [_messages.new_id() for _ in range(1000)]
+    ids = messages.new_ids(1000) + [messages.new_id() for _ in range(1000)]
     assert len(set(ids)) == 2000
     for text in ids:
         parsed = uuid.UUID(text)
@@ -25,17 +25,17 @@ def test_ids_are_distinct_version_4_uuids() -> None:
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_never_makes_its_parents_next_ids() -> None:
-    _messages.new_id()  # the parent now holds ids made ahead
+    messages.new_id()  # the parent now holds ids made ahead
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child
-        os.write(write, json.dumps([_messages.new_id() for _ in range(50)]).encode())
+        os.write(write, json.dumps([messages.new_id() for _ in range(50)]).encode())
         os._exit(0)
     os.close(write)
     with os.fdopen(read) as pipe:
         child = set(json.loads(pipe.read()))
     os.waitpid(pid, 0)
-    parent = {_messages.new_id() for _ in range(50)}
+    parent = {messages.new_id() for _ in range(50)}
     assert len(child) == 50
     assert not child & parent
 
@@ -58,7 +58,7 @@ def test_the_fast_encoding_decodes_to_what_dramatiq_encodes(payload: dict[str, A
         options={"epq_priority": 2, "epq_unique_key": "epq:unique:x:ab", "redis_message_id": "r"},
     )
     payload_json = pydantic_core.to_json(payload).decode()  # as the actor's payload check makes it
-    fast = _messages.encode(message, payload_json)
+    fast = messages.encode(message, payload_json)
     assert json.loads(fast) == json.loads(message.encode())
     assert dramatiq.Message.decode(fast) == message
 
@@ -68,8 +68,8 @@ def test_without_the_payload_json_the_fast_encoding_is_dramatiqs_to_the_byte(pay
     message: dramatiq.Message[Any] = dramatiq.Message(
         queue_name="q", actor_name="a", args=(1, "x"), kwargs=payload, options={"o": [1, None]}
     )
-    assert _messages.encode(message) == message.encode()
-    assert _messages.encode(message, "{}") == message.encode()  # positional args: the payload JSON unused
+    assert messages.encode(message) == message.encode()
+    assert messages.encode(message, "{}") == message.encode()  # positional args: the payload JSON unused
 
 
 def test_the_fast_encoding_stands_aside_for_another_encoder() -> None:
@@ -79,7 +79,7 @@ def test_the_fast_encoding_stands_aside_for_another_encoder() -> None:
     old = dramatiq.get_encoder()
     dramatiq.set_encoder(PickleEncoder())
     try:
-        assert _messages.encode(plain, "{}") == plain.encode()  # not Dramatiq's JSON encoder
+        assert messages.encode(plain, "{}") == plain.encode()  # not Dramatiq's JSON encoder
     finally:
         dramatiq.set_encoder(old)
 
@@ -99,9 +99,9 @@ def test_flat_json_is_json_dumps_to_the_byte(ascii: bool, sort: bool) -> None:
     # unique keys are digests of such JSON: a byte of difference would change every key
     for mapping in FLAT:
         expected = json.dumps(mapping, separators=(",", ":"), ensure_ascii=ascii, sort_keys=sort)
-        assert _messages.flat_json(mapping, ascii=ascii, sort=sort) == expected
+        assert messages.flat_json(mapping, ascii=ascii, sort=sort) == expected
     for mapping in NOT_FLAT:
-        assert _messages.flat_json(mapping, ascii=ascii, sort=sort) is None
+        assert messages.flat_json(mapping, ascii=ascii, sort=sort) is None
 
 
 @pytest.mark.parametrize(
@@ -134,12 +134,12 @@ def test_a_data_template_makes_what_the_encoder_makes(payload: dict[str, Any], l
         queue_name="q-é", actor_name="kind", args=(), kwargs=payload, options=options
     )
     message.options["redis_message_id"] = message.message_id
-    template = _messages.data_template(message, lock_key)
+    template = messages.data_template(message, lock_key)
     assert template is not None
     f1, f2, f3, f4, f5 = template
     payload_json = pydantic_core.to_json(payload).decode()
     made = f1 + payload_json + f2 + lock_key + f3 + message.message_id + f4 + message.message_id + f5
-    assert made.encode() == _messages.encode(message, payload_json)
+    assert made.encode() == messages.encode(message, payload_json)
     assert dramatiq.Message.decode(made.encode()) == message
 
 
@@ -147,14 +147,14 @@ def test_no_data_template_when_it_cannot_be_relied_on() -> None:
     message: dramatiq.Message[Any] = dramatiq.Message(
         queue_name="q", actor_name="a", args=(), kwargs={}, options={"epq_unique_key": 'k"ey'}
     )
-    assert _messages.data_template(message, 'k"ey') is None  # JSON would escape the key
+    assert messages.data_template(message, 'k"ey') is None  # JSON would escape the key
     positional: dramatiq.Message[Any] = dramatiq.Message(
         queue_name="q", actor_name="a", args=(1,), kwargs={}, options={}
     )
-    assert _messages.data_template(positional, "") is None
+    assert messages.data_template(positional, "") is None
     old = dramatiq.get_encoder()
     dramatiq.set_encoder(PickleEncoder())
     try:
-        assert _messages.data_template(message, "") is None
+        assert messages.data_template(message, "") is None
     finally:
         dramatiq.set_encoder(old)

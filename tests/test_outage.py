@@ -12,8 +12,8 @@ import redis
 
 import epq
 import epq.actors
-from epq import _runtime, outage
-from epq.testing import HandlerRegistry
+from epq import outage
+from epq.testing import HandlerRegistry, backend
 from tests.helpers import message_count, wait_for
 from tests.test_contract import VALID
 
@@ -67,15 +67,14 @@ def test_a_job_whose_start_cannot_be_written_goes_back_to_its_queue_when_the_wor
     received = epq_handlers.record("register_job")
     svc = epq.QueueService(broker)
     job_id = svc.enqueue_register_job(VALID["register_job"]).job.id
-    runtime = _runtime.current()
-    assert runtime is not None
+    records = backend(broker).records
     tried = threading.Event()
 
     def start_down(*args: Any, **kwargs: Any) -> None:
         tried.set()
         raise redis.ConnectionError("Connection refused")
 
-    monkeypatch.setattr(runtime.records, "start", start_down)
+    monkeypatch.setattr(records, "start", start_down)
     if hasattr(broker, "start_record"):  # Redis with the records in the broker's server
         monkeypatch.setattr(broker, "start_record", start_down)
     worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=1)

@@ -19,11 +19,10 @@ from dramatiq.middleware import CurrentMessage
 from dramatiq.worker import _WorkQueueItem
 
 import epq
-from epq import _runtime
 from epq.backends.urls import mask_url
 from epq.priority import PriorityWorkQueue, lane_of
 from epq.settings import reset_settings
-from epq.testing import HandlerRegistry
+from epq.testing import HandlerRegistry, backend, current_broker, install
 from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL, rabbitmq_available
 from tests.helpers import message_count, wait_for
 from tests.test_cli import run_epq
@@ -179,7 +178,7 @@ OVERTAKE_ATTEMPTS = 3
 def _overtake_with_two_processes(
     start_worker: Any, env: dict[str, str], broker_url: str, state_url: str | None
 ) -> None:
-    _runtime.install(broker_url, state_url=state_url)
+    install(broker_url, state_url=state_url)
     svc = epq.QueueService()
     counts: list[int] = []
     for attempt in range(OVERTAKE_ATTEMPTS):
@@ -228,7 +227,7 @@ def test_a_new_priority_1_job_overtakes_a_backlog_across_two_processes_on_rabbit
     try:
         _overtake_with_two_processes(start_worker, env, RABBITMQ_URL, STATE_URL)
     finally:
-        _runtime.current().broker.flush_all()  # type: ignore[union-attr]
+        current_broker().flush_all()  # type: ignore[union-attr]
 
 
 # ---- Redis: the lanes ------------------------------------------------------------------------
@@ -276,7 +275,7 @@ def test_redis_promotes_a_scheduled_job_into_its_lane(
     svc.enqueue_register_job(_request("register_job", 0, 4))
     svc.enqueue_register_job({**_request("register_job", 1, 1), "run_at": _soon()})
     time.sleep(0.3)
-    moved, _ = promote_due(redis_broker, _runtime.current().state)  # type: ignore[union-attr]
+    moved, _ = promote_due(redis_broker, backend(redis_broker).state)
     assert moved == 1
     assert [redis_client.llen(f"dramatiq:default.P{lane}") for lane in (1, 4)] == [1, 1]
 
@@ -346,7 +345,7 @@ def test_a_rabbitmq_queue_without_priorities_is_a_clear_error_then_migrates(
         "EPQ_STATE_URL": STATE_URL,
         "EPQ_QUEUES": f"default,{legacy_queue}",
     }
-    broker = _runtime.install(RABBITMQ_URL, state_url=STATE_URL).broker
+    broker = install(RABBITMQ_URL, state_url=STATE_URL)
     svc = epq.QueueService(broker)
     on_legacy = {**_request("register_job", 2, 1), "queue_name": legacy_queue}
     # When epq enqueues on the old queue, it refuses with the queue's name and the way out
@@ -409,7 +408,7 @@ def test_redis_recovers_the_messages_of_a_dead_worker_into_their_lanes(redis_bro
     newer = svc.enqueue_register_job(_request("register_job", 2, 1)).job.id
     # When another worker runs Dramatiq's maintenance (each consumer does every few seconds), then
     # fetches
-    other = _runtime.install(REDIS_URL).broker
+    other = install(REDIS_URL)
     other.maintain("default")  # type: ignore[attr-defined]
     again = [dramatiq.Message.decode(d).message_id for _, d in other.fetch_lanes("default", 10)]  # type: ignore[attr-defined]
     # Then the dead worker's jobs are fetched again, in priority order, ahead of newer ones
@@ -429,7 +428,7 @@ def test_an_interrupted_migration_finishes_on_the_next_run(legacy_queue: str) ->
     channel.queue_delete(legacy_queue)
     channel.queue_declare(legacy_queue, durable=True, arguments=_epq_arguments(legacy_queue))
     connection.close()
-    broker = _runtime.install(RABBITMQ_URL, state_url=STATE_URL).broker
+    broker = install(RABBITMQ_URL, state_url=STATE_URL)
     # When the migration runs again
     from epq.backends.rabbitmq.migrate import migrate_queues
 

@@ -53,8 +53,8 @@ def test_error_tree() -> None:
 def test_importing_epq_connects_to_nothing() -> None:
     # No broker is built and no server started by `import epq`, whatever the environment says.
     code = (
-        "import epq, dramatiq.broker as b, epq._runtime as r; "
-        "assert r.current() is None; assert b.global_broker is None; print('ok')"
+        "import epq, dramatiq.broker as b, epq.testing as t; "
+        "assert t.current_broker() is None; assert b.global_broker is None; print('ok')"
     )
     env = {"EPQ_BROKER_URL": "redis://127.0.0.1:1/0", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)

@@ -9,8 +9,8 @@ import pytest
 import redis
 
 import epq
-from epq import _runtime
 from epq.backends.redis.broker import HEARTBEAT_TIMEOUT_MS, MAINTENANCE_INTERVAL_MS
+from epq.testing import install
 from tests.conftest import REDIS_URL
 from tests.helpers import wait_for
 from tests.test_contract import VALID
@@ -29,7 +29,7 @@ def test_the_jobs_of_a_killed_redis_worker_run_again_within_the_bound(
     start_worker: Any, redis_client: redis.Redis
 ) -> None:
     assert RECOVERY_BOUND_S < 30
-    broker = _runtime.install(REDIS_URL).broker
+    broker = install(REDIS_URL)
     from epq import actors
 
     argv = [str(BIN / "dramatiq"), "epq.actors", "tests.hold_handlers", "--processes", "1", "--threads", "8"]

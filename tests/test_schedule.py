@@ -11,10 +11,9 @@ import dramatiq
 
 import epq
 import epq.actors
-from epq import _runtime
 from epq.backends.memory import FakeClock
 from epq.schedule import promote_due
-from epq.testing import HandlerRegistry, drain
+from epq.testing import HandlerRegistry, backend, drain
 from tests.helpers import message_count, total_waiting, wait_for
 from tests.test_contract import VALID
 
@@ -33,9 +32,7 @@ class StartTimes:
 
 
 def store() -> Any:
-    runtime = _runtime.current()
-    assert runtime is not None
-    return runtime.state
+    return backend().state
 
 
 def unacked_in_worker(worker: dramatiq.Worker) -> int:

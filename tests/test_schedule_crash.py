@@ -13,8 +13,8 @@ import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
 
-from epq import _runtime
 from epq.schedule import promote_due
+from epq.testing import backend, install, reset
 from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL, rabbitmq_available
 from tests.helpers import message_count
 from tests.test_contract import VALID
@@ -29,7 +29,7 @@ JOBS = 200
 def _kill_while_scheduled(
     start_worker: Any, env: dict[str, str], broker_url: str, state_url: str | None
 ) -> None:
-    _runtime.install(broker_url, state_url=state_url)
+    install(broker_url, state_url=state_url)
     from epq import actors
 
     # Given running workers (proved by a job they ran)
@@ -64,7 +64,7 @@ def test_scheduled_jobs_survive_kill9_on_redis(start_worker: Any, redis_client: 
 @pytest.mark.rabbitmq
 def test_scheduled_jobs_survive_kill9_on_rabbitmq(start_worker: Any, state_client: redis.Redis) -> None:
     rabbitmq_available(RABBITMQ_URL)
-    broker = _runtime.install(RABBITMQ_URL, state_url=STATE_URL).broker
+    broker = install(RABBITMQ_URL, state_url=STATE_URL)
     broker.flush_all()
     env = {"EPQ_BROKER_URL": RABBITMQ_URL, "EPQ_STATE_URL": STATE_URL}
     _kill_while_scheduled(start_worker, env, RABBITMQ_URL, STATE_URL)
@@ -76,15 +76,16 @@ PROMOTED_JOBS = 2000
 
 
 def _promoter(broker_url: str, state_url: str | None, barrier: Any, out: Any) -> None:
-    runtime = _runtime.install(broker_url, state_url=state_url)
+    broker = install(broker_url, state_url=state_url)
+    state = backend(broker).state
     barrier.wait(timeout=60)
     promoted = 0
     deadline = time.monotonic() + 60
-    while runtime.state.schedule_size() and time.monotonic() < deadline:
-        moved, _ = promote_due(runtime.broker, runtime.state, limit=20)
+    while state.schedule_size() and time.monotonic() < deadline:
+        moved, _ = promote_due(broker, state, limit=20)
         promoted += moved
     out.put(promoted)
-    _runtime.reset()
+    reset()
 
 
 def _queued_message_ids(broker: dramatiq.Broker) -> list[str]:
@@ -139,7 +140,7 @@ def test_two_promoters_claiming_from_a_separate_state_client_move_each_job_once(
     redis_client: redis.Redis,
 ) -> None:
     # a state URL of its own makes the promoters claim, publish, then forget (the RabbitMQ path)
-    broker = _runtime.install(REDIS_URL, state_url=REDIS_URL).broker
+    broker = install(REDIS_URL, state_url=REDIS_URL)
     _promoters_race(broker, REDIS_URL, REDIS_URL)
 
 

@@ -17,7 +17,7 @@ import pytest
 import redis
 
 import epq
-from epq import _runtime
+from epq.testing import install
 from tests.conftest import RABBITMQ_URL, REDIS_URL, rabbitmq_available
 from tests.helpers import message_count, wait_for
 from tests.support.servers import PrivateServer, free_port, stop_server
@@ -73,7 +73,7 @@ def _everything_ran_once_or_more(worker: Any, broker: Any, ids: set[str], timeou
 
 
 def _drain_through_an_outage(start_worker: Any, broker_url: str, state: StateRedis) -> None:
-    broker = _runtime.install(broker_url, state_url=state.url).broker
+    broker = install(broker_url, state_url=state.url)
     svc = epq.QueueService(broker)
     # Given 2,000 jobs draining (5 ms each) on a worker whose state store is a private Redis
     ids = {r.job.id for r in svc.enqueue_many(_requests(2000, "drain"))}
@@ -110,7 +110,7 @@ def test_a_state_outage_while_promoting_scheduled_jobs_dead_letters_nothing(
     start_worker: Any, state_redis: StateRedis
 ) -> None:
     rabbitmq_available(RABBITMQ_URL)
-    broker = _runtime.install(RABBITMQ_URL, state_url=state_redis.url).broker
+    broker = install(RABBITMQ_URL, state_url=state_redis.url)
     broker.flush_all()
     svc = epq.QueueService(broker)
     env = {"EPQ_BROKER_URL": RABBITMQ_URL, "EPQ_STATE_URL": state_redis.url, "EPQ_TEST_WORK_MS": "5"}

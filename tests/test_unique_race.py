@@ -10,7 +10,7 @@ import dramatiq
 import pytest
 
 import epq
-from epq import _runtime
+from epq.testing import install, reset
 from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL
 from tests.helpers import message_count
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def _racer(broker_url: str, state_url: str | None, barrier: Any, endpoints: list[str], out: Any) -> None:
-    _runtime.install(broker_url, state_url=state_url)
+    install(broker_url, state_url=state_url)
     svc = epq.QueueService()
     results = []
     for round_no, endpoint in enumerate(endpoints):
@@ -29,7 +29,7 @@ def _racer(broker_url: str, state_url: str | None, barrier: Any, endpoints: list
         result = svc.enqueue_index_endpoint({"endpoint_id": endpoint, "source": "API"})
         results.append((round_no, result.job.id, result.unique_skipped_as_duplicate))
     out.put(results)
-    _runtime.reset()
+    reset()
 
 
 def _race(broker: dramatiq.Broker, broker_url: str, state_url: str | None) -> None:

@@ -23,12 +23,11 @@ from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import SkipMessage
 
 import epq
-from epq import _runtime
 from epq.backends.base import KEY_PREFIX
 from epq.backends.redis.connections import ScriptStream
 from epq.middleware import Uniqueness
 from epq.settings import reset_settings
-from epq.testing import HandlerRegistry, drain
+from epq.testing import HandlerRegistry, backend, drain
 from tests.helpers import message_count, total_waiting, wait_for
 from tests.test_contract import VALID, actor
 
@@ -80,7 +79,7 @@ def timeline(broker: dramatiq.Broker, request: pytest.FixtureRequest) -> Timelin
 
 def age_locks(seconds: float) -> None:
     """Let ``seconds`` pass for the uniqueness locks in the state Redis: shorten each one's TTL."""
-    client = _runtime.current().state.client  # type: ignore[union-attr]
+    client = backend().state.client  # type: ignore[attr-defined]
     shift_ms = round(seconds * 1000)
     for key in client.scan_iter(match=f"{KEY_PREFIX}unique:*", count=1000):
         ttl_ms = client.pttl(key)
@@ -99,7 +98,7 @@ def lock_key(kind: str, fields: dict[str, Any]) -> str:
 
 
 def lock_ttl_ms(key: str) -> int | None:
-    state = _runtime.current().state  # type: ignore[union-attr]
+    state = backend().state
     if isinstance(state, epq.backends.memory.MemoryStateStore):
         return state.ttl_ms(key)
     ttl = state.client.pttl(key)  # type: ignore[attr-defined]

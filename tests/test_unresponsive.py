@@ -23,9 +23,9 @@ import pytest
 import redis
 
 import epq
-from epq import _runtime
 from epq.backends import embedded
 from epq.errors import REDIS_REPLY_TIMEOUT_S, describe_error
+from epq.testing import backend, reset
 from tests.helpers import total_waiting
 from tests.test_contract import VALID
 
@@ -81,7 +81,7 @@ class PrivateRedis:
 def private_redis() -> Iterator[PrivateRedis]:
     server = PrivateRedis()
     yield server
-    _runtime.reset()
+    reset()
     server.stop()
 
 
@@ -112,9 +112,7 @@ def test_a_state_store_failure_says_why(epq_broker: dramatiq.Broker, monkeypatch
     def refused(*args: Any, **kwargs: Any) -> None:
         raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6390. Connection refused.")
 
-    runtime = _runtime.current()
-    assert runtime is not None
-    monkeypatch.setattr(runtime.records, "create_locked", refused)
+    monkeypatch.setattr(backend(epq_broker).records, "create_locked", refused)
     with pytest.raises(epq.StateUnavailable) as caught:
         epq.QueueService(epq_broker).enqueue_register_job(VALID["register_job"])
     assert str(caught.value) == (
