@@ -45,7 +45,7 @@ def _private(kind: str) -> str:
 
 REDIS_URL = GIVEN_URLS.get("EPQ_TEST_REDIS_URL") or f"{_private('redis')}/15"
 STATE_URL = GIVEN_URLS.get("EPQ_TEST_STATE_URL") or f"{_private('redis')}/14"
-# where worker subprocesses' handlers report (tests/workers.py)
+# where worker subprocesses' handlers report (tests/support/workers.py)
 RESULTS_URL = GIVEN_URLS.get("EPQ_TEST_RESULTS_URL") or f"{_private('redis')}/13"
 RABBITMQ_URL = GIVEN_URLS.get("EPQ_TEST_RABBITMQ_URL") or _private("rabbitmq")
 
@@ -210,8 +210,8 @@ def worker(broker: dramatiq.Broker) -> Iterator[dramatiq.Worker]:
 
 @pytest.fixture
 def start_worker(tmp_path: Path) -> Iterator[Any]:
-    """Start worker subprocesses (tests.workers.Worker); stopped after the test."""
-    from tests.workers import Worker
+    """Start worker subprocesses (tests.support.workers.Worker); stopped after the test."""
+    from tests.support.workers import Worker
 
     workers: list[Worker] = []
 

@@ -24,10 +24,9 @@ from epq.priority import PriorityWorkQueue, lane_of
 from epq.settings import reset_settings
 from epq.testing import HandlerRegistry, backend, current_broker, install
 from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL, rabbitmq_available
-from tests.helpers import message_count, wait_for
-from tests.test_cli import run_epq
-from tests.test_contract import FACADE, VALID
-from tests.workers import BIN
+from tests.e2e.test_cli import run_epq
+from tests.support.helpers import FACADE, VALID, message_count, wait_for
+from tests.support.workers import BIN, PRIORITY_HANDLERS
 
 #: The bar from DESIGN.md: a backlog of 1,000 priority-4 jobs of 10 ms, 8 busy threads.
 BACKLOG = 1000
@@ -190,7 +189,7 @@ def _overtake_with_two_processes(
         # and two worker processes of 8 threads busy with it
         worker = start_worker(
             [str(BIN / "dramatiq"), "epq.actors", "--processes", "2", "--threads", "8"],
-            {**env, "EPQ_HANDLERS": "tests.priority_handlers"},
+            {**env, "EPQ_HANDLERS": PRIORITY_HANDLERS},
         )
         first = worker.collect(16, timeout=30)
         # When a priority-1 job is enqueued

@@ -15,8 +15,7 @@ import epq.actors
 from epq.errors import MAX_NESTING, EnqueueFailed
 from epq.middleware import JobRecords, Uniqueness
 from epq.testing import backend
-from tests.helpers import total_waiting
-from tests.test_contract import VALID
+from tests.support.helpers import VALID, total_waiting
 
 # What os.fsdecode makes of a file name with a byte that is not UTF-8: a lone surrogate.
 SURROGATE = os.fsdecode(b"report-\xff.csv")

@@ -14,8 +14,7 @@ import epq
 import epq.actors
 from epq import outage
 from epq.testing import HandlerRegistry, backend
-from tests.helpers import message_count, wait_for
-from tests.test_contract import VALID
+from tests.support.helpers import VALID, message_count, wait_for
 
 
 def test_until_written_waits_while_unreachable_then_writes() -> None:

@@ -19,15 +19,14 @@ import redis
 import epq
 from epq.testing import install
 from tests.conftest import RABBITMQ_URL, REDIS_URL, rabbitmq_available
-from tests.helpers import message_count, wait_for
+from tests.support.helpers import VALID, message_count, wait_for
 from tests.support.servers import PrivateServer, free_port, stop_server
-from tests.test_contract import VALID
-from tests.workers import BIN
+from tests.support.workers import BIN, HOLD_HANDLERS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 OUTAGE_S = 5
-WORKER = [str(BIN / "dramatiq"), "epq.actors", "tests.hold_handlers", "--processes", "1", "--threads", "8"]
+WORKER = [str(BIN / "dramatiq"), "epq.actors", HOLD_HANDLERS, "--processes", "1", "--threads", "8"]
 
 
 class StateRedis:

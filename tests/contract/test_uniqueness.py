@@ -28,8 +28,7 @@ from epq.backends.redis.connections import ScriptStream
 from epq.middleware import Uniqueness
 from epq.settings import reset_settings
 from epq.testing import HandlerRegistry, backend, drain
-from tests.helpers import message_count, total_waiting, wait_for
-from tests.test_contract import VALID, actor
+from tests.support.helpers import VALID, actor, message_count, total_waiting, wait_for
 
 REAL_WINDOW_S = 60.0
 

@@ -16,8 +16,7 @@ import epq.actors
 from epq.backends.memory import FakeClock
 from epq.schedule import promote_due
 from epq.testing import HandlerRegistry, backend, drain
-from tests.helpers import message_count, wait_for
-from tests.test_contract import VALID
+from tests.support.helpers import VALID, message_count, wait_for
 
 S = epq.JobState
 

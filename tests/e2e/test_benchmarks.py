@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REDIS_URL, redis_available
-from tests.workers import ROOT
+from tests.support.workers import ROOT
 
 
 @pytest.mark.redis

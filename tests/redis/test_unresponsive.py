@@ -26,8 +26,7 @@ import epq
 from epq.backends import embedded
 from epq.errors import REDIS_REPLY_TIMEOUT_S, describe_error
 from epq.testing import backend, reset
-from tests.helpers import total_waiting
-from tests.test_contract import VALID
+from tests.support.helpers import VALID, total_waiting
 
 
 def _free_port() -> int:
@@ -176,7 +175,7 @@ def test_a_consumer_on_a_frozen_redis_warns_and_tries_again(
 
 
 def test_stats_watch_on_a_server_that_goes_away_ends_in_one_line(private_redis: PrivateRedis) -> None:
-    from tests.test_cli import EPQ
+    from tests.e2e.test_cli import EPQ
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("EPQ_")}
     proc = subprocess.Popen(

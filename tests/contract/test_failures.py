@@ -18,8 +18,7 @@ from epq.backends.redis.keys import SCHEDULE as SCHEDULE_KEY
 from epq.backends.redis.keys import SCHEDULE_DATA as SCHEDULE_DATA_KEY
 from epq.schedule import promote_due
 from epq.testing import HandlerRegistry, backend, drain
-from tests.helpers import message_count, total_waiting, wait_for
-from tests.test_contract import VALID
+from tests.support.helpers import VALID, message_count, total_waiting, wait_for
 
 
 def state() -> Any:

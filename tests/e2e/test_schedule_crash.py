@@ -16,9 +16,8 @@ from dramatiq.brokers.redis import RedisBroker
 from epq.schedule import promote_due
 from epq.testing import backend, install, reset
 from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL, rabbitmq_available
-from tests.helpers import message_count
-from tests.test_contract import VALID
-from tests.workers import BIN
+from tests.support.helpers import VALID, message_count
+from tests.support.workers import BIN
 
 pytestmark = pytest.mark.slow
 

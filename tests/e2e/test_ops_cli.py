@@ -21,9 +21,8 @@ import epq.actors
 from epq.backends.urls import mask_url
 from epq.testing import HandlerRegistry, drain
 from tests.conftest import REDIS_URL
-from tests.helpers import wait_for
-from tests.test_cli import EPQ, run_epq
-from tests.test_contract import VALID
+from tests.e2e.test_cli import EPQ, run_epq
+from tests.support.helpers import VALID, wait_for
 
 pytestmark = pytest.mark.redis
 ENV = {"EPQ_BROKER_URL": REDIS_URL}

@@ -12,9 +12,8 @@ import epq
 from epq.backends.redis.broker import HEARTBEAT_TIMEOUT_MS, MAINTENANCE_INTERVAL_MS
 from epq.testing import install
 from tests.conftest import REDIS_URL
-from tests.helpers import wait_for
-from tests.test_contract import VALID
-from tests.workers import BIN
+from tests.support.helpers import VALID, wait_for
+from tests.support.workers import BIN, HOLD_HANDLERS
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +31,8 @@ def test_the_jobs_of_a_killed_redis_worker_run_again_within_the_bound(
     broker = install(REDIS_URL)
     from epq import actors
 
-    argv = [str(BIN / "dramatiq"), "epq.actors", "tests.hold_handlers", "--processes", "1", "--threads", "8"]
-    env = {"EPQ_BROKER_URL": REDIS_URL, "EPQ_HANDLERS": "tests.hold_handlers"}
+    argv = [str(BIN / "dramatiq"), "epq.actors", HOLD_HANDLERS, "--processes", "1", "--threads", "8"]
+    env = {"EPQ_BROKER_URL": REDIS_URL, "EPQ_HANDLERS": HOLD_HANDLERS}
     # Given a worker holding 16 jobs: 8 hanging in its threads, 8 in its prefetch
     doomed = start_worker(argv, {**env, "EPQ_TEST_HOLD": "1"})
     ids = {

@@ -13,8 +13,12 @@ from typing import Any
 
 from tests.conftest import RESULTS_URL, redis_available
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+#: The handler modules worker subprocesses import (``dramatiq epq.actors MODULE``, ``EPQ_HANDLERS``).
+E2E_HANDLERS = "tests.support.e2e_handlers"
+HOLD_HANDLERS = "tests.support.hold_handlers"
+PRIORITY_HANDLERS = "tests.support.priority_handlers"
 
 
 class Worker:
@@ -26,7 +30,7 @@ class Worker:
         self.log = tmp_path / f"worker-{uuid.uuid4().hex[:6]}.log"
         full_env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("EPQ_") or k.startswith("EPQ_TEST_")},
-            "EPQ_HANDLERS": "tests.e2e_handlers",
+            "EPQ_HANDLERS": E2E_HANDLERS,
             "EPQ_TEST_RESULTS_URL": RESULTS_URL,
             "EPQ_TEST_RESULTS_KEY": self.key,
             "PYTHONPATH": str(ROOT),

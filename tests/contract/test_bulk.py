@@ -19,9 +19,8 @@ import epq.actors
 from epq.backends.redis.connections import ScriptStream
 from epq.middleware import JobRecords, Uniqueness
 from epq.testing import HandlerRegistry, backend
-from tests.helpers import message_count, run_until_drained, total_waiting, wait_for
-from tests.test_contract import ENDPOINT, VALID
-from tests.test_priority import StartLog, _request
+from tests.contract.test_priority import StartLog, _request
+from tests.support.helpers import ENDPOINT, VALID, message_count, run_until_drained, total_waiting, wait_for
 
 
 def _index(n: int, **extra: Any) -> epq.EnqueueIndexEndpointRequest:

@@ -12,7 +12,7 @@ import pytest
 import epq
 from epq.testing import install, reset
 from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL
-from tests.helpers import message_count
+from tests.support.helpers import message_count
 
 PROCESSES = 8
 ROUNDS = 20

@@ -1,16 +1,45 @@
-"""Broker-agnostic probes used by the contract tests."""
+"""What the tests share: valid requests of every kind, and broker-agnostic probes."""
 
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import dramatiq
 import pika
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
+
+import epq
+
+ENDPOINT = "6f1d1c1e-4a5b-4c3d-9e8f-0a1b2c3d4e5f"
+
+VALID: dict[str, dict[str, Any]] = {
+    "index_endpoint": {"endpoint_id": ENDPOINT, "source": "API", "reason": "r", "source_data": {"k": [1, 2]}},
+    "register_job": {"endpoint_id": ENDPOINT, "job_id": "job-1", "job_metadata": {"version": "1"}},
+    "register_source": {"endpoint_id": ENDPOINT, "source_id": "src-1", "source_metadata": {"a": 1}},
+    "register_dynamic_trigger": {"endpoint_id": ENDPOINT, "trigger_id": "t-1", "trigger_metadata": {}},
+    "register_dynamic_schedule": {
+        "endpoint_id": ENDPOINT,
+        "schedule_id": "s-1",
+        "schedule_metadata": {"cron": "* *"},
+    },
+}
+FACADE = {
+    "index_endpoint": "enqueue_index_endpoint",
+    "register_job": "enqueue_register_job",
+    "register_source": "enqueue_register_source",
+    "register_dynamic_trigger": "enqueue_register_dynamic_trigger",
+    "register_dynamic_schedule": "enqueue_register_dynamic_schedule",
+}
+
+
+def actor(kind: str) -> Any:
+    """The epq actor of ``kind`` (``epq.actors`` sets epq up from the settings when first used)."""
+    return getattr(epq.actors, kind)
 
 
 def served_queues(broker: dramatiq.Broker) -> list[str]:

@@ -14,32 +14,7 @@ from dramatiq.middleware import CurrentMessage
 import epq
 import epq.actors
 from epq.testing import HandlerRegistry, drain
-from tests.helpers import message_count, total_waiting, wait_for
-
-ENDPOINT = "6f1d1c1e-4a5b-4c3d-9e8f-0a1b2c3d4e5f"
-
-VALID: dict[str, dict[str, Any]] = {
-    "index_endpoint": {"endpoint_id": ENDPOINT, "source": "API", "reason": "r", "source_data": {"k": [1, 2]}},
-    "register_job": {"endpoint_id": ENDPOINT, "job_id": "job-1", "job_metadata": {"version": "1"}},
-    "register_source": {"endpoint_id": ENDPOINT, "source_id": "src-1", "source_metadata": {"a": 1}},
-    "register_dynamic_trigger": {"endpoint_id": ENDPOINT, "trigger_id": "t-1", "trigger_metadata": {}},
-    "register_dynamic_schedule": {
-        "endpoint_id": ENDPOINT,
-        "schedule_id": "s-1",
-        "schedule_metadata": {"cron": "* *"},
-    },
-}
-FACADE = {
-    "index_endpoint": "enqueue_index_endpoint",
-    "register_job": "enqueue_register_job",
-    "register_source": "enqueue_register_source",
-    "register_dynamic_trigger": "enqueue_register_dynamic_trigger",
-    "register_dynamic_schedule": "enqueue_register_dynamic_schedule",
-}
-
-
-def actor(kind: str) -> Any:
-    return getattr(epq.actors, kind)
+from tests.support.helpers import ENDPOINT, FACADE, VALID, actor, message_count, total_waiting, wait_for
 
 
 class Recorder:

@@ -17,8 +17,7 @@ import epq
 import epq.actors
 from epq import wire
 from epq.testing import HandlerRegistry, drain
-from tests.helpers import message_count, push_raw, wait_for
-from tests.test_contract import VALID
+from tests.support.helpers import VALID, message_count, push_raw, wait_for
 
 
 def good(**changes: Any) -> dict[str, Any]:

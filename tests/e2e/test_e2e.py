@@ -14,8 +14,8 @@ import epq
 from epq.backends import embedded
 from epq.testing import install
 from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL, rabbitmq_available
-from tests.test_contract import FACADE, VALID
-from tests.workers import BIN, Worker
+from tests.support.helpers import FACADE, VALID
+from tests.support.workers import BIN, Worker
 
 pytestmark = pytest.mark.slow
 
@@ -118,7 +118,7 @@ def test_epq_worker_serves_only_the_queues_it_is_given(start_worker: Any, redis_
 def test_epq_worker_serves_only_the_queues_it_is_given_on_rabbitmq(
     start_worker: Any, state_client: redis.Redis
 ) -> None:
-    from tests.helpers import message_count
+    from tests.support.helpers import message_count
 
     rabbitmq_available(RABBITMQ_URL)
     broker = install(RABBITMQ_URL, state_url=STATE_URL)
