@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import dramatiq
@@ -12,8 +14,10 @@ import pika
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import CurrentMessage
 
 import epq
+from epq.testing import HandlerRegistry
 
 ENDPOINT = "6f1d1c1e-4a5b-4c3d-9e8f-0a1b2c3d4e5f"
 
@@ -40,6 +44,60 @@ FACADE = {
 def actor(kind: str) -> Any:
     """The epq actor of ``kind`` (``epq.actors`` sets epq up from the settings when first used)."""
     return getattr(epq.actors, kind)
+
+
+#: The priority bar from DESIGN.md: a backlog of 1,000 priority-4 jobs of 10 ms, 8 busy threads.
+BACKLOG = 1000
+#: A priority-1 job enqueued after the backlog starts before at least 950 of it has started.
+MAX_STARTED_BEFORE_URGENT = 50
+
+
+def keyed_request(kind: str, n: int, priority: int | None) -> dict[str, Any]:
+    """A valid request of ``kind`` with its own uniqueness key (``n``)."""
+    fields = dict(VALID[kind])
+    if kind == "index_endpoint":
+        fields["endpoint_id"] = str(uuid.UUID(int=n + 1))
+    else:
+        id_field = {
+            "register_job": "job_id",
+            "register_source": "source_id",
+            "register_dynamic_trigger": "trigger_id",
+            "register_dynamic_schedule": "schedule_id",
+        }[kind]
+        fields[id_field] = f"{id_field}-{n}"
+    if priority is not None:
+        fields["priority"] = priority
+    return fields
+
+
+class StartLog:
+    """Handlers (of every kind) that note which job started, in order, then work for ``work_s``."""
+
+    def __init__(self, handlers: HandlerRegistry, work_s: float = 0.0) -> None:
+        self.started: list[str] = []
+        self.priorities: list[int] = []
+        self.lock = threading.Lock()
+        self.work_s = work_s
+        for kind in VALID:
+            handlers.register(kind, self)
+
+    def __call__(self, request: Any) -> None:
+        message = CurrentMessage.get_current_message()
+        with self.lock:
+            self.started.append(message.message_id)
+            self.priorities.append(message.options.get("epq_priority"))
+        if self.work_s:
+            time.sleep(self.work_s)
+
+
+def soon() -> str:
+    """A ``run_at`` 100 ms from now."""
+    return (datetime.now(timezone.utc) + timedelta(milliseconds=100)).isoformat()
+
+
+def index_request(n: int, **extra: Any) -> epq.EnqueueIndexEndpointRequest:
+    """An index_endpoint request with its own uniqueness key (``n``)."""
+    return epq.EnqueueIndexEndpointRequest(endpoint_id=uuid.UUID(int=n + 1), source="API", **extra)
 
 
 def served_queues(broker: dramatiq.Broker) -> list[str]:
