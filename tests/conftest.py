@@ -7,6 +7,12 @@ EPQ_TEST_RESULTS_URL and EPQ_TEST_RABBITMQ_URL name other servers instead (the s
 those databases and purges its queues there). A server that cannot be started (its binary is
 missing) or reached skips its tests locally and fails them under CI=true. The stub case uses the
 ``epq_broker`` fixture of the ``epq.testing`` plugin, as an application would.
+
+The test modules: ``unit/`` (in-process; a few need a server), ``contract/`` (the ``broker``
+fixture's suite, and the stores'), ``redis/`` and ``rabbitmq/`` (one broker's own), ``e2e/``
+(worker subprocesses, the command, the README, the embedded Redis); helpers and worker handler
+modules in ``support/``. Tests reach epq's internals through ``epq.testing`` only
+(``unit/test_test_suite.py``).
 """
 
 from __future__ import annotations
