@@ -18,6 +18,8 @@ from typing import Any
 import dramatiq
 from dramatiq.encoder import JSONEncoder
 
+from .options import UNIQUE_KEY
+
 # The variant of an RFC 4122 UUID: the top two bits of the 17th hex digit are 10.
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 # Compact separators and ASCII escapes: the output of Dramatiq's JSONEncoder.
@@ -114,7 +116,7 @@ def data_template(message: dramatiq.Message[Any], lock_key: str) -> tuple[str, s
     options = dict(message.options)  # the same keys in the same order, two of them marked
     options["redis_message_id"] = _ID
     if lock_key:
-        options["epq_unique_key"] = _KEY
+        options[UNIQUE_KEY] = _KEY
     probe: dramatiq.Message[Any] = dramatiq.Message(
         queue_name=message.queue_name,
         actor_name=message.actor_name,

@@ -13,7 +13,10 @@ from ._actor import EpqActor
 from .backends.base import RecordStore, StateStore
 from .backends.factory import build_backend
 from .kinds import KINDS
-from .middleware import EpqMiddleware, EpqRetries, JobRecords, Uniqueness
+from .middleware.boot import EpqMiddleware
+from .middleware.job_records import JobRecords
+from .middleware.retries import EpqRetries
+from .middleware.uniqueness import Uniqueness
 from .priority import Priority
 from .schedule import Scheduling
 from .settings import EpqSettings, default_state_dir, get_settings

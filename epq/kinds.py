@@ -43,7 +43,21 @@ class JobKind:
     unique_by: tuple[str, ...]
 
 
-_REGISTER_BACKOFF_MS = (10_000, 20_000)
+def _registration(name: str, model: type[_Request], *unique_by: str) -> JobKind:
+    """A registration kind: queue ``default``, priority 2, 3 attempts backed off 10 s then 20 s,
+    unique per endpoint and the registered thing (its id and metadata) for the registration
+    window."""
+    return JobKind(
+        name=name,
+        model=model,
+        queue=JobQueue.DEFAULT.value,
+        priority=JobPriority.NORMAL,
+        max_attempts=3,
+        backoff_ms=(10_000, 20_000),
+        unique_window_setting="register_unique_for",
+        unique_by=("endpoint_id", *unique_by),
+    )
+
 
 KINDS: dict[str, JobKind] = {
     kind.name: kind
@@ -58,45 +72,13 @@ KINDS: dict[str, JobKind] = {
             unique_window_setting="index_unique_for",
             unique_by=("endpoint_id", "source"),
         ),
-        JobKind(
-            name="register_job",
-            model=RegisterJobRequest,
-            queue=JobQueue.DEFAULT.value,
-            priority=JobPriority.NORMAL,
-            max_attempts=3,
-            backoff_ms=_REGISTER_BACKOFF_MS,
-            unique_window_setting="register_unique_for",
-            unique_by=("endpoint_id", "job_id", "job_metadata"),
+        _registration("register_job", RegisterJobRequest, "job_id", "job_metadata"),
+        _registration("register_source", RegisterSourceRequest, "source_id", "source_metadata"),
+        _registration(
+            "register_dynamic_trigger", RegisterDynamicTriggerRequest, "trigger_id", "trigger_metadata"
         ),
-        JobKind(
-            name="register_source",
-            model=RegisterSourceRequest,
-            queue=JobQueue.DEFAULT.value,
-            priority=JobPriority.NORMAL,
-            max_attempts=3,
-            backoff_ms=_REGISTER_BACKOFF_MS,
-            unique_window_setting="register_unique_for",
-            unique_by=("endpoint_id", "source_id", "source_metadata"),
-        ),
-        JobKind(
-            name="register_dynamic_trigger",
-            model=RegisterDynamicTriggerRequest,
-            queue=JobQueue.DEFAULT.value,
-            priority=JobPriority.NORMAL,
-            max_attempts=3,
-            backoff_ms=_REGISTER_BACKOFF_MS,
-            unique_window_setting="register_unique_for",
-            unique_by=("endpoint_id", "trigger_id", "trigger_metadata"),
-        ),
-        JobKind(
-            name="register_dynamic_schedule",
-            model=RegisterDynamicScheduleRequest,
-            queue=JobQueue.DEFAULT.value,
-            priority=JobPriority.NORMAL,
-            max_attempts=3,
-            backoff_ms=_REGISTER_BACKOFF_MS,
-            unique_window_setting="register_unique_for",
-            unique_by=("endpoint_id", "schedule_id", "schedule_metadata"),
+        _registration(
+            "register_dynamic_schedule", RegisterDynamicScheduleRequest, "schedule_id", "schedule_metadata"
         ),
     )
 }

@@ -22,7 +22,14 @@ class JobPriority(enum.IntEnum):
     VERY_LOW = 4
 
 
-class JobQueue(str, enum.Enum):
+class _TextEnum(str, enum.Enum):
+    """An enum of strings that prints as its value (``enum.StrEnum`` from Python 3.11 on)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class JobQueue(_TextEnum):
     """The four queues the Go package separates work into."""
 
     DEFAULT = "default"
@@ -30,11 +37,8 @@ class JobQueue(str, enum.Enum):
     EVENTS = "events"
     MAINTENANCE = "maintenance"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class EndpointIndexSource(str, enum.Enum):
+class EndpointIndexSource(_TextEnum):
     """What triggered an endpoint indexing."""
 
     MANUAL = "MANUAL"
@@ -42,11 +46,8 @@ class EndpointIndexSource(str, enum.Enum):
     INTERNAL = "INTERNAL"
     HOOK = "HOOK"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class JobState(str, enum.Enum):
+class JobState(_TextEnum):
     """River's job states."""
 
     AVAILABLE = "available"
@@ -56,9 +57,6 @@ class JobState(str, enum.Enum):
     COMPLETED = "completed"
     DISCARDED = "discarded"
     CANCELLED = "cancelled"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def _reject_bool(value: Any) -> Any:

@@ -15,12 +15,14 @@ raised at once. Times are milliseconds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from .backends.errors import store_unreachable
+from .backends.base import InFlight, in_flight
+from .backends.errors import STORE_ERRORS, store_unreachable
 from .errors import StateUnavailable, describe_error
 
 logger = logging.getLogger("epq.outage")
@@ -29,8 +31,6 @@ T = TypeVar("T")
 
 #: The waits between tries while the state store is unreachable; the last one repeats.
 BACKOFF_MS = (50, 100, 250, 500, 1000)
-#: Option of a message's proxy: give it back to its queue instead of acking or failing it.
-_REQUEUE = "epq_requeue"
 
 _stopping = threading.Event()
 
@@ -120,9 +120,40 @@ def written_if_possible(write: Callable[[], T], what: str) -> T | None:
 def requeue_instead(message: Any) -> None:
     """Have ``message`` (a worker's message proxy) go back to its queue, neither acked nor
     dead-lettered, when the worker is done with it."""
-    setattr(message, _REQUEUE, True)
+    in_flight(message).requeue = True
 
 
 def must_requeue(message: Any) -> bool:
     """Whether :func:`requeue_instead` was called for ``message``."""
-    return bool(getattr(message, _REQUEUE, False))
+    state = getattr(message, "epq", None)
+    return isinstance(state, InFlight) and state.requeue
+
+
+@contextlib.contextmanager
+def state_errors(what: str) -> Iterator[None]:
+    """Turn state-store errors into :class:`StateUnavailable` (which Dramatiq does not swallow)."""
+    try:
+        yield
+    except STORE_ERRORS as exc:
+        raise StateUnavailable(f"the state store failed while {what}: {describe_error(exc)}") from exc
+
+
+class GivesBack:
+    """Consumer mixin (before Dramatiq's consumer): a message :func:`requeue_instead` marked goes
+    back to its queue (``give_back``, each broker's own way) instead of being acked or
+    dead-lettered."""
+
+    def ack(self, message: Any) -> None:
+        if must_requeue(message):
+            self.give_back(message)
+        else:
+            super().ack(message)  # type: ignore[misc]
+
+    def nack(self, message: Any) -> None:
+        if must_requeue(message):
+            self.give_back(message)
+        else:
+            super().nack(message)  # type: ignore[misc]
+
+    def give_back(self, message: Any) -> None:
+        raise NotImplementedError  # pragma: no cover - every epq consumer has one

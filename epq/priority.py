@@ -22,6 +22,7 @@ from typing import Any
 import dramatiq
 
 from .backends.base import served_queues
+from .options import PRIORITY
 
 #: The priorities, highest first.
 LANES = (1, 2, 3, 4)
@@ -34,7 +35,7 @@ RABBITMQ_MAX_PRIORITY = 4
 
 def lane_of(options: dict[str, Any]) -> int:
     """The priority lane of a message's options: ``epq_priority`` when it is 1..4, else 2."""
-    value = options.get("epq_priority")
+    value = options.get(PRIORITY)
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value in LANES:
         return int(value)  # as the Lua version: 1, 1.0 and JobPriority.HIGH are all lane 1
     return DEFAULT_LANE

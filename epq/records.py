@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .models import AttemptError, JobPriority, JobRecord, JobState
+from .options import ARGS_JSON, PRIORITY, UNIQUE_KEY
 
 #: How many attempt errors a record keeps (the newest).
 MAX_ERRORS = 25
@@ -26,9 +27,6 @@ MAX_ERRORS = 25
 OPEN_RECORD_TTL_MS = 30 * 24 * 3600 * 1000
 
 NOT_STARTED = ("available", "scheduled", "retryable")
-#: Message option carrying the payload as JSON from the actor to the record (removed before the
-#: message is encoded).
-ARGS_JSON_OPTION = "epq_args_json"
 
 
 #: What an id prefix given to :meth:`RecordStore.find_ids` may contain: the characters of job
@@ -79,23 +77,52 @@ def to_job_record(job_id: str, fields: Mapping[str, str]) -> JobRecord:
     )
 
 
-def build_fields(
-    message: Any, actor: Any, state: str, now_ms: int, scheduled_ms: int, args_json: str | None = None
+def new_record_fields(
+    *,
+    kind: str,
+    queue: str,
+    priority: object,
+    args_json: str,
+    state: str,
+    max_attempts: object,
+    created_ms: int,
+    scheduled_ms: int,
+    unique_key: str = "",
 ) -> dict[str, str]:
-    """A new record's fields; ``args_json`` (else the message's ``ARGS_JSON_OPTION``, taken off
-    it) is the payload as JSON when the caller has it already."""
+    """The fields of a new record (the one place they are made; a backend stores them as they
+    are)."""
     return {
-        "kind": message.actor_name,
-        "queue": message.queue_name.removesuffix(".DQ"),
-        "priority": str(message.options.get("epq_priority", actor.options.get("epq_priority", 2))),
-        "args": args_json
-        or message.options.pop(ARGS_JSON_OPTION, None)
-        or json.dumps(message.kwargs, separators=(",", ":")),
+        "kind": kind,
+        "queue": queue.removesuffix(".DQ"),
+        "priority": str(priority),
+        "args": args_json,
         "state": state,
         "attempt": "0",
-        "max_attempts": str(message.options.get("max_attempts", actor.options.get("max_attempts", 1))),
+        "max_attempts": str(max_attempts),
         "errors": "[]",
-        "created_at": str(message.message_timestamp),
+        "created_at": str(created_ms),
         "scheduled_at": str(scheduled_ms),
-        "unique_key": str(message.options.get("epq_unique_key", "")),
+        "unique_key": unique_key,
     }
+
+
+def message_record_fields(
+    message: Any, actor: Any, state: str, scheduled_ms: int, args_json: str | None = None
+) -> dict[str, str]:
+    """The fields of a new record of an epq message (created when the message was): its
+    payload as JSON is ``args_json``, else the message's ``ARGS_JSON`` option (taken off it),
+    else encoded here."""
+    options = message.options
+    return new_record_fields(
+        kind=message.actor_name,
+        queue=message.queue_name,
+        priority=options.get(PRIORITY, actor.options.get(PRIORITY, 2)),
+        args_json=args_json
+        or options.pop(ARGS_JSON, None)
+        or json.dumps(message.kwargs, separators=(",", ":")),
+        state=state,
+        max_attempts=options.get("max_attempts", actor.options.get("max_attempts", 1)),
+        created_ms=message.message_timestamp,
+        scheduled_ms=scheduled_ms,
+        unique_key=str(options.get(UNIQUE_KEY, "")),
+    )

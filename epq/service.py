@@ -8,10 +8,10 @@ from typing import Any
 
 import dramatiq
 
-from . import bulk
+from . import insert
 from ._actor import EpqActor
 from ._runtime import Runtime, actor_for, current, setup
-from .backends.base import served_queues, split_counter_group
+from .backends.base import backend_of, served_queues, split_counter_group
 from .errors import ConfigurationError, DuplicateJob, InvalidPayload, InvalidRequest, JobNotFound
 from .models import (
     EnqueueIndexEndpointRequest,
@@ -23,6 +23,7 @@ from .models import (
     RegisterSourceRequest,
     _Request,
 )
+from .options import PRIORITY, RECORDED
 from .records import NOT_STARTED, OPEN_RECORD_TTL_MS, to_job_record
 
 _KIND_BY_MODEL: dict[type[_Request], str] = {
@@ -145,7 +146,7 @@ class QueueService:
                         }
                     ],
                 )
-        return bulk.enqueue_many(self.broker, pairs)  # (self.broker sets epq up if nothing has yet)
+        return insert.insert_many(self.broker, pairs)  # (self.broker sets epq up if nothing has yet)
 
     # ---- job state ---------------------------------------------------------------------------
 
@@ -245,7 +246,7 @@ class QueueService:
             actor_name=fields["kind"],
             args=(),
             kwargs=json.loads(fields["args"]),
-            options={"epq_priority": int(fields["priority"]), "epq_recorded": 1},
+            options={PRIORITY: int(fields["priority"]), RECORDED: 1},
             message_id=job_id,
             message_timestamp=int(fields["created_at"]),
         )
@@ -319,15 +320,9 @@ class QueueService:
         else:
             raise TypeError(f"enqueue of {kind} takes a {model.__name__}, not {type(request).__name__}")
         try:
-            message = actor.enqueue_request(validated, broker=broker)
+            plan = insert.insert_one(actor, validated, broker)
         except DuplicateJob as dup:
-            runtime = current()
-            fields = None
-            if runtime is not None and runtime.broker is broker:
-                fields = runtime.records.get(dup.existing_job_id)
-            if fields is not None:
-                existing = to_job_record(dup.existing_job_id, fields)
-            else:  # no record (expired, or not epq's broker): what the lock says
-                existing = actor.record_for_duplicate(dup, validated)
-            return JobInsertResult(job=existing, unique_skipped_as_duplicate=True)
-        return JobInsertResult(job=actor.record_for(message, validated), unique_skipped_as_duplicate=False)
+            backend = backend_of(broker)
+            fields = backend.records.get(dup.existing_job_id) if backend is not None else None
+            return insert.duplicate_result(actor, validated, dup.holder, fields)
+        return insert.inserted_results([plan])[0]

@@ -18,6 +18,8 @@ from typing import Any
 
 import dramatiq
 
+from .options import DUE_MS, UNIQUE_KEY
+
 #: The largest payload (the request as JSON) a job may carry: checked at the call site, and again
 #: here as the message comes off the wire.
 MAX_PAYLOAD_BYTES = 1024 * 1024
@@ -56,10 +58,10 @@ _NUMBER_OPTIONS = (
     "time_limit",
     "max_age",
     "eta",
-    "epq_due_ms",
+    DUE_MS,
     "requeue_timestamp",
 )
-_STR_OPTIONS = ("redis_message_id", "epq_unique_key")
+_STR_OPTIONS = ("redis_message_id", UNIQUE_KEY)
 
 
 class MalformedMessage(Exception):

@@ -19,8 +19,13 @@ from typing import Any, NamedTuple, Protocol
 import dramatiq
 from dramatiq.common import q_name
 
+from ..options import DUE_MS
+
 #: Every name epq gives a lock or key in a store starts with this.
 KEY_PREFIX = "epq:"
+
+RecordFields = Mapping[str, str]
+"""A record's fields: names to text (times are milliseconds since the epoch, as text)."""
 
 Clock = Callable[[], float]
 """Returns the current time in seconds since the epoch (like ``time.time``)."""
@@ -123,7 +128,7 @@ class NewRecord(NamedTuple):
     """A record to write, with the uniqueness lock to take first (``lock_key`` '' for none)."""
 
     job_id: str
-    fields: Mapping[str, str]
+    fields: RecordFields
     ttl_ms: int
     lock_key: str = ""
     holder: str = ""
@@ -135,32 +140,16 @@ class RecordStore(Protocol):
     in ms), per ``queue|priority|state`` counters and an index of dead (discarded) jobs, each
     transition one atomic step."""
 
-    def create(self, job_id: str, fields: Mapping[str, str], ttl_ms: int) -> None:
-        """Write a new record (``fields`` include ``state``, ``queue`` and ``priority``)."""
+    def create(self, record: NewRecord) -> str | None:
+        """Take the record's uniqueness lock (if it has one) and write it (``fields`` include
+        ``state``, ``queue`` and ``priority``), atomically. Returns None when written; when
+        another job holds the lock, writes nothing and returns that job's holder value."""
 
-    def create_locked(
-        self,
-        job_id: str,
-        fields: Mapping[str, str],
-        ttl_ms: int,
-        lock_key: str,
-        holder: str,
-        lock_ttl_ms: int,
-    ) -> str | None:
-        """Take the uniqueness lock and write the record, atomically; if another job holds the
-        lock, write nothing and return its holder value."""
-
-    def create_many(self, entries: Sequence[NewRecord]) -> list[str | None]:
-        """``create``/``create_locked`` for each entry, in order, in one round trip; for each, None
-        when written, or the holder value of the job that holds its lock."""
+    def create_many(self, records: Sequence[NewRecord]) -> list[str | None]:
+        """``create`` for each record, in order, in one round trip."""
 
     def move(
-        self,
-        job_id: str,
-        state: str,
-        fields: Mapping[str, str],
-        ttl_ms: int,
-        allowed_from: Sequence[str] = (),
+        self, job_id: str, state: str, fields: RecordFields, ttl_ms: int, allowed_from: Sequence[str] = ()
     ) -> str | None:
         """Set ``state`` (if the current state is in ``allowed_from``, or always when empty).
 
@@ -171,7 +160,7 @@ class RecordStore(Protocol):
         started)."""
 
     def fail(
-        self, job_id: str, state: str, error: Mapping[str, Any], fields: Mapping[str, str], ttl_ms: int
+        self, job_id: str, state: str, error: Mapping[str, Any], fields: RecordFields, ttl_ms: int
     ) -> None:
         """Append an attempt error and set ``state``."""
 
@@ -218,7 +207,7 @@ class BulkGroup(NamedTuple):
     ``unique_key``, and, for jobs that take a lock, their lock's holder value after the job id
     (see ``Holder.tail``) and ttl."""
 
-    fields: Mapping[str, str]
+    fields: RecordFields
     holder_tail: str = ""
     lock_ttl_ms: int = 0
 
@@ -262,6 +251,29 @@ class Backend:
     #: The records and locks live in the broker's own Redis: an enqueue writes them in the same
     #: script as the message, and the ack completes the record (see ``EpqRedisBroker``).
     fused: bool = False
+
+
+@dataclass
+class InFlight:
+    """What epq notes on a message proxy while a worker has it, as ``proxy.epq`` (see
+    :func:`in_flight`): the one place its per-message context rides on a Dramatiq object."""
+
+    #: Its record lives in the broker's own Redis (``Backend.fused``): the worker starts it, and
+    #: the ack completes it, on the broker's connections.
+    records_here: bool = False
+    #: Set when it succeeded and ``records_here``: the ack completes its record, kept this long.
+    complete_ttl_ms: int | None = None
+    #: Give it back to its queue instead of acking or dead-lettering it (``epq.outage``).
+    requeue: bool = False
+
+
+def in_flight(proxy: Any) -> InFlight:
+    """The :class:`InFlight` of a message proxy, made on first use."""
+    state = getattr(proxy, "epq", None)
+    if not isinstance(state, InFlight):
+        state = InFlight()
+        proxy.epq = state
+    return state
 
 
 def backend_of(broker: object) -> Backend | None:
@@ -320,7 +332,7 @@ class DurableDelays:
         """The message as it waits in the schedule, and its due time."""
         assert self.epq_store is not None
         due_ms = self.epq_store.now_ms() + int(delay)
-        options: dict[str, Any] = {"epq_due_ms": due_ms, **self._scheduled_options()}
+        options: dict[str, Any] = {DUE_MS: due_ms, **self._scheduled_options()}
         message = message.copy(queue_name=q_name(message.queue_name), options=options)
         message.options.pop("eta", None)
         return message, due_ms

@@ -22,11 +22,11 @@ from dramatiq.errors import QueueNotFound
 
 from .. import wire
 from ..errors import StateUnavailable
-from ..middleware import refuse_malformed
-from ..outage import must_requeue
+from ..middleware.job_records import refuse_malformed
+from ..outage import GivesBack
 from ..priority import LANES, lane_of
 from ..records import MAX_ERRORS, check_id_prefix
-from .base import Clock, DurableDelays, NewRecord, counter_group, holder_id
+from .base import Clock, DurableDelays, NewRecord, RecordFields, counter_group, holder_id
 
 
 class FakeClock:
@@ -171,7 +171,7 @@ class MemoryRecords:
         self._count(fields, fields["state"], -1)
         self._dead.pop(job_id, None)
 
-    def _count(self, fields: Mapping[str, str], state: str, delta: int) -> None:
+    def _count(self, fields: RecordFields, state: str, delta: int) -> None:
         group = counter_group(fields["queue"], fields["priority"], state)
         self._stats[group] = self._stats.get(group, 0) + delta
 
@@ -191,33 +191,18 @@ class MemoryRecords:
         fields, _ = self._records[job_id]
         self._records[job_id] = (fields, self.state.now_ms() + ttl_ms)
 
-    def create_locked(
-        self,
-        job_id: str,
-        fields: Mapping[str, str],
-        ttl_ms: int,
-        lock_key: str,
-        holder: str,
-        lock_ttl_ms: int,
-    ) -> str | None:
-        current = self.state.acquire_unique(lock_key, holder, lock_ttl_ms)
-        if current is None:
-            self.create(job_id, fields, ttl_ms)
-        return current
+    def create(self, record: NewRecord) -> str | None:
+        if record.lock_key:
+            current = self.state.acquire_unique(record.lock_key, record.holder, record.lock_ttl_ms)
+            if current is not None:
+                return current
+        self._write(record.job_id, record.fields, record.ttl_ms)
+        return None
 
-    def create_many(self, entries: Sequence[NewRecord]) -> list[str | None]:
-        out: list[str | None] = []
-        for e in entries:
-            if e.lock_key:
-                out.append(
-                    self.create_locked(e.job_id, e.fields, e.ttl_ms, e.lock_key, e.holder, e.lock_ttl_ms)
-                )
-            else:
-                self.create(e.job_id, e.fields, e.ttl_ms)
-                out.append(None)
-        return out
+    def create_many(self, records: Sequence[NewRecord]) -> list[str | None]:
+        return [self.create(record) for record in records]
 
-    def create(self, job_id: str, fields: Mapping[str, str], ttl_ms: int) -> None:
+    def _write(self, job_id: str, fields: RecordFields, ttl_ms: int) -> None:
         with self._lock:
             record = {k: v for k, v in fields.items() if k != "state"}
             self._records[job_id] = (record, 0)
@@ -225,12 +210,7 @@ class MemoryRecords:
             self._expire(job_id, ttl_ms)
 
     def move(
-        self,
-        job_id: str,
-        state: str,
-        fields: Mapping[str, str],
-        ttl_ms: int,
-        allowed_from: Sequence[str] = (),
+        self, job_id: str, state: str, fields: RecordFields, ttl_ms: int, allowed_from: Sequence[str] = ()
     ) -> str | None:
         with self._lock:
             record = self._live(job_id)
@@ -260,7 +240,7 @@ class MemoryRecords:
             return old
 
     def fail(
-        self, job_id: str, state: str, error: Mapping[str, Any], fields: Mapping[str, str], ttl_ms: int
+        self, job_id: str, state: str, error: Mapping[str, Any], fields: RecordFields, ttl_ms: int
     ) -> None:
         with self._lock:
             record = self._live(job_id)
@@ -334,7 +314,7 @@ class LaneQueue(Queue):  # type: ignore[type-arg]
         raise IndexError("get from an empty LaneQueue")  # pragma: no cover - Queue checks qsize first
 
 
-class EpqStubConsumer(_StubConsumer):
+class EpqStubConsumer(GivesBack, _StubConsumer):
     """Dramatiq's stub consumer, checking messages as they come off the queue (``epq.wire``:
     a malformed one is recorded and dropped) and giving back a message the worker could not
     finish because the state store was unreachable (``epq.outage``)."""
@@ -365,24 +345,15 @@ class EpqStubConsumer(_StubConsumer):
             self.prefetch_semaphore.release()
             return None
 
-    def ack(self, message: Any) -> None:
-        if must_requeue(message):
-            self.queue.put(message.encode())
-        super().ack(message)  # type: ignore[no-untyped-call]
-
-    def nack(self, message: Any) -> None:
-        if must_requeue(message):
-            self.queue.put(message.encode())
-            super().ack(message)  # type: ignore[no-untyped-call]
-            return
-        super().nack(message)  # type: ignore[no-untyped-call]
+    def give_back(self, message: Any) -> None:
+        self.queue.put(message.encode())
+        _StubConsumer.ack(self, message)  # type: ignore[no-untyped-call]  # (its fetch is done with)
 
     def requeue(self, messages: Any) -> None:
         """Put back what a stopping worker fetched but never ran (Dramatiq's stub consumer drops
         it, and the queue then waits for it forever)."""
         for message in messages:
-            self.queue.put(message.encode())
-            super().ack(message)  # type: ignore[no-untyped-call]  # (its fetch is done with)
+            self.give_back(message)
 
 
 class EpqStubBroker(DurableDelays, StubBroker):

@@ -12,8 +12,10 @@ import pytest
 
 import epq
 import epq.actors
+from epq import options
 from epq.errors import MAX_NESTING, EnqueueFailed
-from epq.middleware import JobRecords, Uniqueness
+from epq.middleware.job_records import JobRecords
+from epq.middleware.uniqueness import Uniqueness
 from epq.testing import backend
 from tests.support.helpers import VALID, total_waiting
 
@@ -127,14 +129,19 @@ def test_an_unexpected_failure_in_an_enqueue_hook_stops_the_enqueue(
     broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch, hook: type[dramatiq.Middleware]
 ) -> None:
     # Dramatiq logs and ignores a hook's exception unless it is a MiddlewareError: the job
-    # would be enqueued without its lock or its record
+    # would be enqueued without its lock or its record. The hooks act on messages enqueued by
+    # hand (epq.insert takes the lock and writes the record of what it inserts): JobRecords on a
+    # new one, Uniqueness on one that has a record (a dead job run again, say)
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("simulated bug")
 
     method = "_take_lock" if hook is Uniqueness else "_write_record"
     monkeypatch.setattr(hook, method, broken)
+    message = epq.actors.register_job.message(**VALID["register_job"])
+    if hook is Uniqueness:
+        message.options[options.RECORDED] = 1
     with pytest.raises(EnqueueFailed, match="simulated bug") as info:
-        epq.QueueService(broker).enqueue_register_job(VALID["register_job"])
+        broker.enqueue(message)
     assert isinstance(info.value, epq.EpqError)
     monkeypatch.undo()
     _nothing_left(broker)
@@ -151,6 +158,6 @@ def test_a_message_built_by_hand_with_a_surrogate_is_not_enqueued_without_its_lo
         kwargs={**VALID["register_job"], "job_metadata": {"name": SURROGATE}},
         options={},
     )
-    with pytest.raises(EnqueueFailed, match="uniqueness lock"):
+    with pytest.raises(EnqueueFailed, match=r"lock and writing the job record failed .* not enqueued"):
         epq_broker.enqueue(message)
     _nothing_left(epq_broker)

@@ -19,7 +19,8 @@ from dramatiq.brokers.redis import RedisBroker
 import epq
 import epq.actors
 from epq.backends.redis.connections import ScriptStream
-from epq.middleware import JobRecords, Uniqueness
+from epq.middleware.job_records import JobRecords
+from epq.middleware.uniqueness import Uniqueness
 from epq.testing import HandlerRegistry, backend
 from tests.support.helpers import (
     ENDPOINT,
@@ -262,7 +263,7 @@ def test_a_middleware_error_part_way_leaves_the_earlier_runs_enqueued_once(
 ) -> None:
     from dramatiq.middleware import MiddlewareError
 
-    from epq import bulk
+    from epq import insert as bulk
 
     # on Redis, refused while the first run's call is in flight (its reply is still read); on
     # the other brokers the whole batch is one run, refused before it is published
@@ -271,7 +272,7 @@ def test_a_middleware_error_part_way_leaves_the_earlier_runs_enqueued_once(
     with pytest.raises(MiddlewareError):
         svc.enqueue_many([index_request(i) for i in range(2 * bulk.SCRIPT_RUN)])
     enqueued = total_waiting(broker)
-    assert enqueued == (bulk.SCRIPT_RUN if bulk._fused(broker) else 0)
+    assert enqueued == (bulk.SCRIPT_RUN if backend(broker).fused else 0)
     # the connection is as good as before: the rest go in, and the earlier ones are duplicates
     results = svc.enqueue_many([index_request(i) for i in range(2 * bulk.SCRIPT_RUN)])
     assert sum(r.unique_skipped_as_duplicate for r in results) == enqueued
@@ -286,7 +287,7 @@ def test_an_error_in_another_middleware_is_logged_and_the_batch_goes_on(broker: 
 
 
 def test_one_key_across_runs_and_ways_goes_to_the_earliest_request(broker: dramatiq.Broker) -> None:
-    from epq import bulk
+    from epq import insert as bulk
 
     later = datetime.now(timezone.utc) + timedelta(hours=1)
     requests = [index_request(i) for i in range(bulk.SCRIPT_RUN)]  # a whole run

@@ -33,7 +33,6 @@ def test_a_state_store_failure_at_enqueue_is_an_error_and_publishes_nothing(
 
     stores = backend(broker)
     monkeypatch.setattr(stores.state, "acquire_unique", down)
-    monkeypatch.setattr(stores.records, "create_locked", down)
     monkeypatch.setattr(stores.records, "create", down)
     # on Redis the state lives in the broker's server, and one script writes the record and the
     # message together: a failure there is the broker's

@@ -7,7 +7,7 @@ import pytest
 
 import epq
 from epq import _runtime
-from epq.backends.base import RecordStore
+from epq.backends.base import NewRecord, RecordStore
 
 TWINS = ("0123abcd-1111-4000-8000-000000000001", "0123abcd-2222-4000-8000-000000000002")
 OTHER = "0123abce-3333-4000-8000-000000000003"
@@ -21,7 +21,7 @@ def records(request: pytest.FixtureRequest) -> RecordStore:
     runtime = _runtime.current()
     assert runtime is not None
     for job_id in (*TWINS, OTHER):
-        runtime.records.create(job_id, FIELDS, 60_000)
+        runtime.records.create(NewRecord(job_id, FIELDS, 60_000))
     return runtime.records
 
 

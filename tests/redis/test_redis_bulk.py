@@ -22,7 +22,7 @@ from tests.support.helpers import index_request, keyed_request, message_count
 def test_enqueue_many_on_redis_is_one_round_trip_per_chunk(
     redis_broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from epq import bulk
+    from epq import insert as bulk
 
     svc = epq.QueueService(redis_broker)
     # warm up: the connection, and the single and bulk scripts loaded (the server keeps scripts
@@ -109,7 +109,7 @@ def test_bulk_enqueue_gives_a_server_that_lost_its_scripts_the_script_again(
 def test_a_lost_reply_in_the_middle_of_a_batch_is_reported_with_the_requests_it_covers(
     redis_broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from epq import bulk
+    from epq import insert as bulk
 
     reads = [0]
     original = ScriptStream.read
@@ -137,10 +137,10 @@ def test_a_bulk_call_run_again_returns_its_first_reply_and_writes_nothing(
     redis_broker: dramatiq.Broker,
 ) -> None:
     # even when a job's record is gone in between (say, purged), it is not enqueued again
-    from epq import bulk
+    from epq import insert as bulk
 
     stores = backend(redis_broker)
-    target = bulk._Target(redis_broker, stores.state, stores.records)
+    target = bulk._target(redis_broker)
     jobs = bulk._prepare(target, [(epq.actors.index_endpoint, index_request(i)) for i in range(3)], 0)
     bulk._build(target, jobs, holders=False)
     fused = bulk._FusedRuns(target, [None] * 3, [None] * 3, [])

@@ -111,7 +111,7 @@ def test_a_state_store_failure_says_why(epq_broker: dramatiq.Broker, monkeypatch
     def refused(*args: Any, **kwargs: Any) -> None:
         raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6390. Connection refused.")
 
-    monkeypatch.setattr(backend(epq_broker).records, "create_locked", refused)
+    monkeypatch.setattr(backend(epq_broker).records, "create", refused)
     with pytest.raises(epq.StateUnavailable) as caught:
         epq.QueueService(epq_broker).enqueue_register_job(VALID["register_job"])
     assert str(caught.value) == (

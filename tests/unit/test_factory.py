@@ -12,7 +12,8 @@ import epq
 from epq.backends.base import Backend, DurableDelays
 from epq.backends.memory import MemoryRecords, MemoryStateStore
 from epq.backends.urls import mask_url, scheme_of
-from epq.middleware import EpqMiddleware, EpqRetries
+from epq.middleware.boot import EpqMiddleware
+from epq.middleware.retries import EpqRetries
 from epq.testing import install
 from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL, rabbitmq_available
 

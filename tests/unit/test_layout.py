@@ -117,6 +117,22 @@ def test_the_import_graph_checker_finds_a_cycle() -> None:
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
+def test_epq_has_no_import_cycle() -> None:
+    cycle = _cycle(_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_no_epq_module_imports_another_inside_a_function() -> None:
+    modules = _modules()
+    late = [
+        f"{path.relative_to(ROOT)}:{line} imports {target}"
+        for name, path in modules.items()
+        for target, in_function, line in _imports(path)
+        if in_function and (target == "epq" or target.startswith("epq."))
+    ]
+    assert late == []
+
+
 def test_drivers_are_imported_only_under_backends() -> None:
     outside = [
         f"{path.relative_to(ROOT)}:{line} imports {target}"
@@ -126,6 +142,27 @@ def test_drivers_are_imported_only_under_backends() -> None:
         if target.split(".")[0] in DRIVERS
     ]
     assert outside == []
+
+
+def _names(node: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | {
+        n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)
+    }
+
+
+def test_nothing_outside_backends_checks_a_brokers_type() -> None:
+    checks = [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for name, path in _modules().items()
+        if not name.startswith("epq.backends")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ("isinstance", "issubclass")
+        and len(node.args) == 2
+        and any("Broker" in n for n in _names(node.args[1]))
+    ]
+    assert checks == []
 
 
 def test_every_lua_script_is_a_file_and_every_file_is_used() -> None:

@@ -115,7 +115,7 @@ def test_flat_json_is_json_dumps_to_the_byte(ascii: bool, sort: bool) -> None:
 def test_a_unique_key_is_the_digest_of_the_sorted_json_of_its_fields(payload: dict[str, Any]) -> None:
     import hashlib
 
-    from epq.middleware import Uniqueness
+    from epq.middleware.uniqueness import Uniqueness
 
     unique_by = [name for name in ("source", "endpoint_id", "job_id", "job_metadata") if name in payload]
     fields = {name: payload.get(name) for name in unique_by}

@@ -21,8 +21,8 @@ from dramatiq.errors import ConnectionClosed
 
 from ... import wire
 from ...errors import BrokerUnavailable, QueueMismatch, StateUnavailable, describe_error
-from ...middleware import refuse_malformed
-from ...outage import must_requeue
+from ...middleware.job_records import refuse_malformed
+from ...outage import GivesBack
 from ...priority import RABBITMQ_MAX_PRIORITY, amqp_priority, lane_of
 from ..base import DurableDelays
 from ..urls import mask_url
@@ -31,7 +31,7 @@ from ..urls import mask_url
 PRECONDITION_FAILED = 406
 
 
-class EpqRabbitmqConsumer(_RabbitmqConsumer):
+class EpqRabbitmqConsumer(GivesBack, _RabbitmqConsumer):
     """Dramatiq's RabbitMQ consumer, checking each message as it comes off the queue
     (``epq.wire``: a malformed one is recorded and dead-lettered with its reason, instead of
     reaching the worker's threads), and giving back (``basic_nack`` with requeue) a message the
@@ -65,19 +65,7 @@ class EpqRabbitmqConsumer(_RabbitmqConsumer):
     def _settle(self, tag: int, *, requeue: bool) -> None:
         self.connection.add_callback_threadsafe(partial(self.channel.basic_nack, tag, requeue=requeue))
 
-    def ack(self, message: Any) -> None:
-        if must_requeue(message):
-            self._give_back(message)
-            return
-        super().ack(message)  # type: ignore[no-untyped-call]
-
-    def nack(self, message: Any) -> None:
-        if must_requeue(message):
-            self._give_back(message)
-            return
-        super().nack(message)  # type: ignore[no-untyped-call]
-
-    def _give_back(self, message: Any) -> None:
+    def give_back(self, message: Any) -> None:
         try:
             self.known_tags.remove(message._tag)
             self._settle(message._tag, requeue=True)

@@ -28,12 +28,12 @@ from dramatiq.errors import ConnectionClosed
 
 from ... import wire
 from ..._messages import data_template, encode, new_id
-from ...errors import DuplicateJob, StateUnavailable
-from ...middleware import refuse_malformed
-from ...outage import must_requeue
+from ...errors import StateUnavailable
+from ...middleware.job_records import refuse_malformed
+from ...outage import GivesBack, must_requeue
 from ...priority import LANES, lane_of
 from ...records import OPEN_RECORD_TTL_MS
-from ..base import BulkJob, DurableDelays, counter_group, holder_id
+from ..base import BulkJob, DurableDelays, NewRecord, counter_group, in_flight
 from . import keys, scripts
 from .connections import KeptConnections, ScriptStream
 from .store import RedisStateStore, fields_json, flat_fields
@@ -65,12 +65,14 @@ BULK_TOKEN_TTL_MS = 5 * 60 * 1000
 def foreign_hooks(broker: dramatiq.Broker, name: str) -> list[dramatiq.Middleware]:
     """The broker's middleware whose ``name`` hook is not Dramatiq's no-op (one set on the
     instance counts), but for epq's own middleware that a bulk enqueue stands in for
-    (``epq_bulk_aware``): a bulk enqueue skips emitting a signal nobody else listens to."""
+    (``epq_skips_planned``): an insert skips emitting a signal nobody else listens to."""
     base = getattr(dramatiq.Middleware, name)
     hooked = []
     for middleware in broker.middleware:
         hook = getattr(middleware, name)
-        if getattr(hook, "__func__", hook) is not base and not getattr(middleware, "epq_bulk_aware", False):
+        if getattr(hook, "__func__", hook) is not base and not getattr(
+            middleware, "epq_skips_planned", False
+        ):
             hooked.append(middleware)
     return hooked
 
@@ -118,16 +120,8 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
         if delay and delay > 0 and self.epq_store is not None:
             return super().enqueue(message, delay=delay)  # into the schedule (DurableDelays)
         message = message.copy(options={"redis_message_id": new_id()})
-        rid = message.options["redis_message_id"]
-        queue = message.queue_name
-        lane = keys.lane(self.namespace, queue, lane_of(message.options))
         self.emit_before("enqueue", message, None)
-        fused = message.options.pop("epq_fused", None)
-        msgs = keys.messages(self.namespace, queue)
-        if fused is None:
-            self._lane_enqueue(keys=[msgs, lane], args=[rid, message.encode()])
-        else:
-            self._enqueue_fused(message, fused, msgs, lane)
+        self.lane_enqueue(message)
         self.emit_after("enqueue", message, None)
         return message
 
@@ -167,23 +161,46 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
                 store.schedule_remove(elsewhere)
             raise
 
-    def _enqueue_fused(
-        self, message: dramatiq.Message[Any], fused: dict[str, Any], msgs: str, lane: str
-    ) -> None:
-        """Lock, record and message in one script (``JobRecords`` left them in ``epq_fused``)."""
-        record = keys.job(message.message_id)
-        script_keys = [record, keys.STATS, fused["lock_key"] or record, msgs, lane]
-        fields = fused["fields"]
-        data = encode(message)  # (not from the record's payload JSON: a hook may have changed it)
-        args: list[Any] = [message.message_id, fused["ttl"], fused["holder"], max(1, fused["lock_ttl"])]
+    def insert_recorded(
+        self, message: dramatiq.Message[Any], record: NewRecord, payload_json: str
+    ) -> str | None:
+        """Insert one planned job due at once (``epq.insert``): take its lock (if ``record`` has
+        one), write its record and put the message on its lane, in one script. Returns None when
+        inserted, or the holder value of the job that holds the lock (nothing is written then).
+
+        Other middleware's enqueue hooks run around it (epq's own act on unplanned messages
+        only). The message is filed under its own id (a new message: no copy needed)."""
+        message.options["redis_message_id"] = rid = message.message_id
+        before = foreign_hooks(self, "before_enqueue")
+        if before:
+            self.emit_before("enqueue", message, None)
+        queue = message.queue_name
+        script_keys = [
+            keys.job(rid),
+            keys.STATS,
+            record.lock_key or keys.job(rid),
+            keys.messages(self.namespace, queue),
+            keys.lane(self.namespace, queue, lane_of(message.options)),
+        ]
+        # (from the payload's JSON, unless a hook may have changed the payload)
+        data = encode(message) if before else encode(message, payload_json)
+        fields = record.fields
         counter = counter_group(fields["queue"], fields["priority"], fields["state"])
-        args += [message.options["redis_message_id"], data, counter, *flat_fields(fields)]
+        args: list[Any] = [
+            rid,
+            record.ttl_ms,
+            record.holder if record.lock_key else "",
+            max(1, record.lock_ttl_ms),
+        ]
+        args += [rid, data, counter, *flat_fields(fields)]
         with ScriptStream(self._kept, self._enqueue_recorded) as call:  # (thinner than redis-py's)
             call.send(script_keys, args)
-            current = call.read()
-        if current:
-            holder = current.decode()
-            raise DuplicateJob(message.actor_name, holder_id(holder), holder=holder)
+            holder = call.read()
+        if holder:
+            return str(holder.decode())
+        if foreign_hooks(self, "after_enqueue"):
+            self.emit_after("enqueue", message, None)
+        return None
 
     # ---- bulk enqueue -------------------------------------------------------------------------
 
@@ -340,7 +357,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
         return {queue: int(n) for queue, n in zip(queues, pipe.execute(), strict=True)}
 
 
-class LaneConsumer(_RedisConsumer):
+class LaneConsumer(GivesBack, _RedisConsumer):
     """Dramatiq's Redis consumer, fetching through the lanes.
 
     More changes:
@@ -383,7 +400,7 @@ class LaneConsumer(_RedisConsumer):
                     self.queued_message_ids.add(message.message_id)
                     proxy = MessageProxy(message)
                     if rid is not None and self.broker.fused:
-                        proxy.epq_fused_ack = True  # type: ignore[attr-defined]  # see JobRecords
+                        in_flight(proxy).records_here = True  # see JobRecords
                     return proxy
                 now = time.monotonic()
                 if now - self.maintained_at >= MAINTENANCE_INTERVAL_MS / 1000:
@@ -415,12 +432,9 @@ class LaneConsumer(_RedisConsumer):
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
 
     def ack(self, message: Any) -> None:
-        if must_requeue(message):
-            self._give_back(message)
-            return
-        ttl = getattr(message, "epq_complete_ttl_ms", None)
-        if ttl is None or self.queue_name.endswith(".DQ"):
-            super().ack(message)  # type: ignore[no-untyped-call]
+        ttl = in_flight(message).complete_ttl_ms
+        if ttl is None or must_requeue(message) or self.queue_name.endswith(".DQ"):
+            super().ack(message)  # (GivesBack: or back to its queue)
             return
         try:
             rid = message.options["redis_message_id"]
@@ -430,13 +444,7 @@ class LaneConsumer(_RedisConsumer):
         finally:
             self.queued_message_ids.discard(message.message_id)
 
-    def nack(self, message: Any) -> None:
-        if must_requeue(message):
-            self._give_back(message)
-            return
-        super().nack(message)  # type: ignore[no-untyped-call]
-
-    def _give_back(self, message: Any) -> None:
+    def give_back(self, message: Any) -> None:
         try:
             self.broker.do_requeue(self.queue_name, message.options["redis_message_id"])
         except (redis.ConnectionError, redis.TimeoutError):

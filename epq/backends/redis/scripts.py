@@ -12,12 +12,13 @@ import re
 from importlib.resources import files
 from typing import Any
 
+from ...options import PRIORITY
 from ...priority import DEFAULT_LANE
 
 _LUA = files(__package__) / "lua"
 _INCLUDE = re.compile(r"^-- #include (lib/[a-z_]+\.lua)\n", re.MULTILINE)
 _CONSTANT = re.compile(r"@([A-Z_]+)@")
-CONSTANTS = {"DEFAULT_LANE": str(DEFAULT_LANE)}
+CONSTANTS = {"DEFAULT_LANE": str(DEFAULT_LANE), "PRIORITY_OPTION": PRIORITY}
 
 
 @functools.cache

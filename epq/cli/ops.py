@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from .models import JobRecord
+from ..backends.base import display_url
+from ..errors import EpqError, InvalidPayload, JobNotFound
+from ..models import JobRecord
+from ..records import ID_PREFIX_CHARACTERS
+from ..service import QueueService
+from ._broker import open_broker
+from ._command import BadArgument, command
+
+#: The shortest id prefix ``jobs show|cancel`` and ``dead retry`` look up.
+MIN_ID_PREFIX = 8
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -61,11 +71,9 @@ def _dump(value: Any) -> None:
     print(json.dumps(value, indent=2, default=str))
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .cli import open_broker, resolve_job_id
-    from .errors import InvalidPayload, JobNotFound
-    from .service import QueueService
-
+@command
+def run(args: argparse.Namespace, extra: Sequence[str], parser: argparse.ArgumentParser) -> int:
+    check_operator_args(args)
     broker = open_broker(args, may_start_embedded=False)
     svc = QueueService(broker)
 
@@ -143,7 +151,39 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _unrecorded_dead_letters(svc: Any, records: Sequence[JobRecord] | None) -> None:
+def check_operator_args(args: argparse.Namespace) -> None:
+    """Refuse values of the operator commands' options that cannot work, before connecting."""
+    watch = getattr(args, "watch", None)
+    if watch is not None and not (math.isfinite(watch) and watch > 0):
+        raise BadArgument(f"--watch: the refresh interval is a number of seconds above 0, not {watch:g}")
+    limit = getattr(args, "limit", None)
+    if limit is not None and limit < 1:
+        raise BadArgument(f"--limit: the number of jobs to list is 1 or more, not {limit}")
+
+
+def resolve_job_id(svc: QueueService, given: str) -> str:
+    """The id of the job ``given`` names: its whole id, or a unique prefix of at least
+    ``MIN_ID_PREFIX`` characters.
+
+    Raises:
+      JobNotFound: no job has that id or prefix.
+      EpqError: the prefix matches more than one job (the message lists them).
+    """
+    if svc.get_job(given) is not None:
+        return given
+    if len(given) < MIN_ID_PREFIX or not ID_PREFIX_CHARACTERS.fullmatch(given):
+        raise JobNotFound(given)
+    shown = 10
+    matches = svc.find_job_ids(given, limit=shown + 1)
+    if not matches:
+        raise JobNotFound(given)
+    if len(matches) > 1:
+        listed = ", ".join(sorted(matches[:shown])) + (", ..." if len(matches) > shown else "")
+        raise EpqError(f"job id prefix {given!r} matches {len(matches)} jobs: {listed}; give more characters")
+    return matches[0]
+
+
+def _unrecorded_dead_letters(svc: QueueService, records: Sequence[JobRecord] | None) -> None:
     """Say which dead-letter queues hold messages that no record lists (``records``: every dead
     record, or None when the listing was cut by ``--limit``)."""
     if records is None:
@@ -160,11 +200,8 @@ def _unrecorded_dead_letters(svc: Any, records: Sequence[JobRecord] | None) -> N
             )
 
 
-def _confirm_purge(svc: Any) -> bool:
+def _confirm_purge(svc: QueueService) -> bool:
     """Ask on the terminal before ``dead purge`` forgets the dead jobs; without a terminal, refuse."""
-    from .backends.base import display_url
-    from .errors import EpqError
-
     count = len(svc.list_dead(10**9))
     held = sum(svc.dead_letter_counts().values())
     what = f"{count} dead job(s) and {held} message(s) in the dead-letter queues"

@@ -1,0 +1,108 @@
+"""``epq worker``: checks in this process what Dramatiq would report with a traceback, then
+becomes ``dramatiq epq.actors HANDLER_MODULES...``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from .. import _runtime
+from ..errors import ConfigurationError
+from ..settings import get_settings
+from ._broker import connect
+from ._command import command
+
+
+@command
+def run(args: argparse.Namespace, extra: Sequence[str], parser: argparse.ArgumentParser) -> int:
+    if args.broker_url:
+        os.environ["EPQ_BROKER_URL"] = args.broker_url
+    cmd = worker_command(args)
+    print(check_worker(args), file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)
+    return 0  # pragma: no cover - execv does not return
+
+
+def worker_command(args: argparse.Namespace) -> list[str]:
+    """The dramatiq command line ``epq worker`` runs."""
+    cmd = [sys.executable, "-m", "dramatiq", "epq.actors", *_handler_modules(args)]
+    if args.processes is not None:
+        cmd += ["--processes", str(args.processes)]
+    if args.threads is not None:
+        cmd += ["--threads", str(args.threads)]
+    if args.queues:
+        cmd += ["--queues", *args.queues]
+    return cmd + _dramatiq_args(args)
+
+
+def _handler_modules(args: argparse.Namespace) -> list[str]:
+    modules = list(get_settings().handlers)
+    if args.handlers:
+        modules += [m.strip() for m in args.handlers.split(",") if m.strip()]
+    return list(dict.fromkeys(modules))
+
+
+def _dramatiq_args(args: argparse.Namespace) -> list[str]:
+    rest = list(args.dramatiq_args or [])
+    return rest[1:] if rest and rest[0] == "--" else rest
+
+
+def check_worker(args: argparse.Namespace) -> str:
+    """Check, in this process, what Dramatiq would otherwise report with a traceback: the
+    settings, the broker and state store, the queues to serve (on RabbitMQ, that they carry
+    epq's arguments) and the handler modules. Closes what it opened; returns the line that says
+    which broker the worker will use.
+
+    Raises:
+      ConfigurationError, BrokerUnavailable: with the fix in the message.
+    """
+    settings = get_settings()  # invalid settings raise here, naming the variable
+    unknown = [q for q in args.queues or () if q not in settings.queues]
+    if unknown:
+        raise ConfigurationError(
+            f"--queues {' '.join(unknown)}: not among the queues epq declares "
+            f"(EPQ_QUEUES={','.join(settings.queues)}); add them to EPQ_QUEUES or serve those"
+        )
+    try:
+        broker, line = connect(args, may_start_embedded=True)
+        check_queues = getattr(broker, "check_queues", None)
+        if check_queues is not None:  # RabbitMQ: a queue without x-max-priority is refused here
+            check_queues(args.queues or settings.queues)
+        _import_handler_modules(_handler_modules(args), _dramatiq_args(args))
+    finally:
+        _runtime.reset()  # closes the broker and the state store before dramatiq starts
+    return line
+
+
+def _import_handler_modules(modules: Sequence[str], dramatiq_args: Sequence[str]) -> None:
+    # dramatiq puts --path (default: the current directory) first on sys.path before importing
+    paths: list[str] = []
+    taking = False
+    for arg in dramatiq_args:
+        if arg in ("--path", "-P"):
+            taking = True
+        elif taking and not arg.startswith("-"):
+            paths.append(arg)
+        else:
+            taking = False
+    for path in paths or ["."]:
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"cannot import handler module {name!r} ({exc}): check EPQ_HANDLERS/--handlers and "
+                "that the module is importable from the current directory (or dramatiq's --path)"
+            ) from exc
+        except Exception as exc:
+            raise ConfigurationError(
+                f"handler module {name!r} failed while being imported: {type(exc).__name__}: {exc} "
+                f"(run `python -c 'import {name}'` for the traceback)"
+            ) from exc

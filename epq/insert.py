@@ -1,0 +1,515 @@
+"""The one insert path: every new epq job comes in here (``actor.send``, ``QueueService.enqueue_*``,
+``QueueService.enqueue_many``, ``actor.send_many``).
+
+A request becomes a :class:`Plan`: validated into its model, checked (``epq.checks``), with its
+message, the uniqueness lock it takes and its record. The backend inserts plans:
+
+- Redis with epq's state in the same server (``Backend.fused``), jobs due at once: one Lua script
+  call takes the locks, writes the records and puts the messages on their lanes (no other client
+  sees it half-done): ``enqueue_recorded.lua`` for one job, ``enqueue_many_recorded.lua`` for
+  each run of up to ``SCRIPT_RUN``. One call is in flight at a time: the next run's messages are
+  made while Redis runs it, and its results are made while Redis runs the next.
+- Otherwise (the memory and RabbitMQ backends, and every delayed job): the locks and records are
+  written first, in one round trip, then the broker publishes (one message: ``broker.enqueue``;
+  many: ``enqueue_batch``, all or nothing: one MULTI/EXEC on Redis, one AMQP transaction on
+  RabbitMQ). If publishing fails, the records and locks are taken back.
+
+A single enqueue is an insert of one: a duplicate raises :class:`~epq.DuplicateJob`. Many are
+inserted in order, so of two requests with the same unique key the earlier one wins, and each
+duplicate is answered in its result; an invalid request anywhere refuses the whole batch (its
+error names every problem as ``[index].field``). A failure part-way through a batch larger than
+one run leaves the earlier runs enqueued; the error says how many jobs were, up to which request,
+and which requests (those of a call whose reply was lost) may have been.
+
+Other middleware's enqueue hooks run for every message. epq's own (``Uniqueness``, ``JobRecords``)
+act only on what was not planned here: retries, promotions from the schedule, and messages an
+application enqueues by hand with ``broker.enqueue``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import dramatiq
+from pydantic import TypeAdapter
+
+from ._messages import new_ids
+from .backends.base import (
+    BulkGroup,
+    BulkJob,
+    Holder,
+    NewRecord,
+    RecordStore,
+    StateStore,
+    backend_of,
+    display_url,
+    holder_id,
+)
+from .backends.errors import CONNECTION_ERRORS, STORE_ERRORS, unreachable_errors
+from .checks import Checked, check_request, delay_ms
+from .errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    DuplicateJob,
+    EnqueueFailed,
+    InvalidRequest,
+    StateUnavailable,
+    describe_error,
+)
+from .middleware.common import find_middleware
+from .middleware.uniqueness import Uniqueness
+from .models import JobInsertResult, JobPriority, JobRecord, JobState, _Request
+from .options import RECORDED, UNIQUE_KEY
+from .outage import state_errors
+from .records import OPEN_RECORD_TTL_MS, new_record_fields, to_job_record
+
+if TYPE_CHECKING:  # (the actors call this module: a type, not an import at run time)
+    from ._actor import EpqActor
+
+#: Jobs per pipeline or publish batch: bounds one round trip's size.
+CHUNK = 500
+#: Jobs per script call (Redis with epq's state in it): small enough that making the next call
+#: overlaps well with Redis running this one, and far below what one script can unpack.
+SCRIPT_RUN = 100
+
+
+@dataclass(slots=True)
+class Plan:
+    """A request on its way in: checked, then (just before its run is sent) its message and lock."""
+
+    index: int  # its place in the batch
+    actor: EpqActor
+    request: _Request
+    checked: Checked
+    delay: int | None  # ms
+    message: dramatiq.Message[Any] = field(init=False)
+    lock: tuple[str, str, int] | None = field(init=False)  # (key, holder value, ttl ms)
+
+
+class _Target(NamedTuple):
+    """The broker jobs go to, and the stores epq keeps beside it."""
+
+    broker: Any
+    state: StateStore
+    records: RecordStore
+    fused: bool
+
+
+def _target(broker: dramatiq.Broker) -> _Target:
+    backend = backend_of(broker)
+    if backend is None:
+        raise ConfigurationError(f"epq jobs need a broker epq.setup() built, not {type(broker).__name__}")
+    return _Target(broker, backend.state, backend.records, backend.fused)
+
+
+# ---- one job ------------------------------------------------------------------------------------
+
+
+def insert_one(
+    actor: EpqActor,
+    request: _Request,
+    broker: dramatiq.Broker,
+    *,
+    delay: timedelta | int | None = None,
+    **options: Any,
+) -> Plan:
+    """Insert one validated request (``delay`` or the request's ``run_at`` set when it may run;
+    ``options``: more message options); returns its plan, the message sent in it.
+
+    Raises:
+      InvalidRequest: the request fails a check (nothing is enqueued).
+      DuplicateJob: another job holds its unique key (nothing is enqueued).
+      BrokerUnavailable: the broker or the state store cannot be reached (``StateUnavailable``
+        for the state store); what was written is taken back, but for a Redis script whose reply
+        was lost (it ran whole or not at all).
+    """
+    target = _target(broker)
+    now = target.state.now_ms()
+    checked = check_request(actor.kind, request, broker)
+    plan = Plan(0, actor, request, checked, delay_ms(actor.kind.name, request, delay, now))
+    _build(target, [plan], options=options)
+    record = _new_record(plan, now)
+    try:
+        if target.fused and not plan.delay:
+            holder = target.broker.insert_recorded(plan.message, record, checked.payload_json)
+        else:
+            with state_errors("writing a job record"):
+                holder = target.records.create(record)
+            if holder is None:
+                target.broker.enqueue(plan.message, delay=plan.delay)
+    except (StateUnavailable, ConfigurationError, EnqueueFailed):
+        _take_back(target, [plan])
+        raise
+    except unreachable_errors(broker) as exc:
+        if not (target.fused and not plan.delay and isinstance(exc, CONNECTION_ERRORS)):
+            # (one script that failed on the connection ran whole or not at all: nothing to take
+            # back, and a server that did not answer would not answer the cleanup either)
+            _take_back(target, [plan])
+        raise BrokerUnavailable(
+            f"could not enqueue {actor.actor_name} on {display_url(broker)}: {describe_error(exc)}"
+        ) from exc
+    except BaseException:
+        _take_back(target, [plan])
+        raise
+    if holder is not None:
+        raise DuplicateJob(actor.actor_name, holder_id(holder), holder=holder)
+    return plan
+
+
+# ---- many jobs ----------------------------------------------------------------------------------
+
+
+def insert_many(
+    broker: dramatiq.Broker, items: Iterable[tuple[EpqActor, _Request | Mapping[str, Any]]]
+) -> list[JobInsertResult]:
+    """Insert requests (models, or mappings of their fields) on ``broker``: one result per
+    request, in order (see the module docstring)."""
+    target = _target(broker)
+    now = target.state.now_ms()
+    plans = _prepare(target, list(items), now)
+    holders: list[str | None] = [None] * len(plans)
+    results: list[JobInsertResult | None] = [None] * len(plans)
+    handled: list[Plan] = []  # plans whose insert (or duplicate answer) is final, in order
+    fused = _FusedRuns(target, holders, results, handled) if target.fused else None
+    try:
+        for run in _runs(plans, fused is not None):
+            if fused is not None and not run[0].delay:
+                fused.add(run)
+                continue
+            if fused is not None:
+                fused.finish()
+            _general_run(target, run, holders, now)
+            handled += run
+        if fused is not None:
+            fused.finish()
+    except unreachable_errors(broker) as exc:
+        enqueued = sum(1 for plan in handled if holders[plan.index] is None)
+        unknown = fused.unknown if fused is not None else []
+        done = (
+            f"requests [0] to [{len(handled) - 1}] were handled, in order" if handled else "none was handled"
+        )
+        maybe = f"requests [{unknown[0].index}] to [{unknown[-1].index}] may have been, " if unknown else ""
+        raise BrokerUnavailable(
+            f"bulk enqueue on {display_url(broker)} failed after {enqueued} of {len(plans)} jobs were "
+            f"enqueued ({done}; {maybe}the rest were not): {describe_error(exc)}"
+        ) from exc
+    finally:
+        if fused is not None:
+            fused.close()
+    return _results(target, plans, holders, results)
+
+
+def _validate(actor: EpqActor, request: _Request | Mapping[str, Any]) -> _Request:
+    model = actor.kind.model
+    if isinstance(request, Mapping):
+        return actor.validate(kwargs=dict(request))
+    if isinstance(request, model):
+        return request
+    problem = f"{actor.actor_name} takes a {model.__name__} or a mapping, not {type(request).__name__}"
+    raise InvalidRequest(actor.actor_name, [{"field": "request", "message": problem}])
+
+
+def _prepare(
+    target: _Target, items: list[tuple[EpqActor, _Request | Mapping[str, Any]]], now: int
+) -> list[Plan]:
+    """Validate and check every request; refuse the whole batch, naming every problem, if any
+    request is bad."""
+    plans: list[Plan] = []
+    errors: list[dict[str, str]] = []
+    for index, (actor, raw) in enumerate(items):
+        try:
+            request = _validate(actor, raw)
+            checked = check_request(actor.kind, request, target.broker)
+            delay = delay_ms(actor.kind.name, request, None, now)
+        except InvalidRequest as exc:
+            errors += [{"field": f"[{index}].{e['field']}", "message": e["message"]} for e in exc.errors]
+            continue
+        plans.append(Plan(index, actor, request, checked, delay))
+    if errors:
+        raise InvalidRequest("enqueue_many", errors)
+    return plans
+
+
+def _build(
+    target: _Target, run: Sequence[Plan], *, holders: bool = True, options: Mapping[str, Any] | None = None
+) -> None:
+    """Make the messages of a run of checked plans, and the locks they take (``holders=False``:
+    without the holder values, for a caller that makes them itself)."""
+    broker = target.broker
+    uniqueness = find_middleware(broker, Uniqueness)
+    ids = new_ids(len(run)) if len(run) > 1 else [None]
+    for plan, message_id in zip(run, ids, strict=True):
+        message = plan.actor.message_from(
+            plan.checked, message_id=message_id, **{RECORDED: 1, **(options or {})}
+        )
+        lock = uniqueness.lock_for(broker, message, plan.delay, holder=holders) if uniqueness else None
+        if lock is not None:
+            message.options[UNIQUE_KEY] = lock[0]
+        plan.message, plan.lock = message, lock
+
+
+def _runs(plans: list[Plan], fused: bool) -> Iterable[list[Plan]]:
+    """Consecutive plans that go the same way (on a fused broker, immediate jobs by script and
+    delayed ones the general way), ``SCRIPT_RUN`` (immediate jobs on a fused broker) or ``CHUNK``
+    at most, in request order: so that of two requests with the same unique key, the earlier one
+    always wins."""
+    run: list[Plan] = []
+    for plan in plans:
+        limit = SCRIPT_RUN if fused and not plan.delay else CHUNK
+        if run and (len(run) >= limit or (fused and bool(run[0].delay) != bool(plan.delay))):
+            yield run
+            run = []
+        run.append(plan)
+    if run:
+        yield run
+
+
+class _FusedRuns:
+    """Runs of immediate jobs on a Redis broker that keeps epq's state: one script call per run,
+    each prepared while Redis runs the one before, and the results of each built while Redis
+    runs the next (one call in flight at a time, so runs still take effect in order)."""
+
+    def __init__(
+        self,
+        target: _Target,
+        holders: list[str | None],
+        results: list[JobInsertResult | None],
+        handled: list[Plan],
+    ) -> None:
+        self.target = target
+        self.broker: Any = target.broker
+        self.holders, self.results, self.handled = holders, results, handled
+        self.stream: Any = None
+        self.in_flight: tuple[list[Plan], list[BulkJob]] | None = None
+        self.created: dict[int, datetime] = {}  # the jobs of a batch share a few timestamps
+
+    @property
+    def unknown(self) -> list[Plan]:
+        """The plans of a call that reached Redis but whose reply never came (they may or may
+        not be enqueued)."""
+        if self.in_flight is None or not self.stream.reached:
+            return []
+        return self.in_flight[0]
+
+    def add(self, run: list[Plan]) -> None:
+        _build(self.target, run, holders=False)  # the script makes the holder values
+        bulk_jobs = self._bulk_jobs(run)
+        keys, args = self.broker.bulk_call(bulk_jobs)
+        if self.stream is None:
+            self.stream = self.broker.bulk_stream().__enter__()
+        done = self._collect()
+        self.stream.send(keys, args)
+        self.in_flight = (run, bulk_jobs)
+        self._build_results(done)  # while Redis runs this run's call
+
+    def finish(self) -> None:
+        self._build_results(self._collect())
+
+    def close(self) -> None:
+        """Give the connection back. A call still in flight (another error came first) has its
+        reply read first: its jobs are then known, and it cannot run after later commands."""
+        if self.stream is None:
+            return
+        try:
+            if self.in_flight is not None and self.stream.call is not None:  # sent, not read
+                self._collect()
+        except STORE_ERRORS:
+            pass  # the connection is dropped below; the error that came first is the one raised
+        finally:
+            self.stream.__exit__(None, None, None)
+            self.stream = None
+
+    def _collect(self) -> list[Plan]:
+        """Read the reply of the call in flight; the plans it handled."""
+        if self.in_flight is None:
+            return []
+        run, bulk_jobs = self.in_flight
+        replies = self.broker.bulk_replies(bulk_jobs, self.stream.read())
+        self.in_flight = None
+        for plan, holder in zip(run, replies, strict=True):
+            self.holders[plan.index] = holder
+        self.handled += run
+        return run
+
+    def _bulk_jobs(self, run: list[Plan]) -> list[BulkJob]:
+        groups: dict[tuple[Any, ...], BulkGroup] = {}
+        out: list[BulkJob] = []
+        for plan in run:
+            message = plan.message
+            key = (plan.actor, message.queue_name, plan.checked.priority, message.message_timestamp)
+            group = groups.get(key)
+            if group is None:
+                created = message.message_timestamp  # due at once: scheduled when created
+                fields = _record_fields(plan, created, created)
+                del fields["args"], fields["unique_key"]  # the job's own
+                # the jobs of a group are of one kind, so their locks (if any) have one ttl
+                tail, ttl = (Uniqueness.holder_tail(message, created), plan.lock[2]) if plan.lock else ("", 0)
+                group = groups[key] = BulkGroup(fields, tail, ttl)
+            out.append(BulkJob(message, group, plan.checked.payload_json, plan.lock[0] if plan.lock else ""))
+        return out
+
+    def _build_results(self, run: list[Plan]) -> None:
+        inserted = [plan for plan in run if self.holders[plan.index] is None]
+        for plan, result in zip(inserted, inserted_results(inserted, self.created), strict=True):
+            self.results[plan.index] = result
+
+
+def _general_run(target: _Target, run: list[Plan], holders: list[str | None], now: int) -> None:
+    broker: Any = target.broker
+    _build(target, run)
+    try:
+        replies = target.records.create_many([_new_record(plan, now) for plan in run])
+    except BaseException:
+        _take_back(target, run)  # part of the pipeline may have run: these ids are ours alone
+        raise
+    accepted = []
+    for plan, holder in zip(run, replies, strict=True):
+        holders[plan.index] = holder
+        if holder is None:
+            accepted.append(plan)
+    if not accepted:
+        return
+    try:
+        broker.enqueue_batch([(plan.message, plan.delay) for plan in accepted])
+    except BaseException:
+        _take_back(target, accepted)  # nothing of the run was published
+        raise
+
+
+# ---- records and results ------------------------------------------------------------------------
+
+
+def _record_fields(plan: Plan, now: int, due: int) -> dict[str, str]:
+    message = plan.message
+    return new_record_fields(
+        kind=plan.actor.actor_name,
+        queue=plan.checked.queue,
+        priority=plan.checked.priority,
+        args_json=plan.checked.payload_json,
+        state="scheduled" if due > now else "available",
+        max_attempts=message.options.get("max_attempts", plan.actor.options["max_attempts"]),
+        created_ms=message.message_timestamp,
+        scheduled_ms=due,
+        unique_key=plan.lock[0] if plan.lock else "",
+    )
+
+
+def _new_record(plan: Plan, now: int) -> NewRecord:
+    """The record a plan writes, with the lock it takes first."""
+    delay = int(plan.delay or 0)
+    fields = _record_fields(plan, now, now + delay)
+    ttl = OPEN_RECORD_TTL_MS + delay  # an open record outlives the job's wait
+    if plan.lock is None:
+        return NewRecord(plan.message.message_id, fields, ttl)
+    key, holder, lock_ttl = plan.lock
+    return NewRecord(plan.message.message_id, fields, ttl, key, holder, lock_ttl)
+
+
+def _take_back(target: _Target, plans: list[Plan]) -> None:
+    """Delete the records and free the locks these plans took (a lock held by another job stays).
+    If the state store is down too, they expire with their TTLs; the first failure ends the
+    cleanup, so a store that does not answer costs one timeout."""
+    with contextlib.suppress(*STORE_ERRORS):
+        for plan in plans:
+            target.records.delete(plan.message.message_id)
+            if plan.lock is not None:
+                target.state.release_unique(plan.lock[0], plan.message.message_id)
+
+
+#: Validates many results in one call (much cheaper than one model at a time).
+_RESULTS = TypeAdapter(list[JobInsertResult])
+
+
+def inserted_results(
+    plans: Sequence[Plan], created: dict[int, datetime] | None = None
+) -> list[JobInsertResult]:
+    """The results of plans just inserted (``created``: datetimes of timestamps, filled in)."""
+    created = {} if created is None else created
+    out = []
+    for plan in plans:
+        message = plan.message
+        ms = message.message_timestamp
+        if ms not in created:
+            created[ms] = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+        at = created[ms]
+        run_at = plan.request.run_at
+        scheduled = run_at if run_at is not None and run_at > at else at
+        record = {
+            "id": message.message_id,
+            "kind": plan.actor.actor_name,
+            "queue": plan.checked.queue,
+            "priority": plan.checked.priority,
+            "args": message.kwargs,
+            "state": JobState.SCHEDULED if scheduled > at else JobState.AVAILABLE,
+            "attempt": 0,
+            "max_attempts": int(message.options.get("max_attempts", plan.actor.options["max_attempts"])),
+            "created_at": at,
+            "scheduled_at": scheduled,
+        }
+        out.append({"job": record})  # unique_skipped_as_duplicate: False
+    return _RESULTS.validate_python(out)
+
+
+def duplicate_result(
+    actor: EpqActor, request: _Request, holder: str, fields: Mapping[str, str] | None
+) -> JobInsertResult:
+    """The result of a request skipped as a duplicate: the record of the job holding its key
+    (``fields``), or, when that has expired, what the lock records of it (``args`` are then this
+    request's: they agree with the holder's on every unique-key field)."""
+    existing_id = holder_id(holder)
+    if fields is not None:
+        return JobInsertResult(job=to_job_record(existing_id, fields), unique_skipped_as_duplicate=True)
+    parsed = Holder.parse(holder)
+    now = datetime.now(timezone.utc)
+    if (
+        parsed.priority in (1, 2, 3, 4)
+        and parsed.queue is not None
+        and parsed.created_ms is not None
+        and parsed.due_ms is not None
+    ):
+        created, scheduled = _from_ms(parsed.created_ms), _from_ms(parsed.due_ms)
+        queue, priority = parsed.queue, JobPriority(parsed.priority)
+    else:  # (a holder value without its details)
+        created = scheduled = now
+        queue = request.queue_name or actor.kind.queue
+        priority = JobPriority(request.priority or actor.kind.priority)
+    job = JobRecord(
+        id=existing_id,
+        kind=actor.actor_name,
+        queue=queue,
+        priority=priority,
+        args=request.model_dump(mode="json"),
+        state=JobState.SCHEDULED if scheduled > now else JobState.AVAILABLE,
+        max_attempts=int(actor.options["max_attempts"]),
+        created_at=created,
+        scheduled_at=scheduled,
+    )
+    return JobInsertResult(job=job, unique_skipped_as_duplicate=True)
+
+
+def _from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+
+
+def _results(
+    target: _Target, plans: list[Plan], holders: list[str | None], results: list[JobInsertResult | None]
+) -> list[JobInsertResult]:
+    """Fill in the results not built yet: duplicates, and the plans inserted the general way."""
+    # the records of the jobs holding the duplicates' keys, read in one round trip
+    holder_ids = {holder_id(h) for h in holders if h is not None}
+    existing_fields = dict(zip(holder_ids, target.records.get_many(list(holder_ids)), strict=True))
+    missing = [plan for plan in plans if results[plan.index] is None and holders[plan.index] is None]
+    for plan, made in zip(missing, inserted_results(missing), strict=True):
+        results[plan.index] = made
+    out: list[JobInsertResult] = []
+    for plan in plans:
+        holder, result = holders[plan.index], results[plan.index]
+        if result is None:
+            assert holder is not None
+            result = duplicate_result(plan.actor, plan.request, holder, existing_fields[holder_id(holder)])
+        out.append(result)
+    return out

@@ -1,0 +1,242 @@
+"""``JobRecords``: each epq job's state transitions, written to the job records (River's
+lifecycle), and the record of a message a consumer refuses off the wire."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any
+
+import dramatiq
+from dramatiq.broker import MessageProxy
+from dramatiq.common import q_name
+from dramatiq.middleware import SkipMessage
+
+from ..backends.base import NewRecord, RecordStore, StateStore, holder_id, in_flight
+from ..errors import DuplicateJob, StateUnavailable, describe_error
+from ..options import DUE_MS, RECORDED, UNIQUE_KEY
+from ..outage import (
+    WorkerStopping,
+    requeue_instead,
+    state_errors,
+    unreachable,
+    until_written,
+    write_or_give_back,
+    written_if_possible,
+)
+from ..priority import DEFAULT_LANE
+from ..records import NOT_STARTED, OPEN_RECORD_TTL_MS, message_record_fields, new_record_fields
+from ..wire import MalformedMessage
+from .common import enqueue_hook_errors, find_middleware
+from .uniqueness import Uniqueness
+
+logger = logging.getLogger("epq")
+
+
+def refuse_malformed(broker: dramatiq.Broker, queue_name: str, error: MalformedMessage) -> None:
+    """Log and record a message a consumer refuses off the wire (see ``epq.wire``), before the
+    consumer dead-letters it.
+
+    Raises:
+      StateUnavailable: the state store is unreachable; the consumer gives the message back to
+        its queue instead of dead-lettering it, and tries again a little later.
+    """
+    records = find_middleware(broker, JobRecords)
+    if records is not None:
+        # one try: a consumer thread that waited would stop its broker connection's heartbeats
+        try:
+            records.record_malformed(queue_name, error)
+        except Exception as exc:
+            if unreachable(exc):
+                raise StateUnavailable(
+                    f"cannot record a malformed message on {queue_name!r}: {describe_error(exc)}"
+                ) from exc
+            raise
+    logger.error("Dead-lettering a malformed message on queue %r: %s", queue_name, error.reason)
+
+
+class JobRecords(dramatiq.Middleware):
+    """Writes each epq job's state transitions to the job records (River's lifecycle).
+
+    Only actors with the ``max_attempts`` option (the epq kinds) are recorded. Must come after
+    :class:`Uniqueness` (a duplicate gets no record). A job cancelled before it started is skipped
+    when a worker fetches it.
+    """
+
+    #: Acts on unplanned messages only: an insert need not call its enqueue hook.
+    epq_skips_planned = True
+
+    def __init__(
+        self, records: RecordStore, store: StateStore, *, completed_ttl_ms: int, discarded_ttl_ms: int
+    ) -> None:
+        self.records = records
+        self.store = store
+        self.completed_ttl_ms = completed_ttl_ms
+        self.discarded_ttl_ms = discarded_ttl_ms
+
+    @staticmethod
+    def _recorded(broker: dramatiq.Broker, message: Any) -> dramatiq.Actor[Any, Any] | None:
+        actor = broker.actors.get(message.actor_name)
+        return actor if actor is not None and "max_attempts" in actor.options else None
+
+    def before_enqueue(
+        self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int | None
+    ) -> None:
+        actor = self._recorded(broker, message)
+        if actor is None:
+            return
+        options = message.options
+        if RECORDED not in options:  # an epq job enqueued by hand (epq.insert writes its own)
+            with enqueue_hook_errors("taking the uniqueness lock and writing the job record", message):
+                self._write_record(broker, message, delay, actor)
+        elif not delay and (DUE_MS in options or "retries" in options):
+            # a job back from the schedule, or retried at once: ready to run again
+            with enqueue_hook_errors("writing the job record", message), state_errors("writing a job record"):
+                self.records.move(message.message_id, "available", {}, OPEN_RECORD_TTL_MS, NOT_STARTED[1:])
+
+    def _write_record(
+        self,
+        broker: dramatiq.Broker,
+        message: dramatiq.Message[Any],
+        delay: int | None,
+        actor: dramatiq.Actor[Any, Any],
+    ) -> None:
+        """Take the lock (if the actor has a window) and write the record of an epq message
+        enqueued by hand, in one round trip."""
+        uniqueness = find_middleware(broker, Uniqueness)
+        lock = uniqueness.lock_for(broker, message, delay) if uniqueness is not None else None
+        if lock is not None:
+            message.options[UNIQUE_KEY] = lock[0]  # (the record keeps it)
+        now = self.store.now_ms()
+        wait = int(delay or 0)
+        fields = message_record_fields(message, actor, "scheduled" if wait else "available", now + wait)
+        ttl = OPEN_RECORD_TTL_MS + wait  # an open record outlives the job's wait
+        record = NewRecord(message.message_id, fields, ttl, *(lock or ()))
+        with state_errors("writing a job record"):
+            current = self.records.create(record)
+        if current is not None:
+            del message.options[UNIQUE_KEY]
+            raise DuplicateJob(message.actor_name, holder_id(current), holder=current)
+        message.options[RECORDED] = 1
+
+    def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        if self._recorded(broker, message) is None:
+            return
+        try:
+            with state_errors("starting a job"):  # (other errors: a MiddlewareError, so it does not run)
+                # (on Redis with the records in the broker's server, on the broker's kept connections)
+                fused = in_flight(message).records_here
+                start = broker.start_record if fused else self.records.start  # type: ignore[attr-defined]
+                before = until_written(
+                    lambda: start(message.message_id, self.store.now_ms(), OPEN_RECORD_TTL_MS),
+                    "starting a job",
+                )
+        except WorkerStopping:
+            requeue_instead(message)  # not started: it goes back to its queue
+            raise
+        if before == "cancelled":
+            logger.info("Skipping cancelled %s job %s", message.actor_name, message.message_id)
+            raise SkipMessage(f"job {message.message_id} was cancelled")
+
+    def after_process_message(
+        self, broker: dramatiq.Broker, message: MessageProxy, *, result: Any = None, exception: Any = None
+    ) -> None:
+        # Failures are recorded by EpqRetries, which decides between retry and discard.
+        if exception is None and in_flight(message).records_here:
+            in_flight(message).complete_ttl_ms = self.completed_ttl_ms  # the Redis ack completes it
+            return
+        if exception is None and self._recorded(broker, message) is not None:
+            fields = {"finalized_at": str(self.store.now_ms())}
+            self._write(
+                message,
+                lambda: self.records.move(
+                    message.message_id, "completed", fields, self.completed_ttl_ms, ("running",)
+                ),
+                "completing a job",
+            )
+
+    @staticmethod
+    def _write(message: MessageProxy, write: Any, what: str) -> None:
+        """Write a job's outcome before its message is acked (``write_or_give_back``); a state store
+        that answers but cannot take it (a bug) is logged, and the message acked as it would be."""
+        try:
+            write_or_give_back(message, write, what)
+        except Exception:
+            logger.exception("Could not write the record of %s job %s while %s",
+                             message.actor_name, message.message_id, what)  # fmt: skip
+
+    def attempt_failed(self, message: Any, exception: BaseException, *, retry_due_ms: int | None) -> None:
+        """Record a failed attempt: ``retryable`` until ``retry_due_ms``, or ``discarded`` if None."""
+        now = self.store.now_ms()
+        error = {
+            "at": now,
+            "error_type": type(exception).__name__,
+            "message": _clean_text(str(exception)[:2000]),
+            "traceback": _clean_text(str(message.options.get("traceback", ""))[-4000:]),
+        }
+        if retry_due_ms is None:
+            fields = {"finalized_at": str(now)}
+            self.records.fail(message.message_id, "discarded", error, fields, self.discarded_ttl_ms)
+        else:
+            fields = {"scheduled_at": str(retry_due_ms)}
+            ttl = OPEN_RECORD_TTL_MS + max(0, retry_due_ms - now)
+            self.records.fail(message.message_id, "retryable", error, fields, ttl)
+
+    def record_malformed(self, queue_name: str, error: MalformedMessage) -> str:
+        """Record a message refused off the wire as a discarded job with the reason; return the
+        record's id (the message's own when it has a usable one and a record of it exists or
+        can be made under it)."""
+        now = self.store.now_ms()
+        entry = {"at": now, "error_type": "MalformedMessage", "message": _clean_text(error.reason)[:2000],
+                 "traceback": ""}  # fmt: skip
+        job_id = error.message_id
+        existing = self.records.get(job_id) if job_id is not None else None
+        if job_id is not None and existing is not None:
+            self.records.fail(job_id, "discarded", entry, {"finalized_at": str(now)}, self.discarded_ttl_ms)
+            if existing.get("unique_key"):  # it will not run: its key is free, as for any dead job
+                self.store.release_unique(existing["unique_key"], job_id)
+            return job_id
+        job_id = job_id or f"malformed-{uuid.uuid4()}"
+        fields = new_record_fields(
+            kind=error.actor_name or "unknown",
+            queue=q_name(queue_name),
+            priority=DEFAULT_LANE,
+            args_json=json.dumps({"malformed_message": error.preview}),
+            state="discarded",
+            max_attempts=0,
+            created_ms=now,
+            scheduled_ms=now,
+        )
+        fields.update(errors=json.dumps([{**entry, "attempt": 0}]), finalized_at=str(now), malformed="1")
+        self.records.create(NewRecord(job_id, fields, self.discarded_ttl_ms))
+        return job_id
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        # Skipped by another middleware (not a cancellation), e.g. Dramatiq's AgeLimit: it will not run.
+        if self._recorded(broker, message) is not None:
+            fields = {"finalized_at": str(self.store.now_ms())}
+            allowed = (*NOT_STARTED, "running")
+            self._write(
+                message,
+                lambda: self.records.move(
+                    message.message_id, "discarded", fields, self.discarded_ttl_ms, allowed
+                ),
+                "discarding a skipped job",
+            )
+
+    def after_nack(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        # Dead-lettered without being processed (e.g. it could not be decoded for its actor).
+        if self._recorded(broker, message) is not None:
+            fields = {"finalized_at": str(self.store.now_ms())}
+            written_if_possible(
+                lambda: self.records.move(
+                    message.message_id, "discarded", fields, self.discarded_ttl_ms, NOT_STARTED
+                ),
+                "recording a dead letter",
+            )
+
+
+def _clean_text(text: str) -> str:
+    """Text that survives a UTF-8 round trip (lone surrogates, e.g. from file names, replaced)."""
+    return text.encode("utf-8", "replace").decode("utf-8")

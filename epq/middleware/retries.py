@@ -1,0 +1,168 @@
+"""``EpqRetries``: Dramatiq's ``Retries`` with River's attempt counting and per-kind backoff.
+
+Times are milliseconds, as everywhere in Dramatiq.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import dramatiq
+from dramatiq.broker import MessageProxy
+from dramatiq.errors import Retry
+from dramatiq.middleware import Retries
+
+from ..backends.base import backend_of
+from ..outage import WorkerStopping, must_requeue, requeue_instead, until_written
+from .common import find_middleware, option
+from .job_records import JobRecords
+
+logger = logging.getLogger("epq")
+
+#: How much of a failed attempt's traceback a retried message carries (its end).
+TRACEBACK_CHARS = 8000
+#: Jitter applied to every backoff delay: the delay is drawn from [1 - J, 1 + J] * base.
+BACKOFF_JITTER = 0.25
+
+
+def backoff_delay_ms(schedule: Sequence[int], retry_number: int) -> int:
+    """The delay before retry ``retry_number`` (1-based): the schedule's entry, ±25 % jitter.
+
+    Past the end of the schedule its last entry repeats.
+    """
+    base = schedule[min(retry_number, len(schedule)) - 1]
+    return int(base * random.uniform(1 - BACKOFF_JITTER, 1 + BACKOFF_JITTER))
+
+
+class EpqRetries(Retries):
+    """Retries with River's attempt counting and per-kind backoff schedules.
+
+    Actor options (a message option of the same name wins):
+      max_attempts(int): total runs allowed, the first one included.
+      backoff_ms(list[int]): delay before retry 1, 2, …; the last entry repeats.
+      throws(tuple[type[Exception], ...]): errors that dead-letter at once, never retried.
+
+    Actors without ``max_attempts`` get Dramatiq's own ``Retries`` behaviour.
+    """
+
+    @property
+    def actor_options(self) -> set[str]:
+        return set(super().actor_options) | {"max_attempts", "backoff_ms"}
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: MessageProxy,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        if exception is None or must_requeue(message):
+            return  # (epq's own hooks could not reach the state store: the job did not run)
+        actor = broker.get_actor(message.actor_name)
+        max_attempts = option(message, actor, "max_attempts")
+        if max_attempts is None:
+            super().after_process_message(broker, message, result=result, exception=exception)  # type: ignore[no-untyped-call]
+            return
+
+        attempt = int(message.options.get("retries", 0)) + 1
+        message.options["retries"] = attempt
+        message.options["traceback"] = "".join(
+            traceback.format_exception(type(exception), exception, exception.__traceback__, limit=30)
+        )[-TRACEBACK_CHARS:]  # (a retried message must stay within the wire's size limit)
+        message.options["requeue_timestamp"] = int(time.time() * 1000)
+        records = find_middleware(broker, JobRecords)
+        try:
+            self._retry_or_discard(broker, message, actor, exception, attempt, int(max_attempts), records)
+        except WorkerStopping:
+            # the worker stopped while the state store was away: the outcome is not written, so
+            # the message goes back to its queue, this attempt not counted
+            message.options["retries"] = attempt - 1
+            logger.warning("Giving %s job %s back to its queue: the state store is unreachable",
+                           message.actor_name, message.message_id)  # fmt: skip
+            requeue_instead(message)
+        except Exception:
+            # the state store answers but cannot take the outcome (a bug, not an outage): the
+            # message is dead-lettered rather than acked, so that it is not lost
+            logger.exception("Could not write the failed attempt of %s job %s; dead-lettering it",
+                             message.actor_name, message.message_id)  # fmt: skip
+            message.fail()
+
+    def _retry_or_discard(
+        self,
+        broker: dramatiq.Broker,
+        message: MessageProxy,
+        actor: dramatiq.Actor[Any, Any],
+        exception: BaseException,
+        attempt: int,
+        max_attempts: int,
+        records: JobRecords | None,
+    ) -> None:
+        """Write the failed attempt, then schedule the retry or dead-letter the message (each
+        write waits for an unreachable state store: see ``epq.outage``)."""
+        throws = actor.options.get("throws")
+        if throws and isinstance(exception, throws):
+            logger.warning(
+                "Discarding %s job %s without retry: %s", message.actor_name, message.message_id, exception
+            )
+            _record_failure(records, message, exception, None)
+            message.fail()
+            return
+        if attempt >= max_attempts:
+            logger.warning(
+                "%s job %s failed its last attempt (%d of %d); dead-lettering it",
+                message.actor_name,
+                message.message_id,
+                attempt,
+                max_attempts,
+            )
+            _record_failure(records, message, exception, None)
+            message.fail()
+            return
+
+        if isinstance(exception, Retry) and exception.delay is not None:
+            delay = int(exception.delay)
+        else:
+            delay = backoff_delay_ms(option(message, actor, "backoff_ms") or [self.min_backoff], attempt)
+        logger.info(
+            "Retrying %s job %s (attempt %d of %d) in %d ms",
+            message.actor_name,
+            message.message_id,
+            attempt + 1,
+            max_attempts,
+            delay,
+        )
+        backend = backend_of(broker)
+        now_ms = backend.state.now_ms() if backend is not None else int(time.time() * 1000)
+        # recorded before the retry exists, so no worker can start it first
+        _record_failure(records, message, exception, now_ms + delay)
+        try:
+            until_written(
+                lambda: broker.enqueue(message, delay=delay),  # type: ignore[arg-type]  # a proxy, as in Retries
+                "scheduling a retry",
+            )
+        except WorkerStopping:
+            raise
+        except Exception:
+            # Dramatiq would log this and ack the message: the job would be lost. Dead-letter it
+            # instead, so that it can be retried (epq dead retry).
+            logger.exception("Could not schedule the retry of %s job %s; dead-lettering it",
+                             message.actor_name, message.message_id)  # fmt: skip
+            _record_failure(records, message, exception, None)
+            message.fail()
+
+
+def _record_failure(
+    records: JobRecords | None, message: Any, exception: BaseException, due_ms: int | None
+) -> None:
+    """Write a failed attempt, waiting while the state store is unreachable (the outage rule)."""
+    if records is not None:
+        until_written(
+            lambda: records.attempt_failed(message, exception, retry_due_ms=due_ms),
+            "recording a failed attempt",
+        )
