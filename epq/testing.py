@@ -21,6 +21,20 @@ Installed with epq and loaded by pytest automatically (entry point ``pytest11``)
 
 When the plugin loads and ``EPQ_BROKER_URL`` is unset, it sets it to ``stub://`` so that an
 ``import epq.actors`` during collection binds to a stub broker instead of starting a server.
+
+For tests that need another broker, or epq's own internals, without reaching into private
+modules (what these give may change with epq; the names stay):
+
+- :func:`install`: build a new broker from a URL (Redis, RabbitMQ with a ``state_url``, stub),
+  bind the epq actors to it and make it Dramatiq's global broker, closing the one it replaces
+  (``epq.setup()`` returns the broker it built already when called again with the same URLs);
+- :func:`reset`: close the broker epq is set up with and forget it, so that the next
+  ``epq.setup()`` (or ``import epq.actors``) builds one from the settings;
+- :func:`current_broker`: the broker epq is set up with, if any;
+- :func:`backend`: what epq keeps beside a broker it built (``.state``: the state store,
+  ``.records``: the record store, ``.url``, ``.fused``; see ``epq.backends.base``);
+- ``messages``: epq's message ids and message encoding (``new_id``, ``new_ids``, ``encode``,
+  ``flat_json``, ``data_template``), for tests of them.
 """
 
 from __future__ import annotations
@@ -33,8 +47,9 @@ from typing import Any, cast
 import dramatiq
 import pytest
 
+from . import _messages as messages
 from . import _runtime, handlers
-from .backends.base import backend_of, served_queues
+from .backends.base import Backend, backend_of, served_queues
 from .backends.memory import EpqStubBroker, FakeClock, MemoryStateStore
 from .schedule import promote_due
 from .settings import reset_settings
@@ -43,17 +58,62 @@ __all__ = [
     "FakeClock",
     "HandlerFailures",
     "HandlerRegistry",
+    "backend",
+    "current_broker",
     "drain",
     "epq_broker",
     "epq_clock",
     "epq_handlers",
     "epq_worker",
+    "install",
+    "messages",
+    "reset",
     "watch_failures",
 ]
 
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("EPQ_BROKER_URL", "stub://")
+
+
+def install(broker_url: str, *, state_url: str | None = None) -> dramatiq.Broker:
+    """Build a new broker for ``broker_url`` (its state store at ``state_url``, which RabbitMQ
+    needs), with epq's middleware; bind the epq actors to it and make it Dramatiq's global
+    broker. The broker epq was set up with before is closed.
+
+    Raises:
+      ConfigurationError: an unknown URL scheme, or RabbitMQ without a state URL.
+      BrokerUnavailable: a server cannot be reached.
+    """
+    return _runtime.install(broker_url, state_url=state_url).broker
+
+
+def reset() -> None:
+    """Close the broker epq is set up with (and its state store) and forget it: the next
+    ``epq.setup()`` builds one from the settings."""
+    _runtime.reset()
+
+
+def current_broker() -> dramatiq.Broker | None:
+    """The broker epq is set up with (by ``epq.setup()``, :func:`install` or ``epq_broker``), or
+    None when nothing is."""
+    runtime = _runtime.current()
+    return runtime.broker if runtime is not None else None
+
+
+def backend(broker: dramatiq.Broker | None = None) -> Backend:
+    """What epq keeps beside ``broker`` (by default :func:`current_broker`): its state store
+    (``.state``), its record store (``.records``), its masked URL and whether the records live in
+    the broker's own Redis (``.fused``).
+
+    Raises:
+      LookupError: there is no such broker, or epq did not build it.
+    """
+    target = broker if broker is not None else current_broker()
+    found = backend_of(target) if target is not None else None
+    if found is None:
+        raise LookupError(f"not a broker epq built: {target!r}")
+    return found
 
 
 class HandlerFailures(dramatiq.Middleware):
@@ -158,12 +218,11 @@ class HandlerRegistry:
 def epq_broker() -> Iterator[EpqStubBroker]:
     """A fresh stub broker with the epq actors bound to it."""
     reset_settings()
-    runtime = _runtime.install("stub://")
-    broker = cast(EpqStubBroker, runtime.broker)  # (stub:// builds one)
+    broker = cast(EpqStubBroker, install("stub://"))  # (stub:// builds one)
     watch_failures(broker)
     yield broker
     broker.flush_all()
-    _runtime.reset()
+    reset()
     reset_settings()
 
 

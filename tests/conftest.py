@@ -7,6 +7,12 @@ EPQ_TEST_RESULTS_URL and EPQ_TEST_RABBITMQ_URL name other servers instead (the s
 those databases and purges its queues there). A server that cannot be started (its binary is
 missing) or reached skips its tests locally and fails them under CI=true. The stub case uses the
 ``epq_broker`` fixture of the ``epq.testing`` plugin, as an application would.
+
+The test modules: ``unit/`` (in-process; a few need a server), ``contract/`` (the ``broker``
+fixture's suite, and the stores'), ``redis/`` and ``rabbitmq/`` (one broker's own), ``e2e/``
+(worker subprocesses, the command, the README, the embedded Redis); helpers and worker handler
+modules in ``support/``. Tests reach epq's internals through ``epq.testing`` only
+(``unit/test_test_suite.py``).
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ import pytest
 import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
-from epq import _runtime
 from epq.settings import reset_settings
+from epq.testing import install, reset
 from tests.support.servers import ServerUnavailable, Session
 
 pytest_plugins = ["pytester", "tests.support.canary"]
@@ -45,7 +51,7 @@ def _private(kind: str) -> str:
 
 REDIS_URL = GIVEN_URLS.get("EPQ_TEST_REDIS_URL") or f"{_private('redis')}/15"
 STATE_URL = GIVEN_URLS.get("EPQ_TEST_STATE_URL") or f"{_private('redis')}/14"
-# where worker subprocesses' handlers report (tests/workers.py)
+# where worker subprocesses' handlers report (tests/support/workers.py)
 RESULTS_URL = GIVEN_URLS.get("EPQ_TEST_RESULTS_URL") or f"{_private('redis')}/13"
 RABBITMQ_URL = GIVEN_URLS.get("EPQ_TEST_RABBITMQ_URL") or _private("rabbitmq")
 
@@ -138,10 +144,10 @@ def _clean_epq_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if name.startswith("EPQ_") and not name.startswith("EPQ_TEST_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("EPQ_BROKER_URL", "stub://")
-    _runtime.reset()
+    reset()
     reset_settings()
     yield
-    _runtime.reset()
+    reset()
     reset_settings()
 
 
@@ -167,7 +173,7 @@ def state_client() -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def redis_broker(redis_client: redis.Redis) -> Iterator[dramatiq.Broker]:
-    broker = _runtime.install(REDIS_URL).broker
+    broker = install(REDIS_URL)
     yield broker
     broker.flush_all()
     broker.close()
@@ -176,7 +182,7 @@ def redis_broker(redis_client: redis.Redis) -> Iterator[dramatiq.Broker]:
 @pytest.fixture
 def rabbitmq_broker(state_client: redis.Redis) -> Iterator[dramatiq.Broker]:
     rabbitmq_available(RABBITMQ_URL)
-    broker = _runtime.install(RABBITMQ_URL, state_url=STATE_URL).broker
+    broker = install(RABBITMQ_URL, state_url=STATE_URL)
     assert isinstance(broker, RabbitmqBroker)
     for queue in list(broker.get_declared_queues()):
         broker.declare_queue(queue, ensure=True)
@@ -210,8 +216,8 @@ def worker(broker: dramatiq.Broker) -> Iterator[dramatiq.Worker]:
 
 @pytest.fixture
 def start_worker(tmp_path: Path) -> Iterator[Any]:
-    """Start worker subprocesses (tests.workers.Worker); stopped after the test."""
-    from tests.workers import Worker
+    """Start worker subprocesses (tests.support.workers.Worker); stopped after the test."""
+    from tests.support.workers import Worker
 
     workers: list[Worker] = []
 

@@ -1,0 +1,40 @@
+"""The benchmark harness runs (tiny sizes, stub broker only): it must not rot between runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REDIS_URL, redis_available
+from tests.support.workers import ROOT
+
+
+@pytest.mark.redis
+def test_compare_prints_the_table_and_writes_json(tmp_path: Path) -> None:
+    server = REDIS_URL.rsplit("/", 1)[0]  # the test Redis server; compare.py uses its databases 8-10
+    redis_available(f"{server}/8").close()  # where the jobs note themselves
+    out_file = tmp_path / "run.json"
+    args = f"--redis {server} --brokers stub"
+    args += " --n 60 --rounds 2 --drain 60 --latency-jobs 5 --latency-gap-ms 1 --scheduled 0"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compare.py"), *args.split(), "--json", str(out_file)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "single enqueue (jobs/s)" in run.stdout
+    assert "epq/plain" in run.stdout
+    result = json.loads(out_file.read_text())
+    ratios = result["ratios"]["stub"]
+    for key in (
+        "single_enqueue_per_s",
+        "bulk_enqueue_per_s",
+        "drain_per_s",
+        "latency_p50_ms",
+        "latency_p99_ms",
+    ):
+        assert ratios[key] > 0, key
+    assert result["results"]["stub"]["epq"]["drain_per_s"] > 0
