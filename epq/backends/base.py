@@ -96,8 +96,9 @@ class StateStore(Protocol):
         """The store's clock, in milliseconds since the epoch."""
 
     def schedule_add(self, data: bytes, due_ms: int, *, entry: str | None = None) -> str:
-        """Keep an encoded message until ``due_ms``; return the schedule entry's id (``entry``, so
-        that adding it again is harmless, or a new one)."""
+        """Keep an encoded message until ``due_ms``; return the schedule entry's id (``entry``, or a
+        new one). An entry that exists, waiting or claimed, is left as it is: adding it again is
+        harmless."""
 
     def schedule_remove(self, entry_ids: Sequence[str]) -> None:
         """Forget entries that were never claimed (a batch that failed half-way)."""

@@ -86,6 +86,8 @@ class MemoryStateStore:
                 if data is not None:
                     self._claimed[entry] = now_ms + lease_ms
                     out.append((entry, data))
+            while self._due and self._due[0][1] not in self._data:
+                heapq.heappop(self._due)  # (removed entries leave their place in the heap behind)
             return out, self._due[0][0] if self._due else None
 
     def schedule_ack(self, entry_ids: Sequence[str]) -> None:

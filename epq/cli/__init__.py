@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 from .. import __version__
 
 if TYPE_CHECKING:
-    from ._command import Command
+    from .common import Command
 
 #: The function that runs each command, as ``"module:function"``, imported by ``main`` when the
 #: command runs: the command's one late import, named as data like ``epq._LAZY``. Each function is
-#: a ``Command`` wrapped by ``epq.cli._command.command``.
+#: a ``Command`` wrapped by ``epq.cli.common.command``.
 COMMANDS = {
     "worker": "epq.cli.worker:run",
     "enqueue": "epq.cli.enqueue:run",

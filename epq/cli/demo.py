@@ -32,7 +32,7 @@ from ..models import (
     _Request,
 )
 from ..service import QueueService
-from ._command import command
+from .common import command
 
 RESULTS_KEY = "epq:demo:received"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..backends import embedded
 from ..backends.urls import embedded_path
 from ..settings import default_state_dir
-from ._command import command
+from .common import command
 
 
 @command

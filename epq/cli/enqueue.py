@@ -22,7 +22,7 @@ from ..models import ENQUEUE_OPTION_FIELDS
 from ..service import QueueService
 from ..settings import EpqSettings
 from ._broker import open_broker
-from ._command import command
+from .common import command
 
 _DICT_FIELDS = {"source_data", "job_metadata", "source_metadata", "trigger_metadata", "schedule_metadata"}
 #: The most ``--json @FILE`` or ``--json -`` reads: room for a payload at the 1 MiB limit written

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from ..backends.rabbitmq.migrate import migrate_queues
 from ._broker import open_broker
-from ._command import command
+from .common import command
 
 
 @command

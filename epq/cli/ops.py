@@ -17,7 +17,7 @@ from ..models import JobRecord
 from ..records import ID_PREFIX_CHARACTERS
 from ..service import QueueService
 from ._broker import open_broker
-from ._command import BadArgument, command
+from .common import BadArgument, command
 
 #: The shortest id prefix ``jobs show|cancel`` and ``dead retry`` look up.
 MIN_ID_PREFIX = 8

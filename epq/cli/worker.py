@@ -13,7 +13,7 @@ from .. import _runtime
 from ..errors import ConfigurationError
 from ..settings import get_settings
 from ._broker import connect
-from ._command import command
+from .common import command
 
 
 @command

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import epq
-from epq import _runtime
+import epq.testing
 from epq.backends.base import NewRecord, RecordStore
 
 TWINS = ("0123abcd-1111-4000-8000-000000000001", "0123abcd-2222-4000-8000-000000000002")
@@ -18,11 +18,10 @@ FIELDS = {"state": "available", "queue": "default", "priority": "2"}
 def records(request: pytest.FixtureRequest) -> RecordStore:
     """The record store of a stub or Redis broker, holding TWINS and OTHER."""
     request.getfixturevalue("epq_broker" if request.param == "stub" else "redis_broker")
-    runtime = _runtime.current()
-    assert runtime is not None
+    records = epq.testing.backend().records
     for job_id in (*TWINS, OTHER):
-        runtime.records.create(NewRecord(job_id, FIELDS, 60_000))
-    return runtime.records
+        records.create(NewRecord(job_id, FIELDS, 60_000))
+    return records
 
 
 def test_find_ids_returns_every_record_with_the_prefix(records: RecordStore) -> None:

@@ -71,14 +71,6 @@ class Stores:
 #: Where a store does not do what the contract says: (test, store) -> what it does instead. Each
 #: is an expected failure, strict: the day the store is fixed, its entry must go.
 DIFFERENCES = {
-    ("test_adding_a_claimed_entry_again_does_not_make_it_due_again", "redis"): (
-        "Redis puts a claimed entry back in the schedule (ZADD): a claim before the first "
-        "promoter's ack takes it again, and its message is published twice"
-    ),
-    ("test_remove_forgets_entries_never_claimed", "memory"): (
-        "the memory schedule leaves a removed entry in its heap: the next due time it reports can "
-        "be a removed entry's"
-    ),
     ("test_an_expired_record_is_no_longer_counted", "redis"): (
         "Redis expires a record's key without running a script: its counter stays (epq.service's "
         "stats count dead jobs from the records for that reason)"

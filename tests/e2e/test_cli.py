@@ -23,7 +23,7 @@ from epq import cli
 from epq.backends import embedded
 from epq.backends.redis.connections import redis_client
 from epq.backends.urls import mask_url
-from epq.cli import _command, worker
+from epq.cli import common, worker
 from epq.kinds import KINDS
 from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL, rabbitmq_available
 
@@ -198,7 +198,7 @@ def test_every_command_has_its_function_and_the_parser_knows_every_kind() -> Non
         module, _, function = target.partition(":")
         run = getattr(importlib.import_module(module), function)
         # wrapped by `command`, which turns epq's errors into one line and an exit code
-        assert run.__code__ is _command.command(run.__wrapped__).__code__, target
+        assert run.__code__ is common.command(run.__wrapped__).__code__, target
     assert tuple(KINDS) == cli.KIND_NAMES
 
 

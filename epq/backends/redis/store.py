@@ -45,19 +45,15 @@ class RedisStateStore:
         self.client = client
         self._acquire = scripts.register(client, "lock_acquire")
         self._release = scripts.register(client, "lock_release")
+        self._add = scripts.register(client, "schedule_add")
         self._claim = scripts.register(client, "schedule_claim")
         self._move = scripts.register(client, "schedule_move")
 
     def schedule_add(self, data: bytes, due_ms: int, *, entry: str | None = None, pipe: Any = None) -> str:
-        """Add an entry; with ``pipe`` (a pipeline on this store's client) only queue the commands."""
+        """Add an entry (once: see ``schedule_add.lua``); with ``pipe`` (a pipeline on this store's
+        client) only queue the call."""
         entry = entry or uuid.uuid4().hex
-        own = pipe is None
-        if own:
-            pipe = self.client.pipeline(transaction=True)
-        pipe.hset(keys.SCHEDULE_DATA, entry, data)
-        pipe.zadd(keys.SCHEDULE, {entry: due_ms})
-        if own:
-            pipe.execute()
+        self._add(keys=[keys.SCHEDULE, keys.SCHEDULE_DATA], args=[entry, data, due_ms], client=pipe)
         return entry
 
     def schedule_remove(self, entry_ids: Sequence[str]) -> None:
