@@ -1,4 +1,5 @@
 -- #include lib/take_lock.lua
+-- #include lib/counter.lua
 -- Many enqueues as enqueue_recorded.lua does one, in order, in one script (bulk enqueue of
 -- immediate jobs). A later job with the same unique key as an earlier one in the batch finds the
 -- earlier one's lock. Jobs of a batch share most of their record fields, so those come once per
@@ -31,7 +32,7 @@ for g = 1, ngroups do
   hashes[queue .. '.msgs'] = hashes[queue .. '.msgs'] or {}
   lanes[lane] = lanes[lane] or {}
   groups[g] = {flat = flat, n = 0, msgs = hashes[queue .. '.msgs'], ids = lanes[lane],
-    stat = fields['queue'] .. '|' .. fields['priority'] .. '|' .. fields['state'],
+    stat = counter(fields['queue'], fields['priority'], fields['state']),
     tail = ARGV[at + 1], lock_ttl = ARGV[at + 2], f = {ARGV[at + 3], ARGV[at + 4], ARGV[at + 5],
     ARGV[at + 6], ARGV[at + 7]}}
 end

@@ -1,10 +1,11 @@
+-- #include lib/counter.lua
 -- set_state: move a record to a state, keeping the per queue|priority|state counters and the
 -- index of dead (discarded) jobs; returns the state before.
 local function set_state(key, stats, dead, id, new_state, now)
   local old = redis.call('HGET', key, 'state')
-  local group = redis.call('HGET', key, 'queue') .. '|' .. redis.call('HGET', key, 'priority') .. '|'
-  if old then redis.call('HINCRBY', stats, group .. old, -1) end
-  redis.call('HINCRBY', stats, group .. new_state, 1)
+  local at = redis.call('HMGET', key, 'queue', 'priority')
+  if old then redis.call('HINCRBY', stats, counter(at[1], at[2], old), -1) end
+  redis.call('HINCRBY', stats, counter(at[1], at[2], new_state), 1)
   redis.call('HSET', key, 'state', new_state)
   if new_state == 'discarded' then redis.call('ZADD', dead, now, id) end
   if old == 'discarded' and new_state ~= 'discarded' then redis.call('ZREM', dead, id) end

@@ -12,7 +12,7 @@ local function write_new(key, stats, dead, id, now, ttl, fields_json)
   if old then set_state(key, stats, dead, id, fields['state'], now) end
   redis.call('HSET', key, unpack(flat))
   if not old then
-    redis.call('HINCRBY', stats, fields['queue'] .. '|' .. fields['priority'] .. '|' .. fields['state'], 1)
+    redis.call('HINCRBY', stats, counter(fields['queue'], fields['priority'], fields['state']), 1)
     if fields['state'] == 'discarded' then redis.call('ZADD', dead, now, id) end
   end
   redis.call('PEXPIRE', key, ttl)
