@@ -75,7 +75,10 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
     global _current
     settings = settings or get_settings()
     broker, state, records = build_backend(
-        broker_url, state_url=state_url, middleware=build_middleware(settings)
+        broker_url,
+        state_url=state_url,
+        middleware=build_middleware(settings),
+        completed_max=settings.completed_max,
     )
     broker.add_middleware(Uniqueness(state))
     broker.add_middleware(

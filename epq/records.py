@@ -25,6 +25,10 @@ from .options import ARGS_JSON, PRIORITY, UNIQUE_KEY
 MAX_ERRORS = 25
 #: Records of jobs that have not finished expire after this long without a transition.
 OPEN_RECORD_TTL_MS = 30 * 24 * 3600 * 1000
+#: How many completed jobs' records a deployment keeps at most, the newest (``EPQ_COMPLETED_MAX``):
+#: history bounded by size as well as by age, whatever the throughput (about 16 MB of Redis for
+#: register_job-sized records; docs/decisions.md, decision 43).
+DEFAULT_COMPLETED_MAX = 10_000
 
 NOT_STARTED = ("available", "scheduled", "retryable")
 

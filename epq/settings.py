@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .errors import ConfigurationError
 from .models import JobQueue
+from .records import DEFAULT_COMPLETED_MAX
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -40,6 +41,7 @@ class EpqSettings(BaseSettings):
       queues: the queues workers serve; enqueueing elsewhere is refused (comma-separated).
       index_unique_for / register_unique_for: uniqueness windows (seconds or ISO-8601 duration).
       completed_retention / discarded_retention: how long job records are kept.
+      completed_max: how many completed jobs' records are kept at most (the newest; 0: none).
     """
 
     model_config = SettingsConfigDict(env_prefix="EPQ_", extra="ignore")
@@ -51,6 +53,7 @@ class EpqSettings(BaseSettings):
     index_unique_for: timedelta = timedelta(minutes=15)
     register_unique_for: timedelta = timedelta(minutes=5)
     completed_retention: timedelta = timedelta(hours=24)
+    completed_max: int = Field(default=DEFAULT_COMPLETED_MAX, ge=0)
     discarded_retention: timedelta = timedelta(days=7)
 
     @field_validator("handlers", "queues", mode="before")

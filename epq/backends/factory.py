@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import dramatiq
 
 from ..errors import ConfigurationError
+from ..records import DEFAULT_COMPLETED_MAX
 from .base import Backend, RecordStore, StateStore
 from .memory import EpqStubBroker, MemoryRecords, MemoryStateStore
 from .redis.broker import EpqRedisBroker
@@ -55,7 +56,11 @@ class BuiltBackend(NamedTuple):
 
 
 def build_backend(
-    broker_url: str, *, state_url: str | None = None, middleware: Sequence[dramatiq.Middleware] = ()
+    broker_url: str,
+    *,
+    state_url: str | None = None,
+    middleware: Sequence[dramatiq.Middleware] = (),
+    completed_max: int = DEFAULT_COMPLETED_MAX,
 ) -> BuiltBackend:
     """The broker ``broker_url`` names, and epq's state and records: in memory for the stub
     broker; in the broker's Redis, or in the Redis ``state_url`` names (which RabbitMQ needs).
@@ -87,11 +92,11 @@ def build_backend(
     fused = False
     if scheme == STUB_SCHEME:
         memory = MemoryStateStore()
-        state, records = memory, MemoryRecords(memory)
+        state, records = memory, MemoryRecords(memory, completed_max=completed_max)
     else:
         client = state_client if state_client is not None else broker.client
         redis_state = RedisStateStore(client)
-        state, records = redis_state, RedisRecords(client, redis_state.now_ms)
+        state, records = redis_state, RedisRecords(client, redis_state.now_ms, completed_max=completed_max)
         fused = client is getattr(broker, "client", None)
     broker.epq = Backend(mask_url(broker_url), state, records, fused)
     return BuiltBackend(broker, state, records)

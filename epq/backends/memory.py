@@ -25,7 +25,7 @@ from ..errors import StateUnavailable
 from ..middleware.job_records import refuse_malformed
 from ..outage import GivesBack
 from ..priority import LANES, lane_of
-from ..records import MAX_ERRORS, check_id_prefix
+from ..records import DEFAULT_COMPLETED_MAX, MAX_ERRORS, check_id_prefix
 from .base import Clock, DurableDelays, NewRecord, RecordFields, counter_group, holder_id
 
 
@@ -152,12 +152,15 @@ class MemoryStateStore:
 class MemoryRecords:
     """Job records in memory (stub broker), on the state store's clock."""
 
-    def __init__(self, state: MemoryStateStore) -> None:
+    def __init__(self, state: MemoryStateStore, *, completed_max: int = DEFAULT_COMPLETED_MAX) -> None:
         self.state = state
+        #: How many completed jobs keep their record at most (the newest).
+        self.completed_max = completed_max
         self._lock = threading.Lock()
         self._records: dict[str, tuple[dict[str, str], int]] = {}  # id -> (fields, expires ms)
         self._stats: dict[str, int] = {}
         self._dead: dict[str, int] = {}
+        self._done: dict[str, None] = {}  # completed job ids, oldest first
 
     def _live(self, job_id: str) -> dict[str, str] | None:
         item = self._records.get(job_id)
@@ -225,7 +228,19 @@ class MemoryRecords:
             self._set_state(job_id, record, state)
             if ttl_ms > 0:
                 self._expire(job_id, ttl_ms)
+            if state == "completed" and old != "completed":
+                self._keep_done(job_id)
             return old
+
+    def _keep_done(self, job_id: str) -> None:
+        """Note a job just completed; forget the oldest completed ones past ``completed_max``."""
+        self._done[job_id] = None
+        while len(self._done) > self.completed_max:
+            oldest = next(iter(self._done))
+            del self._done[oldest]
+            fields = self._live(oldest)
+            if fields is not None and fields["state"] == "completed":
+                self._drop(oldest)
 
     def start(self, job_id: str, now_ms: int, ttl_ms: int) -> str | None:
         with self._lock:

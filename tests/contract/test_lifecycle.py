@@ -60,6 +60,27 @@ def test_success(broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers:
     assert (record.kind, record.queue, record.priority) == ("register_job", "default", 2)
 
 
+def test_completed_history_stays_within_its_bound(
+    broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given a deployment that keeps the records of 20 completed jobs (EPQ_COMPLETED_MAX)
+    records = backend(broker).records
+    records.completed_max = 20  # type: ignore[attr-defined]  # (each store has the setting)
+    epq_handlers.register("index_endpoint", lambda request: None)
+    # When 150 jobs complete, 7.5 times the bound
+    requests = [{"endpoint_id": f"00000000-0000-4000-8000-{i:012d}", "source": "API"} for i in range(150)]
+    ids = [result.job.id for result in svc(broker).enqueue_many([("index_endpoint", r) for r in requests])]
+    drain(broker, worker)
+    # Then 20 completed records are kept, the counters say 20, and the rest are gone
+    kept = [job_id for job_id in ids if svc(broker).get_job(job_id) is not None]
+    assert len(kept) == 20
+    assert {job(broker, job_id).state for job_id in kept} == {S.COMPLETED}
+    completed = {group: n for group, n in records.counters().items() if group.endswith("|completed")}
+    assert completed == {"default|2|completed": 20}
+    # and they are among the last to complete (two worker threads: nearly in enqueue order)
+    assert set(kept) <= set(ids[-40:])
+
+
 def test_retry_then_success(
     broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry
 ) -> None:

@@ -357,6 +357,20 @@ def test_move_of_a_job_without_a_record_returns_none_and_writes_nothing(stores: 
     assert stores.live_counters() == {}
 
 
+def test_only_the_newest_completed_jobs_keep_their_record(stores: Stores) -> None:
+    stores.records.completed_max = 3  # type: ignore[attr-defined]  # (each store has the setting)
+    for n in range(8):
+        stores.records.create(NewRecord(f"j{n}", fields("running"), DAY_MS))
+    stores.records.create(NewRecord("waiting", fields(), DAY_MS))
+    for n in range(8):
+        stores.clock.advance(1)
+        assert stores.records.move(f"j{n}", "completed", {"finalized_at": str(n)}, DAY_MS) == "running"
+    # the three completed last keep their record, with their count; other states are not touched
+    assert [f"j{n}" for n in range(8) if stores.records.get(f"j{n}") is not None] == ["j5", "j6", "j7"]
+    assert stores.live_counters() == {group("completed"): 3, group("available"): 1}
+    assert stores.records.get("waiting") == fields()
+
+
 def test_start_marks_the_job_running_and_counts_an_attempt(stores: Stores) -> None:
     stores.records.create(NewRecord("j1", fields(), DAY_MS))
     assert stores.records.start("j1", T0 + 5, DAY_MS) == "available"

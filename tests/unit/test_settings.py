@@ -18,6 +18,7 @@ def test_defaults() -> None:
     assert settings.register_unique_for == timedelta(minutes=5)
     assert settings.completed_retention == timedelta(hours=24)
     assert settings.discarded_retention == timedelta(days=7)
+    assert settings.completed_max == 10_000
 
 
 def test_environment_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -26,12 +27,14 @@ def test_environment_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EPQ_INDEX_UNIQUE_FOR", "90")
     monkeypatch.setenv("EPQ_REGISTER_UNIQUE_FOR", "PT2M30S")
     monkeypatch.setenv("EPQ_STATE_URL", "redis://127.0.0.1:6379/3")
+    monkeypatch.setenv("EPQ_COMPLETED_MAX", "0")
     settings = get_settings()
     assert settings.handlers == ["app.jobs", "app.more"]
     assert settings.queues == ["default", "events"]
     assert settings.index_unique_for == timedelta(seconds=90)
     assert settings.register_unique_for == timedelta(minutes=2, seconds=30)
     assert settings.state_url == "redis://127.0.0.1:6379/3"
+    assert settings.completed_max == 0
 
 
 def test_settings_are_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,7 +47,13 @@ def test_settings_are_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("EPQ_INDEX_UNIQUE_FOR", "soon"), ("EPQ_REGISTER_UNIQUE_FOR", "-5"), ("EPQ_QUEUES", " , ")],
+    [
+        ("EPQ_INDEX_UNIQUE_FOR", "soon"),
+        ("EPQ_REGISTER_UNIQUE_FOR", "-5"),
+        ("EPQ_QUEUES", " , "),
+        ("EPQ_COMPLETED_MAX", "-1"),
+        ("EPQ_COMPLETED_MAX", "many"),
+    ],
 )
 def test_a_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     monkeypatch.setenv(name, value)

@@ -36,7 +36,7 @@ from ...records import OPEN_RECORD_TTL_MS
 from ..base import BulkJob, DurableDelays, NewRecord, counter_group, in_flight
 from . import keys, scripts
 from .connections import KeptConnections, ScriptStream
-from .store import RedisStateStore, fields_json, flat_fields
+from .store import RedisRecords, RedisStateStore, fields_json, flat_fields
 
 logger = logging.getLogger("epq.backends.redis")
 
@@ -293,9 +293,13 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
             keys.messages(ns, queue_name),
             keys.heartbeats(ns),
             *keys.record_keys(job_id),
+            keys.DONE,
         ]
+        records = self.epq.records if self.epq is not None else None
+        assert isinstance(records, RedisRecords)  # (fused: the records live in this Redis)
+        args = [current_millis(), self.broker_id, rid, job_id, ttl_ms, records.completed_max, keys.JOB_PREFIX]
         with ScriptStream(self._kept, self._ack_completed) as call:  # (thinner than redis-py's)
-            call.send(script_keys, [current_millis(), self.broker_id, rid, job_id, ttl_ms])
+            call.send(script_keys, args)
             call.read()
 
     def start_record(self, job_id: str, now_ms: int, ttl_ms: int) -> str | None:

@@ -18,6 +18,8 @@ SCHEDULE_UNREADABLE = SCHEDULE_DATA + ":unreadable"
 JOB_PREFIX = KEY_PREFIX + "job:"
 STATS = KEY_PREFIX + "stats"
 DEAD = KEY_PREFIX + "dead"
+#: Completed jobs by finalization time (ms): the newest ``completed_max`` of them keep a record.
+DONE = KEY_PREFIX + "done"
 #: Each bulk enqueue script call leaves its reply under a token key of its own.
 BULK_TOKEN_PREFIX = KEY_PREFIX + "bulk:"
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 
-from ...records import MAX_ERRORS, check_id_prefix
+from ...records import DEFAULT_COMPLETED_MAX, MAX_ERRORS, check_id_prefix
 from ..base import NewRecord, RecordFields
 from . import keys, scripts
 
@@ -115,9 +115,13 @@ class RedisStateStore:
 class RedisRecords:
     """Job records in Redis; every method is one round trip."""
 
-    def __init__(self, client: redis.Redis[bytes], clock_ms: Any) -> None:
+    def __init__(
+        self, client: redis.Redis[bytes], clock_ms: Any, *, completed_max: int = DEFAULT_COMPLETED_MAX
+    ) -> None:
         self.client = client
         self.now_ms = clock_ms
+        #: How many completed jobs keep their record at most (the newest).
+        self.completed_max = completed_max
         self._create = scripts.register(client, "record_create")
         self._move = scripts.register(client, "record_move")
         self._start = scripts.register(client, "record_start")
@@ -151,8 +155,18 @@ class RedisRecords:
     def move(
         self, job_id: str, state: str, fields: RecordFields, ttl_ms: int, allowed_from: Sequence[str] = ()
     ) -> str | None:
-        args = [job_id, self.now_ms(), ttl_ms, state, ",".join(allowed_from), *flat_fields(fields)]
-        return _text(self._move(keys=keys.record_keys(job_id), args=args))
+        args = [
+            job_id,
+            self.now_ms(),
+            ttl_ms,
+            state,
+            ",".join(allowed_from),
+            self.completed_max,
+            keys.JOB_PREFIX,
+        ]
+        return _text(
+            self._move(keys=[*keys.record_keys(job_id), keys.DONE], args=[*args, *flat_fields(fields)])
+        )
 
     def start(self, job_id: str, now_ms: int, ttl_ms: int) -> str | None:
         return _text(self._start(keys=keys.record_keys(job_id), args=[job_id, now_ms, ttl_ms]))
