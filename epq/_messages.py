@@ -76,7 +76,7 @@ def new_id() -> str:
 
 def encode(message: dramatiq.Message[Any], kwargs_json: str | None = None) -> bytes:
     """``message.encode()``, faster when the encoder is Dramatiq's default JSON one: the same
-    bytes without ``kwargs_json``; with it (the JSON of ``message.kwargs``, as ``_check_payload``
+    bytes without ``kwargs_json``; with it (the JSON of ``message.kwargs``, as ``epq.checks.check_payload``
     makes it), the same JSON once decoded, without encoding the payload again."""
     if type(dramatiq.get_encoder()) is not JSONEncoder:
         return message.encode()

@@ -63,7 +63,7 @@ from .errors import (
 from .middleware.common import find_middleware
 from .middleware.uniqueness import Uniqueness
 from .models import JobInsertResult, JobPriority, JobRecord, JobState, _Request
-from .options import RECORDED, UNIQUE_KEY
+from .options import PRIORITY, RECORDED, UNIQUE_KEY
 from .outage import state_errors
 from .records import OPEN_RECORD_TTL_MS, new_record_fields, to_job_record
 
@@ -131,7 +131,7 @@ def insert_one(
     now = target.state.now_ms()
     checked = check_request(actor.kind, request, broker)
     plan = Plan(0, actor, request, checked, delay_ms(actor.kind.name, request, delay, now))
-    _build(target, [plan], options=options)
+    _build(target, [plan], options=options, message_ids=[options.pop("message_id", None)])
     record = _new_record(plan, now)
     try:
         if target.fused and not plan.delay:
@@ -152,7 +152,9 @@ def insert_one(
         raise BrokerUnavailable(
             f"could not enqueue {actor.actor_name} on {display_url(broker)}: {describe_error(exc)}"
         ) from exc
-    except BaseException:
+    except Exception:
+        # (not an interrupt, such as Dramatiq's time limit in a handler that sends: the insert
+        # may have gone through, and taking it back would leave a queued job without its record)
         _take_back(target, [plan])
         raise
     if holder is not None:
@@ -235,13 +237,19 @@ def _prepare(
 
 
 def _build(
-    target: _Target, run: Sequence[Plan], *, holders: bool = True, options: Mapping[str, Any] | None = None
+    target: _Target,
+    run: Sequence[Plan],
+    *,
+    holders: bool = True,
+    options: Mapping[str, Any] | None = None,
+    message_ids: Sequence[str | None] | None = None,
 ) -> None:
-    """Make the messages of a run of checked plans, and the locks they take (``holders=False``:
-    without the holder values, for a caller that makes them itself)."""
+    """Make the messages of a run of checked plans (with ``message_ids``, or new ones), and the
+    locks they take (``holders=False``: without the holder values, for a caller that makes them
+    itself)."""
     broker = target.broker
     uniqueness = find_middleware(broker, Uniqueness)
-    ids = new_ids(len(run)) if len(run) > 1 else [None]
+    ids = message_ids if message_ids is not None else new_ids(len(run))
     for plan, message_id in zip(run, ids, strict=True):
         message = plan.actor.message_from(
             plan.checked, message_id=message_id, **{RECORDED: 1, **(options or {})}
@@ -388,7 +396,7 @@ def _record_fields(plan: Plan, now: int, due: int) -> dict[str, str]:
     return new_record_fields(
         kind=plan.actor.actor_name,
         queue=plan.checked.queue,
-        priority=plan.checked.priority,
+        priority=message.options.get(PRIORITY, plan.checked.priority),
         args_json=plan.checked.payload_json,
         state="scheduled" if due > now else "available",
         max_attempts=message.options.get("max_attempts", plan.actor.options["max_attempts"]),
@@ -442,7 +450,7 @@ def inserted_results(
             "id": message.message_id,
             "kind": plan.actor.actor_name,
             "queue": plan.checked.queue,
-            "priority": plan.checked.priority,
+            "priority": message.options.get(PRIORITY, plan.checked.priority),
             "args": message.kwargs,
             "state": JobState.SCHEDULED if scheduled > at else JobState.AVAILABLE,
             "attempt": 0,

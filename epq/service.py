@@ -122,7 +122,7 @@ class QueueService:
         earlier request in the same call, is not enqueued and comes back with
         ``unique_skipped_as_duplicate=True``. Any invalid request raises
         :class:`epq.InvalidRequest` naming it (``[index].field``), and nothing is enqueued.
-        See :mod:`epq.bulk` for the round trips and what a broker failure leaves.
+        See :mod:`epq.insert` for the round trips and what a broker failure leaves.
         """
 
         pairs: list[tuple[EpqActor, _Request | Mapping[str, Any]]] = []

@@ -8,7 +8,7 @@ Installed with epq and loaded by pytest automatically (entry point ``pytest11``)
 - ``epq_handlers``: the handler registry for the test: the application's handlers stay, and
   ``register(kind, fn)`` or ``record(kind)`` (which captures the requests a kind's handler
   receives) replace one kind's handler until the test ends;
-- ``epq_clock``: a :class:`~epq.state.FakeClock` driving the stub's state store, so uniqueness
+- ``epq_clock``: a :class:`~epq.backends.memory.FakeClock` driving the stub's state store, so uniqueness
   windows can be crossed with ``epq_clock.advance(seconds)`` instead of sleeping;
 - :func:`drain`: wait until every queue is empty and the worker is idle, and fail if a handler
   failed and its job did not succeed since.

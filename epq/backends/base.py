@@ -3,7 +3,7 @@
 A backend is a Dramatiq broker with epq's extras (:class:`EpqBroker`), a state store
 (:class:`StateStore`: uniqueness locks, the durable schedule, the clock) and a record store
 (:class:`RecordStore`: the job records). epq's semantics (``epq.middleware``, ``epq.schedule``,
-``epq.bulk``, ``epq.service``) use nothing else of a backend. Three backends implement them:
+``epq.insert``, ``epq.service``) use nothing else of a backend. Three backends implement them:
 ``epq.backends.memory`` (Dramatiq's stub broker), ``epq.backends.redis`` and
 ``epq.backends.rabbitmq`` (with a Redis for the state).
 

@@ -66,6 +66,9 @@ class JobRecords(dramatiq.Middleware):
 
     #: Acts on unplanned messages only: an insert need not call its enqueue hook.
     epq_skips_planned = True
+    #: Takes the lock of an epq message enqueued by hand with its record (``Uniqueness`` leaves
+    #: such messages to it).
+    epq_writes_records = True
 
     def __init__(
         self, records: RecordStore, store: StateStore, *, completed_ttl_ms: int, discarded_ttl_ms: int
@@ -95,15 +98,16 @@ class JobRecords(dramatiq.Middleware):
             with enqueue_hook_errors("writing the job record", message), state_errors("writing a job record"):
                 self.records.move(message.message_id, "available", {}, OPEN_RECORD_TTL_MS, NOT_STARTED[1:])
 
-    def _write_record(
-        self,
-        broker: dramatiq.Broker,
-        message: dramatiq.Message[Any],
-        delay: int | None,
-        actor: dramatiq.Actor[Any, Any],
-    ) -> None:
-        """Take the lock (if the actor has a window) and write the record of an epq message
-        enqueued by hand, in one round trip."""
+    def unrecorded(self, broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> bool:
+        """Whether ``message`` is an epq job enqueued by hand that has no record yet."""
+        return self._recorded(broker, message) is not None and RECORDED not in message.options
+
+    def new_record(
+        self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int | None
+    ) -> NewRecord:
+        """The record of an epq message enqueued by hand, with the lock it takes (if its actor has
+        a window); the message is marked recorded, with its lock's key."""
+        actor = broker.actors[message.actor_name]
         uniqueness = find_middleware(broker, Uniqueness)
         lock = uniqueness.lock_for(broker, message, delay) if uniqueness is not None else None
         if lock is not None:
@@ -111,14 +115,27 @@ class JobRecords(dramatiq.Middleware):
         now = self.store.now_ms()
         wait = int(delay or 0)
         fields = message_record_fields(message, actor, "scheduled" if wait else "available", now + wait)
-        ttl = OPEN_RECORD_TTL_MS + wait  # an open record outlives the job's wait
-        record = NewRecord(message.message_id, fields, ttl, *(lock or ()))
+        message.options[RECORDED] = 1
+        # an open record outlives the job's wait
+        return NewRecord(message.message_id, fields, OPEN_RECORD_TTL_MS + wait, *(lock or ()))
+
+    def _write_record(
+        self,
+        broker: dramatiq.Broker,
+        message: dramatiq.Message[Any],
+        delay: int | None,
+        actor: dramatiq.Actor[Any, Any],
+    ) -> None:
+        """Take the lock and write the record of an epq message enqueued by hand, in one round
+        trip (on Redis with the records beside the queues the broker does it in its enqueue
+        script instead: ``EpqRedisBroker.enqueue``)."""
+        record = self.new_record(broker, message, delay)
         with state_errors("writing a job record"):
             current = self.records.create(record)
         if current is not None:
-            del message.options[UNIQUE_KEY]
+            message.options.pop(UNIQUE_KEY, None)
+            message.options.pop(RECORDED, None)
             raise DuplicateJob(message.actor_name, holder_id(current), holder=current)
-        message.options[RECORDED] = 1
 
     def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         if self._recorded(broker, message) is None:

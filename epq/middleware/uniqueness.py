@@ -114,7 +114,8 @@ class Uniqueness(dramatiq.Middleware):
         if UNIQUE_KEY in options:
             return  # a job that took its lock as it was inserted, or its retry or promotion
         actor = broker.actors.get(message.actor_name)
-        if actor is not None and "max_attempts" in actor.options and RECORDED not in options:
+        recorded = actor is not None and "max_attempts" in actor.options
+        if recorded and RECORDED not in options and _records_take_locks(broker):
             return  # an epq job enqueued by hand: JobRecords takes its lock with its record
         with enqueue_hook_errors("taking the uniqueness lock", message):
             self._take_lock(broker, message, delay)
@@ -147,3 +148,9 @@ class Uniqueness(dramatiq.Middleware):
 
     def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         written_if_possible(lambda: self.release(message), "releasing a uniqueness lock")
+
+
+def _records_take_locks(broker: dramatiq.Broker) -> bool:
+    """Whether the broker has a middleware that takes the lock of an epq message enqueued by hand
+    with its record (``JobRecords``: ``epq.setup`` adds both)."""
+    return any(getattr(middleware, "epq_writes_records", False) for middleware in broker.middleware)

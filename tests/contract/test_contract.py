@@ -115,6 +115,19 @@ def test_per_request_priority_is_carried_by_the_job(
     assert by_id == {high.job.id: 1, default.job.id: 2}
 
 
+def test_send_with_options_takes_a_message_id_and_a_priority_that_the_record_agrees_with(
+    broker: dramatiq.Broker,
+) -> None:
+    # Dramatiq's own options on send_with_options: the job's id, and epq's priority option
+    message = epq.actors.register_job.send_with_options(
+        kwargs=VALID["register_job"], message_id="chosen-id", epq_priority=1
+    )
+    assert message.message_id == "chosen-id"
+    record = epq.QueueService(broker).get_job("chosen-id")
+    assert record is not None
+    assert record.priority is epq.JobPriority.HIGH  # as the lane it waits in
+
+
 # ---- bad input: a clear error naming the field, and nothing enqueued ------------------------
 
 NAIVE = datetime(2030, 1, 1, 12, 0)

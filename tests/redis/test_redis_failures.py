@@ -80,3 +80,60 @@ def test_an_undecodable_message_on_redis_is_dead_lettered_and_the_worker_goes_on
         worker.stop()
     assert client.hget("dramatiq:default.XQ.msgs", "junk") == b"not json {"
     assert message_count(redis_broker, "default") == 0
+
+
+class _Interrupt(BaseException):
+    """Stands for an interrupt raised into a thread that is sending (Dramatiq's time limit)."""
+
+
+@pytest.mark.redis
+def test_a_job_enqueued_by_hand_is_written_whole_or_not_at_all(
+    redis_broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis
+
+    from epq.backends.redis.connections import ScriptStream
+
+    def unreachable(self: Any) -> None:
+        raise redis.ConnectionError("Error 111 connecting: Connection refused.")
+
+    # Given an epq message built and enqueued by hand (what Dramatiq's pipelines do), on a Redis
+    # that keeps epq's records: when its script never reaches Redis
+    message = epq.actors.register_job.message(**VALID["register_job"])
+    monkeypatch.setattr(ScriptStream, "_send", unreachable)
+    with pytest.raises(redis.ConnectionError):
+        redis_broker.enqueue(message)
+    monkeypatch.undo()
+    # then nothing of it was written: no record, no lock, no message
+    client = redis_broker.client  # type: ignore[attr-defined]
+    assert epq.QueueService(redis_broker).get_job(message.message_id) is None
+    assert client.keys("epq:unique:*") == []
+    assert message_count(redis_broker, "default") == 0
+    # and the same job goes in once Redis answers, lock and record with it
+    redis_broker.enqueue(message)
+    assert epq.QueueService(redis_broker).get_job(message.message_id) is not None
+    assert len(client.keys("epq:unique:*")) == 1
+    assert message_count(redis_broker, "default") == 1
+
+
+@pytest.mark.redis
+def test_an_interrupt_after_the_insert_leaves_the_job_with_its_record(
+    redis_broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from epq.backends.redis.connections import ScriptStream
+
+    read = ScriptStream.read
+
+    def read_then_interrupt(self: Any) -> Any:
+        read(self)
+        raise _Interrupt
+
+    monkeypatch.setattr(ScriptStream, "read", read_then_interrupt)
+    with pytest.raises(_Interrupt):
+        epq.QueueService(redis_broker).enqueue_register_job(VALID["register_job"])
+    monkeypatch.undo()
+    # the script ran: the job waits, and keeps its record and its lock
+    client = redis_broker.client  # type: ignore[attr-defined]
+    assert message_count(redis_broker, "default") == 1
+    assert len(client.keys("epq:job:*")) == 1
+    assert len(client.keys("epq:unique:*")) == 1

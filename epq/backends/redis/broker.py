@@ -28,12 +28,13 @@ from dramatiq.errors import ConnectionClosed
 
 from ... import wire
 from ..._messages import data_template, encode, new_id
-from ...errors import StateUnavailable
-from ...middleware.job_records import refuse_malformed
+from ...errors import DuplicateJob, StateUnavailable
+from ...middleware.common import find_middleware
+from ...middleware.job_records import JobRecords, refuse_malformed
 from ...outage import GivesBack, must_requeue
 from ...priority import LANES, lane_of
 from ...records import OPEN_RECORD_TTL_MS
-from ..base import BulkJob, DurableDelays, NewRecord, counter_group, in_flight
+from ..base import BulkJob, DurableDelays, NewRecord, counter_group, holder_id, in_flight
 from . import keys, scripts
 from .connections import KeptConnections, ScriptStream
 from .store import RedisRecords, RedisStateStore, fields_json, flat_fields
@@ -120,6 +121,13 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
         if delay and delay > 0 and self.epq_store is not None:
             return super().enqueue(message, delay=delay)  # into the schedule (DurableDelays)
         message = message.copy(options={"redis_message_id": new_id()})
+        records = find_middleware(self, JobRecords) if self.fused else None
+        if records is not None and records.unrecorded(self, message):
+            # an epq job enqueued by hand: its lock, record and message in one script, as an insert
+            holder = self.insert_recorded(message, records.new_record(self, message, None), None)
+            if holder is not None:
+                raise DuplicateJob(message.actor_name, holder_id(holder), holder=holder)
+            return message
         self.emit_before("enqueue", message, None)
         self.lane_enqueue(message)
         self.emit_after("enqueue", message, None)
@@ -162,7 +170,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
             raise
 
     def insert_recorded(
-        self, message: dramatiq.Message[Any], record: NewRecord, payload_json: str
+        self, message: dramatiq.Message[Any], record: NewRecord, payload_json: str | None
     ) -> str | None:
         """Insert one planned job due at once (``epq.insert``): take its lock (if ``record`` has
         one), write its record and put the message on its lane, in one script. Returns None when
@@ -182,8 +190,8 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
             keys.messages(self.namespace, queue),
             keys.lane(self.namespace, queue, lane_of(message.options)),
         ]
-        # (from the payload's JSON, unless a hook may have changed the payload)
-        data = encode(message) if before else encode(message, payload_json)
+        # (from the payload's JSON when the caller has it, unless a hook may have changed the payload)
+        data = encode(message) if before or payload_json is None else encode(message, payload_json)
         fields = record.fields
         counter = counter_group(fields["queue"], fields["priority"], fields["state"])
         args: list[Any] = [

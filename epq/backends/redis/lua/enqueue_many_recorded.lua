@@ -60,7 +60,7 @@ for i = 6 + 8 * ngroups, #ARGV, 5 do
     out[#out + 1] = current
   end
 end
--- (unpack takes a few thousand values at most: bulk.SCRIPT_RUN keeps calls well under that)
+-- (unpack takes a few thousand values at most: epq.insert.SCRIPT_RUN keeps calls well under that)
 for _, group in ipairs(groups) do
   if group.n > 0 then redis.call('HINCRBY', KEYS[1], group.stat, group.n) end
 end
