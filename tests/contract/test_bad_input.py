@@ -135,7 +135,7 @@ def test_an_unexpected_failure_in_an_enqueue_hook_stops_the_enqueue(
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("simulated bug")
 
-    method = "_take_lock" if hook is Uniqueness else "_write_record"
+    method = "_take_lock" if hook is Uniqueness else "new_record"
     monkeypatch.setattr(hook, method, broken)
     message = epq.actors.register_job.message(**VALID["register_job"])
     if hook is Uniqueness:

@@ -29,7 +29,7 @@ from dramatiq.errors import ConnectionClosed
 from ... import wire
 from ..._messages import data_template, encode, new_id
 from ...errors import DuplicateJob, StateUnavailable
-from ...middleware.common import find_middleware
+from ...middleware.common import enqueue_hook_errors, find_middleware
 from ...middleware.job_records import JobRecords, refuse_malformed
 from ...outage import GivesBack, must_requeue
 from ...priority import LANES, lane_of
@@ -124,7 +124,9 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
         records = find_middleware(self, JobRecords) if self.fused else None
         if records is not None and records.unrecorded(self, message):
             # an epq job enqueued by hand: its lock, record and message in one script, as an insert
-            holder = self.insert_recorded(message, records.new_record(self, message, None), None)
+            with enqueue_hook_errors("taking the uniqueness lock and writing the job record", message):
+                record = records.new_record(self, message, None)
+            holder = self.insert_recorded(message, record, None)
             if holder is not None:
                 raise DuplicateJob(message.actor_name, holder_id(holder), holder=holder)
             return message
