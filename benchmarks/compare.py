@@ -19,12 +19,14 @@ records, priorities, durable schedule, River retries) are measured side by side:
 - latency: ``--latency-jobs`` jobs sent ``--latency-gap-ms`` apart to idle workers; p50/p99 of
   the time from send to start;
 - worker RSS: one worker process idle, then with ``--scheduled`` jobs scheduled an hour ahead
-  (plain Dramatiq: its delay queue; epq: its durable schedule).
+  (plain Dramatiq: its delay queue; epq: its durable schedule);
+- Redis memory per waiting and per completed job (``benchmarks/memory.py``, ``--memory-n`` jobs a
+  side, databases 11 and 12).
 
 Every job does the same small thing in both apps: one Redis script call noting it
 (``benchmarks/_report.py``), which is how the run sees jobs start and finish.
 
-Uses Redis databases 8 (results), 9 (plain Dramatiq) and 10 (epq), flushed; on RabbitMQ the
+Uses Redis databases 8 (results), 9 (plain Dramatiq), 10 (epq), 11 and 12 (memory), flushed; on RabbitMQ the
 queues ``bench-plain*`` and epq's queues, purged. Prints a table with epq/plain ratios and writes
 JSON (``--json``, default ``benchmarks/results/compare-latest.json``).
 """
@@ -56,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 
 import epq  # noqa: E402
-from benchmarks import _report  # noqa: E402
+from benchmarks import _report, memory  # noqa: E402
 from benchmarks._proc import rss_mib  # noqa: E402
 from epq import _runtime, handlers  # noqa: E402
 
@@ -341,6 +343,8 @@ ROWS = [
     ("rss_idle_mib", "worker RSS idle (MiB)", "rss_idle_mib"),
     ("rss_scheduled_mib", "worker RSS, jobs scheduled (MiB)", "rss_scheduled_mib"),
     ("rss_growth_pct", "RSS growth with them (%)", "rss_growth_pct"),
+    ("memory_waiting_b", "Redis memory per waiting job (bytes)", "memory_waiting_b"),
+    ("memory_completed_b", "Redis memory per completed job (bytes)", "memory_completed_b"),
 ]
 
 
@@ -352,8 +356,10 @@ def table(all_results: dict[str, dict[str, dict[str, float]]]) -> str:
             if key not in sides["epq"]:
                 continue
             plain, ours = sides["plain"].get(plain_key, float("nan")), sides["epq"][key]
-            ratio = ours / plain if plain and plain == plain else float("nan")
-            lines.append(f"{broker:<10}{label:<38}{plain:>12.1f}{ours:>12.1f}{ratio:>10.2f}x")
+            # (no ratio to a baseline of about nothing: plain Dramatiq keeps no completed job)
+            nothing = key == "memory_completed_b" or not plain or plain != plain
+            shown = f"{'-':>11}" if nothing else f"{ours / plain:>10.2f}x"
+            lines.append(f"{broker:<10}{label:<38}{plain:>12.1f}{ours:>12.1f}{shown}")
     return "\n".join(lines)
 
 
@@ -372,6 +378,9 @@ def main() -> None:
     parser.add_argument("--latency-gap-ms", type=float, default=5.0)
     parser.add_argument("--scheduled", type=int, default=10_000, help="jobs scheduled for the RSS measure")
     parser.add_argument("--settle-s", type=float, default=3.0)
+    parser.add_argument(
+        "--memory-n", type=int, default=5000, help="jobs a side for Redis memory per job (0: skip)"
+    )
     parser.add_argument("--redis", default="redis://127.0.0.1:6379", help="Redis server (databases 8-10)")
     parser.add_argument("--rabbitmq", default="amqp://guest:guest@127.0.0.1:5672/%2F")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "compare-latest.json"))
@@ -394,6 +403,13 @@ def main() -> None:
         all_results[broker]["plain"]["single_enqueue_per_s"] = rates["plain"]
         all_results[broker]["epq"]["single_enqueue_per_s"] = rates["epq"]
         all_results[broker]["epq"]["bulk_enqueue_per_s"] = rates["bulk"]
+        if broker == "redis" and args.memory_n:
+            print("measuring Redis memory per job ...", file=sys.stderr, flush=True)
+            plain_memory = memory.measure_plain(f"{base}/{memory.PLAIN_DB}", args.memory_n)
+            epq_memory = memory.measure_epq(f"{base}/{memory.EPQ_DB}", args.memory_n)
+            for kind, (waiting, completed) in (("plain", plain_memory), ("epq", epq_memory)):
+                all_results[broker][kind]["memory_waiting_b"] = waiting
+                all_results[broker][kind]["memory_completed_b"] = completed
     elapsed = time.monotonic() - started
     print(table(all_results))
     print(f"\n{args.processes} worker process(es) x {args.threads} threads; {elapsed:.0f} s in all")

@@ -38,3 +38,17 @@ def test_compare_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     ):
         assert ratios[key] > 0, key
     assert result["results"]["stub"]["epq"]["drain_per_s"] > 0
+
+
+@pytest.mark.redis
+def test_memory_prints_bytes_per_waiting_and_completed_job() -> None:
+    server = REDIS_URL.rsplit("/", 1)[0]  # the test Redis server; memory.py uses its databases 11-12
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--redis", server, "--n", "300"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in run.stdout.splitlines() if line[:1].isalpha()}
+    plain, ours = (float(v) for v in rows["waiting"][:2])
+    assert plain > 0
+    assert ours > plain  # a waiting epq job also has its record and its lock
