@@ -21,6 +21,7 @@ from dramatiq.common import dq_name
 from dramatiq.errors import QueueNotFound
 
 from .. import wire
+from .._messages import encode
 from ..errors import StateUnavailable
 from ..middleware.job_records import refuse_malformed
 from ..outage import GivesBack
@@ -317,7 +318,13 @@ class LaneQueue(Queue):  # type: ignore[type-arg]
     def _qsize(self) -> int:
         return sum(len(lane) for lane in self._lanes.values())
 
-    def _put(self, item: bytes) -> None:
+    def _put(self, item: bytes | tuple[int, bytes]) -> None:
+        """``item``: ``(lane, encoded message)`` from the broker, which knows the lane, or an
+        encoded message (a requeue, say), whose lane is read from it."""
+        if isinstance(item, tuple):
+            lane, data = item
+            self._lanes[lane].append(data)
+            return
         try:
             options = json.loads(item).get("options") or {}
         except (ValueError, AttributeError):
@@ -381,6 +388,18 @@ class EpqStubBroker(DurableDelays, StubBroker):
             raise QueueNotFound(queue_name)  # type: ignore[no-untyped-call]
         return EpqStubConsumer(self, queue_name, prefetch, timeout)
 
+    def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
+        if delay and delay > 0 and self.epq_store is not None:
+            return super().enqueue(message, delay=delay)  # into the schedule (DurableDelays)
+        queue = self.queues.get(message.queue_name)
+        if queue is None:
+            raise QueueNotFound(message.queue_name)  # type: ignore[no-untyped-call]
+        self.emit_before("enqueue", message, None)
+        data = encode(message)
+        queue.put((lane_of(message.options), data) if isinstance(queue, LaneQueue) else data)
+        self.emit_after("enqueue", message, None)
+        return message
+
     def join_queue(self, queue_name: str, timeout_ms: int) -> None:
         # (a failed job is epq.testing.drain's to report, after the queues are empty)
         self.join(queue_name, timeout=timeout_ms, fail_fast=False)
@@ -393,7 +412,7 @@ class EpqStubBroker(DurableDelays, StubBroker):
     def _publish_batch(self, items: Sequence[tuple[dramatiq.Message[Any], int | None]]) -> None:
         for message, due in items:
             if due is None:
-                self.queues[message.queue_name].put(message.encode())
+                self.queues[message.queue_name].put((lane_of(message.options), encode(message)))
             else:
                 assert self.epq_store is not None
                 self.epq_store.schedule_add(message.encode(), due)
