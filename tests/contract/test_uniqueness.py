@@ -355,7 +355,7 @@ def broken_publish(broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch) -> 
         def fail_enqueue(*args: Any, **kwargs: Any) -> None:
             raise redis.ConnectionError("simulated publish failure")
 
-        monkeypatch.setattr(broker, "_lane_enqueue", fail_enqueue)
+        monkeypatch.setitem(broker._lua, "lane_enqueue", fail_enqueue)  # type: ignore[attr-defined]
         monkeypatch.setattr(ScriptStream, "_send", fail_enqueue)  # lock + record + message
     else:
         assert isinstance(broker, RabbitmqBroker)

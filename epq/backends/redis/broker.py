@@ -95,12 +95,15 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("heartbeat_timeout", HEARTBEAT_TIMEOUT_MS)
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]
-        self._lane_enqueue = scripts.register(self.client, "lane_enqueue")
-        self._lane_fetch = scripts.register(self.client, "lane_fetch")
-        self._enqueue_recorded = scripts.register(self.client, "enqueue_recorded")
-        self._ack_completed = scripts.register(self.client, "ack_completed")
-        self._start_record = scripts.register(self.client, "record_start")
-        self._enqueue_many_recorded = scripts.register(self.client, "enqueue_many_recorded")
+        self._lua = scripts.register_all(
+            self.client,
+            "lane_enqueue",
+            "lane_fetch",
+            "enqueue_recorded",
+            "enqueue_many_recorded",
+            "ack_completed",
+            "record_start",
+        )
         self._kept = KeptConnections(self.client.connection_pool)
 
     @property
@@ -144,7 +147,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
         queue = message.queue_name
         lane = keys.lane(self.namespace, queue, lane_of(message.options))
         args = [message.options["redis_message_id"], message.encode()]
-        self._lane_enqueue(keys=[keys.messages(self.namespace, queue), lane], args=args, client=pipe)
+        self._lua["lane_enqueue"](keys=[keys.messages(self.namespace, queue), lane], args=args, client=pipe)
 
     def _prepare_immediate(self, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
         return message.copy(options={"redis_message_id": new_id()})
@@ -203,7 +206,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
             max(1, record.lock_ttl_ms),
         ]
         args += [rid, data, counter, *flat_fields(fields)]
-        with ScriptStream(self._kept, self._enqueue_recorded) as call:  # (thinner than redis-py's)
+        with ScriptStream(self._kept, self._lua["enqueue_recorded"]) as call:  # (thinner than redis-py's)
             call.send(script_keys, args)
             holder = call.read()
         if holder:
@@ -257,7 +260,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
 
     def bulk_stream(self) -> ScriptStream:
         """A connection to make ``bulk_call`` calls on while preparing the next one."""
-        return ScriptStream(self._kept, self._enqueue_many_recorded)
+        return ScriptStream(self._kept, self._lua["enqueue_many_recorded"])
 
     # ---- the schedule -------------------------------------------------------------------------
 
@@ -292,7 +295,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
         ]
         prefix = keys.JOB_PREFIX if self.fused else ""
         args = [current_millis(), self.broker_id, count, REBALANCE_MAX, prefix]
-        out = self._lane_fetch(keys=script_keys, args=args)
+        out = self._lua["lane_fetch"](keys=script_keys, args=args)
         return [(out[i].decode(), out[i + 1]) for i in range(0, len(out), 2)]
 
     def ack_completed(self, queue_name: str, rid: str, job_id: str, ttl_ms: int) -> None:
@@ -308,14 +311,14 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
         records = self.epq.records if self.epq is not None else None
         assert isinstance(records, RedisRecords)  # (fused: the records live in this Redis)
         args = [current_millis(), self.broker_id, rid, job_id, ttl_ms, records.completed_max, keys.JOB_PREFIX]
-        with ScriptStream(self._kept, self._ack_completed) as call:  # (thinner than redis-py's)
+        with ScriptStream(self._kept, self._lua["ack_completed"]) as call:  # (thinner than redis-py's)
             call.send(script_keys, args)
             call.read()
 
     def start_record(self, job_id: str, now_ms: int, ttl_ms: int) -> str | None:
         """``RecordStore.start`` for a job whose record lives in this Redis, on a kept connection
         (one call per job, as the ack: see ``ScriptStream``). Returns the state before."""
-        with ScriptStream(self._kept, self._start_record) as call:
+        with ScriptStream(self._kept, self._lua["record_start"]) as call:
             call.send(keys.record_keys(job_id), [job_id, now_ms, ttl_ms])
             before = call.read()
         return before.decode() if before else None

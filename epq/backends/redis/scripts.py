@@ -46,3 +46,8 @@ def names() -> list[str]:
 def register(client: Any, name: str) -> Any:
     """Script ``name`` registered on a redis-py client (sent by hash, loaded when missing)."""
     return client.register_script(source(name))
+
+
+def register_all(client: Any, *names: str) -> dict[str, Any]:
+    """Scripts ``names`` registered on a redis-py client, by name."""
+    return {name: register(client, name) for name in names}

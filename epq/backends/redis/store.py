@@ -43,17 +43,17 @@ class RedisStateStore:
 
     def __init__(self, client: redis.Redis[bytes]) -> None:
         self.client = client
-        self._acquire = scripts.register(client, "lock_acquire")
-        self._release = scripts.register(client, "lock_release")
-        self._add = scripts.register(client, "schedule_add")
-        self._claim = scripts.register(client, "schedule_claim")
-        self._move = scripts.register(client, "schedule_move")
+        self._lua = scripts.register_all(
+            client, "lock_acquire", "lock_release", "schedule_add", "schedule_claim", "schedule_move"
+        )
 
     def schedule_add(self, data: bytes, due_ms: int, *, entry: str | None = None, pipe: Any = None) -> str:
         """Add an entry (once: see ``schedule_add.lua``); with ``pipe`` (a pipeline on this store's
         client) only queue the call."""
         entry = entry or uuid.uuid4().hex
-        self._add(keys=[keys.SCHEDULE, keys.SCHEDULE_DATA], args=[entry, data, due_ms], client=pipe)
+        self._lua["schedule_add"](
+            keys=[keys.SCHEDULE, keys.SCHEDULE_DATA], args=[entry, data, due_ms], client=pipe
+        )
         return entry
 
     def schedule_remove(self, entry_ids: Sequence[str]) -> None:
@@ -69,7 +69,7 @@ class RedisStateStore:
     def schedule_claim(
         self, now_ms: int, lease_ms: int, limit: int
     ) -> tuple[list[tuple[str, bytes]], int | None]:
-        out, nxt = self._claim(
+        out, nxt = self._lua["schedule_claim"](
             keys=[keys.SCHEDULE, keys.SCHEDULE_CLAIMED, keys.SCHEDULE_DATA],
             args=[now_ms, now_ms + lease_ms, limit],
         )
@@ -84,7 +84,7 @@ class RedisStateStore:
     ) -> tuple[int, int | None]:
         """Move due messages into Dramatiq's Redis queues on this same server, atomically, and
         mark their records available; the count moved and the next due time."""
-        moved, nxt = self._move(
+        moved, nxt = self._lua["schedule_move"](
             keys=[keys.SCHEDULE, keys.SCHEDULE_DATA, keys.STATS, keys.DEAD, keys.SCHEDULE_UNREADABLE],
             args=[now_ms, limit, namespace, keys.JOB_PREFIX],
         )
@@ -97,10 +97,10 @@ class RedisStateStore:
         return int(self.client.zcard(keys.SCHEDULE_CLAIMED))
 
     def acquire_unique(self, key: str, holder: str, ttl_ms: int) -> str | None:
-        return _text(self._acquire(keys=[key], args=[holder, max(1, int(ttl_ms))]))
+        return _text(self._lua["lock_acquire"](keys=[key], args=[holder, max(1, int(ttl_ms))]))
 
     def release_unique(self, key: str, job_id: str) -> bool:
-        return bool(self._release(keys=[key], args=[job_id]))
+        return bool(self._lua["lock_release"](keys=[key], args=[job_id]))
 
     def get_unique(self, key: str) -> str | None:
         return _text(self.client.get(key))
@@ -122,12 +122,15 @@ class RedisRecords:
         self.now_ms = clock_ms
         #: How many completed jobs keep their record at most (the newest).
         self.completed_max = completed_max
-        self._create = scripts.register(client, "record_create")
-        self._move = scripts.register(client, "record_move")
-        self._start = scripts.register(client, "record_start")
-        self._fail = scripts.register(client, "record_fail")
-        self._delete = scripts.register(client, "record_delete")
-        self._create_locked = scripts.register(client, "record_create_locked")
+        self._lua = scripts.register_all(
+            client,
+            "record_create",
+            "record_create_locked",
+            "record_move",
+            "record_start",
+            "record_fail",
+            "record_delete",
+        )
 
     def create(self, record: NewRecord) -> str | None:
         reply = self._create_call(record, self.now_ms(), self.client)  # (one: no pipeline)
@@ -147,8 +150,10 @@ class RedisRecords:
         record_keys = keys.record_keys(r.job_id)
         if r.lock_key:
             args = [r.job_id, now, r.ttl_ms, r.holder, max(1, r.lock_ttl_ms), fields_json(r.fields)]
-            return self._create_locked(keys=[*record_keys, r.lock_key], args=args, client=client)
-        return self._create(
+            return self._lua["record_create_locked"](
+                keys=[*record_keys, r.lock_key], args=args, client=client
+            )
+        return self._lua["record_create"](
             keys=record_keys, args=[r.job_id, now, r.ttl_ms, fields_json(r.fields)], client=client
         )
 
@@ -165,17 +170,19 @@ class RedisRecords:
             keys.JOB_PREFIX,
         ]
         return _text(
-            self._move(keys=[*keys.record_keys(job_id), keys.DONE], args=[*args, *flat_fields(fields)])
+            self._lua["record_move"](
+                keys=[*keys.record_keys(job_id), keys.DONE], args=[*args, *flat_fields(fields)]
+            )
         )
 
     def start(self, job_id: str, now_ms: int, ttl_ms: int) -> str | None:
-        return _text(self._start(keys=keys.record_keys(job_id), args=[job_id, now_ms, ttl_ms]))
+        return _text(self._lua["record_start"](keys=keys.record_keys(job_id), args=[job_id, now_ms, ttl_ms]))
 
     def fail(
         self, job_id: str, state: str, error: Mapping[str, Any], fields: RecordFields, ttl_ms: int
     ) -> None:
         args = [job_id, self.now_ms(), ttl_ms, state, json.dumps(error), MAX_ERRORS, *flat_fields(fields)]
-        self._fail(keys=keys.record_keys(job_id), args=args)
+        self._lua["record_fail"](keys=keys.record_keys(job_id), args=args)
 
     def get(self, job_id: str) -> dict[str, str] | None:
         return self.get_many([job_id])[0]
@@ -196,7 +203,7 @@ class RedisRecords:
         return found
 
     def delete(self, job_id: str) -> None:
-        self._delete(keys=keys.record_keys(job_id), args=[job_id])
+        self._lua["record_delete"](keys=keys.record_keys(job_id), args=[job_id])
 
     def dead_ids(self, limit: int) -> list[str]:
         """Newest first; ids whose record has expired are dropped from the index on the way."""
