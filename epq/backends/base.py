@@ -290,15 +290,20 @@ def display_url(broker: dramatiq.Broker) -> str:
     return backend.url if backend is not None else "<unknown>"
 
 
+def _work_queue(queue_name: str) -> bool:
+    """Not one of Dramatiq's delay (``.DQ``) or dead-letter (``.XQ``) queues."""
+    return not queue_name.endswith((".DQ", ".XQ"))
+
+
 def is_served(broker: dramatiq.Broker, queue_name: str) -> bool:
     """Whether a broker serves ``queue_name``: it is declared, and not one of Dramatiq's delay
     (``.DQ``) or dead-letter (``.XQ``) queues."""
-    return queue_name in broker.get_declared_queues() and not queue_name.endswith((".DQ", ".XQ"))
+    return _work_queue(queue_name) and queue_name in broker.get_declared_queues()
 
 
 def served_queues(broker: dramatiq.Broker) -> list[str]:
     """The queues a broker serves (see :func:`is_served`), sorted."""
-    return sorted(q for q in broker.get_declared_queues() if is_served(broker, q))
+    return sorted(filter(_work_queue, broker.get_declared_queues()))
 
 
 class DurableDelays:
