@@ -65,7 +65,7 @@ from .middleware.uniqueness import Uniqueness
 from .models import JobInsertResult, JobPriority, JobRecord, JobState, _Request
 from .options import PRIORITY, RECORDED, UNIQUE_KEY
 from .outage import state_errors
-from .records import OPEN_RECORD_TTL_MS, new_record_fields, to_job_record
+from .records import OPEN_RECORD_TTL_MS, UNIQUE_DIGEST, new_record_fields, to_job_record
 
 if TYPE_CHECKING:  # (the actors call this module: a type, not an import at run time)
     from ._actor import EpqActor
@@ -353,7 +353,8 @@ class _FusedRuns:
             if group is None:
                 created = message.message_timestamp  # due at once: scheduled when created
                 fields = _record_fields(plan, created, created)
-                del fields["args"], fields["unique_key"]  # the job's own
+                for name in ("args", UNIQUE_DIGEST, "unique_key"):  # the job's own
+                    fields.pop(name, None)
                 # the jobs of a group are of one kind, so their locks (if any) have one ttl
                 tail, ttl = (Uniqueness.holder_tail(message, created), plan.lock[2]) if plan.lock else ("", 0)
                 group = groups[key] = BulkGroup(fields, tail, ttl)

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+from .backends.base import unique_lock_key
 from .models import AttemptError, JobPriority, JobRecord, JobState
 from .options import ARGS_JSON, PRIORITY, UNIQUE_KEY
 
@@ -43,6 +44,46 @@ def check_id_prefix(prefix: str) -> str:
     if not ID_PREFIX_CHARACTERS.fullmatch(prefix):
         raise ValueError(f"a job id prefix is letters, digits and '_.:-' only, not {prefix!r}")
     return prefix
+
+
+#: The field of a record that names its uniqueness lock by the lock key's digest (the kind is
+#: the record's own ``kind``): short enough that Redis keeps a record without its payload in its
+#: compact encoding, whatever the kind's name. A lock key of another form, and records written
+#: before this field, keep the whole key under ``unique_key``; :func:`lock_key_of` reads both.
+UNIQUE_DIGEST = "unique_digest"
+
+
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def payload_json(kwargs: Mapping[str, Any]) -> str:
+    """A job's payload as a record keeps it (``args``): compact JSON."""
+    return _compact_json(kwargs)
+
+
+def lock_key_of(fields: Mapping[str, str]) -> str:
+    """The uniqueness lock a record's job holds (or held), '' for none."""
+    digest = fields.get(UNIQUE_DIGEST)
+    if digest:
+        return unique_lock_key(fields["kind"], digest)
+    return fields.get("unique_key", "")
+
+
+def lock_fields(kind: str, lock_key: str) -> dict[str, str]:
+    """How a new record names its lock: by the digest when the key is the kind's own
+    (:func:`epq.backends.base.unique_lock_key`, as every epq lock is; ``lua/lib/lock_digest.lua``
+    cuts it the same way), else the whole key; nothing without a lock."""
+    digest = lock_key.rpartition(":")[2]
+    if lock_key and lock_key == unique_lock_key(kind, digest):
+        return {UNIQUE_DIGEST: digest}
+    return {"unique_key": lock_key} if lock_key else {}
+
+
+def without_payload(fields: Mapping[str, str]) -> dict[str, str]:
+    """A new record's fields without the payload, for a backend that files the record beside its
+    job's message (the Redis broker keeping epq's state: the payload is stored once, in the
+    message, until the job finishes; the record store reads it from there)."""
+    return {name: value for name, value in fields.items() if name != "args"}
 
 
 def _dt(ms: str | None) -> datetime | None:
@@ -106,7 +147,7 @@ def new_record_fields(
         "errors": "[]",
         "created_at": str(created_ms),
         "scheduled_at": str(scheduled_ms),
-        "unique_key": unique_key,
+        **lock_fields(kind, unique_key),
     }
 
 
@@ -123,7 +164,7 @@ def message_record_fields(
         priority=options.get(PRIORITY, actor.options.get(PRIORITY, 2)),
         args_json=args_json
         or options.pop(ARGS_JSON, None)
-        or json.dumps(message.kwargs, separators=(",", ":")),
+        or payload_json(message.kwargs),
         state=state,
         max_attempts=options.get("max_attempts", actor.options.get("max_attempts", 1)),
         created_ms=message.message_timestamp,

@@ -24,7 +24,7 @@ from .models import (
     _Request,
 )
 from .options import PRIORITY, RECORDED
-from .records import NOT_STARTED, OPEN_RECORD_TTL_MS, to_job_record
+from .records import NOT_STARTED, OPEN_RECORD_TTL_MS, lock_key_of, to_job_record
 
 _KIND_BY_MODEL: dict[type[_Request], str] = {
     EnqueueIndexEndpointRequest: "index_endpoint",
@@ -191,14 +191,16 @@ class QueueService:
         # must still find it cancelled
         wait_ms = max(0, int(current_fields.get("scheduled_at") or now_ms) - now_ms)
         ttl = wait_ms + int(runtime.settings.completed_retention.total_seconds() * 1000)
-        before = runtime.records.move(job_id, "cancelled", {"finalized_at": str(now_ms)}, ttl, NOT_STARTED)
+        # (with the payload, which a record filed beside its message may not hold: see RedisRecords)
+        changes = {"finalized_at": str(now_ms), "args": current_fields.get("args", "{}")}
+        before = runtime.records.move(job_id, "cancelled", changes, ttl, NOT_STARTED)
         if before is None:
             raise JobNotFound(job_id)
         fields = runtime.records.get(job_id)
         if fields is None:  # pragma: no cover - expired in between
             raise JobNotFound(job_id)
-        if before in NOT_STARTED and fields.get("unique_key"):
-            runtime.state.release_unique(fields["unique_key"], job_id)
+        if before in NOT_STARTED and lock_key_of(fields):
+            runtime.state.release_unique(lock_key_of(fields), job_id)
         return to_job_record(job_id, fields)
 
     def list_dead(self, limit: int = 100) -> list[JobRecord]:
@@ -256,7 +258,7 @@ class QueueService:
             self._back_to_dead(runtime, job_id, fields)
             raise
         except BaseException:
-            key = fields.get("unique_key")
+            key = lock_key_of(fields)
             if key:  # the lock the enqueue may have taken before the publish failed
                 runtime.state.release_unique(key, job_id)
             self._back_to_dead(runtime, job_id, fields)

@@ -96,7 +96,9 @@ def build_backend(
     else:
         client = state_client if state_client is not None else broker.client
         redis_state = RedisStateStore(client)
-        state, records = redis_state, RedisRecords(client, redis_state.now_ms, completed_max=completed_max)
         fused = client is getattr(broker, "client", None)
+        beside = broker.namespace if fused else None  # records filed beside their messages
+        records = RedisRecords(client, redis_state.now_ms, completed_max=completed_max, messages_ns=beside)
+        state = redis_state
     broker.epq = Backend(mask_url(broker_url), state, records, fused)
     return BuiltBackend(broker, state, records)

@@ -26,7 +26,14 @@ from ..outage import (
     written_if_possible,
 )
 from ..priority import DEFAULT_LANE
-from ..records import NOT_STARTED, OPEN_RECORD_TTL_MS, message_record_fields, new_record_fields
+from ..records import (
+    NOT_STARTED,
+    OPEN_RECORD_TTL_MS,
+    lock_key_of,
+    message_record_fields,
+    new_record_fields,
+    payload_json,
+)
 from ..wire import MalformedMessage
 from .common import enqueue_hook_errors, find_middleware
 from .uniqueness import Uniqueness
@@ -193,10 +200,10 @@ class JobRecords(dramatiq.Middleware):
             "traceback": _clean_text(str(message.options.get("traceback", ""))[-4000:]),
         }
         if retry_due_ms is None:
-            fields = {"finalized_at": str(now)}
+            fields = _leaving(message, {"finalized_at": str(now)})
             self.records.fail(message.message_id, "discarded", error, fields, self.discarded_ttl_ms)
         else:
-            fields = {"scheduled_at": str(retry_due_ms)}
+            fields = _leaving(message, {"scheduled_at": str(retry_due_ms)})
             ttl = OPEN_RECORD_TTL_MS + max(0, retry_due_ms - now)
             self.records.fail(message.message_id, "retryable", error, fields, ttl)
 
@@ -211,8 +218,8 @@ class JobRecords(dramatiq.Middleware):
         existing = self.records.get(job_id) if job_id is not None else None
         if job_id is not None and existing is not None:
             self.records.fail(job_id, "discarded", entry, {"finalized_at": str(now)}, self.discarded_ttl_ms)
-            if existing.get("unique_key"):  # it will not run: its key is free, as for any dead job
-                self.store.release_unique(existing["unique_key"], job_id)
+            if lock_key_of(existing):  # it will not run: its key is free, as for any dead job
+                self.store.release_unique(lock_key_of(existing), job_id)
             return job_id
         job_id = job_id or f"malformed-{uuid.uuid4()}"
         fields = new_record_fields(
@@ -232,7 +239,7 @@ class JobRecords(dramatiq.Middleware):
     def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         # Skipped by another middleware (not a cancellation), e.g. Dramatiq's AgeLimit: it will not run.
         if self._recorded(broker, message) is not None:
-            fields = {"finalized_at": str(self.store.now_ms())}
+            fields = _leaving(message, {"finalized_at": str(self.store.now_ms())})
             allowed = (*NOT_STARTED, "running")
             self._write(
                 message,
@@ -245,13 +252,22 @@ class JobRecords(dramatiq.Middleware):
     def after_nack(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         # Dead-lettered without being processed (e.g. it could not be decoded for its actor).
         if self._recorded(broker, message) is not None:
-            fields = {"finalized_at": str(self.store.now_ms())}
+            fields = _leaving(message, {"finalized_at": str(self.store.now_ms())})
             written_if_possible(
                 lambda: self.records.move(
                     message.message_id, "discarded", fields, self.discarded_ttl_ms, NOT_STARTED
                 ),
                 "recording a dead letter",
             )
+
+
+def _leaving(message: Any, fields: dict[str, str]) -> dict[str, str]:
+    """``fields`` of a transition that takes a job's message off the broker, with the job's
+    payload when its record was filed without it (beside its message in the broker's Redis: see
+    ``RedisRecords``)."""
+    if in_flight(message).records_here:
+        fields["args"] = payload_json(message.kwargs)
+    return fields
 
 
 def _clean_text(text: str) -> str:

@@ -14,6 +14,7 @@ import redis
 import epq
 import epq.actors
 from epq.backends.redis.connections import ScriptStream
+from epq.records import lock_key_of
 from epq.testing import backend
 from tests.support.helpers import index_request, keyed_request, message_count
 
@@ -254,10 +255,11 @@ def test_the_messages_the_bulk_script_makes_are_the_messages_epq_sends(
         assert (message.message_id, message.queue_name, message.actor_name) == (job.id, job.queue, job.kind)
         assert message.kwargs == job.args
         assert message.message_timestamp == round(job.created_at.timestamp() * 1000)
-        record = redis_client.hgetall(f"epq:job:{job.id}")
+        record = {k.decode(): v.decode() for k, v in redis_client.hgetall(f"epq:job:{job.id}").items()}
+        assert "args" not in record  # (the payload is kept once, in the message)
         assert message.options == {
             "epq_recorded": 1,
             "epq_priority": int(job.priority),
-            "epq_unique_key": record[b"unique_key"].decode(),
+            "epq_unique_key": lock_key_of(record),
             "redis_message_id": job.id,
         }

@@ -33,7 +33,7 @@ from ...middleware.common import enqueue_hook_errors, find_middleware
 from ...middleware.job_records import JobRecords, refuse_malformed
 from ...outage import GivesBack, must_requeue
 from ...priority import LANES, lane_of
-from ...records import OPEN_RECORD_TTL_MS
+from ...records import OPEN_RECORD_TTL_MS, payload_json, without_payload
 from ..base import BulkJob, DurableDelays, NewRecord, counter_group, holder_id, in_flight
 from . import keys, scripts
 from .connections import KeptConnections, ScriptStream
@@ -197,7 +197,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
         ]
         # (from the payload's JSON when the caller has it, unless a hook may have changed the payload)
         data = encode(message) if before or payload_json is None else encode(message, payload_json)
-        fields = record.fields
+        fields = without_payload(record.fields)  # (the message holds it: see RedisRecords)
         counter = counter_group(fields["queue"], fields["priority"], fields["state"])
         args: list[Any] = [
             rid,
@@ -298,8 +298,9 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
         out = self._lua["lane_fetch"](keys=script_keys, args=args)
         return [(out[i].decode(), out[i + 1]) for i in range(0, len(out), 2)]
 
-    def ack_completed(self, queue_name: str, rid: str, job_id: str, ttl_ms: int) -> None:
-        """Acknowledge a message and mark its job completed, in one script."""
+    def ack_completed(self, queue_name: str, rid: str, job_id: str, ttl_ms: int, payload: str) -> None:
+        """Acknowledge a message and mark its job completed, in one script; the record keeps the
+        job's ``payload`` (JSON) from then on."""
         ns = self.namespace
         script_keys = [
             keys.acks(ns, self.broker_id, queue_name),
@@ -311,6 +312,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
         records = self.epq.records if self.epq is not None else None
         assert isinstance(records, RedisRecords)  # (fused: the records live in this Redis)
         args = [current_millis(), self.broker_id, rid, job_id, ttl_ms, records.completed_max, keys.JOB_PREFIX]
+        args.append(payload)
         with ScriptStream(self._kept, self._lua["ack_completed"]) as call:  # (thinner than redis-py's)
             call.send(script_keys, args)
             call.read()
@@ -455,7 +457,8 @@ class LaneConsumer(GivesBack, _RedisConsumer):
             return
         try:
             rid = message.options["redis_message_id"]
-            self.broker.ack_completed(self.queue_name, rid, message.message_id, ttl)
+            payload = payload_json(message.kwargs)
+            self.broker.ack_completed(self.queue_name, rid, message.message_id, ttl, payload)
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
         finally:

@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 
-from ...records import DEFAULT_COMPLETED_MAX, MAX_ERRORS, check_id_prefix
+from ...records import DEFAULT_COMPLETED_MAX, MAX_ERRORS, check_id_prefix, payload_json
 from ..base import NewRecord, RecordFields
 from . import keys, scripts
 
@@ -36,6 +36,15 @@ def _text(reply: Any) -> str | None:
     if not reply:
         return None
     return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
+def _payload_of(data: bytes) -> str:
+    """The payload of an encoded message, as a record keeps it ('{}' when it cannot be read)."""
+    try:
+        kwargs = json.loads(data)["kwargs"]
+    except (ValueError, KeyError, TypeError):
+        return "{}"
+    return payload_json(kwargs) if isinstance(kwargs, dict) else "{}"
 
 
 class RedisStateStore:
@@ -113,15 +122,28 @@ class RedisStateStore:
 
 
 class RedisRecords:
-    """Job records in Redis; every method is one round trip."""
+    """Job records in Redis; every method is one round trip (reading a record whose payload is in
+    its message: two).
+
+    With ``messages_ns`` (the Dramatiq namespace of the Redis broker whose server this is), a job
+    due at once is filed without its payload (``epq.records.without_payload``): its message, in
+    the queue's message hash under the job's id, holds the payload until the job finishes, and
+    every transition that takes the message away (completed, retried, dead, cancelled) writes
+    the payload into the record. Reading such a record takes the payload from the message."""
 
     def __init__(
-        self, client: redis.Redis[bytes], clock_ms: Any, *, completed_max: int = DEFAULT_COMPLETED_MAX
+        self,
+        client: redis.Redis[bytes],
+        clock_ms: Any,
+        *,
+        completed_max: int = DEFAULT_COMPLETED_MAX,
+        messages_ns: str | None = None,
     ) -> None:
         self.client = client
         self.now_ms = clock_ms
         #: How many completed jobs keep their record at most (the newest).
         self.completed_max = completed_max
+        self.messages_ns = messages_ns
         self._lua = scripts.register_all(
             client,
             "record_create",
@@ -191,7 +213,29 @@ class RedisRecords:
         pipe = self.client.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hgetall(keys.job(job_id))
-        return [{k.decode(): v.decode() for k, v in raw.items()} or None for raw in pipe.execute()]
+        found = [{k.decode(): v.decode() for k, v in raw.items()} or None for raw in pipe.execute()]
+        self._add_payloads(job_ids, found)
+        return found
+
+    def _add_payloads(self, job_ids: Sequence[str], found: list[dict[str, str] | None]) -> None:
+        """Give records without their payload the payload of their job's message."""
+        missing = [
+            (job_id, fields)
+            for job_id, fields in zip(job_ids, found, strict=True)
+            if fields is not None and "args" not in fields
+        ]
+        if not missing or self.messages_ns is None:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for job_id, fields in missing:
+            pipe.hget(keys.messages(self.messages_ns, fields["queue"]), job_id)
+            pipe.hget(keys.job(job_id), "args")  # (written by a transition since the first read)
+        replies = pipe.execute()
+        for (_job_id, fields), data, args in zip(missing, replies[::2], replies[1::2], strict=True):
+            if args is not None:
+                fields["args"] = args.decode()
+            elif data is not None:
+                fields["args"] = _payload_of(data)
 
     def find_ids(self, prefix: str, limit: int) -> list[str]:
         match = keys.job(check_id_prefix(prefix)) + "*"  # no glob character can be in the prefix

@@ -1,16 +1,18 @@
 -- #include lib/take_lock.lua
 -- #include lib/counter.lua
+-- #include lib/lock_digest.lua
 -- Many enqueues as enqueue_recorded.lua does one, in order, in one script (bulk enqueue of
 -- immediate jobs). A later job with the same unique key as an earlier one in the batch finds the
 -- earlier one's lock. Jobs of a batch share most of their record fields, so those come once per
 -- group (kind, queue, priority, attempts, creation time); each job brings its id, lock, message
--- and payload. Counters, message hashes and lanes are written once per group, not once per job;
--- ids go onto each lane in request order. A job's redis message id is its id.
+-- and payload (kept once: in the message, not in the record). Counters, message hashes and lanes
+-- are written once per group, not once per job; ids go onto each lane in request order. A job's
+-- redis message id is its id.
 -- KEYS: stats, the call's token (a key of its own, where the first run of a call leaves its reply:
 -- a second run of the same call, sent when the first one's reply was lost, returns that reply and
 -- writes nothing).
 -- ARGV: record key prefix, record ttl, Dramatiq's Redis namespace, token ttl, number of groups G,
--- 8 per group: record fields but args and unique_key (a JSON object), the lock holder value after
+-- 8 per group: record fields but args and the lock (a JSON object), the lock holder value after
 -- the job id, the lock ttl, and five fragments f1..f5 of its jobs' encoded messages (see
 -- epq._messages.data_template); then 5 per job: group (1..G), id, lock key or '', message data
 -- ('': f1 .. payload .. f2 .. lock key .. f3 .. id .. f4 .. id .. f5), payload (JSON).
@@ -44,7 +46,11 @@ for i = 6 + 8 * ngroups, #ARGV, 5 do
   local current = false
   if lock ~= '' then current = take_lock(lock, id .. group.tail, group.lock_ttl, id) end
   if current == false then
-    redis.call('HSET', key, 'args', ARGV[i + 4], 'unique_key', lock, unpack(group.flat))
+    if lock ~= '' then
+      redis.call('HSET', key, 'unique_digest', lock_digest(lock), unpack(group.flat))
+    else
+      redis.call('HSET', key, unpack(group.flat))
+    end
     redis.call('PEXPIRE', key, ttl)
     group.n = group.n + 1
     local data = ARGV[i + 3]
