@@ -18,7 +18,7 @@ import pydantic_core
 from .backends.base import is_served, served_queues
 from .errors import MAX_NESTING, InvalidRequest, short_field
 from .kinds import JobKind
-from .models import _Request
+from .models import ENQUEUE_OPTION_FIELDS, _Request
 from .wire import MAX_PAYLOAD_BYTES
 
 
@@ -40,7 +40,9 @@ def check_request(kind: JobKind, request: _Request, broker: dramatiq.Broker) -> 
         problem = f"no worker serves queue {queue!r} (queues: {served})"
         raise InvalidRequest(kind.name, [{"field": "queue_name", "message": problem}])
     priority = int(request.priority or kind.priority)  # both validated already
-    payload = request.model_dump(mode="json")
+    # (enqueue options left unset are not part of the payload: its handler's model has them None)
+    unset = {name for name in ENQUEUE_OPTION_FIELDS if getattr(request, name) is None}
+    payload = request.model_dump(mode="json", exclude=unset)
     return Checked(queue, priority, payload, check_payload(kind.name, payload, request))
 
 

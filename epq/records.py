@@ -135,20 +135,21 @@ def new_record_fields(
     unique_key: str = "",
 ) -> dict[str, str]:
     """The fields of a new record (the one place they are made; a backend stores them as they
-    are)."""
-    return {
+    are). Fields at their default are left out, as readers take them: no attempt yet, no errors,
+    due when created (:func:`to_job_record`, the record scripts)."""
+    fields = {
         "kind": kind,
         "queue": queue.removesuffix(".DQ"),
         "priority": str(priority),
         "args": args_json,
         "state": state,
-        "attempt": "0",
         "max_attempts": str(max_attempts),
-        "errors": "[]",
         "created_at": str(created_ms),
-        "scheduled_at": str(scheduled_ms),
         **lock_fields(kind, unique_key),
     }
+    if scheduled_ms != created_ms:
+        fields["scheduled_at"] = str(scheduled_ms)
+    return fields
 
 
 def message_record_fields(
