@@ -276,3 +276,41 @@ def test_a_past_run_at_runs_now_and_a_future_one_is_scheduled(
     assert received[0].trigger_id == "t-1"
     assert wait_for(lambda: len(received) == 2, timeout=10)
     assert datetime.now(timezone.utc) >= now + timedelta(seconds=1)
+
+
+def _register_job(n: int) -> dict[str, Any]:
+    return {**VALID["register_job"], "job_id": f"job-{n}", "job_metadata": {"n": n, "big": 2**60 + 1}}
+
+
+def test_a_jobs_args_are_read_back_while_it_waits_and_once_cancelled(broker: dramatiq.Broker) -> None:
+    svc = epq.QueueService(broker)
+    waiting = svc.enqueue_register_job(_register_job(1)).job.id
+    cancelled = svc.enqueue_register_job(_register_job(2)).job.id
+
+    svc.cancel_job(cancelled)
+
+    assert svc.get_job(waiting).args == _register_job(1)  # type: ignore[union-attr]
+    assert svc.get_job(cancelled).args == _register_job(2)  # type: ignore[union-attr]
+
+
+def test_a_jobs_args_are_read_back_while_it_runs_once_completed_and_once_dead(
+    broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+) -> None:
+    svc = epq.QueueService(broker)
+    seen_running: dict[str, Any] = {}
+
+    def handler(request: epq.RegisterJobRequest) -> None:
+        job_id = CurrentMessage.get_current_message().message_id
+        seen_running[request.job_id] = svc.get_job(job_id).args  # type: ignore[union-attr]
+        if request.job_id == "job-2":
+            raise RuntimeError("never works")
+
+    epq_handlers.register("register_job", handler)
+    done = epq.actors.register_job.send(**_register_job(1)).message_id
+    dead = epq.actors.register_job.send_with_options(kwargs=_register_job(2), backoff_ms=[5]).message_id
+
+    assert wait_for(lambda: svc.get_job(dead).state is epq.JobState.DISCARDED, timeout=20)  # type: ignore[union-attr]
+    assert wait_for(lambda: svc.get_job(done).state is epq.JobState.COMPLETED)  # type: ignore[union-attr]
+    assert seen_running == {"job-1": _register_job(1), "job-2": _register_job(2)}
+    assert svc.get_job(done).args == _register_job(1)  # type: ignore[union-attr]
+    assert svc.get_job(dead).args == _register_job(2)  # type: ignore[union-attr]

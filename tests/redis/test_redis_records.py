@@ -1,0 +1,50 @@
+"""Job records on the Redis broker that keeps epq's state: a waiting job's payload is stored once,
+in its message, and the record takes it when the message goes."""
+
+from __future__ import annotations
+
+import dramatiq
+import pytest
+import redis
+
+import epq
+from epq.testing import HandlerRegistry, drain
+from tests.support.helpers import VALID
+
+
+def _record(client: redis.Redis, job_id: str) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in client.hgetall(f"epq:job:{job_id}").items()}
+
+
+@pytest.mark.redis
+def test_a_waiting_jobs_payload_is_kept_in_its_message_only(
+    redis_broker: dramatiq.Broker, redis_client: redis.Redis
+) -> None:
+    svc = epq.QueueService(redis_broker)
+    single = svc.enqueue_register_job(VALID["register_job"]).job.id
+    (bulk,) = svc.enqueue_many([("index_endpoint", VALID["index_endpoint"])])
+
+    for job_id in (single, bulk.job.id):
+        assert "args" not in _record(redis_client, job_id)
+        assert redis_client.object("encoding", f"epq:job:{job_id}") == b"listpack"  # (Redis's compact form)
+    assert svc.get_job(single).args == VALID["register_job"]  # type: ignore[union-attr]
+
+
+@pytest.mark.redis
+def test_a_completed_jobs_record_takes_its_payload_as_the_message_goes(
+    redis_broker: dramatiq.Broker, redis_client: redis.Redis, epq_handlers: HandlerRegistry
+) -> None:
+    epq_handlers.register("register_job", lambda request: None)
+    job_id = epq.QueueService(redis_broker).enqueue_register_job(VALID["register_job"]).job.id
+    worker = dramatiq.Worker(redis_broker, worker_timeout=50, worker_threads=1)
+    worker.start()
+    try:
+        drain(redis_broker, worker)
+    finally:
+        worker.stop()
+
+    assert redis_client.hget("dramatiq:default.msgs", job_id) is None
+    record = _record(redis_client, job_id)
+    assert record["state"] == "completed"
+    assert epq.QueueService(redis_broker).get_job(job_id).args == VALID["register_job"]  # type: ignore[union-attr]
+    assert record["args"]
