@@ -163,9 +163,7 @@ def message_record_fields(
         kind=message.actor_name,
         queue=message.queue_name,
         priority=options.get(PRIORITY, actor.options.get(PRIORITY, 2)),
-        args_json=args_json
-        or options.pop(ARGS_JSON, None)
-        or payload_json(message.kwargs),
+        args_json=args_json or options.pop(ARGS_JSON, None) or payload_json(message.kwargs),
         state=state,
         max_attempts=options.get("max_attempts", actor.options.get("max_attempts", 1)),
         created_ms=message.message_timestamp,
