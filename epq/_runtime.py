@@ -79,6 +79,7 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
         state_url=state_url,
         middleware=build_middleware(settings),
         completed_max=settings.completed_max,
+        dead_max=settings.dead_max,
     )
     broker.add_middleware(Uniqueness(state))
     broker.add_middleware(

@@ -30,6 +30,9 @@ OPEN_RECORD_TTL_MS = 30 * 24 * 3600 * 1000
 #: history bounded by size as well as by age, whatever the throughput (about 16 MB of Redis for
 #: register_job-sized records; docs/decisions.md, decision 43).
 DEFAULT_COMPLETED_MAX = 10_000
+#: How many dead (discarded) jobs' records a deployment keeps at most, the newest
+#: (``EPQ_DEAD_MAX``): a burst of failures cannot fill Redis either (docs/decisions.md, decision 44).
+DEFAULT_DEAD_MAX = 10_000
 
 NOT_STARTED = ("available", "scheduled", "retryable")
 

@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .errors import ConfigurationError
 from .models import JobQueue
-from .records import DEFAULT_COMPLETED_MAX
+from .records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -42,6 +42,8 @@ class EpqSettings(BaseSettings):
       index_unique_for / register_unique_for: uniqueness windows (seconds or ISO-8601 duration).
       completed_retention / discarded_retention: how long job records are kept.
       completed_max: how many completed jobs' records are kept at most (the newest; 0: none).
+      dead_max: how many dead (discarded) jobs' records are kept at most (the newest; 0: none,
+        and then no dead job can be listed or retried).
     """
 
     model_config = SettingsConfigDict(env_prefix="EPQ_", extra="ignore")
@@ -55,6 +57,7 @@ class EpqSettings(BaseSettings):
     completed_retention: timedelta = timedelta(hours=24)
     completed_max: int = Field(default=DEFAULT_COMPLETED_MAX, ge=0)
     discarded_retention: timedelta = timedelta(days=7)
+    dead_max: int = Field(default=DEFAULT_DEAD_MAX, ge=0)
 
     @field_validator("handlers", "queues", mode="before")
     @classmethod

@@ -140,7 +140,8 @@ class RecordStore(Protocol):
     """Job records: a record per job with the fields of :class:`epq.JobRecord` (as strings; times
     in ms), per ``queue|priority|state`` counters and an index of dead (discarded) jobs, each
     transition one atomic step. Of the completed jobs, the newest ``completed_max`` (a store's
-    setting) keep their record: completing one more forgets the oldest, with its count."""
+    setting) keep their record: completing one more forgets the oldest, with its count; of the
+    dead jobs, likewise the newest ``dead_max``."""
 
     def create(self, record: NewRecord) -> str | None:
         """Take the record's uniqueness lock (if it has one) and write it (``fields`` include

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import dramatiq
 
 from ..errors import ConfigurationError
-from ..records import DEFAULT_COMPLETED_MAX
+from ..records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX
 from .base import Backend, RecordStore, StateStore
 from .memory import EpqStubBroker, MemoryRecords, MemoryStateStore
 from .redis.broker import EpqRedisBroker
@@ -61,6 +61,7 @@ def build_backend(
     state_url: str | None = None,
     middleware: Sequence[dramatiq.Middleware] = (),
     completed_max: int = DEFAULT_COMPLETED_MAX,
+    dead_max: int = DEFAULT_DEAD_MAX,
 ) -> BuiltBackend:
     """The broker ``broker_url`` names, and epq's state and records: in memory for the stub
     broker; in the broker's Redis, or in the Redis ``state_url`` names (which RabbitMQ needs).
@@ -90,15 +91,16 @@ def build_backend(
     state: StateStore
     records: RecordStore
     fused = False
+    bounds = {"completed_max": completed_max, "dead_max": dead_max}  # of the records kept
     if scheme == STUB_SCHEME:
         memory = MemoryStateStore()
-        state, records = memory, MemoryRecords(memory, completed_max=completed_max)
+        state, records = memory, MemoryRecords(memory, **bounds)
     else:
         client = state_client if state_client is not None else broker.client
         redis_state = RedisStateStore(client)
         fused = client is getattr(broker, "client", None)
         beside = broker.namespace if fused else None  # records filed beside their messages
-        records = RedisRecords(client, redis_state.now_ms, completed_max=completed_max, messages_ns=beside)
+        records = RedisRecords(client, redis_state.now_ms, **bounds, messages_ns=beside)
         state = redis_state
     broker.epq = Backend(mask_url(broker_url), state, records, fused)
     return BuiltBackend(broker, state, records)

@@ -26,7 +26,7 @@ from ..errors import StateUnavailable
 from ..middleware.job_records import refuse_malformed
 from ..outage import GivesBack
 from ..priority import LANES, lane_of
-from ..records import DEFAULT_COMPLETED_MAX, MAX_ERRORS, check_id_prefix
+from ..records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX, MAX_ERRORS, check_id_prefix
 from .base import Clock, DurableDelays, NewRecord, RecordFields, counter_group, holder_id
 
 
@@ -153,15 +153,23 @@ class MemoryStateStore:
 class MemoryRecords:
     """Job records in memory (stub broker), on the state store's clock."""
 
-    def __init__(self, state: MemoryStateStore, *, completed_max: int = DEFAULT_COMPLETED_MAX) -> None:
+    def __init__(
+        self,
+        state: MemoryStateStore,
+        *,
+        completed_max: int = DEFAULT_COMPLETED_MAX,
+        dead_max: int = DEFAULT_DEAD_MAX,
+    ) -> None:
         self.state = state
         #: How many completed jobs keep their record at most (the newest).
         self.completed_max = completed_max
+        #: How many dead (discarded) jobs keep their record at most (the newest).
+        self.dead_max = dead_max
         self._lock = threading.Lock()
         self._records: dict[str, tuple[dict[str, str], int]] = {}  # id -> (fields, expires ms)
         self._stats: dict[str, int] = {}
-        self._dead: dict[str, int] = {}
-        self._done: dict[str, None] = {}  # completed job ids, oldest first
+        self._dead: dict[str, int] = {}  # dead job ids -> when they died, oldest first
+        self._done: dict[str, int] = {}  # completed job ids -> when they completed, oldest first
 
     def _live(self, job_id: str) -> dict[str, str] | None:
         item = self._records.get(job_id)
@@ -187,10 +195,10 @@ class MemoryRecords:
             self._count(fields, old, -1)
         self._count(fields, state, 1)
         fields["state"] = state
-        if state == "discarded":
-            self._dead[job_id] = self.state.now_ms()
-        elif old == "discarded":
+        if state == "discarded" or old == "discarded":
             self._dead.pop(job_id, None)
+        if state == "discarded":
+            self._dead[job_id] = self.state.now_ms()  # (last: the newest)
         return old
 
     def _expire(self, job_id: str, ttl_ms: int) -> None:
@@ -214,6 +222,7 @@ class MemoryRecords:
             self._records[job_id] = (record, 0)
             self._set_state(job_id, record, fields["state"])
             self._expire(job_id, ttl_ms)
+            self._keep_dead()
 
     def move(
         self, job_id: str, state: str, fields: RecordFields, ttl_ms: int, allowed_from: Sequence[str] = ()
@@ -230,17 +239,23 @@ class MemoryRecords:
             if ttl_ms > 0:
                 self._expire(job_id, ttl_ms)
             if state == "completed" and old != "completed":
-                self._keep_done(job_id)
+                self._done[job_id] = self.state.now_ms()
+                self._keep_newest(self._done, self.completed_max, "completed")
+            self._keep_dead()
             return old
 
-    def _keep_done(self, job_id: str) -> None:
-        """Note a job just completed; forget the oldest completed ones past ``completed_max``."""
-        self._done[job_id] = None
-        while len(self._done) > self.completed_max:
-            oldest = next(iter(self._done))
-            del self._done[oldest]
+    def _keep_dead(self) -> None:
+        self._keep_newest(self._dead, self.dead_max, "discarded")
+
+    def _keep_newest(self, index: dict[str, int], most: int, state: str) -> None:
+        """Bound a history index (job ids, oldest first): while it holds more than ``most``,
+        forget its oldest job, and its record if still in ``state`` (with its count); as
+        ``lib/keep_newest.lua`` does in Redis."""
+        while len(index) > most:
+            oldest = next(iter(index))
+            del index[oldest]
             fields = self._live(oldest)
-            if fields is not None and fields["state"] == "completed":
+            if fields is not None and fields["state"] == state:
                 self._drop(oldest)
 
     def start(self, job_id: str, now_ms: int, ttl_ms: int) -> str | None:
@@ -270,6 +285,7 @@ class MemoryRecords:
             record.update(fields)
             self._set_state(job_id, record, state)
             self._expire(job_id, ttl_ms)
+            self._keep_dead()
 
     def get(self, job_id: str) -> dict[str, str] | None:
         with self._lock:

@@ -371,6 +371,28 @@ def test_only_the_newest_completed_jobs_keep_their_record(stores: Stores) -> Non
     assert stores.records.get("waiting") == fields()
 
 
+
+def test_only_the_newest_dead_jobs_keep_their_record(stores: Stores) -> None:
+    stores.records.dead_max = 3  # type: ignore[attr-defined]  # (each store has the setting)
+    for n in range(7):
+        stores.records.create(NewRecord(f"j{n}", fields("running"), DAY_MS))
+    stores.records.create(NewRecord("waiting", fields(), DAY_MS))
+    # jobs die by each way a record becomes discarded: a failed last attempt, a move, a new record
+    for n in range(7):
+        stores.clock.advance(1)
+        if n % 2:
+            stores.records.fail(f"j{n}", "discarded", _error(n), {"finalized_at": str(n)}, DAY_MS)
+        else:
+            stores.records.move(f"j{n}", "discarded", {"finalized_at": str(n)}, DAY_MS)
+    stores.clock.advance(1)
+    stores.records.create(NewRecord("j7", fields("discarded", finalized_at="7"), DAY_MS))
+    # the three that died last keep their record, with their count; other states are not touched
+    ids = [f"j{n}" for n in range(8)]
+    assert [job_id for job_id in ids if stores.records.get(job_id) is not None] == ["j5", "j6", "j7"]
+    assert stores.records.dead_ids(10) == ["j7", "j6", "j5"]
+    assert stores.live_counters() == {group("discarded"): 3, group("available"): 1}
+    assert stores.records.get("waiting") == fields()
+
 def test_start_marks_the_job_running_and_counts_an_attempt(stores: Stores) -> None:
     stores.records.create(NewRecord("j1", fields(), DAY_MS))
     assert stores.records.start("j1", T0 + 5, DAY_MS) == "available"

@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 
-from ...records import DEFAULT_COMPLETED_MAX, MAX_ERRORS, check_id_prefix, payload_json
+from ...records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX, MAX_ERRORS, check_id_prefix, payload_json
 from ..base import NewRecord, RecordFields
 from . import keys, scripts
 
@@ -137,12 +137,15 @@ class RedisRecords:
         clock_ms: Any,
         *,
         completed_max: int = DEFAULT_COMPLETED_MAX,
+        dead_max: int = DEFAULT_DEAD_MAX,
         messages_ns: str | None = None,
     ) -> None:
         self.client = client
         self.now_ms = clock_ms
         #: How many completed jobs keep their record at most (the newest).
         self.completed_max = completed_max
+        #: How many dead (discarded) jobs keep their record at most (the newest).
+        self.dead_max = dead_max
         self.messages_ns = messages_ns
         self._lua = scripts.register_all(
             client,
@@ -173,11 +176,15 @@ class RedisRecords:
         if r.lock_key:
             args = [r.job_id, now, r.ttl_ms, r.holder, max(1, r.lock_ttl_ms), fields_json(r.fields)]
             return self._lua["record_create_locked"](
-                keys=[*record_keys, r.lock_key], args=args, client=client
+                keys=[*record_keys, r.lock_key], args=[*args, *self._dead_bound()], client=client
             )
-        return self._lua["record_create"](
-            keys=record_keys, args=[r.job_id, now, r.ttl_ms, fields_json(r.fields)], client=client
-        )
+        args = [r.job_id, now, r.ttl_ms, fields_json(r.fields), *self._dead_bound()]
+        return self._lua["record_create"](keys=record_keys, args=args, client=client)
+
+    def _dead_bound(self) -> list[Any]:
+        """What the scripts that may discard a job take to keep only the newest dead records:
+        the bound and the prefix of record keys (see ``lib/keep_newest.lua``)."""
+        return [self.dead_max, keys.JOB_PREFIX]
 
     def move(
         self, job_id: str, state: str, fields: RecordFields, ttl_ms: int, allowed_from: Sequence[str] = ()
@@ -190,6 +197,7 @@ class RedisRecords:
             ",".join(allowed_from),
             self.completed_max,
             keys.JOB_PREFIX,
+            self.dead_max,
         ]
         return _text(
             self._lua["record_move"](
@@ -203,7 +211,8 @@ class RedisRecords:
     def fail(
         self, job_id: str, state: str, error: Mapping[str, Any], fields: RecordFields, ttl_ms: int
     ) -> None:
-        args = [job_id, self.now_ms(), ttl_ms, state, json.dumps(error), MAX_ERRORS, *flat_fields(fields)]
+        args = [job_id, self.now_ms(), ttl_ms, state, json.dumps(error), MAX_ERRORS, *self._dead_bound()]
+        args += flat_fields(fields)
         self._lua["record_fail"](keys=keys.record_keys(job_id), args=args)
 
     def get(self, job_id: str) -> dict[str, str] | None:
