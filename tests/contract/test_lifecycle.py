@@ -81,6 +81,33 @@ def test_completed_history_stays_within_its_bound(
     assert set(kept) <= set(ids[-40:])
 
 
+
+def test_dead_jobs_stay_within_their_bound(
+    broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given a deployment that keeps the records of 20 dead jobs (EPQ_DEAD_MAX), and a kind with
+    # no handler: its jobs die on their first attempt
+    records = backend(broker).records
+    records.dead_max = 20  # type: ignore[attr-defined]  # (each store has the setting)
+    epq_handlers.clear()
+    # When 150 jobs die, 7.5 times the bound
+    requests = [{"endpoint_id": f"00000000-0000-4000-8000-{i:012d}", "source": "API"} for i in range(150)]
+    ids = [result.job.id for result in svc(broker).enqueue_many([("index_endpoint", r) for r in requests])]
+    drain(broker, worker, fail_fast=False)
+    # Then 20 dead records are kept, the counters, the dead list and the stats say 20, and the
+    # rest are gone
+    kept = [job_id for job_id in ids if svc(broker).get_job(job_id) is not None]
+    assert len(kept) == 20
+    assert {job(broker, job_id).state for job_id in kept} == {S.DISCARDED}
+    dead = {group: n for group, n in records.counters().items() if group.endswith("|discarded")}
+    assert dead == {"default|2|discarded": 20}
+    assert sorted(r.id for r in svc(broker).list_dead()) == sorted(kept)
+    assert [(row["queue"], row["dead"]) for row in svc(broker).stats()] == [("default", 20)]
+    # and they are among the last to die (two worker threads: nearly in enqueue order)
+    assert set(kept) <= set(ids[-40:])
+    # The brokers' dead-letter messages are not the bound's: each job's is there, to its TTL
+    assert wait_for(lambda: message_count(broker, "default.XQ") == 150, timeout=10)
+
 def test_retry_then_success(
     broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry
 ) -> None:
