@@ -14,7 +14,7 @@ from epq.backends.memory import MemoryRecords, MemoryStateStore
 from epq.backends.urls import mask_url, scheme_of
 from epq.middleware.boot import EpqMiddleware
 from epq.middleware.retries import EpqRetries
-from epq.testing import install
+from epq.testing import backend, install
 from tests.conftest import RABBITMQ_URL, REDIS_URL, STATE_URL, rabbitmq_available
 
 UNREACHABLE_REDIS = "redis://:s3cret-pw@127.0.0.1:1/0"
@@ -98,6 +98,13 @@ def test_queues_setting_decides_the_declared_queues(monkeypatch: pytest.MonkeyPa
             queue_name="events",
         )
 
+
+
+def test_history_bounds_reach_the_record_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EPQ_COMPLETED_MAX", "7")
+    monkeypatch.setenv("EPQ_DEAD_MAX", "5")
+    records = backend(install("stub://")).records
+    assert (records.completed_max, records.dead_max) == (7, 5)  # type: ignore[attr-defined]
 
 @pytest.mark.redis
 def test_redis_url_builds_a_redis_broker_with_durable_delays(redis_client: object) -> None:

@@ -19,6 +19,7 @@ def test_defaults() -> None:
     assert settings.completed_retention == timedelta(hours=24)
     assert settings.discarded_retention == timedelta(days=7)
     assert settings.completed_max == 10_000
+    assert settings.dead_max == 10_000
 
 
 def test_environment_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -28,6 +29,7 @@ def test_environment_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EPQ_REGISTER_UNIQUE_FOR", "PT2M30S")
     monkeypatch.setenv("EPQ_STATE_URL", "redis://127.0.0.1:6379/3")
     monkeypatch.setenv("EPQ_COMPLETED_MAX", "0")
+    monkeypatch.setenv("EPQ_DEAD_MAX", "500")
     settings = get_settings()
     assert settings.handlers == ["app.jobs", "app.more"]
     assert settings.queues == ["default", "events"]
@@ -35,6 +37,7 @@ def test_environment_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.register_unique_for == timedelta(minutes=2, seconds=30)
     assert settings.state_url == "redis://127.0.0.1:6379/3"
     assert settings.completed_max == 0
+    assert settings.dead_max == 500
 
 
 def test_settings_are_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -53,6 +56,8 @@ def test_settings_are_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
         ("EPQ_QUEUES", " , "),
         ("EPQ_COMPLETED_MAX", "-1"),
         ("EPQ_COMPLETED_MAX", "many"),
+        ("EPQ_DEAD_MAX", "-1"),
+        ("EPQ_DEAD_MAX", "1.5"),
     ],
 )
 def test_a_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
