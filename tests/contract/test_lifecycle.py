@@ -81,7 +81,6 @@ def test_completed_history_stays_within_its_bound(
     assert set(kept) <= set(ids[-40:])
 
 
-
 def test_dead_jobs_stay_within_their_bound(
     broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry
 ) -> None:
@@ -107,6 +106,7 @@ def test_dead_jobs_stay_within_their_bound(
     assert set(kept) <= set(ids[-40:])
     # The brokers' dead-letter messages are not the bound's: each job's is there, to its TTL
     assert wait_for(lambda: message_count(broker, "default.XQ") == 150, timeout=10)
+
 
 def test_retry_then_success(
     broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry

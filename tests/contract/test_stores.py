@@ -371,7 +371,6 @@ def test_only_the_newest_completed_jobs_keep_their_record(stores: Stores) -> Non
     assert stores.records.get("waiting") == fields()
 
 
-
 def test_only_the_newest_dead_jobs_keep_their_record(stores: Stores) -> None:
     stores.records.dead_max = 3  # type: ignore[attr-defined]  # (each store has the setting)
     for n in range(7):
@@ -392,6 +391,7 @@ def test_only_the_newest_dead_jobs_keep_their_record(stores: Stores) -> None:
     assert stores.records.dead_ids(10) == ["j7", "j6", "j5"]
     assert stores.live_counters() == {group("discarded"): 3, group("available"): 1}
     assert stores.records.get("waiting") == fields()
+
 
 def test_start_marks_the_job_running_and_counts_an_attempt(stores: Stores) -> None:
     stores.records.create(NewRecord("j1", fields(), DAY_MS))

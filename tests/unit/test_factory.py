@@ -99,12 +99,12 @@ def test_queues_setting_decides_the_declared_queues(monkeypatch: pytest.MonkeyPa
         )
 
 
-
 def test_history_bounds_reach_the_record_store(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EPQ_COMPLETED_MAX", "7")
     monkeypatch.setenv("EPQ_DEAD_MAX", "5")
     records = backend(install("stub://")).records
     assert (records.completed_max, records.dead_max) == (7, 5)  # type: ignore[attr-defined]
+
 
 @pytest.mark.redis
 def test_redis_url_builds_a_redis_broker_with_durable_delays(redis_client: object) -> None:
