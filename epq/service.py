@@ -273,8 +273,9 @@ class QueueService:
 
     def dead_letter_counts(self) -> dict[str, int]:
         """Per served queue, the messages in the broker's own dead-letter queue (``<queue>.XQ``):
-        epq's dead jobs, and dead letters without a record (plain Dramatiq actors'), which
-        :meth:`list_dead` cannot show."""
+        epq's dead jobs, and dead letters without a record (plain Dramatiq actors', and epq's
+        dead jobs whose record the ``EPQ_DEAD_MAX`` bound forgot), which :meth:`list_dead` cannot
+        show."""
         count = getattr(self.broker, "count_dead_letters", None)
         return {} if count is None else dict(count(served_queues(self.broker)))
 

@@ -195,7 +195,8 @@ def _unrecorded_dead_letters(svc: QueueService, records: Sequence[JobRecord] | N
         if held > listed.get(queue, 0):
             print(
                 f"{queue}.XQ holds {held} message(s), {held - listed.get(queue, 0)} without a record "
-                "(plain Dramatiq actors' dead letters, or jobs retried or purged since); "
+                "(plain Dramatiq actors' dead letters, jobs retried or purged since, or dead jobs "
+                "past EPQ_DEAD_MAX); "
                 "epq dead purge empties it"
             )
 
