@@ -31,7 +31,7 @@ OPEN_RECORD_TTL_MS = 30 * 24 * 3600 * 1000
 #: register_job-sized records; docs/decisions.md, decision 43).
 DEFAULT_COMPLETED_MAX = 10_000
 #: How many dead (discarded) jobs' records a deployment keeps at most, the newest
-#: (``EPQ_DEAD_MAX``): a burst of failures cannot fill Redis either (docs/decisions.md, decision 44).
+#: (``EPQ_DEAD_MAX``): a burst of failures cannot fill Redis either (docs/decisions.md, decision 45).
 DEFAULT_DEAD_MAX = 10_000
 
 NOT_STARTED = ("available", "scheduled", "retryable")
