@@ -258,21 +258,31 @@ def _epq_stub_handlers() -> None:
 # ---- measurements ----------------------------------------------------------------------------
 
 
+def drain(app: App, results: Results, n: int, processes: int, threads: int, batch: int) -> tuple[Any, float]:
+    """A backlog of ``n`` jobs (epq: sent in bulk), then the workers: (the workers, still running,
+    and the jobs per second from the first start to the last)."""
+    results.reset(n)
+    if app.kind == "epq":
+        app.send_bulk([uuid.uuid4() for _ in range(n)], batch)
+    else:
+        for i in range(n):
+            app.send(i)
+    workers = app.start_workers(processes, threads)
+    try:
+        results.wait(n, timeout=300)
+    except BaseException:
+        app.stop_workers(workers)
+        raise
+    return workers, results.drain_rate(n)
+
+
 def measure(app: App, args: argparse.Namespace, results: Results) -> dict[str, float]:
     out: dict[str, float] = {}
     app.open()
     try:
-        # drain: backlog first, then the workers
-        results.reset(args.drain)
-        if app.kind == "epq":
-            app.send_bulk([uuid.uuid4() for _ in range(args.drain)], args.batch)
-        else:
-            for i in range(args.drain):
-                app.send(i)
-        workers = app.start_workers(args.processes, args.threads)
+        workers, rate = drain(app, results, args.drain, args.processes, args.threads, args.batch)
+        out["drain_per_s"] = rate
         try:
-            results.wait(args.drain, timeout=300)
-            out["drain_per_s"] = results.drain_rate(args.drain)
             # latency, on the same (now idle) workers
             time.sleep(0.5)
             results.reset(10**9)

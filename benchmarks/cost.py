@@ -1,0 +1,331 @@
+"""Cost per job on each broker, and throughput with more worker processes: epq against plain
+Dramatiq, measured in one run on this machine.
+
+    python benchmarks/cost.py --redis redis://127.0.0.1:6501 --results redis://127.0.0.1:6502/8 \\
+        --rabbitmq amqp://guest:guest@127.0.0.1:5801/%2F --rabbitmq-dir /tmp/h-scale/rabbitmq-5801
+
+Cost per job (``--n`` jobs a side), for enqueue (single send, no worker running) and for a
+worker's run of a job (one worker process of ``--threads`` threads, already booted, while the
+jobs are sent; the enqueue's share, measured just before, is taken off):
+
+- requests to Redis: commands the clients sent (a Lua script call is one; a pipeline of k commands
+  is k), counted with MONITOR in a pass of its own (``--monitor-n`` jobs), since MONITOR costs
+  the server time and bytes;
+- commands Redis ran: ``INFO commandstats`` calls, including those run inside scripts;
+- bytes to and from Redis: ``INFO stats`` total_net_input_bytes / total_net_output_bytes;
+- Redis CPU: ``INFO cpu`` used_cpu_user_main_thread + used_cpu_sys_main_thread (the one thread
+  that runs every command);
+- CPU in the sending process (``time.process_time``) and in the worker processes (/proc, the
+  worker's process tree; on the stub broker the worker runs in the sending process);
+- on RabbitMQ: bytes on the AMQP connections and the node's CPU, when ``--rabbitmq-dir`` names the
+  data dir of a node started by ``brokers/rabbitmq-start`` (read with its ``rabbitmqctl``; RabbitMQ
+  without its management plugin counts no publishes or acks); epq's state Redis is ``--redis``;
+- idle: commands per second one booted worker process sends with no job to run.
+
+Throughput: a backlog of ``--drain`` jobs drained by 1, 2 and 4 worker processes (``--processes``),
+jobs per second from the first start to the last (``benchmarks/compare.py``'s drain).
+
+The counters of ``--redis`` and of the RabbitMQ node are server-wide: give the script servers of
+its own (``brokers/redis-start``, ``brokers/rabbitmq-start``), and put ``--results`` (where the jobs
+note themselves, ``benchmarks/_report.py``) on another Redis server. Uses databases 9 (plain) and
+10 (epq) of ``--redis``, flushed; purges the RabbitMQ queues it uses. Every job does one small
+script call to ``--results`` in both apps, so the worker CPU includes that call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._proc import cpu_seconds  # noqa: E402
+from benchmarks.compare import App, Results, _epq_stub_handlers, drain  # noqa: E402
+
+SCRIPT_CALLS = ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_evalsha_ro", "cmdstat_eval_ro", "cmdstat_fcall")
+RABBITMQCTL = Path(os.environ.get("EPQ_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin")) / "rabbitmqctl"
+
+
+# ---- counters --------------------------------------------------------------------------------
+
+
+class Counters:
+    """What one run reads before and after a measured step: Redis's counters, the RabbitMQ node's
+    (when it can), the CPU of this process and of the worker processes."""
+
+    def __init__(self, redis_url: str | None, rabbitmq_url: str, rabbitmq_dir: str | None) -> None:
+        self.redis = redis.Redis.from_url(redis_url) if redis_url else None
+        self.rabbitmq_dir = rabbitmq_dir
+        self.node = f"epq-{urlsplit(rabbitmq_url).port}@localhost"
+        self.workers_pid: int | None = None
+        base = self.read()
+        self.overhead = _minus(self.read(), base)  # what reading costs (INFO's own bytes)
+
+    def read(self) -> dict[str, float]:
+        out = {"here_cpu": time.process_time()}
+        if self.redis is not None:
+            out.update(self._redis(self.redis))
+        if self.workers_pid is not None:
+            out["workers_cpu"] = cpu_seconds(self.workers_pid)
+        if self.rabbitmq_dir:
+            out.update(self._rabbitmq())
+        return out
+
+    @staticmethod
+    def _redis(client: redis.Redis) -> dict[str, float]:
+        stats, cpu, calls = client.info("stats"), client.info("cpu"), client.info("commandstats")
+        return {
+            "redis_commands": sum(v["calls"] for k, v in calls.items() if k != "cmdstat_info"),
+            "redis_scripts": sum(calls.get(k, {}).get("calls", 0) for k in SCRIPT_CALLS),
+            "redis_in": stats["total_net_input_bytes"],
+            "redis_out": stats["total_net_output_bytes"],
+            "redis_cpu": cpu["used_cpu_user_main_thread"] + cpu["used_cpu_sys_main_thread"],
+        }
+
+    def _rabbitmq(self) -> dict[str, float]:
+        run = subprocess.run(
+            [str(RABBITMQCTL), "-n", self.node, "-q", "list_connections", "recv_oct", "send_oct"],
+            env={**os.environ, "HOME": str(self.rabbitmq_dir)}, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        rows = [line.split() for line in run.stdout.splitlines() if line.split()[:1] and line[0].isdigit()]
+        pid = int((Path(str(self.rabbitmq_dir)) / "rabbitmq.pid").read_text())
+        return {
+            "amqp_in": sum(int(r[0]) for r in rows),
+            "amqp_out": sum(int(r[1]) for r in rows),
+            "rabbitmq_cpu": cpu_seconds(pid),
+        }
+
+
+def _minus(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in after if k in before}
+
+
+def delta(counters: Counters, step: Callable[[], None]) -> dict[str, float]:
+    """The counters' change over ``step``, less what reading them costs."""
+    before = counters.read()
+    step()
+    change = _minus(counters.read(), before)
+    return {k: v - counters.overhead.get(k, 0) if k.startswith("redis_") else v for k, v in change.items()}
+
+
+def requests(redis_url: str, step: Callable[[], None]) -> int:
+    """Commands the clients sent to Redis during ``step`` (not those run inside scripts), seen
+    through MONITOR."""
+    seen: list[float] = []
+    ready, stop = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        with redis.Redis.from_url(redis_url).monitor() as monitor:
+            ready.set()
+            while not stop.is_set():
+                event = monitor.next_command()
+                if event["client_type"] != "lua":
+                    seen.append(float(event["time"]))
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    ready.wait(5)
+    time.sleep(0.1)  # (MONITOR on its way)
+    start = time.time()
+    step()
+    end = time.time()
+    stop.set()
+    redis.Redis.from_url(redis_url).ping()  # wakes the watcher
+    thread.join(5)
+    return sum(1 for t in seen if start <= t <= end)
+
+
+# ---- one side on one broker ------------------------------------------------------------------
+
+
+def cost(app: App, args: argparse.Namespace, results: Results, counters: Counters) -> dict[str, float]:
+    """Per job: enqueue (``enq_*``), a worker's run (``run_*``), and idle commands per second."""
+    redis_backed = app.broker_name != "stub"  # (its workers are processes of their own)
+    uses_redis = counters.redis is not None
+
+    def send(n: int) -> Callable[[], None]:
+        ids = [uuid.uuid4() for _ in range(n)]  # (made before the step is measured; each unique)
+
+        def step() -> None:
+            for i in range(n):
+                app.send(i, endpoint_id=ids[i])
+
+        return step
+
+    def send_and_run(n: int) -> Callable[[], None]:
+        sending = send(n)
+
+        def step() -> None:
+            results.reset(n)
+            sending()
+            results.wait(n, timeout=300)
+
+        return step
+
+    out: dict[str, float] = {}
+    app.open()
+    try:
+        app.send(-1)  # warm up: connections, scripts
+        app.flush()
+        enqueue = {k: v / args.n for k, v in delta(counters, send(args.n)).items()}
+        out.update({f"enq_{k}": v for k, v in enqueue.items()})
+        if uses_redis:
+            app.flush()
+            out["enq_requests"] = requests(args.redis, send(args.monitor_n)) / args.monitor_n
+        app.flush()
+        results.reset(10**9)
+        workers = app.start_workers(1, args.threads)
+        try:
+            app.wait_booted(workers, 1, results)
+            if redis_backed:
+                counters.workers_pid = workers.pid
+                time.sleep(1.0)
+                idle = {
+                    k: v / args.idle_s for k, v in delta(counters, lambda: time.sleep(args.idle_s)).items()
+                }
+                out["idle_workers_cpu"] = idle["workers_cpu"]
+                if uses_redis:
+                    out["idle_scripts"], out["idle_commands"] = idle["redis_scripts"], idle["redis_commands"]
+            run = {k: v / args.n for k, v in delta(counters, send_and_run(args.n)).items()}
+            if not redis_backed:  # the stub worker runs in this process: its CPU, less the sending
+                run["workers_cpu"] = run["here_cpu"] - enqueue["here_cpu"]
+            del run["here_cpu"]
+            for key, value in run.items():
+                out[f"run_{key}"] = value if key == "workers_cpu" else value - enqueue.get(key, 0)
+            if uses_redis:
+                sent = requests(args.redis, send_and_run(args.monitor_n)) / args.monitor_n
+                out["run_requests"] = sent - out["enq_requests"]
+        finally:
+            counters.workers_pid = None
+            app.stop_workers(workers)
+    finally:
+        app.close()
+    return out
+
+
+ROWS = [  # key, label, scale (per job -> shown unit)
+    ("requests", "requests to Redis / job", 1),
+    ("redis_commands", "commands Redis ran / job", 1),
+    ("redis_in", "bytes to Redis / job", 1),
+    ("redis_out", "bytes from Redis / job", 1),
+    ("redis_cpu", "Redis CPU (us / job)", 1e6),
+    ("amqp_in", "AMQP bytes to RabbitMQ / job", 1),
+    ("amqp_out", "AMQP bytes from RabbitMQ / job", 1),
+    ("rabbitmq_cpu", "RabbitMQ CPU (us / job)", 1e6),
+    ("here_cpu", "CPU in the sender (us / job)", 1e6),
+    ("workers_cpu", "CPU in the worker (us / job)", 1e6),
+]
+
+
+def cost_table(found: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = [f"{'broker':<10}{'step':<8}{'measure':<34}{'plain':>10}{'epq':>10}{'epq/plain':>11}"]
+    lines.append("-" * len(lines[0]))
+    for broker, sides in found.items():
+        rows = [
+            (f"{step}_{key}", step, label, scale) for step in ("enq", "run") for key, label, scale in ROWS
+        ]
+        rows += [
+            ("idle_scripts", "idle", "script calls to Redis / s", 1),
+            ("idle_commands", "idle", "commands Redis ran / s", 1),
+            ("idle_workers_cpu", "idle", "CPU in the worker (ms / s)", 1e3),
+        ]
+        for key, step, label, scale in rows:
+            if key not in sides["epq"] and key not in sides["plain"]:
+                continue
+            plain, ours = sides["plain"].get(key), sides["epq"].get(key)
+            shown = [f"{v * scale:>10.1f}" if v is not None else f"{'-':>10}" for v in (plain, ours)]
+            ratio = f"{ours / plain:>10.2f}x" if plain and ours is not None else f"{'-':>11}"
+            lines.append(f"{broker:<10}{step:<8}{label:<34}{shown[0]}{shown[1]}{ratio}")
+    return "\n".join(lines)
+
+
+def throughput(args: argparse.Namespace, urls: dict[str, str], results: Results) -> str:
+    lines = [
+        f"{'broker':<10}{'processes':>10}{'plain/s':>10}{'epq/s':>10}{'epq/plain':>11}{'epq vs 1 proc':>15}"
+    ]
+    lines.append("-" * len(lines[0]))
+    for broker in [b for b in args.brokers.split(",") if b != "stub"]:
+        first = None
+        for processes in (int(p) for p in args.processes.split(",")):
+            print(f"draining on {broker} with {processes} process(es) ...", file=sys.stderr, flush=True)
+            rates = {}
+            for kind in ("plain", "epq") if processes % 2 else ("epq", "plain"):
+                app = App(kind, broker, urls)
+                app.open()
+                try:
+                    workers, rates[kind] = drain(
+                        app, results, args.drain, processes, args.threads, args.batch
+                    )
+                    app.stop_workers(workers)
+                finally:
+                    app.close()
+            first = first or rates["epq"]
+            lines.append(
+                f"{broker:<10}{processes:>10}{rates['plain']:>10.0f}{rates['epq']:>10.0f}"
+                f"{rates['epq'] / rates['plain']:>10.2f}x{rates['epq'] / first:>14.2f}x"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--brokers", default="stub,redis,rabbitmq")
+    parser.add_argument("--n", type=int, default=3000, help="jobs a side for the cost per job")
+    parser.add_argument("--monitor-n", type=int, default=500, help="jobs a side for the MONITOR count")
+    parser.add_argument("--idle-s", type=float, default=3.0, help="seconds of the idle measure")
+    parser.add_argument("--drain", type=int, default=6000, help="backlog drained for the throughput")
+    parser.add_argument("--processes", default="1,2,4", help="worker processes for the throughput")
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=500, help="requests per enqueue_many (epq's backlog)")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379", help="Redis server (databases 9, 10)")
+    parser.add_argument(
+        "--results", default="redis://127.0.0.1:6379/8", help="where the jobs note themselves"
+    )
+    parser.add_argument("--rabbitmq", default="amqp://guest:guest@127.0.0.1:5672/%2F")
+    parser.add_argument("--rabbitmq-dir", help="data dir of the RabbitMQ node (AMQP bytes, node CPU)")
+    parser.add_argument("--no-throughput", action="store_true")
+    args = parser.parse_args()
+
+    base = args.redis.rstrip("/")
+    urls = {"plain_redis": f"{base}/9", "epq_redis": f"{base}/10", "rabbitmq": args.rabbitmq}
+    os.environ["BENCH_RESULTS_URL"] = args.results  # where the jobs note themselves (_report)
+    results = Results(args.results)
+    _epq_stub_handlers()
+    started = time.monotonic()
+    found: dict[str, dict[str, dict[str, float]]] = {}
+    for broker in args.brokers.split(","):
+        dir_ = args.rabbitmq_dir if broker == "rabbitmq" else None
+        found[broker] = {}
+        for kind in ("plain", "epq"):
+            # Redis: the broker's, or epq's state Redis on RabbitMQ
+            uses_redis = broker == "redis" or (broker == "rabbitmq" and kind == "epq")
+            counters = Counters(urls["epq_redis"] if uses_redis else None, args.rabbitmq, dir_)
+            print(f"measuring the cost per job of {kind} on {broker} ...", file=sys.stderr, flush=True)
+            found[broker][kind] = cost(App(kind, broker, urls), args, results, counters)
+    print(cost_table(found))
+    print(f"\n{args.n} jobs a side (requests: {args.monitor_n}, through MONITOR); run: 1 worker process "
+          f"x {args.threads} threads; on rabbitmq the Redis rows are epq's state Redis")  # fmt: skip
+    if not args.no_throughput:
+        print()
+        print(throughput(args, urls, results))
+        print(
+            f"\nbacklog of {args.drain} no-op jobs, {args.threads} threads a process, {os.cpu_count()} CPUs"
+        )
+    print(f"{time.monotonic() - started:.0f} s in all", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
