@@ -61,25 +61,31 @@ RABBITMQCTL = Path(os.environ.get("EPQ_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin")) 
 
 
 class Counters:
-    """What one run reads before and after a measured step: Redis's counters, the RabbitMQ node's
-    (when it can), the CPU of this process and of the worker processes."""
+    """What a run reads before and after a measured step: Redis's counters, the RabbitMQ node's
+    (when it can), the CPU of this process and of the worker processes; with each group, how many
+    jobs had run when it was read (``<group>_jobs``), so that a drain's counters are shared by the
+    jobs that ran between two readings of that group."""
 
-    def __init__(self, redis_url: str | None, rabbitmq_url: str, rabbitmq_dir: str | None) -> None:
+    def __init__(
+        self, redis_url: str | None, rabbitmq_url: str, rabbitmq_dir: str | None, jobs: Callable[[], int]
+    ) -> None:
         self.redis = redis.Redis.from_url(redis_url) if redis_url else None
         self.rabbitmq_dir = rabbitmq_dir
         self.node = f"epq-{urlsplit(rabbitmq_url).port}@localhost"
+        self.jobs = jobs
         self.workers_pid: int | None = None
         base = self.read()
         self.overhead = _minus(self.read(), base)  # what reading costs (INFO's own bytes)
 
-    def read(self) -> dict[str, float]:
-        out = {"here_cpu": time.process_time()}
+    def read(self, *, slow: bool = True) -> dict[str, float]:
+        """The counters; ``slow=False``: not the RabbitMQ node's (rabbitmqctl takes half a second)."""
+        out: dict[str, float] = {"here_cpu": time.process_time(), "here_jobs": self.jobs()}
         if self.redis is not None:
-            out.update(self._redis(self.redis))
+            out.update(self._redis(self.redis), redis_jobs=self.jobs())
         if self.workers_pid is not None:
-            out["workers_cpu"] = cpu_seconds(self.workers_pid)
-        if self.rabbitmq_dir:
-            out.update(self._rabbitmq())
+            out.update(workers_cpu=cpu_seconds(self.workers_pid), workers_jobs=self.jobs())
+        if self.rabbitmq_dir and slow:  # (rabbitmqctl reads at the end of its half second)
+            out.update(self._rabbitmq(), rabbitmq_jobs=self.jobs())
         return out
 
     @staticmethod
@@ -101,9 +107,19 @@ class Counters:
         rows = [line.split() for line in run.stdout.splitlines() if line.split()[:1] and line[0].isdigit()]
         pid = int((Path(str(self.rabbitmq_dir)) / "rabbitmq.pid").read_text())
         return {
-            "amqp_in": sum(int(r[0]) for r in rows),
-            "amqp_out": sum(int(r[1]) for r in rows),
+            "rabbitmq_in": sum(int(r[0]) for r in rows),
+            "rabbitmq_out": sum(int(r[1]) for r in rows),
             "rabbitmq_cpu": cpu_seconds(pid),
+        }
+
+    def change(self, before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        """Per job (the jobs of each group), less what reading costs. ``*_jobs``: jobs that ran."""
+        moved = _minus(after, before)
+        return {
+            k: (v - self.overhead[k] if k.startswith("redis_") else v)
+            / max(1, moved[k.split("_")[0] + "_jobs"])
+            for k, v in moved.items()
+            if not k.endswith("_jobs")
         }
 
 
@@ -111,65 +127,63 @@ def _minus(after: dict[str, float], before: dict[str, float]) -> dict[str, float
     return {k: after[k] - before[k] for k in after if k in before}
 
 
-def delta(counters: Counters, step: Callable[[], None]) -> dict[str, float]:
-    """The counters' change over ``step``, less what reading them costs."""
-    before = counters.read()
-    step()
-    change = _minus(counters.read(), before)
-    return {k: v - counters.overhead.get(k, 0) if k.startswith("redis_") else v for k, v in change.items()}
+def reach(results: Results, count: float) -> None:
+    """Until ``count`` jobs have run."""
+    deadline = time.monotonic() + 300
+    while results.count() < count:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {results.count()} of {count:.0f} jobs ran in 300 s")
+        time.sleep(0.002)
 
 
-def requests(redis_url: str, step: Callable[[], None]) -> int:
-    """Commands the clients sent to Redis during ``step`` (not those run inside scripts), seen
-    through MONITOR."""
-    seen: list[float] = []
-    ready, stop = threading.Event(), threading.Event()
+class Monitor:
+    """Commands clients send to Redis (not those run inside scripts), seen through MONITOR, by
+    the time Redis got them."""
 
-    def watch() -> None:
-        with redis.Redis.from_url(redis_url).monitor() as monitor:
-            ready.set()
-            while not stop.is_set():
+    def __init__(self, redis_url: str) -> None:
+        self.url, self.seen = redis_url, list[float]()
+        self.ready, self.stop = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        with redis.Redis.from_url(self.url).monitor() as monitor:
+            self.ready.set()
+            while not self.stop.is_set():
                 event = monitor.next_command()
                 if event["client_type"] != "lua":
-                    seen.append(float(event["time"]))
+                    self.seen.append(float(event["time"]))
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    ready.wait(5)
-    time.sleep(0.1)  # (MONITOR on its way)
-    start = time.time()
-    step()
-    end = time.time()
-    stop.set()
-    redis.Redis.from_url(redis_url).ping()  # wakes the watcher
-    thread.join(5)
-    return sum(1 for t in seen if start <= t <= end)
+    def __enter__(self) -> Monitor:
+        self.thread.start()
+        self.ready.wait(5)
+        time.sleep(0.1)  # (MONITOR on its way)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        redis.Redis.from_url(self.url).ping()  # wakes the watcher
+        self.thread.join(5)
+
+    def count(self, start: float, end: float) -> int:
+        return sum(1 for t in self.seen if start <= t <= end)
 
 
 # ---- one side on one broker ------------------------------------------------------------------
 
 
 def cost(app: App, args: argparse.Namespace, results: Results, counters: Counters) -> dict[str, float]:
-    """Per job: enqueue (``enq_*``), a worker's run (``run_*``), and idle commands per second."""
-    redis_backed = app.broker_name != "stub"  # (its workers are processes of their own)
+    """Per job: enqueue (``enq_*``: ``--n`` single sends, no worker running) and a worker's run
+    (``run_*``: the middle of the drain of that backlog, 10% to 90% of it), and idle (``idle_*``,
+    per second). Requests come from a backlog of its own before (``--monitor-n``, watched)."""
     uses_redis = counters.redis is not None
+    watched, n = (args.monitor_n if uses_redis else 0), args.n
 
-    def send(n: int) -> Callable[[], None]:
-        ids = [uuid.uuid4() for _ in range(n)]  # (made before the step is measured; each unique)
+    def send(count: int) -> Callable[[], None]:
+        ids = [uuid.uuid4() for _ in range(count)]  # (made before the step is measured; each unique)
 
         def step() -> None:
-            for i in range(n):
+            for i in range(count):
                 app.send(i, endpoint_id=ids[i])
-
-        return step
-
-    def send_and_run(n: int) -> Callable[[], None]:
-        sending = send(n)
-
-        def step() -> None:
-            results.reset(n)
-            sending()
-            results.wait(n, timeout=300)
 
         return step
 
@@ -178,34 +192,52 @@ def cost(app: App, args: argparse.Namespace, results: Results, counters: Counter
     try:
         app.send(-1)  # warm up: connections, scripts
         app.flush()
-        enqueue = {k: v / args.n for k, v in delta(counters, send(args.n)).items()}
-        out.update({f"enq_{k}": v for k, v in enqueue.items()})
-        if uses_redis:
-            app.flush()
-            out["enq_requests"] = requests(args.redis, send(args.monitor_n)) / args.monitor_n
-        app.flush()
-        results.reset(10**9)
+        results.reset(watched + n)
+        if watched:
+            sending = send(watched)
+            with Monitor(args.redis) as monitor:
+                start = time.time()
+                sending()
+                end = time.time()
+            out["enq_requests"] = monitor.count(start, end) / watched
+        sending = send(n)
+        before = counters.read()
+        sending()
+        enqueue = counters.change(before, counters.read())  # (no job ran: the totals)
+        out.update({f"enq_{k}": v / n for k, v in enqueue.items()})
+        whole = counters.read()
         workers = app.start_workers(1, args.threads)
         try:
-            app.wait_booted(workers, 1, results)
-            if redis_backed:
+            if watched:
+                with Monitor(args.redis) as monitor:
+                    reach(results, 0.1 * watched)
+                    start, done = time.time(), results.count()
+                    reach(results, 0.9 * watched)
+                    end, done = time.time(), results.count() - done
+                out["run_requests"] = monitor.count(start, end) / done
+            if app.broker_name != "stub":
                 counters.workers_pid = workers.pid
-                time.sleep(1.0)
-                idle = {
-                    k: v / args.idle_s for k, v in delta(counters, lambda: time.sleep(args.idle_s)).items()
-                }
-                out["idle_workers_cpu"] = idle["workers_cpu"]
-                if uses_redis:
-                    out["idle_scripts"], out["idle_commands"] = idle["redis_scripts"], idle["redis_commands"]
-            run = {k: v / args.n for k, v in delta(counters, send_and_run(args.n)).items()}
-            if not redis_backed:  # the stub worker runs in this process: its CPU, less the sending
-                run["workers_cpu"] = run["here_cpu"] - enqueue["here_cpu"]
+            reach(results, watched + 0.1 * n)
+            before = counters.read(slow=False)
+            reach(results, watched + 0.9 * n)
+            run = counters.change(before, counters.read(slow=False))
+            if app.broker_name == "stub":  # the worker runs in this process
+                run["workers_cpu"] = run["here_cpu"]
             del run["here_cpu"]
-            for key, value in run.items():
-                out[f"run_{key}"] = value if key == "workers_cpu" else value - enqueue.get(key, 0)
-            if uses_redis:
-                sent = requests(args.redis, send_and_run(args.monitor_n)) / args.monitor_n
-                out["run_requests"] = sent - out["enq_requests"]
+            out.update({f"run_{k}": v for k, v in run.items()})
+            reach(results, watched + n)
+            # RabbitMQ's counters: over the whole drain (with the workers' boot: a few kB)
+            drained = counters.change(whole, counters.read())
+            out.update({f"run_{k}": v for k, v in drained.items() if k.startswith("rabbitmq_")})
+            if app.broker_name != "stub":
+                time.sleep(1.0)
+                before = counters.read(slow=False)
+                time.sleep(args.idle_s)
+                idle = counters.change(before, counters.read(slow=False))  # (no job ran: the totals)
+                out["idle_workers_cpu"] = idle["workers_cpu"] / args.idle_s
+                if uses_redis:
+                    out["idle_scripts"] = idle["redis_scripts"] / args.idle_s
+                    out["idle_commands"] = idle["redis_commands"] / args.idle_s
         finally:
             counters.workers_pid = None
             app.stop_workers(workers)
@@ -220,8 +252,8 @@ ROWS = [  # key, label, scale (per job -> shown unit)
     ("redis_in", "bytes to Redis / job", 1),
     ("redis_out", "bytes from Redis / job", 1),
     ("redis_cpu", "Redis CPU (us / job)", 1e6),
-    ("amqp_in", "AMQP bytes to RabbitMQ / job", 1),
-    ("amqp_out", "AMQP bytes from RabbitMQ / job", 1),
+    ("rabbitmq_in", "AMQP bytes to RabbitMQ / job", 1),
+    ("rabbitmq_out", "AMQP bytes from RabbitMQ / job", 1),
     ("rabbitmq_cpu", "RabbitMQ CPU (us / job)", 1e6),
     ("here_cpu", "CPU in the sender (us / job)", 1e6),
     ("workers_cpu", "CPU in the worker (us / job)", 1e6),
@@ -312,7 +344,8 @@ def main() -> None:
         for kind in ("plain", "epq"):
             # Redis: the broker's, or epq's state Redis on RabbitMQ
             uses_redis = broker == "redis" or (broker == "rabbitmq" and kind == "epq")
-            counters = Counters(urls["epq_redis"] if uses_redis else None, args.rabbitmq, dir_)
+            redis_url = urls["epq_redis"] if uses_redis else None
+            counters = Counters(redis_url, args.rabbitmq, dir_, results.count)
             print(f"measuring the cost per job of {kind} on {broker} ...", file=sys.stderr, flush=True)
             found[broker][kind] = cost(App(kind, broker, urls), args, results, counters)
     print(cost_table(found))
