@@ -52,3 +52,21 @@ def test_memory_prints_bytes_per_waiting_and_completed_job() -> None:
     plain, ours = (float(v) for v in rows["waiting"][:2])
     assert plain > 0
     assert ours > plain  # a waiting epq job also has its record and its lock
+
+
+@pytest.mark.redis
+def test_cost_prints_the_cost_per_job_against_plain() -> None:
+    server = REDIS_URL.rsplit("/", 1)[0]  # the test Redis server: the jobs note themselves in database 8
+    redis_available(f"{server}/8").close()
+    args = f"--brokers stub --redis {server} --results {server}/8 --n 200 --no-throughput"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cost.py"), *args.split()],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    rows = {" ".join(line.split()[:3]): line.split()[-3:] for line in run.stdout.splitlines()}
+    for row in ("stub enq CPU", "stub run CPU"):
+        plain, ours, ratio = rows[row]
+        assert float(plain) > 0
+        assert float(ours) > 0
+        assert ratio.endswith("x")
