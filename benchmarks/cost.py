@@ -4,9 +4,15 @@ Dramatiq, measured in one run on this machine.
     python benchmarks/cost.py --redis redis://127.0.0.1:6501 --results redis://127.0.0.1:6502/8 \\
         --rabbitmq amqp://guest:guest@127.0.0.1:5801/%2F --rabbitmq-dir /tmp/h-scale/rabbitmq-5801
 
-Cost per job (``--n`` jobs a side), for enqueue (single send, no worker running) and for a
-worker's run of a job (one worker process of ``--threads`` threads, already booted, while the
-jobs are sent; the enqueue's share, measured just before, is taken off):
+Cost per job (``--n`` jobs a side; ``docs/scaling.md`` reads the numbers):
+
+- enq: ``--n`` jobs sent one by one, no worker running;
+- run: one worker process of ``--threads`` threads then drains that backlog, and the counters are
+  read at 10 % and 90 % of it (no boot, no sending in the window), each group of counters divided
+  by the jobs that ran between its two readings;
+- idle: the same worker for ``--idle-s`` seconds with nothing to do, per second.
+
+What is counted:
 
 - requests to Redis: commands the clients sent (a Lua script call is one; a pipeline of k commands
   is k), counted with MONITOR in a pass of its own (``--monitor-n`` jobs), since MONITOR costs
@@ -19,8 +25,7 @@ jobs are sent; the enqueue's share, measured just before, is taken off):
   worker's process tree; on the stub broker the worker runs in the sending process);
 - on RabbitMQ: bytes on the AMQP connections and the node's CPU, when ``--rabbitmq-dir`` names the
   data dir of a node started by ``brokers/rabbitmq-start`` (read with its ``rabbitmqctl``; RabbitMQ
-  without its management plugin counts no publishes or acks); epq's state Redis is ``--redis``;
-- idle: commands per second one booted worker process sends with no job to run.
+  without its management plugin counts no publishes or acks); epq's state Redis is ``--redis``.
 
 Throughput: a backlog of ``--drain`` jobs drained by 1, 2 and 4 worker processes (``--processes``),
 jobs per second from the first start to the last (``benchmarks/compare.py``'s drain).
