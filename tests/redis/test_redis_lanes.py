@@ -127,3 +127,17 @@ def test_redis_messages_fetched_but_not_handed_out_go_back_when_the_consumer_clo
     for job_id in ids:
         record = svc.get_job(job_id)
         assert (record.state, record.attempt) == (epq.JobState.AVAILABLE, 0)  # type: ignore[union-attr]
+
+
+@pytest.mark.redis
+def test_an_idle_consumer_waits_longer_between_polls_of_a_delay_queue(redis_broker: dramatiq.Broker) -> None:
+    # epq's delays wait in its schedule, so Dramatiq's .DQ queues are polled at the worker's
+    # timeout, and the work queues several times as often (a job starts soon on an idle worker)
+    work = redis_broker.consume("default", timeout=1000)
+    delays = redis_broker.consume("default.DQ", timeout=1000)
+    try:
+        assert work.timeout == 200  # type: ignore[attr-defined]
+        assert delays.timeout == 1000  # type: ignore[attr-defined]
+    finally:
+        work.close()
+        delays.close()

@@ -58,6 +58,11 @@ REBALANCE_MAX = 100
 #: The longest an idle consumer sleeps between polls (Dramatiq's default is the worker timeout,
 #: 1 s), so a promoted or newly enqueued job starts quickly on idle workers.
 IDLE_POLL_MS = 200
+#: The same for Dramatiq's delay queues (``.DQ``), which epq's own delays never use (they wait in
+#: epq's schedule): only messages delayed by a plain Dramatiq broker before a move to epq can be
+#: there, and a few seconds late is on time for them. Polling them as often as the work queues
+#: was half of an idle worker's calls to Redis.
+DELAY_QUEUE_POLL_MS = 5_000
 #: Each bulk enqueue script call leaves its reply under a token key this long, so that sending the
 #: call again after its reply was lost (see enqueue_many_recorded.lua) cannot enqueue a job twice.
 BULK_TOKEN_TTL_MS = 5 * 60 * 1000
@@ -280,7 +285,8 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
         return LaneConsumer
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
-        return super().consume(queue_name, prefetch, min(timeout, IDLE_POLL_MS))
+        idle_poll = DELAY_QUEUE_POLL_MS if queue_name.endswith(".DQ") else IDLE_POLL_MS
+        return super().consume(queue_name, prefetch, min(timeout, idle_poll))
 
     def fetch_lanes(self, queue_name: str, count: int) -> list[tuple[str, bytes]]:
         """Take up to ``count`` messages of ``queue_name`` for this worker, highest priority
