@@ -136,6 +136,16 @@ class NewRecord(NamedTuple):
     lock_ttl_ms: int = 0
 
 
+class Move(NamedTuple):
+    """One transition of :meth:`RecordStore.move_many` (the arguments of ``move``)."""
+
+    job_id: str
+    state: str
+    fields: RecordFields
+    ttl_ms: int
+    allowed_from: Sequence[str] = ()
+
+
 class RecordStore(Protocol):
     """Job records: a record per job with the fields of :class:`epq.JobRecord` (as strings; times
     in ms), per ``queue|priority|state`` counters and an index of dead (discarded) jobs, each
@@ -161,6 +171,13 @@ class RecordStore(Protocol):
     def start(self, job_id: str, now_ms: int, ttl_ms: int) -> str | None:
         """Mark the job running, one more attempt; returns the state before (``cancelled``: not
         started)."""
+
+    def move_many(self, moves: Sequence[Move]) -> list[str | None]:
+        """``move`` for each, in order, in one round trip (each its own atomic step); the state
+        before of each."""
+
+    def start_many(self, job_ids: Sequence[str], now_ms: int, ttl_ms: int) -> list[str | None]:
+        """``start`` for each job, in order, in one round trip; the state before of each."""
 
     def fail(
         self, job_id: str, state: str, error: Mapping[str, Any], fields: RecordFields, ttl_ms: int

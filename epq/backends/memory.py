@@ -27,7 +27,7 @@ from ..middleware.job_records import refuse_malformed
 from ..outage import GivesBack
 from ..priority import LANES, lane_of
 from ..records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX, MAX_ERRORS, check_id_prefix
-from .base import Clock, DurableDelays, NewRecord, RecordFields, counter_group, holder_id
+from .base import Clock, DurableDelays, Move, NewRecord, RecordFields, counter_group, holder_id
 
 
 class FakeClock:
@@ -271,6 +271,12 @@ class MemoryRecords:
             record["attempted_at"] = str(now_ms)
             self._expire(job_id, ttl_ms)
             return old
+
+    def move_many(self, moves: Sequence[Move]) -> list[str | None]:
+        return [self.move(*move) for move in moves]
+
+    def start_many(self, job_ids: Sequence[str], now_ms: int, ttl_ms: int) -> list[str | None]:
+        return [self.start(job_id, now_ms, ttl_ms) for job_id in job_ids]
 
     def fail(
         self, job_id: str, state: str, error: Mapping[str, Any], fields: RecordFields, ttl_ms: int

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 
-from epq.backends.base import NewRecord, RecordStore, StateStore, counter_group, holder_id
+from epq.backends.base import Move, NewRecord, RecordStore, StateStore, counter_group, holder_id
 from epq.backends.memory import FakeClock, MemoryRecords, MemoryStateStore
 from epq.backends.redis.store import RedisRecords, RedisStateStore
 from epq.records import MAX_ERRORS
@@ -415,6 +415,48 @@ def test_start_of_a_job_without_a_record_returns_none_and_writes_nothing(stores:
     assert stores.records.start("missing", T0, DAY_MS) is None
     assert stores.records.get("missing") is None
     assert stores.live_counters() == {}
+
+
+def test_move_many_moves_each_job_in_order_and_returns_each_state_before(stores: Stores) -> None:
+    stores.records.create(NewRecord("j1", fields("running"), DAY_MS))
+    stores.records.create(NewRecord("j2", fields("cancelled"), DAY_MS))
+    moves = [
+        Move("j1", "completed", {"finalized_at": "5"}, DAY_MS, ("running",)),
+        Move("j2", "completed", {"finalized_at": "6"}, DAY_MS, ("running",)),  # not allowed
+        Move("missing", "completed", {"finalized_at": "7"}, DAY_MS),
+        Move("j1", "discarded", {}, DAY_MS, ("running",)),  # after the first: completed now
+    ]
+    assert stores.records.move_many(moves) == ["running", "cancelled", None, "completed"]
+    assert stores.records.get("j1") == fields("completed", finalized_at="5")
+    assert stores.records.get("j2") == fields("cancelled")
+    assert stores.records.get("missing") is None
+    assert stores.live_counters() == {group("completed"): 1, group("cancelled"): 1}
+    assert stores.records.move_many([]) == []
+
+
+def test_start_many_starts_each_job_and_returns_each_state_before(stores: Stores) -> None:
+    stores.records.create(NewRecord("j1", fields(), DAY_MS))
+    stores.records.create(NewRecord("j2", fields("cancelled"), DAY_MS))
+    stores.records.create(NewRecord("j3", fields("retryable", attempt="1"), DAY_MS))
+    assert stores.records.start_many(["j1", "j2", "missing", "j3"], T0 + 5, DAY_MS) == [
+        "available", "cancelled", None, "retryable",
+    ]  # fmt: skip
+    assert stores.records.get("j1") == fields("running", attempt="1", attempted_at=str(T0 + 5))
+    assert stores.records.get("j2") == fields("cancelled")
+    assert stores.records.get("j3") == fields("running", attempt="2", attempted_at=str(T0 + 5))
+    assert stores.live_counters() == {group("running"): 2, group("cancelled"): 1}
+    assert stores.records.start_many([], T0, DAY_MS) == []
+
+
+def test_a_batch_runs_on_a_server_that_lost_the_scripts(stores: Stores) -> None:
+    stores.records.create(NewRecord("j1", fields(), DAY_MS))
+    if stores.client is not None:
+        stores.client.script_flush()  # (a restarted Redis without its scripts)
+    assert stores.records.start_many(["j1"], T0 + 5, DAY_MS) == ["available"]
+    if stores.client is not None:
+        stores.client.script_flush()
+    assert stores.records.move_many([Move("j1", "completed", {}, DAY_MS)]) == ["running"]
+    assert stores.records.get("j1") == fields("completed", attempt="1", attempted_at=str(T0 + 5))
 
 
 def _error(n: int) -> dict[str, Any]:

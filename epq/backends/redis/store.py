@@ -12,7 +12,7 @@ from typing import Any
 import redis
 
 from ...records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX, MAX_ERRORS, check_id_prefix, payload_json
-from ..base import NewRecord, RecordFields
+from ..base import Move, NewRecord, RecordFields
 from . import keys, scripts
 
 _compact_json = json.JSONEncoder(separators=(",", ":")).encode
@@ -189,24 +189,58 @@ class RedisRecords:
     def move(
         self, job_id: str, state: str, fields: RecordFields, ttl_ms: int, allowed_from: Sequence[str] = ()
     ) -> str | None:
+        move = Move(job_id, state, fields, ttl_ms, allowed_from)
+        return _text(self._lua["record_move"](*self._move_call(move, self.now_ms())))
+
+    def _move_call(self, move: Move, now: int) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of ``record_move.lua`` for ``move``."""
         args = [
-            job_id,
-            self.now_ms(),
-            ttl_ms,
-            state,
-            ",".join(allowed_from),
+            move.job_id,
+            now,
+            move.ttl_ms,
+            move.state,
+            ",".join(move.allowed_from),
             self.completed_max,
             keys.JOB_PREFIX,
             self.dead_max,
+            *flat_fields(move.fields),
         ]
-        return _text(
-            self._lua["record_move"](
-                keys=[*keys.record_keys(job_id), keys.DONE], args=[*args, *flat_fields(fields)]
-            )
-        )
+        return [*keys.record_keys(move.job_id), keys.DONE], args
 
     def start(self, job_id: str, now_ms: int, ttl_ms: int) -> str | None:
         return _text(self._lua["record_start"](keys=keys.record_keys(job_id), args=[job_id, now_ms, ttl_ms]))
+
+    def move_many(self, moves: Sequence[Move]) -> list[str | None]:
+        now = self.now_ms()
+        return [_text(r) for r in self._pipelined("record_move", [self._move_call(m, now) for m in moves])]
+
+    def start_many(self, job_ids: Sequence[str], now_ms: int, ttl_ms: int) -> list[str | None]:
+        calls = [(keys.record_keys(job_id), [job_id, now_ms, ttl_ms]) for job_id in job_ids]
+        return [_text(r) for r in self._pipelined("record_start", calls)]
+
+    def _pipelined(self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """Call script ``name`` once per ``(keys, args)``, in order, in one round trip; the
+        replies. By hash only (redis-py's own script calls in a pipeline ask first whether the
+        server has them, a round trip more): calls the server refused for want of the script did
+        not run, and are sent again once it is loaded."""
+        script = self._lua[name]
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for _ in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for i in todo:
+                call_keys, args = calls[i]
+                pipe.execute_command("EVALSHA", script.sha, len(call_keys), *call_keys, *args)  # type: ignore[no-untyped-call]
+            for i, reply in zip(todo, pipe.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+            todo = [i for i in todo if isinstance(replies[i], redis.exceptions.NoScriptError)]
+            if not todo:
+                break
+            script.sha = self.client.script_load(script.script)  # type: ignore[no-untyped-call]
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     def fail(
         self, job_id: str, state: str, error: Mapping[str, Any], fields: RecordFields, ttl_ms: int
