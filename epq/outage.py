@@ -60,6 +60,11 @@ def unreachable(exc: BaseException) -> bool:
     return store_unreachable(exc)
 
 
+def backoff_ms(tries: int) -> int:
+    """How long to wait before the next try, after ``tries`` failed ones (``BACKOFF_MS``)."""
+    return BACKOFF_MS[min(tries, len(BACKOFF_MS) - 1)]
+
+
 def until_written(write: Callable[[], T], what: str) -> T:
     """Run ``write`` until it succeeds, waiting while the state store is unreachable. Other errors
     (bugs, not outages) are raised at once.
@@ -86,7 +91,7 @@ def until_written(write: Callable[[], T], what: str) -> T:
                     what,
                     describe_error(exc),
                 )
-            _stopping.wait(BACKOFF_MS[min(tries, len(BACKOFF_MS) - 1)] / 1000)
+            _stopping.wait(backoff_ms(tries) / 1000)
             tries += 1
             if tries % 20 == 0:
                 logger.warning("Still waiting for the state store while %s (%d tries)", what, tries)

@@ -285,6 +285,11 @@ class InFlight:
     complete_ttl_ms: int | None = None
     #: Give it back to its queue instead of acking or dead-lettering it (``epq.outage``).
     requeue: bool = False
+    #: Its consumer writes the outcome of a job that succeeded together with other jobs', just
+    #: before it acks them (RabbitMQ: see ``EpqRabbitmqConsumer``).
+    batched: bool = False
+    #: Set when it succeeded and ``batched``: the transition its consumer writes before the ack.
+    outcome: Move | None = None
 
 
 def in_flight(proxy: Any) -> InFlight:

@@ -13,7 +13,7 @@ from dramatiq.broker import MessageProxy
 from dramatiq.common import q_name
 from dramatiq.middleware import SkipMessage
 
-from ..backends.base import NewRecord, RecordStore, StateStore, holder_id, in_flight
+from ..backends.base import Move, NewRecord, RecordStore, StateStore, holder_id, in_flight
 from ..errors import DuplicateJob, StateUnavailable, describe_error
 from ..options import DUE_MS, RECORDED, UNIQUE_KEY
 from ..outage import (
@@ -172,13 +172,11 @@ class JobRecords(dramatiq.Middleware):
             return
         if exception is None and self._recorded(broker, message) is not None:
             fields = {"finalized_at": str(self.store.now_ms())}
-            self._write(
-                message,
-                lambda: self.records.move(
-                    message.message_id, "completed", fields, self.completed_ttl_ms, ("running",)
-                ),
-                "completing a job",
-            )
+            move = Move(message.message_id, "completed", fields, self.completed_ttl_ms, ("running",))
+            if in_flight(message).batched:
+                in_flight(message).outcome = move  # its consumer writes it, then acks
+                return
+            self._write(message, lambda: self.records.move(*move), "completing a job")
 
     @staticmethod
     def _write(message: MessageProxy, write: Any, what: str) -> None:

@@ -7,6 +7,8 @@ a process on Redis or the stub broker never loads pika or Dramatiq's RabbitMQ br
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -22,10 +24,12 @@ from dramatiq.errors import ConnectionClosed
 from ... import wire
 from ...errors import BrokerUnavailable, QueueMismatch, StateUnavailable, describe_error
 from ...middleware.job_records import refuse_malformed
-from ...outage import GivesBack
+from ...outage import GivesBack, backoff_ms, must_requeue, unreachable
 from ...priority import RABBITMQ_MAX_PRIORITY, amqp_priority, lane_of
-from ..base import DurableDelays
+from ..base import DurableDelays, Move, in_flight
 from ..urls import mask_url
+
+logger = logging.getLogger("epq")
 
 #: AMQP reply code for a queue declared again with different arguments.
 PRECONDITION_FAILED = 406
@@ -35,7 +39,27 @@ class EpqRabbitmqConsumer(GivesBack, _RabbitmqConsumer):
     """Dramatiq's RabbitMQ consumer, checking each message as it comes off the queue
     (``epq.wire``: a malformed one is recorded and dead-lettered with its reason, instead of
     reaching the worker's threads), and giving back (``basic_nack`` with requeue) a message the
-    worker could not finish because the state store was unreachable (``epq.outage``)."""
+    worker could not finish because the state store was unreachable (``epq.outage``).
+
+    The records of jobs that succeeded are completed in batches: ``ack`` (in a worker thread)
+    keeps the job's outcome (``InFlight.outcome``) and has the connection's thread flush what
+    is kept: the outcomes written in one round trip (``RecordStore.move_many``), then their
+    messages acked. A flush asked for while one runs follows it; so the jobs that end while the
+    state store answers go in the next batch, and a job alone waits for nothing. While the state
+    store cannot be reached, the outcomes stay kept and their messages unacked (the outage rule):
+    the flush is tried again with ``epq.outage``'s backoff, without blocking the connection's
+    thread (which keeps the heartbeats going); if the worker stops or the connection is lost
+    first, RabbitMQ gives the messages back to their queue, to run again.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        backend = self.broker.epq
+        self.records = backend.records if backend is not None else None
+        self._lock = threading.Lock()
+        self._kept: list[tuple[int, Move]] = []  # (delivery tag, outcome), in ack order
+        self._flushing = False  # a flush is asked for or running
+        self._failed_flushes = 0  # in a row, the state store unreachable
 
     def __next__(self) -> Any:
         try:
@@ -60,7 +84,72 @@ class EpqRabbitmqConsumer(GivesBack, _RabbitmqConsumer):
             self._settle(method.delivery_tag, requeue=False)  # to .XQ, by the dead-letter exchange
             return None
         self.known_tags.add(method.delivery_tag)
-        return _RabbitmqMessage(method.redelivered, method.delivery_tag, message)  # type: ignore[no-untyped-call]
+        proxy = _RabbitmqMessage(method.redelivered, method.delivery_tag, message)  # type: ignore[no-untyped-call]
+        if self.records is not None:
+            in_flight(proxy).batched = True  # see JobRecords
+        return proxy
+
+    def ack(self, message: Any) -> None:
+        outcome = in_flight(message).outcome
+        if outcome is None or must_requeue(message):
+            super().ack(message)  # (GivesBack: or back to its queue)
+            return
+        try:
+            self.known_tags.remove(message._tag)
+        except KeyError:  # (the consumer restarted since: RabbitMQ gives the message back by itself)
+            self.logger.warning("Failed to ack message: not in known tags.")
+            return
+        with self._lock:
+            self._kept.append((message._tag, outcome))
+            if self._flushing:
+                return  # the flush running or asked for takes it
+            self._flushing = True
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        try:
+            self.connection.add_callback_threadsafe(self._flush)
+        except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as exc:
+            with self._lock:
+                self._flushing = False  # (what is kept is given back with the connection)
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+
+    def _flush(self) -> None:
+        """On the connection's thread: write the kept outcomes, then ack their messages."""
+        assert self.records is not None
+        with self._lock:
+            batch, self._kept = self._kept, []
+        try:
+            self.records.move_many([outcome for _, outcome in batch])
+        except Exception as exc:
+            if unreachable(exc):
+                self._flush_later(batch, exc)
+                return
+            # a state store that answers but cannot take it (a bug): acked as they would be
+            logger.exception("Could not write the records of %d completed jobs", len(batch))
+        if self._failed_flushes:
+            logger.warning("The state store is back; acking %d completed jobs", len(batch))
+            self._failed_flushes = 0
+        for tag, _ in batch:
+            self.channel.basic_ack(tag)
+        with self._lock:
+            self._flushing = bool(self._kept)
+        if self._flushing:
+            self._flush_soon()
+
+    def _flush_later(self, batch: list[tuple[int, Move]], exc: Exception) -> None:
+        """Keep the outcomes (their messages unacked) and flush again after a backoff."""
+        with self._lock:
+            self._kept[:0] = batch
+        if self._failed_flushes == 0:
+            logger.warning(
+                "The state store is unreachable while completing %d jobs (%s); their messages "
+                "wait, unacked, until it is back",
+                len(batch),
+                describe_error(exc),
+            )
+        self.connection.call_later(backoff_ms(self._failed_flushes) / 1000, self._flush)
+        self._failed_flushes += 1
 
     def _settle(self, tag: int, *, requeue: bool) -> None:
         self.connection.add_callback_threadsafe(partial(self.channel.basic_nack, tag, requeue=requeue))

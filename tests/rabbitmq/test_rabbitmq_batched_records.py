@@ -1,0 +1,129 @@
+"""On RabbitMQ the records of jobs that succeeded are completed in batches, just before their
+messages are acked (``EpqRabbitmqConsumer``); the outage rule holds for a batch as for one job:
+a message is acked only once its job's outcome is written, and while the state store cannot be
+reached, nothing is lost."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import dramatiq
+import pytest
+import redis
+
+import epq
+from epq.testing import HandlerRegistry, backend
+from tests.support.helpers import VALID, message_count, wait_for
+
+pytestmark = pytest.mark.rabbitmq
+
+N = 6
+#: Messages a worker of two threads holds unacked at most (Dramatiq's prefetch: twice its threads).
+HELD = 4
+
+
+def _enqueue(broker: dramatiq.Broker, n: int) -> list[str]:
+    svc = epq.QueueService(broker)
+    requests = [("register_job", {**VALID["register_job"], "job_id": f"batched-{i}"}) for i in range(n)]
+    return [r.job.id for r in svc.enqueue_many(requests)]
+
+
+def _states(broker: dramatiq.Broker, ids: list[str]) -> set[epq.JobState]:
+    svc = epq.QueueService(broker)
+    return {svc.get_job(i).state for i in ids}  # type: ignore[union-attr]
+
+
+class _Unreachable:
+    """``move_many`` of a record store that cannot be reached, until ``back`` is set."""
+
+    def __init__(self, records: Any) -> None:
+        self.move_many = records.move_many
+        self.tried = threading.Event()
+        self.back = threading.Event()
+
+    def __call__(self, moves: Sequence[Any]) -> list[str | None]:
+        self.tried.set()
+        if not self.back.is_set():
+            raise redis.ConnectionError("Connection refused")
+        return self.move_many(moves)  # type: ignore[no-any-return]
+
+
+def test_the_records_of_jobs_that_succeeded_are_completed_and_their_messages_acked(
+    rabbitmq_broker: dramatiq.Broker, epq_handlers: HandlerRegistry
+) -> None:
+    received = epq_handlers.record("register_job")
+    ids = _enqueue(rabbitmq_broker, 50)
+    worker = dramatiq.Worker(rabbitmq_broker, worker_timeout=50, worker_threads=4)
+    worker.start()
+    try:
+        assert wait_for(lambda: _states(rabbitmq_broker, ids) == {epq.JobState.COMPLETED}, timeout=30)
+    finally:
+        worker.stop()
+    assert len(received) == 50
+    assert message_count(rabbitmq_broker, "default") == 0
+    assert epq.QueueService(rabbitmq_broker).get_job(ids[0]).attempt == 1  # type: ignore[union-attr]
+
+
+def test_a_batch_whose_outcomes_cannot_be_written_is_not_acked_and_runs_again_after_the_worker_stops(
+    rabbitmq_broker: dramatiq.Broker, epq_handlers: HandlerRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given jobs that ran while the state store could not take their outcomes
+    received = epq_handlers.record("register_job")
+    ids = _enqueue(rabbitmq_broker, N)
+    records = backend(rabbitmq_broker).records
+    down = _Unreachable(records)
+    monkeypatch.setattr(records, "move_many", down)
+    worker = dramatiq.Worker(rabbitmq_broker, worker_timeout=50, worker_threads=2)
+    worker.start()
+    try:
+        assert wait_for(lambda: len(received) == HELD, timeout=30)
+        assert down.tried.wait(10)
+        # Then their messages are not acked: the worker holds as many as it may, the rest wait
+        time.sleep(0.5)
+        assert len(received) == HELD
+        assert message_count(rabbitmq_broker, "default") == N - HELD
+    finally:
+        # When the worker stops before the state store is back
+        worker.stop()
+    monkeypatch.undo()
+    # Then every message is back in its queue, none dead-lettered, and each runs to the end
+    assert wait_for(lambda: message_count(rabbitmq_broker, "default") == N)
+    assert message_count(rabbitmq_broker, "default.XQ") == 0
+    received.clear()
+    worker = dramatiq.Worker(rabbitmq_broker, worker_timeout=50, worker_threads=2)
+    worker.start()
+    try:
+        assert wait_for(lambda: _states(rabbitmq_broker, ids) == {epq.JobState.COMPLETED}, timeout=30)
+    finally:
+        worker.stop()
+    assert sorted(r.job_id for r in received) == sorted(f"batched-{i}" for i in range(N))
+    assert message_count(rabbitmq_broker, "default") == 0
+
+
+def test_a_batch_waits_for_an_unreachable_state_store_and_is_acked_once_it_is_back(
+    rabbitmq_broker: dramatiq.Broker, epq_handlers: HandlerRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given jobs that ran while the state store could not take their outcomes (not acked)
+    received = epq_handlers.record("register_job")
+    ids = _enqueue(rabbitmq_broker, N)
+    records = backend(rabbitmq_broker).records
+    down = _Unreachable(records)
+    monkeypatch.setattr(records, "move_many", down)
+    worker = dramatiq.Worker(rabbitmq_broker, worker_timeout=50, worker_threads=2)
+    worker.start()
+    try:
+        assert wait_for(lambda: len(received) == HELD, timeout=30)
+        assert down.tried.wait(10)
+        assert message_count(rabbitmq_broker, "default") == N - HELD
+        # When it is back
+        down.back.set()
+        # Then the outcomes are written, the messages acked, and the rest run: each job once
+        assert wait_for(lambda: _states(rabbitmq_broker, ids) == {epq.JobState.COMPLETED}, timeout=30)
+    finally:
+        worker.stop()
+    assert sorted(r.job_id for r in received) == sorted(f"batched-{i}" for i in range(N))
+    assert message_count(rabbitmq_broker, "default") == 0
+    assert message_count(rabbitmq_broker, "default.XQ") == 0
