@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import uuid
 from typing import Any
 
@@ -63,6 +64,73 @@ def refuse_malformed(broker: dramatiq.Broker, queue_name: str, error: MalformedM
     logger.error("Dead-lettering a malformed message on queue %r: %s", queue_name, error.reason)
 
 
+class _Start:
+    """A worker thread's ask to start a job, in a :class:`_Starts` batch."""
+
+    __slots__ = ("batch", "before", "error", "job_id", "turn")
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.batch: list[_Start] | None = None  # set when this thread is to write these starts
+        self.before: str | None = None
+        self.error: Exception | None = None
+        self.turn = threading.Event()  # its start is written, or it is to write a batch
+
+
+class _Starts:
+    """The starts of jobs that worker threads ask for at the same time, written together: a
+    thread that asks while no write is under way writes its own start at once; the asks that
+    come while one is under way wait for it, and the first of them then writes them all in one
+    round trip (``RecordStore.start_many``). A job alone waits for nothing more than its own
+    write."""
+
+    def __init__(self, records: RecordStore, store: StateStore) -> None:
+        self.records, self.store = records, store
+        self._lock = threading.Lock()
+        self._waiting: list[_Start] = []
+        self._busy = False  # a write is under way
+
+    def start(self, job_id: str, ttl_ms: int) -> str | None:
+        """``RecordStore.start`` of ``job_id`` (at the store's time), with the others asked for."""
+        ask = _Start(job_id)
+        with self._lock:
+            if self._busy:
+                self._waiting.append(ask)
+            else:
+                self._busy = True
+                ask.batch = [ask]
+        if ask.batch is None:
+            ask.turn.wait()
+        if ask.batch is not None:
+            self._write(ask.batch, ttl_ms)
+        if ask.error is not None:
+            raise ask.error
+        return ask.before
+
+    def _write(self, batch: list[_Start], ttl_ms: int) -> None:
+        try:
+            now = self.store.now_ms()
+            if len(batch) == 1:
+                befores = [self.records.start(batch[0].job_id, now, ttl_ms)]
+            else:
+                befores = self.records.start_many([ask.job_id for ask in batch], now, ttl_ms)
+            for ask, before in zip(batch, befores, strict=True):
+                ask.before = before
+        except Exception as exc:
+            for ask in batch:
+                ask.error = exc  # (each thread decides: wait out an outage, or fail)
+        with self._lock:
+            following, self._waiting = self._waiting, []
+            if following:
+                following[0].batch = following
+            else:
+                self._busy = False
+        for ask in batch[1:]:
+            ask.turn.set()
+        if following:
+            following[0].turn.set()
+
+
 class JobRecords(dramatiq.Middleware):
     """Writes each epq job's state transitions to the job records (River's lifecycle).
 
@@ -84,6 +152,7 @@ class JobRecords(dramatiq.Middleware):
         self.store = store
         self.completed_ttl_ms = completed_ttl_ms
         self.discarded_ttl_ms = discarded_ttl_ms
+        self._starts = _Starts(records, store)
 
     @staticmethod
     def _recorded(broker: dramatiq.Broker, message: Any) -> dramatiq.Actor[Any, Any] | None:
@@ -150,12 +219,12 @@ class JobRecords(dramatiq.Middleware):
         try:
             with state_errors("starting a job"):  # (other errors: a MiddlewareError, so it does not run)
                 # (on Redis with the records in the broker's server, on the broker's kept connections)
-                fused = in_flight(message).records_here
-                start = broker.start_record if fused else self.records.start  # type: ignore[attr-defined]
-                before = until_written(
-                    lambda: start(message.message_id, self.store.now_ms(), OPEN_RECORD_TTL_MS),
-                    "starting a job",
-                )
+                if in_flight(message).records_here:
+                    start = broker.start_record  # type: ignore[attr-defined]
+                    write = lambda: start(message.message_id, self.store.now_ms(), OPEN_RECORD_TTL_MS)  # noqa: E731
+                else:  # (with the starts other threads ask for at the same time)
+                    write = lambda: self._starts.start(message.message_id, OPEN_RECORD_TTL_MS)  # noqa: E731
+                before = until_written(write, "starting a job")
         except WorkerStopping:
             requeue_instead(message)  # not started: it goes back to its queue
             raise

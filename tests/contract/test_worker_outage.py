@@ -30,6 +30,7 @@ def test_a_job_whose_start_cannot_be_written_goes_back_to_its_queue_when_the_wor
         raise redis.ConnectionError("Connection refused")
 
     monkeypatch.setattr(records, "start", start_down)
+    monkeypatch.setattr(records, "start_many", start_down)  # (starts asked for together)
     if hasattr(broker, "start_record"):  # Redis with the records in the broker's server
         monkeypatch.setattr(broker, "start_record", start_down)
     worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=1)
