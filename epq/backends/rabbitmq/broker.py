@@ -119,6 +119,9 @@ class EpqRabbitmqConsumer(GivesBack, _RabbitmqConsumer):
         assert self.records is not None
         with self._lock:
             batch, self._kept = self._kept, []
+            if not batch:
+                self._flushing = False
+                return
         try:
             self.records.move_many([outcome for _, outcome in batch])
         except Exception as exc:
@@ -130,8 +133,10 @@ class EpqRabbitmqConsumer(GivesBack, _RabbitmqConsumer):
         if self._failed_flushes:
             logger.warning("The state store is back; acking %d completed jobs", len(batch))
             self._failed_flushes = 0
-        for tag, _ in batch:
-            self.channel.basic_ack(tag)
+        *others, (last, _) = batch
+        for tag, _ in others:
+            self.channel._impl.basic_ack(tag)  # (pika's channel under the blocking one: no flush)
+        self.channel.basic_ack(last)  # sends them all
         with self._lock:
             self._flushing = bool(self._kept)
         if self._flushing:
