@@ -14,6 +14,7 @@ import redis
 from ...records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX, MAX_ERRORS, check_id_prefix, payload_json
 from ..base import Move, NewRecord, RecordFields
 from . import keys, scripts
+from .connections import call_many
 
 _compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -220,23 +221,10 @@ class RedisRecords:
 
     def _pipelined(self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
         """Call script ``name`` once per ``(keys, args)``, in order, in one round trip; the
-        replies. By hash only (redis-py's own script calls in a pipeline ask first whether the
-        server has them, a round trip more): calls the server refused for want of the script did
-        not run, and are sent again once it is loaded."""
-        script = self._lua[name]
-        replies: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for _ in range(2):
-            pipe = self.client.pipeline(transaction=False)
-            for i in todo:
-                call_keys, args = calls[i]
-                pipe.execute_command("EVALSHA", script.sha, len(call_keys), *call_keys, *args)  # type: ignore[no-untyped-call]
-            for i, reply in zip(todo, pipe.execute(raise_on_error=False), strict=True):
-                replies[i] = reply
-            todo = [i for i in todo if isinstance(replies[i], redis.exceptions.NoScriptError)]
-            if not todo:
-                break
-            script.sha = self.client.script_load(script.script)  # type: ignore[no-untyped-call]
+        replies (see ``connections.call_many``)."""
+        if not calls:
+            return []
+        replies = call_many(self.client.connection_pool, self._lua[name], calls)
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
