@@ -184,23 +184,36 @@ class ScriptStream:
             self.call = None
 
 
-def call_many(pool: Any, script: Any, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
-    """Call a Lua script once per ``(keys, args)`` on one connection of ``pool``: every call sent
-    at once, then every reply read, in order (an error reply is returned as its exception). By
-    hash: the calls a server without the script refused did not run, and are sent again once it
-    is loaded. Thinner than a redis-py pipeline, whose script calls ask first whether the server
-    has them (a round trip more) and which packs each argument in Python."""
+#: A call of a Lua script: the script (registered on a redis-py client), its keys, its arguments.
+ScriptCall = tuple[Any, Sequence[str], Sequence[Any]]
+
+
+def call_many(pool: Any, calls: Sequence[ScriptCall]) -> list[Any]:
+    """Make script calls on one connection of ``pool``: every call sent at once, then every reply
+    read, in order (an error reply is returned as its exception). By hash: the calls a server
+    without their script refused did not run, and are sent again once it is loaded. A connection
+    that breaks on the way is opened again and the calls made once more (so they must be safe to
+    make twice, as ``ScriptStream``'s). Thinner than a redis-py pipeline, whose script calls ask
+    first whether the server has them (a round trip more) and which packs each argument in
+    Python."""
+    try:
+        return _call_many(pool, calls)
+    except redis.ConnectionError:
+        return _call_many(pool, calls)  # once more, on a new connection
+
+
+def _call_many(pool: Any, calls: Sequence[ScriptCall]) -> list[Any]:
     conn = pool.get_connection()
     try:
         conn.connect()  # nothing to do when connected
-        replies = _send_read(conn, script.sha, calls)
+        replies = _send_read(conn, calls)
         refused = [i for i, reply in enumerate(replies) if isinstance(reply, redis.exceptions.NoScriptError)]
         if refused:
-            conn.send_command("SCRIPT", "LOAD", script.script)
-            sha = conn.read_response()
-            script.sha = sha.decode() if isinstance(sha, bytes) else sha
-            again = _send_read(conn, script.sha, [calls[i] for i in refused])
-            for i, reply in zip(refused, again, strict=True):
+            for script in {id(calls[i][0]): calls[i][0] for i in refused}.values():
+                conn.send_command("SCRIPT", "LOAD", script.script)
+                sha = conn.read_response()
+                script.sha = sha.decode() if isinstance(sha, bytes) else sha
+            for i, reply in zip(refused, _send_read(conn, [calls[i] for i in refused]), strict=True):
                 replies[i] = reply
     except BaseException:
         conn.disconnect()  # replies nobody will read must not reach the next user
@@ -210,10 +223,10 @@ def call_many(pool: Any, script: Any, calls: Sequence[tuple[Sequence[str], Seque
     return replies
 
 
-def _send_read(conn: Any, sha: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+def _send_read(conn: Any, calls: Sequence[ScriptCall]) -> list[Any]:
     packed: list[Any] = []
-    for keys, args in calls:
-        command = ("EVALSHA", sha, len(keys), *keys, *args)
+    for script, keys, args in calls:
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         packed += [_pack(command)] if _pack is not None else conn.pack_command(*command)
     conn.send_packed_command(packed)
     replies: list[Any] = []

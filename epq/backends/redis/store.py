@@ -14,7 +14,7 @@ import redis
 from ...records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX, MAX_ERRORS, check_id_prefix, payload_json
 from ..base import Move, NewRecord, RecordFields
 from . import keys, scripts
-from .connections import call_many
+from .connections import ScriptCall, call_many
 
 _compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -159,28 +159,21 @@ class RedisRecords:
         )
 
     def create(self, record: NewRecord) -> str | None:
-        reply = self._create_call(record, self.now_ms(), self.client)  # (one: no pipeline)
-        return _text(reply) if record.lock_key else None
+        return self.create_many([record])[0]
 
     def create_many(self, records: Sequence[NewRecord]) -> list[str | None]:
         now = self.now_ms()
-        pipe = self.client.pipeline(transaction=False)
-        for record in records:
-            self._create_call(record, now, pipe)
-        replies = pipe.execute()
+        replies = self._call_many([self._create_call(record, now) for record in records])
         return [_text(reply) if r.lock_key else None for r, reply in zip(records, replies, strict=True)]
 
-    def _create_call(self, r: NewRecord, now: int, client: Any) -> Any:
-        """Call the script that writes a record (and takes its lock, if it has one) on ``client``
-        (the store's client, or a pipeline)."""
+    def _create_call(self, r: NewRecord, now: int) -> ScriptCall:
+        """The call of the script that writes a record (and takes its lock, if it has one)."""
         record_keys = keys.record_keys(r.job_id)
         if r.lock_key:
             args = [r.job_id, now, r.ttl_ms, r.holder, max(1, r.lock_ttl_ms), fields_json(r.fields)]
-            return self._lua["record_create_locked"](
-                keys=[*record_keys, r.lock_key], args=[*args, *self._dead_bound()], client=client
-            )
+            return self._lua["record_create_locked"], [*record_keys, r.lock_key], [*args, *self._dead_bound()]
         args = [r.job_id, now, r.ttl_ms, fields_json(r.fields), *self._dead_bound()]
-        return self._lua["record_create"](keys=record_keys, args=args, client=client)
+        return self._lua["record_create"], record_keys, args
 
     def _dead_bound(self) -> list[Any]:
         """What the scripts that may discard a job take to keep only the newest dead records:
@@ -190,11 +183,10 @@ class RedisRecords:
     def move(
         self, job_id: str, state: str, fields: RecordFields, ttl_ms: int, allowed_from: Sequence[str] = ()
     ) -> str | None:
-        move = Move(job_id, state, fields, ttl_ms, allowed_from)
-        return _text(self._lua["record_move"](*self._move_call(move, self.now_ms())))
+        return self.move_many([Move(job_id, state, fields, ttl_ms, allowed_from)])[0]
 
-    def _move_call(self, move: Move, now: int) -> tuple[list[str], list[Any]]:
-        """The keys and arguments of ``record_move.lua`` for ``move``."""
+    def _move_call(self, move: Move, now: int) -> ScriptCall:
+        """The call of ``record_move.lua`` for ``move``."""
         args = [
             move.job_id,
             now,
@@ -206,25 +198,26 @@ class RedisRecords:
             self.dead_max,
             *flat_fields(move.fields),
         ]
-        return [*keys.record_keys(move.job_id), keys.DONE], args
+        return self._lua["record_move"], [*keys.record_keys(move.job_id), keys.DONE], args
 
     def start(self, job_id: str, now_ms: int, ttl_ms: int) -> str | None:
-        return _text(self._lua["record_start"](keys=keys.record_keys(job_id), args=[job_id, now_ms, ttl_ms]))
+        return self.start_many([job_id], now_ms, ttl_ms)[0]
 
     def move_many(self, moves: Sequence[Move]) -> list[str | None]:
         now = self.now_ms()
-        return [_text(r) for r in self._pipelined("record_move", [self._move_call(m, now) for m in moves])]
+        return [_text(reply) for reply in self._call_many([self._move_call(m, now) for m in moves])]
 
     def start_many(self, job_ids: Sequence[str], now_ms: int, ttl_ms: int) -> list[str | None]:
-        calls = [(keys.record_keys(job_id), [job_id, now_ms, ttl_ms]) for job_id in job_ids]
-        return [_text(r) for r in self._pipelined("record_start", calls)]
+        script = self._lua["record_start"]
+        calls = [(script, keys.record_keys(job_id), [job_id, now_ms, ttl_ms]) for job_id in job_ids]
+        return [_text(reply) for reply in self._call_many(calls)]
 
-    def _pipelined(self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
-        """Call script ``name`` once per ``(keys, args)``, in order, in one round trip; the
-        replies (see ``connections.call_many``)."""
+    def _call_many(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """The replies of script calls made in one round trip (``connections.call_many``); the
+        first error reply is raised."""
         if not calls:
             return []
-        replies = call_many(self.client.connection_pool, self._lua[name], calls)
+        replies = call_many(self.client.connection_pool, calls)
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
