@@ -100,12 +100,26 @@ class _Starts:
                 self._busy = True
                 ask.batch = [ask]
         if ask.batch is None:
-            ask.turn.wait()
+            try:
+                ask.turn.wait()
+            except BaseException:  # (interrupted while it waits: Dramatiq's time limit, say)
+                self._leave(ask, ttl_ms)
+                raise
         if ask.batch is not None:
             self._write(ask.batch, ttl_ms)
         if ask.error is not None:
             raise ask.error
         return ask.before
+
+    def _leave(self, ask: _Start, ttl_ms: int) -> None:
+        """An ask whose thread stops waiting leaves the queue; a batch it was given to write is
+        written all the same (the threads of the others wait for it)."""
+        with self._lock:
+            if ask in self._waiting:
+                self._waiting.remove(ask)
+                return
+        if ask.batch is not None:
+            self._write(ask.batch, ttl_ms)
 
     def _write(self, batch: list[_Start], ttl_ms: int) -> None:
         try:
@@ -116,9 +130,19 @@ class _Starts:
                 befores = self.records.start_many([ask.job_id for ask in batch], now, ttl_ms)
             for ask, before in zip(batch, befores, strict=True):
                 ask.before = before
-        except Exception as exc:
-            for ask in batch:
-                ask.error = exc  # (each thread decides: wait out an outage, or fail)
+        except BaseException as exc:
+            for ask in batch:  # (each thread decides: wait out an outage, or fail)
+                ask.error = (
+                    exc if isinstance(exc, Exception) else StateUnavailable(f"start interrupted: {exc!r}")
+                )
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._pass_on(batch)
+
+    def _pass_on(self, batch: list[_Start]) -> None:
+        """Wake the threads of a written batch, and hand the asks that came meanwhile to the first
+        of them to write."""
         with self._lock:
             following, self._waiting = self._waiting, []
             if following:
