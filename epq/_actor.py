@@ -10,7 +10,7 @@ import dramatiq
 from pydantic import ValidationError
 
 from . import insert
-from ._messages import new_id
+from ._messages import new_id, new_message
 from .checks import Checked, check_request
 from .errors import (
     HandlerNotFound,
@@ -132,14 +132,7 @@ class EpqActor(dramatiq.Actor[..., Any]):
     ) -> dramatiq.Message[Any]:
         """The message of a checked request (see ``check``)."""
         options.setdefault(PRIORITY, checked.priority)
-        return dramatiq.Message(
-            queue_name=checked.queue,
-            actor_name=self.actor_name,
-            args=(),
-            kwargs=checked.payload,
-            options=options,
-            message_id=message_id or new_id(),
-        )
+        return new_message(checked.queue, self.actor_name, checked.payload, options, message_id or new_id())
 
     def enqueue_request(
         self,

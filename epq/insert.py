@@ -47,6 +47,7 @@ from .backends.base import (
     StateStore,
     backend_of,
     display_url,
+    enqueue_planned,
     holder_id,
 )
 from .backends.errors import CONNECTION_ERRORS, STORE_ERRORS, unreachable_errors
@@ -140,7 +141,7 @@ def insert_one(
             with state_errors("writing a job record"):
                 holder = target.records.create(record)
             if holder is None:
-                target.broker.enqueue(plan.message, delay=plan.delay)
+                enqueue_planned(target.broker, plan.message, plan.delay, checked.payload_json)
     except (StateUnavailable, ConfigurationError, EnqueueFailed):
         _take_back(target, [plan])
         raise

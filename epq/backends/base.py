@@ -313,6 +313,17 @@ def display_url(broker: dramatiq.Broker) -> str:
     return backend.url if backend is not None else "<unknown>"
 
 
+def enqueue_planned(
+    broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int | None, payload_json: str
+) -> None:
+    """Publish a message ``epq.insert`` planned (see ``DurableDelays.enqueue_planned``); on a
+    broker that is not an epq one, its ``enqueue``."""
+    if isinstance(broker, DurableDelays):
+        broker.enqueue_planned(message, delay=delay, payload_json=payload_json)
+    else:
+        broker.enqueue(message, delay=delay)
+
+
 def _work_queue(queue_name: str) -> bool:
     """Not one of Dramatiq's delay (``.DQ``) or dead-letter (``.XQ``) queues."""
     return not queue_name.endswith((".DQ", ".XQ"))
@@ -338,11 +349,42 @@ class DurableDelays:
     """
 
     epq: Backend | None = None
+    #: ``foreign_hooks``' answers, and the middleware they were found among.
+    _hooks_seen: tuple[tuple[dramatiq.Middleware, ...], dict[str, list[dramatiq.Middleware]]] | None = None
 
     @property
     def epq_store(self) -> StateStore | None:
         """The state store whose schedule keeps this broker's delayed messages."""
         return self.epq.state if self.epq is not None else None
+
+    def foreign_hooks(self, name: str) -> list[dramatiq.Middleware]:
+        """The broker's middleware whose ``name`` hook is not Dramatiq's no-op (one set on the
+        instance counts), but for epq's own middleware that an insert stands in for
+        (``epq_skips_planned``): an insert skips emitting a signal nobody else listens to.
+        Found again whenever the broker's middleware change."""
+        broker: Any = self
+        middleware = tuple(broker.middleware)
+        if self._hooks_seen is None or self._hooks_seen[0] != middleware:
+            self._hooks_seen = (middleware, {})
+        hooks = self._hooks_seen[1]
+        found = hooks.get(name)
+        if found is None:
+            base = getattr(dramatiq.Middleware, name)
+            found = hooks[name] = [
+                m
+                for m in middleware
+                if getattr(getattr(m, name), "__func__", getattr(m, name)) is not base
+                and not getattr(m, "epq_skips_planned", False)
+            ]
+        return found
+
+    def enqueue_planned(
+        self, message: dramatiq.Message[Any], *, delay: int | None = None, payload_json: str | None = None
+    ) -> dramatiq.Message[Any]:
+        """Publish a message ``epq.insert`` planned, its lock and record already written
+        (``payload_json``: its payload as JSON). Here as ``enqueue``; a broker may run only the
+        hooks of ``foreign_hooks`` instead (epq's own act on unplanned messages only)."""
+        return self.enqueue(message, delay=delay)
 
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
         broker: Any = self

@@ -217,11 +217,12 @@ class MemoryRecords:
         return [self.create(record) for record in records]
 
     def _write(self, job_id: str, fields: RecordFields, ttl_ms: int) -> None:
+        record = dict(fields)
+        state = record.pop("state")
+        expires = self.state.now_ms() + ttl_ms
         with self._lock:
-            record = {k: v for k, v in fields.items() if k != "state"}
-            self._records[job_id] = (record, 0)
-            self._set_state(job_id, record, fields["state"])
-            self._expire(job_id, ttl_ms)
+            self._records[job_id] = (record, expires)
+            self._set_state(job_id, record, state)
             self._keep_dead()
 
     def move(
@@ -420,6 +421,26 @@ class EpqStubBroker(DurableDelays, StubBroker):
         data = encode(message)
         queue.put((lane_of(message.options), data) if isinstance(queue, LaneQueue) else data)
         self.emit_after("enqueue", message, None)
+        return message
+
+    def enqueue_planned(
+        self, message: dramatiq.Message[Any], *, delay: int | None = None, payload_json: str | None = None
+    ) -> dramatiq.Message[Any]:
+        """Put a planned job due at once on its lane, with only other middleware's enqueue hooks
+        around it (epq's own act on unplanned messages only), encoded from its payload's JSON
+        unless a hook may have changed the payload."""
+        if delay and delay > 0:
+            return self.enqueue(message, delay=delay)
+        queue = self.queues.get(message.queue_name)
+        if queue is None:
+            raise QueueNotFound(message.queue_name)  # type: ignore[no-untyped-call]
+        before = self.foreign_hooks("before_enqueue")
+        if before:
+            self.emit_before("enqueue", message, None)
+        data = encode(message) if before or payload_json is None else encode(message, payload_json)
+        queue.put((lane_of(message.options), data) if isinstance(queue, LaneQueue) else data)
+        if self.foreign_hooks("after_enqueue"):
+            self.emit_after("enqueue", message, None)
         return message
 
     def join_queue(self, queue_name: str, timeout_ms: int) -> None:

@@ -158,3 +158,24 @@ def test_no_data_template_when_it_cannot_be_relied_on() -> None:
         assert messages.data_template(message, "") is None
     finally:
         dramatiq.set_encoder(old)
+
+
+def test_a_message_made_the_fast_way_is_dramatiqs_message() -> None:
+    options: dict[str, Any] = {"epq_recorded": 1}
+    made = messages.new_message("q", "kind", {"a": "é"}, options, "an-id")
+    same: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name="q",
+        actor_name="kind",
+        args=(),
+        kwargs={"a": "é"},
+        options=options,
+        message_id="an-id",
+        message_timestamp=made.message_timestamp,
+    )
+    assert type(made) is dramatiq.Message
+    assert made == same
+    assert made.asdict() == same.asdict()
+    assert made.encode() == same.encode()
+    assert made.copy(queue_name="other").queue_name == "other"
+    with pytest.raises(AttributeError):  # frozen as Dramatiq's is
+        made.queue_name = "other"  # type: ignore[misc]

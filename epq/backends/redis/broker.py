@@ -68,21 +68,6 @@ DELAY_QUEUE_POLL_MS = 5_000
 BULK_TOKEN_TTL_MS = 5 * 60 * 1000
 
 
-def foreign_hooks(broker: dramatiq.Broker, name: str) -> list[dramatiq.Middleware]:
-    """The broker's middleware whose ``name`` hook is not Dramatiq's no-op (one set on the
-    instance counts), but for epq's own middleware that a bulk enqueue stands in for
-    (``epq_skips_planned``): an insert skips emitting a signal nobody else listens to."""
-    base = getattr(dramatiq.Middleware, name)
-    hooked = []
-    for middleware in broker.middleware:
-        hook = getattr(middleware, name)
-        if getattr(hook, "__func__", hook) is not base and not getattr(
-            middleware, "epq_skips_planned", False
-        ):
-            hooked.append(middleware)
-    return hooked
-
-
 class EpqRedisBroker(DurableDelays, RedisBroker):
     """Dramatiq's Redis broker with a list per priority lane (see the module docstring), epq's
     durable delays and a shorter idle poll.
@@ -189,7 +174,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
         Other middleware's enqueue hooks run around it (epq's own act on unplanned messages
         only). The message is filed under its own id (a new message: no copy needed)."""
         message.options["redis_message_id"] = rid = message.message_id
-        before = foreign_hooks(self, "before_enqueue")
+        before = self.foreign_hooks("before_enqueue")
         if before:
             self.emit_before("enqueue", message, None)
         queue = message.queue_name
@@ -216,7 +201,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
             holder = call.read()
         if holder:
             return str(holder.decode())
-        if foreign_hooks(self, "after_enqueue"):
+        if self.foreign_hooks("after_enqueue"):
             self.emit_after("enqueue", message, None)
         return None
 
@@ -226,7 +211,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
         """The keys and arguments of one ``enqueue_many_recorded`` call enqueueing ``jobs``
         (immediate jobs with their records and locks). Other middleware's ``before_enqueue``
         hooks run here, for each message."""
-        before = foreign_hooks(self, "before_enqueue")
+        before = self.foreign_hooks("before_enqueue")
         groups: dict[int, int] = {}  # id of a group -> its number in the script
         templated: dict[int, bool] = {}  # group number -> the script makes its jobs' messages
         group_args: list[Any] = []
@@ -257,7 +242,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
         out: list[str | None] = [None] * len(jobs)
         for i in range(0, len(reply), 2):
             out[int(reply[i]) - 1] = reply[i + 1].decode()
-        if foreign_hooks(self, "after_enqueue"):
+        if self.foreign_hooks("after_enqueue"):
             for job, holder in zip(jobs, out, strict=True):
                 if holder is None:
                     self.emit_after("enqueue", job.message, None)
