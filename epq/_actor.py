@@ -97,6 +97,9 @@ class EpqActor(dramatiq.Actor[..., Any]):
     ) -> dramatiq.Message[Any]:
         return self.message_for(self.validate(args, kwargs), broker=self.broker, **options)
 
+    def send(self, *args: Any, **kwargs: Any) -> dramatiq.Message[Any]:
+        return self.enqueue_request(self.validate(args, kwargs))
+
     def send_with_options(
         self,
         *,

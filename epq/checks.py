@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Collection
 from datetime import timedelta
 from typing import Any, NamedTuple
 
@@ -31,11 +32,15 @@ class Checked(NamedTuple):
     payload_json: str  # compact JSON of ``payload``
 
 
-def check_request(kind: JobKind, request: _Request, broker: dramatiq.Broker) -> Checked:
+def check_request(
+    kind: JobKind, request: _Request, broker: dramatiq.Broker, declared: Collection[str] | None = None
+) -> Checked:
     """What a validated request's message needs, checked against the broker: its queue is
-    served, its payload is strict JSON within the size limit (else ``InvalidRequest``)."""
+    served, its payload is strict JSON within the size limit (else ``InvalidRequest``).
+    ``declared``: the broker's declared queues, when the caller read them already (for many
+    requests)."""
     queue = request.queue_name or kind.queue
-    if not is_served(broker, queue):
+    if not is_served(broker, queue, declared):
         served = ", ".join(served_queues(broker))
         problem = f"no worker serves queue {queue!r} (queues: {served})"
         raise InvalidRequest(kind.name, [{"field": "queue_name", "message": problem}])

@@ -208,10 +208,10 @@ def insert_many(
 
 def _validate(actor: EpqActor, request: _Request | Mapping[str, Any]) -> _Request:
     model = actor.kind.model
-    if isinstance(request, Mapping):
-        return actor.validate(kwargs=dict(request))
     if isinstance(request, model):
         return request
+    if isinstance(request, Mapping):
+        return actor.validate(kwargs=dict(request))
     problem = f"{actor.actor_name} takes a {model.__name__} or a mapping, not {type(request).__name__}"
     raise InvalidRequest(actor.actor_name, [{"field": "request", "message": problem}])
 
@@ -223,10 +223,11 @@ def _prepare(
     request is bad."""
     plans: list[Plan] = []
     errors: list[dict[str, str]] = []
+    declared = target.broker.get_declared_queues()
     for index, (actor, raw) in enumerate(items):
         try:
             request = _validate(actor, raw)
-            checked = check_request(actor.kind, request, target.broker)
+            checked = check_request(actor.kind, request, target.broker, declared)
             delay = delay_ms(actor.kind.name, request, None, now)
         except InvalidRequest as exc:
             errors += [{"field": f"[{index}].{e['field']}", "message": e["message"]} for e in exc.errors]
@@ -251,10 +252,9 @@ def _build(
     broker = target.broker
     uniqueness = find_middleware(broker, Uniqueness)
     ids = message_ids if message_ids is not None else new_ids(len(run))
+    marked = {RECORDED: 1, **options} if options else {RECORDED: 1}
     for plan, message_id in zip(run, ids, strict=True):
-        message = plan.actor.message_from(
-            plan.checked, message_id=message_id, **{RECORDED: 1, **(options or {})}
-        )
+        message = plan.actor.message_from(plan.checked, message_id=message_id, **marked)
         lock = uniqueness.lock_for(broker, message, plan.delay, holder=holders) if uniqueness else None
         if lock is not None:
             message.options[UNIQUE_KEY] = lock[0]
@@ -384,7 +384,7 @@ def _general_run(target: _Target, run: list[Plan], holders: list[str | None], no
     if not accepted:
         return
     try:
-        broker.enqueue_batch([(plan.message, plan.delay) for plan in accepted])
+        broker.enqueue_batch([(plan.message, plan.delay) for plan in accepted], planned=True)
     except BaseException:
         _take_back(target, accepted)  # nothing of the run was published
         raise

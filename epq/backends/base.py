@@ -12,7 +12,7 @@ Times are milliseconds since the epoch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -251,7 +251,7 @@ class EpqBroker(Protocol):
     a :class:`DurableDelays`)."""
 
     def enqueue_batch(
-        self, items: Sequence[tuple[dramatiq.Message[Any], int | None]]
+        self, items: Sequence[tuple[dramatiq.Message[Any], int | None]], *, planned: bool = False
     ) -> list[dramatiq.Message[Any]]: ...
 
     def purge_dead_letters(self, queues: Iterable[str]) -> None: ...
@@ -329,10 +329,13 @@ def _work_queue(queue_name: str) -> bool:
     return not queue_name.endswith((".DQ", ".XQ"))
 
 
-def is_served(broker: dramatiq.Broker, queue_name: str) -> bool:
-    """Whether a broker serves ``queue_name``: it is declared, and not one of Dramatiq's delay
-    (``.DQ``) or dead-letter (``.XQ``) queues."""
-    return _work_queue(queue_name) and queue_name in broker.get_declared_queues()
+def is_served(broker: dramatiq.Broker, queue_name: str, declared: Collection[str] | None = None) -> bool:
+    """Whether a broker serves ``queue_name``: it is declared (``declared``: the broker's declared
+    queues, read already), and not one of Dramatiq's delay (``.DQ``) or dead-letter (``.XQ``)
+    queues."""
+    if declared is None:
+        declared = broker.get_declared_queues()
+    return _work_queue(queue_name) and queue_name in declared
 
 
 def served_queues(broker: dramatiq.Broker) -> list[str]:
@@ -414,12 +417,16 @@ class DurableDelays:
         return {}
 
     def enqueue_batch(
-        self, items: Sequence[tuple[dramatiq.Message[Any], int | None]]
+        self, items: Sequence[tuple[dramatiq.Message[Any], int | None]], *, planned: bool = False
     ) -> list[dramatiq.Message[Any]]:
         """Enqueue ``(message, delay ms)`` pairs in as few round trips as the broker allows, all or
         nothing (what a broker cannot take back is said on its ``_publish_batch``). Every
-        middleware's enqueue hooks run for each message, as for ``enqueue``."""
+        middleware's enqueue hooks run for each message, as for ``enqueue``; for messages
+        ``epq.insert`` ``planned``, only when another middleware than epq's has them (see
+        ``foreign_hooks``)."""
         broker: Any = self
+        before = not planned or bool(self.foreign_hooks("before_enqueue"))
+        after = not planned or bool(self.foreign_hooks("after_enqueue"))
         prepared: list[tuple[dramatiq.Message[Any], int | None, int | None]] = []
         for message, delay in items:
             due: int | None = None
@@ -427,11 +434,13 @@ class DurableDelays:
                 message, due = self._to_schedule(message, delay)
             else:
                 message, delay = broker._prepare_immediate(message), None
-            broker.emit_before("enqueue", message, delay)
+            if before:
+                broker.emit_before("enqueue", message, delay)
             prepared.append((message, due, delay))
         broker._publish_batch([(m, due) for m, due, _ in prepared])
-        for message, _, delay in prepared:
-            broker.emit_after("enqueue", message, delay)
+        if after:
+            for message, _, delay in prepared:
+                broker.emit_after("enqueue", message, delay)
         return [m for m, _, _ in prepared]
 
     def _prepare_immediate(self, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
