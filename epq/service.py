@@ -126,6 +126,7 @@ class QueueService:
         """
 
         pairs: list[tuple[EpqActor, _Request | Mapping[str, Any]]] = []
+        actors: dict[str, EpqActor] = {}  # (each kind's actor looked up once a call)
         for index, item in enumerate(requests):
             if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
                 kind, request = item
@@ -133,9 +134,10 @@ class QueueService:
                     raise InvalidRequest(
                         "enqueue_many", [{"field": f"[{index}]", "message": f"unknown kind {kind!r}"}]
                     )
-                pairs.append((actor_for(kind), request))
+                pairs.append((actors.get(kind) or actors.setdefault(kind, actor_for(kind)), request))
             elif isinstance(item, _Request) and type(item) in _KIND_BY_MODEL:
-                pairs.append((actor_for(_KIND_BY_MODEL[type(item)]), item))
+                kind = _KIND_BY_MODEL[type(item)]
+                pairs.append((actors.get(kind) or actors.setdefault(kind, actor_for(kind)), item))
             else:
                 raise InvalidRequest(
                     "enqueue_many",
