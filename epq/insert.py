@@ -10,7 +10,7 @@ message, the uniqueness lock it takes and its record. The backend inserts plans:
   each run of up to ``SCRIPT_RUN``. One call is in flight at a time: the next run's messages are
   made while Redis runs it, and its results are made while Redis runs the next.
 - Otherwise (the memory and RabbitMQ backends, and every delayed job): the locks and records are
-  written first, in one round trip, then the broker publishes (one message: ``broker.enqueue``;
+  written first, in one round trip, then the broker publishes (one message: ``enqueue_planned``;
   many: ``enqueue_batch``, all or nothing: one MULTI/EXEC on Redis, one AMQP transaction on
   RabbitMQ). If publishing fails, the records and locks are taken back.
 
@@ -23,13 +23,15 @@ and which requests (those of a call whose reply was lost) may have been.
 
 Other middleware's enqueue hooks run for every message. epq's own (``Uniqueness``, ``JobRecords``)
 act only on what was not planned here: retries, promotions from the schedule, and messages an
-application enqueues by hand with ``broker.enqueue``.
+application enqueues by hand with ``broker.enqueue``; so a planned message's enqueue signals are
+emitted only when another middleware has a hook for them (``DurableDelays.foreign_hooks``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+import gc
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -171,6 +173,30 @@ def insert_many(
 ) -> list[JobInsertResult]:
     """Insert requests (models, or mappings of their fields) on ``broker``: one result per
     request, in order (see the module docstring)."""
+    with _collector_paused():
+        return _insert_many(broker, items)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for a bulk insert: a batch's requests, plans,
+    messages and results live until it ends, and each collection that would run meanwhile walks
+    them again (and, past a few thousand jobs, the whole heap), for nothing: they are freed by
+    their reference counts when the batch ends (docs/decisions.md, decision 44). A collector
+    someone else paused stays paused."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _insert_many(
+    broker: dramatiq.Broker, items: Iterable[tuple[EpqActor, _Request | Mapping[str, Any]]]
+) -> list[JobInsertResult]:
     target = _target(broker)
     now = target.state.now_ms()
     plans = _prepare(target, list(items), now)

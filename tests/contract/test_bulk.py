@@ -5,6 +5,7 @@ The Redis script path (lost replies, kept connections) is in ``tests/redis/test_
 
 from __future__ import annotations
 
+import gc
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -277,6 +278,34 @@ def test_a_middleware_error_part_way_leaves_the_earlier_runs_enqueued_once(
     results = svc.enqueue_many([index_request(i) for i in range(2 * bulk.SCRIPT_RUN)])
     assert sum(r.unique_skipped_as_duplicate for r in results) == enqueued
     assert total_waiting(broker) == 2 * bulk.SCRIPT_RUN
+
+
+class _SeesCollector(dramatiq.Middleware):
+    """Notes whether Python's garbage collector was on as each message was enqueued."""
+
+    def __init__(self) -> None:
+        self.enabled: list[bool] = []
+
+    def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: Any) -> None:
+        self.enabled.append(gc.isenabled())
+
+
+def test_the_garbage_collector_pauses_for_a_batch_and_is_left_as_it_was(broker: dramatiq.Broker) -> None:
+    seen = _SeesCollector()
+    broker.add_middleware(seen)
+    svc = epq.QueueService(broker)
+    svc.enqueue_many([index_request(i) for i in range(3)])
+    assert seen.enabled == [False] * 3
+    assert gc.isenabled()
+    gc.disable()  # (an application that runs it itself)
+    try:
+        svc.enqueue_many([index_request(i) for i in range(3, 5)])
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(epq.InvalidRequest):
+        svc.enqueue_many([("index_endpoint", {"endpoint_id": "not a uuid"})])
+    assert gc.isenabled()
 
 
 def test_an_error_in_another_middleware_is_logged_and_the_batch_goes_on(broker: dramatiq.Broker) -> None:
