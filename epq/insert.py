@@ -182,7 +182,7 @@ def _collector_paused() -> Iterator[None]:
     """Pause Python's cyclic garbage collector for a bulk insert: a batch's requests, plans,
     messages and results live until it ends, and each collection that would run meanwhile walks
     them again (and, past a few thousand jobs, the whole heap), for nothing: they are freed by
-    their reference counts when the batch ends (docs/decisions.md, decision 47). A collector
+    their reference counts when the batch ends (docs/decisions.md, decision 48). A collector
     someone else paused stays paused."""
     if not gc.isenabled():
         yield
