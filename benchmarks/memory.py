@@ -12,6 +12,16 @@ before and after:
   keeps nothing; epq keeps each record for ``EPQ_COMPLETED_RETENTION``, and the lock until its
   window ends).
 
+With ``--sizing``, three more rows for sizing a Redis (``docs/scaling.md``), each from jobs of
+its own:
+
+- per lock left after its record: completed jobs with ``EPQ_COMPLETED_MAX=0`` (no record kept, the
+  lock held until its window ends; plain Dramatiq keeps nothing);
+- per dead job: jobs whose handler raises on their one attempt (epq: the record with its error
+  and traceback, the dead-lettered message; plain Dramatiq: the dead-lettered message);
+- per job scheduled an hour ahead (epq: the schedule entry, the record and the lock; plain
+  Dramatiq: its delay queue).
+
 Uses databases 11 (plain Dramatiq) and 12 (epq) of ``--redis``, flushed before and after: run
 it against a server of its own (``brokers/redis-start``). Prints a table with the epq/plain
 ratios.
@@ -23,6 +33,7 @@ import argparse
 import sys
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -127,18 +138,104 @@ def measure_epq(url: str, n: int) -> tuple[float, float]:
     return waiting / n, completed / n
 
 
+def _plain_sizing(url: str, n: int) -> dict[str, float]:
+    """Plain Dramatiq's bytes per dead job and per job delayed an hour."""
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    broker = RedisBroker(url=url)
+    ran: list[int] = []
+
+    @dramatiq.actor(broker=broker, actor_name="register_job", max_retries=0)
+    def register_job(endpoint_id: str, job_id: str, job_metadata: dict[str, Any]) -> None:
+        ran.append(1)
+        raise RuntimeError(f"the endpoint answered 503 for {job_id}")
+
+    out: dict[str, float] = {"lock": 0.0}
+    before = _settle(client)
+    for i in range(n):
+        register_job.send(**_payload(i))
+    worker = dramatiq.Worker(broker, worker_threads=8, worker_timeout=100)
+    worker.start()
+    _wait(lambda: len(ran) >= n and client.zcard("dramatiq:default.XQ") >= n, 120)
+    worker.stop()
+    out["dead"] = (_settle(client) - before) / n
+    client.flushdb()
+    before = _settle(client)
+    for i in range(n):
+        register_job.send_with_options(kwargs=_payload(i), delay=3_600_000)
+    out["scheduled"] = (_settle(client) - before) / n
+    broker.close()
+    client.flushdb()
+    client.close()
+    return out
+
+
+def _epq_sizing(url: str, n: int) -> dict[str, float]:
+    """epq's bytes per lock left after its record, per dead job and per job scheduled an hour
+    ahead."""
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    broker = epq.testing.install(url)
+    from epq import actors  # (bound to the broker just built)
+
+    service = epq.QueueService(broker)
+    records = epq.testing.backend(broker).records
+    out: dict[str, float] = {}
+
+    def drained() -> bool:
+        return not any(row["waiting"] or row["running"] for row in service.stats())
+
+    def run(handler: Any, send: Any) -> float:
+        handlers.register("register_job", handler, replace=True)
+        before = _settle(client)
+        for i in range(n):
+            send(i)
+        worker = dramatiq.Worker(broker, worker_threads=8, worker_timeout=100)
+        worker.start()
+        _wait(drained, 120)
+        worker.stop()
+        return (_settle(client) - before) / n
+
+    def fails(request: Any) -> None:
+        raise RuntimeError(f"the endpoint answered 503 for {request.job_id}")
+
+    records.completed_max = 0  # type: ignore[attr-defined]  # (each store has the setting)
+    out["lock"] = run(lambda request: None, lambda i: actors.register_job.send(**_payload(i)))
+    client.flushdb()
+    one_attempt = {"max_attempts": 1}
+    out["dead"] = run(fails, lambda i: actors.register_job.send_with_options(kwargs=_payload(i), **one_attempt))
+    client.flushdb()
+    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    before = _settle(client)
+    for i in range(n):
+        actors.register_job.send(**_payload(i), run_at=later)
+    out["scheduled"] = (_settle(client) - before) / n
+    epq.testing.reset()
+    client.flushdb()
+    client.close()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--redis", default="redis://127.0.0.1:6379", help="Redis server (databases 11, 12)")
     parser.add_argument("--n", type=int, default=20_000, help="jobs per side")
+    parser.add_argument("--sizing", action="store_true", help="also per lock, per dead and per scheduled job")
     args = parser.parse_args()
     plain = measure_plain(_db_url(args.redis, PLAIN_DB), args.n)
     ours = measure_epq(_db_url(args.redis, EPQ_DB), args.n)
     print(f"{'Redis memory per job (bytes)':34} {'plain':>10} {'epq':>10} {'epq/plain':>10}")
     print("-" * 67)
-    for label, p, e in (("waiting", plain[0], ours[0]), ("completed (history kept)", plain[1], ours[1])):
+    rows = [("waiting", plain[0], ours[0]), ("completed (history kept)", plain[1], ours[1])]
+    if args.sizing:
+        plain_more = _plain_sizing(_db_url(args.redis, PLAIN_DB), args.n)
+        ours_more = _epq_sizing(_db_url(args.redis, EPQ_DB), args.n)
+        for key, label in (("lock", "lock, its record forgotten"), ("dead", "dead (1 attempt)"),
+                           ("scheduled", "scheduled an hour ahead")):  # fmt: skip
+            rows.append((label, plain_more[key], ours_more[key]))
+    for label, p, e in rows:
         ratio = f"{e / p:.2f}x" if p > 50 else "-"
         print(f"{label:34} {p:10.0f} {e:10.0f} {ratio:>10}")
     print(f"\n{args.n} register_job jobs a side; Redis used_memory before and after")
