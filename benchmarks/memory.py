@@ -202,8 +202,11 @@ def _epq_sizing(url: str, n: int) -> dict[str, float]:
     records.completed_max = 0  # type: ignore[attr-defined]  # (each store has the setting)
     out["lock"] = run(lambda request: None, lambda i: actors.register_job.send(**_payload(i)))
     client.flushdb()
-    one_attempt = {"max_attempts": 1}
-    out["dead"] = run(fails, lambda i: actors.register_job.send_with_options(kwargs=_payload(i), **one_attempt))
+
+    def send_once(i: int) -> None:
+        actors.register_job.send_with_options(kwargs=_payload(i), max_attempts=1)
+
+    out["dead"] = run(fails, send_once)
     client.flushdb()
     later = datetime.now(timezone.utc) + timedelta(hours=1)
     before = _settle(client)
