@@ -41,17 +41,22 @@ def test_compare_prints_the_table_and_writes_json(tmp_path: Path) -> None:
 
 
 @pytest.mark.redis
-def test_memory_prints_bytes_per_waiting_and_completed_job() -> None:
+def test_memory_prints_bytes_per_job_waiting_completed_locked_dead_and_scheduled() -> None:
     server = REDIS_URL.rsplit("/", 1)[0]  # the test Redis server; memory.py uses its databases 11-12
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--redis", server, "--n", "300"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        [sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--redis", server, "--n", "300", "--sizing"],
+        capture_output=True, text=True, timeout=180, cwd=ROOT,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     rows = {line.split()[0]: line.split()[1:] for line in run.stdout.splitlines() if line[:1].isalpha()}
     plain, ours = (float(v) for v in rows["waiting"][:2])
     assert plain > 0
     assert ours > plain  # a waiting epq job also has its record and its lock
+    assert float(rows["completed"][3]) > 0  # (after "(history kept)": plain, epq)
+    assert float(rows["lock,"][4]) > 0  # "lock, its record forgotten": a lock per job is left
+    for row in ("dead", "scheduled"):
+        plain, ours = (float(v) for v in rows[row][-3:-1])
+        assert 0 < plain < ours, row  # epq also keeps a record (and a lock) of the job
 
 
 @pytest.mark.redis
