@@ -308,7 +308,9 @@ class JobRecords(dramatiq.Middleware):
         job_id = error.message_id
         existing = self.records.get(job_id) if job_id is not None else None
         if job_id is not None and existing is not None:
-            self.records.fail(job_id, "discarded", entry, {"finalized_at": str(now)}, self.discarded_ttl_ms)
+            # (with the payload, which a record filed beside its message may not hold: see RedisRecords)
+            fields = {"finalized_at": str(now), "args": existing.get("args", "{}")}
+            self.records.fail(job_id, "discarded", entry, fields, self.discarded_ttl_ms)
             if lock_key_of(existing):  # it will not run: its key is free, as for any dead job
                 self.store.release_unique(lock_key_of(existing), job_id)
             return job_id

@@ -3,6 +3,8 @@ in its message, and the record takes it when the message goes."""
 
 from __future__ import annotations
 
+import json
+
 import dramatiq
 import pytest
 import redis
@@ -48,3 +50,31 @@ def test_a_completed_jobs_record_takes_its_payload_as_the_message_goes(
     assert record["state"] == "completed"
     assert epq.QueueService(redis_broker).get_job(job_id).args == VALID["register_job"]  # type: ignore[union-attr]
     assert record["args"]
+
+
+@pytest.mark.redis
+def test_a_job_whose_message_is_corrupted_keeps_its_payload_in_its_dead_record_and_can_be_retried(
+    redis_broker: dramatiq.Broker, redis_client: redis.Redis, epq_handlers: HandlerRegistry
+) -> None:
+    # Given a waiting job (its payload in its message only) whose message gets corrupted
+    received = epq_handlers.record("register_job")
+    svc = epq.QueueService(redis_broker)
+    job_id = svc.enqueue_register_job(VALID["register_job"]).job.id
+    fields = json.loads(redis_client.hget("dramatiq:default.msgs", job_id))
+    fields["options"]["retries"] = "three"
+    redis_client.hset("dramatiq:default.msgs", job_id, json.dumps(fields))
+    # When a worker refuses it (dead-lettered: the message leaves the queue)
+    worker = dramatiq.Worker(redis_broker, worker_timeout=50, worker_threads=1)
+    worker.start()
+    try:
+        drain(redis_broker, worker)
+        assert svc.get_job(job_id).state is epq.JobState.DISCARDED  # type: ignore[union-attr]
+        # Then its dead record still holds the payload
+        assert _record(redis_client, job_id)["args"]
+        assert svc.get_job(job_id).args == VALID["register_job"]  # type: ignore[union-attr]
+        # and it runs again with it
+        svc.retry_dead(job_id)
+        drain(redis_broker, worker)
+    finally:
+        worker.stop()
+    assert [r.job_id for r in received] == [VALID["register_job"]["job_id"]]
