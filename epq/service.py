@@ -237,6 +237,8 @@ class QueueService:
                 f"job {job_id} is a malformed message a worker refused; it cannot be run again "
                 "(epq dead purge forgets it)"
             )
+        if "args" not in fields:  # (a record filed beside its message that lost it: see RedisRecords)
+            raise InvalidPayload(f"job {job_id}'s record does not hold its payload; it cannot be run again")
         actor = actor_for(fields["kind"])
         max_attempts = str(int(fields.get("attempt", "0")) + actor.kind.max_attempts)
         changes = {"max_attempts": max_attempts, "finalized_at": ""}

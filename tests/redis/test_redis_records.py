@@ -78,3 +78,25 @@ def test_a_job_whose_message_is_corrupted_keeps_its_payload_in_its_dead_record_a
     finally:
         worker.stop()
     assert [r.job_id for r in received] == [VALID["register_job"]["job_id"]]
+
+
+@pytest.mark.redis
+def test_a_dead_record_without_its_payload_is_not_retried_and_stays_dead(
+    redis_broker: dramatiq.Broker, redis_client: redis.Redis, epq_handlers: HandlerRegistry
+) -> None:
+    # Given a dead job whose record lost its payload (as a worker of the previous version leaves
+    # a job it discards: it wrote no payload into a record filed without one)
+    svc = epq.QueueService(redis_broker)
+    job_id = svc.enqueue_register_job(VALID["register_job"]).job.id
+    worker = dramatiq.Worker(redis_broker, worker_timeout=50, worker_threads=1)
+    worker.start()
+    try:
+        drain(redis_broker, worker, fail_fast=False)  # (no handler: it dies)
+    finally:
+        worker.stop()
+    redis_client.hdel(f"epq:job:{job_id}", "args")
+    # When an operator retries it, then it is refused and stays dead, listed and retryable later
+    with pytest.raises(epq.InvalidPayload, match="payload"):
+        svc.retry_dead(job_id)
+    assert svc.get_job(job_id).state is epq.JobState.DISCARDED  # type: ignore[union-attr]
+    assert [r.id for r in svc.list_dead()] == [job_id]
