@@ -155,7 +155,7 @@ def test_a_job_cancelled_days_ahead_is_still_skipped_when_due(
     assert record.state is epq.JobState.CANCELLED
 
 
-def test_a_job_skipped_by_another_middleware_is_discarded_and_frees_its_key(
+def test_a_job_skipped_by_another_middleware_is_discarded_with_its_payload_and_frees_its_key(
     broker: dramatiq.Broker, epq_handlers: HandlerRegistry
 ) -> None:
     # Given a job whose max_age (Dramatiq's AgeLimit) has passed by the time a worker fetches it
@@ -167,9 +167,10 @@ def test_a_job_skipped_by_another_middleware_is_discarded_and_frees_its_key(
     worker.start()
     svc = epq.QueueService(broker)
     try:
-        # Then it does not run, its record says discarded, and its key is free again
+        # Then it does not run, its record says discarded (with its payload), and its key is free again
         assert wait_for(lambda: svc.get_job(message.message_id).state is epq.JobState.DISCARDED)  # type: ignore[union-attr]
     finally:
         worker.stop()
     assert received == []
+    assert svc.get_job(message.message_id).args == VALID["register_job"]  # type: ignore[union-attr]
     assert svc.enqueue_register_job(VALID["register_job"]).unique_skipped_as_duplicate is False
