@@ -42,6 +42,7 @@ _LAZY = {
         ".errors",
     ),
     "handler": ".handlers",
+    **dict.fromkeys(("Discard", "Snooze"), ".controls"),
     **dict.fromkeys(
         (
             "AttemptError",
@@ -67,6 +68,7 @@ __all__ = [
     "AttemptError",
     "BrokerUnavailable",
     "ConfigurationError",
+    "Discard",
     "DuplicateJob",
     "EndpointIndexSource",
     "EnqueueIndexEndpointRequest",
@@ -88,6 +90,7 @@ __all__ = [
     "RegisterDynamicTriggerRequest",
     "RegisterJobRequest",
     "RegisterSourceRequest",
+    "Snooze",
     "StateUnavailable",
     "__version__",
     "handler",
@@ -117,6 +120,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see: the names as if imported here
     from . import actors as actors
     from ._runtime import setup
+    from .controls import Discard, Snooze
     from .errors import (
         BrokerUnavailable,
         ConfigurationError,

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from . import insert
 from ._messages import new_id, new_message
 from .checks import Checked, check_request
+from .controls import Discard
 from .errors import (
     HandlerNotFound,
     InvalidPayload,
@@ -72,7 +73,7 @@ class EpqActor(dramatiq.Actor[..., Any]):
                 "max_attempts": kind.max_attempts,
                 "max_retries": kind.max_attempts - 1,
                 "backoff_ms": list(kind.backoff_ms),
-                "throws": (InvalidPayload, HandlerNotFound),
+                "throws": (InvalidPayload, HandlerNotFound, Discard),
                 **(extra_options or {}),
             },
         )

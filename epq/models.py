@@ -149,6 +149,7 @@ class JobRecord(BaseModel):
     state: JobState
     attempt: int = 0
     max_attempts: int
+    snoozes: int = 0
     errors: list[AttemptError] = Field(default_factory=list)
     created_at: datetime
     scheduled_at: datetime

@@ -17,3 +17,5 @@ DUE_MS = "epq_due_ms"
 #: The payload as JSON, from the actor to the record of a message enqueued by hand (so the record
 #: does not encode the payload again); taken off before the message is encoded.
 ARGS_JSON = "epq_args_json"
+#: How many times the job has snoozed (``epq.Snooze``); its record shows it as ``snoozes``.
+SNOOZES = "epq_snoozes"

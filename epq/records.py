@@ -117,6 +117,7 @@ def to_job_record(job_id: str, fields: Mapping[str, str]) -> JobRecord:
         state=JobState(fields["state"]),
         attempt=int(fields.get("attempt", "0")),
         max_attempts=int(fields.get("max_attempts", "1")),
+        snoozes=int(fields.get("snoozes", "0")),
         errors=errors,
         created_at=created,
         scheduled_at=_dt(fields.get("scheduled_at")) or created,

@@ -18,7 +18,7 @@ from typing import Any
 
 import dramatiq
 
-from .options import DUE_MS, UNIQUE_KEY
+from .options import DUE_MS, SNOOZES, UNIQUE_KEY
 
 #: The largest payload (the request as JSON) a job may carry: checked at the call site, and again
 #: here as the message comes off the wire.
@@ -50,7 +50,7 @@ _FIELDS: dict[str, type] = {
     "message_timestamp": int,
 }
 # Options a worker's middleware reads, and their JSON types (others are the actor's business).
-_INT_OPTIONS = ("retries", "max_retries", "max_attempts")
+_INT_OPTIONS = ("retries", "max_retries", "max_attempts", SNOOZES)
 # (Dramatiq takes floats for these, and ``eta`` may be null)
 _NUMBER_OPTIONS = (
     "min_backoff",

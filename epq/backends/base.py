@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Protocol
 import dramatiq
 from dramatiq.common import q_name
 
-from ..options import DUE_MS
+from ..options import DUE_MS, SNOOZES
 
 #: Every name epq gives a lock or key in a store starts with this.
 KEY_PREFIX = "epq:"
@@ -396,9 +396,11 @@ class DurableDelays:
             return super().enqueue(message, delay=None)  # type: ignore[misc, no-any-return]
         message, due_ms = self._to_schedule(message, delay)
         broker.emit_before("enqueue", message, delay)
-        # one entry per job and attempt: a retry's scheduling sent again after a lost reply
-        # (epq.outage) writes the same entry, not a second one
+        # one entry per job, attempt and snooze: a retry's scheduling sent again after a lost
+        # reply (epq.outage) writes the same entry, not a second one
         entry = f"{message.message_id}:{message.options.get('retries', 0)}"
+        if SNOOZES in message.options:
+            entry += f":z{message.options[SNOOZES]}"
         store.schedule_add(message.encode(), due_ms, entry=entry)
         broker.emit_after("enqueue", message, delay)
         return message

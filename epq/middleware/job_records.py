@@ -16,7 +16,7 @@ from dramatiq.middleware import SkipMessage
 
 from ..backends.base import Move, NewRecord, RecordStore, StateStore, holder_id, in_flight
 from ..errors import DuplicateJob, StateUnavailable, describe_error
-from ..options import DUE_MS, RECORDED, UNIQUE_KEY
+from ..options import DUE_MS, RECORDED, SNOOZES, UNIQUE_KEY
 from ..outage import (
     WorkerStopping,
     requeue_instead,
@@ -193,7 +193,7 @@ class JobRecords(dramatiq.Middleware):
         if RECORDED not in options:  # an epq job enqueued by hand (epq.insert writes its own)
             with enqueue_hook_errors("taking the uniqueness lock and writing the job record", message):
                 self._write_record(broker, message, delay, actor)
-        elif not delay and (DUE_MS in options or "retries" in options):
+        elif not delay and (DUE_MS in options or "retries" in options or SNOOZES in options):
             # a job back from the schedule, or retried at once: ready to run again
             with enqueue_hook_errors("writing the job record", message), state_errors("writing a job record"):
                 self.records.move(message.message_id, "available", {}, OPEN_RECORD_TTL_MS, NOT_STARTED[1:])
@@ -297,6 +297,17 @@ class JobRecords(dramatiq.Middleware):
             fields = _leaving(message, {"scheduled_at": str(retry_due_ms)})
             ttl = OPEN_RECORD_TTL_MS + max(0, retry_due_ms - now)
             self.records.fail(message.message_id, "retryable", error, fields, ttl)
+
+    def snoozed(self, message: Any, due_ms: int) -> None:
+        """Record a snooze (``epq.Snooze``): ``scheduled`` until ``due_ms``, the attempt it ran as
+        given back (the attempts its message has spent), one more snooze."""
+        fields = {
+            "scheduled_at": str(due_ms),
+            "attempt": str(int(message.options.get("retries", 0))),
+            "snoozes": str(int(message.options.get(SNOOZES, 0))),
+        }
+        ttl = OPEN_RECORD_TTL_MS + max(0, due_ms - self.store.now_ms())
+        self.records.move(message.message_id, "scheduled", _leaving(message, fields), ttl, ("running",))
 
     def record_malformed(self, queue_name: str, error: MalformedMessage) -> str:
         """Record a message refused off the wire as a discarded job with the reason; return the

@@ -9,7 +9,7 @@ import logging
 import random
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dramatiq
@@ -18,6 +18,8 @@ from dramatiq.errors import Retry
 from dramatiq.middleware import Retries
 
 from ..backends.base import backend_of
+from ..controls import Discard, Snooze
+from ..options import SNOOZES
 from ..outage import WorkerStopping, must_requeue, requeue_instead, until_written
 from .common import find_middleware, option
 from .job_records import JobRecords
@@ -47,6 +49,9 @@ class EpqRetries(Retries):
       backoff_ms(list[int]): delay before retry 1, 2, …; the last entry repeats.
       throws(tuple[type[Exception], ...]): errors that dead-letter at once, never retried.
 
+    A handler's ``epq.Discard`` dead-letters at once too; its ``epq.Snooze`` schedules the job
+    again without spending an attempt (``epq.controls``).
+
     Actors without ``max_attempts`` get Dramatiq's own ``Retries`` behaviour.
     """
 
@@ -70,19 +75,37 @@ class EpqRetries(Retries):
             super().after_process_message(broker, message, result=result, exception=exception)  # type: ignore[no-untyped-call]
             return
 
+        records = find_middleware(broker, JobRecords)
+        message.options["requeue_timestamp"] = int(time.time() * 1000)
+        if isinstance(exception, Snooze):
+            snooze, snoozes = exception, int(message.options.get(SNOOZES, 0))
+            message.options[SNOOZES] = snoozes + 1
+            outcome = lambda: self._snooze(broker, message, snooze, records)  # noqa: E731
+            self._settle(message, outcome, undo={SNOOZES: snoozes})
+            return
+
         attempt = int(message.options.get("retries", 0)) + 1
         message.options["retries"] = attempt
         message.options["traceback"] = "".join(
             traceback.format_exception(type(exception), exception, exception.__traceback__, limit=30)
         )[-TRACEBACK_CHARS:]  # (a retried message must stay within the wire's size limit)
-        message.options["requeue_timestamp"] = int(time.time() * 1000)
-        records = find_middleware(broker, JobRecords)
+        failure = exception
+        outcome = lambda: self._retry_or_discard(  # noqa: E731
+            broker, message, actor, failure, attempt, int(max_attempts), records
+        )
+        self._settle(message, outcome, undo={"retries": attempt - 1})
+
+    @staticmethod
+    def _settle(message: MessageProxy, outcome: Callable[[], None], *, undo: dict[str, int]) -> None:
+        """Write a failed run's outcome; if the worker stops while the state store is away, the
+        message goes back to its queue with ``undo`` (its options as they were: the run not
+        counted)."""
         try:
-            self._retry_or_discard(broker, message, actor, exception, attempt, int(max_attempts), records)
+            outcome()
         except WorkerStopping:
             # the worker stopped while the state store was away: the outcome is not written, so
-            # the message goes back to its queue, this attempt not counted
-            message.options["retries"] = attempt - 1
+            # the message goes back to its queue, this run not counted
+            message.options.update(undo)
             logger.warning("Giving %s job %s back to its queue: the state store is unreachable",
                            message.actor_name, message.message_id)  # fmt: skip
             requeue_instead(message)
@@ -92,6 +115,24 @@ class EpqRetries(Retries):
             logger.exception("Could not write the failed attempt of %s job %s; dead-lettering it",
                              message.actor_name, message.message_id)  # fmt: skip
             message.fail()
+
+    def _snooze(
+        self, broker: dramatiq.Broker, message: MessageProxy, snooze: Snooze, records: JobRecords | None
+    ) -> None:
+        """Schedule a snoozed job again after its delay, its attempt not spent."""
+        delay = int(snooze.delay or 0)
+        logger.info(
+            "Snoozing %s job %s for %d ms (snooze %d; attempts spent: %d)",
+            message.actor_name,
+            message.message_id,
+            delay,
+            message.options[SNOOZES],
+            int(message.options.get("retries", 0)),
+        )
+        due_ms = _now_ms(broker) + delay
+        if records is not None:
+            until_written(lambda: records.snoozed(message, due_ms), "recording a snooze")
+        self._schedule_again(broker, message, snooze, delay, records)
 
     def _retry_or_discard(
         self,
@@ -106,7 +147,7 @@ class EpqRetries(Retries):
         """Write the failed attempt, then schedule the retry or dead-letter the message (each
         write waits for an unreachable state store: see ``epq.outage``)."""
         throws = actor.options.get("throws")
-        if throws and isinstance(exception, throws):
+        if isinstance(exception, Discard) or (throws and isinstance(exception, throws)):
             logger.warning(
                 "Discarding %s job %s without retry: %s", message.actor_name, message.message_id, exception
             )
@@ -137,10 +178,20 @@ class EpqRetries(Retries):
             max_attempts,
             delay,
         )
-        backend = backend_of(broker)
-        now_ms = backend.state.now_ms() if backend is not None else int(time.time() * 1000)
         # recorded before the retry exists, so no worker can start it first
-        _record_failure(records, message, exception, now_ms + delay)
+        _record_failure(records, message, exception, _now_ms(broker) + delay)
+        self._schedule_again(broker, message, exception, delay, records)
+
+    @staticmethod
+    def _schedule_again(
+        broker: dramatiq.Broker,
+        message: MessageProxy,
+        exception: BaseException,
+        delay: int,
+        records: JobRecords | None,
+    ) -> None:
+        """Enqueue the job again after ``delay`` ms (through epq's durable schedule), waiting while
+        the state store is unreachable; a job that cannot be scheduled is dead-lettered."""
         try:
             until_written(
                 lambda: broker.enqueue(message, delay=delay),  # type: ignore[arg-type]  # a proxy, as in Retries
@@ -155,6 +206,12 @@ class EpqRetries(Retries):
                              message.actor_name, message.message_id)  # fmt: skip
             _record_failure(records, message, exception, None)
             message.fail()
+
+
+def _now_ms(broker: dramatiq.Broker) -> int:
+    """The state store's time (the schedule's clock), else the local one."""
+    backend = backend_of(broker)
+    return backend.state.now_ms() if backend is not None else int(time.time() * 1000)
 
 
 def _record_failure(

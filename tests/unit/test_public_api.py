@@ -13,12 +13,14 @@ import epq
 from tests.conftest import REDIS_URL, redis_available
 
 EXPECTED = {
-    "AttemptError", "BrokerUnavailable", "ConfigurationError", "DuplicateJob", "EndpointIndexSource",
+    "AttemptError", "BrokerUnavailable", "ConfigurationError", "Discard", "DuplicateJob",
+    "EndpointIndexSource",
     "EnqueueIndexEndpointRequest", "EpqError", "EpqSettings", "HandlerAlreadyRegistered", "HandlerError",
     "HandlerNotFound", "InvalidPayload", "InvalidRequest", "JobInsertResult", "JobNotFound", "JobPriority",
     "JobQueue",
     "JobRecord", "JobState", "QueueService", "RegisterDynamicScheduleRequest",
-    "RegisterDynamicTriggerRequest", "RegisterJobRequest", "RegisterSourceRequest", "StateUnavailable",
+    "RegisterDynamicTriggerRequest", "RegisterJobRequest", "RegisterSourceRequest", "Snooze",
+    "StateUnavailable",
     "__version__",
     "handler", "setup",
 }  # fmt: skip
