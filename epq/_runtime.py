@@ -123,7 +123,12 @@ def build_middleware(settings: EpqSettings) -> list[dramatiq.Middleware]:
 def _bind_actors(broker: dramatiq.Broker, settings: EpqSettings) -> None:
     for name, kind in KINDS.items():
         window: timedelta = getattr(settings, kind.unique_window_setting)
-        options = {"unique_for": int(window.total_seconds() * 1000), "unique_by": kind.unique_by}
+        limit: timedelta = getattr(settings, kind.time_limit_setting)
+        options = {
+            "unique_for": int(window.total_seconds() * 1000),
+            "unique_by": kind.unique_by,
+            "time_limit": int(limit.total_seconds() * 1000),  # (Dramatiq's TimeLimit enforces it)
+        }
         actor = _actors.get(name)
         if actor is None:
             _actors[name] = EpqActor(kind, broker=broker, extra_options=options)

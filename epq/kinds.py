@@ -30,6 +30,7 @@ class JobKind:
       max_attempts: attempts River-style: the first run plus ``max_attempts - 1`` retries.
       backoff_ms: delay before retry n (1-based) is ``backoff_ms[min(n, len) - 1]``, ±25 % jitter.
       unique_window_setting: the ``EpqSettings`` field holding the uniqueness window.
+      time_limit_setting: the ``EpqSettings`` field holding how long its handler may run.
       unique_by: the request fields that make up the unique key.
     """
 
@@ -41,6 +42,7 @@ class JobKind:
     backoff_ms: tuple[int, ...]
     unique_window_setting: str
     unique_by: tuple[str, ...]
+    time_limit_setting: str
 
 
 def _registration(name: str, model: type[_Request], *unique_by: str) -> JobKind:
@@ -56,6 +58,7 @@ def _registration(name: str, model: type[_Request], *unique_by: str) -> JobKind:
         backoff_ms=(10_000, 20_000),
         unique_window_setting="register_unique_for",
         unique_by=("endpoint_id", *unique_by),
+        time_limit_setting="register_time_limit",
     )
 
 
@@ -71,6 +74,7 @@ KINDS: dict[str, JobKind] = {
             backoff_ms=tuple(m * _MINUTE_MS for m in (1, 2, 4, 8, 16, 30)),
             unique_window_setting="index_unique_for",
             unique_by=("endpoint_id", "source"),
+            time_limit_setting="index_time_limit",
         ),
         _registration("register_job", RegisterJobRequest, "job_id", "job_metadata"),
         _registration("register_source", RegisterSourceRequest, "source_id", "source_metadata"),

@@ -40,6 +40,9 @@ class EpqSettings(BaseSettings):
       handlers: modules a worker imports to register handlers (comma-separated).
       queues: the queues workers serve; enqueueing elsewhere is refused (comma-separated).
       index_unique_for / register_unique_for: uniqueness windows (seconds or ISO-8601 duration).
+      index_time_limit / register_time_limit: how long a handler of ``index_endpoint`` / of the
+        ``register_*`` kinds may run before it is interrupted (a failed attempt, retried by the
+        kind's rules); River's defaults, 2 min and 1 min.
       completed_retention / discarded_retention: how long job records are kept.
       completed_max: how many completed jobs' records are kept at most (the newest; 0: none).
       dead_max: how many dead (discarded) jobs' records are kept at most (the newest; 0: none,
@@ -54,6 +57,8 @@ class EpqSettings(BaseSettings):
     queues: CommaList = Field(default_factory=lambda: [q.value for q in JobQueue])
     index_unique_for: timedelta = timedelta(minutes=15)
     register_unique_for: timedelta = timedelta(minutes=5)
+    index_time_limit: timedelta = timedelta(minutes=2)
+    register_time_limit: timedelta = timedelta(minutes=1)
     completed_retention: timedelta = timedelta(hours=24)
     completed_max: int = Field(default=DEFAULT_COMPLETED_MAX, ge=0)
     discarded_retention: timedelta = timedelta(days=7)
@@ -76,6 +81,8 @@ class EpqSettings(BaseSettings):
     @field_validator(
         "index_unique_for",
         "register_unique_for",
+        "index_time_limit",
+        "register_time_limit",
         "completed_retention",
         "discarded_retention",
         mode="before",
@@ -91,7 +98,14 @@ class EpqSettings(BaseSettings):
                 return value
         return value
 
-    @field_validator("index_unique_for", "register_unique_for", "completed_retention", "discarded_retention")
+    @field_validator(
+        "index_unique_for",
+        "register_unique_for",
+        "index_time_limit",
+        "register_time_limit",
+        "completed_retention",
+        "discarded_retention",
+    )
     @classmethod
     def _positive(cls, value: timedelta) -> timedelta:
         if value.total_seconds() <= 0:

@@ -15,7 +15,7 @@ from typing import Any
 import dramatiq
 from dramatiq.broker import MessageProxy
 from dramatiq.errors import Retry
-from dramatiq.middleware import Retries
+from dramatiq.middleware import Retries, TimeLimitExceeded
 
 from ..backends.base import backend_of
 from ..controls import Discard, Snooze
@@ -89,7 +89,7 @@ class EpqRetries(Retries):
         message.options["traceback"] = "".join(
             traceback.format_exception(type(exception), exception, exception.__traceback__, limit=30)
         )[-TRACEBACK_CHARS:]  # (a retried message must stay within the wire's size limit)
-        failure = exception
+        failure = _described(exception, message, actor)
         outcome = lambda: self._retry_or_discard(  # noqa: E731
             broker, message, actor, failure, attempt, int(max_attempts), records
         )
@@ -206,6 +206,18 @@ class EpqRetries(Retries):
                              message.actor_name, message.message_id)  # fmt: skip
             _record_failure(records, message, exception, None)
             message.fail()
+
+
+def _described(
+    exception: BaseException, message: MessageProxy, actor: dramatiq.Actor[Any, Any]
+) -> BaseException:
+    """The exception as its record shows it: Dramatiq's time limit interrupts a handler with a
+    ``TimeLimitExceeded`` that says nothing, so the record says which limit it ran past."""
+    if isinstance(exception, TimeLimitExceeded) and not str(exception):
+        limit = option(message, actor, "time_limit")
+        of = f" of {limit / 1000:g} s" if limit else ""
+        return TimeLimitExceeded(f"interrupted: the handler ran past its time limit{of}")
+    return exception
 
 
 def _now_ms(broker: dramatiq.Broker) -> int:

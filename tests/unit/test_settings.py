@@ -16,6 +16,8 @@ def test_defaults() -> None:
     assert settings.handlers == []
     assert settings.index_unique_for == timedelta(minutes=15)
     assert settings.register_unique_for == timedelta(minutes=5)
+    assert settings.index_time_limit == timedelta(minutes=2)  # River's (the Go package's) defaults
+    assert settings.register_time_limit == timedelta(minutes=1)
     assert settings.completed_retention == timedelta(hours=24)
     assert settings.discarded_retention == timedelta(days=7)
     assert settings.completed_max == 10_000
@@ -30,6 +32,8 @@ def test_environment_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EPQ_STATE_URL", "redis://127.0.0.1:6379/3")
     monkeypatch.setenv("EPQ_COMPLETED_MAX", "0")
     monkeypatch.setenv("EPQ_DEAD_MAX", "500")
+    monkeypatch.setenv("EPQ_INDEX_TIME_LIMIT", "300")
+    monkeypatch.setenv("EPQ_REGISTER_TIME_LIMIT", "PT30S")
     settings = get_settings()
     assert settings.handlers == ["app.jobs", "app.more"]
     assert settings.queues == ["default", "events"]
@@ -38,6 +42,8 @@ def test_environment_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.state_url == "redis://127.0.0.1:6379/3"
     assert settings.completed_max == 0
     assert settings.dead_max == 500
+    assert settings.index_time_limit == timedelta(minutes=5)
+    assert settings.register_time_limit == timedelta(seconds=30)
 
 
 def test_settings_are_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -58,6 +64,8 @@ def test_settings_are_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
         ("EPQ_COMPLETED_MAX", "many"),
         ("EPQ_DEAD_MAX", "-1"),
         ("EPQ_DEAD_MAX", "1.5"),
+        ("EPQ_INDEX_TIME_LIMIT", "0"),
+        ("EPQ_REGISTER_TIME_LIMIT", "a minute"),
     ],
 )
 def test_a_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
