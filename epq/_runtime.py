@@ -129,12 +129,14 @@ def _bind_actors(broker: dramatiq.Broker, settings: EpqSettings) -> None:
             "unique_by": kind.unique_by,
             "time_limit": int(limit.total_seconds() * 1000),  # (Dramatiq's TimeLimit enforces it)
         }
+        strict = name in settings.strict_payload_kinds
         actor = _actors.get(name)
         if actor is None:
-            _actors[name] = EpqActor(kind, broker=broker, extra_options=options)
+            _actors[name] = EpqActor(kind, broker=broker, extra_options=options, strict_payload=strict)
         else:
             actor.broker = broker
             actor.options.update(options)
+            actor.strict_payload = strict
             broker.declare_actor(actor)
 
 

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .errors import ConfigurationError
+from .kinds import KINDS
 from .models import JobQueue
 from .records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX
 
@@ -43,6 +44,8 @@ class EpqSettings(BaseSettings):
       index_time_limit / register_time_limit: how long a handler of ``index_endpoint`` / of the
         ``register_*`` kinds may run before it is interrupted (a failed attempt, retried by the
         kind's rules); River's defaults, 2 min and 1 min.
+      strict_payload_kinds: kinds whose workers dead-letter a payload with fields their model does
+        not know (comma-separated); other kinds drop such fields, logged once per kind and field.
       completed_retention / discarded_retention: how long job records are kept.
       completed_max: how many completed jobs' records are kept at most (the newest; 0: none).
       dead_max: how many dead (discarded) jobs' records are kept at most (the newest; 0: none,
@@ -63,8 +66,9 @@ class EpqSettings(BaseSettings):
     completed_max: int = Field(default=DEFAULT_COMPLETED_MAX, ge=0)
     discarded_retention: timedelta = timedelta(days=7)
     dead_max: int = Field(default=DEFAULT_DEAD_MAX, ge=0)
+    strict_payload_kinds: CommaList = Field(default_factory=list)
 
-    @field_validator("handlers", "queues", mode="before")
+    @field_validator("handlers", "queues", "strict_payload_kinds", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -77,6 +81,14 @@ class EpqSettings(BaseSettings):
         if not value:
             raise ValueError("at least one queue is required")
         return list(dict.fromkeys(value))
+
+    @field_validator("strict_payload_kinds")
+    @classmethod
+    def _known_kinds(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in KINDS]
+        if unknown:
+            raise ValueError(f"unknown job kind(s) {', '.join(unknown)}; known kinds: {', '.join(KINDS)}")
+        return value
 
     @field_validator(
         "index_unique_for",

@@ -22,6 +22,7 @@ def test_defaults() -> None:
     assert settings.discarded_retention == timedelta(days=7)
     assert settings.completed_max == 10_000
     assert settings.dead_max == 10_000
+    assert settings.strict_payload_kinds == []
 
 
 def test_environment_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,6 +35,7 @@ def test_environment_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EPQ_DEAD_MAX", "500")
     monkeypatch.setenv("EPQ_INDEX_TIME_LIMIT", "300")
     monkeypatch.setenv("EPQ_REGISTER_TIME_LIMIT", "PT30S")
+    monkeypatch.setenv("EPQ_STRICT_PAYLOAD_KINDS", "register_job, index_endpoint")
     settings = get_settings()
     assert settings.handlers == ["app.jobs", "app.more"]
     assert settings.queues == ["default", "events"]
@@ -44,6 +46,7 @@ def test_environment_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.dead_max == 500
     assert settings.index_time_limit == timedelta(minutes=5)
     assert settings.register_time_limit == timedelta(seconds=30)
+    assert settings.strict_payload_kinds == ["register_job", "index_endpoint"]
 
 
 def test_settings_are_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -66,6 +69,7 @@ def test_settings_are_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
         ("EPQ_DEAD_MAX", "1.5"),
         ("EPQ_INDEX_TIME_LIMIT", "0"),
         ("EPQ_REGISTER_TIME_LIMIT", "a minute"),
+        ("EPQ_STRICT_PAYLOAD_KINDS", "register_job,register_thing"),
     ],
 )
 def test_a_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
