@@ -23,6 +23,10 @@ records, priorities, durable schedule, River retries) are measured side by side:
 - Redis memory per waiting and per completed job (``benchmarks/memory.py``, ``--memory-n`` jobs a
   side, databases 11 and 12).
 
+``--metrics`` runs epq with its Prometheus metrics on (``EPQ_METRICS=1``; worker processes serve
+``/metrics`` on ``--metrics-port``), ``--tracing`` with its OpenTelemetry spans on (no SDK
+configured: the API's no-op tracer); without them both are off (``EPQ_TRACING=0``).
+
 Every job does the same small thing in both apps: one Redis script call noting it
 (``benchmarks/_report.py``), which is how the run sees jobs start and finish.
 
@@ -204,6 +208,8 @@ class App:
             module = "benchmarks.plain_app"
         else:
             env["EPQ_HANDLERS"] = "benchmarks.epq_handlers"
+            if os.environ.get("BENCH_METRICS_PORT"):  # --metrics: the worker serves /metrics
+                env["EPQ_METRICS_PORT"] = os.environ["BENCH_METRICS_PORT"]
             if self.broker_name == "redis":
                 env["EPQ_BROKER_URL"] = self.urls["epq_redis"]
             else:
@@ -378,6 +384,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--brokers", default="stub,redis,rabbitmq")
+    parser.add_argument(
+        "--metrics", action="store_true",
+        help="epq with its Prometheus metrics on (EPQ_METRICS=1; workers serve them: EPQ_METRICS_PORT)",
+    )  # fmt: skip
+    parser.add_argument("--metrics-port", type=int, default=9811, help="the workers' /metrics with --metrics")
+    parser.add_argument(
+        "--tracing", action="store_true",
+        help="epq with its OpenTelemetry spans on (EPQ_TRACING=1; no SDK: the API's no-op tracer)",
+    )  # fmt: skip
     parser.add_argument("--n", type=int, default=3000, help="jobs per enqueue measurement")
     parser.add_argument("--rounds", type=int, default=10, help="alternating rounds of the enqueue measures")
     parser.add_argument("--batch", type=int, default=500, help="requests per enqueue_many call")
@@ -395,6 +410,11 @@ def main() -> None:
     parser.add_argument("--rabbitmq", default="amqp://guest:guest@127.0.0.1:5672/%2F")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "compare-latest.json"))
     args = parser.parse_args()
+    # (read by epq when it is set up, below: this process enqueues, and runs the stub's worker)
+    os.environ["EPQ_TRACING"] = "1" if args.tracing else "0"
+    if args.metrics:
+        os.environ["EPQ_METRICS"] = "1"
+        os.environ["BENCH_METRICS_PORT"] = str(args.metrics_port)
 
     base = args.redis.rstrip("/")
     urls = {"plain_redis": f"{base}/9", "epq_redis": f"{base}/10", "rabbitmq": args.rabbitmq}

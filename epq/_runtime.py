@@ -9,17 +9,22 @@ from datetime import timedelta
 import dramatiq
 from dramatiq.middleware import CurrentMessage, Retries, default_middleware
 
+from . import metrics
 from ._actor import EpqActor
 from .backends.base import RecordStore, StateStore
 from .backends.factory import build_backend
 from .kinds import KINDS
+from .logs import JobLogContext
 from .middleware.boot import EpqMiddleware
+from .middleware.common import find_middleware
 from .middleware.job_records import JobRecords
+from .middleware.metrics import Metrics
 from .middleware.retries import EpqRetries
 from .middleware.uniqueness import Uniqueness
 from .priority import Priority
 from .schedule import Scheduling
 from .settings import EpqSettings, default_state_dir, get_settings
+from .tracing import Tracing, wanted
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
         )
     )
     broker.add_middleware(Scheduling(state))
+    _observe(broker, settings, state, records)
     for queue in settings.queues:
         broker.declare_queue(queue)
     _bind_actors(broker, settings)
@@ -111,13 +117,30 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
 
 
 def build_middleware(settings: EpqSettings) -> list[dramatiq.Middleware]:
-    """Dramatiq's default middleware with ``EpqRetries`` for ``Retries``, plus epq's own."""
-    middleware: list[dramatiq.Middleware] = [m() for m in default_middleware if m is not Retries]
+    """Dramatiq's default middleware with ``EpqRetries`` for ``Retries``, plus epq's own
+    (``Tracing``, ``JobLogContext`` and ``Metrics`` first: see ``epq.tracing``, ``epq.logs``,
+    ``epq.middleware.metrics``)."""
+    middleware: list[dramatiq.Middleware] = [Tracing()] if wanted(settings.tracing) else []
+    middleware.append(JobLogContext())
+    if settings.metrics_on:
+        middleware.append(Metrics(port=settings.metrics_port, host=settings.metrics_host))
+    middleware += [m() for m in default_middleware if m is not Retries]
     middleware.append(EpqRetries())
     middleware.append(CurrentMessage())
     middleware.append(EpqMiddleware(handler_modules=settings.handlers))
     middleware.append(Priority())
     return middleware
+
+
+def _observe(broker: dramatiq.Broker, settings: EpqSettings, state: StateStore, records: RecordStore) -> None:
+    """Turn on what the settings ask of ``epq.metrics``. With ``EPQ_METRICS_PORT`` the metrics
+    start when a Dramatiq worker process boots (``Metrics.after_process_boot``), in multiprocess
+    mode; with ``EPQ_METRICS`` alone, now, in this process."""
+    watch = find_middleware(broker, Metrics)
+    if watch is not None and settings.metrics_store:
+        watch.store = metrics.StoreCollector(state, records)
+    if settings.metrics and settings.metrics_port is None:
+        metrics.enable()
 
 
 def _bind_actors(broker: dramatiq.Broker, settings: EpqSettings) -> None:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import dramatiq
 from pydantic import TypeAdapter
 
+from . import metrics
 from ._messages import new_ids
 from .backends.base import (
     BulkGroup,
@@ -161,6 +162,7 @@ def insert_one(
         _take_back(target, [plan])
         raise
     if holder is not None:
+        metrics.duplicates_refused(actor.actor_name)
         raise DuplicateJob(actor.actor_name, holder_id(holder), holder=holder)
     return plan
 
@@ -229,7 +231,11 @@ def _insert_many(
     finally:
         if fused is not None:
             fused.close()
-    return _results(target, plans, holders, results)
+    out = _results(target, plans, holders, results)
+    for plan, result in zip(plans, out, strict=True):
+        if result.unique_skipped_as_duplicate:
+            metrics.duplicates_refused(plan.actor.actor_name)
+    return out
 
 
 def _validate(actor: EpqActor, request: _Request | Mapping[str, Any]) -> _Request:

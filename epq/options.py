@@ -19,3 +19,6 @@ DUE_MS = "epq_due_ms"
 ARGS_JSON = "epq_args_json"
 #: How many times the job has snoozed (``epq.Snooze``); its record shows it as ``snoozes``.
 SNOOZES = "epq_snoozes"
+#: The OpenTelemetry context of the enqueue that made the job (W3C ``traceparent``, ``tracestate``):
+#: each attempt's consumer span continues it (``epq.tracing``).
+TRACE_CONTEXT = "epq_trace"

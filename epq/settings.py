@@ -50,6 +50,13 @@ class EpqSettings(BaseSettings):
       completed_max: how many completed jobs' records are kept at most (the newest; 0: none).
       dead_max: how many dead (discarded) jobs' records are kept at most (the newest; 0: none,
         and then no dead job can be listed or retried).
+      metrics: record the worker-side Prometheus metrics in this process (``epq.metrics``).
+      metrics_port: a Dramatiq worker serves ``/metrics`` on this port for all its processes
+        (implies ``metrics``).
+      metrics_host: the address the worker's ``/metrics`` listens on.
+      metrics_store: a worker's ``/metrics`` includes the store-side metrics too.
+      tracing: OpenTelemetry spans around enqueue and handler (``epq.tracing``); unset: on when
+        OpenTelemetry is installed.
     """
 
     model_config = SettingsConfigDict(env_prefix="EPQ_", extra="ignore")
@@ -67,6 +74,16 @@ class EpqSettings(BaseSettings):
     discarded_retention: timedelta = timedelta(days=7)
     dead_max: int = Field(default=DEFAULT_DEAD_MAX, ge=0)
     strict_payload_kinds: CommaList = Field(default_factory=list)
+    metrics: bool = False
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "0.0.0.0"
+    metrics_store: bool = True
+    tracing: bool | None = None
+
+    @property
+    def metrics_on(self) -> bool:
+        """Whether this process records the worker-side metrics."""
+        return self.metrics or self.metrics_port is not None
 
     @field_validator("handlers", "queues", "strict_payload_kinds", mode="before")
     @classmethod

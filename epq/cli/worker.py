@@ -20,6 +20,8 @@ from .common import command
 def run(args: argparse.Namespace, extra: Sequence[str], parser: argparse.ArgumentParser) -> int:
     if args.broker_url:
         os.environ["EPQ_BROKER_URL"] = args.broker_url
+    if args.metrics_port is not None:
+        os.environ["EPQ_METRICS_PORT"] = str(args.metrics_port)
     cmd = worker_command(args)
     print(check_worker(args), file=sys.stderr)
     sys.stdout.flush()

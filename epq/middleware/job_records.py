@@ -14,6 +14,7 @@ from dramatiq.broker import MessageProxy
 from dramatiq.common import q_name
 from dramatiq.middleware import SkipMessage
 
+from .. import metrics
 from ..backends.base import Move, NewRecord, RecordStore, StateStore, holder_id, in_flight
 from ..errors import DuplicateJob, StateUnavailable, describe_error
 from ..options import DUE_MS, RECORDED, SNOOZES, UNIQUE_KEY
@@ -235,6 +236,7 @@ class JobRecords(dramatiq.Middleware):
         if current is not None:
             message.options.pop(UNIQUE_KEY, None)
             message.options.pop(RECORDED, None)
+            metrics.duplicates_refused(message.actor_name)
             raise DuplicateJob(message.actor_name, holder_id(current), holder=current)
 
     def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
@@ -252,6 +254,7 @@ class JobRecords(dramatiq.Middleware):
         except WorkerStopping:
             requeue_instead(message)  # not started: it goes back to its queue
             raise
+        in_flight(message).state_before = before
         if before == "cancelled":
             logger.info("Skipping cancelled %s job %s", message.actor_name, message.message_id)
             raise SkipMessage(f"job {message.message_id} was cancelled")

@@ -12,6 +12,7 @@ from typing import Any
 import dramatiq
 from dramatiq.broker import MessageProxy
 
+from .. import metrics
 from ..backends.base import Holder, StateStore, holder_id, unique_lock_key
 from ..errors import DuplicateJob
 from ..options import PRIORITY, RECORDED, UNIQUE_KEY
@@ -156,6 +157,7 @@ class Uniqueness(dramatiq.Middleware):
         with state_errors("taking a uniqueness lock"):
             current = self.store.acquire_unique(key, holder, lock_ttl)
         if current is not None:
+            metrics.duplicates_refused(message.actor_name)
             raise DuplicateJob(message.actor_name, holder_id(current), holder=current)
         message.options[UNIQUE_KEY] = key
 

@@ -647,3 +647,58 @@ def test_an_expired_record_is_no_longer_counted(stores: Stores) -> None:
     stores.records.create(NewRecord("j2", fields(), DAY_MS))
     stores.advance(11)
     assert stores.live_counters() == {group("available"): 1}
+
+
+# ---- what the metrics read (epq.metrics.StoreCollector) ------------------------------------------
+
+
+def test_schedule_due_counts_the_due_entries_no_promoter_claimed(stores: Stores) -> None:
+    stores.state.schedule_add(b"m1", T0, entry="e1")
+    stores.state.schedule_add(b"m2", T0 + 10, entry="e2")
+    stores.state.schedule_add(b"m3", T0 + 1000, entry="e3")
+    assert stores.state.schedule_due(T0 - 1) == 0
+    assert stores.state.schedule_due(T0 + 10) == 2
+    stores.state.schedule_claim(T0, LEASE_MS, 1)
+    assert stores.state.schedule_due(T0 + 10) == 1
+    assert stores.state.schedule_due(T0 + 1000) == 2
+
+
+def test_unique_locks_counts_the_locks_held_per_kind(stores: Stores) -> None:
+    assert stores.state.unique_locks() == {}
+    stores.state.acquire_unique(LOCK, HOLDER, TTL_MS)
+    stores.state.acquire_unique(OTHER_LOCK, RIVAL, TTL_MS)
+    stores.state.acquire_unique("epq:unique:index_endpoint:89ab", "job-3", TTL_MS)
+    assert stores.state.unique_locks() == {"register_job": 2, "index_endpoint": 1}
+    stores.state.release_unique(LOCK, "job-1")
+    assert stores.state.unique_locks() == {"register_job": 1, "index_endpoint": 1}
+
+
+def test_oldest_waiting_is_the_earliest_due_available_job_per_queue_and_priority(stores: Stores) -> None:
+    # Given available jobs due at different times, in two queues and priorities, and others
+    records = stores.records
+    records.create(NewRecord("a", fields(scheduled_at=str(T0 + 20)), DAY_MS))
+    records.create(NewRecord("b", fields(scheduled_at=str(T0 + 10)), DAY_MS))
+    records.create(NewRecord("c", fields(priority=1, scheduled_at=str(T0 + 30)), DAY_MS))
+    records.create(NewRecord("d", fields(queue="events", scheduled_at=str(T0 + 40)), DAY_MS))
+    records.create(NewRecord("e", fields("scheduled", scheduled_at=str(T0)), DAY_MS))
+    assert records.oldest_waiting() == {
+        ("default", 2): T0 + 10,
+        ("default", 1): T0 + 30,
+        ("events", 2): T0 + 40,
+    }
+    # When the oldest starts, one is deleted and a scheduled one becomes available
+    records.start("b", T0 + 50, DAY_MS)
+    records.delete("d")
+    records.move("e", "available", {}, DAY_MS)
+    # Then the oldest waiting are the others
+    assert records.oldest_waiting() == {("default", 2): T0, ("default", 1): T0 + 30}
+    records.start("e", T0 + 60, DAY_MS)
+    records.start("a", T0 + 60, DAY_MS)
+    assert records.oldest_waiting() == {("default", 1): T0 + 30}
+
+
+def test_oldest_waiting_leaves_out_expired_records(stores: Stores) -> None:
+    stores.records.create(NewRecord("old", fields(scheduled_at=str(T0)), 1000))
+    stores.records.create(NewRecord("new", fields(scheduled_at=str(T0 + 5)), DAY_MS))
+    stores.advance(2)
+    assert stores.records.oldest_waiting() == {("default", 2): T0 + 5}

@@ -26,7 +26,7 @@ from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import compute_backoff, current_millis
 from dramatiq.errors import ConnectionClosed
 
-from ... import wire
+from ... import metrics, wire
 from ..._messages import data_template, encode, new_id
 from ...errors import DuplicateJob, StateUnavailable
 from ...middleware.common import enqueue_hook_errors, find_middleware
@@ -121,6 +121,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
                 record = records.new_record(self, message, None)
             holder = self.insert_recorded(message, record, None)
             if holder is not None:
+                metrics.duplicates_refused(message.actor_name)
                 raise DuplicateJob(message.actor_name, holder_id(holder), holder=holder)
             return message
         self.emit_before("enqueue", message, None)

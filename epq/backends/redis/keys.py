@@ -34,6 +34,12 @@ def record_keys(job_id: str) -> list[str]:
     return [JOB_PREFIX + job_id, STATS, DEAD]
 
 
+def waiting(queue_name: str, priority: int) -> str:
+    """The index of a queue and priority's available jobs by when they became due (the scripts
+    make it from ``STATS`` too: ``lua/lib/counter.lua``)."""
+    return f"{STATS}:waiting:{queue_name}|{priority}"
+
+
 def bulk_token(token: str) -> str:
     return BULK_TOKEN_PREFIX + token
 

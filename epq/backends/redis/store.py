@@ -12,7 +12,7 @@ from typing import Any
 import redis
 
 from ...records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX, MAX_ERRORS, check_id_prefix, payload_json
-from ..base import Move, NewRecord, RecordFields
+from ..base import UNIQUE_PREFIX, Move, NewRecord, RecordFields, lock_kind, split_counter_group
 from . import keys, scripts
 from .connections import ScriptCall, call_many
 
@@ -106,6 +106,16 @@ class RedisStateStore:
     def schedule_claimed(self) -> int:
         return int(self.client.zcard(keys.SCHEDULE_CLAIMED))
 
+    def schedule_due(self, now_ms: int) -> int:
+        return int(self.client.zcount(keys.SCHEDULE, "-inf", now_ms))
+
+    def unique_locks(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for key in self.client.scan_iter(match=UNIQUE_PREFIX + "*", count=1000):
+            kind = lock_kind(key.decode())
+            out[kind] = out.get(kind, 0) + 1
+        return out
+
     def acquire_unique(self, key: str, holder: str, ttl_ms: int) -> str | None:
         return _text(self._lua["lock_acquire"](keys=[key], args=[holder, max(1, int(ttl_ms))]))
 
@@ -156,6 +166,7 @@ class RedisRecords:
             "record_start",
             "record_fail",
             "record_delete",
+            "waiting_oldest",
         )
 
     def create(self, record: NewRecord) -> str | None:
@@ -293,3 +304,15 @@ class RedisRecords:
 
     def counters(self) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.client.hgetall(keys.STATS).items()}
+
+    def oldest_waiting(self) -> dict[tuple[str, int], int]:
+        out: dict[tuple[str, int], int] = {}
+        for group in self.counters():
+            queue, priority, state = split_counter_group(group)
+            if state == "available":
+                due = self._lua["waiting_oldest"](
+                    keys=[keys.waiting(queue, priority)], args=[keys.JOB_PREFIX]
+                )
+                if due:
+                    out[queue, priority] = int(float(due))
+        return out

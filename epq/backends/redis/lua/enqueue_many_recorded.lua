@@ -34,7 +34,9 @@ for g = 1, ngroups do
   hashes[queue .. '.msgs'] = hashes[queue .. '.msgs'] or {}
   lanes[lane] = lanes[lane] or {}
   groups[g] = {flat = flat, n = 0, msgs = hashes[queue .. '.msgs'], ids = lanes[lane],
-    stat = counter(fields['queue'], fields['priority'], fields['state']),
+    stat = counter(fields['queue'], fields['priority'], fields['state']), due = {},
+    waiting = fields['state'] == 'available' and waiting(KEYS[1], fields['queue'], fields['priority']),
+    scheduled_at = fields['scheduled_at'] or fields['created_at'],
     tail = ARGV[at + 1], lock_ttl = ARGV[at + 2], f = {ARGV[at + 3], ARGV[at + 4], ARGV[at + 5],
     ARGV[at + 6], ARGV[at + 7]}}
 end
@@ -61,6 +63,8 @@ for i = 6 + 8 * ngroups, #ARGV, 5 do
     group.msgs[#group.msgs + 1] = id
     group.msgs[#group.msgs + 1] = data
     group.ids[#group.ids + 1] = id
+    group.due[#group.due + 1] = group.scheduled_at
+    group.due[#group.due + 1] = id
   else
     out[#out + 1] = position
     out[#out + 1] = current
@@ -69,6 +73,7 @@ end
 -- (unpack takes a few thousand values at most: epq.insert.SCRIPT_RUN keeps calls well under that)
 for _, group in ipairs(groups) do
   if group.n > 0 then redis.call('HINCRBY', KEYS[1], group.stat, group.n) end
+  if group.n > 0 and group.waiting then redis.call('ZADD', group.waiting, unpack(group.due)) end
 end
 for key, entries in pairs(hashes) do
   if #entries > 0 then redis.call('HSET', key, unpack(entries)) end

@@ -16,7 +16,7 @@ if ARGV[3] ~= '' then
   local current = take_lock(KEYS[3], ARGV[3], ARGV[4], ARGV[1])
   if current then return current end
 end
-write_fresh(KEYS[1], KEYS[2], ARGV[2], 8, ARGV[7])
+write_fresh(KEYS[1], KEYS[2], ARGV[2], 8, ARGV[7], ARGV[1])
 redis.call('HSET', KEYS[4], ARGV[5], ARGV[6])
 redis.call('RPUSH', KEYS[5], ARGV[5])
 return false

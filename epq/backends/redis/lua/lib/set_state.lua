@@ -1,6 +1,6 @@
 -- #include lib/counter.lua
 -- set_state: move a record to a state, keeping the per queue|priority|state counters and the
--- index of dead (discarded) jobs; returns the state before.
+-- index of dead (discarded) jobs and of waiting (available) ones; returns the state before.
 local function set_state(key, stats, dead, id, new_state, now)
   local old = redis.call('HGET', key, 'state')
   local at = redis.call('HMGET', key, 'queue', 'priority')
@@ -9,5 +9,10 @@ local function set_state(key, stats, dead, id, new_state, now)
   redis.call('HSET', key, 'state', new_state)
   if new_state == 'discarded' then redis.call('ZADD', dead, now, id) end
   if old == 'discarded' and new_state ~= 'discarded' then redis.call('ZREM', dead, id) end
+  if new_state == 'available' and old ~= 'available' then
+    redis.call('ZADD', waiting(stats, at[1], at[2]), due_at(key, now), id)
+  elseif old == 'available' and new_state ~= 'available' then
+    redis.call('ZREM', waiting(stats, at[1], at[2]), id)
+  end
   return old
 end

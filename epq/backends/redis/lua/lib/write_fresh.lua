@@ -1,7 +1,13 @@
+-- #include lib/counter.lua
 -- write_fresh: write a record that does not exist yet, from the name, value pairs ARGV[first], ...
--- (a state that is not 'discarded' among them), and count it under `group` (queue|priority|state).
-local function write_fresh(key, stats, ttl, first, group)
+-- (a state that is not 'discarded' among them), and count it under `group` (queue|priority|state)
+-- (an available one also in its waiting index: see counter.lua).
+local function write_fresh(key, stats, ttl, first, group, id)
   redis.call('HSET', key, unpack(ARGV, first))
   redis.call('HINCRBY', stats, group, 1)
+  local queue, priority, state = string.match(group, '^(.*)|([^|]*)|([^|]*)$')
+  if state == 'available' then
+    redis.call('ZADD', waiting(stats, queue, priority), due_at(key, 0), id)
+  end
   redis.call('PEXPIRE', key, ttl)
 end

@@ -14,6 +14,9 @@ local function write_new(key, stats, dead, id, now, ttl, fields_json)
   if not old then
     redis.call('HINCRBY', stats, counter(fields['queue'], fields['priority'], fields['state']), 1)
     if fields['state'] == 'discarded' then redis.call('ZADD', dead, now, id) end
+    if fields['state'] == 'available' then
+      redis.call('ZADD', waiting(stats, fields['queue'], fields['priority']), fields['scheduled_at'] or fields['created_at'] or now, id)
+    end
   end
   redis.call('PEXPIRE', key, ttl)
   return fields

@@ -1,0 +1,287 @@
+"""Prometheus metrics, one naming scheme (``epq_`` prefix, units in the names, bounded labels:
+kind, queue, priority, state, outcome; never a job id).
+
+Two sources:
+
+- **store-side** (:class:`StoreCollector`): read from the state and record stores at each scrape,
+  so any process can serve them and they mean the same on every broker: jobs per queue x
+  priority x state, the oldest waiting job's age, the schedule, dead jobs, uniqueness locks;
+- **worker-side** (:class:`WorkerInstruments`): counted where things happen: jobs started and
+  their outcomes per kind, handler duration, enqueue-to-start latency, duplicates refused at
+  enqueue and duplicate starts. A Dramatiq worker with ``EPQ_METRICS_PORT`` keeps them in
+  ``prometheus_client``'s multiprocess mode (``dramatiq -p N`` forks) and serves ``/metrics`` for
+  all its processes (``epq.middleware.metrics``); ``epq metrics`` serves the store-side ones alone.
+
+``prometheus_client`` is loaded on first use (:data:`PROMETHEUS_CLIENT`, a named late import like
+``epq.cli.COMMANDS``): only then does it read ``PROMETHEUS_MULTIPROC_DIR``, which a worker sets at
+process boot; a process with metrics off never loads it. See the README for the metric list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .backends.base import RecordStore, StateStore, split_counter_group
+
+#: The module loaded on first use (see the module docstring).
+PROMETHEUS_CLIENT = "prometheus_client"
+#: The environment variable that puts ``prometheus_client`` in multiprocess mode.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# ---- names --------------------------------------------------------------------------------------
+
+JOBS = "epq_jobs"
+OLDEST_WAITING = "epq_oldest_waiting_seconds"
+SCHEDULED = "epq_scheduled_jobs"
+SCHEDULED_DUE = "epq_scheduled_due_jobs"
+DEAD = "epq_dead_jobs"
+UNIQUE_LOCKS = "epq_unique_locks"
+STARTED = "epq_jobs_started"  # counters get their ``_total`` from prometheus_client
+PROCESSED = "epq_jobs_processed"
+DURATION = "epq_job_duration_seconds"
+ENQUEUE_TO_START = "epq_enqueue_to_start_seconds"
+DUPLICATES_REFUSED = "epq_duplicates_refused"
+DUPLICATE_STARTS = "epq_duplicate_starts"
+
+#: The outcomes of ``epq_jobs_processed_total``: each finished attempt counts once.
+OUTCOMES = ("completed", "retried", "discarded", "failed", "cancelled", "snoozed")
+#: Handler durations, seconds: from a few milliseconds to the kinds' time limits.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+#: Enqueue-to-start latency, seconds: an idle worker starts a job within a poll; a backlog, later.
+LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+_lock = threading.RLock()
+_client: Any = None
+
+
+def client() -> Any:
+    """The ``prometheus_client`` module, loaded on first use."""
+    global _client
+    with _lock:
+        if _client is None:
+            _client = importlib.import_module(PROMETHEUS_CLIENT)
+        return _client
+
+
+# ---- store-side ---------------------------------------------------------------------------------
+
+
+class StoreCollector:
+    """A ``prometheus_client`` collector that reads the store-side metrics at each scrape.
+
+    Parameters:
+      state, records: the stores of the deployment (any broker's).
+    """
+
+    def __init__(self, state: StateStore, records: RecordStore) -> None:
+        self.state = state
+        self.records = records
+
+    def describe(self) -> list[Any]:
+        return []  # (read at scrape time: nothing to check at registration)
+
+    def collect(self) -> Iterator[Any]:
+        core = client().metrics_core
+        jobs = core.GaugeMetricFamily(JOBS, "Jobs per queue, priority and state (job records).",
+                                      labels=["queue", "priority", "state"])  # fmt: skip
+        waiting_groups: set[tuple[str, int]] = set()
+        for group, count in sorted(self.records.counters().items()):
+            queue, priority, state = split_counter_group(group)
+            jobs.add_metric([queue, str(priority), state], max(0, count))
+            if state == "available":
+                waiting_groups.add((queue, priority))
+        yield jobs
+
+        now_ms = self.state.now_ms()
+        oldest = core.GaugeMetricFamily(
+            OLDEST_WAITING,
+            "Age of the oldest job waiting to start (available), per queue and priority: the lag.",
+            labels=["queue", "priority"],
+        )
+        since = self.records.oldest_waiting()
+        for queue, priority in sorted(waiting_groups | since.keys()):
+            age_ms = now_ms - since[queue, priority] if (queue, priority) in since else 0
+            oldest.add_metric([queue, str(priority)], max(0, age_ms) / 1000)
+        yield oldest
+
+        yield core.GaugeMetricFamily(
+            SCHEDULED, "Jobs in the durable schedule (delayed runs and retries).",
+            value=self.state.schedule_size(),
+        )  # fmt: skip
+        yield core.GaugeMetricFamily(
+            SCHEDULED_DUE, "Scheduled jobs due but not yet promoted to their queue.",
+            value=self.state.schedule_due(now_ms),
+        )  # fmt: skip
+
+        dead = core.GaugeMetricFamily(DEAD, "Dead (discarded) jobs with a record, per queue.",
+                                      labels=["queue"])  # fmt: skip
+        for queue, count in sorted(dead_per_queue(self.records).items()):
+            dead.add_metric([queue], count)
+        yield dead
+
+        locks = core.GaugeMetricFamily(UNIQUE_LOCKS, "Uniqueness locks held, per kind.", labels=["kind"])
+        for kind, count in sorted(self.state.unique_locks().items()):
+            locks.add_metric([kind], count)
+        yield locks
+
+
+def dead_per_queue(records: RecordStore) -> dict[str, int]:
+    """Dead jobs per queue, from their records (the index drops those whose record expired)."""
+    out: dict[str, int] = {}
+    ids = records.dead_ids(10**9)
+    for fields in records.get_many(ids) if ids else ():
+        if fields is not None and fields.get("state") == "discarded":
+            out[fields["queue"]] = out.get(fields["queue"], 0) + 1
+    return out
+
+
+def store_registry(state: StateStore, records: RecordStore) -> Any:
+    """A registry with the store-side metrics alone (what ``epq metrics`` serves)."""
+    registry = client().CollectorRegistry(auto_describe=False)
+    registry.register(StoreCollector(state, records))
+    return registry
+
+
+# ---- worker-side --------------------------------------------------------------------------------
+
+
+class WorkerInstruments:
+    """The worker-side metrics of one process, registered on ``registry``.
+
+    In multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set before ``prometheus_client`` was
+    loaded) their values live in files that every process of a worker shares; the registry only
+    matters in a single process.
+    """
+
+    def __init__(self, registry: Any) -> None:
+        prom = client()
+        self.started = prom.Counter(
+            STARTED, "Jobs started (each attempt), per kind.", ["kind"], registry=registry
+        )
+        self.processed = prom.Counter(
+            PROCESSED,
+            "Finished attempts per kind and outcome: completed, retried (failed, another attempt "
+            "scheduled), discarded (dead), failed (failed, given back without an outcome), "
+            "cancelled (skipped at start), snoozed.",
+            ["kind", "outcome"],
+            registry=registry,
+        )
+        self.duration = prom.Histogram(
+            DURATION, "Handler run time, per kind.", ["kind"], buckets=DURATION_BUCKETS, registry=registry
+        )
+        self.enqueue_to_start = prom.Histogram(
+            ENQUEUE_TO_START,
+            "From when a job was due (enqueued, or its delay or backoff over) to its start, per kind.",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.duplicates_refused = prom.Counter(
+            DUPLICATES_REFUSED,
+            "Enqueues refused because another job held the unique key, per kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self.duplicate_starts = prom.Counter(
+            DUPLICATE_STARTS,
+            "Starts of a job whose record was already running or completed (delivered twice), per kind.",
+            ["kind"],
+            registry=registry,
+        )
+
+
+_instruments: WorkerInstruments | None = None
+
+
+def enable(registry: Any = None) -> WorkerInstruments:
+    """Record the worker-side metrics in this process, on ``registry`` (default:
+    ``prometheus_client``'s global one, which an application that already serves ``/metrics``
+    exposes). Idempotent: the instruments made first stay. ``EPQ_METRICS=1`` (or
+    ``EPQ_METRICS_PORT``) calls it when epq is set up."""
+    global _instruments
+    with _lock:
+        if _instruments is None:
+            _instruments = WorkerInstruments(registry if registry is not None else client().REGISTRY)
+        return _instruments
+
+
+def disable() -> None:
+    """Stop recording (the instruments stay registered where they were)."""
+    global _instruments
+    with _lock:
+        _instruments = None
+
+
+def instruments() -> WorkerInstruments | None:
+    """This process's instruments, None while metrics are off."""
+    return _instruments
+
+
+def duplicates_refused(kind: str, count: int = 1) -> None:
+    """Count enqueues of ``kind`` refused as duplicates (nothing when metrics are off)."""
+    found = _instruments
+    if found is not None and count:
+        found.duplicates_refused.labels(kind).inc(count)
+
+
+# ---- multiprocess mode --------------------------------------------------------------------------
+
+_DB_FILE = re.compile(r".*_(\d+)\.db$")
+
+
+def multiprocess_dir(main_pid: int) -> Path:
+    """Where a worker's processes keep their metric files: ``PROMETHEUS_MULTIPROC_DIR`` when set,
+    else a directory per worker command (its main process's pid) under the temporary directory.
+    Sets the variable, so that ``prometheus_client`` loads in multiprocess mode, and forgets the
+    files of processes that are gone (a pid reused from an earlier run)."""
+    given = os.environ.get(MULTIPROC_ENV)
+    path = Path(given) if given else Path(tempfile.gettempdir()) / f"epq-metrics-{main_pid}"
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ[MULTIPROC_ENV] = str(path)
+    for file in path.glob("*.db"):
+        match = _DB_FILE.match(file.name)
+        if match and not _alive(int(match.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                file.unlink()
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def worker_registry(path: Path, store: StoreCollector | None) -> Any:
+    """What a worker serves: every process's worker-side metrics (the files under ``path``), and
+    the store-side ones with ``store``."""
+    prom = client()
+    registry = prom.CollectorRegistry(auto_describe=False)
+    importlib.import_module(PROMETHEUS_CLIENT + ".multiprocess").MultiProcessCollector(
+        registry, path=str(path)
+    )
+    if store is not None:
+        registry.register(store)
+    return registry
+
+
+def serve(registry: Any, port: int, host: str) -> Any:
+    """Serve ``registry`` at ``http://host:port/metrics`` from a daemon thread; returns the server.
+
+    Raises:
+      OSError: the port is taken.
+    """
+    server, _thread = client().start_http_server(port, addr=host, registry=registry)
+    return server
