@@ -19,15 +19,19 @@ process boot; a process with metrics off never loads it. See the README for the 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import importlib
+import math
 import os
 import re
 import tempfile
 import threading
+import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .backends.base import RecordStore, StateStore, split_counter_group
 
@@ -57,6 +61,9 @@ OUTCOMES = ("completed", "retried", "discarded", "failed", "cancelled", "snoozed
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 #: Enqueue-to-start latency, seconds: an idle worker starts a job within a poll; a backlog, later.
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+#: How often a worker process writes the jobs it counted (:class:`Recorder`), seconds.
+FLUSH_S = 0.5
 
 _lock = threading.RLock()
 _client: Any = None
@@ -196,33 +203,174 @@ class WorkerInstruments:
             ["kind"],
             registry=registry,
         )
+        self._kinds: dict[str, KindInstruments] = {}
+
+    def of(self, kind: str) -> KindInstruments:
+        """The instruments' children for ``kind`` (made once: a worker counts each job with them)."""
+        found = self._kinds.get(kind)
+        if found is None:
+            found = self._kinds[kind] = KindInstruments(
+                started=self.started.labels(kind),
+                duration=self.duration.labels(kind),
+                enqueue_to_start=self.enqueue_to_start.labels(kind),
+                duplicate_starts=self.duplicate_starts.labels(kind),
+                outcomes={outcome: self.processed.labels(kind, outcome) for outcome in OUTCOMES},
+            )
+        return found
+
+
+class Recorder:
+    """Counts a worker's jobs into :class:`WorkerInstruments` in batches: a worker thread only
+    appends an event (a deque's append: no lock), and a thread of this recorder adds them up and
+    writes them every ``FLUSH_S`` seconds (:meth:`flush` at once), one write per series rather than
+    several per job (in multiprocess mode each write is a locked write to a shared file). What a
+    scrape sees is at most that much behind."""
+
+    def __init__(self, instruments: WorkerInstruments) -> None:
+        self.instruments = instruments
+        self._events: deque[tuple[str, str | None, float, bool]] = deque()
+        self._flushing = threading.Lock()
+        self._thread: threading.Thread | None = None
+        os.register_at_fork(after_in_child=self._forget_thread)  # (threads do not survive a fork)
+
+    def started(self, kind: str, enqueue_to_start_s: float) -> None:
+        """A job of ``kind`` started, this long after it was due."""
+        self._events.append((kind, None, enqueue_to_start_s, False))
+        self._running()
+
+    def ended(self, kind: str, outcome: str, duration_s: float | None, duplicate_start: bool) -> None:
+        """An attempt of ``kind`` ended with ``outcome`` (see ``OUTCOMES``) after ``duration_s``
+        in its handler (None: it did not run); ``duplicate_start``: its record was already running
+        or completed when it started."""
+        self._events.append((kind, outcome, -1.0 if duration_s is None else duration_s, duplicate_start))
+        self._running()
+
+    def _running(self) -> None:
+        if self._thread is None:
+            with self._flushing:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name="epq-metrics", daemon=True)
+                    self._thread.start()
+
+    def _forget_thread(self) -> None:
+        self._thread = None
+        self._flushing = threading.Lock()
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(FLUSH_S)
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the events recorded so far."""
+        with self._flushing:
+            started: dict[str, int] = {}
+            ended: dict[tuple[str, str], int] = {}
+            duplicates: dict[str, int] = {}
+            latencies: dict[str, list[float]] = {}
+            durations: dict[str, list[float]] = {}
+            events = self._events
+            while events:
+                kind, outcome, value, duplicate = events.popleft()
+                if outcome is None:
+                    started[kind] = started.get(kind, 0) + 1
+                    latencies.setdefault(kind, []).append(value)
+                    continue
+                ended[kind, outcome] = ended.get((kind, outcome), 0) + 1
+                if value >= 0:
+                    durations.setdefault(kind, []).append(value)
+                if duplicate:
+                    duplicates[kind] = duplicates.get(kind, 0) + 1
+            of = self.instruments.of
+            for kind, count in started.items():
+                of(kind).started.inc(count)
+            for kind, values in latencies.items():
+                observe_many(of(kind).enqueue_to_start, values)
+            for kind, values in durations.items():
+                observe_many(of(kind).duration, values)
+            for (kind, outcome), count in ended.items():
+                of(kind).outcomes[outcome].inc(count)
+            for kind, count in duplicates.items():
+                of(kind).duplicate_starts.inc(count)
+
+
+def observe_many(histogram: Any, values: list[float]) -> None:
+    """``histogram.observe`` for each of ``values``, with one write per bucket that grows (through
+    the histogram's buckets and sum, as ``prometheus_client`` 0.x keeps them; one observe per value
+    where it does not)."""
+    buckets, bounds, total = (
+        getattr(histogram, name, None) for name in ("_buckets", "_upper_bounds", "_sum")
+    )
+    if buckets is None or bounds is None or total is None or len(buckets) != len(bounds):
+        for value in values:
+            histogram.observe(value)
+        return
+    counts = [0] * len(bounds)
+    for value in values:
+        counts[bisect.bisect_left(bounds, value)] += 1
+    for bucket, count in zip(buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)
+    total.inc(math.fsum(values))
+
+
+class KindInstruments(NamedTuple):
+    """The worker-side instruments of one kind (their labelled children)."""
+
+    started: Any
+    duration: Any
+    enqueue_to_start: Any
+    duplicate_starts: Any
+    outcomes: dict[str, Any]
 
 
 _instruments: WorkerInstruments | None = None
+_recorder: Recorder | None = None
+#: The instruments made on each registry (by id), with the registry: enabled again, they are reused.
+_made: dict[int, tuple[Any, WorkerInstruments]] = {}
 
 
 def enable(registry: Any = None) -> WorkerInstruments:
     """Record the worker-side metrics in this process, on ``registry`` (default:
     ``prometheus_client``'s global one, which an application that already serves ``/metrics``
-    exposes). Idempotent: the instruments made first stay. ``EPQ_METRICS=1`` (or
+    exposes). Idempotent: while on, the instruments in use stay. ``EPQ_METRICS=1`` (or
     ``EPQ_METRICS_PORT``) calls it when epq is set up."""
-    global _instruments
+    global _instruments, _recorder
     with _lock:
         if _instruments is None:
-            _instruments = WorkerInstruments(registry if registry is not None else client().REGISTRY)
+            registry = registry if registry is not None else client().REGISTRY
+            if id(registry) not in _made:
+                _made[id(registry)] = (registry, WorkerInstruments(registry))
+            _instruments = _made[id(registry)][1]
+            _recorder = Recorder(_instruments)
         return _instruments
 
 
 def disable() -> None:
-    """Stop recording (the instruments stay registered where they were)."""
-    global _instruments
+    """Stop recording (the instruments stay registered where they were, and come back with
+    :func:`enable` on the same registry)."""
+    global _instruments, _recorder
     with _lock:
-        _instruments = None
+        if _recorder is not None:
+            _recorder.flush()
+        _instruments = _recorder = None
 
 
 def instruments() -> WorkerInstruments | None:
     """This process's instruments, None while metrics are off."""
     return _instruments
+
+
+def recorder() -> Recorder | None:
+    """What a worker counts its jobs with, None while metrics are off."""
+    return _recorder
+
+
+def flush() -> None:
+    """Write what this process's worker counted so far (it does every ``FLUSH_S`` seconds)."""
+    found = _recorder
+    if found is not None:
+        found.flush()
 
 
 def duplicates_refused(kind: str, count: int = 1) -> None:

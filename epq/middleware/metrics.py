@@ -30,18 +30,21 @@ DUPLICATE_START_STATES = ("running", "completed")
 def ready_ms(message: MessageProxy | dramatiq.Message[Any]) -> int:
     """When a message became due to run, in ms: enqueued, promoted from the schedule (its due
     time), or put back for a retry at once (Dramatiq's ``requeue_timestamp``), whichever is last."""
-    options = message.options
-    return max(
-        int(message.message_timestamp),
-        int(options.get(DUE_MS) or 0),
-        int(options.get("requeue_timestamp") or 0),
-    )
+    options = message.options  # (each attribute of a proxy is a lookup on its message: once)
+    ready = message.message_timestamp
+    due = options.get(DUE_MS)
+    if due is not None and due > ready:
+        ready = due
+    requeued = options.get("requeue_timestamp")
+    if requeued is not None and requeued > ready:
+        ready = requeued
+    return int(ready)
 
 
 class Metrics(dramatiq.Middleware):
     """Counts starts and outcomes per kind, times handlers and enqueue-to-start latency, and
-    counts duplicate starts, in this process's :class:`epq.metrics.WorkerInstruments` (nothing
-    while they are off).
+    counts duplicate starts, with this process's :class:`epq.metrics.Recorder` (nothing while the
+    metrics are off).
 
     Parameters:
       port: in a Dramatiq worker (``dramatiq epq.actors``), keep the metrics in multiprocess mode
@@ -76,31 +79,26 @@ class Metrics(dramatiq.Middleware):
         logger.info("Serving metrics on http://%s:%d/metrics for this worker", self.host, self.port)
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        metrics.flush()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
 
     def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
-        found = metrics.instruments()
+        found = metrics.recorder()
         if found is None:
             return
-        kind = message.actor_name
-        found.started.labels(kind).inc()
-        found.enqueue_to_start.labels(kind).observe(max(0, time.time() * 1000 - ready_ms(message)) / 1000)
+        found.started(message.actor_name, max(0, time.time() * 1000 - ready_ms(message)) / 1000)
         in_flight(message).started_at = time.perf_counter()
 
     def after_process_message(
         self, broker: dramatiq.Broker, message: MessageProxy, *, result: Any = None, exception: Any = None
     ) -> None:
-        found = metrics.instruments()
+        found = metrics.recorder()
         if found is None:
             return
-        kind = message.actor_name
         state = in_flight(message)
-        if state.started_at:
-            found.duration.labels(kind).observe(time.perf_counter() - state.started_at)
-        self._count_duplicate_start(found, message)
         if exception is None:
             outcome = "completed"
         elif must_requeue(message):
@@ -109,16 +107,12 @@ class Metrics(dramatiq.Middleware):
             outcome = "discarded"
         else:
             outcome = "retried"
-        found.processed.labels(kind, outcome).inc()
+        duration = time.perf_counter() - state.started_at if state.started_at else None
+        found.ended(message.actor_name, outcome, duration, state.state_before in DUPLICATE_START_STATES)
 
     def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
-        found = metrics.instruments()
+        found = metrics.recorder()
         if found is None:
             return
         cancelled = in_flight(message).state_before == "cancelled"
-        found.processed.labels(message.actor_name, "cancelled" if cancelled else "discarded").inc()
-
-    @staticmethod
-    def _count_duplicate_start(found: metrics.WorkerInstruments, message: MessageProxy) -> None:
-        if in_flight(message).state_before in DUPLICATE_START_STATES:
-            found.duplicate_starts.labels(message.actor_name).inc()
+        found.ended(message.actor_name, "cancelled" if cancelled else "discarded", None, False)
