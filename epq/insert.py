@@ -232,9 +232,10 @@ def _insert_many(
         if fused is not None:
             fused.close()
     out = _results(target, plans, holders, results)
-    for plan, result in zip(plans, out, strict=True):
-        if result.unique_skipped_as_duplicate:
-            metrics.duplicates_refused(plan.actor.actor_name)
+    if metrics.instruments() is not None:
+        for plan, result in zip(plans, out, strict=True):
+            if result.unique_skipped_as_duplicate:
+                metrics.duplicates_refused(plan.actor.actor_name)
     return out
 
 

@@ -3,7 +3,8 @@ by the application, every enqueue makes a producer span (``send <queue>``) and c
 context in the message (option ``epq_trace``, W3C trace context); each attempt of the job runs in
 a consumer span (``process <queue>``) whose parent is that producer span, on every broker,
 through retries and delayed runs (the context stays in the message). Names and attributes follow
-OpenTelemetry's messaging conventions.
+OpenTelemetry's messaging conventions. Until the application sets a tracer provider, nothing is
+done (OpenTelemetry's API would record nothing anyway).
 
 OpenTelemetry is loaded by name (:data:`OTEL_API`) when :class:`Tracing` is made, which
 ``epq.setup`` does only when ``EPQ_TRACING`` says so or, unset, when the package is installed:
@@ -61,6 +62,15 @@ class Tracing(dramatiq.Middleware):
         self._tracer = self._trace.get_tracer("epq")
         self._pending: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._configured = False
+
+    def configured(self) -> bool:
+        """Whether the application has set a tracer provider (the SDK's, say): until it does,
+        OpenTelemetry's spans record nothing, and epq makes none."""
+        if not self._configured:
+            proxy = getattr(self._trace, "ProxyTracerProvider", ())
+            self._configured = not isinstance(self._trace.get_tracer_provider(), proxy)
+        return self._configured
 
     @staticmethod
     def _attributes(message: Any, operation: str) -> dict[str, Any]:
@@ -77,8 +87,8 @@ class Tracing(dramatiq.Middleware):
     def before_enqueue(
         self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int | None
     ) -> None:
-        if TRACE_CONTEXT in message.options:
-            return  # a retry, or a promotion from the schedule: the job's trace goes on
+        if TRACE_CONTEXT in message.options or not self.configured():
+            return  # (a retry, or a promotion from the schedule: the job's trace goes on)
         span = self._tracer.start_span(
             f"send {message.queue_name}",
             kind=self._trace.SpanKind.PRODUCER,
@@ -101,6 +111,8 @@ class Tracing(dramatiq.Middleware):
             span.end()
 
     def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        if not self.configured():
+            return
         parent = self._propagate.extract(message.options.get(TRACE_CONTEXT) or {})
         attributes = self._attributes(message, "process")
         attributes["epq.job.attempt"] = int(message.options.get("retries", 0)) + 1
