@@ -203,6 +203,7 @@ def _clean_env() -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(120)  # (worker processes booting on a busy machine)
 @pytest.mark.parametrize(
     "name",
     [pytest.param("redis", marks=pytest.mark.redis), pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)],
@@ -240,6 +241,7 @@ def test_the_known_run_on_a_real_worker_and_epq_metrics(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(120)  # (two worker boots and, on Redis, the dead worker's heartbeat timeout)
 @pytest.mark.parametrize(
     "name",
     [pytest.param("redis", marks=pytest.mark.redis), pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)],
@@ -250,19 +252,20 @@ def test_a_job_started_again_after_a_worker_was_killed_is_a_duplicate_start(
     broker = request.getfixturevalue(f"{name}_broker")
     argv = [str(BIN / "dramatiq"), "epq.actors", HOLD_HANDLERS, "-p", "1", "-t", "1"]
     env = {**broker_env(name), "EPQ_HANDLERS": HOLD_HANDLERS, "EPQ_METRICS_HOST": "127.0.0.1"}
-    # Given a worker that started a job and hangs in it
+    # Given a worker that started a job and hangs in it, and another worker, idle, serving metrics
     doomed = start_worker(argv, {**env, "EPQ_TEST_HOLD": "1"})
     job = epq.QueueService(broker).enqueue_register_job(request_of(1)).job
     assert wait_for(lambda: doomed.results.llen(f"{doomed.key}:started") == 1, timeout=30), (
         doomed.log.read_text()
     )
-    # When it is killed, and another worker gets the job again
-    doomed.kill9()
     port = free_port()
-    survivor = start_worker(argv, {**env, "EPQ_METRICS_PORT": str(port)}, key=doomed.key)
-    survivor.collect(1, timeout=40)
-    # Then that worker counts a duplicate start, and the job completed once
     url = f"http://127.0.0.1:{port}/metrics"
+    survivor = start_worker(argv, {**env, "EPQ_METRICS_PORT": str(port)}, key=doomed.key)
+    assert wait_for(lambda: up(url), timeout=30), survivor.log.read_text()
+    # When the first is killed, and the other gets the job again
+    doomed.kill9()
+    survivor.collect(1, timeout=45)
+    # Then that worker counts a duplicate start, and the job completed once
     expected = {
         ("epq_duplicate_starts_total", (("kind", KIND),)): 1,
         ("epq_jobs_processed_total", (("kind", KIND), ("outcome", "completed"))): 1,

@@ -108,6 +108,7 @@ def test_the_consumer_spans_continue_the_enqueue_span_on_the_stub_broker(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(120)  # (worker processes booting on a busy machine)
 @pytest.mark.parametrize(
     "name",
     [pytest.param("redis", marks=pytest.mark.redis), pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)],
