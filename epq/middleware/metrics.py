@@ -18,6 +18,7 @@ from dramatiq.broker import MessageProxy
 
 from .. import metrics
 from ..backends.base import in_flight
+from ..controls import Snooze
 from ..options import DUE_MS
 from ..outage import must_requeue
 
@@ -103,6 +104,8 @@ class Metrics(dramatiq.Middleware):
             outcome = "completed"
         elif must_requeue(message):
             outcome = "failed"  # given back to its queue: the outcome could not be written
+        elif isinstance(exception, Snooze):
+            outcome = "snoozed"  # scheduled again, its attempt not spent
         elif message.failed:
             outcome = "discarded"
         else:

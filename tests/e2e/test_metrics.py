@@ -346,3 +346,28 @@ def test_epq_metrics_once_prints_the_store_metrics(
     assert 'epq_jobs{priority="2",queue="default",state="available"} 1.0' in out
     assert "epq_scheduled_jobs 0.0" in out
     assert 'epq_unique_locks{kind="register_job"} 1.0' in out
+
+
+def test_a_snoozed_attempt_is_counted_as_snoozed(
+    producer_metrics: CollectorRegistry, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    monkeypatch.setenv("EPQ_METRICS", "1")
+    reset_settings()
+    broker = request.getfixturevalue("epq_broker")
+    runs: list[int] = []
+
+    def snoozes_once(req: Any) -> None:
+        runs.append(1)
+        if len(runs) == 1:
+            raise epq.Snooze(0.05)
+
+    request.getfixturevalue("epq_handlers").register(KIND, snoozes_once)
+    worker = request.getfixturevalue("epq_worker")
+    epq.QueueService(broker).enqueue_register_job(request_of(1))
+    assert wait_for(lambda: len(runs) == 2, timeout=10)
+    drain(broker, worker)
+    metrics.flush()
+    samples = scrape_registry(producer_metrics)
+    assert samples[("epq_jobs_processed_total", (("kind", KIND), ("outcome", "snoozed")))] == 1
+    assert samples[("epq_jobs_processed_total", (("kind", KIND), ("outcome", "completed")))] == 1
+    assert samples.get(("epq_jobs_processed_total", (("kind", KIND), ("outcome", "retried"))), 0) == 0
