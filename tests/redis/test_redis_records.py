@@ -10,7 +10,7 @@ import pytest
 import redis
 
 import epq
-from epq.testing import HandlerRegistry, drain
+from epq.testing import HandlerRegistry, backend, drain
 from tests.support.helpers import VALID
 
 
@@ -101,3 +101,17 @@ def test_a_dead_record_without_its_payload_is_not_retried_and_stays_dead(
         svc.retry_dead(job_id)
     assert svc.get_job(job_id).state is epq.JobState.DISCARDED  # type: ignore[union-attr]
     assert [r.id for r in svc.list_dead()] == [job_id]
+
+
+@pytest.mark.redis
+def test_the_lag_is_read_from_the_lanes_with_no_index_of_waiting_jobs(
+    redis_broker: dramatiq.Broker, redis_client: redis.Redis
+) -> None:
+    svc = epq.QueueService(redis_broker)
+    first = svc.enqueue_register_job(VALID["register_job"]).job
+    svc.enqueue_register_job({**VALID["register_job"], "job_id": "job-2"})
+
+    oldest = backend(redis_broker).records.oldest_waiting()  # type: ignore[attr-defined]
+
+    assert oldest == {("default", 2): round(first.created_at.timestamp() * 1000)}
+    assert redis_client.keys("epq:stats:waiting:*") == []  # (no per-job index: the lanes tell it)

@@ -34,6 +34,12 @@ def record_keys(job_id: str) -> list[str]:
     return [JOB_PREFIX + job_id, STATS, DEAD]
 
 
+#: Set on a Redis whose job records live beside their messages (the Redis broker keeping epq's
+#: state): the record scripts keep no waiting index there, since each priority lane's head is its
+#: oldest waiting job (``lua/lib/counter.lua`` reads it; ``RedisRecords.oldest_waiting``).
+LAG_FROM_LANES = STATS + ":lag-from-lanes"
+
+
 def waiting(queue_name: str, priority: int) -> str:
     """The index of a queue and priority's available jobs by when they became due (the scripts
     make it from ``STATS`` too: ``lua/lib/counter.lua``)."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import redis
 
+from ...options import DUE_MS
 from ...records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX, MAX_ERRORS, check_id_prefix, payload_json
 from ..base import UNIQUE_PREFIX, Move, NewRecord, RecordFields, lock_kind, split_counter_group
 from . import keys, scripts
@@ -37,6 +38,17 @@ def _text(reply: Any) -> str | None:
     if not reply:
         return None
     return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
+def _due_of(data: bytes) -> int | None:
+    """When an encoded message became due: when it left the schedule (``DUE_MS``), else when it
+    was made; None when it cannot be read."""
+    try:
+        message = json.loads(data)
+        due = message["options"].get(DUE_MS) or message["message_timestamp"]
+        return int(due)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _payload_of(data: bytes) -> str:
@@ -158,6 +170,8 @@ class RedisRecords:
         #: How many dead (discarded) jobs keep their record at most (the newest).
         self.dead_max = dead_max
         self.messages_ns = messages_ns
+        if messages_ns is not None:
+            client.set(keys.LAG_FROM_LANES, 1)  # (see keys.LAG_FROM_LANES)
         self._lua = scripts.register_all(
             client,
             "record_create",
@@ -252,6 +266,28 @@ class RedisRecords:
         self._add_payloads(job_ids, found)
         return found
 
+    def _oldest_in_lanes(self, ns: str) -> dict[tuple[str, int], int]:
+        """When the oldest job of each queue and priority with available jobs became due: its
+        lane's head (a lane is first in, first out; a job given back goes to the front)."""
+        lanes = []
+        for group in self.counters():
+            queue, priority, state = split_counter_group(group)
+            if state == "available":
+                lanes.append((queue, priority))
+        pipe = self.client.pipeline(transaction=False)
+        for queue, priority in lanes:
+            pipe.lindex(keys.lane(ns, queue, priority), 0)
+        heads = pipe.execute()
+        pipe = self.client.pipeline(transaction=False)
+        for (queue, _), head in zip(lanes, heads, strict=True):
+            pipe.hget(keys.messages(ns, queue), head or b"")
+        out: dict[tuple[str, int], int] = {}
+        for lane, data in zip(lanes, pipe.execute(), strict=True):
+            due = _due_of(data) if data else None
+            if due is not None:
+                out[lane] = due
+        return out
+
     def _add_payloads(self, job_ids: Sequence[str], found: list[dict[str, str] | None]) -> None:
         """Give records without their payload the payload of their job's message."""
         missing = [
@@ -306,6 +342,8 @@ class RedisRecords:
         return {k.decode(): int(v) for k, v in self.client.hgetall(keys.STATS).items()}
 
     def oldest_waiting(self) -> dict[tuple[str, int], int]:
+        if self.messages_ns is not None:
+            return self._oldest_in_lanes(self.messages_ns)
         out: dict[tuple[str, int], int] = {}
         for group in self.counters():
             queue, priority, state = split_counter_group(group)

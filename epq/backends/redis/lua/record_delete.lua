@@ -6,7 +6,8 @@ if not state then return 0 end
 redis.call('HINCRBY', KEYS[2], record_counter(KEYS[1], state), -1)
 if state == 'available' then
   local at = redis.call('HMGET', KEYS[1], 'queue', 'priority')
-  redis.call('ZREM', waiting(KEYS[2], at[1], at[2]), ARGV[1])
+  local index = waiting(KEYS[2], at[1], at[2])
+  if index then redis.call('ZREM', index, ARGV[1]) end
 end
 redis.call('DEL', KEYS[1])
 return 1

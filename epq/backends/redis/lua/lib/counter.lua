@@ -1,7 +1,8 @@
 -- counter: the name of a record counter in the stats hash, `queue|priority|state`, as
 -- epq.backends.base.counter_group makes it; record_counter: the counter of a stored record in a
 -- state; waiting: the index of a queue|priority's available jobs by when they became due (as
--- epq.backends.redis.keys.waiting names it), from which the oldest waiting job's age is read.
+-- epq.backends.redis.keys.waiting names it), from which the oldest waiting job's age is read, or
+-- false where there is none.
 local function counter(queue, priority, state)
   return queue .. '|' .. priority .. '|' .. state
 end
@@ -12,6 +13,9 @@ local function record_counter(key, state)
 end
 
 local function waiting(stats, queue, priority)
+  -- (none where the broker's own lanes tell the lag: the Redis broker that keeps epq's state
+  -- marks its Redis so, epq.backends.redis.keys.LAG_FROM_LANES)
+  if redis.call('EXISTS', stats .. ':lag-from-lanes') == 1 then return false end
   return stats .. ':waiting:' .. queue .. '|' .. priority
 end
 

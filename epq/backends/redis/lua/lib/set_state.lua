@@ -10,9 +10,11 @@ local function set_state(key, stats, dead, id, new_state, now)
   if new_state == 'discarded' then redis.call('ZADD', dead, now, id) end
   if old == 'discarded' and new_state ~= 'discarded' then redis.call('ZREM', dead, id) end
   if new_state == 'available' and old ~= 'available' then
-    redis.call('ZADD', waiting(stats, at[1], at[2]), due_at(key, now), id)
+    local index = waiting(stats, at[1], at[2])
+    if index then redis.call('ZADD', index, due_at(key, now), id) end
   elseif old == 'available' and new_state ~= 'available' then
-    redis.call('ZREM', waiting(stats, at[1], at[2]), id)
+    local index = waiting(stats, at[1], at[2])
+    if index then redis.call('ZREM', index, id) end
   end
   return old
 end

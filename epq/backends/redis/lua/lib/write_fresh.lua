@@ -7,7 +7,8 @@ local function write_fresh(key, stats, ttl, first, group, id)
   redis.call('HINCRBY', stats, group, 1)
   local queue, priority, state = string.match(group, '^(.*)|([^|]*)|([^|]*)$')
   if state == 'available' then
-    redis.call('ZADD', waiting(stats, queue, priority), due_at(key, 0), id)
+    local index = waiting(stats, queue, priority)
+    if index then redis.call('ZADD', index, due_at(key, 0), id) end
   end
   redis.call('PEXPIRE', key, ttl)
 end

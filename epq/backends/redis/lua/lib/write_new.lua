@@ -15,7 +15,9 @@ local function write_new(key, stats, dead, id, now, ttl, fields_json)
     redis.call('HINCRBY', stats, counter(fields['queue'], fields['priority'], fields['state']), 1)
     if fields['state'] == 'discarded' then redis.call('ZADD', dead, now, id) end
     if fields['state'] == 'available' then
-      redis.call('ZADD', waiting(stats, fields['queue'], fields['priority']), fields['scheduled_at'] or fields['created_at'] or now, id)
+      local index = waiting(stats, fields['queue'], fields['priority'])
+      local due = fields['scheduled_at'] or fields['created_at'] or now
+      if index then redis.call('ZADD', index, due, id) end
     end
   end
   redis.call('PEXPIRE', key, ttl)
