@@ -31,6 +31,17 @@ def default_state_dir() -> Path:
     return Path.home() / ".local" / "state" / "epq"
 
 
+#: The settings that are durations: seconds as a number, or an ISO-8601 duration.
+DURATION_FIELDS = (
+    "index_unique_for",
+    "register_unique_for",
+    "index_time_limit",
+    "register_time_limit",
+    "completed_retention",
+    "discarded_retention",
+)
+
+
 class EpqSettings(BaseSettings):
     """Everything epq reads from the environment.
 
@@ -107,15 +118,7 @@ class EpqSettings(BaseSettings):
             raise ValueError(f"unknown job kind(s) {', '.join(unknown)}; known kinds: {', '.join(KINDS)}")
         return value
 
-    @field_validator(
-        "index_unique_for",
-        "register_unique_for",
-        "index_time_limit",
-        "register_time_limit",
-        "completed_retention",
-        "discarded_retention",
-        mode="before",
-    )
+    @field_validator(*DURATION_FIELDS, mode="before")
     @classmethod
     def _seconds_as_text(cls, value: object) -> object:
         # "90" or "1.5" in the environment means seconds; anything else goes to pydantic
@@ -127,14 +130,7 @@ class EpqSettings(BaseSettings):
                 return value
         return value
 
-    @field_validator(
-        "index_unique_for",
-        "register_unique_for",
-        "index_time_limit",
-        "register_time_limit",
-        "completed_retention",
-        "discarded_retention",
-    )
+    @field_validator(*DURATION_FIELDS)
     @classmethod
     def _positive(cls, value: timedelta) -> timedelta:
         if value.total_seconds() <= 0:
