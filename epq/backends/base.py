@@ -313,6 +313,10 @@ class InFlight:
     state_before: str | None = None
     #: When its handler's run began (``time.perf_counter``), for the metrics.
     started_at: float = 0.0
+    #: Its attempt's failure was recorded as its death (``JobRecords.attempt_failed``): the nack
+    #: that dead-letters it has nothing more to write (and must not undo a retry an operator asked
+    #: for in between).
+    dead_recorded: bool = False
 
 
 def in_flight(proxy: Any) -> InFlight:

@@ -296,6 +296,7 @@ class JobRecords(dramatiq.Middleware):
         if retry_due_ms is None:
             fields = _leaving(message, {"finalized_at": str(now)})
             self.records.fail(message.message_id, "discarded", error, fields, self.discarded_ttl_ms)
+            in_flight(message).dead_recorded = True
         else:
             fields = _leaving(message, {"scheduled_at": str(retry_due_ms)})
             ttl = OPEN_RECORD_TTL_MS + max(0, retry_due_ms - now)
@@ -357,8 +358,9 @@ class JobRecords(dramatiq.Middleware):
             )
 
     def after_nack(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
-        # Dead-lettered without being processed (e.g. it could not be decoded for its actor).
-        if self._recorded(broker, message) is not None:
+        # Dead-lettered without being processed (e.g. it could not be decoded for its actor); a
+        # job whose last attempt failed has its death recorded already.
+        if self._recorded(broker, message) is not None and not in_flight(message).dead_recorded:
             fields = _leaving(message, {"finalized_at": str(self.store.now_ms())})
             written_if_possible(
                 lambda: self.records.move(

@@ -14,6 +14,7 @@ import pytest
 import epq
 import epq.actors
 from epq.backends.memory import FakeClock
+from epq.middleware.job_records import JobRecords
 from epq.schedule import promote_due
 from epq.testing import HandlerRegistry, backend, drain
 from tests.support.helpers import VALID, message_count, wait_for
@@ -265,6 +266,21 @@ def test_dead_letters_retry_and_purge(
     assert svc(broker).list_dead() == []
     assert svc(broker).get_job(dead_ids[1]) is None
     assert message_count(broker, "default.XQ") == 0
+
+
+def test_a_dead_job_retried_before_its_nack_is_not_made_dead_again(broker: dramatiq.Broker) -> None:
+    # Given a job whose last attempt failed: its death is recorded, its nack not yet done (the
+    # consumer thread nacks later)
+    records = next(m for m in broker.middleware if isinstance(m, JobRecords))
+    message = epq.actors.register_job.send(**VALID["register_job"])
+    proxy = dramatiq.broker.MessageProxy(message)
+    records.attempt_failed(proxy, RuntimeError("downstream is down"), retry_due_ms=None)
+    assert job(broker, message.message_id).state is S.DISCARDED
+    # When an operator retries it in between, and then the nack comes
+    svc(broker).retry_dead(message.message_id)
+    records.after_nack(broker, proxy)
+    # Then the retry stands: the job waits to run again
+    assert job(broker, message.message_id).state is S.AVAILABLE
 
 
 def test_stats_per_queue_and_priority(broker: dramatiq.Broker, epq_handlers: HandlerRegistry) -> None:
