@@ -386,7 +386,7 @@ class _FusedRuns:
             group = groups.get(key)
             if group is None:
                 created = message.message_timestamp  # due at once: scheduled when created
-                fields = _record_fields(plan, created, created)
+                fields = _record_fields(plan, created)
                 for name in ("args", UNIQUE_DIGEST, "unique_key"):  # the job's own
                     fields.pop(name, None)
                 # the jobs of a group are of one kind, so their locks (if any) have one ttl
@@ -426,14 +426,14 @@ def _general_run(target: _Target, run: list[Plan], holders: list[str | None], no
 # ---- records and results ------------------------------------------------------------------------
 
 
-def _record_fields(plan: Plan, now: int, due: int) -> dict[str, str]:
+def _record_fields(plan: Plan, due: int) -> dict[str, str]:
     message = plan.message
     return new_record_fields(
         kind=plan.actor.actor_name,
         queue=plan.checked.queue,
         priority=message.options.get(PRIORITY, plan.checked.priority),
         args_json=plan.checked.payload_json,
-        state="scheduled" if due > now else "available",
+        state="scheduled" if plan.delay else "available",
         max_attempts=message.options.get("max_attempts", plan.actor.options["max_attempts"]),
         created_ms=message.message_timestamp,
         scheduled_ms=due,
@@ -444,7 +444,10 @@ def _record_fields(plan: Plan, now: int, due: int) -> dict[str, str]:
 def _new_record(plan: Plan, now: int) -> NewRecord:
     """The record a plan writes, with the lock it takes first."""
     delay = int(plan.delay or 0)
-    fields = _record_fields(plan, now, now + delay)
+    # (a job due at once is due when its message was made, as its result says, whatever the
+    # state store's clock read a moment before)
+    due = now + delay if delay else plan.message.message_timestamp
+    fields = _record_fields(plan, due)
     ttl = OPEN_RECORD_TTL_MS + delay  # an open record outlives the job's wait
     if plan.lock is None:
         return NewRecord(plan.message.message_id, fields, ttl)
