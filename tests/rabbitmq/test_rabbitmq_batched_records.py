@@ -68,20 +68,33 @@ def test_jobs_started_and_completed_together_each_get_their_record_written_once(
     assert {svc.get_job(i).attempt for i in ids} == {1}  # type: ignore[union-attr]  # one start each
 
 
-def test_a_batch_whose_outcomes_cannot_be_written_is_not_acked_and_runs_again_after_the_worker_stops(
-    rabbitmq_broker: dramatiq.Broker, epq_handlers: HandlerRegistry, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Given jobs that ran while the state store could not take their outcomes
+def _run_with_outcomes_unwritten(
+    broker: dramatiq.Broker, epq_handlers: HandlerRegistry, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, list[str], _Unreachable, dramatiq.Worker]:
+    """``N`` jobs enqueued and a worker started while the state store refuses their outcomes;
+    returns once the worker holds ``HELD`` of them and has tried to write (the worker runs on)."""
     received = epq_handlers.record("register_job")
-    ids = _enqueue(rabbitmq_broker, N)
-    records = backend(rabbitmq_broker).records
+    ids = _enqueue(broker, N)
+    records = backend(broker).records
     down = _Unreachable(records)
     monkeypatch.setattr(records, "move_many", down)
-    worker = dramatiq.Worker(rabbitmq_broker, worker_timeout=50, worker_threads=2)
+    worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=2)
     worker.start()
     try:
         assert wait_for(lambda: len(received) == HELD, timeout=30)
         assert down.tried.wait(10)
+    except BaseException:
+        worker.stop()
+        raise
+    return received, ids, down, worker
+
+
+def test_a_batch_whose_outcomes_cannot_be_written_is_not_acked_and_runs_again_after_the_worker_stops(
+    rabbitmq_broker: dramatiq.Broker, epq_handlers: HandlerRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given jobs that ran while the state store could not take their outcomes
+    received, ids, _down, worker = _run_with_outcomes_unwritten(rabbitmq_broker, epq_handlers, monkeypatch)
+    try:
         # Then their messages are not acked: the worker holds as many as it may, the rest wait
         time.sleep(0.5)
         assert len(received) == HELD
@@ -108,16 +121,8 @@ def test_a_batch_waits_for_an_unreachable_state_store_and_is_acked_once_it_is_ba
     rabbitmq_broker: dramatiq.Broker, epq_handlers: HandlerRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given jobs that ran while the state store could not take their outcomes (not acked)
-    received = epq_handlers.record("register_job")
-    ids = _enqueue(rabbitmq_broker, N)
-    records = backend(rabbitmq_broker).records
-    down = _Unreachable(records)
-    monkeypatch.setattr(records, "move_many", down)
-    worker = dramatiq.Worker(rabbitmq_broker, worker_timeout=50, worker_threads=2)
-    worker.start()
+    received, ids, down, worker = _run_with_outcomes_unwritten(rabbitmq_broker, epq_handlers, monkeypatch)
     try:
-        assert wait_for(lambda: len(received) == HELD, timeout=30)
-        assert down.tried.wait(10)
         assert message_count(rabbitmq_broker, "default") == N - HELD
         # When it is back
         down.back.set()
