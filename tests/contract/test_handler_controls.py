@@ -104,8 +104,11 @@ def test_a_discarded_job_is_dead_at_once_with_its_reason_and_its_key_is_free(
     assert [(e.error_type, e.message) for e in dead.errors] == [("Discard", "the endpoint was deleted")]
     assert dead.finalized_at is not None
     assert [r.id for r in service.list_dead()] == [job_id]
-    # and its unique key is free: the same request is enqueued again
-    assert service.enqueue_register_job(VALID["register_job"]).unique_skipped_as_duplicate is False
+    # and its unique key is freed (by the dead-lettering, which the worker's consumer does just
+    # after the record): the same request is enqueued again
+    assert wait_for(
+        lambda: not service.enqueue_register_job(VALID["register_job"]).unique_skipped_as_duplicate, timeout=5
+    )
 
 
 def test_snooze_takes_a_number_of_seconds() -> None:
