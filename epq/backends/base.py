@@ -133,6 +133,13 @@ class StateStore(Protocol):
     def unique_locks(self) -> dict[str, int]:
         """Uniqueness locks held, per kind. Scans the store: for a scrape, not for hot paths."""
 
+    def add_refused(self, counts: Mapping[str, int]) -> None:
+        """Add to the count of enqueues refused as duplicates, per kind (``epq.metrics`` writes
+        each process's refusals here, so that any process can serve the deployment's total)."""
+
+    def refused(self) -> dict[str, int]:
+        """Enqueues refused as duplicates since the store began, per kind."""
+
     def close(self) -> None:
         """Release connections."""
 

@@ -20,6 +20,8 @@ STATS = KEY_PREFIX + "stats"
 DEAD = KEY_PREFIX + "dead"
 #: Completed jobs by finalization time (ms): the newest ``completed_max`` of them keep a record.
 DONE = KEY_PREFIX + "done"
+#: Enqueues refused as duplicates, per kind (a hash: kind -> count).
+REFUSED = STATS + ":refused"
 #: Each bulk enqueue script call leaves its reply under a token key of its own.
 BULK_TOKEN_PREFIX = KEY_PREFIX + "bulk:"
 
