@@ -397,8 +397,9 @@ class DurableDelays:
     def foreign_hooks(self, name: str) -> list[dramatiq.Middleware]:
         """The broker's middleware whose ``name`` hook is not Dramatiq's no-op (one set on the
         instance counts), but for epq's own middleware that an insert stands in for
-        (``epq_skips_planned``): an insert skips emitting a signal nobody else listens to.
-        Found again whenever the broker's middleware change."""
+        (``epq_skips_planned``) and those idle for now (an ``epq_idle()`` that says so, such as
+        tracing before a tracer provider is set): an insert skips emitting a signal nobody else
+        listens to. Found again whenever the broker's middleware change."""
         broker: Any = self
         middleware = tuple(broker.middleware)
         if self._hooks_seen is None or self._hooks_seen[0] != middleware:
@@ -413,6 +414,8 @@ class DurableDelays:
                 if getattr(getattr(m, name), "__func__", getattr(m, name)) is not base
                 and not getattr(m, "epq_skips_planned", False)
             ]
+        if any(hasattr(m, "epq_idle") for m in found):
+            return [m for m in found if not (hasattr(m, "epq_idle") and m.epq_idle())]
         return found
 
     def enqueue_planned(
