@@ -37,11 +37,12 @@ _LAZY = {
             "InvalidPayload",
             "InvalidRequest",
             "JobNotFound",
+            "PayloadUpgradeFailed",
             "StateUnavailable",
         ),
         ".errors",
     ),
-    "handler": ".handlers",
+    **dict.fromkeys(("handler", "payload_upgrade"), ".handlers"),
     **dict.fromkeys(("Discard", "Snooze"), ".controls"),
     **dict.fromkeys(
         (
@@ -85,6 +86,7 @@ __all__ = [
     "JobQueue",
     "JobRecord",
     "JobState",
+    "PayloadUpgradeFailed",
     "QueueService",
     "RegisterDynamicScheduleRequest",
     "RegisterDynamicTriggerRequest",
@@ -94,6 +96,7 @@ __all__ = [
     "StateUnavailable",
     "__version__",
     "handler",
+    "payload_upgrade",
     "setup",
 ]
 
@@ -132,9 +135,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names as if imported h
         InvalidPayload,
         InvalidRequest,
         JobNotFound,
+        PayloadUpgradeFailed,
         StateUnavailable,
     )
-    from .handlers import handler
+    from .handlers import handler, payload_upgrade
     from .models import (
         AttemptError,
         EndpointIndexSource,
