@@ -48,7 +48,9 @@ class EndpointIndexSource(_TextEnum):
 
 
 class JobState(_TextEnum):
-    """River's job states."""
+    """River's job states. ``pending``: committed through the outbox (``tx=``) and not yet moved
+    to the broker by a relay; no record exists for it yet (``QueueService.get_job`` reads the
+    outbox row)."""
 
     AVAILABLE = "available"
     SCHEDULED = "scheduled"
@@ -57,6 +59,7 @@ class JobState(_TextEnum):
     COMPLETED = "completed"
     DISCARDED = "discarded"
     CANCELLED = "cancelled"
+    PENDING = "pending"
 
 
 def _reject_bool(value: Any) -> Any:

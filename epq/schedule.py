@@ -28,6 +28,7 @@ import dramatiq
 from .backends.base import StateStore
 from .backends.errors import broker_gone
 from .errors import StateUnavailable, describe_error
+from .middleware.common import find_middleware
 from .outage import WorkerStopping, until_written
 
 logger = logging.getLogger("epq.schedule")
@@ -110,13 +111,19 @@ class Promoter:
         self.store = store
         self.interval_ms = interval_ms
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="epq-promoter", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
+    def wake(self) -> None:
+        """Look for due messages now rather than at the end of the current wait."""
+        self._wake.set()
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -132,7 +139,8 @@ class Promoter:
             except Exception:
                 logger.exception("Promoting scheduled messages failed; trying again in 1 s")
                 wait_ms = 1000
-            self._stop.wait(wait_ms / 1000)
+            self._wake.wait(wait_ms / 1000)
+            self._wake.clear()
 
 
 class Scheduling(dramatiq.Middleware):
@@ -155,3 +163,30 @@ class Scheduling(dramatiq.Middleware):
             promoter = self._promoters.pop(id(worker), None)
         if promoter is not None:
             promoter.stop()
+
+    def wake(self) -> None:
+        """Wake this process's promoters (see :func:`promote_soon`)."""
+        with self._lock:
+            promoters = list(self._promoters.values())
+        for promoter in promoters:
+            promoter.wake()
+
+
+def promote_soon(broker: dramatiq.Broker, store: StateStore) -> None:
+    """Have messages just added to the schedule, due at once, leave it soon: moved now where the
+    broker moves due messages in one atomic step (the Redis broker with epq's state in its
+    server), else by this process's promoters, woken (a process without a worker leaves them to
+    the workers' promoters, which look every ``PROMOTE_INTERVAL_MS``). Never claims and
+    publishes itself: a process that dies between the publish and the forget would have the
+    messages published twice when their lease runs out (see the module docstring)."""
+    native = getattr(broker, "promote_due", None)
+    if native is not None:
+        while True:
+            moved = native(store.now_ms(), PROMOTE_BATCH)
+            if moved is None or moved[0] < PROMOTE_BATCH:
+                break
+        if moved is not None:
+            return
+    scheduling = find_middleware(broker, Scheduling)
+    if scheduling is not None:
+        scheduling.wake()

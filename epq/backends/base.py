@@ -33,6 +33,9 @@ Clock = Callable[[], float]
 
 #: Every uniqueness lock's name starts with this.
 UNIQUE_PREFIX = f"{KEY_PREFIX}unique:"
+#: The mark of a job a relay moved from the outbox (``RecordStore.create_relayed``): this, then
+#: its id.
+RELAYED_PREFIX = f"{KEY_PREFIX}relayed:"
 
 
 def unique_lock_key(kind: str, digest: str) -> str:
@@ -101,6 +104,9 @@ class StateStore(Protocol):
     def get_unique(self, key: str) -> str | None:
         """The holder value stored at ``key``, or None."""
 
+    def get_unique_many(self, keys: Sequence[str]) -> list[str | None]:
+        """``get_unique`` for each key, in one round trip."""
+
     def now_ms(self) -> int:
         """The store's clock, in milliseconds since the epoch."""
 
@@ -158,6 +164,17 @@ class NewRecord(NamedTuple):
     lock_ttl_ms: int = 0
 
 
+class RelayedJob(NamedTuple):
+    """A job a relay moves from the outbox (``epq.outbox``) into the state store: its record (with
+    the lock it takes) and its message as it waits in the schedule (``entry``, the encoded
+    message, and when it is due), see :meth:`RecordStore.create_relayed`."""
+
+    record: NewRecord
+    entry: str
+    data: bytes
+    due_ms: int
+
+
 class Move(NamedTuple):
     """One transition of :meth:`RecordStore.move_many` (the arguments of ``move``)."""
 
@@ -182,6 +199,17 @@ class RecordStore(Protocol):
 
     def create_many(self, records: Sequence[NewRecord]) -> list[str | None]:
         """``create`` for each record, in order, in one round trip."""
+
+    def create_relayed(self, jobs: Sequence[RelayedJob]) -> list[str | bool | None]:
+        """For each job of a relay's batch, in order, in one atomic step for the batch: unless the
+        job is marked relayed already (``True``: nothing written), take its lock (when another
+        job holds it: that holder value, nothing written), write its record, add its message to
+        the schedule (as ``StateStore.schedule_add``) and mark it relayed for as long as its
+        record's ttl (``None``). A relay that dies before it forgets the outbox rows of a batch it
+        wrote here finds them marked when it (or another relay) takes the rows again."""
+
+    def forget_relayed(self, job_ids: Sequence[str]) -> None:
+        """Drop the relayed marks of jobs whose outbox rows are gone."""
 
     def move(
         self, job_id: str, state: str, fields: RecordFields, ttl_ms: int, allowed_from: Sequence[str] = ()
@@ -377,6 +405,16 @@ def served_queues(broker: dramatiq.Broker) -> list[str]:
     return sorted(filter(_work_queue, broker.get_declared_queues()))
 
 
+def schedule_entry(message: dramatiq.Message[Any]) -> str:
+    """The id of a message's entry in the schedule: one entry per job, attempt and snooze, so that
+    a scheduling sent again (after a lost reply, see ``epq.outage``; by a relay taking over a
+    dead one's rows, see ``epq.outbox``) writes the same entry, not a second one."""
+    entry = f"{message.message_id}:{message.options.get('retries', 0)}"
+    if SNOOZES in message.options:
+        entry += f":z{message.options[SNOOZES]}"
+    return entry
+
+
 class DurableDelays:
     """Broker mixin: a delayed ``enqueue`` goes to the state store's schedule, not to a ``.DQ``
     (see ``epq.schedule``), and ``enqueue_batch`` enqueues many messages at once.
@@ -433,12 +471,7 @@ class DurableDelays:
             return super().enqueue(message, delay=None)  # type: ignore[misc, no-any-return]
         message, due_ms = self._to_schedule(message, delay)
         broker.emit_before("enqueue", message, delay)
-        # one entry per job, attempt and snooze: a retry's scheduling sent again after a lost
-        # reply (epq.outage) writes the same entry, not a second one
-        entry = f"{message.message_id}:{message.options.get('retries', 0)}"
-        if SNOOZES in message.options:
-            entry += f":z{message.options[SNOOZES]}"
-        store.schedule_add(message.encode(), due_ms, entry=entry)
+        store.schedule_add(message.encode(), due_ms, entry=schedule_entry(message))
         broker.emit_after("enqueue", message, delay)
         return message
 
@@ -446,10 +479,15 @@ class DurableDelays:
         """The message as it waits in the schedule, and its due time."""
         assert self.epq_store is not None
         due_ms = self.epq_store.now_ms() + int(delay)
+        return self.to_schedule(message, due_ms), due_ms
+
+    def to_schedule(self, message: dramatiq.Message[Any], due_ms: int) -> dramatiq.Message[Any]:
+        """``message`` as it waits in the schedule until ``due_ms`` (when it became due rides in
+        it, with any option the broker needs to move it from there: see ``promote_due``)."""
         options: dict[str, Any] = {DUE_MS: due_ms, **self._scheduled_options()}
         message = message.copy(queue_name=q_name(message.queue_name), options=options)
         message.options.pop("eta", None)
-        return message, due_ms
+        return message
 
     def _scheduled_options(self) -> dict[str, Any]:
         """Options a message gets as it goes into the schedule (a broker's own ids, say)."""

@@ -28,12 +28,14 @@ from ..outage import GivesBack
 from ..priority import LANES, lane_of
 from ..records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX, MAX_ERRORS, check_id_prefix
 from .base import (
+    RELAYED_PREFIX,
     UNIQUE_PREFIX,
     Clock,
     DurableDelays,
     Move,
     NewRecord,
     RecordFields,
+    RelayedJob,
     counter_group,
     holder_id,
     lock_kind,
@@ -172,6 +174,24 @@ class MemoryStateStore:
         with self._lock:
             return self._live(key)
 
+    def get_unique_many(self, keys: Sequence[str]) -> list[str | None]:
+        with self._lock:
+            return [self._live(key) for key in keys]
+
+    def mark(self, key: str, ttl_ms: int) -> bool:
+        """Set ``key`` for ``ttl_ms`` unless it is set; whether it was not (the relay's marks:
+        ``MemoryRecords.create_relayed``)."""
+        with self._lock:
+            if self._live(key) is not None:
+                return False
+            self._values[key] = ("1", self.clock() + max(1, int(ttl_ms)) / 1000)
+            return True
+
+    def unmark(self, keys: Iterable[str]) -> None:
+        with self._lock:
+            for key in keys:
+                self._values.pop(key, None)
+
     def ttl_ms(self, key: str) -> int | None:
         """Milliseconds left on ``key`` (None when absent); for tests."""
         with self._lock:
@@ -199,6 +219,7 @@ class MemoryRecords:
         #: How many dead (discarded) jobs keep their record at most (the newest).
         self.dead_max = dead_max
         self._lock = threading.Lock()
+        self._relay_lock = threading.Lock()
         self._records: dict[str, tuple[dict[str, str], int]] = {}  # id -> (fields, expires ms)
         self._stats: dict[str, int] = {}
         self._dead: dict[str, int] = {}  # dead job ids -> when they died, oldest first
@@ -248,6 +269,24 @@ class MemoryRecords:
 
     def create_many(self, records: Sequence[NewRecord]) -> list[str | None]:
         return [self.create(record) for record in records]
+
+    def create_relayed(self, jobs: Sequence[RelayedJob]) -> list[str | bool | None]:
+        out: list[str | bool | None] = []
+        with self._relay_lock:  # (one batch at a time: atomic towards other relays)
+            for job in jobs:
+                mark = RELAYED_PREFIX + job.record.job_id
+                if self.state.get_unique(mark) is not None:
+                    out.append(True)
+                    continue
+                holder = self.create(job.record)
+                if holder is None:
+                    self.state.schedule_add(job.data, job.due_ms, entry=job.entry)
+                    self.state.mark(mark, job.record.ttl_ms)
+                out.append(holder)
+        return out
+
+    def forget_relayed(self, job_ids: Sequence[str]) -> None:
+        self.state.unmark(RELAYED_PREFIX + job_id for job_id in job_ids)
 
     def _write(self, job_id: str, fields: RecordFields, ttl_ms: int) -> None:
         record = dict(fields)

@@ -5,6 +5,7 @@ that it writes into. A key's format is written here once; the Lua scripts get ke
 from __future__ import annotations
 
 from ..base import KEY_PREFIX
+from ..base import RELAYED_PREFIX as RELAYED_PREFIX  # (the scripts get it from here)
 
 # ---- epq's own ---------------------------------------------------------------------------------
 
@@ -46,6 +47,12 @@ def waiting(queue_name: str, priority: int) -> str:
     """The index of a queue and priority's available jobs by when they became due (the scripts
     make it from ``STATS`` too: ``lua/lib/counter.lua``)."""
     return f"{STATS}:waiting:{queue_name}|{priority}"
+
+
+def relayed(job_id: str) -> str:
+    """The mark of a job a relay moved from the outbox (``relay_create.lua`` makes it from
+    ``RELAYED_PREFIX`` too)."""
+    return RELAYED_PREFIX + job_id
 
 
 def bulk_token(token: str) -> str:

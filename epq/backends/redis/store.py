@@ -13,7 +13,7 @@ import redis
 
 from ...options import DUE_MS
 from ...records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX, MAX_ERRORS, check_id_prefix, payload_json
-from ..base import UNIQUE_PREFIX, Move, NewRecord, RecordFields, lock_kind, split_counter_group
+from ..base import UNIQUE_PREFIX, Move, NewRecord, RecordFields, RelayedJob, lock_kind, split_counter_group
 from . import keys, scripts
 from .connections import ScriptCall, call_many
 
@@ -146,6 +146,9 @@ class RedisStateStore:
     def get_unique(self, key: str) -> str | None:
         return _text(self.client.get(key))
 
+    def get_unique_many(self, keys: Sequence[str]) -> list[str | None]:
+        return [_text(value) for value in self.client.mget(keys)] if keys else []
+
     def now_ms(self) -> int:
         return int(time.time() * 1000)
 
@@ -190,6 +193,7 @@ class RedisRecords:
             "record_fail",
             "record_delete",
             "waiting_oldest",
+            "relay_create",
         )
 
     def create(self, record: NewRecord) -> str | None:
@@ -199,6 +203,23 @@ class RedisRecords:
         now = self.now_ms()
         replies = self._call_many([self._create_call(record, now) for record in records])
         return [_text(reply) if r.lock_key else None for r, reply in zip(records, replies, strict=True)]
+
+    def create_relayed(self, jobs: Sequence[RelayedJob]) -> list[str | bool | None]:
+        if not jobs:
+            return []
+        args: list[Any] = [self.now_ms(), keys.JOB_PREFIX, keys.RELAYED_PREFIX]
+        for job in jobs:
+            r = job.record
+            args += [r.job_id, r.ttl_ms, fields_json(r.fields), r.lock_key, r.holder, max(1, r.lock_ttl_ms)]
+            args += [job.entry, job.data, job.due_ms]
+        script_keys = [keys.STATS, keys.DEAD, keys.SCHEDULE, keys.SCHEDULE_DATA]
+        replies = self._lua["relay_create"](keys=script_keys, args=args)
+        # (1: marked relayed already; 0: written; text: the holder of the lock)
+        return [(reply == 1 or None) if isinstance(reply, int) else _text(reply) for reply in replies]
+
+    def forget_relayed(self, job_ids: Sequence[str]) -> None:
+        if job_ids:
+            self.client.delete(*(keys.relayed(job_id) for job_id in job_ids))
 
     def _create_call(self, r: NewRecord, now: int) -> ScriptCall:
         """The call of the script that writes a record (and takes its lock, if it has one)."""
