@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import json
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -40,18 +41,20 @@ import dramatiq
 from pydantic import TypeAdapter
 
 from . import metrics
-from ._messages import new_ids
+from ._messages import encode, new_ids
 from .backends.base import (
     BulkGroup,
     BulkJob,
     Holder,
     NewRecord,
     RecordStore,
+    RelayedJob,
     StateStore,
     backend_of,
     display_url,
     enqueue_planned,
     holder_id,
+    schedule_entry,
 )
 from .backends.errors import CONNECTION_ERRORS, STORE_ERRORS, unreachable_errors
 from .checks import Checked, check_request, delay_ms
@@ -66,10 +69,11 @@ from .errors import (
 )
 from .middleware.common import find_middleware
 from .middleware.uniqueness import Uniqueness
-from .models import JobInsertResult, JobPriority, JobRecord, JobState, _Request
+from .models import JobInsertResult, JobPriority, JobQueue, JobRecord, JobState, _Request
 from .options import PRIORITY, RECORDED, UNIQUE_KEY
 from .outage import state_errors
-from .records import OPEN_RECORD_TTL_MS, UNIQUE_DIGEST, new_record_fields, to_job_record
+from .payloads import known_fields_only
+from .records import OPEN_RECORD_TTL_MS, UNIQUE_DIGEST, new_record_fields, payload_json, to_job_record
 
 if TYPE_CHECKING:  # (the actors call this module: a type, not an import at run time)
     from ._actor import EpqActor
@@ -277,16 +281,19 @@ def _build(
     holders: bool = True,
     options: Mapping[str, Any] | None = None,
     message_ids: Sequence[str | None] | None = None,
+    created_ms: Sequence[int] | None = None,
 ) -> None:
-    """Make the messages of a run of checked plans (with ``message_ids``, or new ones), and the
-    locks they take (``holders=False``: without the holder values, for a caller that makes them
-    itself)."""
+    """Make the messages of a run of checked plans (with ``message_ids``, or new ones; stamped
+    ``created_ms``, or now), and the locks they take (``holders=False``: without the holder
+    values, for a caller that makes them itself)."""
     broker = target.broker
     uniqueness = find_middleware(broker, Uniqueness)
     ids = message_ids if message_ids is not None else new_ids(len(run))
     marked = {RECORDED: 1, **options} if options else {RECORDED: 1}
-    for plan, message_id in zip(run, ids, strict=True):
+    for i, (plan, message_id) in enumerate(zip(run, ids, strict=True)):
         message = plan.actor.message_from(plan.checked, message_id=message_id, **marked)
+        if created_ms is not None:
+            message = message.copy(message_timestamp=created_ms[i])
         lock = uniqueness.lock_for(broker, message, plan.delay, holder=holders) if uniqueness else None
         if lock is not None:
             message.options[UNIQUE_KEY] = lock[0]
@@ -470,9 +477,10 @@ _RESULTS = TypeAdapter(list[JobInsertResult])
 
 
 def inserted_results(
-    plans: Sequence[Plan], created: dict[int, datetime] | None = None
+    plans: Sequence[Plan], created: dict[int, datetime] | None = None, *, state: JobState | None = None
 ) -> list[JobInsertResult]:
-    """The results of plans just inserted (``created``: datetimes of timestamps, filled in)."""
+    """The results of plans just inserted (``created``: datetimes of timestamps, filled in), in
+    ``state`` (else available or scheduled, as their time says)."""
     created = {} if created is None else created
     out = []
     for plan in plans:
@@ -489,7 +497,7 @@ def inserted_results(
             "queue": plan.checked.queue,
             "priority": message.options.get(PRIORITY, plan.checked.priority),
             "args": message.kwargs,
-            "state": JobState.SCHEDULED if scheduled > at else JobState.AVAILABLE,
+            "state": state or (JobState.SCHEDULED if scheduled > at else JobState.AVAILABLE),
             "attempt": 0,
             "max_attempts": int(message.options.get("max_attempts", plan.actor.options["max_attempts"])),
             "created_at": at,
@@ -558,3 +566,164 @@ def _results(
             result = duplicate_result(plan.actor, plan.request, holder, existing_fields[holder_id(holder)])
         out.append(result)
     return out
+
+
+# ---- the outbox: jobs written in the application's transaction, relayed later -------------------
+
+
+def plan_pending(
+    broker: dramatiq.Broker,
+    items: Sequence[tuple[EpqActor, _Request | Mapping[str, Any]]],
+    *,
+    many: bool = True,
+    delay: timedelta | int | None = None,
+) -> list[Plan]:
+    """Plans of requests a caller writes to the outbox in its own transaction (``epq.outbox``):
+    validated and checked as an insert checks them, each with a new job id and the key of the lock
+    it is to take; nothing is written anywhere. ``delay`` (one request) becomes its ``run_at``.
+
+    Raises:
+      InvalidRequest: a request fails a check; with ``many``, naming ``[index].field`` of every
+        bad one.
+    """
+    target = _target(broker)
+    now = target.state.now_ms()
+    if many:
+        plans = _prepare(target, list(items), now)
+    else:
+        ((actor, raw),) = items
+        request = _validate(actor, raw)
+        wait = delay_ms(actor.kind.name, request, delay, now) if delay is not None else None
+        if wait:  # (the row carries the time, as any run_at: the relay may run much later)
+            request = request.model_copy(update={"run_at": _from_ms(now + wait)})
+        checked = check_request(actor.kind, request, broker)
+        plans = [Plan(0, actor, request, checked, delay_ms(actor.kind.name, request, None, now))]
+    _build(target, plans, holders=False)
+    return plans
+
+
+class OutboxJob(NamedTuple):
+    """An outbox row as a relay hands it to :func:`relay_many`."""
+
+    actor: EpqActor | None  # None: a kind this process does not know
+    kind: str
+    job_id: str
+    payload: dict[str, Any]  # the request's fields, as the caller checked them
+    created_ms: int  # when the caller enqueued it
+
+
+#: What :func:`relay_many` did with each job.
+RELAYED = "relayed"  # its record written, its message in the schedule (due at once, or at run_at)
+ALREADY_RELAYED = "already relayed"  # a relay that died before forgetting the row had done it
+DUPLICATE = "duplicate"  # another job took its unique key since the caller's check: cancelled
+INVALID = "invalid"  # this process cannot make a job of it: discarded, with why
+
+
+def relay_many(
+    broker: dramatiq.Broker, jobs: Sequence[OutboxJob], *, cancelled_ttl_ms: int, discarded_ttl_ms: int
+) -> list[str]:
+    """Insert jobs a relay took from the outbox, with the ids and creation times their callers
+    gave them: one outcome per job (``RELAYED`` and the others above), in order.
+
+    Each becomes a plan as any insert makes it (its lock, its record, priority and ``run_at``);
+    the batch is then written in one atomic step of the state store
+    (``RecordStore.create_relayed``): records, locks, the messages into the schedule (due at
+    once, or at ``run_at``: promoters move them to the broker, ``epq.schedule.promote_soon``), and
+    a mark per job, so that a batch taken again after its relay died is not inserted twice. A job
+    whose key another job holds gets a ``cancelled`` record saying so; one this process cannot
+    make a job of (an unknown kind, a queue no worker serves) a ``discarded`` record with the
+    reason, so that ``get_job`` tells and nothing is dropped unseen. Fields a newer caller's
+    model has and this process's does not travel in the payload as they were written.
+
+    Raises:
+      StateUnavailable: the state store failed (nothing was written, or the whole batch was:
+        taking it again is safe either way).
+    """
+    target = _target(broker)
+    now = target.state.now_ms()
+    declared = target.broker.get_declared_queues()
+    outcomes = [INVALID] * len(jobs)
+    plans: list[Plan] = []
+    refused: list[NewRecord] = []
+    for index, job in enumerate(jobs):
+        try:
+            plans.append(_relay_plan(target, index, job, now, declared))
+        except InvalidRequest as exc:
+            refused.append(_invalid_record(job, exc, now, discarded_ttl_ms))
+    if plans:
+        ids = [jobs[plan.index].job_id for plan in plans]
+        _build(target, plans, message_ids=ids, created_ms=[jobs[plan.index].created_ms for plan in plans])
+    with state_errors("relaying outbox jobs"):
+        replies = target.records.create_relayed([_relayed_job(target, plan, now) for plan in plans])
+        for plan, reply in zip(plans, replies, strict=True):
+            if reply is None:
+                outcomes[plan.index] = RELAYED
+            elif reply is True:
+                outcomes[plan.index] = ALREADY_RELAYED
+            else:
+                outcomes[plan.index] = DUPLICATE
+                refused.append(_duplicate_record(plan, str(reply), now, cancelled_ttl_ms))
+                metrics.duplicates_refused(target.state, plan.actor.actor_name)
+        if refused:  # (written again, the same, if this relay dies before forgetting the rows)
+            target.records.create_many(refused)
+    return outcomes
+
+
+def _relay_plan(target: _Target, index: int, job: OutboxJob, now: int, declared: Collection[str]) -> Plan:
+    """The plan of an outbox job: read as a worker reads a payload (fields this process's model
+    does not know are left out of the reading, not of the payload), checked as any insert."""
+    actor = job.actor
+    if actor is None:
+        raise InvalidRequest(job.kind, [{"field": "kind", "message": f"unknown kind {job.kind!r}"}])
+    model = actor.kind.model
+    request = actor.validate(kwargs=known_fields_only(actor.kind.name, model, job.payload))
+    checked = check_request(actor.kind, request, target.broker, declared)
+    checked = checked._replace(payload=job.payload, payload_json=payload_json(job.payload))
+    return Plan(index, actor, request, checked, delay_ms(actor.kind.name, request, None, now))
+
+
+def _relayed_job(target: _Target, plan: Plan, now: int) -> RelayedJob:
+    """A plan's record and its message as it waits in the schedule: due at ``run_at``, or at once
+    (since its caller enqueued it: the lag is counted from then)."""
+    record = _new_record(plan, now)
+    due = now + plan.delay if plan.delay else plan.message.message_timestamp
+    waiting = target.broker.to_schedule(plan.message, due)
+    return RelayedJob(record, schedule_entry(waiting), encode(waiting, plan.checked.payload_json), due)
+
+
+def _refusal(now: int, error_type: str, message: str) -> str:
+    """The ``errors`` field of a record refused at relay time: one entry, attempt 0."""
+    entry = {"at": now, "error_type": error_type, "message": message[:2000], "traceback": "", "attempt": 0}
+    return json.dumps([entry])
+
+
+def _duplicate_record(plan: Plan, holder: str, now: int, ttl_ms: int) -> NewRecord:
+    fields = _record_fields(plan, now + plan.delay if plan.delay else plan.message.message_timestamp)
+    for name in (UNIQUE_DIGEST, "unique_key"):  # it holds no lock
+        fields.pop(name, None)
+    why = (
+        f"not enqueued: job {holder_id(holder)} took its unique key between the commit of its "
+        "transaction and its relay from the outbox"
+    )
+    fields.update(state="cancelled", finalized_at=str(now), errors=_refusal(now, "DuplicateJob", why))
+    return NewRecord(plan.message.message_id, fields, ttl_ms)
+
+
+def _invalid_record(job: OutboxJob, error: InvalidRequest, now: int, ttl_ms: int) -> NewRecord:
+    kind = job.actor.kind if job.actor is not None else None
+    queue = job.payload.get("queue_name") or (kind.queue if kind is not None else JobQueue.DEFAULT)
+    priority = job.payload.get("priority")
+    if priority not in (1, 2, 3, 4):
+        priority = kind.priority if kind is not None else JobPriority.NORMAL
+    fields = new_record_fields(
+        kind=job.kind,
+        queue=str(queue),
+        priority=int(priority),
+        args_json=payload_json(job.payload),
+        state="discarded",
+        max_attempts=kind.max_attempts if kind is not None else 0,
+        created_ms=job.created_ms,
+        scheduled_ms=job.created_ms,
+    )
+    fields.update(finalized_at=str(now), errors=_refusal(now, "InvalidRequest", str(error)))
+    return NewRecord(job.job_id, fields, ttl_ms)
