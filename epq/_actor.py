@@ -13,12 +13,14 @@ from . import insert
 from ._messages import new_id, new_message
 from .checks import Checked, check_request
 from .controls import Discard
-from .errors import HandlerNotFound, InvalidPayload, InvalidRequest
+from .errors import DuplicateJob, HandlerNotFound, InvalidPayload, InvalidRequest
 from .handlers import get_handler
 from .kinds import JobKind
 from .models import JobInsertResult, _Request
 from .options import ARGS_JSON, PRIORITY
+from .outbox import pending
 from .payloads import to_request
+from .settings import get_settings
 
 
 def make_job_function(kind: JobKind, strict: Callable[[], bool] = lambda: False) -> Callable[..., Any]:
@@ -111,15 +113,41 @@ class EpqActor(dramatiq.Actor[..., Any]):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
         delay: timedelta | int | None = None,
+        tx: object | None = None,
         **options: Any,
     ) -> dramatiq.Message[Any]:
-        return self.enqueue_request(self.validate(args, kwargs), delay=delay, **options)
+        """``send`` with a ``delay`` (ms, or a timedelta) or message ``options``; or, with ``tx``
+        (the application's open transaction: see ``QueueService``), written to the outbox in it
+        (``delay`` becomes the request's ``run_at``; no other options), the message returned
+        being the one a relay will enqueue once it commits."""
+        request = self.validate(args, kwargs)
+        if tx is None:
+            return self.enqueue_request(request, delay=delay, **options)
+        if options:
+            problems = [
+                {"field": name, "message": "not an option an enqueue with tx= takes"} for name in options
+            ]
+            raise InvalidRequest(self.actor_name, problems)
+        table = get_settings().outbox_table
+        ((plan, result),) = pending.enqueue(
+            self.broker, tx, [(self, request)], table=table, many=False, delay=delay
+        )
+        if result.unique_skipped_as_duplicate:
+            raise DuplicateJob(self.actor_name, result.job.id)
+        return plan.message
 
-    def send_many(self, requests: Iterable[_Request | Mapping[str, Any]]) -> list[JobInsertResult]:
+    def send_many(
+        self, requests: Iterable[_Request | Mapping[str, Any]], *, tx: object | None = None
+    ) -> list[JobInsertResult]:
         """Enqueue many jobs of this kind in a few round trips: one ``JobInsertResult`` per
         request, in order (``QueueService.enqueue_many`` for mixed kinds). A duplicate is
-        reported, not raised; an invalid request raises ``InvalidRequest`` and enqueues nothing."""
-        return insert.insert_many(self.broker, [(self, r) for r in requests])
+        reported, not raised; an invalid request raises ``InvalidRequest`` and enqueues nothing.
+        With ``tx``, written to the outbox in that transaction (see ``QueueService``)."""
+        pairs = [(self, r) for r in requests]
+        if tx is not None:
+            table = get_settings().outbox_table
+            return [result for _, result in pending.enqueue(self.broker, tx, pairs, table=table)]
+        return insert.insert_many(self.broker, pairs)
 
     def message_for(
         self, request: _Request, *, broker: dramatiq.Broker, message_id: str | None = None, **options: Any

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
@@ -13,6 +14,7 @@ from . import metrics
 from ._actor import EpqActor
 from .backends.base import RecordStore, StateStore
 from .backends.factory import build_backend
+from .errors import ConfigurationError
 from .kinds import KINDS
 from .logs import JobLogContext
 from .middleware.boot import EpqMiddleware
@@ -21,6 +23,8 @@ from .middleware.job_records import JobRecords
 from .middleware.metrics import Metrics
 from .middleware.retries import EpqRetries
 from .middleware.uniqueness import Uniqueness
+from .outbox.connections import PSYCOPG, Shared
+from .outbox.relay import Relaying
 from .priority import Priority
 from .schedule import Scheduling
 from .settings import EpqSettings, default_state_dir, get_settings
@@ -37,6 +41,8 @@ class Runtime:
     settings: EpqSettings
     state: StateStore
     records: RecordStore
+    #: The outbox's database (``EPQ_OUTBOX_URL``), where ``get_job`` reads pending jobs.
+    outbox: Shared | None = None
 
 
 _lock = threading.RLock()
@@ -58,7 +64,8 @@ def setup(broker_url: str | None = None, *, state_url: str | None = None) -> dra
     build a new broker and rebind the actors to it.
 
     Raises:
-      ConfigurationError: an unknown URL scheme, or RabbitMQ without a state URL.
+      ConfigurationError: an unknown URL scheme, RabbitMQ without a state URL, or EPQ_OUTBOX_URL
+        without psycopg installed.
       BrokerUnavailable: a server cannot be reached.
     """
     with _lock:
@@ -79,6 +86,10 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
     """
     global _current
     settings = settings or get_settings()
+    if settings.outbox_url and importlib.util.find_spec(PSYCOPG) is None:
+        raise ConfigurationError(
+            "EPQ_OUTBOX_URL is set, but psycopg is not installed: pip install 'epq[postgres]'"
+        )
     broker, state, records = build_backend(
         broker_url,
         state_url=state_url,
@@ -96,6 +107,7 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
         )
     )
     broker.add_middleware(Scheduling(state))
+    outbox = _outbox(broker, settings)
     _observe(broker, settings, state, records)
     for queue in settings.queues:
         broker.declare_queue(queue)
@@ -110,6 +122,7 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
             settings=settings,
             state=state,
             records=records,
+            outbox=outbox,
         )
     if previous is not None:
         _close(previous)  # the actors left it; nothing enqueues on it through epq any more
@@ -143,6 +156,16 @@ def _observe(broker: dramatiq.Broker, settings: EpqSettings, state: StateStore, 
         metrics.enable()
 
 
+def _outbox(broker: dramatiq.Broker, settings: EpqSettings) -> Shared | None:
+    """With ``EPQ_OUTBOX_URL``: a relay in every worker process (unless ``EPQ_OUTBOX_RELAY`` is
+    off), and the connection ``get_job`` reads pending jobs with (opened on first use)."""
+    if not settings.outbox_url:
+        return None
+    if settings.outbox_relay:
+        broker.add_middleware(Relaying(settings.outbox_url, settings.outbox_table))
+    return Shared(settings.outbox_url)
+
+
 def _bind_actors(broker: dramatiq.Broker, settings: EpqSettings) -> None:
     for name, kind in KINDS.items():
         window: timedelta = getattr(settings, kind.unique_window_setting)
@@ -165,6 +188,8 @@ def _bind_actors(broker: dramatiq.Broker, settings: EpqSettings) -> None:
 
 def _close(runtime: Runtime) -> None:
     metrics.flush_refusals(runtime.state)  # (counted into the store it is about to close)
+    if runtime.outbox is not None:
+        runtime.outbox.close()
     runtime.broker.close()
     runtime.state.close()
 

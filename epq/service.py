@@ -24,7 +24,10 @@ from .models import (
     _Request,
 )
 from .options import PRIORITY, RECORDED
+from .outbox import pending
+from .outbox.connections import Statements, dbapi_connection
 from .records import NOT_STARTED, OPEN_RECORD_TTL_MS, lock_key_of, to_job_record
+from .settings import get_settings
 
 _KIND_BY_MODEL: dict[type[_Request], str] = {
     EnqueueIndexEndpointRequest: "index_endpoint",
@@ -73,6 +76,14 @@ class QueueService:
     enqueued), and :class:`epq.BrokerUnavailable` when the broker cannot be reached. A request
     whose unique key is held inside its window enqueues nothing and returns the holding job
     with ``unique_skipped_as_duplicate=True``.
+
+    ``tx=``: the application's open transaction (a psycopg 3 connection, or an SQLAlchemy 2
+    ``Session`` or ``Connection``), as the Go package's ``EnqueueIndexEndpointTx(ctx, tx, req)``
+    and the other ``...Tx`` variants take one. The job is written to the outbox table
+    (``EPQ_OUTBOX_TABLE``) in that transaction, and returned ``pending``: if the transaction
+    rolls back, it is never enqueued; once it commits, a relay enqueues it, once, under the
+    same id. A key held by a job, enqueued or pending, is answered as above, and writes nothing
+    (see :mod:`epq.outbox.pending`).
     """
 
     def __init__(self, broker: dramatiq.Broker | None = None) -> None:
@@ -83,37 +94,46 @@ class QueueService:
         return self._broker if self._broker is not None else setup()
 
     def enqueue_index_endpoint(
-        self, request: EnqueueIndexEndpointRequest | Mapping[str, Any]
+        self, request: EnqueueIndexEndpointRequest | Mapping[str, Any], *, tx: object | None = None
     ) -> JobInsertResult:
         """Index an endpoint (queue ``default``, priority 2, 7 attempts)."""
-        return self._enqueue("index_endpoint", request)
+        return self._enqueue("index_endpoint", request, tx)
 
-    def enqueue_register_job(self, request: RegisterJobRequest | Mapping[str, Any]) -> JobInsertResult:
+    def enqueue_register_job(
+        self, request: RegisterJobRequest | Mapping[str, Any], *, tx: object | None = None
+    ) -> JobInsertResult:
         """Register a job definition (queue ``default``, priority 2, 3 attempts)."""
-        return self._enqueue("register_job", request)
+        return self._enqueue("register_job", request, tx)
 
-    def enqueue_register_source(self, request: RegisterSourceRequest | Mapping[str, Any]) -> JobInsertResult:
+    def enqueue_register_source(
+        self, request: RegisterSourceRequest | Mapping[str, Any], *, tx: object | None = None
+    ) -> JobInsertResult:
         """Register a source (queue ``default``, priority 2, 3 attempts)."""
-        return self._enqueue("register_source", request)
+        return self._enqueue("register_source", request, tx)
 
     def enqueue_register_dynamic_trigger(
-        self, request: RegisterDynamicTriggerRequest | Mapping[str, Any]
+        self, request: RegisterDynamicTriggerRequest | Mapping[str, Any], *, tx: object | None = None
     ) -> JobInsertResult:
         """Register a dynamic trigger (queue ``default``, priority 2, 3 attempts)."""
-        return self._enqueue("register_dynamic_trigger", request)
+        return self._enqueue("register_dynamic_trigger", request, tx)
 
     def enqueue_register_dynamic_schedule(
-        self, request: RegisterDynamicScheduleRequest | Mapping[str, Any]
+        self, request: RegisterDynamicScheduleRequest | Mapping[str, Any], *, tx: object | None = None
     ) -> JobInsertResult:
         """Register a dynamic schedule (queue ``default``, priority 2, 3 attempts)."""
-        return self._enqueue("register_dynamic_schedule", request)
+        return self._enqueue("register_dynamic_schedule", request, tx)
 
-    def enqueue(self, kind: str, request: _Request | Mapping[str, Any]) -> JobInsertResult:
+    def enqueue(
+        self, kind: str, request: _Request | Mapping[str, Any], *, tx: object | None = None
+    ) -> JobInsertResult:
         """Enqueue a job of any kind by name (what ``epq enqueue`` uses)."""
-        return self._enqueue(kind, request)
+        return self._enqueue(kind, request, tx)
 
     def enqueue_many(
-        self, requests: Iterable[_Request | tuple[str, _Request | Mapping[str, Any]]]
+        self,
+        requests: Iterable[_Request | tuple[str, _Request | Mapping[str, Any]]],
+        *,
+        tx: object | None = None,
     ) -> list[JobInsertResult]:
         """Enqueue many jobs (of any kinds) in a few round trips; one result per request, in order.
 
@@ -122,7 +142,8 @@ class QueueService:
         earlier request in the same call, is not enqueued and comes back with
         ``unique_skipped_as_duplicate=True``. Any invalid request raises
         :class:`epq.InvalidRequest` naming it (``[index].field``), and nothing is enqueued.
-        See :mod:`epq.insert` for the round trips and what a broker failure leaves.
+        See :mod:`epq.insert` for the round trips and what a broker failure leaves. With ``tx``,
+        the jobs are written in that transaction (see the class docstring), all of them or none.
         """
 
         pairs: list[tuple[EpqActor, _Request | Mapping[str, Any]]] = []
@@ -148,6 +169,9 @@ class QueueService:
                         }
                     ],
                 )
+        if tx is not None:
+            table = get_settings().outbox_table
+            return [result for _, result in pending.enqueue(self.broker, tx, pairs, table=table)]
         return insert.insert_many(self.broker, pairs)  # (self.broker sets epq up if nothing has yet)
 
     # ---- job state ---------------------------------------------------------------------------
@@ -159,11 +183,30 @@ class QueueService:
             raise ConfigurationError("job records need the broker epq.setup() built")
         return runtime
 
-    def get_job(self, job_id: str) -> JobRecord | None:
-        """The job's record, or None if there is none (never enqueued, or expired)."""
+    def get_job(self, job_id: str, *, tx: object | None = None) -> JobRecord | None:
+        """The job's record, or None if there is none (never enqueued, or expired).
+
+        A job committed through the outbox and not yet relayed has no record yet: its outbox
+        row is read (through ``tx``, which also sees the rows its own transaction wrote, else
+        through ``EPQ_OUTBOX_URL`` when set) and it is returned in the state ``pending``.
+        """
         if not _is_text(job_id):
             return None
-        fields = self._runtime().records.get(job_id)
+        runtime = self._runtime()
+        fields = runtime.records.get(job_id)
+        if fields is not None:
+            return to_job_record(job_id, fields)
+        table = runtime.settings.outbox_table
+        if tx is not None:
+            found = pending.find_pending(Statements(dbapi_connection(tx, "get_job"), table), job_id)
+        elif runtime.outbox is not None:
+            with runtime.outbox.statements(table) as db:
+                found = pending.find_pending(db, job_id)
+        else:
+            return None
+        if found is not None:
+            return found
+        fields = runtime.records.get(job_id)  # (relayed between the two reads)
         return to_job_record(job_id, fields) if fields is not None else None
 
     def find_job_ids(self, prefix: str, limit: int = 10) -> list[str]:
@@ -316,7 +359,9 @@ class QueueService:
             raise JobNotFound(job_id)
         return to_job_record(job_id, fields)
 
-    def _enqueue(self, kind: str, request: _Request | Mapping[str, Any]) -> JobInsertResult:
+    def _enqueue(
+        self, kind: str, request: _Request | Mapping[str, Any], tx: object | None
+    ) -> JobInsertResult:
         broker = self.broker
         actor = actor_for(kind)
         model = actor.kind.model
@@ -326,6 +371,10 @@ class QueueService:
             validated = request
         else:
             raise TypeError(f"enqueue of {kind} takes a {model.__name__}, not {type(request).__name__}")
+        if tx is not None:
+            table = get_settings().outbox_table
+            ((_, result),) = pending.enqueue(broker, tx, [(actor, validated)], table=table, many=False)
+            return result
         try:
             plan = insert.insert_one(actor, validated, broker)
         except DuplicateJob as dup:

@@ -7,6 +7,7 @@ Nothing reads ``os.environ`` at import time; :func:`get_settings` reads it on fi
 from __future__ import annotations
 
 import os
+import re
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +22,10 @@ from .models import JobQueue
 from .records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX
 
 CommaList = Annotated[list[str], NoDecode]
+
+#: What ``EPQ_OUTBOX_TABLE`` may be: a lower-case PostgreSQL identifier, optionally after its
+#: schema's (written into SQL as is: nothing else may be).
+TABLE_NAME = re.compile(r"(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,49}")
 
 
 def default_state_dir() -> Path:
@@ -68,6 +73,12 @@ class EpqSettings(BaseSettings):
       metrics_store: a worker's ``/metrics`` includes the store-side metrics too.
       tracing: OpenTelemetry spans around enqueue and handler (``epq.tracing``); unset: on when
         OpenTelemetry is installed.
+      outbox_url: the PostgreSQL (a libpq URL or ``key=value`` string) whose outbox table the
+        relays read (``epq relay``, and a relay in every worker process while ``outbox_relay``),
+        that ``epq outbox migrate`` creates the table in, and that ``QueueService.get_job`` looks
+        in for jobs committed but not yet relayed; needs ``epq[postgres]``.
+      outbox_table: the outbox table (``name`` or ``schema.name``), in the application's database.
+      outbox_relay: with ``outbox_url``, every worker process runs a relay.
     """
 
     model_config = SettingsConfigDict(env_prefix="EPQ_", extra="ignore")
@@ -90,6 +101,9 @@ class EpqSettings(BaseSettings):
     metrics_host: str = "0.0.0.0"
     metrics_store: bool = True
     tracing: bool | None = None
+    outbox_url: str | None = None
+    outbox_table: str = "epq_outbox"
+    outbox_relay: bool = True
 
     @property
     def metrics_on(self) -> bool:
@@ -116,6 +130,17 @@ class EpqSettings(BaseSettings):
         unknown = [name for name in value if name not in KINDS]
         if unknown:
             raise ValueError(f"unknown job kind(s) {', '.join(unknown)}; known kinds: {', '.join(KINDS)}")
+        return value
+
+    @field_validator("outbox_table")
+    @classmethod
+    def _table_name(cls, value: str) -> str:
+        if not TABLE_NAME.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a table name: lower-case letters, digits and '_' (not first), 50 "
+                "at most (so that the names made from it stay under PostgreSQL's 64), optionally "
+                "after a schema name and '.' (say epq_outbox or app.epq_outbox)"
+            )
         return value
 
     @field_validator(*DURATION_FIELDS, mode="before")

@@ -14,7 +14,9 @@ Installed with epq and loaded by pytest automatically (entry point ``pytest11``)
 - :func:`drain`: wait until every queue is empty and the worker is idle, and fail if a handler
   failed and its job did not succeed since;
 - :func:`worker_request`: the request a worker's handler would receive for a payload (upgraded,
-  unknown fields dropped, validated), to test payload upgrades without a broker.
+  unknown fields dropped, validated), to test payload upgrades without a broker;
+- :func:`relay`: move the jobs committed through the outbox (``tx=``) into epq now, as a relay
+  would (``EPQ_OUTBOX_URL``, ``EPQ_OUTBOX_TABLE``), then :func:`drain` runs them.
 
     def test_indexing(epq_broker, epq_worker, epq_handlers):
         received = epq_handlers.record("index_endpoint")
@@ -55,11 +57,13 @@ from . import _runtime, handlers
 from .backends.base import Backend, backend_of, served_queues
 from .backends.memory import EpqStubBroker, FakeClock, MemoryStateStore
 from .controls import Snooze
+from .errors import ConfigurationError
 from .kinds import get_kind
 from .models import _Request
+from .outbox.relay import Relay
 from .payloads import to_request
 from .schedule import promote_due
-from .settings import reset_settings
+from .settings import get_settings, reset_settings
 
 __all__ = [
     "FakeClock",
@@ -74,6 +78,7 @@ __all__ = [
     "epq_worker",
     "install",
     "messages",
+    "relay",
     "reset",
     "watch_failures",
     "worker_request",
@@ -142,6 +147,33 @@ def worker_request(kind: str, payload: dict[str, Any], *, strict: bool = False) 
       InvalidPayload: the payload does not validate (likewise).
     """
     return to_request(get_kind(kind), payload, strict=strict)
+
+
+def relay(broker: dramatiq.Broker | None = None) -> int:
+    """Relay every job committed through the outbox of the settings (``EPQ_OUTBOX_URL``,
+    ``EPQ_OUTBOX_TABLE``) into ``broker`` (by default :func:`current_broker`), as ``epq relay``
+    does, until the table is empty; return how many rows there were.
+
+        with psycopg.connect(url) as conn:
+            epq.QueueService().enqueue_index_endpoint(request, tx=conn)
+        relay(epq_broker)
+        drain(epq_broker, epq_worker)
+
+    Raises:
+      ConfigurationError: ``EPQ_OUTBOX_URL`` is not set.
+    """
+    target = broker if broker is not None else current_broker()
+    settings = get_settings()
+    if target is None or not settings.outbox_url:
+        raise ConfigurationError("relay() needs a broker epq set up and EPQ_OUTBOX_URL")
+    relayer = Relay(target, settings.outbox_url, settings.outbox_table)
+    total = 0
+    try:
+        while moved := relayer.relay_once():
+            total += moved
+    finally:
+        relayer.close()
+    return total
 
 
 class HandlerFailures(dramatiq.Middleware):
