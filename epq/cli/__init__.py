@@ -1,5 +1,5 @@
 """The ``epq`` command: ``worker``, ``enqueue``, ``demo``, ``stats``, ``jobs``, ``dead``,
-``migrate-queues``, ``embedded``, ``metrics``.
+``migrate-queues``, ``embedded``, ``metrics``, ``relay``, ``outbox``.
 
 This module parses the command line and nothing more: each command runs in a module of this
 package, which ``COMMANDS`` names and ``main`` imports when that command runs, so ``epq
@@ -39,6 +39,8 @@ COMMANDS = {
     "migrate-queues": "epq.cli.migrate:run",
     "embedded": "epq.cli.embedded:run",
     "metrics": "epq.cli.metrics:run",
+    "relay": "epq.cli.outbox:relay",
+    "outbox": "epq.cli.outbox:run",
 }
 
 #: The kinds ``epq enqueue`` takes: the keys of ``epq.kinds.KINDS``, written out so that building
@@ -188,4 +190,34 @@ def _parser() -> argparse.ArgumentParser:
     served.add_argument("--host", help="address to listen on (default: EPQ_METRICS_HOST, 0.0.0.0)")
     served.add_argument("--once", action="store_true", help="print the metrics once and exit")
     served.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
+
+    relay = sub.add_parser(
+        "relay",
+        help="move jobs committed through the outbox (tx=) into epq, until stopped",
+        description="Takes the rows of transactions committed with enqueue_*(..., tx=conn) from the "
+        "outbox table (EPQ_OUTBOX_TABLE in EPQ_OUTBOX_URL) and enqueues their jobs, each exactly once, "
+        "however many relays run and whenever one is killed. Every worker process runs one too while "
+        "EPQ_OUTBOX_URL is set (EPQ_OUTBOX_RELAY=0: not).",
+    )
+    relay.add_argument("--batch", type=int, metavar="N", help="rows per transaction (default 100)")
+    relay.add_argument("--outbox-url", metavar="URL", help="overrides EPQ_OUTBOX_URL")
+    relay.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
+
+    outbox = sub.add_parser(
+        "outbox",
+        help="the outbox table: create it (migrate), or count the jobs waiting in it (status)",
+        description="The table enqueue_*(..., tx=conn) writes jobs to in the application's "
+        "PostgreSQL (EPQ_OUTBOX_TABLE, default epq_outbox, in EPQ_OUTBOX_URL).",
+    )
+    outbox_sub = outbox.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
+    migrate_outbox = outbox_sub.add_parser(
+        "migrate", help="create the table, its index and its trigger (safe to run again)"
+    )
+    migrate_outbox.add_argument(
+        "--print", action="store_true", help="print the SQL instead, for migrations of your own"
+    )
+    status = outbox_sub.add_parser("status", help="jobs committed and not yet relayed, and the oldest's age")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    for action in (migrate_outbox, status):
+        action.add_argument("--outbox-url", metavar="URL", help="overrides EPQ_OUTBOX_URL")
     return parser
