@@ -5,7 +5,10 @@ test process starts a private ``redis-server`` and RabbitMQ node on free ports w
 test needs them, and stops them at the end. EPQ_TEST_REDIS_URL, EPQ_TEST_STATE_URL,
 EPQ_TEST_RESULTS_URL and EPQ_TEST_RABBITMQ_URL name other servers instead (the suite flushes
 those databases and purges its queues there). A server that cannot be started (its binary is
-missing) or reached skips its tests locally and fails them under CI=true. The stub case uses the
+missing) or reached skips its tests locally and fails them under CI=true. The outbox tests use
+the PostgreSQL of EPQ_TEST_POSTGRES_URL (default: 127.0.0.1:5432, database ``test``), in a schema
+of each test process's own, dropped at the end (``tests/support/postgres.py``); unreachable, it
+skips them too (fails under CI=true). The stub case uses the
 ``epq_broker`` fixture of the ``epq.testing`` plugin, as an application would.
 
 The test modules: ``unit/`` (in-process; a few need a server), ``contract/`` (the ``broker``
@@ -26,12 +29,14 @@ from typing import Any, NoReturn
 
 import dramatiq
 import pika
+import psycopg
 import pytest
 import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
 from epq.settings import reset_settings
 from epq.testing import install, reset
+from tests.support.postgres import POSTGRES_URL, Schema
 from tests.support.servers import ServerUnavailable, Session
 
 pytest_plugins = ["pytester", "tests.support.canary"]
@@ -43,6 +48,8 @@ GIVEN_URLS = {
     if os.environ.get(name)
 }
 SERVERS = Session.create()
+#: This process's schema in the PostgreSQL of the outbox tests (made on first use).
+POSTGRES = Schema(POSTGRES_URL)
 
 
 def _private(kind: str) -> str:
@@ -86,6 +93,16 @@ def redis_available(url: str) -> redis.Redis:
     return client
 
 
+def postgres_available() -> Schema:
+    """This process's schema in the outbox tests' PostgreSQL; skip (fail under CI) if the server
+    cannot be reached."""
+    try:
+        POSTGRES.connect().close()
+    except psycopg.OperationalError as exc:
+        _unreachable(f"PostgreSQL at {POSTGRES_URL}", exc)
+    return POSTGRES
+
+
 def rabbitmq_available(url: str) -> None:
     ensure_server(url)
     params = pika.URLParameters(url)
@@ -124,7 +141,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    SERVERS.close()
+    try:
+        POSTGRES.close()
+    finally:
+        SERVERS.close()
 
 
 @pytest.fixture(autouse=True)
@@ -135,6 +155,8 @@ def _servers_for_markers(request: pytest.FixtureRequest) -> None:
         redis_available(STATE_URL).close()
     if request.node.get_closest_marker("rabbitmq"):
         rabbitmq_available(RABBITMQ_URL)
+    if request.node.get_closest_marker("postgres"):
+        postgres_available()
 
 
 @pytest.fixture(autouse=True)
@@ -151,6 +173,20 @@ def _clean_epq_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
     reset()
     reset_settings()
+
+
+@pytest.fixture
+def outbox(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh outbox table (its name) in this process's schema, named by EPQ_OUTBOX_TABLE, with
+    EPQ_OUTBOX_URL set (so a worker's relay reads it): request it before the broker, which reads
+    the settings. Dropped after the test."""
+    schema = postgres_available()
+    table = schema.new_table()
+    monkeypatch.setenv("EPQ_OUTBOX_URL", POSTGRES_URL)
+    monkeypatch.setenv("EPQ_OUTBOX_TABLE", table)
+    reset_settings()
+    yield table
+    schema.drop_table(table)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 
-from epq.backends.base import Move, NewRecord, RecordStore, StateStore, counter_group, holder_id
+from epq.backends.base import Move, NewRecord, RecordStore, RelayedJob, StateStore, counter_group, holder_id
 from epq.backends.memory import FakeClock, MemoryRecords, MemoryStateStore
 from epq.backends.redis.store import RedisRecords, RedisStateStore
 from epq.records import MAX_ERRORS
@@ -130,6 +130,12 @@ def test_a_lock_is_taken_again_by_the_job_that_holds_it(stores: Stores) -> None:
     assert stores.state.acquire_unique(LOCK, "job-1|1700000000999|1700000000999|default|2", TTL_MS) is None
     assert stores.state.acquire_unique(LOCK, "job-1", TTL_MS) is None
     assert holder_id(stores.state.get_unique(LOCK) or "") == "job-1"
+
+
+def test_get_unique_many_reads_each_lock_in_order(stores: Stores) -> None:
+    stores.state.acquire_unique(LOCK, HOLDER, TTL_MS)
+    assert stores.state.get_unique_many([OTHER_LOCK, LOCK, LOCK]) == [None, HOLDER, HOLDER]
+    assert stores.state.get_unique_many([]) == []
 
 
 def test_a_lock_another_job_holds_is_refused_with_the_holders_value(stores: Stores) -> None:
@@ -316,6 +322,56 @@ def test_create_many_writes_each_entry_in_order_and_answers_duplicates(stores: S
     ]
     assert stores.live_counters() == {group("available"): 1, group("scheduled"): 1}
     assert stores.records.create_many([]) == []
+
+
+def _relayed(job_id: str, lock: str = "", holder: str = "", state: str = "available") -> RelayedJob:
+    record = NewRecord(job_id, fields(state), DAY_MS, lock, holder, TTL_MS if lock else 0)
+    return RelayedJob(record, f"{job_id}:0", f"message of {job_id}".encode(), T0)
+
+
+def test_create_relayed_writes_records_locks_and_schedule_entries_and_answers_duplicates(
+    stores: Stores,
+) -> None:
+    stores.state.acquire_unique(OTHER_LOCK, "job-0|1|1|default|2", TTL_MS)  # held before the batch
+    answers = stores.records.create_relayed(
+        [
+            _relayed("job-1", LOCK, HOLDER),
+            _relayed("job-2", state="scheduled"),  # no lock
+            _relayed("job-3", LOCK, "job-3|1|1|default|2"),  # job-1 took it
+            _relayed("job-4", OTHER_LOCK, "job-4|1|1|default|2"),
+        ]
+    )
+    assert answers == [None, None, HOLDER, "job-0|1|1|default|2"]
+    assert stores.records.get_many(["job-1", "job-2", "job-3", "job-4"]) == [
+        fields(),
+        fields("scheduled"),
+        None,
+        None,
+    ]
+    assert stores.state.get_unique(LOCK) == HOLDER
+    assert stores.live_counters() == {group("available"): 1, group("scheduled"): 1}
+    claimed, _ = stores.state.schedule_claim(T0, LEASE_MS, 10)
+    assert sorted(claimed) == [("job-1:0", b"message of job-1"), ("job-2:0", b"message of job-2")]
+    assert stores.records.create_relayed([]) == []
+
+
+def test_a_relayed_job_written_again_is_marked_and_nothing_is_written_twice(stores: Stores) -> None:
+    # Given a batch written, its messages then promoted and its records moved on (a relay died
+    # before it could forget the batch's outbox rows)
+    stores.records.create_relayed([_relayed("job-1", LOCK, HOLDER), _relayed("job-2")])
+    stores.state.schedule_ack([entry for entry, _ in stores.state.schedule_claim(T0, LEASE_MS, 10)[0]])
+    stores.records.move("job-1", "completed", {}, DAY_MS)
+    # When another relay writes the same batch
+    answers = stores.records.create_relayed([_relayed("job-1", LOCK, HOLDER), _relayed("job-2")])
+    # Then each job is said to be relayed already, and nothing is written again
+    assert answers == [True, True]
+    assert stores.records.get("job-1") == fields("completed")
+    assert stores.state.schedule_size() == 0
+    assert stores.live_counters() == {group("completed"): 1, group("available"): 1}
+    # and once the marks are forgotten (the rows are gone), a batch of those ids would be new
+    stores.records.forget_relayed(["job-1", "job-2"])
+    stores.records.forget_relayed([])
+    assert stores.records.create_relayed([_relayed("job-2")]) == [None]
 
 
 def test_get_many_returns_each_record_or_none_in_order(stores: Stores) -> None:

@@ -2,7 +2,8 @@
 
 - no import cycle among epq's modules, and no import of one epq module inside a function of
   another (imports under ``if TYPE_CHECKING:`` are types, not imports at run time);
-- redis-py and pika are imported only under ``epq/backends/``;
+- redis-py and pika are imported only under ``epq/backends/``; the outbox's database drivers by
+  no statement at all (psycopg is loaded by name when epq opens a connection of its own);
 - every Lua script is a ``.lua`` file of the Redis backend, the wheel ships them, and the
   installed package runs them.
 """
@@ -142,6 +143,21 @@ def test_drivers_are_imported_only_under_backends() -> None:
         if target.split(".")[0] in DRIVERS
     ]
     assert outside == []
+
+
+#: The outbox's database drivers: never imported by a statement of epq (psycopg is loaded by
+#: name, in epq.outbox.connections, when epq opens a connection of its own; SQLAlchemy not at all).
+OUTBOX_DRIVERS = {"psycopg", "psycopg2", "sqlalchemy"}
+
+
+def test_the_outbox_drivers_are_loaded_by_name_only() -> None:
+    imported = [
+        f"{path.relative_to(ROOT)}:{line} imports {target}"
+        for name, path in _modules().items()
+        for target, _, line in _imports(path)
+        if target.split(".")[0] in OUTBOX_DRIVERS
+    ]
+    assert imported == []
 
 
 def _names(node: ast.AST) -> set[str]:

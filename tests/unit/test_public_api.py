@@ -39,7 +39,8 @@ def test_constants_match_the_go_package() -> None:
     assert [q.value for q in epq.JobQueue] == ["default", "execution", "events", "maintenance"]
     assert [s.value for s in epq.EndpointIndexSource] == ["MANUAL", "API", "INTERNAL", "HOOK"]
     assert [s.value for s in epq.JobState] == [
-        "available", "scheduled", "running", "retryable", "completed", "discarded", "cancelled"
+        "available", "scheduled", "running", "retryable", "completed", "discarded", "cancelled",
+        "pending",  # River's too; here: committed through the outbox, not yet relayed
     ]  # fmt: skip
 
 
