@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,7 +22,8 @@ from .middleware.job_records import JobRecords
 from .middleware.metrics import Metrics
 from .middleware.retries import EpqRetries
 from .middleware.uniqueness import Uniqueness
-from .outbox.connections import PSYCOPG, Shared
+from .outbox.connections import Shared
+from .outbox.connections import installed as psycopg_installed
 from .outbox.relay import Relaying
 from .priority import Priority
 from .schedule import Scheduling
@@ -86,7 +86,7 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
     """
     global _current
     settings = settings or get_settings()
-    if settings.outbox_url and importlib.util.find_spec(PSYCOPG) is None:
+    if settings.outbox_url and not psycopg_installed():
         raise ConfigurationError(
             "EPQ_OUTBOX_URL is set, but psycopg is not installed: pip install 'epq[postgres]'"
         )

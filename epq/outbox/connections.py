@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import re
 import threading
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,14 @@ PSYCOPG = "psycopg"
 _IDLE = 0
 #: The SQLSTATE of a missing table.
 _UNDEFINED_TABLE = "42P01"
+
+
+def installed() -> bool:
+    """Whether psycopg 3 can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec(PSYCOPG) is not None
+    except (ImportError, ValueError):  # (ValueError: set to None in sys.modules, as tests do)
+        return False
 
 
 def psycopg() -> Any:

@@ -153,14 +153,17 @@ def _write(
     """One round: write the rows; then find the jobs that hold the keys of the rows not written
     (a pending row holds each), and of the rows written (the state store may hold them: those
     rows are deleted again). Returns the plans whose holder could not be found (see ``_ROUNDS``)."""
-    columns = [
-        [plan.message.message_id for plan in plans],
-        [plan.actor.actor_name for plan in plans],
-        [plan.checked.payload_json for plan in plans],
-        [plan.lock[0] if plan.lock else None for plan in plans],
-        [plan.message.message_timestamp for plan in plans],
-    ]
-    written = {row[0] for row in db.rows(sql.insert(db.table), columns)}
+    values = [
+        (p.message.message_id, p.actor.actor_name, p.checked.payload_json, p.lock[0] if p.lock else None,
+         p.message.message_timestamp)
+        for p in plans
+    ]  # fmt: skip
+    if len(values) == 1:
+        written = {row[0] for row in db.rows(sql.insert_one(db.table), values[0])}
+    else:
+        written = {
+            row[0] for row in db.rows(sql.insert(db.table), [list(c) for c in zip(*values, strict=True)])
+        }
     mine = [plan for plan in plans if plan.message.message_id in written]
     others = [plan for plan in plans if plan.message.message_id not in written]
     holders: dict[int, str] = {}  # plan index -> the holder value of the job holding its key

@@ -146,6 +146,10 @@ class Relay:
                 promote_soon(self.broker, self.backend.state)
             except STORE_ERRORS as exc:  # (the promoters move them at their next look)
                 logger.warning("Could not promote relayed jobs at once: %s", describe_error(exc))
+        already = sum(1 for _, outcome in pairs if outcome == insert.ALREADY_RELAYED)
+        if already:
+            logger.info("%d outbox row(s) had been relayed by a relay that stopped before deleting them; "
+                        "deleted now, their jobs not enqueued again", already)  # fmt: skip
         for job, outcome in pairs:
             if outcome == insert.DUPLICATE:
                 logger.info(

@@ -73,14 +73,26 @@ CREATE TRIGGER {n.trigger} AFTER INSERT ON {n.table}
 _ROW = "job_id, kind, payload, unique_key, created_ms"
 
 
+#: Rows whose unique key a pending row holds are not written (and the statement returns the
+#: job ids of the rows it wrote).
+_UNLESS_HELD = "ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING RETURNING job_id"
+
+
 def insert(table: str) -> str:
     """Write rows (arrays of job ids, kinds, payloads as JSON text, unique keys or NULL, creation
-    times in ms); those whose unique key a pending row holds are not written. Returns the job ids
-    written."""
+    times in ms), unless a pending row holds their unique key; returns the job ids written."""
     return (
         f"INSERT INTO {table} (job_id, kind, payload, unique_key, created_ms) "
         "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[]::jsonb[], %s::text[], %s::bigint[]) "
-        "ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING RETURNING job_id"
+        + _UNLESS_HELD
+    )
+
+
+def insert_one(table: str) -> str:
+    """:func:`insert` of one row (its values, not arrays: cheaper to send)."""
+    return (
+        f"INSERT INTO {table} (job_id, kind, payload, unique_key, created_ms) "
+        f"VALUES (%s, %s, %s::jsonb, %s, %s) {_UNLESS_HELD}"
     )
 
 
