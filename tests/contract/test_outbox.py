@@ -17,6 +17,7 @@ from typing import Any
 import dramatiq
 import psycopg
 import pytest
+import redis
 
 import epq
 from epq.outbox.relay import Relay
@@ -483,3 +484,47 @@ def test_a_missing_table_says_how_to_make_it(
         pytest.raises(epq.ConfigurationError, match="epq outbox migrate"),
     ):
         svc(epq_broker).enqueue_index_endpoint(index_request(1), tx=connection)
+
+
+# ---- faults -------------------------------------------------------------------------------------
+
+
+def test_a_relay_waits_out_a_state_store_failure_and_a_lost_database_connection(
+    outbox: str, epq_broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stores = backend(epq_broker)
+    name = f"epq-test-{uuid.uuid4().hex[:8]}"  # (its connection, told from any other)
+    relayer = Relay(epq_broker, f"{POSTGRES_URL}?application_name={name}", outbox, poll_interval_ms=100)
+    stop = threading.Event()
+    thread = threading.Thread(target=relayer.run, args=(stop,))
+    # Given a state store that fails for a while
+    failing = threading.Event()
+    failing.set()
+    create_relayed = stores.records.create_relayed
+
+    def flaky(jobs: Any) -> Any:
+        if failing.is_set():
+            raise redis.ConnectionError("the state store is down")
+        return create_relayed(jobs)
+
+    monkeypatch.setattr(stores.records, "create_relayed", flaky)
+    thread.start()
+    try:
+        (first,) = _commit(epq_broker, 1)
+        time.sleep(0.5)
+        # Then the row waits (its batch rolled back), and goes once the store is back
+        assert [row[0] for row in rows(POSTGRES_URL, outbox)] == [first]
+        failing.clear()
+        assert wait_for(lambda: rows(POSTGRES_URL, outbox) == [], timeout=10)
+        # And when the relay's database connection is cut, it connects again and goes on
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+            cut = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (name,)
+            ).fetchall()
+        assert cut == [(True,)]
+        (second,) = _commit(epq_broker, 1, start=1)
+        assert wait_for(lambda: rows(POSTGRES_URL, outbox) == [], timeout=10)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert {svc(epq_broker).get_job(i).state for i in (first, second)} == {S.AVAILABLE}  # type: ignore[union-attr]

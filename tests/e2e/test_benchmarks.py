@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REDIS_URL, redis_available
+from tests.support.postgres import POSTGRES_URL
 from tests.support.workers import ROOT
 
 
@@ -75,3 +76,24 @@ def test_cost_prints_the_cost_per_job_against_plain() -> None:
         assert float(plain) > 0
         assert float(ours) > 0
         assert ratio.endswith("x")
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_outbox_prints_the_latency_and_the_rates() -> None:
+    server = REDIS_URL.rsplit("/", 1)[0]  # the test Redis server; outbox.py uses its databases 8, 10, 11
+    redis_available(f"{server}/8").close()
+    args = f"--redis {server} --brokers redis --n 20 --rounds 1 --latency-jobs 5"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "outbox.py"), *args.split(), "--postgres", POSTGRES_URL],
+        capture_output=True, text=True, timeout=170, cwd=ROOT,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    latency = [line.split() for line in run.stdout.splitlines() if line.startswith("redis ")]
+    assert [row[1:3] for row in latency] == [["in", "worker"], ["epq", "relay"]]
+    assert all(0 < float(row[5]) < 10_000 for row in latency)  # p99, ms
+    rates = {line.rsplit(None, 2)[0]: float(line.split()[-2]) for line in run.stdout.splitlines()[-7:]}
+    assert set(rates) == {"enqueue_*", "tx=conn", "app write", "app write + tx=conn", "tx=session",
+                          "enqueue_many", "enqueue_many tx=conn"}  # fmt: skip
+    assert all(rate > 0 for rate in rates.values())
