@@ -29,6 +29,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import dramatiq
+from pydantic import AwareDatetime, TypeAdapter
 
 from .. import insert, metrics
 from ..backends.base import Backend, backend_of, holder_id
@@ -76,10 +77,13 @@ def pending_record(row: Sequence[Any]) -> JobRecord:
     }
     record = to_job_record(job.job_id, fields)
     if isinstance(run_at, str):  # (checked by the caller: an aware ISO datetime)
-        scheduled = JobRecord.model_validate({**record.model_dump(), "scheduled_at": run_at}).scheduled_at
+        scheduled = _DATETIME.validate_python(run_at)
         if scheduled > record.created_at:
             record = record.model_copy(update={"scheduled_at": scheduled})
     return record
+
+
+_DATETIME = TypeAdapter(AwareDatetime)
 
 
 def find_pending(db: Statements, job_id: str) -> JobRecord | None:
@@ -130,7 +134,7 @@ def enqueue(
     if todo:
         raise EnqueueFailed(
             f"the holders of the unique keys of {len(todo)} request(s) kept vanishing while they were "
-            "read; nothing of them was written"
+            "read, and those were not written (the others were: roll the transaction back, or try again)"
         )
     for plan, earlier in twins:
         job = results[earlier.index].job
@@ -192,7 +196,8 @@ def _write(
     duplicates = [plan for plan in plans if plan.index in holders]
     if duplicates:
         ids = [holder_id(holders[plan.index]) for plan in duplicates]
-        existing = backend.records.get_many(ids)
+        with state_errors("reading the records of the jobs holding the keys"):
+            existing = backend.records.get_many(ids)
         for plan, fields in zip(duplicates, existing, strict=True):
             holder = holders[plan.index]
             results[plan.index] = insert.duplicate_result(plan.actor, plan.request, holder, fields)

@@ -20,6 +20,8 @@ import pytest
 import redis
 
 import epq
+from epq.outbox import sql
+from epq.outbox.connections import Statements
 from epq.outbox.relay import Relay
 from epq.testing import HandlerRegistry, backend, drain, relay
 from tests.conftest import postgres_available
@@ -231,6 +233,32 @@ def test_a_key_held_by_a_pending_job_is_answered_at_call_time(
         later = svc(broker).enqueue_index_endpoint(index_request(7), tx=tx.tx)
     assert later.unique_skipped_as_duplicate
     assert (later.job.id, later.job.state) == (first.job.id, S.AVAILABLE)
+
+
+def test_a_holder_relayed_between_the_two_reads_is_found_in_the_state_store(
+    outbox: str, broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a pending job that holds a key
+    with psycopg.connect(POSTGRES_URL) as connection:
+        first = svc(broker).enqueue_index_endpoint(index_request(5), tx=connection)
+        connection.commit()
+    # When another transaction's row for the key is refused, and a relay moves the holder out of
+    # the outbox just before that transaction reads who holds the key
+    read = Statements.rows
+
+    def relayed_meanwhile(self: Statements, statement: str, params: Any = ()) -> Any:
+        if statement == sql.holding(self.table):
+            relay_all(broker, outbox)
+        return read(self, statement, params)
+
+    monkeypatch.setattr(Statements, "rows", relayed_meanwhile)
+    with psycopg.connect(POSTGRES_URL) as connection:
+        again = svc(broker).enqueue_index_endpoint(index_request(5), tx=connection)
+        connection.commit()
+    # Then the holder is found where it went, and nothing was written
+    assert again.unique_skipped_as_duplicate
+    assert (again.job.id, again.job.state) == (first.job.id, S.AVAILABLE)
+    assert rows(POSTGRES_URL, outbox) == []
 
 
 def test_a_key_taken_between_commit_and_relay_cancels_the_outbox_job(
