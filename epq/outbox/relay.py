@@ -107,6 +107,13 @@ class Relay:
             transaction is rolled back: its rows wait for the next try).
           ConfigurationError: the outbox table does not exist.
         """
+        try:
+            return self._relay_batch()
+        except psycopg().OperationalError as exc:
+            self.close()
+            raise BrokerUnavailable(f"the outbox database failed: {describe(exc)}") from exc
+
+    def _relay_batch(self) -> int:
         connection = self._connect()
         db = Statements(connection, self.table)
         with connection.transaction():
@@ -217,7 +224,7 @@ class Relay:
 
 def _unexpected(exc: Exception) -> bool:
     """Whether an error of the loop is a bug rather than something unreachable or missing."""
-    expected = (BrokerUnavailable, ConfigurationError, psycopg().OperationalError, *STORE_ERRORS)
+    expected: tuple[type[BaseException], ...] = (BrokerUnavailable, ConfigurationError, *STORE_ERRORS)
     return not isinstance(exc, expected)
 
 
