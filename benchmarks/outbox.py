@@ -104,6 +104,8 @@ class Setup:
 def latency(setup: Setup, results: redis.Redis, jobs: int, *, in_worker: bool) -> list[float]:
     """Commit-to-start times (ms) of ``jobs`` transactions, each committed to idle workers."""
     results.flushdb()
+    with psycopg.connect(setup.postgres, autocommit=True) as connection:
+        connection.execute(f"TRUNCATE {setup.table}")  # (no backlog left by the rate rounds)
     worker_env = setup.env(BENCH_RESULTS_URL=results_url(results), BENCH_TARGET="0")
     if in_worker:
         worker_env["EPQ_OUTBOX_URL"] = setup.postgres
@@ -215,6 +217,7 @@ def rates(setup: Setup, n: int, rounds: int, endpoints: str) -> dict[str, float]
                 elapsed = time.perf_counter() - start
                 offset += calls
                 measured[name].append(calls * per_call / elapsed)
+        connection.execute(f"TRUNCATE {setup.table}")
     engine.dispose()
     return {name: statistics.median(values) for name, values in measured.items()}
 
