@@ -43,6 +43,7 @@ _LAZY = {
     ),
     "handler": ".handlers",
     **dict.fromkeys(("Discard", "Snooze"), ".controls"),
+    **dict.fromkeys(("JobCancelled", "cancel_requested"), ".cancellation"),
     **dict.fromkeys(
         (
             "AttemptError",
@@ -79,6 +80,7 @@ __all__ = [
     "HandlerNotFound",
     "InvalidPayload",
     "InvalidRequest",
+    "JobCancelled",
     "JobInsertResult",
     "JobNotFound",
     "JobPriority",
@@ -93,6 +95,7 @@ __all__ = [
     "Snooze",
     "StateUnavailable",
     "__version__",
+    "cancel_requested",
     "handler",
     "setup",
 ]
@@ -120,6 +123,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see: the names as if imported here
     from . import actors as actors
     from ._runtime import setup
+    from .cancellation import JobCancelled, cancel_requested
     from .controls import Discard, Snooze
     from .errors import (
         BrokerUnavailable,

@@ -51,6 +51,7 @@ from . import _messages as messages
 from . import _runtime, handlers
 from .backends.base import Backend, backend_of, served_queues
 from .backends.memory import EpqStubBroker, FakeClock, MemoryStateStore
+from .cancellation import JobCancelled
 from .controls import Snooze
 from .schedule import promote_due
 from .settings import reset_settings
@@ -126,7 +127,8 @@ class HandlerFailures(dramatiq.Middleware):
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: Any = None
     ) -> None:
-        if exception is None or isinstance(exception, Snooze):  # (a snooze is not a failure)
+        # (a snooze is not a failure, nor an interruption by cancel_job)
+        if exception is None or isinstance(exception, (Snooze, JobCancelled)):
             self.failed.pop(message.message_id, None)
         else:
             self.failed[message.message_id] = exception
