@@ -34,7 +34,6 @@ import ctypes
 import logging
 import threading
 import time
-from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
@@ -98,16 +97,17 @@ def _withdraw_interrupt(thread_id: int) -> None:
 
 
 class _RunningJob:
-    """A job one worker thread runs, as the watcher sees it; every field is read and written
-    under the middleware's lock."""
+    """A job one worker thread runs, as the watcher sees it. ``depth`` and ``sent`` change under
+    the middleware's lock (the handshake that keeps an interruption inside the handler);
+    ``requested`` only ever turns true."""
 
-    __slots__ = ("in_handler", "job_id", "lock", "requested", "sent", "thread_id")
+    __slots__ = ("depth", "lock", "message", "requested", "sent", "thread_id")
 
-    def __init__(self, job_id: str, thread_id: int, lock: threading.Lock) -> None:
-        self.job_id = job_id
+    def __init__(self, message: MessageProxy, thread_id: int, lock: threading.Lock) -> None:
+        self.message = message  # (its id is read by the watcher, off the job's path)
         self.thread_id = thread_id
         self.lock = lock
-        self.in_handler = False  # inside handler_scope: an interruption may be raised
+        self.depth = 0  # inside handler_scope (nested when a handler calls an actor inline)
         self.requested = False  # the watcher found a request to cancel it
         self.sent = False  # an interruption was raised in its thread
 
@@ -115,13 +115,13 @@ class _RunningJob:
         with self.lock:
             if self.requested:  # (seen before the handler began: it does not begin)
                 raise JobCancelled("the job was cancelled before its handler began")
-            self.in_handler = True
+            self.depth += 1
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         with self.lock:
-            self.in_handler = False
+            self.depth -= 1
             sent = self.sent
         if sent and not isinstance(exc, JobCancelled):
             # interrupted as the handler returned (not delivered yet), or a handler that swallowed
@@ -129,11 +129,15 @@ class _RunningJob:
             _withdraw_interrupt(self.thread_id)
             raise JobCancelled() from exc
 
+    @property
+    def job_id(self) -> str:
+        return str(self.message.message_id)
+
     def interrupt(self) -> None:
         """Note the request and, inside the handler, raise :class:`JobCancelled` in its thread
         (once); called with the lock held."""
         self.requested = True
-        if self.in_handler and not self.sent:
+        if self.depth and not self.sent:
             self.sent = True
             raise_thread_exception(self.thread_id, JobCancelled)  # type: ignore[no-untyped-call]
 
@@ -175,7 +179,6 @@ class Cancellation(dramatiq.Middleware):
         self.interval_ms = interval_ms
         self._lock = threading.Lock()
         self._running: dict[int, _RunningJob] = {}  # thread id -> its job
-        self._busy = threading.Event()  # set while jobs run (and to wake the watcher to stop)
         self._stop = threading.Event()
         self._workers = 0
         self._watcher: threading.Thread | None = None
@@ -189,8 +192,6 @@ class Cancellation(dramatiq.Middleware):
             if self._watcher is not None:
                 return
             self._stop.clear()
-            if not self._running:
-                self._busy.clear()
             self._watcher = threading.Thread(target=self._watch, name="epq-cancel-watcher", daemon=True)
         self._watcher.start()
 
@@ -201,15 +202,13 @@ class Cancellation(dramatiq.Middleware):
             if watcher is not None:
                 self._watcher = None
                 self._stop.set()
-                self._busy.set()
         if watcher is not None and watcher.is_alive():
             watcher.join(5)
 
     def _watch(self) -> None:
-        while not self._stop.is_set():
-            self._busy.wait()
-            if self._stop.wait(self.interval_ms / 1000):
-                return
+        # (it wakes every interval whatever happens, which costs nothing to speak of; it asks the
+        # store only while jobs run: a per-job signal to wake it would cost every job more)
+        while not self._stop.wait(self.interval_ms / 1000):
             try:
                 self.poll()
             except Exception as exc:
@@ -221,15 +220,15 @@ class Cancellation(dramatiq.Middleware):
     def poll(self) -> list[str]:
         """Look for requests to cancel the jobs this process runs, in one round trip, and
         interrupt them; return the ids of those found."""
-        with self._lock:
-            job_ids = sorted({job.job_id for job in self._running.values() if not job.requested})
+        running = list(self._running.values())  # (one step under the GIL: threads come and go)
+        job_ids = sorted({job.job_id for job in running if not job.requested})
         if not job_ids:
             return []
         found = self.store.cancel_requests(job_ids)
         if found:
             wanted = set(found)
             with self._lock:
-                for job in self._running.values():
+                for job in running:
                     if job.job_id in wanted and not job.requested:
                         logger.info("Cancelling job %s, which this process runs", job.job_id)
                         job.interrupt()
@@ -237,38 +236,33 @@ class Cancellation(dramatiq.Middleware):
 
     # ---- the jobs each thread runs -------------------------------------------------------------
 
-    def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
-        actor = broker.actors.get(message.actor_name)
-        if actor is None or "max_attempts" not in actor.options:
-            return  # (only epq jobs have records, and so can be cancelled)
-        thread_id = threading.get_ident()
-        job = _RunningJob(message.message_id, thread_id, self._lock)
-        with self._lock:
-            self._running[thread_id] = job
-            self._busy.set()
-        _current.job = job
+    # Each job costs two lock round trips (into and out of the handler's scope); a thread adds
+    # and removes its own entry in ``_running`` without the lock (a dict's item set and delete
+    # are one step each under the GIL, and the watcher copies the values in one step).
 
-    def _end(self, message: MessageProxy) -> None:
-        """Forget the job this thread ran; a request the watcher found stays on the message
-        (``InFlight.cancel_requested``) for ``EpqRetries``."""
+    def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        # (every message: only epq jobs can have a request, and checking costs more than it saves)
         thread_id = threading.get_ident()
-        with self._lock:
-            job = self._running.get(thread_id)
-            if job is None or job.job_id != message.message_id:
-                return
-            del self._running[thread_id]
-            if not self._running and not self._stop.is_set():
-                self._busy.clear()
-            requested = job.requested
+        job = _current.job = _RunningJob(message, thread_id, self._lock)
+        self._running[thread_id] = job
+
+    def _end(self, message: MessageProxy) -> bool:
+        """Forget the job this thread ran; return whether the watcher found a request to cancel
+        it (noted on the message, ``InFlight.cancel_requested``, for ``EpqRetries``)."""
+        job: _RunningJob | None = getattr(_current, "job", None)
+        if job is None:
+            return False
         _current.job = None
-        if requested:
+        if self._running.get(job.thread_id) is job:
+            del self._running[job.thread_id]
+        if job.requested:
             in_flight(message).cancel_requested = True
+        return job.requested
 
     def after_process_message(
         self, broker: dramatiq.Broker, message: MessageProxy, *, result: Any = None, exception: Any = None
     ) -> None:
-        self._end(message)
-        if exception is None and in_flight(message).cancel_requested:
+        if self._end(message) and exception is None:
             # the handler returned before the request reached it: the job completes, and the
             # request is dropped so that it cannot stop a later delivery of the job
             self._forget(message.message_id)
@@ -281,8 +275,3 @@ class Cancellation(dramatiq.Middleware):
             self.store.forget_cancel(job_id)
         except Exception as exc:  # (it expires on its own)
             logger.warning("Could not drop the cancel request of job %s: %r", job_id, exc)
-
-    def running(self) -> Sequence[str]:
-        """The ids of the jobs this process's threads run now (for tests and diagnostics)."""
-        with self._lock:
-            return [job.job_id for job in self._running.values()]
