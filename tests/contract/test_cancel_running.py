@@ -225,7 +225,7 @@ def test_a_handler_that_swallows_the_interruption_is_cancelled_all_the_same(
     assert record(broker, job_id).state is S.CANCELLED
 
 
-def test_cancelling_a_job_that_waits_behind_a_running_one_does_not_touch_the_running_one(
+def test_cancelling_one_running_job_leaves_the_other_running(
     broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry
 ) -> None:
     # Given two running jobs (the worker has two threads)
@@ -268,6 +268,42 @@ def test_a_handler_blocked_in_a_call_into_c_is_interrupted_when_the_call_returns
     release.set()
     assert wait_for(lambda: record(broker, job_id).state is S.CANCELLED, timeout=10)
     assert after_wait == []
+
+
+def test_a_job_whose_worker_died_is_stopped_when_it_is_delivered_again(
+    broker: dramatiq.Broker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given a job a worker started and then died with (its record says running; its message
+    # waits to be delivered again)
+    runs = Runs()
+    epq_handlers.register(KIND, runs)
+    job_id = send()
+    stores = backend(broker)
+    assert stores.records.start(job_id, stores.state.now_ms(), 60_000) == "available"
+    # When it is cancelled, no worker running it
+    assert epq.QueueService(broker).cancel_job(job_id).state is S.RUNNING
+    # Then the worker it is delivered to next stops it, and it is cancelled, its key free
+    worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=2)
+    worker.start()
+    try:
+        assert wait_for(lambda: bool(runs.stops), timeout=10)
+        assert [how for _, how in runs.stops] == ["JobCancelled"]
+        assert wait_for(lambda: record(broker, job_id).state is S.CANCELLED, timeout=10)
+        assert key_is_free(broker)
+    finally:
+        worker.stop()
+
+
+@pytest.mark.redis
+def test_a_cancel_request_lasts_the_jobs_time_limit_and_a_minute(
+    redis_broker: dramatiq.Broker, redis_client: Any
+) -> None:
+    job_id = send()  # (no worker: its record is started by hand, as a worker would)
+    stores = backend(redis_broker)
+    stores.records.start(job_id, stores.state.now_ms(), 60_000)
+    epq.QueueService(redis_broker).cancel_job(job_id)
+    ttl_ms = redis_client.pttl(f"epq:cancel:{job_id}")
+    assert 60_000 + 50_000 < ttl_ms <= 60_000 + 60_000  # register_job: 1 min, and a minute more
 
 
 class Gate(dramatiq.Middleware):
