@@ -154,9 +154,10 @@ def drain(
     """Wait until no job is waiting, running, or scheduled for a time that has come.
 
     Jobs scheduled for later (by the state store's clock, which ``epq_clock`` may stop) are left
-    in the schedule. With ``fail_fast`` (the default), a handler that raised fails the test that
-    drains it: when the drain ends, the exception of a job that failed and has not succeeded
-    since (dead-lettered, or waiting for a retry) is raised here, as Dramatiq's
+    in the schedule. With ``fail_fast`` (the default), a handler that raised (but for
+    ``epq.Snooze`` and an ``epq.JobCancelled`` interruption) fails the test that drains it: when
+    the drain ends, the exception of a job that failed and has not succeeded since
+    (dead-lettered, or waiting for a retry) is raised here, as Dramatiq's
     ``StubBroker.join`` raises a dead-lettered message's. Pass ``fail_fast=False`` to test
     failures and retries themselves.
     """

@@ -21,7 +21,7 @@ import epq
 import epq.actors
 from epq import metrics
 from epq.settings import reset_settings
-from epq.testing import HandlerRegistry, backend
+from epq.testing import HandlerRegistry, backend, drain
 from tests.support.helpers import VALID, wait_for
 
 S = epq.JobState
@@ -335,7 +335,19 @@ class Gate(dramatiq.Middleware):
             self._hold(message)
 
 
-# ---- the stub broker: what the metrics count --------------------------------------------------
+# ---- the stub broker: what the test plugin and the metrics make of it ------------------------
+
+
+def test_drain_does_not_fail_a_test_on_a_job_cancelled_while_it_ran(
+    epq_broker: dramatiq.Broker, epq_worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+) -> None:
+    runs = Runs()
+    epq_handlers.register(KIND, runs)
+    job_id = send()
+    assert runs.started.wait(10)
+    epq.QueueService(epq_broker).cancel_job(job_id)
+    drain(epq_broker, epq_worker)  # (fail_fast: a handler's failure would be raised here)
+    assert record(epq_broker, job_id).state is S.CANCELLED
 
 
 @pytest.fixture
