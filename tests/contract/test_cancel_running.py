@@ -306,6 +306,31 @@ def test_a_cancel_request_lasts_the_jobs_time_limit_and_a_minute(
     assert 60_000 + 50_000 < ttl_ms <= 60_000 + 60_000  # register_job: 1 min, and a minute more
 
 
+def test_a_handler_that_called_an_actor_inline_can_still_be_interrupted_after_the_call(
+    broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given a handler that runs another kind's handler inline (its actor called as a function),
+    # then works on
+    runs = Runs()
+    epq_handlers.register("register_source", lambda request: None)
+
+    def outer(request: Any) -> None:
+        epq.actors.register_source(**VALID["register_source"])
+        runs(request)
+
+    epq_handlers.register(KIND, outer)
+    job_id = send()
+    assert runs.started.wait(10)
+    # When it is cancelled after the inline call returned
+    asked = time.monotonic()
+    epq.QueueService(broker).cancel_job(job_id)
+    # Then it is interrupted all the same
+    assert wait_for(lambda: bool(runs.stops), timeout=10)
+    assert runs.stops[0][1] == "JobCancelled"
+    assert runs.stops[0][0] - asked < 1.0
+    assert wait_for(lambda: record(broker, job_id).state is S.CANCELLED, timeout=10)
+
+
 class Gate(dramatiq.Middleware):
     """Holds one job (``target``) on its worker thread, just before its handler (``before``, after
     epq's own start hooks) or just after it (``after``, before epq's outcome hooks), until
