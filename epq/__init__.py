@@ -44,6 +44,7 @@ _LAZY = {
     ),
     **dict.fromkeys(("handler", "payload_upgrade"), ".handlers"),
     **dict.fromkeys(("Discard", "Snooze"), ".controls"),
+    **dict.fromkeys(("JobCancelled", "cancel_requested"), ".cancellation"),
     **dict.fromkeys(
         (
             "AttemptError",
@@ -80,6 +81,7 @@ __all__ = [
     "HandlerNotFound",
     "InvalidPayload",
     "InvalidRequest",
+    "JobCancelled",
     "JobInsertResult",
     "JobNotFound",
     "JobPriority",
@@ -95,6 +97,7 @@ __all__ = [
     "Snooze",
     "StateUnavailable",
     "__version__",
+    "cancel_requested",
     "handler",
     "payload_upgrade",
     "setup",
@@ -123,6 +126,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see: the names as if imported here
     from . import actors as actors
     from ._runtime import setup
+    from .cancellation import JobCancelled, cancel_requested
     from .controls import Discard, Snooze
     from .errors import (
         BrokerUnavailable,

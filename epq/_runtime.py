@@ -13,6 +13,7 @@ from . import metrics
 from ._actor import EpqActor
 from .backends.base import RecordStore, StateStore
 from .backends.factory import build_backend
+from .cancellation import Cancellation
 from .kinds import KINDS
 from .logs import JobLogContext
 from .middleware.boot import EpqMiddleware
@@ -96,6 +97,7 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
         )
     )
     broker.add_middleware(Scheduling(state))
+    broker.add_middleware(Cancellation(state))  # (after JobRecords: it watches jobs once started)
     _observe(broker, settings, state, records)
     for queue in settings.queues:
         broker.declare_queue(queue)

@@ -54,6 +54,7 @@ from . import _messages as messages
 from . import _runtime, handlers
 from .backends.base import Backend, backend_of, served_queues
 from .backends.memory import EpqStubBroker, FakeClock, MemoryStateStore
+from .cancellation import JobCancelled
 from .controls import Snooze
 from .kinds import get_kind
 from .models import _Request
@@ -153,7 +154,8 @@ class HandlerFailures(dramatiq.Middleware):
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: Any = None
     ) -> None:
-        if exception is None or isinstance(exception, Snooze):  # (a snooze is not a failure)
+        # (a snooze is not a failure, nor an interruption by cancel_job)
+        if exception is None or isinstance(exception, (Snooze, JobCancelled)):
             self.failed.pop(message.message_id, None)
         else:
             self.failed[message.message_id] = exception
@@ -179,9 +181,10 @@ def drain(
     """Wait until no job is waiting, running, or scheduled for a time that has come.
 
     Jobs scheduled for later (by the state store's clock, which ``epq_clock`` may stop) are left
-    in the schedule. With ``fail_fast`` (the default), a handler that raised fails the test that
-    drains it: when the drain ends, the exception of a job that failed and has not succeeded
-    since (dead-lettered, or waiting for a retry) is raised here, as Dramatiq's
+    in the schedule. With ``fail_fast`` (the default), a handler that raised (but for
+    ``epq.Snooze`` and an ``epq.JobCancelled`` interruption) fails the test that drains it: when
+    the drain ends, the exception of a job that failed and has not succeeded since
+    (dead-lettered, or waiting for a retry) is raised here, as Dramatiq's
     ``StubBroker.join`` raises a dead-lettered message's. Pass ``fail_fast=False`` to test
     failures and retries themselves.
     """

@@ -140,6 +140,16 @@ class StateStore(Protocol):
     def refused(self) -> dict[str, int]:
         """Enqueues refused as duplicates since the store began, per kind."""
 
+    def request_cancel(self, job_id: str, ttl_ms: int) -> None:
+        """Leave a request to cancel running job ``job_id`` for ``ttl_ms`` (``epq.cancellation``:
+        the worker running it reads it)."""
+
+    def cancel_requests(self, job_ids: Sequence[str]) -> list[str]:
+        """Those of ``job_ids`` with a cancel request, in one round trip."""
+
+    def forget_cancel(self, job_id: str) -> None:
+        """Drop the cancel request of ``job_id``, if any."""
+
     def close(self) -> None:
         """Release connections."""
 
@@ -324,6 +334,10 @@ class InFlight:
     #: that dead-letters it has nothing more to write (and must not undo a retry an operator asked
     #: for in between).
     dead_recorded: bool = False
+    #: A request to cancel it reached its worker while it ran (``epq.cancellation``).
+    cancel_requested: bool = False
+    #: Its worker recorded it cancelled while it ran (``EpqRetries``).
+    cancelled: bool = False
 
 
 def in_flight(proxy: Any) -> InFlight:

@@ -130,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
 
     jobs = sub.add_parser("jobs", help="look at or cancel one job")
     jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
-    for name, text in (("show", "show a job's record"), ("cancel", "cancel a job that has not started")):
+    actions = (("show", "show a job's record"), ("cancel", "cancel a job (its worker stops a running one)"))
+    for name, text in actions:
         action = jobs_sub.add_parser(name, help=text)
         action.add_argument("job_id", metavar="ID", help=_ID_HELP)
         action.add_argument("--json", action="store_true", help="print JSON")
