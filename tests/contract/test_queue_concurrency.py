@@ -123,3 +123,15 @@ def test_a_queue_runs_at_most_its_budget_while_other_queues_keep_running(
     assert wait_for(lambda: done(capped) == CAPPED_JOBS, timeout=30, interval=0.1)
     assert sampler.most["default"] == 2
     assert sum(sampler.attempts[j] for j in capped) == CAPPED_JOBS + 2
+
+
+def test_a_worker_logs_the_budgets_of_the_queues_it_serves(
+    default_capped_at_2: None, epq_broker: dramatiq.Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="epq")
+    worker = dramatiq.Worker(epq_broker, queues={"default", "events"}, worker_timeout=50, worker_threads=3)
+    worker.start()
+    worker.stop()
+    said = "Jobs at once per queue in this process: default 2, events 20 (EPQ_QUEUE_CONCURRENCY); "
+    said += "3 worker threads"
+    assert said in caplog.messages

@@ -1,4 +1,5 @@
-"""`epq worker` sizes dramatiq's threads to the budgets of the queues it serves
+"""The rules of per-queue concurrency (epq.concurrency): a queue's consumer prefetches at most its
+budget; and `epq worker` sizes dramatiq's threads to the budgets of the queues it serves
 (EPQ_QUEUE_CONCURRENCY), unless it is told how many."""
 
 from __future__ import annotations
@@ -9,7 +10,25 @@ import pytest
 
 from epq import cli
 from epq.cli import worker
+from epq.concurrency import capped_prefetch, queue_budgets
 from epq.settings import reset_settings
+
+
+def test_a_queue_consumer_prefetches_at_most_the_queues_budget() -> None:
+    budgets = {"default": 2, "events": 20}
+    assert capped_prefetch(budgets, "default", 16) == 2
+    assert capped_prefetch(budgets, "events", 16) == 16  # (Dramatiq's is lower: it stays)
+    # Dramatiq's delay queues only hold messages until their time: not capped
+    assert capped_prefetch(budgets, "default.DQ", 8000) == 8000
+    assert capped_prefetch(budgets, "reports", 16) == 16
+
+
+def test_budgets_come_from_the_setting_then_the_go_package_then_10() -> None:
+    assert queue_budgets(["default", "maintenance", "bulk"], {"default": 3}) == {
+        "default": 3,
+        "maintenance": 2,
+        "bulk": 10,
+    }
 
 
 def _command(*argv: str) -> list[str]:
