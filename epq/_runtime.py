@@ -86,6 +86,7 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
         middleware=build_middleware(settings),
         completed_max=settings.completed_max,
         dead_max=settings.dead_max,
+        queue_concurrency=settings.queue_budgets,
     )
     broker.add_middleware(Uniqueness(state))
     broker.add_middleware(

@@ -469,7 +469,7 @@ class EpqStubBroker(DurableDelays, StubBroker):
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 100) -> EpqStubConsumer:
         if queue_name not in self.queues:
             raise QueueNotFound(queue_name)  # type: ignore[no-untyped-call]
-        return EpqStubConsumer(self, queue_name, prefetch, timeout)
+        return EpqStubConsumer(self, queue_name, self.prefetch_for(queue_name, prefetch), timeout)
 
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
         if delay and delay > 0 and self.epq_store is not None:

@@ -83,7 +83,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Runs `dramatiq epq.actors HANDLER_MODULES...`; anything after -- goes to dramatiq.",
     )
     worker.add_argument("--processes", "-p", type=int, help="worker processes (dramatiq's default: CPUs)")
-    worker.add_argument("--threads", "-t", type=int, help="threads per process (dramatiq's default: 8)")
+    worker.add_argument(
+        "--threads", "-t", type=int,
+        help="threads per process (default: the sum of the served queues' EPQ_QUEUE_CONCURRENCY budgets)",
+    )  # fmt: skip
     worker.add_argument("--queues", "-Q", nargs="+", metavar="QUEUE", help="serve only these queues")
     worker.add_argument(
         "--handlers", metavar="MODULES",
