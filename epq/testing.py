@@ -203,6 +203,9 @@ def _drain(broker: dramatiq.Broker, worker: dramatiq.Worker, timeout_ms: int) ->
     store = backend.state if backend is not None else None
     while True:
         remaining = max(1, int((deadline - time.monotonic()) * 1000))
+        # (read before the queues are joined: a promoter publishes what it claimed, then lets it go,
+        # so a claim seen neither here nor after the joins was published before they began)
+        claimed_before = store.schedule_claimed() if store is not None else 0
         for queue in served_queues(broker):
             join = getattr(broker, "join_queue", None)  # an epq broker's (see DurableDelays)
             if join is not None:
@@ -213,7 +216,7 @@ def _drain(broker: dramatiq.Broker, worker: dramatiq.Worker, timeout_ms: int) ->
         if store is None:
             return
         moved, next_due = promote_due(broker, store)
-        if moved or (store.schedule_claimed() and time.monotonic() < deadline):
+        if moved or ((claimed_before or store.schedule_claimed()) and time.monotonic() < deadline):
             if not moved:  # the worker's own promoter is publishing what it claimed
                 time.sleep(0.005)
             continue
