@@ -42,6 +42,7 @@ _LAZY = {
         ".errors",
     ),
     "handler": ".handlers",
+    "periodic": ".periodic_jobs",
     **dict.fromkeys(("Discard", "Snooze"), ".controls"),
     **dict.fromkeys(
         (
@@ -94,6 +95,7 @@ __all__ = [
     "StateUnavailable",
     "__version__",
     "handler",
+    "periodic",
     "setup",
 ]
 
@@ -149,5 +151,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names as if imported h
         RegisterJobRequest,
         RegisterSourceRequest,
     )
+    from .periodic_jobs import periodic
     from .service import QueueService
     from .settings import EpqSettings

@@ -22,7 +22,7 @@ EXPECTED = {
     "RegisterDynamicTriggerRequest", "RegisterJobRequest", "RegisterSourceRequest", "Snooze",
     "StateUnavailable",
     "__version__",
-    "handler", "setup",
+    "handler", "periodic", "setup",
 }  # fmt: skip
 
 

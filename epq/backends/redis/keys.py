@@ -20,6 +20,8 @@ STATS = KEY_PREFIX + "stats"
 DEAD = KEY_PREFIX + "dead"
 #: Completed jobs by finalization time (ms): the newest ``completed_max`` of them keep a record.
 DONE = KEY_PREFIX + "done"
+#: A periodic job's schedule: its state (a hash: since, tick, job, at).
+PERIODIC_PREFIX = KEY_PREFIX + "periodic:"
 #: Each bulk enqueue script call leaves its reply under a token key of its own.
 BULK_TOKEN_PREFIX = KEY_PREFIX + "bulk:"
 
@@ -44,6 +46,11 @@ def waiting(queue_name: str, priority: int) -> str:
     """The index of a queue and priority's available jobs by when they became due (the scripts
     make it from ``STATS`` too: ``lua/lib/counter.lua``)."""
     return f"{STATS}:waiting:{queue_name}|{priority}"
+
+
+def periodic(name: str) -> str:
+    """The state of periodic job ``name``'s schedule."""
+    return PERIODIC_PREFIX + name
 
 
 def bulk_token(token: str) -> str:
