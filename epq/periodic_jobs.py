@@ -287,8 +287,9 @@ def _request(
             raise BadDeclaration(name, f"request.{problem['field']}", problem["message"]) from None
         if kept.run_at is not None:
             raise BadDeclaration(name, "request.run_at", "a periodic job runs at its tick")
+        body = kept.model_dump(mode="json", exclude_unset=True)
     try:
-        text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise BadDeclaration(name, "request", f"not JSON: {exc}") from None
     return kept, text
@@ -687,9 +688,11 @@ class Status:
     kind: str
     timing: str
     request: str
-    #: When its next tick is (None: never again).
+    #: When its next tick is (None: never again): a tick due and not enqueued yet (no worker
+    #: runs, or it failed) when ``due``.
     next_ms: int | None
-    #: The last tick noted, its job ('' when its request failed its checks) and when it was noted.
+    due: bool
+    #: The last tick noted and its job ('' when its request failed its checks).
     last_tick_ms: int | None
     last_job_id: str | None
     #: Why it cannot run on this broker (None: it can).
@@ -714,6 +717,7 @@ def status(broker: dramatiq.Broker, ticking: Ticking) -> list[Status]:
                 timing=job.timing,
                 request=job.request_text,
                 next_ms=pending[0] if pending else job.next_after(now),
+                due=bool(pending),
                 last_tick_ms=last,
                 last_job_id=state.get("job") if last is not None else None,
                 problem=problems.get(job.name),
