@@ -13,6 +13,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any
 
 import dramatiq
@@ -133,6 +134,32 @@ def test_a_tick_enqueued_by_a_ticker_that_died_before_noting_it_is_not_enqueued_
     assert handled == [Tick(job.name, tick, job_id, enqueued=False)]
     assert store.periodic_states([job.name])[0]["job"] == job_id
     assert message_count(broker, "default") == 1
+
+
+def test_after_an_hour_with_no_worker_the_last_minutes_ticks_are_enqueued_and_the_rest_dropped(
+    broker: dramatiq.Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a 10-second schedule whose last tick noted is an hour old (every worker was down)
+    job = define("every-10s", "register_job", every=10, request=REGISTER)
+    store = backend(broker).state
+    hour_ago = job.latest_at_or_before(store.now_ms() - 3_600_000)
+    assert hour_ago is not None
+    store.periodic_mark(job.name, hour_ago, "before-the-outage", hour_ago, 7_200_000)
+    # When a worker starts again
+    before = store.now_ms()
+    with caplog.at_level(logging.WARNING, "epq.periodic"):
+        handled = Ticks().run(broker, store, [job])[0]
+    # Then the ticks of the last minute are enqueued, late, in order, once; the older ones dropped
+    assert len(handled) == 6
+    assert all(tick.enqueued for tick in handled)
+    assert {b.tick_ms - a.tick_ms for a, b in itertools.pairwise(handled)} == {10_000}
+    assert before - 60_000 < handled[0].tick_ms
+    assert message_count(broker, "default") == 6
+    assert f"Periodic job every-10s: its ticks from {_utc(hour_ago + 10_000)}" in caplog.text
+
+
+def _utc(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def test_the_workers_own_tickers_enqueue_each_tick_once(
