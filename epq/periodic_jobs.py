@@ -20,8 +20,9 @@ so that a ticker that comes later (a restarted worker) starts after it:
   first; ``@hourly`` and the like) ticks in UTC or in the job's ``timezone``, with Debian
   cron's rules at DST changes (the ``cronsim`` package).
 - **Restarts.** A worker that stops or is killed leaves the ticks to the others; one that starts
-  goes on from the last tick noted. A tick is never enqueued twice, and none is skipped while
-  any worker runs.
+  goes on from the last tick noted. A tick is not enqueued twice (decision 55 in
+  ``docs/decisions.md`` says the one narrow race that could), and none is skipped while any
+  worker runs.
 - **Missed ticks.** While no worker runs, nothing is enqueued. When one starts again, the ticks
   missed by less than :data:`CATCH_UP_MS` (a minute) are enqueued then, late, in order; older
   ones are dropped (logged), but for the latest tick due, which is always enqueued, once. A
@@ -71,7 +72,7 @@ POLL_MS = 1_000
 #: How long a schedule's state is kept after its last tick (at least three periods).
 STATE_TTL_MS = 7 * 24 * 3600 * 1000
 #: A tick's uniqueness lock holds at least this long (and two periods): a ticker that tries the
-#: tick later than that, without seeing the tick noted, is not refused (see ``_lock_ms``).
+#: tick later than that, without seeing the tick noted, is not refused (see ``lock_ms``).
 TICK_LOCK_MIN_MS = 10 * 60_000
 #: The shortest interval.
 MIN_EVERY_MS = 1_000
