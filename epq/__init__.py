@@ -37,11 +37,12 @@ _LAZY = {
             "InvalidPayload",
             "InvalidRequest",
             "JobNotFound",
+            "PayloadUpgradeFailed",
             "StateUnavailable",
         ),
         ".errors",
     ),
-    "handler": ".handlers",
+    **dict.fromkeys(("handler", "payload_upgrade"), ".handlers"),
     "periodic": ".periodic_jobs",
     **dict.fromkeys(("Discard", "Snooze"), ".controls"),
     **dict.fromkeys(
@@ -86,6 +87,7 @@ __all__ = [
     "JobQueue",
     "JobRecord",
     "JobState",
+    "PayloadUpgradeFailed",
     "QueueService",
     "RegisterDynamicScheduleRequest",
     "RegisterDynamicTriggerRequest",
@@ -95,6 +97,7 @@ __all__ = [
     "StateUnavailable",
     "__version__",
     "handler",
+    "payload_upgrade",
     "periodic",
     "setup",
 ]
@@ -134,9 +137,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names as if imported h
         InvalidPayload,
         InvalidRequest,
         JobNotFound,
+        PayloadUpgradeFailed,
         StateUnavailable,
     )
-    from .handlers import handler
+    from .handlers import handler, payload_upgrade
     from .models import (
         AttemptError,
         EndpointIndexSource,

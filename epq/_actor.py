@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from typing import Any
@@ -15,66 +13,25 @@ from . import insert
 from ._messages import new_id, new_message
 from .checks import Checked, check_request
 from .controls import Discard
-from .errors import (
-    HandlerNotFound,
-    InvalidPayload,
-    InvalidRequest,
-    short_field,
-)
+from .errors import HandlerNotFound, InvalidPayload, InvalidRequest
 from .handlers import get_handler
 from .kinds import JobKind
 from .models import JobInsertResult, _Request
 from .options import ARGS_JSON, PRIORITY
-
-logger = logging.getLogger("epq")
-
-#: The (kind, field) pairs of unknown payload fields already logged by this process; bounded, so
-#: that payloads with ever new field names cannot grow it without end.
-_unknown_logged: set[tuple[str, str]] = set()
-_UNKNOWN_LOGGED_MAX = 1000
-_unknown_lock = threading.Lock()
-
-
-def known_fields_only(kind: JobKind, payload: dict[str, Any]) -> dict[str, Any]:
-    """``payload`` without the fields the kind's model does not know (a newer producer's, in a
-    rolling deploy), each logged once per kind and field by this process."""
-    unknown = sorted(payload.keys() - kind.model.model_fields.keys())
-    if not unknown:
-        return payload
-    for name in unknown:
-        with _unknown_lock:
-            first = (kind.name, name) not in _unknown_logged and len(_unknown_logged) < _UNKNOWN_LOGGED_MAX
-            if first:
-                _unknown_logged.add((kind.name, name))
-        if first:
-            logger.warning(
-                "%s payloads carry field %r, which this worker's %s does not know: ignored (a newer "
-                "producer? deploy the workers too; EPQ_STRICT_PAYLOAD_KINDS=%s dead-letters such jobs "
-                "instead). Logged once per kind and field.",
-                kind.name,
-                short_field(name),
-                kind.model.__name__,
-                kind.name,
-            )
-    return {name: value for name, value in payload.items() if name not in unknown}
+from .payloads import to_request
 
 
 def make_job_function(kind: JobKind, strict: Callable[[], bool] = lambda: False) -> Callable[..., Any]:
-    """The function a kind's actor runs in the worker: validate, then call the handler. Fields the
-    kind's model does not know are dropped (``known_fields_only``), unless ``strict()``: then the
-    payload fails validation and the job is dead-lettered."""
+    """The function a kind's actor runs in the worker: the payload upgraded and validated (see
+    :mod:`epq.payloads`; fields the kind's model does not know are dropped unless ``strict()``),
+    then the handler called."""
 
     def run(*args: Any, **payload: Any) -> Any:
         if args:
             raise InvalidPayload(
                 f"{kind.name} takes keyword arguments only; the message has {len(args)} positional"
             )
-        if not strict():
-            payload = known_fields_only(kind, payload)
-        try:
-            request = kind.model.model_validate(payload)
-        except ValidationError as exc:
-            raise InvalidPayload(str(InvalidRequest.from_validation_error(kind.name, exc))) from exc
+        request = to_request(kind, payload, strict=strict())
         fn = get_handler(kind.name)
         if fn is None:
             raise HandlerNotFound(

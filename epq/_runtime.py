@@ -166,6 +166,7 @@ def _bind_actors(broker: dramatiq.Broker, settings: EpqSettings) -> None:
 
 
 def _close(runtime: Runtime) -> None:
+    metrics.flush_refusals(runtime.state)  # (counted into the store it is about to close)
     runtime.broker.close()
     runtime.state.close()
 

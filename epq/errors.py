@@ -15,6 +15,7 @@ Every error epq raises on purpose derives from :class:`EpqError`::
     │   ├── HandlerNotFound       a job's kind has no registered handler (worker side)
     │   └── HandlerAlreadyRegistered
     ├── InvalidPayload            a message's payload failed validation in the worker
+    │   └── PayloadUpgradeFailed  one of the kind's payload upgrades raised or returned no dict
     ├── JobNotFound (LookupError) no record of that job id (never enqueued, or expired)
     └── DuplicateJob (dramatiq MiddlewareError)
                                   a unique job is already enqueued inside its window
@@ -158,6 +159,26 @@ class HandlerAlreadyRegistered(HandlerError):
 
 class InvalidPayload(EpqError):
     """A message's payload failed validation in the worker; it is dead-lettered, not retried."""
+
+
+class PayloadUpgradeFailed(InvalidPayload):
+    """One of a kind's payload upgrades (``@epq.payload_upgrade``) raised, or returned something
+    other than a dict. The job is dead-lettered with its payload as it was sent: fix the upgrade,
+    then retry the job (``epq dead retry``).
+
+    Attributes:
+      kind: the job kind.
+      upgrade: the upgrade's name (``module.qualname``).
+      position: which of the kind's upgrades it is (1-based), of ``count``.
+      count: how many upgrades the kind has.
+    """
+
+    def __init__(self, kind: str, upgrade: str, position: int, count: int, problem: str) -> None:
+        self.kind = kind
+        self.upgrade = upgrade
+        self.position = position
+        self.count = count
+        super().__init__(f"{kind} payload upgrade {upgrade} ({position} of {count}) failed: {problem}")
 
 
 class JobNotFound(EpqError, LookupError):

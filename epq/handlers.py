@@ -1,10 +1,15 @@
-"""The handler registry: which function runs the jobs of each kind.
+"""The handler registry: which function runs the jobs of each kind, and which functions upgrade
+its payloads first.
 
     @epq.handler("index_endpoint")
     def index(request: epq.EnqueueIndexEndpointRequest) -> None: ...
 
+    @epq.payload_upgrade("register_job")
+    def metadata_renamed(payload: dict) -> dict: ...
+
 Workers import the modules named in ``EPQ_HANDLERS`` when they boot. Handlers must be
-idempotent: delivery is at least once.
+idempotent: delivery is at least once. What a worker does with the upgrades is in
+:mod:`epq.payloads`.
 """
 
 from __future__ import annotations
@@ -20,9 +25,15 @@ from .kinds import KINDS, get_kind
 
 HandlerFn = Callable[[Any], Any]
 F = TypeVar("F", bound=HandlerFn)
+#: A payload upgrade: a payload as an older producer sent it -> the payload in today's shape.
+UpgradeFn = Callable[[dict[str, Any]], dict[str, Any]]
+U = TypeVar("U", bound=UpgradeFn)
 
 _lock = threading.Lock()
 _handlers: dict[str, HandlerFn] = {}
+#: kind -> its payload upgrades, in the order they were declared (replaced, never changed in
+#: place, so that a worker thread reads it without the lock)
+_upgrades: dict[str, tuple[UpgradeFn, ...]] = {}
 
 
 def handler(kind: str) -> Callable[[F], F]:
@@ -48,7 +59,7 @@ def register(kind: str, fn: HandlerFn, *, replace: bool = False) -> None:
         current = _handlers.get(kind)
         if current is not None and current is not fn and not replace:
             raise HandlerAlreadyRegistered(
-                f"{kind} already has handler {_name(current)}; not registering {_name(fn)}"
+                f"{kind} already has handler {name_of(current)}; not registering {name_of(fn)}"
             )
         _handlers[kind] = fn
 
@@ -58,6 +69,41 @@ def get_handler(kind: str) -> HandlerFn | None:
     return _handlers.get(kind)
 
 
+def payload_upgrade(kind: str) -> Callable[[U], U]:
+    """Declare the decorated function an upgrade of ``kind``'s payloads: a worker calls it with
+    the payload as the message carries it (a dict of JSON values) and validates what it returns.
+
+    A kind's upgrades run in the order they were declared, each on the previous one's result,
+    before the unknown fields are dropped and the payload is validated. An upgrade recognises the
+    old shape it converts (a field's old name, a value's old type) and returns any other payload
+    unchanged: payloads carry no version, so it also sees payloads already in today's shape.
+    Declaring the same function again is harmless.
+    """
+    get_kind(kind)
+
+    def decorator(fn: U) -> U:
+        register_upgrade(kind, fn)
+        return fn
+
+    return decorator
+
+
+def register_upgrade(kind: str, fn: UpgradeFn) -> None:
+    """Declare ``fn`` an upgrade of ``kind``'s payloads (see :func:`payload_upgrade`)."""
+    get_kind(kind)
+    if not callable(fn):
+        raise TypeError(f"a payload upgrade of {kind} must be a function dict -> dict, not {fn!r}")
+    with _lock:
+        declared = _upgrades.get(kind, ())
+        if fn not in declared:
+            _upgrades[kind] = (*declared, fn)
+
+
+def get_upgrades(kind: str) -> tuple[UpgradeFn, ...]:
+    """``kind``'s payload upgrades, in the order they run."""
+    return _upgrades.get(kind, ())
+
+
 def missing_kinds() -> list[str]:
     """The kinds that have no handler yet."""
     return [kind for kind in KINDS if kind not in _handlers]
@@ -65,15 +111,19 @@ def missing_kinds() -> list[str]:
 
 @contextmanager
 def isolated_handlers() -> Iterator[dict[str, HandlerFn]]:
-    """Run a block that may change the registry, restoring it afterwards (for tests)."""
+    """Run a block that may change the registry (handlers and payload upgrades), restoring it
+    afterwards (for tests)."""
     with _lock:
         saved = dict(_handlers)
+        saved_upgrades = dict(_upgrades)
     try:
         yield _handlers
     finally:
         with _lock:
             _handlers.clear()
             _handlers.update(saved)
+            _upgrades.clear()
+            _upgrades.update(saved_upgrades)
 
 
 def unregister_all() -> None:
@@ -91,5 +141,6 @@ def import_handler_modules(modules: Iterable[str]) -> None:
             raise ConfigurationError(f"EPQ_HANDLERS: cannot import handler module {name!r}: {exc}") from exc
 
 
-def _name(fn: HandlerFn) -> str:
+def name_of(fn: Callable[..., Any]) -> str:
+    """A handler's or an upgrade's name as messages show it: ``module.qualname``."""
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"

@@ -162,7 +162,7 @@ def insert_one(
         _take_back(target, [plan])
         raise
     if holder is not None:
-        metrics.duplicates_refused(actor.actor_name)
+        metrics.duplicates_refused(target.state, actor.actor_name)
         raise DuplicateJob(actor.actor_name, holder_id(holder), holder=holder)
     return plan
 
@@ -232,10 +232,9 @@ def _insert_many(
         if fused is not None:
             fused.close()
     out = _results(target, plans, holders, results)
-    if metrics.instruments() is not None:
-        for plan, result in zip(plans, out, strict=True):
-            if result.unique_skipped_as_duplicate:
-                metrics.duplicates_refused(plan.actor.actor_name)
+    for plan, result in zip(plans, out, strict=True):
+        if result.unique_skipped_as_duplicate:
+            metrics.duplicates_refused(target.state, plan.actor.actor_name)
     return out
 
 

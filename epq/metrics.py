@@ -5,12 +5,13 @@ Two sources:
 
 - **store-side** (:class:`StoreCollector`): read from the state and record stores at each scrape,
   so any process can serve them and they mean the same on every broker: jobs per queue x
-  priority x state, the oldest waiting job's age, the schedule, dead jobs, uniqueness locks;
+  priority x state, the oldest waiting job's age, the schedule, dead jobs, uniqueness locks, and
+  the enqueues refused as duplicates (which every enqueuing process counts into the store);
 - **worker-side** (:class:`WorkerInstruments`): counted where things happen: jobs started and
-  their outcomes per kind, handler duration, enqueue-to-start latency, duplicates refused at
-  enqueue and duplicate starts. A Dramatiq worker with ``EPQ_METRICS_PORT`` keeps them in
-  ``prometheus_client``'s multiprocess mode (``dramatiq -p N`` forks) and serves ``/metrics`` for
-  all its processes (``epq.middleware.metrics``); ``epq metrics`` serves the store-side ones alone.
+  their outcomes per kind, handler duration, enqueue-to-start latency and duplicate starts. A
+  Dramatiq worker with ``EPQ_METRICS_PORT`` keeps them in ``prometheus_client``'s multiprocess
+  mode (``dramatiq -p N`` forks) and serves ``/metrics`` for all its processes
+  (``epq.middleware.metrics``); ``epq metrics`` serves the store-side ones alone.
 
 ``prometheus_client`` is loaded on first use (:data:`PROMETHEUS_CLIENT`, a named late import like
 ``epq.cli.COMMANDS``): only then does it read ``PROMETHEUS_MULTIPROC_DIR``, which a worker sets at
@@ -19,9 +20,11 @@ process boot; a process with metrics off never loads it. See the README for the 
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import contextlib
 import importlib
+import logging
 import math
 import os
 import re
@@ -65,6 +68,7 @@ LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 
 #: How often a worker process writes the jobs it counted (:class:`Recorder`), seconds.
 FLUSH_S = 0.5
 
+_log = logging.getLogger(__name__)
 _lock = threading.RLock()
 _client: Any = None
 
@@ -134,6 +138,14 @@ class StoreCollector:
             dead.add_metric([queue], count)
         yield dead
 
+        refused = core.CounterMetricFamily(
+            DUPLICATES_REFUSED, "Enqueues refused because another job held the unique key, per kind.",
+            labels=["kind"],
+        )  # fmt: skip
+        for kind, count in sorted(self.state.refused().items()):
+            refused.add_metric([kind], count)
+        yield refused
+
         locks = core.GaugeMetricFamily(UNIQUE_LOCKS, "Uniqueness locks held, per kind.", labels=["kind"])
         for kind, count in sorted(self.state.unique_locks().items()):
             locks.add_metric([kind], count)
@@ -189,12 +201,6 @@ class WorkerInstruments:
             "From when a job was due (enqueued, or its delay or backoff over) to its start, per kind.",
             ["kind"],
             buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.duplicates_refused = prom.Counter(
-            DUPLICATES_REFUSED,
-            "Enqueues refused because another job held the unique key, per kind.",
-            ["kind"],
             registry=registry,
         )
         self.duplicate_starts = prom.Counter(
@@ -367,17 +373,94 @@ def recorder() -> Recorder | None:
 
 
 def flush() -> None:
-    """Write what this process's worker counted so far (it does every ``FLUSH_S`` seconds)."""
+    """Write what this process counted so far (it does every ``FLUSH_S`` seconds): its worker's
+    jobs and the duplicates it refused."""
     found = _recorder
     if found is not None:
         found.flush()
+    _refusals.flush()
 
 
-def duplicates_refused(kind: str, count: int = 1) -> None:
-    """Count enqueues of ``kind`` refused as duplicates (nothing when metrics are off)."""
-    found = _instruments
-    if found is not None and count:
-        found.duplicates_refused.labels(kind).inc(count)
+# ---- duplicates refused: counted in the state store ------------------------------------------
+
+
+class _Refusals:
+    """Enqueues refused as duplicates, counted in the state store (``StateStore.add_refused``) so
+    that a scrape of any process sees every enqueuer's, the API servers' included. A refusal adds
+    to this process's tally; a timer thread, started by the first refusal of a window, writes it
+    ``FLUSH_S`` later in one round trip per store; :meth:`flush` writes at once (epq does before it
+    closes its stores, and at exit). A write that fails (the store unreachable) is kept for the
+    next window, up to ``KEEP_FAILED`` windows."""
+
+    #: How many windows a tally that cannot be written is kept before it is dropped (a minute).
+    KEEP_FAILED = 120
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tallies: dict[int, tuple[StateStore, dict[str, int], int]] = {}  # id(store) -> tally
+        self._timer: threading.Timer | None = None
+        atexit.register(self.flush)
+        os.register_at_fork(after_in_child=self._forget)  # (the parent writes what it counted)
+
+    def add(self, state: StateStore, kind: str, count: int) -> None:
+        with self._lock:
+            _store, tally, failures = self._tallies.get(id(state), (state, {}, 0))
+            tally[kind] = tally.get(kind, 0) + count
+            self._tallies[id(state)] = (state, tally, failures)
+            self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is None:
+            self._timer = threading.Timer(FLUSH_S, self._on_timer)
+            self._timer.name = "epq-refusals"
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            self._timer = None
+        self.flush()
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._tallies = {}
+        self._timer = None
+
+    def flush(self, state: StateStore | None = None) -> None:
+        """Write the tallies (of ``state`` alone, when given)."""
+        with self._lock:
+            taken = {k: v for k, v in self._tallies.items() if state is None or v[0] is state}
+            for key in taken:
+                del self._tallies[key]
+        for key, (store, tally, failures) in taken.items():
+            try:
+                store.add_refused(tally)
+            except Exception as exc:  # the store unreachable, say: kept for the next window
+                with self._lock:
+                    _store, newer, _failures = self._tallies.get(key, (store, {}, 0))
+                    for kind, count in newer.items():
+                        tally[kind] = tally.get(kind, 0) + count
+                    if failures + 1 < self.KEEP_FAILED:
+                        self._tallies[key] = (store, tally, failures + 1)
+                        self._arm()
+                    else:
+                        _log.warning("dropped a count of refused duplicates that could not be "
+                                     "written to the state store: %s", exc)  # fmt: skip
+
+
+_refusals = _Refusals()
+
+
+def duplicates_refused(state: StateStore, kind: str, count: int = 1) -> None:
+    """Count ``count`` enqueues of ``kind`` refused as duplicates, in ``state`` (within
+    ``FLUSH_S``; metrics on or off: the count is the deployment's, served by whoever scrapes)."""
+    if count:
+        _refusals.add(state, kind, count)
+
+
+def flush_refusals(state: StateStore | None = None) -> None:
+    """Write the refused duplicates this process counted (in ``state`` alone, when given)."""
+    _refusals.flush(state)
 
 
 # ---- multiprocess mode --------------------------------------------------------------------------

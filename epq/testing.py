@@ -7,14 +7,17 @@ Installed with epq and loaded by pytest automatically (entry point ``pytest11``)
 - ``epq_worker``: a started ``dramatiq.Worker`` on that broker, stopped after the test;
 - ``epq_handlers``: the handler registry for the test: the application's handlers stay, and
   ``register(kind, fn)`` or ``record(kind)`` (which captures the requests a kind's handler
-  receives) replace one kind's handler until the test ends;
+  receives) replace one kind's handler until the test ends; payload upgrades declared during the
+  test (``@epq.payload_upgrade``) are forgotten when it ends;
 - ``epq_clock``: a :class:`~epq.backends.memory.FakeClock` driving the stub's state store, so uniqueness
   windows can be crossed with ``epq_clock.advance(seconds)`` instead of sleeping (periodic jobs
   tick by it too);
 - ``epq_periodic``: :func:`epq.periodic` for the test: the periodic jobs it declares are
   forgotten when the test ends;
 - :func:`drain`: enqueue the periodic jobs' ticks that are due, wait until every queue is empty
-  and the worker is idle, and fail if a handler failed and its job did not succeed since.
+  and the worker is idle, and fail if a handler failed and its job did not succeed since;
+- :func:`worker_request`: the request a worker's handler would receive for a payload (upgraded,
+  unknown fields dropped, validated), to test payload upgrades without a broker.
 
     def test_indexing(epq_broker, epq_worker, epq_handlers):
         received = epq_handlers.record("index_endpoint")
@@ -55,7 +58,10 @@ from . import _runtime, handlers, periodic_jobs
 from .backends.base import Backend, backend_of, served_queues
 from .backends.memory import EpqStubBroker, FakeClock, MemoryStateStore
 from .controls import Snooze
+from .kinds import get_kind
 from .middleware.common import find_middleware
+from .models import _Request
+from .payloads import to_request
 from .schedule import promote_due
 from .settings import reset_settings
 
@@ -75,6 +81,7 @@ __all__ = [
     "messages",
     "reset",
     "watch_failures",
+    "worker_request",
 ]
 
 
@@ -120,6 +127,26 @@ def backend(broker: dramatiq.Broker | None = None) -> Backend:
     if found is None:
         raise LookupError(f"not a broker epq built: {target!r}")
     return found
+
+
+def worker_request(kind: str, payload: dict[str, Any], *, strict: bool = False) -> _Request:
+    """The request a worker's handler receives for a message of ``kind`` carrying ``payload``:
+    through the kind's payload upgrades, without the fields its model does not know (unless
+    ``strict``, as for a kind in ``EPQ_STRICT_PAYLOAD_KINDS``), validated.
+
+        @epq.payload_upgrade("register_job")
+        def metadata_was_meta(payload): ...
+
+        def test_old_payloads_are_upgraded():
+            request = worker_request("register_job", {**today, "meta": {"v": 1}})
+            assert request.job_metadata == {"v": 1}
+            assert worker_request("register_job", today) == epq.RegisterJobRequest(**today)
+
+    Raises:
+      PayloadUpgradeFailed: an upgrade raised or returned no dict (the worker dead-letters it).
+      InvalidPayload: the payload does not validate (likewise).
+    """
+    return to_request(get_kind(kind), payload, strict=strict)
 
 
 class HandlerFailures(dramatiq.Middleware):

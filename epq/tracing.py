@@ -72,6 +72,11 @@ class Tracing(dramatiq.Middleware):
             self._configured = not isinstance(self._trace.get_tracer_provider(), proxy)
         return self._configured
 
+    def epq_idle(self) -> bool:
+        """Whether enqueues can skip this middleware for now (no tracer provider yet: see
+        ``DurableDelays.foreign_hooks``)."""
+        return not self.configured()
+
     @staticmethod
     def _attributes(message: Any, operation: str) -> dict[str, Any]:
         return {

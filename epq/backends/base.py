@@ -133,6 +133,13 @@ class StateStore(Protocol):
     def unique_locks(self) -> dict[str, int]:
         """Uniqueness locks held, per kind. Scans the store: for a scrape, not for hot paths."""
 
+    def add_refused(self, counts: Mapping[str, int]) -> None:
+        """Add to the count of enqueues refused as duplicates, per kind (``epq.metrics`` writes
+        each process's refusals here, so that any process can serve the deployment's total)."""
+
+    def refused(self) -> dict[str, int]:
+        """Enqueues refused as duplicates since the store began, per kind."""
+
     def periodic_states(self, names: Sequence[str]) -> list[dict[str, str]]:
         """The state of each periodic job's schedule (``epq.periodic_jobs``), in one round trip:
         ``since`` (when a ticker first saw it), ``tick`` (the last tick noted), ``job`` (its job
@@ -404,8 +411,9 @@ class DurableDelays:
     def foreign_hooks(self, name: str) -> list[dramatiq.Middleware]:
         """The broker's middleware whose ``name`` hook is not Dramatiq's no-op (one set on the
         instance counts), but for epq's own middleware that an insert stands in for
-        (``epq_skips_planned``): an insert skips emitting a signal nobody else listens to.
-        Found again whenever the broker's middleware change."""
+        (``epq_skips_planned``) and those idle for now (an ``epq_idle()`` that says so, such as
+        tracing before a tracer provider is set): an insert skips emitting a signal nobody else
+        listens to. Found again whenever the broker's middleware change."""
         broker: Any = self
         middleware = tuple(broker.middleware)
         if self._hooks_seen is None or self._hooks_seen[0] != middleware:
@@ -420,6 +428,8 @@ class DurableDelays:
                 if getattr(getattr(m, name), "__func__", getattr(m, name)) is not base
                 and not getattr(m, "epq_skips_planned", False)
             ]
+        if any(hasattr(m, "epq_idle") for m in found):
+            return [m for m in found if not (hasattr(m, "epq_idle") and m.epq_idle())]
         return found
 
     def enqueue_planned(

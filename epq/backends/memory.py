@@ -67,6 +67,7 @@ class MemoryStateStore:
         self._due: list[tuple[int, str]] = []  # heap of (due ms, entry id)
         self._data: dict[str, bytes] = {}
         self._claimed: dict[str, int] = {}  # entry id -> lease end (ms)
+        self._refused: dict[str, int] = {}
         self._periodic: dict[str, tuple[dict[str, str], float]] = {}  # name -> (state, expires at, s)
 
     def schedule_add(self, data: bytes, due_ms: int, *, entry: str | None = None) -> str:
@@ -128,6 +129,15 @@ class MemoryStateStore:
                 if key.startswith(UNIQUE_PREFIX) and self._live(key) is not None:
                     out[lock_kind(key)] = out.get(lock_kind(key), 0) + 1
         return out
+
+    def add_refused(self, counts: Mapping[str, int]) -> None:
+        with self._lock:
+            for kind, count in counts.items():
+                self._refused[kind] = self._refused.get(kind, 0) + count
+
+    def refused(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._refused)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)

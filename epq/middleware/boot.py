@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import dramatiq
 
-from ..handlers import import_handler_modules, missing_kinds
+from ..handlers import get_upgrades, import_handler_modules, missing_kinds, name_of
+from ..kinds import KINDS
 from ..outage import worker_booting, worker_stopping
 
 logger = logging.getLogger("epq")
@@ -33,6 +34,12 @@ class EpqMiddleware(dramatiq.Middleware):
                 "Register handlers with @epq.handler(kind) in a module named in EPQ_HANDLERS.",
                 ", ".join(missing),
             )
+        for kind in KINDS:
+            upgrades = get_upgrades(kind)
+            if upgrades:
+                logger.info(
+                    "%s payloads are upgraded by %s, in this order", kind, ", ".join(map(name_of, upgrades))
+                )
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         worker_stopping()  # threads waiting for the state store give their messages back

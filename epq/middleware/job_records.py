@@ -236,7 +236,7 @@ class JobRecords(dramatiq.Middleware):
         if current is not None:
             message.options.pop(UNIQUE_KEY, None)
             message.options.pop(RECORDED, None)
-            metrics.duplicates_refused(message.actor_name)
+            metrics.duplicates_refused(self.store, message.actor_name)
             raise DuplicateJob(message.actor_name, holder_id(current), holder=current)
 
     def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:

@@ -170,7 +170,7 @@ class Uniqueness(dramatiq.Middleware):
         with state_errors("taking a uniqueness lock"):
             current = self.store.acquire_unique(key, holder, lock_ttl)
         if current is not None:
-            metrics.duplicates_refused(message.actor_name)
+            metrics.duplicates_refused(self.store, message.actor_name)
             raise DuplicateJob(message.actor_name, holder_id(current), holder=current)
         message.options[UNIQUE_KEY] = key
 

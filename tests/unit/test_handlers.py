@@ -34,7 +34,7 @@ def test_unknown_kind_is_refused() -> None:
         epq.handler("register_jobs")
 
 
-def test_worker_boot_imports_epq_handlers_and_warns_about_missing_kinds(
+def test_worker_boot_imports_epq_handlers_warns_about_missing_kinds_and_names_upgrades(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     epq_handlers: HandlerRegistry,
@@ -47,22 +47,27 @@ def test_worker_boot_imports_epq_handlers_and_warns_about_missing_kinds(
         @epq.handler("index_endpoint")
         def index(request):
             pass
+        @epq.payload_upgrade("index_endpoint")
+        def reason_was_why(payload):
+            return payload
     """)
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("EPQ_HANDLERS", "app_handlers_boot")
     broker = install("stub://")
     # When a worker boots
-    with caplog.at_level(logging.WARNING, logger="epq"):
+    with caplog.at_level(logging.INFO, logger="epq"):
         worker = dramatiq.Worker(broker, worker_timeout=50)
         worker.start()
         worker.stop()
     sys.modules.pop("app_handlers_boot", None)
-    # Then the module was imported and the kinds without handlers were named
+    # Then the module was imported, the kinds without handlers were named, and so were upgrades
     assert handlers.get_handler("index_endpoint") is not None
-    warning = " ".join(r.getMessage() for r in caplog.records)
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "register_job" in warning
     assert "index_endpoint" not in warning.split("No handler registered for")[1].split(":")[0]
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert "index_endpoint payloads are upgraded by app_handlers_boot.reason_was_why, in this order" in info
 
 
 def test_a_handler_module_that_cannot_be_imported_is_a_clear_error() -> None:

@@ -18,11 +18,11 @@ EXPECTED = {
     "EnqueueIndexEndpointRequest", "EpqError", "EpqSettings", "HandlerAlreadyRegistered", "HandlerError",
     "HandlerNotFound", "InvalidPayload", "InvalidRequest", "JobInsertResult", "JobNotFound", "JobPriority",
     "JobQueue",
-    "JobRecord", "JobState", "QueueService", "RegisterDynamicScheduleRequest",
+    "JobRecord", "JobState", "PayloadUpgradeFailed", "QueueService", "RegisterDynamicScheduleRequest",
     "RegisterDynamicTriggerRequest", "RegisterJobRequest", "RegisterSourceRequest", "Snooze",
     "StateUnavailable",
     "__version__",
-    "handler", "periodic", "setup",
+    "handler", "payload_upgrade", "periodic", "setup",
 }  # fmt: skip
 
 
@@ -50,6 +50,7 @@ def test_error_tree() -> None:
     assert issubclass(epq.DuplicateJob, epq.EpqError)
     for name in ("ConfigurationError", "BrokerUnavailable", "HandlerNotFound", "InvalidPayload"):
         assert issubclass(getattr(epq, name), epq.EpqError)
+    assert issubclass(epq.PayloadUpgradeFailed, epq.InvalidPayload)  # dead-lettered as one
 
 
 def test_importing_epq_connects_to_nothing() -> None:

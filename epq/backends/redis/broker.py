@@ -121,7 +121,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
                 record = records.new_record(self, message, None)
             holder = self.insert_recorded(message, record, None)
             if holder is not None:
-                metrics.duplicates_refused(message.actor_name)
+                metrics.duplicates_refused(records.store, message.actor_name)
                 raise DuplicateJob(message.actor_name, holder_id(holder), holder=holder)
             return message
         self.emit_before("enqueue", message, None)

@@ -20,6 +20,8 @@ STATS = KEY_PREFIX + "stats"
 DEAD = KEY_PREFIX + "dead"
 #: Completed jobs by finalization time (ms): the newest ``completed_max`` of them keep a record.
 DONE = KEY_PREFIX + "done"
+#: Enqueues refused as duplicates, per kind (a hash: kind -> count).
+REFUSED = STATS + ":refused"
 #: A periodic job's schedule: its state (a hash: since, tick, job, at).
 PERIODIC_PREFIX = KEY_PREFIX + "periodic:"
 #: Each bulk enqueue script call leaves its reply under a token key of its own.

@@ -134,6 +134,15 @@ class RedisStateStore:
             out[kind] = out.get(kind, 0) + 1
         return out
 
+    def add_refused(self, counts: Mapping[str, int]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for kind, count in counts.items():
+            pipe.hincrby(keys.REFUSED, kind, count)
+        pipe.execute()
+
+    def refused(self) -> dict[str, int]:
+        return {kind.decode(): int(count) for kind, count in self.client.hgetall(keys.REFUSED).items()}
+
     def acquire_unique(self, key: str, holder: str, ttl_ms: int) -> str | None:
         return _text(self._lua["lock_acquire"](keys=[key], args=[holder, max(1, int(ttl_ms))]))
 
