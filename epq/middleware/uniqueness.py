@@ -57,6 +57,14 @@ def _flat_canonical(unique_by: Sequence[str], kwargs: dict[str, Any]) -> str | N
 _TICK_FIELDS = (PERIODIC,)
 
 
+def count_refused(store: StateStore, message: dramatiq.Message[Any]) -> None:
+    """Count ``message``'s enqueue, refused as a duplicate, in ``epq_duplicates_refused_total``;
+    but for a periodic job's tick (``PERIODIC``) that another worker enqueued first: that is how a
+    tick goes once, not a duplicate the application sent."""
+    if PERIODIC not in message.options:
+        metrics.duplicates_refused(store, message.actor_name)
+
+
 class Uniqueness(dramatiq.Middleware):
     """Uniqueness windows: one job per kind and unique key inside the window.
 
@@ -170,7 +178,7 @@ class Uniqueness(dramatiq.Middleware):
         with state_errors("taking a uniqueness lock"):
             current = self.store.acquire_unique(key, holder, lock_ttl)
         if current is not None:
-            metrics.duplicates_refused(self.store, message.actor_name)
+            count_refused(self.store, message)
             raise DuplicateJob(message.actor_name, holder_id(current), holder=current)
         message.options[UNIQUE_KEY] = key
 

@@ -20,6 +20,7 @@ import dramatiq
 import pytest
 
 import epq
+from epq import metrics
 from epq.backends.memory import FakeClock
 from epq.middleware.common import find_middleware
 from epq.periodic_jobs import PeriodicJob, Tick, Ticking, Ticks, define, enqueue_tick, status
@@ -88,12 +89,21 @@ def test_each_tick_is_enqueued_once_however_many_tickers_try_it(broker: dramatiq
     # and the schedule's state notes the last one
     state = backend(broker).state.periodic_states([job.name])[0]
     assert (int(state["tick"]), state["job"]) == (ticks[-1], next(iter(by_tick[ticks[-1]])))
+    # and the tickers refused were not counted as duplicates the application sent
+    metrics.flush_refusals()
+    assert backend(broker).state.refused() == {}
 
 
-def test_an_actor_of_the_applications_ticks_once_too(broker: dramatiq.Broker) -> None:
-    # Given a maintenance task of the application's, a plain Dramatiq actor, ticking every second
+@pytest.mark.parametrize("options", [{}, {"max_attempts": 3}], ids=["plain", "recorded"])
+def test_an_actor_of_the_applications_ticks_once_too(
+    broker: dramatiq.Broker, options: dict[str, Any]
+) -> None:
+    # Given a maintenance task of the application's, a Dramatiq actor (with max_attempts, epq
+    # keeps its jobs' records: its lock is taken with the record), ticking every second
     name = f"purge_{uuid.uuid4().hex[:8]}"
-    purge = dramatiq.actor(lambda days: None, broker=broker, actor_name=name, queue_name="maintenance")
+    purge = dramatiq.actor(
+        lambda days: None, broker=broker, actor_name=name, queue_name="maintenance", **options
+    )
     job = define("purge", purge, every=1, request={"days": 30})
     seen_since(broker, job, 3.5)
     # When 3 tickers try its due ticks
@@ -103,6 +113,10 @@ def test_an_actor_of_the_applications_ticks_once_too(broker: dramatiq.Broker) ->
     assert 3 <= len(ticks) <= 4
     assert sum(tick.enqueued for ticks in passes for tick in ticks) == len(ticks)
     assert message_count(broker, "maintenance") == len(ticks)
+    recorded = [epq.QueueService(broker).get_job(t.job_id) for ticks in passes for t in ticks if t.enqueued]
+    assert all((record is not None) == bool(options) for record in recorded)
+    metrics.flush_refusals()
+    assert backend(broker).state.refused() == {}
 
 
 def test_a_restarted_ticker_goes_on_from_the_last_tick_noted(broker: dramatiq.Broker) -> None:
