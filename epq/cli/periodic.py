@@ -42,11 +42,11 @@ def run(args: argparse.Namespace, extra: Sequence[str], parser: argparse.Argumen
     ticking = find_middleware(broker, Ticking)
     rows = status(broker, ticking) if ticking is not None else []
     svc = QueueService(broker)
-    states = {}
+    states = {}  # the last job's state, when it has a record (an application's actor may keep none)
     for row in rows:
-        if row.last_job_id:
-            record = svc.get_job(row.last_job_id)
-            states[row.name] = record.state.value if record is not None else "expired"
+        record = svc.get_job(row.last_job_id) if row.last_job_id else None
+        if record is not None:
+            states[row.name] = record.state.value
     if args.json:
         print(json.dumps([_as_json(row, states.get(row.name)) for row in rows], indent=2))
         return 0
