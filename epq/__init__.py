@@ -45,6 +45,7 @@ _LAZY = {
     **dict.fromkeys(("handler", "payload_upgrade"), ".handlers"),
     "periodic": ".periodic_jobs",
     **dict.fromkeys(("Discard", "Snooze"), ".controls"),
+    **dict.fromkeys(("JobCancelled", "cancel_requested"), ".cancellation"),
     **dict.fromkeys(
         (
             "AttemptError",
@@ -81,6 +82,7 @@ __all__ = [
     "HandlerNotFound",
     "InvalidPayload",
     "InvalidRequest",
+    "JobCancelled",
     "JobInsertResult",
     "JobNotFound",
     "JobPriority",
@@ -96,6 +98,7 @@ __all__ = [
     "Snooze",
     "StateUnavailable",
     "__version__",
+    "cancel_requested",
     "handler",
     "payload_upgrade",
     "periodic",
@@ -125,6 +128,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see: the names as if imported here
     from . import actors as actors
     from ._runtime import setup
+    from .cancellation import JobCancelled, cancel_requested
     from .controls import Discard, Snooze
     from .errors import (
         BrokerUnavailable,

@@ -13,6 +13,7 @@ from . import metrics
 from ._actor import EpqActor
 from .backends.base import RecordStore, StateStore
 from .backends.factory import build_backend
+from .cancellation import Cancellation
 from .kinds import KINDS
 from .logs import JobLogContext
 from .middleware.boot import EpqMiddleware
@@ -86,6 +87,7 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
         middleware=build_middleware(settings),
         completed_max=settings.completed_max,
         dead_max=settings.dead_max,
+        queue_concurrency=settings.queue_budgets,
     )
     broker.add_middleware(Uniqueness(state))
     broker.add_middleware(
@@ -97,6 +99,7 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
         )
     )
     broker.add_middleware(Scheduling(state))
+    broker.add_middleware(Cancellation(state))  # (after JobRecords: it watches jobs once started)
     broker.add_middleware(Ticking(state, settings.periodic_jobs))
     _observe(broker, settings, state, records)
     for queue in settings.queues:

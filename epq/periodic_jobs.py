@@ -20,7 +20,7 @@ so that a ticker that comes later (a restarted worker) starts after it:
   first; ``@hourly`` and the like) ticks in UTC or in the job's ``timezone``, with Debian
   cron's rules at DST changes (the ``cronsim`` package).
 - **Restarts.** A worker that stops or is killed leaves the ticks to the others; one that starts
-  goes on from the last tick noted. A tick is not enqueued twice (decision 56 in
+  goes on from the last tick noted. A tick is not enqueued twice (decision 58 in
   ``docs/decisions.md`` says the one narrow race that could), and none is skipped while any
   worker runs.
 - **Missed ticks.** While no worker runs, nothing is enqueued. When one starts again, the ticks

@@ -57,6 +57,7 @@ from . import _messages as messages
 from . import _runtime, handlers, periodic_jobs
 from .backends.base import Backend, backend_of, served_queues
 from .backends.memory import EpqStubBroker, FakeClock, MemoryStateStore
+from .cancellation import JobCancelled
 from .controls import Snooze
 from .kinds import get_kind
 from .middleware.common import find_middleware
@@ -158,7 +159,8 @@ class HandlerFailures(dramatiq.Middleware):
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: Any = None
     ) -> None:
-        if exception is None or isinstance(exception, Snooze):  # (a snooze is not a failure)
+        # (a snooze is not a failure, nor an interruption by cancel_job)
+        if exception is None or isinstance(exception, (Snooze, JobCancelled)):
             self.failed.pop(message.message_id, None)
         else:
             self.failed[message.message_id] = exception
@@ -186,10 +188,11 @@ def drain(
     The ticks of periodic jobs that are due (by the state store's clock, which ``epq_clock`` may
     stop and move) are enqueued first, as a worker's ticker would. Jobs scheduled for later (by
     that clock) are left in the schedule. With ``fail_fast`` (the default), a handler that raised
-    fails the test that drains it: when the drain ends, the exception of a job that failed and
-    has not succeeded since (dead-lettered, or waiting for a retry) is raised here, as
-    Dramatiq's ``StubBroker.join`` raises a dead-lettered message's. Pass ``fail_fast=False`` to
-    test failures and retries themselves.
+    (but for ``epq.Snooze`` and an ``epq.JobCancelled`` interruption) fails the test that drains
+    it: when the drain ends, the exception of a job that failed and has not succeeded since
+    (dead-lettered, or waiting for a retry) is raised here, as Dramatiq's ``StubBroker.join``
+    raises a dead-lettered message's. Pass ``fail_fast=False`` to test failures and retries
+    themselves.
     """
     failures = watch_failures(broker)
     try:

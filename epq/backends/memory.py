@@ -68,6 +68,7 @@ class MemoryStateStore:
         self._data: dict[str, bytes] = {}
         self._claimed: dict[str, int] = {}  # entry id -> lease end (ms)
         self._refused: dict[str, int] = {}
+        self._cancels: dict[str, float] = {}  # job id -> when its cancel request expires (seconds)
         self._periodic: dict[str, tuple[dict[str, str], float]] = {}  # name -> (state, expires at, s)
 
     def schedule_add(self, data: bytes, due_ms: int, *, entry: str | None = None) -> str:
@@ -201,6 +202,21 @@ class MemoryStateStore:
     def get_unique(self, key: str) -> str | None:
         with self._lock:
             return self._live(key)
+
+    def request_cancel(self, job_id: str, ttl_ms: int) -> None:
+        with self._lock:
+            self._cancels[job_id] = self.clock() + max(1, int(ttl_ms)) / 1000
+
+    def cancel_requests(self, job_ids: Sequence[str]) -> list[str]:
+        with self._lock:
+            now = self.clock()
+            for job_id in [j for j, expires in self._cancels.items() if expires <= now]:
+                del self._cancels[job_id]
+            return [job_id for job_id in job_ids if job_id in self._cancels]
+
+    def forget_cancel(self, job_id: str) -> None:
+        with self._lock:
+            self._cancels.pop(job_id, None)
 
     def ttl_ms(self, key: str) -> int | None:
         """Milliseconds left on ``key`` (None when absent); for tests."""
@@ -483,7 +499,7 @@ class EpqStubBroker(DurableDelays, StubBroker):
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 100) -> EpqStubConsumer:
         if queue_name not in self.queues:
             raise QueueNotFound(queue_name)  # type: ignore[no-untyped-call]
-        return EpqStubConsumer(self, queue_name, prefetch, timeout)
+        return EpqStubConsumer(self, queue_name, self.prefetch_for(queue_name, prefetch), timeout)
 
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
         if delay and delay > 0 and self.epq_store is not None:

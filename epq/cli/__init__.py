@@ -84,7 +84,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Runs `dramatiq epq.actors HANDLER_MODULES...`; anything after -- goes to dramatiq.",
     )
     worker.add_argument("--processes", "-p", type=int, help="worker processes (dramatiq's default: CPUs)")
-    worker.add_argument("--threads", "-t", type=int, help="threads per process (dramatiq's default: 8)")
+    worker.add_argument(
+        "--threads", "-t", type=int,
+        help="threads per process (default: the sum of the served queues' EPQ_QUEUE_CONCURRENCY budgets)",
+    )  # fmt: skip
     worker.add_argument("--queues", "-Q", nargs="+", metavar="QUEUE", help="serve only these queues")
     worker.add_argument(
         "--handlers", metavar="MODULES",
@@ -131,7 +134,8 @@ def _parser() -> argparse.ArgumentParser:
 
     jobs = sub.add_parser("jobs", help="look at or cancel one job")
     jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
-    for name, text in (("show", "show a job's record"), ("cancel", "cancel a job that has not started")):
+    actions = (("show", "show a job's record"), ("cancel", "cancel a job (its worker stops a running one)"))
+    for name, text in actions:
         action = jobs_sub.add_parser(name, help=text)
         action.add_argument("job_id", metavar="ID", help=_ID_HELP)
         action.add_argument("--json", action="store_true", help="print JSON")

@@ -312,6 +312,14 @@ class JobRecords(dramatiq.Middleware):
         ttl = OPEN_RECORD_TTL_MS + max(0, due_ms - self.store.now_ms())
         self.records.move(message.message_id, "scheduled", _leaving(message, fields), ttl, ("running",))
 
+    def cancelled(self, message: Any) -> str | None:
+        """Record a job cancelled while it ran (``epq.cancellation``): ``cancelled`` from
+        ``running``, or from the retry or snooze just recorded for its run; kept as a cancelled job
+        that never ran is. Returns the state before."""
+        fields = _leaving(message, {"finalized_at": str(self.store.now_ms())})
+        allowed = ("running", *NOT_STARTED)
+        return self.records.move(message.message_id, "cancelled", fields, self.completed_ttl_ms, allowed)
+
     def record_malformed(self, queue_name: str, error: MalformedMessage) -> str:
         """Record a message refused off the wire as a discarded job with the reason; return the
         record's id (the message's own when it has a usable one and a record of it exists or

@@ -169,6 +169,33 @@ def test_now_ms_is_the_time_in_milliseconds_since_the_epoch(stores: Stores) -> N
     assert time.time() * 1000 - 60_000 < now <= time.time() * 1000 + 1
 
 
+# ---- the state store: requests to cancel running jobs ------------------------------------
+
+
+def test_cancel_requests_names_the_jobs_with_a_request_in_one_call(stores: Stores) -> None:
+    assert stores.state.cancel_requests([]) == []
+    assert stores.state.cancel_requests(["job-1", "job-2"]) == []
+    stores.state.request_cancel("job-2", TTL_MS)
+    stores.state.request_cancel("job-3", TTL_MS)
+    assert stores.state.cancel_requests(["job-1", "job-2", "job-3"]) == ["job-2", "job-3"]
+    stores.state.request_cancel("job-2", TTL_MS)  # (asked again: still one request)
+    assert stores.state.cancel_requests(["job-3", "job-2"]) == ["job-3", "job-2"]
+
+
+def test_a_cancel_request_is_forgotten_or_expires_after_its_ttl(stores: Stores) -> None:
+    stores.state.request_cancel("job-1", TTL_MS)
+    stores.state.request_cancel("job-2", TTL_MS)
+    stores.state.forget_cancel("job-1")
+    stores.state.forget_cancel("job-9")  # (none: harmless)
+    assert stores.state.cancel_requests(["job-1", "job-2"]) == ["job-2"]
+    stores.advance(TTL_MS / 1000 - 1)
+    assert stores.state.cancel_requests(["job-2"]) == ["job-2"]
+    stores.advance(2)
+    assert stores.state.cancel_requests(["job-2"]) == []
+    # and a request is not a lock: the locks are untouched
+    assert stores.state.unique_locks() == {}
+
+
 # ---- the state store: the schedule ---------------------------------------------------------
 
 

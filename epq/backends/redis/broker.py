@@ -273,7 +273,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
         idle_poll = DELAY_QUEUE_POLL_MS if queue_name.endswith(".DQ") else IDLE_POLL_MS
-        return super().consume(queue_name, prefetch, min(timeout, idle_poll))
+        return super().consume(queue_name, self.prefetch_for(queue_name, prefetch), min(timeout, idle_poll))
 
     def fetch_lanes(self, queue_name: str, count: int) -> list[tuple[str, bytes]]:
         """Take up to ``count`` messages of ``queue_name`` for this worker, highest priority

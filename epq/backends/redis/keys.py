@@ -26,6 +26,8 @@ REFUSED = STATS + ":refused"
 PERIODIC_PREFIX = KEY_PREFIX + "periodic:"
 #: Each bulk enqueue script call leaves its reply under a token key of its own.
 BULK_TOKEN_PREFIX = KEY_PREFIX + "bulk:"
+#: A request to cancel a running job (a string with a TTL per job: ``epq.cancellation``).
+CANCEL_PREFIX = KEY_PREFIX + "cancel:"
 
 
 def job(job_id: str) -> str:
@@ -48,6 +50,11 @@ def waiting(queue_name: str, priority: int) -> str:
     """The index of a queue and priority's available jobs by when they became due (the scripts
     make it from ``STATS`` too: ``lua/lib/counter.lua``)."""
     return f"{STATS}:waiting:{queue_name}|{priority}"
+
+
+def cancel_request(job_id: str) -> str:
+    """The request to cancel running job ``job_id`` (its value: when it was asked for, in ms)."""
+    return CANCEL_PREFIX + job_id
 
 
 def periodic(name: str) -> str:

@@ -143,6 +143,18 @@ class RedisStateStore:
     def refused(self) -> dict[str, int]:
         return {kind.decode(): int(count) for kind, count in self.client.hgetall(keys.REFUSED).items()}
 
+    def request_cancel(self, job_id: str, ttl_ms: int) -> None:
+        self.client.set(keys.cancel_request(job_id), self.now_ms(), px=max(1, int(ttl_ms)))
+
+    def cancel_requests(self, job_ids: Sequence[str]) -> list[str]:
+        if not job_ids:
+            return []
+        found = self.client.mget([keys.cancel_request(job_id) for job_id in job_ids])
+        return [job_id for job_id, value in zip(job_ids, found, strict=True) if value is not None]
+
+    def forget_cancel(self, job_id: str) -> None:
+        self.client.delete(keys.cancel_request(job_id))
+
     def acquire_unique(self, key: str, holder: str, ttl_ms: int) -> str | None:
         return _text(self._lua["lock_acquire"](keys=[key], args=[holder, max(1, int(ttl_ms))]))
 
