@@ -43,6 +43,7 @@ _LAZY = {
         ".errors",
     ),
     **dict.fromkeys(("handler", "payload_upgrade"), ".handlers"),
+    "periodic": ".periodic_jobs",
     **dict.fromkeys(("Discard", "Snooze"), ".controls"),
     **dict.fromkeys(("JobCancelled", "cancel_requested"), ".cancellation"),
     **dict.fromkeys(
@@ -100,6 +101,7 @@ __all__ = [
     "cancel_requested",
     "handler",
     "payload_upgrade",
+    "periodic",
     "setup",
 ]
 
@@ -157,5 +159,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names as if imported h
         RegisterJobRequest,
         RegisterSourceRequest,
     )
+    from .periodic_jobs import periodic
     from .service import QueueService
     from .settings import EpqSettings

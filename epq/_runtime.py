@@ -22,6 +22,7 @@ from .middleware.job_records import JobRecords
 from .middleware.metrics import Metrics
 from .middleware.retries import EpqRetries
 from .middleware.uniqueness import Uniqueness
+from .periodic_jobs import Ticking
 from .priority import Priority
 from .schedule import Scheduling
 from .settings import EpqSettings, default_state_dir, get_settings
@@ -99,6 +100,7 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
     )
     broker.add_middleware(Scheduling(state))
     broker.add_middleware(Cancellation(state))  # (after JobRecords: it watches jobs once started)
+    broker.add_middleware(Ticking(state, settings.periodic_jobs))
     _observe(broker, settings, state, records)
     for queue in settings.queues:
         broker.declare_queue(queue)

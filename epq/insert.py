@@ -65,7 +65,7 @@ from .errors import (
     describe_error,
 )
 from .middleware.common import find_middleware
-from .middleware.uniqueness import Uniqueness
+from .middleware.uniqueness import Uniqueness, count_refused
 from .models import JobInsertResult, JobPriority, JobRecord, JobState, _Request
 from .options import PRIORITY, RECORDED, UNIQUE_KEY
 from .outage import state_errors
@@ -162,7 +162,7 @@ def insert_one(
         _take_back(target, [plan])
         raise
     if holder is not None:
-        metrics.duplicates_refused(target.state, actor.actor_name)
+        count_refused(target.state, plan.message)
         raise DuplicateJob(actor.actor_name, holder_id(holder), holder=holder)
     return plan
 

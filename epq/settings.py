@@ -10,7 +10,7 @@ import os
 import threading
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -19,6 +19,7 @@ from .concurrency import queue_budgets
 from .errors import ConfigurationError
 from .kinds import KINDS
 from .models import JobQueue
+from .periodic_jobs import PeriodicJob, from_settings
 from .records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX
 
 CommaList = Annotated[list[str], NoDecode]
@@ -72,6 +73,9 @@ class EpqSettings(BaseSettings):
       metrics_store: a worker's ``/metrics`` includes the store-side metrics too.
       tracing: OpenTelemetry spans around enqueue and handler (``epq.tracing``); unset: on when
         OpenTelemetry is installed.
+      periodic: periodic jobs, a JSON object of name -> ``{"kind", "every" | "cron", "timezone",
+        "request"}`` (``epq.periodic_jobs``); they take the place of jobs of the same name
+        declared in code (``periodic_jobs`` has them as ``PeriodicJob``).
     """
 
     model_config = SettingsConfigDict(env_prefix="EPQ_", extra="ignore")
@@ -95,6 +99,7 @@ class EpqSettings(BaseSettings):
     metrics_host: str = "0.0.0.0"
     metrics_store: bool = True
     tracing: bool | None = None
+    periodic: Annotated[dict[str, Any], NoDecode] = Field(default_factory=dict)
 
     @property
     def metrics_on(self) -> bool:
@@ -105,6 +110,16 @@ class EpqSettings(BaseSettings):
     def queue_budgets(self) -> dict[str, int]:
         """The budget of every queue in :attr:`queues` (see :attr:`queue_concurrency`)."""
         return queue_budgets(self.queues, self.queue_concurrency)
+
+    @property
+    def periodic_jobs(self) -> dict[str, PeriodicJob]:
+        """The periodic jobs of ``EPQ_PERIODIC``, by name."""
+        return dict(self.periodic)
+
+    @field_validator("periodic", mode="before")
+    @classmethod
+    def _periodic_jobs(cls, value: object) -> dict[str, PeriodicJob]:
+        return from_settings(value)
 
     @field_validator("handlers", "queues", "strict_payload_kinds", mode="before")
     @classmethod

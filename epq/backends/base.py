@@ -85,9 +85,9 @@ def holder_id(holder: str) -> str:
 
 
 class StateStore(Protocol):
-    """Uniqueness locks, the durable schedule and the clock, shared by every process of a
-    deployment: the broker's Redis, the Redis named by ``EPQ_STATE_URL`` next to RabbitMQ, or
-    memory (with an injectable clock) for the stub broker."""
+    """Uniqueness locks, the durable schedule, the periodic jobs' state and the clock, shared by
+    every process of a deployment: the broker's Redis, the Redis named by ``EPQ_STATE_URL`` next
+    to RabbitMQ, or memory (with an injectable clock) for the stub broker."""
 
     def acquire_unique(self, key: str, holder: str, ttl_ms: int) -> str | None:
         """Take ``key`` for ``holder`` for ``ttl_ms`` unless someone else holds it.
@@ -150,6 +150,20 @@ class StateStore(Protocol):
 
     def forget_cancel(self, job_id: str) -> None:
         """Drop the cancel request of ``job_id``, if any."""
+
+    def periodic_states(self, names: Sequence[str]) -> list[dict[str, str]]:
+        """The state of each periodic job's schedule (``epq.periodic_jobs``), in one round trip:
+        ``since`` (when a ticker first saw it), ``tick`` (the last tick noted), ``job`` (its job
+        id) and ``at`` (when it was noted), times in ms as text; ``{}`` for a schedule without."""
+
+    def periodic_begin(self, name: str, now_ms: int, ttl_ms: int) -> int:
+        """Note ``now_ms`` as when a ticker first saw schedule ``name``, unless one did before
+        (atomic); return when one first did. The state is kept ``ttl_ms`` from now."""
+
+    def periodic_mark(self, name: str, tick_ms: int, job_id: str, now_ms: int, ttl_ms: int) -> bool:
+        """Note tick ``tick_ms`` of schedule ``name`` as enqueued as ``job_id`` at ``now_ms``,
+        unless a later tick is noted already (atomic: the noted tick only moves forward); the
+        state is then kept ``ttl_ms``. Returns whether it was noted."""
 
     def close(self) -> None:
         """Release connections."""

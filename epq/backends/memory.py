@@ -69,6 +69,7 @@ class MemoryStateStore:
         self._claimed: dict[str, int] = {}  # entry id -> lease end (ms)
         self._refused: dict[str, int] = {}
         self._cancels: dict[str, float] = {}  # job id -> when its cancel request expires (seconds)
+        self._periodic: dict[str, tuple[dict[str, str], float]] = {}  # name -> (state, expires at, s)
 
     def schedule_add(self, data: bytes, due_ms: int, *, entry: str | None = None) -> str:
         entry = entry or uuid.uuid4().hex
@@ -141,6 +142,35 @@ class MemoryStateStore:
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
+
+    def periodic_states(self, names: Sequence[str]) -> list[dict[str, str]]:
+        with self._lock:
+            return [dict(self._periodic_live(name) or {}) for name in names]
+
+    def periodic_begin(self, name: str, now_ms: int, ttl_ms: int) -> int:
+        with self._lock:
+            state = self._periodic_live(name) or {}
+            state.setdefault("since", str(now_ms))
+            self._periodic[name] = (state, self.clock() + ttl_ms / 1000)
+            return int(state["since"])
+
+    def periodic_mark(self, name: str, tick_ms: int, job_id: str, now_ms: int, ttl_ms: int) -> bool:
+        with self._lock:
+            state = self._periodic_live(name) or {}
+            if state.get("tick") and int(state["tick"]) >= tick_ms:
+                return False
+            state.update(tick=str(tick_ms), job=job_id, at=str(now_ms))
+            self._periodic[name] = (state, self.clock() + ttl_ms / 1000)
+            return True
+
+    def _periodic_live(self, name: str) -> dict[str, str] | None:
+        item = self._periodic.get(name)
+        if item is None:
+            return None
+        if item[1] <= self.clock():
+            del self._periodic[name]
+            return None
+        return item[0]
 
     def _live(self, key: str) -> str | None:
         item = self._values.get(key)

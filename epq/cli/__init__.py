@@ -1,5 +1,5 @@
 """The ``epq`` command: ``worker``, ``enqueue``, ``demo``, ``stats``, ``jobs``, ``dead``,
-``migrate-queues``, ``embedded``, ``metrics``.
+``periodic``, ``migrate-queues``, ``embedded``, ``metrics``.
 
 This module parses the command line and nothing more: each command runs in a module of this
 package, which ``COMMANDS`` names and ``main`` imports when that command runs, so ``epq
@@ -39,6 +39,7 @@ COMMANDS = {
     "migrate-queues": "epq.cli.migrate:run",
     "embedded": "epq.cli.embedded:run",
     "metrics": "epq.cli.metrics:run",
+    "periodic": "epq.cli.periodic:run",
 }
 
 #: The kinds ``epq enqueue`` takes: the keys of ``epq.kinds.KINDS``, written out so that building
@@ -154,6 +155,19 @@ def _parser() -> argparse.ArgumentParser:
     for action in (listing, retry, purge):
         action.add_argument("--json", action="store_true", help="print JSON")
         action.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
+
+    periodic = sub.add_parser(
+        "periodic",
+        help="periodic jobs: when each runs next, when it ran last, and how its last job went",
+        description="Lists the periodic jobs of EPQ_PERIODIC and of the handler modules (EPQ_HANDLERS "
+        "and --handlers, imported here as a worker imports them). A next run marked (due) has not "
+        "been enqueued: no worker runs, or its enqueue failed (see the workers' logs).",
+    )
+    periodic.add_argument(
+        "--handlers", metavar="MODULES", help="comma-separated handler modules (added to EPQ_HANDLERS)"
+    )
+    periodic.add_argument("--json", action="store_true", help="print JSON")
+    periodic.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
 
     migrate = sub.add_parser(
         "migrate-queues",

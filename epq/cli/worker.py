@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from .. import _runtime
 from ..concurrency import describe, queue_budgets, threads_for
 from ..errors import ConfigurationError
+from ..middleware.common import find_middleware
+from ..periodic_jobs import Ticking
 from ..settings import get_settings
 from ._broker import connect
 from .common import command
@@ -96,8 +98,8 @@ def _dramatiq_args(args: argparse.Namespace) -> list[str]:
 def check_worker(args: argparse.Namespace) -> str:
     """Check, in this process, what Dramatiq would otherwise report with a traceback: the
     settings, the broker and state store, the queues to serve (on RabbitMQ, that they carry
-    epq's arguments) and the handler modules. Closes what it opened; returns the line that says
-    which broker the worker will use.
+    epq's arguments) and the handler modules; warn of periodic jobs whose kind is no actor.
+    Closes what it opened; returns the line that says which broker the worker will use.
 
     Raises:
       ConfigurationError, BrokerUnavailable: with the fix in the message.
@@ -115,6 +117,9 @@ def check_worker(args: argparse.Namespace) -> str:
         if check_queues is not None:  # RabbitMQ: a queue without x-max-priority is refused here
             check_queues(args.queues or settings.queues)
         _import_handler_modules(_handler_modules(args), _dramatiq_args(args))
+        ticking = find_middleware(broker, Ticking)
+        for name, problem in (ticking.problems(broker) if ticking is not None else {}).items():
+            print(f"epq: warning: periodic job {name!r} will not run: {problem}", file=sys.stderr)
     finally:
         _runtime.reset()  # closes the broker and the state store before dramatiq starts
     return line

@@ -23,7 +23,7 @@ EXPECTED = {
     "RegisterDynamicTriggerRequest", "RegisterJobRequest", "RegisterSourceRequest", "Snooze",
     "StateUnavailable",
     "__version__",
-    "cancel_requested", "handler", "payload_upgrade", "setup",
+    "cancel_requested", "handler", "payload_upgrade", "periodic", "setup",
 }  # fmt: skip
 
 

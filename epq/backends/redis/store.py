@@ -66,7 +66,13 @@ class RedisStateStore:
     def __init__(self, client: redis.Redis[bytes]) -> None:
         self.client = client
         self._lua = scripts.register_all(
-            client, "lock_acquire", "lock_release", "schedule_add", "schedule_claim", "schedule_move"
+            client,
+            "lock_acquire",
+            "lock_release",
+            "schedule_add",
+            "schedule_claim",
+            "schedule_move",
+            "periodic_mark",
         )
 
     def schedule_add(self, data: bytes, due_ms: int, *, entry: str | None = None, pipe: Any = None) -> str:
@@ -160,6 +166,26 @@ class RedisStateStore:
 
     def now_ms(self) -> int:
         return int(time.time() * 1000)
+
+    def periodic_states(self, names: Sequence[str]) -> list[dict[str, str]]:
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(keys.periodic(name))
+        return [{k.decode(): v.decode() for k, v in state.items()} for state in pipe.execute()]
+
+    def periodic_begin(self, name: str, now_ms: int, ttl_ms: int) -> int:
+        key = keys.periodic(name)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hsetnx(key, "since", now_ms)
+        pipe.pexpire(key, max(1, int(ttl_ms)))
+        pipe.hget(key, "since")
+        return int(pipe.execute()[-1])
+
+    def periodic_mark(self, name: str, tick_ms: int, job_id: str, now_ms: int, ttl_ms: int) -> bool:
+        noted = self._lua["periodic_mark"](
+            keys=[keys.periodic(name)], args=[tick_ms, job_id, now_ms, max(1, int(ttl_ms))]
+        )
+        return bool(noted)
 
     def close(self) -> None:
         self.client.close()
