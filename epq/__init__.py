@@ -43,7 +43,9 @@ _LAZY = {
         ".errors",
     ),
     **dict.fromkeys(("handler", "payload_upgrade"), ".handlers"),
+    "periodic": ".periodic_jobs",
     **dict.fromkeys(("Discard", "Snooze"), ".controls"),
+    **dict.fromkeys(("JobCancelled", "cancel_requested"), ".cancellation"),
     **dict.fromkeys(
         (
             "AttemptError",
@@ -80,6 +82,7 @@ __all__ = [
     "HandlerNotFound",
     "InvalidPayload",
     "InvalidRequest",
+    "JobCancelled",
     "JobInsertResult",
     "JobNotFound",
     "JobPriority",
@@ -95,8 +98,10 @@ __all__ = [
     "Snooze",
     "StateUnavailable",
     "__version__",
+    "cancel_requested",
     "handler",
     "payload_upgrade",
+    "periodic",
     "setup",
 ]
 
@@ -123,6 +128,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see: the names as if imported here
     from . import actors as actors
     from ._runtime import setup
+    from .cancellation import JobCancelled, cancel_requested
     from .controls import Discard, Snooze
     from .errors import (
         BrokerUnavailable,
@@ -153,5 +159,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names as if imported h
         RegisterJobRequest,
         RegisterSourceRequest,
     )
+    from .periodic_jobs import periodic
     from .service import QueueService
     from .settings import EpqSettings

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from . import insert
 from ._messages import new_id, new_message
+from .cancellation import JobCancelled, handler_scope
 from .checks import Checked, check_request
 from .controls import Discard
 from .errors import DuplicateJob, HandlerNotFound, InvalidPayload, InvalidRequest
@@ -41,7 +42,8 @@ def make_job_function(kind: JobKind, strict: Callable[[], bool] = lambda: False)
                 f"@epq.handler({kind.name!r}) in a module named in EPQ_HANDLERS (in a test: "
                 f"import that module, or use epq_handlers.register({kind.name!r}, fn))"
             )
-        return fn(request)
+        with handler_scope():  # (where epq.cancellation may interrupt it)
+            return fn(request)
 
     run.__name__ = run.__qualname__ = kind.name
     run.__module__ = "epq.actors"
@@ -79,7 +81,7 @@ class EpqActor(dramatiq.Actor[..., Any]):
                 "max_attempts": kind.max_attempts,
                 "max_retries": kind.max_attempts - 1,
                 "backoff_ms": list(kind.backoff_ms),
-                "throws": (InvalidPayload, HandlerNotFound, Discard),
+                "throws": (InvalidPayload, HandlerNotFound, Discard, JobCancelled),
                 **(extra_options or {}),
             },
         )

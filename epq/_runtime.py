@@ -13,6 +13,7 @@ from . import metrics
 from ._actor import EpqActor
 from .backends.base import RecordStore, StateStore
 from .backends.factory import build_backend
+from .cancellation import Cancellation
 from .errors import ConfigurationError
 from .kinds import KINDS
 from .logs import JobLogContext
@@ -25,6 +26,7 @@ from .middleware.uniqueness import Uniqueness
 from .outbox.connections import Shared
 from .outbox.connections import installed as psycopg_installed
 from .outbox.relay import Relaying
+from .periodic_jobs import Ticking
 from .priority import Priority
 from .schedule import Scheduling
 from .settings import EpqSettings, default_state_dir, get_settings
@@ -96,6 +98,7 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
         middleware=build_middleware(settings),
         completed_max=settings.completed_max,
         dead_max=settings.dead_max,
+        queue_concurrency=settings.queue_budgets,
     )
     broker.add_middleware(Uniqueness(state))
     broker.add_middleware(
@@ -107,6 +110,8 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
         )
     )
     broker.add_middleware(Scheduling(state))
+    broker.add_middleware(Cancellation(state))  # (after JobRecords: it watches jobs once started)
+    broker.add_middleware(Ticking(state, settings.periodic_jobs))
     outbox = _outbox(broker, settings)
     _observe(broker, settings, state, records)
     for queue in settings.queues:

@@ -68,7 +68,7 @@ from .errors import (
     describe_error,
 )
 from .middleware.common import find_middleware
-from .middleware.uniqueness import Uniqueness
+from .middleware.uniqueness import Uniqueness, count_refused
 from .models import JobInsertResult, JobPriority, JobQueue, JobRecord, JobState, _Request
 from .options import PRIORITY, RECORDED, UNIQUE_KEY
 from .outage import state_errors
@@ -166,7 +166,7 @@ def insert_one(
         _take_back(target, [plan])
         raise
     if holder is not None:
-        metrics.duplicates_refused(target.state, actor.actor_name)
+        count_refused(target.state, plan.message)
         raise DuplicateJob(actor.actor_name, holder_id(holder), holder=holder)
     return plan
 
@@ -663,7 +663,7 @@ def relay_many(
             else:
                 outcomes[plan.index] = DUPLICATE
                 refused.append(_duplicate_record(plan, str(reply), now, cancelled_ttl_ms))
-                metrics.duplicates_refused(target.state, plan.actor.actor_name)
+                count_refused(target.state, plan.message)
         if refused:  # (written again, the same, if this relay dies before forgetting the rows)
             target.records.create_many(refused)
     return outcomes

@@ -498,14 +498,42 @@ def _alive(pid: int) -> bool:
 def worker_registry(path: Path, store: StoreCollector | None) -> Any:
     """What a worker serves: every process's worker-side metrics (the files under ``path``), and
     the store-side ones with ``store``."""
-    prom = client()
-    registry = prom.CollectorRegistry(auto_describe=False)
-    importlib.import_module(PROMETHEUS_CLIENT + ".multiprocess").MultiProcessCollector(
-        registry, path=str(path)
-    )
+    registry = client().CollectorRegistry(auto_describe=False)
+    registry.register(ProcessFiles(path))
     if store is not None:
         registry.register(store)
     return registry
+
+
+class ProcessFiles:
+    """The worker-side metrics of every process of a worker, read from their files as
+    ``prometheus_client``'s ``MultiProcessCollector`` reads them, but for a file that a process
+    is creating this instant: ``prometheus_client`` creates it empty and sizes it just after, and
+    an empty file read would fail the whole scrape (a process's first job, say)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        merge = importlib.import_module(PROMETHEUS_CLIENT + ".multiprocess").MultiProcessCollector.merge
+        for attempt in range(3):
+            files = [str(file) for file in self.path.glob("*.db") if _has_data(file)]
+            try:
+                return merge(files, accumulate=True)
+            except FileNotFoundError:  # (a dead process's file forgotten meanwhile: list again)
+                if attempt == 2:
+                    raise
+        return []  # pragma: no cover - the loop returns or raises
+
+
+def _has_data(file: Path) -> bool:
+    try:
+        return file.stat().st_size > 0
+    except FileNotFoundError:
+        return False
 
 
 def serve(registry: Any, port: int, host: str) -> Any:

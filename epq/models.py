@@ -158,6 +158,9 @@ class JobRecord(BaseModel):
     scheduled_at: datetime
     attempted_at: datetime | None = None
     finalized_at: datetime | None = None
+    #: When ``QueueService.cancel_job`` asked the worker running the job to stop it (the job is
+    #: then ``cancelled``, or ended as it was ending if the request came too late).
+    cancel_requested_at: datetime | None = None
 
 
 class JobInsertResult(BaseModel):

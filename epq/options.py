@@ -22,3 +22,6 @@ SNOOZES = "epq_snoozes"
 #: The OpenTelemetry context of the enqueue that made the job (W3C ``traceparent``, ``tracestate``):
 #: each attempt's consumer span continues it (``epq.tracing``).
 TRACE_CONTEXT = "epq_trace"
+#: The schedule and tick a periodic job was enqueued for (``<name>@<tick ms>``): its uniqueness
+#: lock is made from them instead of its unique fields (``epq.periodic_jobs``).
+PERIODIC = "epq_periodic"

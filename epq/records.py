@@ -7,7 +7,8 @@ what every backend and the middleware share: the retention, the fields of a new 
 record as a :class:`epq.JobRecord`.
 
 States: ``available``/``scheduled`` → ``running`` → ``completed`` | ``retryable`` → … →
-``discarded``; ``cancelled`` from any state before ``running``.
+``discarded``; ``cancelled`` from any state before ``running``, and from ``running`` when the
+worker running the job stops it (``epq.cancellation``).
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ def to_job_record(job_id: str, fields: Mapping[str, str]) -> JobRecord:
         scheduled_at=_dt(fields.get("scheduled_at")) or created,
         attempted_at=_dt(fields.get("attempted_at")),
         finalized_at=_dt(fields.get("finalized_at")),
+        cancel_requested_at=_dt(fields.get("cancel_requested_at")),
     )
 
 

@@ -12,6 +12,7 @@ from . import insert
 from ._actor import EpqActor
 from ._runtime import Runtime, actor_for, current, setup
 from .backends.base import backend_of, served_queues, split_counter_group
+from .cancellation import request_ttl_ms
 from .errors import ConfigurationError, DuplicateJob, InvalidPayload, InvalidRequest, JobNotFound
 from .models import (
     EnqueueIndexEndpointRequest,
@@ -55,6 +56,15 @@ def _is_text(job_id: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _time_limit_ms(kind: str) -> int | None:
+    """The time limit of ``kind``'s jobs (None for a kind epq does not know)."""
+    try:
+        limit = actor_for(kind).options.get("time_limit")
+    except KeyError:
+        return None
+    return int(limit) if limit else None
 
 
 def purge_dead_letter_queues(broker: dramatiq.Broker) -> None:
@@ -219,34 +229,65 @@ class QueueService:
         return self._runtime().records.find_ids(prefix, limit)
 
     def cancel_job(self, job_id: str) -> JobRecord:
-        """Cancel a job that has not started: it is skipped when fetched, its unique key freed.
+        """Cancel a job, whether it has started or not; return its record.
 
-        A running or finished job is returned unchanged: the record's state tells (``cancelled``
-        only if this call, or an earlier one, cancelled it).
+        - Not started (``available``, ``scheduled``, ``retryable``): it is ``cancelled`` now and
+          its unique key freed; the worker that fetches it skips it. The record returned says
+          ``cancelled``.
+        - Running: the worker process running it, on any machine, is asked to stop it (a request
+          in the state store, which every worker process polls while it runs jobs). Its handler is
+          interrupted within about a second by :class:`epq.JobCancelled`, raised in its thread
+          the next time it runs Python code (a call blocked in C, such as a socket read without
+          a timeout or one long ``time.sleep``, returns first); the job is then recorded
+          ``cancelled``, its key freed, and it is never retried. The record returned is still
+          ``running``, with ``cancel_requested_at`` set: :meth:`get_job` shows the outcome. A job
+          whose handler returns before the request reaches it completes (its record keeps
+          ``cancel_requested_at``); one whose handler fails then is cancelled, not retried.
+        - Finished (``completed``, ``discarded``, ``cancelled``): returned unchanged.
 
         Raises:
           JobNotFound: no record of ``job_id``.
         """
         runtime = self._runtime()
-        now_ms = runtime.state.now_ms()
-        current_fields = runtime.records.get(job_id) if _is_text(job_id) else None
-        if current_fields is None:
+        fields = runtime.records.get(job_id) if _is_text(job_id) else None
+        if fields is None:
             raise JobNotFound(job_id)
+        requested = False
+        before: str | None = None
+        for _ in range(3):  # (each turn sees the job move on once, at most)
+            before = self._cancel_waiting(runtime, job_id, fields)
+            if before != "running":
+                break
+            if not requested:
+                runtime.state.request_cancel(job_id, request_ttl_ms(_time_limit_ms(fields["kind"])))
+                requested = True
+            # asked after the request is left, so that a failed run whose retry is recorded in
+            # between is seen (and cancelled waiting) here, or sees the request (EpqRetries)
+            mark = {"cancel_requested_at": str(runtime.state.now_ms())}
+            before = runtime.records.move(job_id, "running", mark, 0, ("running",))
+            if before not in NOT_STARTED:
+                break
+            fields = runtime.records.get(job_id) or fields  # (its retry's due time, for the TTL)
+        if requested and before != "running":
+            runtime.state.forget_cancel(job_id)  # (finished, or cancelled waiting: nothing to stop)
+        return self._record(runtime, job_id)
+
+    @staticmethod
+    def _cancel_waiting(runtime: Runtime, job_id: str, fields: Mapping[str, str]) -> str:
+        """Cancel a job if it has not started (its key freed); return the state it had."""
+        now_ms = runtime.state.now_ms()
         # kept until the job would have run, plus the retention: the worker that fetches it then
         # must still find it cancelled
-        wait_ms = max(0, int(current_fields.get("scheduled_at") or now_ms) - now_ms)
+        wait_ms = max(0, int(fields.get("scheduled_at") or now_ms) - now_ms)
         ttl = wait_ms + int(runtime.settings.completed_retention.total_seconds() * 1000)
         # (with the payload, which a record filed beside its message may not hold: see RedisRecords)
-        changes = {"finalized_at": str(now_ms), "args": current_fields.get("args", "{}")}
+        changes = {"finalized_at": str(now_ms), "args": fields.get("args", "{}")}
         before = runtime.records.move(job_id, "cancelled", changes, ttl, NOT_STARTED)
         if before is None:
             raise JobNotFound(job_id)
-        fields = runtime.records.get(job_id)
-        if fields is None:  # pragma: no cover - expired in between
-            raise JobNotFound(job_id)
         if before in NOT_STARTED and lock_key_of(fields):
             runtime.state.release_unique(lock_key_of(fields), job_id)
-        return to_job_record(job_id, fields)
+        return before
 
     def list_dead(self, limit: int = 100) -> list[JobRecord]:
         """Discarded jobs, newest first, each with its errors (the last one is why it died); at
@@ -290,6 +331,7 @@ class QueueService:
             != "discarded"
         ):
             return self._record(runtime, job_id)
+        runtime.state.forget_cancel(job_id)  # (a request that came after its last run ended)
         message: dramatiq.Message[Any] = dramatiq.Message(
             queue_name=fields["queue"],
             actor_name=fields["kind"],

@@ -11,14 +11,16 @@ import re
 import threading
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .concurrency import queue_budgets
 from .errors import ConfigurationError
 from .kinds import KINDS
 from .models import JobQueue
+from .periodic_jobs import PeriodicJob, from_settings
 from .records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX
 
 CommaList = Annotated[list[str], NoDecode]
@@ -56,6 +58,9 @@ class EpqSettings(BaseSettings):
       state_url: the Redis that holds epq's state next to RabbitMQ (required there).
       handlers: modules a worker imports to register handlers (comma-separated).
       queues: the queues workers serve; enqueueing elsewhere is refused (comma-separated).
+      queue_concurrency: the most jobs of a queue one worker process runs at once, for the
+        queues named (``default=2,events=30``); the others have the Go package's budgets
+        (``epq.concurrency.GO_QUEUE_CONCURRENCY``) or 10: see :attr:`queue_budgets`.
       index_unique_for / register_unique_for: uniqueness windows (seconds or ISO-8601 duration).
       index_time_limit / register_time_limit: how long a handler of ``index_endpoint`` / of the
         ``register_*`` kinds may run before it is interrupted (a failed attempt, retried by the
@@ -73,6 +78,9 @@ class EpqSettings(BaseSettings):
       metrics_store: a worker's ``/metrics`` includes the store-side metrics too.
       tracing: OpenTelemetry spans around enqueue and handler (``epq.tracing``); unset: on when
         OpenTelemetry is installed.
+      periodic: periodic jobs, a JSON object of name -> ``{"kind", "every" | "cron", "timezone",
+        "request"}`` (``epq.periodic_jobs``); they take the place of jobs of the same name
+        declared in code (``periodic_jobs`` has them as ``PeriodicJob``).
       outbox_url: the PostgreSQL (a libpq URL or ``key=value`` string) whose outbox table the
         relays read (``epq relay``, and a relay in every worker process while ``outbox_relay``),
         that ``epq outbox migrate`` creates the table in, and that ``QueueService.get_job`` looks
@@ -87,6 +95,7 @@ class EpqSettings(BaseSettings):
     state_url: str | None = None
     handlers: CommaList = Field(default_factory=list)
     queues: CommaList = Field(default_factory=lambda: [q.value for q in JobQueue])
+    queue_concurrency: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
     index_unique_for: timedelta = timedelta(minutes=15)
     register_unique_for: timedelta = timedelta(minutes=5)
     index_time_limit: timedelta = timedelta(minutes=2)
@@ -101,6 +110,7 @@ class EpqSettings(BaseSettings):
     metrics_host: str = "0.0.0.0"
     metrics_store: bool = True
     tracing: bool | None = None
+    periodic: Annotated[dict[str, Any], NoDecode] = Field(default_factory=dict)
     outbox_url: str | None = None
     outbox_table: str = "epq_outbox"
     outbox_relay: bool = True
@@ -109,6 +119,21 @@ class EpqSettings(BaseSettings):
     def metrics_on(self) -> bool:
         """Whether this process records the worker-side metrics."""
         return self.metrics or self.metrics_port is not None
+
+    @property
+    def queue_budgets(self) -> dict[str, int]:
+        """The budget of every queue in :attr:`queues` (see :attr:`queue_concurrency`)."""
+        return queue_budgets(self.queues, self.queue_concurrency)
+
+    @property
+    def periodic_jobs(self) -> dict[str, PeriodicJob]:
+        """The periodic jobs of ``EPQ_PERIODIC``, by name."""
+        return dict(self.periodic)
+
+    @field_validator("periodic", mode="before")
+    @classmethod
+    def _periodic_jobs(cls, value: object) -> dict[str, PeriodicJob]:
+        return from_settings(value)
 
     @field_validator("handlers", "queues", "strict_payload_kinds", mode="before")
     @classmethod
@@ -130,6 +155,40 @@ class EpqSettings(BaseSettings):
         unknown = [name for name in value if name not in KINDS]
         if unknown:
             raise ValueError(f"unknown job kind(s) {', '.join(unknown)}; known kinds: {', '.join(KINDS)}")
+        return value
+
+    @field_validator("queue_concurrency", mode="before")
+    @classmethod
+    def _queue_budget_pairs(cls, value: object) -> object:
+        # "default=10, execution=5" in the environment; a mapping passed as it is
+        if not isinstance(value, str):
+            return value
+        budgets: dict[str, int] = {}
+        for pair in (part.strip() for part in value.split(",")):
+            if not pair:
+                continue
+            queue, equals, budget = (text.strip() for text in pair.partition("="))
+            if not equals or not queue or not budget:
+                raise ValueError(f"{pair!r} is not QUEUE=JOBS (e.g. default=10,execution=5)")
+            if queue in budgets:
+                raise ValueError(f"queue {queue!r} is named twice")
+            try:
+                budgets[queue] = int(budget)
+            except ValueError:
+                raise ValueError(f"{pair!r}: the number of jobs must be a whole number") from None
+        return budgets
+
+    @field_validator("queue_concurrency")
+    @classmethod
+    def _served_positive_budgets(cls, value: dict[str, int], info: ValidationInfo) -> dict[str, int]:
+        bad = [f"{queue}={budget}" for queue, budget in value.items() if budget < 1]
+        if bad:
+            raise ValueError(f"a queue's budget must be 1 or more, not {', '.join(bad)}")
+        queues = info.data.get("queues")  # (absent when EPQ_QUEUES itself is invalid)
+        unknown = [queue for queue in value if queues is not None and queue not in queues]
+        if unknown:
+            declared = ",".join(queues or ())
+            raise ValueError(f"{', '.join(unknown)}: not among the queues epq serves (EPQ_QUEUES={declared})")
         return value
 
     @field_validator("outbox_table")

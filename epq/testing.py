@@ -10,9 +10,12 @@ Installed with epq and loaded by pytest automatically (entry point ``pytest11``)
   receives) replace one kind's handler until the test ends; payload upgrades declared during the
   test (``@epq.payload_upgrade``) are forgotten when it ends;
 - ``epq_clock``: a :class:`~epq.backends.memory.FakeClock` driving the stub's state store, so uniqueness
-  windows can be crossed with ``epq_clock.advance(seconds)`` instead of sleeping;
-- :func:`drain`: wait until every queue is empty and the worker is idle, and fail if a handler
-  failed and its job did not succeed since;
+  windows can be crossed with ``epq_clock.advance(seconds)`` instead of sleeping (periodic jobs
+  tick by it too);
+- ``epq_periodic``: :func:`epq.periodic` for the test: the periodic jobs it declares are
+  forgotten when the test ends;
+- :func:`drain`: enqueue the periodic jobs' ticks that are due, wait until every queue is empty
+  and the worker is idle, and fail if a handler failed and its job did not succeed since;
 - :func:`worker_request`: the request a worker's handler would receive for a payload (upgraded,
   unknown fields dropped, validated), to test payload upgrades without a broker;
 - :func:`relay`: move the jobs committed through the outbox (``tx=``) into epq now, as a relay
@@ -53,12 +56,14 @@ import dramatiq
 import pytest
 
 from . import _messages as messages
-from . import _runtime, handlers
+from . import _runtime, handlers, periodic_jobs
 from .backends.base import Backend, backend_of, served_queues
 from .backends.memory import EpqStubBroker, FakeClock, MemoryStateStore
+from .cancellation import JobCancelled
 from .controls import Snooze
 from .errors import ConfigurationError
 from .kinds import get_kind
+from .middleware.common import find_middleware
 from .models import _Request
 from .outbox.relay import Relay
 from .payloads import to_request
@@ -75,6 +80,7 @@ __all__ = [
     "epq_broker",
     "epq_clock",
     "epq_handlers",
+    "epq_periodic",
     "epq_worker",
     "install",
     "messages",
@@ -185,7 +191,8 @@ class HandlerFailures(dramatiq.Middleware):
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: Any = None
     ) -> None:
-        if exception is None or isinstance(exception, Snooze):  # (a snooze is not a failure)
+        # (a snooze is not a failure, nor an interruption by cancel_job)
+        if exception is None or isinstance(exception, (Snooze, JobCancelled)):
             self.failed.pop(message.message_id, None)
         else:
             self.failed[message.message_id] = exception
@@ -210,12 +217,14 @@ def drain(
 ) -> None:
     """Wait until no job is waiting, running, or scheduled for a time that has come.
 
-    Jobs scheduled for later (by the state store's clock, which ``epq_clock`` may stop) are left
-    in the schedule. With ``fail_fast`` (the default), a handler that raised fails the test that
-    drains it: when the drain ends, the exception of a job that failed and has not succeeded
-    since (dead-lettered, or waiting for a retry) is raised here, as Dramatiq's
-    ``StubBroker.join`` raises a dead-lettered message's. Pass ``fail_fast=False`` to test
-    failures and retries themselves.
+    The ticks of periodic jobs that are due (by the state store's clock, which ``epq_clock`` may
+    stop and move) are enqueued first, as a worker's ticker would. Jobs scheduled for later (by
+    that clock) are left in the schedule. With ``fail_fast`` (the default), a handler that raised
+    (but for ``epq.Snooze`` and an ``epq.JobCancelled`` interruption) fails the test that drains
+    it: when the drain ends, the exception of a job that failed and has not succeeded since
+    (dead-lettered, or waiting for a retry) is raised here, as Dramatiq's ``StubBroker.join``
+    raises a dead-lettered message's. Pass ``fail_fast=False`` to test failures and retries
+    themselves.
     """
     failures = watch_failures(broker)
     try:
@@ -230,8 +239,14 @@ def _drain(broker: dramatiq.Broker, worker: dramatiq.Worker, timeout_ms: int) ->
     deadline = time.monotonic() + timeout_ms / 1000
     backend = backend_of(broker)
     store = backend.state if backend is not None else None
+    ticking = find_middleware(broker, periodic_jobs.Ticking)
     while True:
+        if ticking is not None:
+            ticking.run_due(broker)  # (the worker's own ticker may be at it too: each tick goes once)
         remaining = max(1, int((deadline - time.monotonic()) * 1000))
+        # (read before the queues are joined: a promoter publishes what it claimed, then lets it go,
+        # so a claim seen neither here nor after the joins was published before they began)
+        claimed_before = store.schedule_claimed() if store is not None else 0
         for queue in served_queues(broker):
             join = getattr(broker, "join_queue", None)  # an epq broker's (see DurableDelays)
             if join is not None:
@@ -242,7 +257,7 @@ def _drain(broker: dramatiq.Broker, worker: dramatiq.Worker, timeout_ms: int) ->
         if store is None:
             return
         moved, next_due = promote_due(broker, store)
-        if moved or (store.schedule_claimed() and time.monotonic() < deadline):
+        if moved or ((claimed_before or store.schedule_claimed()) and time.monotonic() < deadline):
             if not moved:  # the worker's own promoter is publishing what it claimed
                 time.sleep(0.005)
             continue
@@ -301,6 +316,34 @@ def epq_handlers() -> Iterator[HandlerRegistry]:
     changes is undone afterwards."""
     with handlers.isolated_handlers():
         yield HandlerRegistry()
+
+
+@pytest.fixture
+def epq_periodic() -> Iterator[Callable[..., periodic_jobs.PeriodicJob]]:
+    """:func:`epq.periodic` for the test: the periodic jobs the test declares (with it, or with
+    ``epq.periodic``) are forgotten when it ends; the application's stay. A job declared with it
+    starts at once on the broker epq is set up with (its first tick is the first after now, by the
+    state store's clock), as a worker's ticker would start it a moment later.
+
+        def test_reindexing(epq_broker, epq_worker, epq_handlers, epq_clock, epq_periodic):
+            received = epq_handlers.record("index_endpoint")
+            epq_periodic("reindex", "index_endpoint", every=60, request=REQUEST)
+            epq_clock.advance(60)
+            drain(epq_broker, epq_worker)  # enqueues the tick, and runs it
+            assert len(received) == 1
+    """
+
+    def declare(*args: Any, **kwargs: Any) -> periodic_jobs.PeriodicJob:
+        job = periodic_jobs.periodic(*args, **kwargs)
+        broker = current_broker()
+        if broker is not None:
+            ticking = find_middleware(broker, periodic_jobs.Ticking)
+            if ticking is not None:
+                ticking.run_due(broker)
+        return job
+
+    with periodic_jobs.isolated_declarations():
+        yield declare
 
 
 @pytest.fixture

@@ -13,12 +13,13 @@ Times are milliseconds since the epoch.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import dramatiq
 from dramatiq.common import q_name
 
+from ..concurrency import capped_prefetch
 from ..options import DUE_MS, SNOOZES
 
 #: Every name epq gives a lock or key in a store starts with this.
@@ -87,9 +88,9 @@ def holder_id(holder: str) -> str:
 
 
 class StateStore(Protocol):
-    """Uniqueness locks, the durable schedule and the clock, shared by every process of a
-    deployment: the broker's Redis, the Redis named by ``EPQ_STATE_URL`` next to RabbitMQ, or
-    memory (with an injectable clock) for the stub broker."""
+    """Uniqueness locks, the durable schedule, the periodic jobs' state and the clock, shared by
+    every process of a deployment: the broker's Redis, the Redis named by ``EPQ_STATE_URL`` next
+    to RabbitMQ, or memory (with an injectable clock) for the stub broker."""
 
     def acquire_unique(self, key: str, holder: str, ttl_ms: int) -> str | None:
         """Take ``key`` for ``holder`` for ``ttl_ms`` unless someone else holds it.
@@ -145,6 +146,30 @@ class StateStore(Protocol):
 
     def refused(self) -> dict[str, int]:
         """Enqueues refused as duplicates since the store began, per kind."""
+
+    def request_cancel(self, job_id: str, ttl_ms: int) -> None:
+        """Leave a request to cancel running job ``job_id`` for ``ttl_ms`` (``epq.cancellation``:
+        the worker running it reads it)."""
+
+    def cancel_requests(self, job_ids: Sequence[str]) -> list[str]:
+        """Those of ``job_ids`` with a cancel request, in one round trip."""
+
+    def forget_cancel(self, job_id: str) -> None:
+        """Drop the cancel request of ``job_id``, if any."""
+
+    def periodic_states(self, names: Sequence[str]) -> list[dict[str, str]]:
+        """The state of each periodic job's schedule (``epq.periodic_jobs``), in one round trip:
+        ``since`` (when a ticker first saw it), ``tick`` (the last tick noted), ``job`` (its job
+        id) and ``at`` (when it was noted), times in ms as text; ``{}`` for a schedule without."""
+
+    def periodic_begin(self, name: str, now_ms: int, ttl_ms: int) -> int:
+        """Note ``now_ms`` as when a ticker first saw schedule ``name``, unless one did before
+        (atomic); return when one first did. The state is kept ``ttl_ms`` from now."""
+
+    def periodic_mark(self, name: str, tick_ms: int, job_id: str, now_ms: int, ttl_ms: int) -> bool:
+        """Note tick ``tick_ms`` of schedule ``name`` as enqueued as ``job_id`` at ``now_ms``,
+        unless a later tick is noted already (atomic: the noted tick only moves forward); the
+        state is then kept ``ttl_ms``. Returns whether it was noted."""
 
     def close(self) -> None:
         """Release connections."""
@@ -325,6 +350,9 @@ class Backend:
     #: The records and locks live in the broker's own Redis: an enqueue writes them in the same
     #: script as the message, and the ack completes the record (see ``EpqRedisBroker``).
     fused: bool = False
+    #: The most jobs of each queue a worker process runs at once (``epq.concurrency``): each
+    #: queue's consumer holds at most that many of its messages (``DurableDelays.prefetch_for``).
+    queue_concurrency: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -352,6 +380,10 @@ class InFlight:
     #: that dead-letters it has nothing more to write (and must not undo a retry an operator asked
     #: for in between).
     dead_recorded: bool = False
+    #: A request to cancel it reached its worker while it ran (``epq.cancellation``).
+    cancel_requested: bool = False
+    #: Its worker recorded it cancelled while it ran (``EpqRetries``).
+    cancelled: bool = False
 
 
 def in_flight(proxy: Any) -> InFlight:
@@ -492,6 +524,13 @@ class DurableDelays:
     def _scheduled_options(self) -> dict[str, Any]:
         """Options a message gets as it goes into the schedule (a broker's own ids, say)."""
         return {}
+
+    def prefetch_for(self, queue_name: str, prefetch: int) -> int:
+        """The prefetch of a consumer of ``queue_name`` (every epq broker's ``consume`` asks):
+        ``prefetch``, but at most the queue's budget of jobs at once in a worker process
+        (``epq.concurrency``)."""
+        budgets = self.epq.queue_concurrency if self.epq is not None else {}
+        return capped_prefetch(budgets, queue_name, prefetch)
 
     def enqueue_batch(
         self, items: Sequence[tuple[dramatiq.Message[Any], int | None]], *, planned: bool = False

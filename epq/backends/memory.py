@@ -70,6 +70,8 @@ class MemoryStateStore:
         self._data: dict[str, bytes] = {}
         self._claimed: dict[str, int] = {}  # entry id -> lease end (ms)
         self._refused: dict[str, int] = {}
+        self._cancels: dict[str, float] = {}  # job id -> when its cancel request expires (seconds)
+        self._periodic: dict[str, tuple[dict[str, str], float]] = {}  # name -> (state, expires at, s)
 
     def schedule_add(self, data: bytes, due_ms: int, *, entry: str | None = None) -> str:
         entry = entry or uuid.uuid4().hex
@@ -143,6 +145,35 @@ class MemoryStateStore:
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
 
+    def periodic_states(self, names: Sequence[str]) -> list[dict[str, str]]:
+        with self._lock:
+            return [dict(self._periodic_live(name) or {}) for name in names]
+
+    def periodic_begin(self, name: str, now_ms: int, ttl_ms: int) -> int:
+        with self._lock:
+            state = self._periodic_live(name) or {}
+            state.setdefault("since", str(now_ms))
+            self._periodic[name] = (state, self.clock() + ttl_ms / 1000)
+            return int(state["since"])
+
+    def periodic_mark(self, name: str, tick_ms: int, job_id: str, now_ms: int, ttl_ms: int) -> bool:
+        with self._lock:
+            state = self._periodic_live(name) or {}
+            if state.get("tick") and int(state["tick"]) >= tick_ms:
+                return False
+            state.update(tick=str(tick_ms), job=job_id, at=str(now_ms))
+            self._periodic[name] = (state, self.clock() + ttl_ms / 1000)
+            return True
+
+    def _periodic_live(self, name: str) -> dict[str, str] | None:
+        item = self._periodic.get(name)
+        if item is None:
+            return None
+        if item[1] <= self.clock():
+            del self._periodic[name]
+            return None
+        return item[0]
+
     def _live(self, key: str) -> str | None:
         item = self._values.get(key)
         if item is None:
@@ -173,6 +204,21 @@ class MemoryStateStore:
     def get_unique(self, key: str) -> str | None:
         with self._lock:
             return self._live(key)
+
+    def request_cancel(self, job_id: str, ttl_ms: int) -> None:
+        with self._lock:
+            self._cancels[job_id] = self.clock() + max(1, int(ttl_ms)) / 1000
+
+    def cancel_requests(self, job_ids: Sequence[str]) -> list[str]:
+        with self._lock:
+            now = self.clock()
+            for job_id in [j for j, expires in self._cancels.items() if expires <= now]:
+                del self._cancels[job_id]
+            return [job_id for job_id in job_ids if job_id in self._cancels]
+
+    def forget_cancel(self, job_id: str) -> None:
+        with self._lock:
+            self._cancels.pop(job_id, None)
 
     def get_unique_many(self, keys: Sequence[str]) -> list[str | None]:
         with self._lock:
@@ -492,7 +538,7 @@ class EpqStubBroker(DurableDelays, StubBroker):
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 100) -> EpqStubConsumer:
         if queue_name not in self.queues:
             raise QueueNotFound(queue_name)  # type: ignore[no-untyped-call]
-        return EpqStubConsumer(self, queue_name, prefetch, timeout)
+        return EpqStubConsumer(self, queue_name, self.prefetch_for(queue_name, prefetch), timeout)
 
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
         if delay and delay > 0 and self.epq_store is not None:

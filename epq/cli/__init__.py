@@ -1,5 +1,5 @@
 """The ``epq`` command: ``worker``, ``enqueue``, ``demo``, ``stats``, ``jobs``, ``dead``,
-``migrate-queues``, ``embedded``, ``metrics``, ``relay``, ``outbox``.
+``periodic``, ``migrate-queues``, ``embedded``, ``metrics``, ``relay``, ``outbox``.
 
 This module parses the command line and nothing more: each command runs in a module of this
 package, which ``COMMANDS`` names and ``main`` imports when that command runs, so ``epq
@@ -39,6 +39,7 @@ COMMANDS = {
     "migrate-queues": "epq.cli.migrate:run",
     "embedded": "epq.cli.embedded:run",
     "metrics": "epq.cli.metrics:run",
+    "periodic": "epq.cli.periodic:run",
     "relay": "epq.cli.outbox:relay",
     "outbox": "epq.cli.outbox:run",
 }
@@ -85,7 +86,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Runs `dramatiq epq.actors HANDLER_MODULES...`; anything after -- goes to dramatiq.",
     )
     worker.add_argument("--processes", "-p", type=int, help="worker processes (dramatiq's default: CPUs)")
-    worker.add_argument("--threads", "-t", type=int, help="threads per process (dramatiq's default: 8)")
+    worker.add_argument(
+        "--threads", "-t", type=int,
+        help="threads per process (default: the sum of the served queues' EPQ_QUEUE_CONCURRENCY budgets)",
+    )  # fmt: skip
     worker.add_argument("--queues", "-Q", nargs="+", metavar="QUEUE", help="serve only these queues")
     worker.add_argument(
         "--handlers", metavar="MODULES",
@@ -132,7 +136,8 @@ def _parser() -> argparse.ArgumentParser:
 
     jobs = sub.add_parser("jobs", help="look at or cancel one job")
     jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
-    for name, text in (("show", "show a job's record"), ("cancel", "cancel a job that has not started")):
+    actions = (("show", "show a job's record"), ("cancel", "cancel a job (its worker stops a running one)"))
+    for name, text in actions:
         action = jobs_sub.add_parser(name, help=text)
         action.add_argument("job_id", metavar="ID", help=_ID_HELP)
         action.add_argument("--json", action="store_true", help="print JSON")
@@ -152,6 +157,19 @@ def _parser() -> argparse.ArgumentParser:
     for action in (listing, retry, purge):
         action.add_argument("--json", action="store_true", help="print JSON")
         action.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
+
+    periodic = sub.add_parser(
+        "periodic",
+        help="periodic jobs: when each runs next, when it ran last, and how its last job went",
+        description="Lists the periodic jobs of EPQ_PERIODIC and of the handler modules (EPQ_HANDLERS "
+        "and --handlers, imported here as a worker imports them). A next run marked (due) has not "
+        "been enqueued: no worker runs, or its enqueue failed (see the workers' logs).",
+    )
+    periodic.add_argument(
+        "--handlers", metavar="MODULES", help="comma-separated handler modules (added to EPQ_HANDLERS)"
+    )
+    periodic.add_argument("--json", action="store_true", help="print JSON")
+    periodic.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
 
     migrate = sub.add_parser(
         "migrate-queues",

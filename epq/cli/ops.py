@@ -13,7 +13,7 @@ from typing import Any
 
 from ..backends.base import display_url
 from ..errors import EpqError, InvalidPayload, JobNotFound
-from ..models import JobRecord
+from ..models import JobRecord, JobState
 from ..records import ID_PREFIX_CHARACTERS
 from ..service import QueueService
 from ._broker import open_broker
@@ -21,6 +21,8 @@ from .common import BadArgument, command
 
 #: The shortest id prefix ``jobs show|cancel`` and ``dead retry`` look up.
 MIN_ID_PREFIX = 8
+#: How long ``jobs cancel`` waits for the worker running a job to stop it.
+CANCEL_WAIT_S = 3.0
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -60,6 +62,8 @@ def show_record(record: JobRecord) -> str:
         ("attempted", _when(record.attempted_at)), ("finalized", _when(record.finalized_at)),
         ("args", json.dumps(record.args)),
     ]  # fmt: skip
+    if record.cancel_requested_at is not None:
+        rows.insert(10, ("cancel asked", _when(record.cancel_requested_at)))
     width = max(len(k) for k, _ in rows)
     out = [f"{k.ljust(width)}  {v}" for k, v in rows]
     for err in record.errors:
@@ -102,11 +106,23 @@ def run(args: argparse.Namespace, extra: Sequence[str], parser: argparse.Argumen
             _dump(record.model_dump(mode="json")) if args.json else print(show_record(record))
             return 0
         record = svc.cancel_job(job_id)
-        cancelled = record.state.value == "cancelled"
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while record.state is JobState.RUNNING and time.monotonic() < deadline:
+            time.sleep(0.1)  # (its worker was asked to stop it: the outcome follows shortly)
+            record = svc.get_job(job_id) or record
+        cancelled = record.state is JobState.CANCELLED
         if args.json:
             _dump({"cancelled": cancelled, "job": record.model_dump(mode="json")})
         else:
-            verdict = "cancelled" if cancelled else f"not cancelled: the job is {record.state.value}"
+            if cancelled:
+                verdict = "cancelled"
+            elif record.state is JobState.RUNNING:
+                verdict = (
+                    f"cancel requested: the job is still running after {CANCEL_WAIT_S:g} s (its "
+                    "handler is stopped when it next runs Python code; `epq jobs show` tells)"
+                )
+            else:
+                verdict = f"not cancelled: the job is {record.state.value}"
             print(f"{record.id}: {verdict}")
         return 0 if cancelled else 3
 

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import dramatiq
 
+from ..backends.base import backend_of
+from ..concurrency import describe
 from ..handlers import get_upgrades, import_handler_modules, missing_kinds, name_of
 from ..kinds import KINDS
 from ..outage import worker_booting, worker_stopping
@@ -40,6 +42,15 @@ class EpqMiddleware(dramatiq.Middleware):
                 logger.info(
                     "%s payloads are upgraded by %s, in this order", kind, ", ".join(map(name_of, upgrades))
                 )
+        backend = backend_of(broker)
+        if backend is not None and backend.queue_concurrency:
+            served = worker.consumer_whitelist
+            budgets = {q: n for q, n in backend.queue_concurrency.items() if not served or q in served}
+            logger.info(
+                "Jobs at once per queue in this process: %s (EPQ_QUEUE_CONCURRENCY); %d worker threads",
+                describe(budgets),
+                worker.worker_threads,
+            )
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         worker_stopping()  # threads waiting for the state store give their messages back

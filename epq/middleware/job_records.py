@@ -14,7 +14,6 @@ from dramatiq.broker import MessageProxy
 from dramatiq.common import q_name
 from dramatiq.middleware import SkipMessage
 
-from .. import metrics
 from ..backends.base import Move, NewRecord, RecordStore, StateStore, holder_id, in_flight
 from ..errors import DuplicateJob, StateUnavailable, describe_error
 from ..options import DUE_MS, RECORDED, SNOOZES, UNIQUE_KEY
@@ -38,7 +37,7 @@ from ..records import (
 )
 from ..wire import MalformedMessage
 from .common import enqueue_hook_errors, find_middleware
-from .uniqueness import Uniqueness
+from .uniqueness import Uniqueness, count_refused
 
 logger = logging.getLogger("epq")
 
@@ -236,7 +235,7 @@ class JobRecords(dramatiq.Middleware):
         if current is not None:
             message.options.pop(UNIQUE_KEY, None)
             message.options.pop(RECORDED, None)
-            metrics.duplicates_refused(self.store, message.actor_name)
+            count_refused(self.store, message)
             raise DuplicateJob(message.actor_name, holder_id(current), holder=current)
 
     def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
@@ -312,6 +311,14 @@ class JobRecords(dramatiq.Middleware):
         }
         ttl = OPEN_RECORD_TTL_MS + max(0, due_ms - self.store.now_ms())
         self.records.move(message.message_id, "scheduled", _leaving(message, fields), ttl, ("running",))
+
+    def cancelled(self, message: Any) -> str | None:
+        """Record a job cancelled while it ran (``epq.cancellation``): ``cancelled`` from
+        ``running``, or from the retry or snooze just recorded for its run; kept as a cancelled job
+        that never ran is. Returns the state before."""
+        fields = _leaving(message, {"finalized_at": str(self.store.now_ms())})
+        allowed = ("running", *NOT_STARTED)
+        return self.records.move(message.message_id, "cancelled", fields, self.completed_ttl_ms, allowed)
 
     def record_malformed(self, queue_name: str, error: MalformedMessage) -> str:
         """Record a message refused off the wire as a discarded job with the reason; return the

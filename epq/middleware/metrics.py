@@ -104,6 +104,8 @@ class Metrics(dramatiq.Middleware):
             outcome = "completed"
         elif must_requeue(message):
             outcome = "failed"  # given back to its queue: the outcome could not be written
+        elif state.cancelled:
+            outcome = "cancelled"  # cancelled while it ran (epq.cancellation)
         elif isinstance(exception, Snooze):
             outcome = "snoozed"  # scheduled again, its attempt not spent
         elif message.failed:

@@ -17,12 +17,14 @@ from dramatiq.broker import MessageProxy
 from dramatiq.errors import Retry
 from dramatiq.middleware import Retries, TimeLimitExceeded
 
-from ..backends.base import backend_of
+from ..backends.base import backend_of, in_flight
+from ..cancellation import JobCancelled
 from ..controls import Discard, Snooze
 from ..options import SNOOZES
-from ..outage import WorkerStopping, must_requeue, requeue_instead, until_written
+from ..outage import WorkerStopping, must_requeue, requeue_instead, until_written, written_if_possible
 from .common import find_middleware, option
 from .job_records import JobRecords
+from .uniqueness import Uniqueness
 
 logger = logging.getLogger("epq")
 
@@ -50,7 +52,9 @@ class EpqRetries(Retries):
       throws(tuple[type[Exception], ...]): errors that dead-letter at once, never retried.
 
     A handler's ``epq.Discard`` dead-letters at once too; its ``epq.Snooze`` schedules the job
-    again without spending an attempt (``epq.controls``).
+    again without spending an attempt (``epq.controls``). A job cancelled while it ran
+    (``epq.JobCancelled``, or a request to cancel it found before a retry or snooze is scheduled:
+    ``epq.cancellation``) is recorded ``cancelled``, its key freed, and never retried.
 
     Actors without ``max_attempts`` get Dramatiq's own ``Retries`` behaviour.
     """
@@ -76,6 +80,9 @@ class EpqRetries(Retries):
             return
 
         records = find_middleware(broker, JobRecords)
+        if isinstance(exception, JobCancelled) or in_flight(message).cancel_requested:
+            self._settle(message, lambda: _cancel(broker, message, records), undo={})
+            return
         message.options["requeue_timestamp"] = int(time.time() * 1000)
         if isinstance(exception, Snooze):
             snooze, snoozes = exception, int(message.options.get(SNOOZES, 0))
@@ -191,7 +198,11 @@ class EpqRetries(Retries):
         records: JobRecords | None,
     ) -> None:
         """Enqueue the job again after ``delay`` ms (through epq's durable schedule), waiting while
-        the state store is unreachable; a job that cannot be scheduled is dead-lettered."""
+        the state store is unreachable; a job that cannot be scheduled is dead-lettered. A job
+        cancelled while it ran is not: its outcome, just recorded, becomes ``cancelled``."""
+        if _cancel_was_requested(broker, message):
+            _cancel(broker, message, records)
+            return
         try:
             until_written(
                 lambda: broker.enqueue(message, delay=delay),  # type: ignore[arg-type]  # a proxy, as in Retries
@@ -206,6 +217,37 @@ class EpqRetries(Retries):
                              message.actor_name, message.message_id)  # fmt: skip
             _record_failure(records, message, exception, None)
             message.fail()
+
+
+def _cancel_was_requested(broker: dramatiq.Broker, message: MessageProxy) -> bool:
+    """Whether a request to cancel the job came while its run was ending (the watcher had not
+    seen it): asked after the retry or snooze is recorded and before it is scheduled, so that a
+    request ``QueueService.cancel_job`` saw ``running`` is found here (see ``epq.cancellation``).
+    One round trip per failed run."""
+    backend = backend_of(broker)
+    if backend is None:
+        return False
+    found = until_written(
+        lambda: backend.state.cancel_requests([message.message_id]), "looking for a cancel request"
+    )
+    return bool(found)
+
+
+def _cancel(broker: dramatiq.Broker, message: MessageProxy, records: JobRecords | None) -> None:
+    """End a job cancelled while it ran: its uniqueness key freed, then its record ``cancelled``
+    (so that a record that says ``cancelled`` has its key free), then the request dropped; its
+    message is acked, never retried."""
+    logger.info("Cancelled %s job %s while it ran", message.actor_name, message.message_id)
+    uniqueness = find_middleware(broker, Uniqueness)
+    if uniqueness is not None:
+        until_written(lambda: uniqueness.release(message), "freeing a cancelled job's uniqueness key")
+    if records is not None:
+        until_written(lambda: records.cancelled(message), "recording a cancelled job")
+    in_flight(message).cancelled = True
+    backend = backend_of(broker)
+    if backend is not None:
+        forget = backend.state.forget_cancel
+        written_if_possible(lambda: forget(message.message_id), "dropping a cancel request")
 
 
 def _described(

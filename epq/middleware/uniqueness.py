@@ -15,7 +15,7 @@ from dramatiq.broker import MessageProxy
 from .. import metrics
 from ..backends.base import Holder, StateStore, holder_id, unique_lock_key
 from ..errors import DuplicateJob
-from ..options import PRIORITY, RECORDED, UNIQUE_KEY
+from ..options import PERIODIC, PRIORITY, RECORDED, UNIQUE_KEY
 from ..outage import state_errors, written_if_possible
 from .common import enqueue_hook_errors, option
 
@@ -53,12 +53,26 @@ def _flat_canonical(unique_by: Sequence[str], kwargs: dict[str, Any]) -> str | N
     return "{" + ",".join(parts) + "}"
 
 
+#: The "fields" a periodic job's tick is unique by: its ``PERIODIC`` option (schedule and tick).
+_TICK_FIELDS = (PERIODIC,)
+
+
+def count_refused(store: StateStore, message: dramatiq.Message[Any]) -> None:
+    """Count ``message``'s enqueue, refused as a duplicate, in ``epq_duplicates_refused_total``;
+    but for a periodic job's tick (``PERIODIC``) that another worker enqueued first: that is how a
+    tick goes once, not a duplicate the application sent."""
+    if PERIODIC not in message.options:
+        metrics.duplicates_refused(store, message.actor_name)
+
+
 class Uniqueness(dramatiq.Middleware):
     """Uniqueness windows: one job per kind and unique key inside the window.
 
     Actor options (a message option of the same name wins for ``unique_for``):
       unique_for(int): the window in milliseconds; 0 or absent turns uniqueness off.
-      unique_by(tuple[str, ...]): the payload fields that make up the key.
+      unique_by(tuple[str, ...]): the payload fields that make up the key; a periodic job's
+        tick (message option ``epq.options.PERIODIC``) is unique by its schedule and tick instead,
+        for any actor (``epq.periodic_jobs``).
 
     A new job takes its lock as it is inserted (``epq.insert``, or ``JobRecords`` for an epq
     message enqueued by hand: with its record, in one round trip; ``epq.setup`` adds both); this
@@ -88,22 +102,29 @@ class Uniqueness(dramatiq.Middleware):
         digest = hashlib.sha256(canonical.encode()).hexdigest()[:40]
         return unique_lock_key(actor_name, digest)
 
-    @staticmethod
-    def _window(broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> tuple[int, Sequence[str]] | None:
-        """``(unique_for, unique_by)`` of ``message``, or None when its actor has no uniqueness."""
+    @classmethod
+    def _window(cls, broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> tuple[int, str] | None:
+        """``(unique_for, lock key)`` of ``message``, or None when it has no uniqueness. A periodic
+        job's tick (``PERIODIC``, with its own ``unique_for``) is unique by its schedule and tick,
+        whatever its actor's unique fields."""
         actor = broker.actors.get(message.actor_name)
         if actor is None:
             return None
         unique_for = option(message, actor, "unique_for")
-        unique_by = actor.options.get("unique_by")
-        if not unique_for or not unique_by:
+        if not unique_for:
             return None
-        return int(unique_for), unique_by
+        tick = message.options.get(PERIODIC)
+        if tick is not None:
+            return int(unique_for), cls.key_for(message.actor_name, _TICK_FIELDS, {PERIODIC: tick})
+        unique_by = actor.options.get("unique_by")
+        if not unique_by:
+            return None
+        return int(unique_for), cls.key_for(message.actor_name, unique_by, message.kwargs)
 
     def lock_key(self, broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> str | None:
-        """The key ``message`` locks, or None when its actor has no uniqueness."""
+        """The key ``message`` locks, or None when it has no uniqueness."""
         window = self._window(broker, message)
-        return None if window is None else self.key_for(message.actor_name, window[1], message.kwargs)
+        return None if window is None else window[1]
 
     def lock_for(
         self,
@@ -122,13 +143,13 @@ class Uniqueness(dramatiq.Middleware):
         window = self._window(broker, message)
         if window is None:
             return None
-        window_ms, unique_by = window
+        window_ms, key = window
         delay_ms = int(delay or 0)
         value = ""
         if holder:
             tail = self.holder_tail(message, self.store.now_ms() + delay_ms)
             value = message.message_id + tail
-        return self.key_for(message.actor_name, unique_by, message.kwargs), value, window_ms + delay_ms
+        return key, value, window_ms + delay_ms
 
     @staticmethod
     def holder_tail(message: dramatiq.Message[Any], due_ms: int) -> str:
@@ -157,7 +178,7 @@ class Uniqueness(dramatiq.Middleware):
         with state_errors("taking a uniqueness lock"):
             current = self.store.acquire_unique(key, holder, lock_ttl)
         if current is not None:
-            metrics.duplicates_refused(self.store, message.actor_name)
+            count_refused(self.store, message)
             raise DuplicateJob(message.actor_name, holder_id(current), holder=current)
         message.options[UNIQUE_KEY] = key
 

@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import dramatiq
 from pydantic import AwareDatetime, TypeAdapter
 
-from .. import insert, metrics
+from .. import insert
 from ..backends.base import Backend, backend_of, holder_id
 from ..errors import ConfigurationError, EnqueueFailed
 from ..kinds import KINDS
+from ..middleware.uniqueness import count_refused
 from ..models import JobInsertResult, JobRecord, JobState, _Request
 from ..outage import state_errors
 from ..records import payload_json, to_job_record
@@ -142,7 +143,7 @@ def enqueue(
     out = [(plan, results[plan.index]) for plan in plans]
     for plan, result in out:
         if result.unique_skipped_as_duplicate:
-            metrics.duplicates_refused(backend.state, plan.actor.actor_name)
+            count_refused(backend.state, plan.message)
     return out
 
 

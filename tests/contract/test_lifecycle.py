@@ -349,27 +349,6 @@ def test_records_expire_per_the_retention_settings(
     assert s.list_dead() == []
 
 
-def test_cancelling_a_running_job_returns_it_unchanged(
-    broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry
-) -> None:
-    started, release = threading.Event(), threading.Event()
-
-    def slow(request: Any) -> None:
-        started.set()
-        release.wait(10)
-
-    epq_handlers.register("register_job", slow)
-    result = svc(broker).enqueue_register_job(VALID["register_job"])
-    assert started.wait(10)
-
-    during = svc(broker).cancel_job(result.job.id)
-    release.set()
-    drain(broker, worker)
-
-    assert during.state is S.RUNNING
-    assert job(broker, result.job.id).state is S.COMPLETED
-
-
 @pytest.mark.parametrize(
     "name",
     [pytest.param("redis", marks=pytest.mark.redis), pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)],

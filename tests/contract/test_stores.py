@@ -175,6 +175,33 @@ def test_now_ms_is_the_time_in_milliseconds_since_the_epoch(stores: Stores) -> N
     assert time.time() * 1000 - 60_000 < now <= time.time() * 1000 + 1
 
 
+# ---- the state store: requests to cancel running jobs ------------------------------------
+
+
+def test_cancel_requests_names_the_jobs_with_a_request_in_one_call(stores: Stores) -> None:
+    assert stores.state.cancel_requests([]) == []
+    assert stores.state.cancel_requests(["job-1", "job-2"]) == []
+    stores.state.request_cancel("job-2", TTL_MS)
+    stores.state.request_cancel("job-3", TTL_MS)
+    assert stores.state.cancel_requests(["job-1", "job-2", "job-3"]) == ["job-2", "job-3"]
+    stores.state.request_cancel("job-2", TTL_MS)  # (asked again: still one request)
+    assert stores.state.cancel_requests(["job-3", "job-2"]) == ["job-3", "job-2"]
+
+
+def test_a_cancel_request_is_forgotten_or_expires_after_its_ttl(stores: Stores) -> None:
+    stores.state.request_cancel("job-1", TTL_MS)
+    stores.state.request_cancel("job-2", TTL_MS)
+    stores.state.forget_cancel("job-1")
+    stores.state.forget_cancel("job-9")  # (none: harmless)
+    assert stores.state.cancel_requests(["job-1", "job-2"]) == ["job-2"]
+    stores.advance(TTL_MS / 1000 - 1)
+    assert stores.state.cancel_requests(["job-2"]) == ["job-2"]
+    stores.advance(2)
+    assert stores.state.cancel_requests(["job-2"]) == []
+    # and a request is not a lock: the locks are untouched
+    assert stores.state.unique_locks() == {}
+
+
 # ---- the state store: the schedule ---------------------------------------------------------
 
 
@@ -703,6 +730,50 @@ def test_an_expired_record_is_no_longer_counted(stores: Stores) -> None:
     stores.records.create(NewRecord("j2", fields(), DAY_MS))
     stores.advance(11)
     assert stores.live_counters() == {group("available"): 1}
+
+
+# ---- the state store: the periodic jobs' state ----------------------------------------------
+
+
+def test_a_schedule_without_state_has_none(stores: Stores) -> None:
+    assert stores.state.periodic_states([]) == []
+    assert stores.state.periodic_states(["reindex", "purge"]) == [{}, {}]
+
+
+def test_begin_notes_when_a_ticker_first_saw_a_schedule_once(stores: Stores) -> None:
+    assert stores.state.periodic_begin("reindex", T0, DAY_MS) == T0
+    assert stores.state.periodic_begin("reindex", T0 + 5000, DAY_MS) == T0  # the first one stays
+    assert stores.state.periodic_states(["reindex", "purge"]) == [{"since": str(T0)}, {}]
+
+
+def test_mark_notes_a_tick_and_its_job(stores: Stores) -> None:
+    stores.state.periodic_begin("reindex", T0, DAY_MS)
+    assert stores.state.periodic_mark("reindex", T0 + 60_000, "job-1", T0 + 60_010, DAY_MS) is True
+    assert stores.state.periodic_states(["reindex"]) == [
+        {"since": str(T0), "tick": str(T0 + 60_000), "job": "job-1", "at": str(T0 + 60_010)}
+    ]
+
+
+def test_the_noted_tick_only_moves_forward(stores: Stores) -> None:
+    stores.state.periodic_mark("reindex", T0 + 120_000, "job-2", T0 + 120_005, DAY_MS)
+    # a ticker that noted an earlier tick late, or the same tick again (with the holder's id)
+    assert stores.state.periodic_mark("reindex", T0 + 60_000, "job-1", T0 + 120_010, DAY_MS) is False
+    assert stores.state.periodic_mark("reindex", T0 + 120_000, "job-2", T0 + 120_020, DAY_MS) is False
+    assert stores.state.periodic_states(["reindex"])[0] == {
+        "tick": str(T0 + 120_000), "job": "job-2", "at": str(T0 + 120_005)
+    }  # fmt: skip
+    assert stores.state.periodic_mark("reindex", T0 + 180_000, "", T0 + 180_001, DAY_MS) is True
+    assert stores.state.periodic_states(["reindex"])[0]["job"] == ""  # (a tick that enqueued nothing)
+
+
+def test_a_schedules_state_expires_after_its_ttl_from_the_last_note(stores: Stores) -> None:
+    stores.state.periodic_begin("reindex", T0, TTL_MS)
+    stores.advance(TTL_MS / 1000 - 1)
+    stores.state.periodic_mark("reindex", T0 + 60_000, "job-1", T0 + 60_000, TTL_MS)  # (restarts it)
+    stores.advance(TTL_MS / 1000 - 1)
+    assert stores.state.periodic_states(["reindex"])[0]["tick"] == str(T0 + 60_000)
+    stores.advance(2)
+    assert stores.state.periodic_states(["reindex"]) == [{}]
 
 
 # ---- what the metrics read (epq.metrics.StoreCollector) ------------------------------------------

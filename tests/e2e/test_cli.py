@@ -237,6 +237,7 @@ OPERATOR_COMMANDS = [
     ["jobs", "cancel", "0123abcd"],
     ["dead", "list"],
     ["dead", "purge", "--yes"],
+    ["periodic"],
     ["migrate-queues"],
 ]
 

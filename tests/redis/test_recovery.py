@@ -32,7 +32,9 @@ def test_the_jobs_of_a_killed_redis_worker_run_again_within_the_bound(
     from epq import actors
 
     argv = [str(BIN / "dramatiq"), "epq.actors", HOLD_HANDLERS, "--processes", "1", "--threads", "8"]
-    env = {"EPQ_BROKER_URL": REDIS_URL, "EPQ_HANDLERS": HOLD_HANDLERS}
+    # (the default queue's budget as large as Dramatiq's prefetch, 2 x 8 threads: else it would
+    # hold only 10 jobs of the queue, its budget)
+    env = {"EPQ_BROKER_URL": REDIS_URL, "EPQ_HANDLERS": HOLD_HANDLERS, "EPQ_QUEUE_CONCURRENCY": "default=16"}
     # Given a worker holding 16 jobs: 8 hanging in its threads, 8 in its prefetch
     doomed = start_worker(argv, {**env, "EPQ_TEST_HOLD": "1"})
     ids = {

@@ -30,6 +30,7 @@ def _report(request: Any) -> None:
                 "job_id": message.message_id,
                 "queue": message.queue_name,
                 "pid": os.getpid(),
+                "periodic": message.options.get("epq_periodic"),  # a periodic job's schedule@tick
                 "request": request.model_dump(mode="json"),
             }
         ),

@@ -19,6 +19,8 @@ BIN = Path(sys.executable).parent
 E2E_HANDLERS = "tests.support.e2e_handlers"
 HOLD_HANDLERS = "tests.support.hold_handlers"
 PRIORITY_HANDLERS = "tests.support.priority_handlers"
+CANCEL_HANDLERS = "tests.support.cancel_handlers"
+CONCURRENCY_HANDLERS = "tests.support.concurrency_handlers"
 
 
 class Worker:

@@ -16,13 +16,14 @@ EXPECTED = {
     "AttemptError", "BrokerUnavailable", "ConfigurationError", "Discard", "DuplicateJob",
     "EndpointIndexSource",
     "EnqueueIndexEndpointRequest", "EpqError", "EpqSettings", "HandlerAlreadyRegistered", "HandlerError",
-    "HandlerNotFound", "InvalidPayload", "InvalidRequest", "JobInsertResult", "JobNotFound", "JobPriority",
+    "HandlerNotFound", "InvalidPayload", "InvalidRequest", "JobCancelled", "JobInsertResult", "JobNotFound",
+    "JobPriority",
     "JobQueue",
     "JobRecord", "JobState", "PayloadUpgradeFailed", "QueueService", "RegisterDynamicScheduleRequest",
     "RegisterDynamicTriggerRequest", "RegisterJobRequest", "RegisterSourceRequest", "Snooze",
     "StateUnavailable",
     "__version__",
-    "handler", "payload_upgrade", "setup",
+    "cancel_requested", "handler", "payload_upgrade", "periodic", "setup",
 }  # fmt: skip
 
 

@@ -23,6 +23,8 @@ def test_defaults() -> None:
     assert settings.completed_max == 10_000
     assert settings.dead_max == 10_000
     assert settings.strict_payload_kinds == []
+    # the Go package's worker budget per queue (jobs at once in one worker process)
+    assert settings.queue_budgets == {"default": 10, "execution": 5, "events": 20, "maintenance": 2}
 
 
 def test_environment_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,12 +72,54 @@ def test_settings_are_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
         ("EPQ_INDEX_TIME_LIMIT", "0"),
         ("EPQ_REGISTER_TIME_LIMIT", "a minute"),
         ("EPQ_STRICT_PAYLOAD_KINDS", "register_job,register_thing"),
+        ("EPQ_QUEUE_CONCURRENCY", "default"),
+        ("EPQ_QUEUE_CONCURRENCY", "=3"),
+        ("EPQ_QUEUE_CONCURRENCY", "default="),
+        ("EPQ_QUEUE_CONCURRENCY", "default=0"),
+        ("EPQ_QUEUE_CONCURRENCY", "default=-1"),
+        ("EPQ_QUEUE_CONCURRENCY", "default=many"),
+        ("EPQ_QUEUE_CONCURRENCY", "default=1.5"),
+        ("EPQ_QUEUE_CONCURRENCY", "default=1,default=2"),
+        ("EPQ_QUEUE_CONCURRENCY", "default=2,reports=3"),
     ],
 )
 def test_a_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(epq.ConfigurationError, match=name):
         get_settings()
+
+
+def test_queue_concurrency_names_queues_over_the_go_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EPQ_QUEUE_CONCURRENCY", " default = 2 , events=30,")
+    settings = get_settings()
+    assert settings.queue_budgets == {"default": 2, "execution": 5, "events": 30, "maintenance": 2}
+    # the same given as a keyword argument
+    assert EpqSettings(queue_concurrency={"maintenance": 1}).queue_budgets["maintenance"] == 1
+
+
+def test_a_queue_the_go_package_does_not_have_gets_10_unless_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EPQ_QUEUES", "default,bulk,reports")
+    monkeypatch.setenv("EPQ_QUEUE_CONCURRENCY", "reports=3")
+    assert get_settings().queue_budgets == {"default": 10, "bulk": 10, "reports": 3}
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("default", "'default' is not QUEUE=JOBS"),
+        ("default=0", "must be 1 or more, not default=0"),
+        ("default=many", "'default=many': the number of jobs must be a whole number"),
+        ("default=1, default=2", "queue 'default' is named twice"),
+        ("default=2,reports=3", "reports: not among the queues epq serves (EPQ_QUEUES=default,execution,"),
+    ],
+)
+def test_a_bad_queue_concurrency_says_what_is_wrong(
+    monkeypatch: pytest.MonkeyPatch, value: str, says: str
+) -> None:
+    monkeypatch.setenv("EPQ_QUEUE_CONCURRENCY", value)
+    with pytest.raises(epq.ConfigurationError, match="EPQ_QUEUE_CONCURRENCY") as error:
+        get_settings()
+    assert says in str(error.value)
 
 
 def test_state_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:

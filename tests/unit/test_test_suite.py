@@ -129,6 +129,9 @@ def test_test_modules_live_in_their_directories() -> None:
         assert (TESTS / directory / "__init__.py").is_file(), directory
 
 
-@pytest.mark.parametrize("module", [workers.E2E_HANDLERS, workers.HOLD_HANDLERS, workers.PRIORITY_HANDLERS])
+@pytest.mark.parametrize(
+    "module",
+    [workers.E2E_HANDLERS, workers.HOLD_HANDLERS, workers.PRIORITY_HANDLERS, workers.CONCURRENCY_HANDLERS],
+)
 def test_the_handler_modules_named_to_worker_subprocesses_exist(module: str) -> None:
     assert importlib.util.find_spec(module) is not None, module

@@ -190,6 +190,9 @@ class EpqRabbitmqBroker(DurableDelays, RabbitmqBroker):
     def consumer_class(self) -> type[EpqRabbitmqConsumer]:
         return EpqRabbitmqConsumer
 
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
+        return super().consume(queue_name, self.prefetch_for(queue_name, prefetch), timeout)
+
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
         # declared (and checked) before a delayed message goes to the schedule too, so that a
         # queue without epq's arguments is refused at the call site, not later in a promoter

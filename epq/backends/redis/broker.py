@@ -26,11 +26,12 @@ from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import compute_backoff, current_millis
 from dramatiq.errors import ConnectionClosed
 
-from ... import metrics, wire
+from ... import wire
 from ..._messages import data_template, encode, new_id
 from ...errors import DuplicateJob, StateUnavailable
 from ...middleware.common import enqueue_hook_errors, find_middleware
 from ...middleware.job_records import JobRecords, refuse_malformed
+from ...middleware.uniqueness import count_refused
 from ...outage import GivesBack, must_requeue
 from ...priority import LANES, lane_of
 from ...records import OPEN_RECORD_TTL_MS, payload_json, without_payload
@@ -121,7 +122,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
                 record = records.new_record(self, message, None)
             holder = self.insert_recorded(message, record, None)
             if holder is not None:
-                metrics.duplicates_refused(records.store, message.actor_name)
+                count_refused(records.store, message)
                 raise DuplicateJob(message.actor_name, holder_id(holder), holder=holder)
             return message
         self.emit_before("enqueue", message, None)
@@ -272,7 +273,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
         idle_poll = DELAY_QUEUE_POLL_MS if queue_name.endswith(".DQ") else IDLE_POLL_MS
-        return super().consume(queue_name, prefetch, min(timeout, idle_poll))
+        return super().consume(queue_name, self.prefetch_for(queue_name, prefetch), min(timeout, idle_poll))
 
     def fetch_lanes(self, queue_name: str, count: int) -> list[tuple[str, bytes]]:
         """Take up to ``count`` messages of ``queue_name`` for this worker, highest priority

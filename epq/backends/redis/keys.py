@@ -23,8 +23,12 @@ DEAD = KEY_PREFIX + "dead"
 DONE = KEY_PREFIX + "done"
 #: Enqueues refused as duplicates, per kind (a hash: kind -> count).
 REFUSED = STATS + ":refused"
+#: A periodic job's schedule: its state (a hash: since, tick, job, at).
+PERIODIC_PREFIX = KEY_PREFIX + "periodic:"
 #: Each bulk enqueue script call leaves its reply under a token key of its own.
 BULK_TOKEN_PREFIX = KEY_PREFIX + "bulk:"
+#: A request to cancel a running job (a string with a TTL per job: ``epq.cancellation``).
+CANCEL_PREFIX = KEY_PREFIX + "cancel:"
 
 
 def job(job_id: str) -> str:
@@ -47,6 +51,16 @@ def waiting(queue_name: str, priority: int) -> str:
     """The index of a queue and priority's available jobs by when they became due (the scripts
     make it from ``STATS`` too: ``lua/lib/counter.lua``)."""
     return f"{STATS}:waiting:{queue_name}|{priority}"
+
+
+def cancel_request(job_id: str) -> str:
+    """The request to cancel running job ``job_id`` (its value: when it was asked for, in ms)."""
+    return CANCEL_PREFIX + job_id
+
+
+def periodic(name: str) -> str:
+    """The state of periodic job ``name``'s schedule."""
+    return PERIODIC_PREFIX + name
 
 
 def relayed(job_id: str) -> str:

@@ -66,7 +66,13 @@ class RedisStateStore:
     def __init__(self, client: redis.Redis[bytes]) -> None:
         self.client = client
         self._lua = scripts.register_all(
-            client, "lock_acquire", "lock_release", "schedule_add", "schedule_claim", "schedule_move"
+            client,
+            "lock_acquire",
+            "lock_release",
+            "schedule_add",
+            "schedule_claim",
+            "schedule_move",
+            "periodic_mark",
         )
 
     def schedule_add(self, data: bytes, due_ms: int, *, entry: str | None = None, pipe: Any = None) -> str:
@@ -137,6 +143,18 @@ class RedisStateStore:
     def refused(self) -> dict[str, int]:
         return {kind.decode(): int(count) for kind, count in self.client.hgetall(keys.REFUSED).items()}
 
+    def request_cancel(self, job_id: str, ttl_ms: int) -> None:
+        self.client.set(keys.cancel_request(job_id), self.now_ms(), px=max(1, int(ttl_ms)))
+
+    def cancel_requests(self, job_ids: Sequence[str]) -> list[str]:
+        if not job_ids:
+            return []
+        found = self.client.mget([keys.cancel_request(job_id) for job_id in job_ids])
+        return [job_id for job_id, value in zip(job_ids, found, strict=True) if value is not None]
+
+    def forget_cancel(self, job_id: str) -> None:
+        self.client.delete(keys.cancel_request(job_id))
+
     def acquire_unique(self, key: str, holder: str, ttl_ms: int) -> str | None:
         return _text(self._lua["lock_acquire"](keys=[key], args=[holder, max(1, int(ttl_ms))]))
 
@@ -151,6 +169,26 @@ class RedisStateStore:
 
     def now_ms(self) -> int:
         return int(time.time() * 1000)
+
+    def periodic_states(self, names: Sequence[str]) -> list[dict[str, str]]:
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(keys.periodic(name))
+        return [{k.decode(): v.decode() for k, v in state.items()} for state in pipe.execute()]
+
+    def periodic_begin(self, name: str, now_ms: int, ttl_ms: int) -> int:
+        key = keys.periodic(name)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hsetnx(key, "since", now_ms)
+        pipe.pexpire(key, max(1, int(ttl_ms)))
+        pipe.hget(key, "since")
+        return int(pipe.execute()[-1])
+
+    def periodic_mark(self, name: str, tick_ms: int, job_id: str, now_ms: int, ttl_ms: int) -> bool:
+        noted = self._lua["periodic_mark"](
+            keys=[keys.periodic(name)], args=[tick_ms, job_id, now_ms, max(1, int(ttl_ms))]
+        )
+        return bool(noted)
 
     def close(self) -> None:
         self.client.close()
