@@ -21,7 +21,6 @@ from .models import JobInsertResult, _Request
 from .options import ARGS_JSON, PRIORITY
 from .outbox import pending
 from .payloads import to_request
-from .settings import get_settings
 
 
 def make_job_function(kind: JobKind, strict: Callable[[], bool] = lambda: False) -> Callable[..., Any]:
@@ -130,10 +129,7 @@ class EpqActor(dramatiq.Actor[..., Any]):
                 {"field": name, "message": "not an option an enqueue with tx= takes"} for name in options
             ]
             raise InvalidRequest(self.actor_name, problems)
-        table = get_settings().outbox_table
-        ((plan, result),) = pending.enqueue(
-            self.broker, tx, [(self, request)], table=table, many=False, delay=delay
-        )
+        ((plan, result),) = pending.enqueue(self.broker, tx, [(self, request)], many=False, delay=delay)
         if result.unique_skipped_as_duplicate:
             raise DuplicateJob(self.actor_name, result.job.id)
         return plan.message
@@ -147,8 +143,7 @@ class EpqActor(dramatiq.Actor[..., Any]):
         With ``tx``, written to the outbox in that transaction (see ``QueueService``)."""
         pairs = [(self, r) for r in requests]
         if tx is not None:
-            table = get_settings().outbox_table
-            return [result for _, result in pending.enqueue(self.broker, tx, pairs, table=table)]
+            return [result for _, result in pending.enqueue(self.broker, tx, pairs)]
         return insert.insert_many(self.broker, pairs)
 
     def message_for(

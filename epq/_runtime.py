@@ -99,6 +99,7 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
         completed_max=settings.completed_max,
         dead_max=settings.dead_max,
         queue_concurrency=settings.queue_budgets,
+        outbox_table=settings.outbox_table,
     )
     broker.add_middleware(Uniqueness(state))
     broker.add_middleware(

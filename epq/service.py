@@ -28,7 +28,6 @@ from .options import PRIORITY, RECORDED
 from .outbox import pending
 from .outbox.connections import Statements, dbapi_connection
 from .records import NOT_STARTED, OPEN_RECORD_TTL_MS, lock_key_of, to_job_record
-from .settings import get_settings
 
 _KIND_BY_MODEL: dict[type[_Request], str] = {
     EnqueueIndexEndpointRequest: "index_endpoint",
@@ -180,8 +179,7 @@ class QueueService:
                     ],
                 )
         if tx is not None:
-            table = get_settings().outbox_table
-            return [result for _, result in pending.enqueue(self.broker, tx, pairs, table=table)]
+            return [result for _, result in pending.enqueue(self.broker, tx, pairs)]
         return insert.insert_many(self.broker, pairs)  # (self.broker sets epq up if nothing has yet)
 
     # ---- job state ---------------------------------------------------------------------------
@@ -414,8 +412,7 @@ class QueueService:
         else:
             raise TypeError(f"enqueue of {kind} takes a {model.__name__}, not {type(request).__name__}")
         if tx is not None:
-            table = get_settings().outbox_table
-            ((_, result),) = pending.enqueue(broker, tx, [(actor, validated)], table=table, many=False)
+            ((_, result),) = pending.enqueue(broker, tx, [(actor, validated)], many=False)
             return result
         try:
             plan = insert.insert_one(actor, validated, broker)

@@ -353,6 +353,8 @@ class Backend:
     #: The most jobs of each queue a worker process runs at once (``epq.concurrency``): each
     #: queue's consumer holds at most that many of its messages (``DurableDelays.prefetch_for``).
     queue_concurrency: Mapping[str, int] = field(default_factory=dict)
+    #: The outbox table enqueues with ``tx=`` write to (``EPQ_OUTBOX_TABLE``; ``epq.outbox``).
+    outbox_table: str = "epq_outbox"
 
 
 @dataclass

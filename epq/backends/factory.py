@@ -63,12 +63,14 @@ def build_backend(
     completed_max: int = DEFAULT_COMPLETED_MAX,
     dead_max: int = DEFAULT_DEAD_MAX,
     queue_concurrency: Mapping[str, int] | None = None,
+    outbox_table: str = "epq_outbox",
 ) -> BuiltBackend:
     """The broker ``broker_url`` names, and epq's state and records: in memory for the stub
     broker; in the broker's Redis, or in the Redis ``state_url`` names (which RabbitMQ needs).
     The stores are set on the broker (``broker.epq``, a :class:`~epq.backends.base.Backend`: its
     delayed messages go to the state store's schedule), with ``queue_concurrency``, the most jobs of
-    each queue a worker process runs at once (none: no queue is capped).
+    each queue a worker process runs at once (none: no queue is capped), and ``outbox_table``, the
+    table enqueues with ``tx=`` write to (``epq.outbox``).
 
     Raises:
       ConfigurationError: an unknown URL scheme, RabbitMQ without a state URL, or a state URL
@@ -104,5 +106,7 @@ def build_backend(
         beside = broker.namespace if fused else None  # records filed beside their messages
         records = RedisRecords(client, redis_state.now_ms, **bounds, messages_ns=beside)
         state = redis_state
-    broker.epq = Backend(mask_url(broker_url), state, records, fused, dict(queue_concurrency or {}))
+    broker.epq = Backend(
+        mask_url(broker_url), state, records, fused, dict(queue_concurrency or {}), outbox_table
+    )
     return BuiltBackend(broker, state, records)

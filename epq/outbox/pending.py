@@ -98,12 +98,12 @@ def enqueue(
     tx: object,
     items: Sequence[tuple[EpqActor, _Request | Mapping[str, Any]]],
     *,
-    table: str,
     many: bool = True,
     delay: timedelta | int | None = None,
 ) -> list[tuple[insert.Plan, JobInsertResult]]:
-    """Write requests to the outbox in the transaction ``tx``; each with its result (a pending
-    job, or the job holding its key), in order (see the module docstring).
+    """Write requests to the outbox (the broker's, ``Backend.outbox_table``) in the transaction
+    ``tx``; each with its result (a pending job, or the job holding its key), in order (see the
+    module docstring).
 
     Raises:
       InvalidRequest: a request is invalid, or ``tx`` is no transaction epq can write through.
@@ -111,11 +111,11 @@ def enqueue(
       BrokerUnavailable: the state store cannot be reached.
     """
     name = "enqueue_many" if many else items[0][0].actor_name
-    db = Statements(dbapi_connection(tx, name), table)
-    plans = insert.plan_pending(broker, items, many=many, delay=delay)
     backend = backend_of(broker)
-    if backend is None:  # (plan_pending checked it)
-        raise ConfigurationError("the outbox needs a broker epq.setup() built")
+    if backend is None:
+        raise ConfigurationError(f"the outbox needs a broker epq.setup() built, not {type(broker).__name__}")
+    db = Statements(dbapi_connection(tx, name), backend.outbox_table)
+    plans = insert.plan_pending(broker, items, many=many, delay=delay)
     results: dict[int, JobInsertResult] = {}
     first: dict[str, insert.Plan] = {}  # by unique key: the earlier of two requests wins
     twins: list[tuple[insert.Plan, insert.Plan]] = []

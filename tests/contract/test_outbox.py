@@ -23,7 +23,8 @@ import epq
 from epq.outbox import sql
 from epq.outbox.connections import Statements
 from epq.outbox.relay import Relay
-from epq.testing import HandlerRegistry, backend, drain, relay
+from epq.settings import reset_settings
+from epq.testing import HandlerRegistry, backend, drain, install, relay
 from tests.conftest import postgres_available
 from tests.support.appdb import FORMS, AppDb
 from tests.support.helpers import StartLog, index_request, run_until_drained, total_waiting, wait_for
@@ -500,18 +501,15 @@ def test_bad_input_names_the_field_and_writes_nothing(outbox: str, epq_broker: d
     assert len(rows(POSTGRES_URL, outbox)) == 1
 
 
-def test_a_missing_table_says_how_to_make_it(
-    outbox: str, epq_broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_missing_table_says_how_to_make_it(outbox: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EPQ_OUTBOX_TABLE", outbox + "_missing")
-    from epq.settings import reset_settings
-
     reset_settings()
+    broker = install("stub://")  # (the table is the broker's, from the settings it was set up with)
     with (
         psycopg.connect(POSTGRES_URL) as connection,
         pytest.raises(epq.ConfigurationError, match="epq outbox migrate"),
     ):
-        svc(epq_broker).enqueue_index_endpoint(index_request(1), tx=connection)
+        svc(broker).enqueue_index_endpoint(index_request(1), tx=connection)
 
 
 # ---- faults -------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 import epq
 from epq.outbox import schema_sql
 from epq.settings import reset_settings
+from epq.testing import install
 from tests.conftest import REDIS_URL, postgres_available
 from tests.support.helpers import index_request, wait_for
 from tests.support.postgres import POSTGRES_URL, rows
@@ -41,7 +42,7 @@ def test_migrate_print_shows_the_sql_it_runs() -> None:
 
 
 def test_migrate_creates_the_table_again_safely_and_status_counts_what_waits(
-    epq_broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     schema = postgres_available()
     table = f"{schema.name}.outbox_cli_{uuid.uuid4().hex[:8]}"
@@ -57,8 +58,9 @@ def test_migrate_creates_the_table_again_safely_and_status_counts_what_waits(
         # two jobs committed, not relayed
         monkeypatch.setenv("EPQ_OUTBOX_TABLE", table)
         reset_settings()
+        broker = install("stub://")
         with psycopg.connect(POSTGRES_URL) as connection:
-            epq.QueueService(epq_broker).enqueue_many([index_request(1), index_request(2)], tx=connection)
+            epq.QueueService(broker).enqueue_many([index_request(1), index_request(2)], tx=connection)
             connection.commit()
         status = json.loads(run_epq("outbox", "status", "--json", env=env).stdout)
         assert status["pending"] == 2
