@@ -65,8 +65,6 @@ def relay(args: argparse.Namespace, extra: Sequence[str], parser: argparse.Argum
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    the_relay = Relay(broker, url, table, batch=args.batch or RELAY_BATCH)
-    the_relay.relay_once()  # (fails here, with one line, if the database or the table is missing)
     stop = threading.Event()
 
     def stopping(signum: int, frame: Any) -> None:
@@ -74,6 +72,8 @@ def relay(args: argparse.Namespace, extra: Sequence[str], parser: argparse.Argum
 
     signal.signal(signal.SIGTERM, stopping)
     signal.signal(signal.SIGINT, stopping)
+    the_relay = Relay(broker, url, table, batch=args.batch or RELAY_BATCH)
+    the_relay.relay_once()  # (fails here, with one line, if the database or the table is missing)
     print(
         f"epq: relaying {table} from {display_dsn(url)} to {display_url(broker)} (stop with Ctrl-C)",
         file=sys.stderr,
