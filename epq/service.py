@@ -204,7 +204,7 @@ class QueueService:
         fields = runtime.records.get(job_id)
         if fields is not None:
             return to_job_record(job_id, fields)
-        table = runtime.settings.outbox_table
+        table = runtime.settings.outbox_table  # (the broker's too: Backend.outbox_table)
         if tx is not None:
             found = pending.find_pending(Statements(dbapi_connection(tx, "get_job"), table), job_id)
         elif runtime.outbox is not None:

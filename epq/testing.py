@@ -172,7 +172,7 @@ def relay(broker: dramatiq.Broker | None = None) -> int:
     settings = get_settings()
     if target is None or not settings.outbox_url:
         raise ConfigurationError("relay() needs a broker epq set up and EPQ_OUTBOX_URL")
-    relayer = Relay(target, settings.outbox_url, settings.outbox_table)
+    relayer = Relay(target, settings.outbox_url, backend(target).outbox_table)
     total = 0
     try:
         while moved := relayer.relay_once():
