@@ -57,7 +57,9 @@ def test_memory_prints_bytes_per_job_waiting_completed_locked_dead_and_scheduled
     assert float(rows["lock,"][4]) > 0  # "lock, its record forgotten": a lock per job is left
     for row in ("dead", "scheduled"):
         plain, ours = (float(v) for v in rows[row][-3:-1])
-        assert 0 < plain < ours, row  # epq also keeps a record (and a lock) of the job
+        # (plain Dramatiq's few bytes a job can read below 0 at this small n: allocator noise)
+        assert ours > 0, row
+        assert plain < ours, row  # epq also keeps a record (and a lock) of the job
 
 
 @pytest.mark.redis
