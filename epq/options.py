@@ -25,3 +25,7 @@ TRACE_CONTEXT = "epq_trace"
 #: The schedule and tick a periodic job was enqueued for (``<name>@<tick ms>``): its uniqueness
 #: lock is made from them instead of its unique fields (``epq.periodic_jobs``).
 PERIODIC = "epq_periodic"
+#: The uniqueness mode of a job inserted in a mode other than ``keep_first`` (``replace`` or
+#: ``debounce``; ``epq.modes``): its worker reads its record as it starts it, for a payload a
+#: duplicate put in its place, or for the job it follows and must wait for.
+UNIQUE_MODE = "epq_unique_mode"

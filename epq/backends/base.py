@@ -200,6 +200,36 @@ class RelayedJob(NamedTuple):
     due_ms: int
 
 
+#: What :meth:`RecordStore.resolve_duplicate` did (uniqueness modes, ``epq.modes``).
+REPLACED = "replaced"  # the waiting holder's payload replaced (and, debounce, its run time moved)
+FOLLOW_UP = "follow-up"  # a new job that runs after the holder, which had started
+TAKEN_OVER = "taken over"  # a new job: the key's holder had ended, or the lock was free
+#: The states of a job that will not run again: a duplicate in a replacing mode starts a new job.
+ENDED_STATES = ("completed", "discarded", "cancelled")
+#: The record fields of the uniqueness modes: the job's mode (its worker reads the record as it
+#: starts it), how many duplicates replaced its payload, and the job a follow-up runs after.
+MODE_FIELD, REPLACED_FIELD, AFTER_FIELD = "unique_mode", "replaced", "after"
+
+
+class Duplicate(NamedTuple):
+    """A duplicate enqueued in mode ``replace`` or ``debounce`` (:meth:`RecordStore.resolve_duplicate`):
+    its record (``scheduled``, with the lock it takes over), its message as it waits in the
+    schedule (``entry``, the encoded message, when it is due), its payload as JSON, and, for
+    ``debounce``, how far it moves a waiting job (ms) and the longest that job may wait from its
+    creation (ms); ``window_ms``: the kind's window (a lock held while a job waits lasts that
+    much past its run time)."""
+
+    mode: str
+    record: NewRecord
+    entry: str
+    data: bytes
+    due_ms: int
+    args_json: str
+    debounce_ms: int = 0
+    max_wait_ms: int = 0
+    window_ms: int = 0
+
+
 class Move(NamedTuple):
     """One transition of :meth:`RecordStore.move_many` (the arguments of ``move``)."""
 
@@ -258,6 +288,32 @@ class RecordStore(Protocol):
         self, job_id: str, state: str, error: Mapping[str, Any], fields: RecordFields, ttl_ms: int
     ) -> None:
         """Append an attempt error and set ``state``."""
+
+    def resolve_duplicate(self, duplicate: Duplicate, now_ms: int) -> tuple[str, str]:
+        """Decide, in one atomic step, what a duplicate in mode ``replace`` or ``debounce`` does
+        with the job holding its lock (``epq.modes``), and do it; returns the outcome and the id
+        of the job it concerns:
+
+        - ``REPLACED`` (the holder's id): the holder, inserted in one of these modes, has not
+          started (``available`` or ``scheduled``, or a follow-up waiting for the job it follows):
+          its record's ``args`` become the duplicate's, ``replaced`` counts one more; in
+          ``debounce`` a first wait in the schedule (entry ``<id>:0``) moves to ``now +
+          debounce_ms``, never past ``created_at + max_wait_ms``, and the lock lasts the window past it.
+        - ``FOLLOW_UP`` (the duplicate's id): the holder started (or reads no replaced payload:
+          inserted in ``keep_first``): the duplicate's record is written with ``after`` = the
+          holder's id, its message added to the schedule, and the lock is the duplicate's.
+        - ``TAKEN_OVER`` (the duplicate's id): the holder ended (or has no record), or the lock
+          is free: the duplicate is written and scheduled the same way, without ``after``.
+
+        Replacements are counted per kind (:meth:`replacements`)."""
+
+    def mode_start(self, job_id: str) -> tuple[str | None, str | None]:
+        """What the worker of a job inserted in a replacing mode reads once it started it, in one
+        atomic read: the payload (JSON) a duplicate put in its record (None when none did), and
+        the job it follows when that has not ended yet (None otherwise: it may run)."""
+
+    def replacements(self) -> dict[str, int]:
+        """Kind -> how many duplicates replaced a waiting job's payload (every process's)."""
 
     def get(self, job_id: str) -> dict[str, str] | None: ...
 
@@ -386,6 +442,9 @@ class InFlight:
     cancel_requested: bool = False
     #: Its worker recorded it cancelled while it ran (``EpqRetries``).
     cancelled: bool = False
+    #: A follow-up (uniqueness modes) whose job before it has not ended: it snoozes instead of
+    #: running, and its record keeps the payload duplicates put there (``epq.modes``).
+    follows: str | None = None
 
 
 def in_flight(proxy: Any) -> InFlight:

@@ -381,7 +381,8 @@ def _leaving(message: Any, fields: dict[str, str]) -> dict[str, str]:
     """``fields`` of a transition that takes a job's message off the broker, with the job's
     payload when its record was filed without it (beside its message in the broker's Redis: see
     ``RedisRecords``)."""
-    if in_flight(message).records_here:
+    if in_flight(message).records_here and in_flight(message).follows is None:
+        # (a follow-up waiting for its job before it keeps the payload duplicates put in its record)
         fields["args"] = payload_json(message.kwargs)
     return fields
 
