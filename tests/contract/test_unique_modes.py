@@ -11,15 +11,17 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import Any
 
 import dramatiq
 import pytest
 
 import epq
+from epq.backends.memory import FakeClock
 from epq.models import JobState
 from epq.settings import reset_settings
-from epq.testing import HandlerRegistry
+from epq.testing import HandlerRegistry, drain
 from tests.support.helpers import VALID, wait_for
 
 KIND = "index_endpoint"  # (unique by endpoint and source: its reason and data are the payload)
@@ -160,3 +162,182 @@ def test_a_duplicate_after_the_job_ended_starts_a_new_job(
     assert runs.versions == [0, 1]
     # while keep_first refuses it for the rest of the window
     assert svc.enqueue_index_endpoint(request(2, "keep_first")).unique_skipped_as_duplicate
+
+
+def enqueue_at_once(svc: epq.QueueService, threads: int, each: int, mode: str) -> list[Any]:
+    """``threads`` threads enqueue ``each`` duplicates each, all starting together."""
+    start = threading.Barrier(threads)
+    results: list[Any] = []
+    lock = threading.Lock()
+
+    def send(t: int) -> None:
+        start.wait(10)
+        for i in range(each):
+            result = svc.enqueue_index_endpoint(request(100 * t + i, mode))
+            with lock:
+                results.append(result)
+
+    pool = [threading.Thread(target=send, args=(t,)) for t in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(60)
+    return results
+
+
+def test_duplicates_at_once_of_a_job_not_started_leave_that_one_job(
+    broker: dramatiq.Broker, stopped_worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given no job of the key, and 8 threads enqueueing 10 duplicates each at the same instant
+    runs = Runs(epq_handlers)
+    svc = epq.QueueService(broker)
+    results = enqueue_at_once(svc, threads=8, each=10, mode="replace")
+
+    # Then there is one job: one result made it, the 79 others replaced its payload
+    assert len(results) == 80
+    assert len({r.job.id for r in results}) == 1
+    assert sum(not r.unique_replaced for r in results) == 1
+    job = svc.get_job(results[0].job.id)
+    assert job is not None
+    assert job.replaced == 79
+    # and it runs once, with the payload its record holds last
+    stopped_worker.start()
+    assert wait_for(lambda: settled(svc, {job.id}), timeout=20)
+    time.sleep(0.3)
+    assert runs.versions == [job.args["source_data"]["version"]]
+
+
+def test_duplicates_at_once_of_a_running_job_make_one_follow_up_never_running_beside_it(
+    broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given a job of the key running (its handler waits)
+    runs = Runs(epq_handlers, work_s=0.05)
+    runs.first_may_end.clear()
+    svc = epq.QueueService(broker)
+    first = svc.enqueue_index_endpoint(request(0, "replace"))
+    assert wait_for(lambda: runs.versions == [0], timeout=10)
+
+    # When 8 threads enqueue 10 duplicates each at the same instant
+    results = enqueue_at_once(svc, threads=8, each=10, mode="replace")
+    runs.first_may_end.set()
+
+    # Then exactly one of them is a new job, the follow-up; the 79 others replaced its payload
+    new = [r for r in results if not r.unique_replaced]
+    assert len(new) == 1
+    follow_up = new[0].job.id
+    assert follow_up != first.job.id
+    assert {r.job.id for r in results} == {follow_up}
+    # and it runs once, after the first ended (never two at once), with the payload it holds last
+    assert wait_for(lambda: settled(svc, {first.job.id, follow_up}), timeout=20)
+    time.sleep(0.3)
+    last = svc.get_job(follow_up)
+    assert last is not None
+    assert last.replaced == 79
+    assert runs.versions == [0, last.args["source_data"]["version"]]
+    assert runs.most_at_once == 1
+
+
+@pytest.mark.parametrize("mode", ["replace", "debounce"])
+def test_enqueue_many_honours_the_modes_in_order(
+    broker: dramatiq.Broker, stopped_worker: dramatiq.Worker, epq_handlers: HandlerRegistry, mode: str
+) -> None:
+    # Given a batch with five versions of one key, among other keys
+    runs = Runs(epq_handlers)
+    svc = epq.QueueService(broker)
+    batch = [("index_endpoint", request(n, mode)) for n in range(5)]
+    results = svc.enqueue_many(batch)
+
+    # Then the first is enqueued and each later one replaced its payload, in order
+    assert [r.unique_replaced for r in results] == [False, True, True, True, True]
+    assert {r.job.id for r in results} == {results[0].job.id}
+    job = svc.get_job(results[0].job.id)
+    assert job is not None
+    assert job.args["source_data"] == {"version": 4}
+    stopped_worker.start()
+    assert wait_for(lambda: settled(svc, {job.id}), timeout=20)
+    assert runs.versions == [4]
+
+
+# ---- the stub broker, on its fake clock ---------------------------------------------------------
+
+
+@pytest.fixture
+def long_debounce(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2 s debounce, waits of 20 s at most (request it before ``epq_broker``)."""
+    monkeypatch.setenv("EPQ_INDEX_DEBOUNCE_DELAY", "2")
+    monkeypatch.setenv("EPQ_INDEX_DEBOUNCE_MAX_WAIT", "20")
+    reset_settings()
+
+
+@pytest.mark.parametrize("mode", ["replace", "debounce"])
+def test_on_the_fake_clock_20_duplicates_over_10_s_run_the_last_payload_once(
+    long_debounce: None,
+    epq_broker: dramatiq.Broker,
+    epq_clock: FakeClock,
+    epq_handlers: HandlerRegistry,
+    mode: str,
+) -> None:
+    # Given a job delayed 10 s (replace) or debounced 2 s, and 19 duplicates, one every 0.5 s
+    runs = Runs(epq_handlers)
+    svc = epq.QueueService(epq_broker)
+    worker = dramatiq.Worker(epq_broker, worker_timeout=50, worker_threads=2)
+    worker.start()
+    try:
+        first_request = request(0, mode)
+        if mode == "replace":  # (not started while its duplicates come)
+            first_request["run_at"] = datetime.fromtimestamp(epq_clock() + 10, tz=timezone.utc)
+        first = svc.enqueue_index_endpoint(first_request)
+        for n in range(1, 20):
+            epq_clock.advance(0.5)
+            assert svc.enqueue_index_endpoint(request(n, mode)).job.id == first.job.id
+            drain(epq_broker, worker)  # (what is due runs: nothing is)
+        assert runs.versions == []
+        job = svc.get_job(first.job.id)
+        assert job is not None
+        if mode == "debounce":  # moved by each duplicate: due 2 s after the last
+            assert job.scheduled_at.timestamp() == pytest.approx(epq_clock() + 2, abs=0.01)
+
+        # When its time comes, it runs once, with the last payload
+        epq_clock.advance(2.5)
+        drain(epq_broker, worker)
+    finally:
+        worker.stop()
+    assert runs.versions == [19]
+
+
+def test_debounce_never_moves_a_job_past_its_maximum_wait(
+    epq_broker: dramatiq.Broker, epq_clock: FakeClock, epq_handlers: HandlerRegistry
+) -> None:
+    # Given a debounce of 0.3 s and waits of 20 s at most: duplicates every 0.25 s for 30 s
+    svc = epq.QueueService(epq_broker)
+    first = svc.enqueue_index_endpoint(request(0, "debounce"))
+    created = first.job.created_at.timestamp()
+    for n in range(1, 120):
+        epq_clock.advance(0.25)
+        svc.enqueue_index_endpoint(request(n, "debounce"))
+        job = svc.get_job(first.job.id)
+        assert job is not None
+        # Then it is due 0.3 s after the last one, until that is past 20 s after its creation
+        assert job.scheduled_at.timestamp() == pytest.approx(min(epq_clock() + 0.3, created + 20), abs=0.01)
+
+
+def test_keep_first_stays_the_default_and_a_request_may_choose_its_mode(epq_broker: dramatiq.Broker) -> None:
+    svc = epq.QueueService(epq_broker)
+    first = svc.enqueue_index_endpoint(request(0, "keep_first"))
+    plain = {k: v for k, v in request(1, "keep_first").items() if k != "unique_mode"}
+
+    assert svc.enqueue_index_endpoint(plain).unique_skipped_as_duplicate
+    with pytest.raises(epq.DuplicateJob):
+        epq.actors.index_endpoint.send(**plain)
+    # a replacing duplicate of a keep_first job (which reads no replaced payload as it starts)
+    # becomes its follow-up, whose payload the next one replaces
+    follow_up = svc.enqueue_index_endpoint(request(2, "replace"))
+    assert not follow_up.unique_replaced
+    assert follow_up.job.id != first.job.id
+    replaced = svc.enqueue_index_endpoint(request(3, "replace"))
+    assert replaced.unique_replaced
+    assert replaced.job.id == follow_up.job.id
+    assert replaced.job.args["source_data"] == {"version": 3}
+    assert "unique_mode" not in replaced.job.args  # (read at enqueue, not part of the payload)
+    # send() in a replacing mode returns the message with the id of the job it replaced into
+    assert epq.actors.index_endpoint.send(**request(4, "replace")).message_id == follow_up.job.id
