@@ -99,7 +99,7 @@ class Plan:
     delay: int | None  # ms
     message: dramatiq.Message[Any] = field(init=False)
     lock: tuple[str, str, int] | None = field(init=False)  # (key, holder value, ttl ms)
-    mode: str | None = None  # its uniqueness mode, when replace or debounce (epq.modes)
+    mode: str | None = None  # its uniqueness mode, when replace or debounce (epq.middleware.modes)
     #: What a duplicate in a replacing mode did (``RecordStore.resolve_duplicate``): the outcome
     #: and the id of the job it concerns.
     outcome: tuple[str, str] | None = None

@@ -35,7 +35,7 @@ class JobKind:
       unique_mode_setting / debounce_delay_setting / debounce_max_wait_setting: the
         ``EpqSettings`` fields holding what a duplicate does inside the window and, for
         ``debounce``, how far each moves the waiting job and how long it may wait at most
-        (``epq.modes``).
+        (``epq.middleware.modes``).
     """
 
     name: str

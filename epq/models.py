@@ -75,7 +75,7 @@ JsonObject = dict[str, JsonValue]
 #: The names of the enqueue options every request carries besides its own fields.
 ENQUEUE_OPTION_FIELDS = ("queue_name", "run_at", "priority", "unique_mode")
 
-#: What a duplicate inside the uniqueness window does (``epq.modes``): ``keep_first`` (it is
+#: What a duplicate inside the uniqueness window does (``epq.middleware.modes``): ``keep_first`` (it is
 #: refused: the first job wins), ``replace`` (its payload replaces the waiting job's, or runs in
 #: one follow-up after a job already started), ``debounce`` (as replace, and it moves the waiting
 #: job's run time later, up to a maximum wait).

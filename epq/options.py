@@ -26,6 +26,6 @@ TRACE_CONTEXT = "epq_trace"
 #: lock is made from them instead of its unique fields (``epq.periodic_jobs``).
 PERIODIC = "epq_periodic"
 #: The uniqueness mode of a job inserted in a mode other than ``keep_first`` (``replace`` or
-#: ``debounce``; ``epq.modes``): its worker reads its record as it starts it, for a payload a
+#: ``debounce``; ``epq.middleware.modes``): its worker reads its record as it starts it, for a payload a
 #: duplicate put in its place, or for the job it follows and must wait for.
 UNIQUE_MODE = "epq_unique_mode"

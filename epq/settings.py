@@ -68,7 +68,7 @@ class EpqSettings(BaseSettings):
       index_unique_for / register_unique_for: uniqueness windows (seconds or ISO-8601 duration).
       index_unique_mode / register_unique_mode: what a duplicate inside the window does:
         ``keep_first`` (refused; the default, as the Go package), ``replace`` or ``debounce``
-        (``epq.modes``); a request's ``unique_mode`` wins.
+        (``epq.middleware.modes``); a request's ``unique_mode`` wins.
       index_debounce_delay / register_debounce_delay: in ``debounce`` mode, how long a job waits
         after the last duplicate of its key (seconds or ISO-8601 duration).
       index_debounce_max_wait / register_debounce_max_wait: in ``debounce`` mode, the longest a

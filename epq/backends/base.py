@@ -200,7 +200,7 @@ class RelayedJob(NamedTuple):
     due_ms: int
 
 
-#: What :meth:`RecordStore.resolve_duplicate` did (uniqueness modes, ``epq.modes``).
+#: What :meth:`RecordStore.resolve_duplicate` did (uniqueness modes, ``epq.middleware.modes``).
 REPLACED = "replaced"  # the waiting holder's payload replaced (and, debounce, its run time moved)
 FOLLOW_UP = "follow-up"  # a new job that runs after the holder, which had started
 TAKEN_OVER = "taken over"  # a new job: the key's holder had ended, or the lock was free
@@ -291,7 +291,7 @@ class RecordStore(Protocol):
 
     def resolve_duplicate(self, duplicate: Duplicate, now_ms: int) -> tuple[str, str]:
         """Decide, in one atomic step, what a duplicate in mode ``replace`` or ``debounce`` does
-        with the job holding its lock (``epq.modes``), and do it; returns the outcome and the id
+        with the job holding its lock (``epq.middleware.modes``), and do it; returns the outcome and the id
         of the job it concerns:
 
         - ``REPLACED`` (the holder's id): the holder, inserted in one of these modes, has not
@@ -443,7 +443,7 @@ class InFlight:
     #: Its worker recorded it cancelled while it ran (``EpqRetries``).
     cancelled: bool = False
     #: A follow-up (uniqueness modes) whose job before it has not ended: it snoozes instead of
-    #: running, and its record keeps the payload duplicates put there (``epq.modes``).
+    #: running, and its record keeps the payload duplicates put there (``epq.middleware.modes``).
     follows: str | None = None
 
 

@@ -1,6 +1,19 @@
-"""``Modes``: the worker's half of the uniqueness modes ``replace`` and ``debounce`` (``epq.modes``
-has the rules): a job inserted in one of them reads its record once started, for the payload a
-duplicate put in its place while it waited, and for the job it follows, which must end first."""
+"""Uniqueness modes: what a duplicate (same kind and unique key, inside the window) does.
+
+- ``keep_first`` (the default): it is refused; the first job wins (``Uniqueness``).
+- ``replace``: while the job holding the key has not started, the duplicate's payload replaces
+  its own; once it started, the first duplicate becomes one follow-up job, which runs after it
+  ends (never beside it), and later ones replace the follow-up's payload; after it ended, the
+  duplicate is a new job (latest wins).
+- ``debounce``: as ``replace``, and each duplicate moves the waiting job's run time later (the
+  kind's debounce delay), never past its maximum wait from the job's creation.
+
+The insert decides (``epq.insert``: ``_with_mode``, ``_resolve``; one atomic step of the state
+store, ``RecordStore.resolve_duplicate``). This module is the worker's half, ``Modes``: a job
+inserted in a replacing mode reads its record once started, for the payload a duplicate put in
+its place while it waited, and for the job it follows, which must end first (docs/decisions.md,
+decision 61).
+"""
 
 from __future__ import annotations
 

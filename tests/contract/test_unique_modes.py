@@ -1,4 +1,4 @@
-"""Uniqueness modes ``replace`` and ``debounce`` on every broker (``epq.modes``): of many
+"""Uniqueness modes ``replace`` and ``debounce`` on every broker (``epq.middleware.modes``): of many
 duplicates, the last payload always runs, in one or two runs, and two jobs of one key never run
 at once. ``keep_first`` (the default) is ``test_uniqueness.py``'s.
 

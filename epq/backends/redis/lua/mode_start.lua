@@ -1,5 +1,5 @@
 -- What the worker of a job inserted in uniqueness mode replace or debounce reads once it started
--- it (epq.modes), in one atomic read: the payload a duplicate put in its record ('' when none
+-- it (epq.middleware.modes), in one atomic read: the payload a duplicate put in its record ('' when none
 -- did), and the job it follows when that has not ended ('' otherwise: it may run).
 -- KEYS: none; ARGV: record key prefix, job id.
 local found = redis.call('HMGET', ARGV[1] .. ARGV[2], 'args', 'replaced', 'after')

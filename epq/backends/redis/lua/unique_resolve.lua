@@ -1,6 +1,6 @@
 -- #include lib/write_new.lua
 -- #include lib/holder_id.lua
--- What a duplicate enqueued in uniqueness mode replace or debounce does (epq.modes), decided and
+-- What a duplicate enqueued in uniqueness mode replace or debounce does (epq.middleware.modes), decided and
 -- done in one atomic step (RecordStore.resolve_duplicate):
 -- - the job holding the lock was inserted in such a mode and has not started (available,
 --   scheduled, or a follow-up running only to find that the job it follows has not ended): its
