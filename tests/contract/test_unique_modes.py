@@ -164,6 +164,37 @@ def test_a_duplicate_after_the_job_ended_starts_a_new_job(
     assert svc.enqueue_index_endpoint(request(2, "keep_first")).unique_skipped_as_duplicate
 
 
+def test_a_follow_up_waits_while_the_job_before_it_waits_for_a_retry(
+    broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given a job whose first attempt fails after its duplicates came (retried 0.5 s later)
+    runs = Runs(epq_handlers)
+    runs.first_may_end.clear()
+    failed = []
+
+    def handler(req: Any) -> None:
+        runs(req)
+        if not failed:
+            failed.append(1)
+            raise RuntimeError("endpoint down")
+
+    epq_handlers.register(KIND, handler)
+    svc = epq.QueueService(broker)
+    first_id = epq.actors.index_endpoint.send_with_options(
+        kwargs=request(0, "replace"), backoff_ms=[500]
+    ).message_id
+    assert wait_for(lambda: runs.versions == [0], timeout=10)
+    results = [svc.enqueue_index_endpoint(request(n, "replace")) for n in range(1, 6)]
+    runs.first_may_end.set()
+
+    # Then its follow-up runs once, after the retry that succeeded, with the last payload
+    follow_up = results[0].job.id
+    assert wait_for(lambda: settled(svc, {first_id, follow_up}), timeout=20)
+    time.sleep(0.3)
+    assert runs.versions == [0, 0, 5]
+    assert runs.most_at_once == 1
+
+
 def enqueue_at_once(svc: epq.QueueService, threads: int, each: int, mode: str) -> list[Any]:
     """``threads`` threads enqueue ``each`` duplicates each, all starting together."""
     start = threading.Barrier(threads)
