@@ -372,3 +372,31 @@ def test_keep_first_stays_the_default_and_a_request_may_choose_its_mode(epq_brok
     assert "unique_mode" not in replaced.job.args  # (read at enqueue, not part of the payload)
     # send() in a replacing mode returns the message with the id of the job it replaced into
     assert epq.actors.index_endpoint.send(**request(4, "replace")).message_id == follow_up.job.id
+
+
+@pytest.fixture
+def replace_by_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``index_endpoint`` in mode replace by its setting (request it before ``epq_broker``)."""
+    monkeypatch.setenv("EPQ_INDEX_UNIQUE_MODE", "replace")
+    reset_settings()
+
+
+def test_a_kinds_setting_gives_its_mode_and_a_request_may_keep_the_first(
+    replace_by_setting: None, epq_broker: dramatiq.Broker
+) -> None:
+    svc = epq.QueueService(epq_broker)
+    plain = {k: v for k, v in request(0, "replace").items() if k != "unique_mode"}
+    first = svc.enqueue_index_endpoint(plain)
+
+    replaced = svc.enqueue_index_endpoint({**plain, "source_data": {"version": 1}})
+    refused = svc.enqueue_index_endpoint(request(2, "keep_first"))
+
+    assert replaced.unique_replaced
+    assert replaced.job.id == first.job.id
+    assert refused.unique_skipped_as_duplicate
+    job = svc.get_job(first.job.id)
+    assert job is not None
+    assert job.args["source_data"] == {"version": 1}
+    # (the other kinds keep theirs)
+    svc.enqueue_register_job(VALID["register_job"])
+    assert svc.enqueue_register_job(VALID["register_job"]).unique_skipped_as_duplicate
