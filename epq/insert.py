@@ -332,10 +332,14 @@ def _validate(actor: EpqActor, request: _Request | Mapping[str, Any]) -> _Reques
 
 
 def _prepare(
-    target: _Target, items: list[tuple[EpqActor, _Request | Mapping[str, Any]]], now: int
+    target: _Target,
+    items: list[tuple[EpqActor, _Request | Mapping[str, Any]]],
+    now: int,
+    *,
+    modes: bool = True,
 ) -> list[Plan]:
-    """Validate and check every request; refuse the whole batch, naming every problem, if any
-    request is bad."""
+    """Validate and check every request (with their uniqueness modes, unless ``modes`` is off);
+    refuse the whole batch, naming every problem, if any request is bad."""
     plans: list[Plan] = []
     errors: list[dict[str, str]] = []
     declared = target.broker.get_declared_queues()
@@ -348,7 +352,8 @@ def _prepare(
             errors += [{"field": f"[{index}].{e['field']}", "message": e["message"]} for e in exc.errors]
             continue
         plan = Plan(index, actor, request, checked, delay)
-        _with_mode(plan)
+        if modes:
+            _with_mode(plan)
         plans.append(plan)
     if errors:
         raise InvalidRequest("enqueue_many", errors)
@@ -679,7 +684,7 @@ def plan_pending(
     target = _target(broker)
     now = target.state.now_ms()
     if many:
-        plans = _prepare(target, list(items), now)
+        plans = _prepare(target, list(items), now, modes=False)
     else:
         ((actor, raw),) = items
         request = _validate(actor, raw)
@@ -688,14 +693,15 @@ def plan_pending(
             request = request.model_copy(update={"run_at": _from_ms(now + wait)})
         checked = check_request(actor.kind, request, broker)
         plans = [Plan(0, actor, request, checked, delay_ms(actor.kind.name, request, None, now))]
-        _with_mode(plans[0])
-    refused = [plan for plan in plans if plan.mode is not None]
+    # (the outbox keeps the first job of a key: a request asking for another mode is refused, and
+    # a kind's replacing mode does not apply here)
+    refused = [plan for plan in plans if plan.request.unique_mode not in (None, "keep_first")]
     if refused:
         problems = [
             {
                 "field": f"[{plan.index}].unique_mode" if many else "unique_mode",
-                "message": f"uniqueness mode {plan.mode} is not available with tx= (the outbox keeps "
-                "the first job of a key): enqueue without tx=, or with unique_mode='keep_first'",
+                "message": f"uniqueness mode {plan.request.unique_mode} is not available with tx= (the "
+                "outbox keeps the first job of a key): enqueue without tx=, or with keep_first",
             }
             for plan in refused
         ]
