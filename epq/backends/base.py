@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import dramatiq
+from dramatiq.broker import MessageProxy
 from dramatiq.common import q_name
 
 from ..concurrency import capped_prefetch
@@ -386,6 +387,13 @@ class InFlight:
     cancel_requested: bool = False
     #: Its worker recorded it cancelled while it ran (``EpqRetries``).
     cancelled: bool = False
+
+
+def message_of(proxy: Any) -> Any:
+    """The ``dramatiq.Message`` a message proxy wraps (a message: itself). Read a proxied
+    message's fields from it on a worker's hot path: each field read through the proxy is a failed
+    attribute lookup first (``MessageProxy.__getattr__``), about a microsecond apiece."""
+    return proxy._message if isinstance(proxy, MessageProxy) else proxy
 
 
 def in_flight(proxy: Any) -> InFlight:
