@@ -12,7 +12,7 @@ The insert decides (``epq.insert``: ``_with_mode``, ``_resolve``; one atomic ste
 store, ``RecordStore.resolve_duplicate``). This module is the worker's half, ``Modes``: a job
 inserted in a replacing mode reads its record once started, for the payload a duplicate put in
 its place while it waited, and for the job it follows, which must end first (docs/decisions.md,
-decision 61).
+decision 62).
 """
 
 from __future__ import annotations
