@@ -127,12 +127,18 @@ class Pausing(dramatiq.Middleware):
         if hasattr(work_queue, "hold_with"):
             work_queue.hold_with(self)
             self._work_queues.append(work_queue)
-        self.refresh()  # a worker booting while a queue is paused starts none of its jobs
+        view = self.refresh()  # a worker booting while a queue is paused starts none of its jobs
+        for queue_name in sorted(view or ()):
+            logger.warning(
+                "Queue %r is paused: its jobs wait until `epq queues resume %s`", queue_name, queue_name
+            )
 
     def before_consumer_thread_shutdown(self, broker: dramatiq.Broker, thread: Any) -> None:
-        # The worker threads have stopped: what the work queues hold becomes visible again, so
-        # that the worker gives it back to the broker as it stops (``Worker.stop``).
-        for work_queue in list(self._work_queues):
+        # The worker's threads have stopped (its consumers stop after them): what its work queue
+        # holds becomes visible again, so that the worker gives it back to the broker as it stops
+        # (``Worker.stop``).
+        work_queue: Any = getattr(thread, "work_queue", None)
+        if work_queue is not None and work_queue in self._work_queues:
             work_queue.hold_with(None)
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:

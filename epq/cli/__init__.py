@@ -162,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     queues = sub.add_parser(
         "queues",
         help="queues: paused or not, jobs waiting per priority (p1..p4), lag; pause or resume one",
+        usage="epq queues [-h] [--json] [--broker-url URL] [{pause,resume} QUEUE]",
         description="Lists every queue: paused or active, its jobs waiting to start per priority, "
         "the oldest waiting job's wait (lag), and its jobs running and scheduled. `pause QUEUE` "
         "makes every worker process stop starting the queue's jobs within about a second (they "
