@@ -66,11 +66,15 @@ def _enqueue(service: epq.QueueService, n: int, priority: int, queue: str = "def
 def test_a_worker_started_while_a_queue_is_paused_starts_none_of_its_jobs_until_it_is_resumed(
     broker: dramatiq.Broker, one_thread: dramatiq.Worker, epq_handlers: HandlerRegistry
 ) -> None:
-    # Given the default queue paused, and jobs of every priority waiting there and in events
+    # Given the default queue paused, and jobs of every priority waiting there and in events, and
+    # one due there in a moment (promoted from the schedule into the paused queue)
     starts = Starts(epq_handlers)
     service = epq.QueueService(broker)
     assert service.pause_queue("default") is True
     paused = [_enqueue(service, n, priority) for n, priority in enumerate((4, 3, 1, 2, 4, 1))]
+    soon = datetime.now(timezone.utc) + timedelta(milliseconds=200)
+    request = {**keyed_request("register_job", 50, 4), "run_at": soon}
+    paused.append(service.enqueue_register_job(request).job.id)
     others = [_enqueue(service, 100 + n, 2, "events") for n in range(3)]
 
     # When a worker starts
@@ -83,8 +87,9 @@ def test_a_worker_started_while_a_queue_is_paused_starts_none_of_its_jobs_until_
     for job_id in paused:
         record = service.get_job(job_id)
         assert record is not None
-        assert record.state is S.AVAILABLE
+        assert record.state is S.AVAILABLE  # (the delayed one too: promoted, waiting)
         assert record.attempt == 0
+    assert next(info for info in service.queues() if info.name == "default").depth[4] == 3
 
     # When the queue is resumed
     assert service.resume_queue("default") is True
