@@ -14,6 +14,7 @@ from ._runtime import Runtime, actor_for, current, setup
 from .backends.base import backend_of, served_queues, split_counter_group
 from .cancellation import request_ttl_ms
 from .errors import ConfigurationError, DuplicateJob, InvalidPayload, InvalidRequest, JobNotFound
+from .middleware.common import find_middleware
 from .models import (
     EnqueueIndexEndpointRequest,
     JobInsertResult,
@@ -28,6 +29,7 @@ from .models import (
 from .options import PRIORITY, RECORDED
 from .outbox import pending
 from .outbox.connections import Statements, dbapi_connection
+from .pausing import Pausing
 from .priority import LANES
 from .records import NOT_STARTED, OPEN_RECORD_TTL_MS, lock_key_of, to_job_record
 
@@ -66,6 +68,14 @@ def _time_limit_ms(kind: str) -> int | None:
     except KeyError:
         return None
     return int(limit) if limit else None
+
+
+def _seen_here(runtime: Runtime) -> None:
+    """Have this process's workers see a pause or resume at once (the others read it within
+    ``epq.pausing.POLL_INTERVAL_MS``)."""
+    pausing = find_middleware(runtime.broker, Pausing)
+    if pausing is not None:
+        pausing.refresh()
 
 
 def purge_dead_letter_queues(broker: dramatiq.Broker) -> None:
@@ -417,7 +427,9 @@ class QueueService:
         if name not in served_queues(runtime.broker):
             error = {"field": "queue", "message": self._unknown(runtime, name)}
             raise InvalidRequest("pause_queue", [error])
-        return runtime.state.pause_queue(name)
+        changed = runtime.state.pause_queue(name)
+        _seen_here(runtime)
+        return changed
 
     def resume_queue(self, name: str) -> bool:
         """Resume a paused queue: worker processes start its jobs again within about a second,
@@ -428,6 +440,7 @@ class QueueService:
         """
         runtime = self._runtime()
         if runtime.state.resume_queue(name):
+            _seen_here(runtime)
             return True
         if name not in served_queues(runtime.broker):
             error = {"field": "queue", "message": self._unknown(runtime, name)}

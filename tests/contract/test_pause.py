@@ -16,7 +16,7 @@ import pytest
 from dramatiq.middleware import CurrentMessage
 
 import epq
-from epq.testing import HandlerRegistry
+from epq.testing import HandlerRegistry, drain
 from tests.support.helpers import keyed_request, wait_for
 
 S = epq.JobState
@@ -175,3 +175,21 @@ def test_pausing_or_resuming_an_unknown_queue_is_refused_naming_the_queue(broker
     assert service.resume_queue("default") is False  # (not paused: nothing to do)
     assert service.pause_queue("default") is True
     assert service.pause_queue("default") is False
+
+
+def test_drain_leaves_a_paused_queues_jobs_waiting_and_runs_the_others(
+    broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+) -> None:
+    starts = Starts(epq_handlers)
+    service = epq.QueueService(broker)
+    service.pause_queue("default")
+    waiting = _enqueue(service, 0, 2)
+    other = _enqueue(service, 1, 2, "events")
+
+    drain(broker, worker, timeout_ms=10_000)
+
+    assert starts.started([waiting, other]) == [other]
+    assert service.get_job(waiting).state is S.AVAILABLE  # type: ignore[union-attr]
+    service.resume_queue("default")
+    drain(broker, worker, timeout_ms=10_000)
+    assert service.get_job(waiting).state is S.COMPLETED  # type: ignore[union-attr]
