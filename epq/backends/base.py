@@ -12,12 +12,16 @@ Times are milliseconds since the epoch.
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import dramatiq
+from dramatiq.broker import MessageProxy
 from dramatiq.common import q_name
+from dramatiq.errors import QueueJoinTimeout
 
 from ..concurrency import capped_prefetch
 from ..options import DUE_MS, SNOOZES
@@ -127,6 +131,15 @@ class StateStore(Protocol):
 
     def schedule_ack(self, entry_ids: Sequence[str]) -> None:
         """Forget claimed entries once their messages are on the broker."""
+
+    def schedule_release(self, entry_ids: Sequence[str], due_ms: int) -> None:
+        """Give claimed entries back to the schedule, due at ``due_ms``, before their lease ends
+        (their publish failed: they are tried again then, not when the lease runs out). Entries
+        no longer claimed are left as they are."""
+
+    def schedule_pending(self, queue_name: str) -> int:
+        """Entries, waiting or claimed, whose messages go to ``queue_name``. Reads every entry:
+        for ``broker.join`` in tests, not for hot paths."""
 
     def schedule_size(self) -> int:
         """Entries waiting or claimed."""
@@ -401,6 +414,13 @@ class InFlight:
     consumer: Any = None
 
 
+def message_of(proxy: Any) -> Any:
+    """The ``dramatiq.Message`` a message proxy wraps (a message: itself). Read a proxied
+    message's fields from it on a worker's hot path: each field read through the proxy is a failed
+    attribute lookup first (``MessageProxy.__getattr__``), about a microsecond apiece."""
+    return proxy._message if isinstance(proxy, MessageProxy) else proxy
+
+
 def in_flight(proxy: Any) -> InFlight:
     """The :class:`InFlight` of a message proxy, made on first use."""
     state = getattr(proxy, "epq", None)
@@ -460,6 +480,29 @@ def schedule_entry(message: dramatiq.Message[Any]) -> str:
     if SNOOZES in message.options:
         entry += f":z{message.options[SNOOZES]}"
     return entry
+
+
+def scheduled_queue(data: bytes) -> str | None:
+    """The queue an encoded message in the schedule goes to (None when it cannot be read)."""
+    try:
+        queue = json.loads(data)["queue_name"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return queue if isinstance(queue, str) else None
+
+
+#: How often ``DurableDelays.join`` looks at the schedule while the queue's messages wait there.
+JOIN_POLL_S = 0.05
+
+
+def _left_ms(deadline: float | None, queue_name: str) -> int | None:
+    """The ms left before ``deadline`` (a ``time.monotonic()``); past it, the join timed out."""
+    if deadline is None:
+        return None
+    left = int((deadline - time.monotonic()) * 1000)
+    if left <= 0:
+        raise QueueJoinTimeout(queue_name)  # type: ignore[no-untyped-call]
+    return left
 
 
 class DurableDelays:
@@ -577,11 +620,36 @@ class DurableDelays:
     def _prepare_immediate(self, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
         return message
 
+    def join(self, queue_name: str, *args: Any, timeout: int | None = None, **kwargs: Any) -> None:
+        """Dramatiq's ``join``, which also waits for the queue's messages in epq's schedule (its
+        delays, retries and snoozes), as Dramatiq's waits for its delay queue: it returns when the
+        queue is empty, nothing of it is in flight and nothing of it is scheduled, or raises
+        ``dramatiq.errors.QueueJoinTimeout`` after ``timeout`` ms. Other arguments are the
+        broker's own (the stub's ``fail_fast``, say). Scheduled messages become due by the state
+        store's clock (on the stub broker: ``epq_clock``, when a test installs one)."""
+        store = self.epq_store
+        if store is None:
+            self.join_broker(queue_name, *args, timeout=timeout, **kwargs)
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout / 1000
+        name = q_name(queue_name)
+        while True:
+            self.join_broker(queue_name, *args, timeout=_left_ms(deadline, queue_name), **kwargs)
+            if not store.schedule_pending(name):
+                return
+            while store.schedule_pending(name):  # (the worker's promoter moves them when due)
+                _left_ms(deadline, queue_name)
+                time.sleep(JOIN_POLL_S)
+            # promoted: on the queue now (or in flight), which the broker's join waits for
+
+    def join_broker(self, queue_name: str, *args: Any, **kwargs: Any) -> None:
+        """Dramatiq's own ``join``: the queue and its messages in flight, not epq's schedule."""
+        super().join(queue_name, *args, **kwargs)  # type: ignore[misc]
+
     def join_queue(self, queue_name: str, timeout_ms: int) -> None:
         """Wait until ``queue_name`` is empty and nothing of it is in flight (for tests:
-        ``epq.testing.drain``)."""
-        broker: Any = self
-        broker.join(queue_name, timeout=timeout_ms)
+        ``epq.testing.drain``, which sees to the schedule itself)."""
+        self.join_broker(queue_name, timeout=timeout_ms)
 
     def promote_due(self, now_ms: int, limit: int) -> tuple[int, int | None] | None:
         """Move due scheduled messages onto their queues in one atomic step, if this broker can

@@ -40,6 +40,7 @@ from .base import (
     counter_group,
     holder_id,
     lock_kind,
+    scheduled_queue,
 )
 
 
@@ -113,6 +114,17 @@ class MemoryStateStore:
             for entry in entry_ids:
                 self._claimed.pop(entry, None)
                 self._data.pop(entry, None)
+
+    def schedule_release(self, entry_ids: Sequence[str], due_ms: int) -> None:
+        with self._lock:
+            for entry in entry_ids:
+                if self._claimed.pop(entry, None) is not None:
+                    heapq.heappush(self._due, (due_ms, entry))
+
+    def schedule_pending(self, queue_name: str) -> int:
+        with self._lock:
+            data = list(self._data.values())
+        return sum(1 for item in data if scheduled_queue(item) == queue_name)
 
     def schedule_size(self) -> int:
         with self._lock:
@@ -592,7 +604,7 @@ class EpqStubBroker(DurableDelays, StubBroker):
 
     def join_queue(self, queue_name: str, timeout_ms: int) -> None:
         # (a failed job is epq.testing.drain's to report, after the queues are empty)
-        self.join(queue_name, timeout=timeout_ms, fail_fast=False)
+        self.join_broker(queue_name, timeout=timeout_ms, fail_fast=False)
 
     def _prepare_immediate(self, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
         if message.queue_name not in self.queues:

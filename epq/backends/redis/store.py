@@ -13,7 +13,16 @@ import redis
 
 from ...options import DUE_MS
 from ...records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX, MAX_ERRORS, check_id_prefix, payload_json
-from ..base import UNIQUE_PREFIX, Move, NewRecord, RecordFields, RelayedJob, lock_kind, split_counter_group
+from ..base import (
+    UNIQUE_PREFIX,
+    Move,
+    NewRecord,
+    RecordFields,
+    RelayedJob,
+    lock_kind,
+    scheduled_queue,
+    split_counter_group,
+)
 from . import keys, scripts
 from .connections import ScriptCall, call_many
 
@@ -71,6 +80,7 @@ class RedisStateStore:
             "lock_release",
             "schedule_add",
             "schedule_claim",
+            "schedule_release",
             "schedule_move",
             "periodic_mark",
         )
@@ -106,6 +116,19 @@ class RedisStateStore:
 
     def schedule_ack(self, entry_ids: Sequence[str]) -> None:
         self._forget(keys.SCHEDULE_CLAIMED, entry_ids)
+
+    def schedule_release(self, entry_ids: Sequence[str], due_ms: int) -> None:
+        if entry_ids:
+            self._lua["schedule_release"](
+                keys=[keys.SCHEDULE, keys.SCHEDULE_CLAIMED], args=[due_ms, *entry_ids]
+            )
+
+    def schedule_pending(self, queue_name: str) -> int:
+        return sum(
+            1
+            for _, data in self.client.hscan_iter(keys.SCHEDULE_DATA, count=1000)
+            if scheduled_queue(data) == queue_name
+        )
 
     def schedule_move_to_redis_queues(
         self, now_ms: int, limit: int, namespace: str
