@@ -185,3 +185,22 @@ class JobInsertResult(BaseModel):
     #: The request's payload replaced that of ``job``, a job of the same key that had not started
     #: yet (uniqueness modes ``replace`` and ``debounce``): nothing new was enqueued.
     unique_replaced: bool = False
+
+
+class QueueInfo(BaseModel):
+    """What ``QueueService.queues`` says of one queue (``epq queues``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    #: Paused (``QueueService.pause_queue``): no worker process starts its jobs; they wait.
+    paused: bool
+    #: Jobs waiting to start (``available``), per priority (1..4, every priority listed).
+    depth: dict[int, int]
+    #: How long the oldest waiting job has waited since it became due, in seconds (0 when none
+    #: waits): the ``epq_oldest_waiting_seconds`` metric's figure, the largest over the priorities.
+    lag_seconds: float
+    #: Jobs running now.
+    running: int
+    #: Jobs of the queue waiting in the durable schedule for their time (delayed runs, retries).
+    scheduled: int
