@@ -29,6 +29,7 @@ from .outbox.relay import Relaying
 from .periodic_jobs import Ticking
 from .priority import Priority
 from .schedule import Scheduling
+from .serial import SerialKeys
 from .settings import EpqSettings, default_state_dir, get_settings
 from .tracing import Tracing, wanted
 
@@ -111,6 +112,7 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
         )
     )
     broker.add_middleware(Scheduling(state))
+    broker.add_middleware(SerialKeys(state))  # (after EpqRetries: see its docstring)
     broker.add_middleware(Cancellation(state))  # (after JobRecords: it watches jobs once started)
     broker.add_middleware(Ticking(state, settings.periodic_jobs))
     outbox = _outbox(broker, settings)
@@ -180,6 +182,8 @@ def _bind_actors(broker: dramatiq.Broker, settings: EpqSettings) -> None:
             "unique_for": int(window.total_seconds() * 1000),
             "unique_by": kind.unique_by,
             "time_limit": int(limit.total_seconds() * 1000),  # (Dramatiq's TimeLimit enforces it)
+            "serial_by": kind.serial_by if name in settings.serial_kinds else None,
+            "serial_continue_on_failure": name in settings.serial_continue_on_failure,
         }
         strict = name in settings.strict_payload_kinds
         actor = _actors.get(name)

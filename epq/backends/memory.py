@@ -39,6 +39,8 @@ from .base import (
     counter_group,
     holder_id,
     lock_kind,
+    schedule_message,
+    to_be_scheduled,
 )
 
 
@@ -72,6 +74,8 @@ class MemoryStateStore:
         self._refused: dict[str, int] = {}
         self._cancels: dict[str, float] = {}  # job id -> when its cancel request expires (seconds)
         self._periodic: dict[str, tuple[dict[str, str], float]] = {}  # name -> (state, expires at, s)
+        self._serial: dict[str, list[str]] = {}  # serial key -> job ids, the head first
+        self._held: dict[str, tuple[int, str, bytes]] = {}  # job id -> (due ms, entry id, message)
 
     def schedule_add(self, data: bytes, due_ms: int, *, entry: str | None = None) -> str:
         entry = entry or uuid.uuid4().hex
@@ -81,6 +85,38 @@ class MemoryStateStore:
             self._data[entry] = data
             heapq.heappush(self._due, (due_ms, entry))
         return entry
+
+    def serial_add(self, key: str, job_id: str, data: bytes, due_ms: int, *, entry: str) -> str:
+        with self._lock:
+            sequence = self._serial.setdefault(key, [])
+            if job_id not in sequence:
+                sequence.append(job_id)
+            if sequence[0] != job_id:
+                self._held[job_id] = (due_ms, entry, data)
+                return entry
+        return self.schedule_add(data, due_ms, entry=entry)
+
+    def serial_release(self, key: str, job_id: str, *, withdraw: bool = False) -> bool:
+        with self._lock:
+            sequence = self._serial.get(key)
+            if not sequence or sequence[0] != job_id:
+                if withdraw and sequence and job_id in sequence:
+                    sequence.remove(job_id)
+                    self._held.pop(job_id, None)
+                return False
+            sequence.pop(0)
+            if not sequence:
+                del self._serial[key]
+                return True
+            held = self._held.pop(sequence[0], None)
+        if held is not None:
+            due_ms, entry, data = held
+            self.schedule_add(data, due_ms, entry=entry)
+        return True
+
+    def serial_sequence(self, key: str) -> list[str]:
+        with self._lock:
+            return list(self._serial.get(key, ()))
 
     def schedule_remove(self, entry_ids: Sequence[str]) -> None:
         with self._lock:
@@ -541,7 +577,7 @@ class EpqStubBroker(DurableDelays, StubBroker):
         return EpqStubConsumer(self, queue_name, self.prefetch_for(queue_name, prefetch), timeout)
 
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
-        if delay and delay > 0 and self.epq_store is not None:
+        if to_be_scheduled(message, delay) and self.epq_store is not None:
             return super().enqueue(message, delay=delay)  # into the schedule (DurableDelays)
         queue = self.queues.get(message.queue_name)
         if queue is None:
@@ -558,7 +594,7 @@ class EpqStubBroker(DurableDelays, StubBroker):
         """Put a planned job due at once on its lane, with only other middleware's enqueue hooks
         around it (epq's own act on unplanned messages only), encoded from its payload's JSON
         unless a hook may have changed the payload."""
-        if delay and delay > 0:
+        if to_be_scheduled(message, delay):
             return self.enqueue(message, delay=delay)
         queue = self.queues.get(message.queue_name)
         if queue is None:
@@ -587,7 +623,7 @@ class EpqStubBroker(DurableDelays, StubBroker):
                 self.queues[message.queue_name].put((lane_of(message.options), encode(message)))
             else:
                 assert self.epq_store is not None
-                self.epq_store.schedule_add(message.encode(), due)
+                schedule_message(self.epq_store, message, due)
 
     def declare_queue(self, queue_name: str) -> None:
         if queue_name in self.queues:

@@ -11,9 +11,18 @@ from typing import Any
 
 import redis
 
-from ...options import DUE_MS
+from ...options import DUE_MS, SERIAL_KEY
 from ...records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX, MAX_ERRORS, check_id_prefix, payload_json
-from ..base import UNIQUE_PREFIX, Move, NewRecord, RecordFields, RelayedJob, lock_kind, split_counter_group
+from ..base import (
+    UNIQUE_PREFIX,
+    Move,
+    NewRecord,
+    RecordFields,
+    RelayedJob,
+    lock_kind,
+    schedule_entry,
+    split_counter_group,
+)
 from . import keys, scripts
 from .connections import ScriptCall, call_many
 
@@ -73,6 +82,8 @@ class RedisStateStore:
             "schedule_claim",
             "schedule_move",
             "periodic_mark",
+            "serial_add",
+            "serial_release",
         )
 
     def schedule_add(self, data: bytes, due_ms: int, *, entry: str | None = None, pipe: Any = None) -> str:
@@ -86,6 +97,35 @@ class RedisStateStore:
 
     def schedule_remove(self, entry_ids: Sequence[str]) -> None:
         self._forget(keys.SCHEDULE, entry_ids)
+
+    def serial_add(
+        self, key: str, job_id: str, data: bytes, due_ms: int, *, entry: str, pipe: Any = None
+    ) -> str:
+        """See ``StateStore.serial_add`` (``serial_add.lua``); with ``pipe`` only queue the call."""
+        self._lua["serial_add"](
+            keys=[keys.serial(key), keys.SERIAL_HELD, keys.SCHEDULE, keys.SCHEDULE_DATA],
+            args=[job_id, entry, data, due_ms],
+            client=pipe,
+        )
+        return entry
+
+    def schedule_message(self, message: Any, due_ms: int, *, pipe: Any = None) -> str:
+        """``base.schedule_message`` on a pipeline of this store's client (``pipe``)."""
+        key = message.options.get(SERIAL_KEY)
+        if key is None:
+            return self.schedule_add(message.encode(), due_ms, pipe=pipe)
+        entry = schedule_entry(message)
+        return self.serial_add(str(key), message.message_id, message.encode(), due_ms, entry=entry, pipe=pipe)
+
+    def serial_release(self, key: str, job_id: str, *, withdraw: bool = False) -> bool:
+        released = self._lua["serial_release"](
+            keys=[keys.serial(key), keys.SERIAL_HELD, keys.SCHEDULE, keys.SCHEDULE_DATA],
+            args=[job_id, int(withdraw)],
+        )
+        return bool(released)
+
+    def serial_sequence(self, key: str) -> list[str]:
+        return [job_id.decode() for job_id in self.client.lrange(keys.serial(key), 0, -1)]
 
     def _forget(self, index_key: str, entry_ids: Sequence[str]) -> None:
         if entry_ids:
