@@ -36,11 +36,11 @@ from typing import Any
 import dramatiq
 from dramatiq.broker import MessageProxy
 
-from .backends.base import StateStore
+from .backends.base import StateStore, backend_of
 from .controls import Snooze
 from .options import SERIAL_KEY
 from .outage import must_requeue, until_written
-from .schedule import promote_soon
+from .schedule import CLAIM_LEASE_MS, promote_soon, publish_claimed
 
 logger = logging.getLogger("epq.serial")
 
@@ -69,7 +69,7 @@ def withdraw(broker: dramatiq.Broker, store: StateStore, job_id: str, fields: Ma
         key = serial_key(actor, _Args(json.loads(fields.get("args") or "{}")))
     except (ValueError, KeyError):
         return  # (a payload without the field: it never had a key)
-    if key is not None and store.serial_release(key, job_id, withdraw=True):
+    if key is not None and store.serial_release(key, job_id, withdraw=True).head:
         promote_soon(broker, store)
 
 
@@ -133,6 +133,21 @@ class SerialKeys(dramatiq.Middleware):
     def _release(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         key = str(message.options[SERIAL_KEY])
         job_id = message.message_id
-        released = until_written(lambda: self.store.serial_release(key, job_id), "releasing a serial key")
-        if released:
+        backend = backend_of(broker)
+        if backend is not None and backend.fused:
+            # the Redis broker keeping epq's state moves due messages in one script: let it
+            released = until_written(lambda: self.store.serial_release(key, job_id), "releasing a serial key")
+            if released.head:
+                promote_soon(broker, self.store)
+            return
+        # elsewhere this thread claims the next job's message and publishes it (as a promoter
+        # would, with a lease: if this process dies before it is forgotten, a promoter publishes
+        # it when the lease ends); a worker's one promoter publishing every key's next would
+        # bound the throughput of all keys together
+        released = until_written(
+            lambda: self.store.serial_release(key, job_id, lease_ms=CLAIM_LEASE_MS), "releasing a serial key"
+        )
+        if released.claimed is not None:
+            publish_claimed(broker, self.store, [released.claimed])
+        elif released.head:
             promote_soon(broker, self.store)

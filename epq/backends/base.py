@@ -143,11 +143,12 @@ class StateStore(Protocol):
         the sequence's head goes into the schedule as ``schedule_add`` puts it, any other waits
         held (not due) until its job becomes the head. Returns the entry id."""
 
-    def serial_release(self, key: str, job_id: str, *, withdraw: bool = False) -> bool:
+    def serial_release(self, key: str, job_id: str, *, withdraw: bool = False, lease_ms: int = 0) -> Released:
         """If ``job_id`` heads ``key``'s sequence, drop it and put the message of the job after it
-        into the schedule, due when it was to be (atomically); return whether it was the head.
-        With ``withdraw`` (a job cancelled before its turn), a job further back leaves the
-        sequence too, its held message dropped."""
+        into the schedule, due when it was to be (atomically). With ``lease_ms``, that message,
+        if due, is claimed instead (as ``schedule_claim`` claims) for the caller to publish and
+        forget (``schedule_ack``). With ``withdraw`` (a job cancelled before its turn), a job
+        further back leaves the sequence too, its held message dropped."""
 
     def serial_sequence(self, key: str) -> list[str]:
         """The ids of the jobs of ``key``'s sequence, the head first."""
@@ -191,6 +192,14 @@ class StateStore(Protocol):
 
 
 # ---- the record store --------------------------------------------------------------------------
+
+
+class Released(NamedTuple):
+    """What :meth:`StateStore.serial_release` did: whether the job was its key's head, and the
+    next job's message if it claimed it (entry id, message)."""
+
+    head: bool
+    claimed: tuple[str, bytes] | None = None
 
 
 class NewRecord(NamedTuple):

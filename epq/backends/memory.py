@@ -36,6 +36,7 @@ from .base import (
     NewRecord,
     RecordFields,
     RelayedJob,
+    Released,
     counter_group,
     holder_id,
     lock_kind,
@@ -96,23 +97,31 @@ class MemoryStateStore:
                 return entry
         return self.schedule_add(data, due_ms, entry=entry)
 
-    def serial_release(self, key: str, job_id: str, *, withdraw: bool = False) -> bool:
+    def serial_release(self, key: str, job_id: str, *, withdraw: bool = False, lease_ms: int = 0) -> Released:
         with self._lock:
             sequence = self._serial.get(key)
             if not sequence or sequence[0] != job_id:
                 if withdraw and sequence and job_id in sequence:
                     sequence.remove(job_id)
                     self._held.pop(job_id, None)
-                return False
+                return Released(False)
             sequence.pop(0)
             if not sequence:
                 del self._serial[key]
-                return True
+                return Released(True)
             held = self._held.pop(sequence[0], None)
-        if held is not None:
+            if held is None:
+                return Released(True)
             due_ms, entry, data = held
-            self.schedule_add(data, due_ms, entry=entry)
-        return True
+            if entry in self._data:
+                return Released(True)
+            now = self.now_ms()
+            if lease_ms and due_ms <= now:
+                self._data[entry] = data
+                self._claimed[entry] = now + lease_ms
+                return Released(True, (entry, data))
+        self.schedule_add(data, due_ms, entry=entry)
+        return Released(True)
 
     def serial_sequence(self, key: str) -> list[str]:
         with self._lock:

@@ -19,6 +19,7 @@ from ..base import (
     NewRecord,
     RecordFields,
     RelayedJob,
+    Released,
     lock_kind,
     schedule_entry,
     split_counter_group,
@@ -69,6 +70,11 @@ def _payload_of(data: bytes) -> str:
     return payload_json(kwargs) if isinstance(kwargs, dict) else "{}"
 
 
+def _serial_keys(key: str) -> list[str]:
+    """What the serial scripts take first: the key's sequence, the held messages, the schedule."""
+    return [keys.serial(key), keys.SERIAL_HELD, keys.SCHEDULE, keys.SCHEDULE_DATA]
+
+
 class RedisStateStore:
     """Uniqueness locks, the durable schedule and the clock in Redis."""
 
@@ -103,7 +109,7 @@ class RedisStateStore:
     ) -> str:
         """See ``StateStore.serial_add`` (``serial_add.lua``); with ``pipe`` only queue the call."""
         self._lua["serial_add"](
-            keys=[keys.serial(key), keys.SERIAL_HELD, keys.SCHEDULE, keys.SCHEDULE_DATA],
+            keys=_serial_keys(key),
             args=[job_id, entry, data, due_ms],
             client=pipe,
         )
@@ -117,12 +123,20 @@ class RedisStateStore:
         entry = schedule_entry(message)
         return self.serial_add(str(key), message.message_id, message.encode(), due_ms, entry=entry, pipe=pipe)
 
-    def serial_release(self, key: str, job_id: str, *, withdraw: bool = False) -> bool:
-        released = self._lua["serial_release"](
-            keys=[keys.serial(key), keys.SERIAL_HELD, keys.SCHEDULE, keys.SCHEDULE_DATA],
-            args=[job_id, int(withdraw)],
+    def serial_release(self, key: str, job_id: str, *, withdraw: bool = False, lease_ms: int = 0) -> Released:
+        now = self.now_ms() if lease_ms else 0
+        reply = self._lua["serial_release"](
+            keys=[
+                keys.serial(key),
+                keys.SERIAL_HELD,
+                keys.SCHEDULE,
+                keys.SCHEDULE_DATA,
+                keys.SCHEDULE_CLAIMED,
+            ],
+            args=[job_id, int(withdraw), now + lease_ms if lease_ms else 0, now],
         )
-        return bool(released)
+        claimed = (reply[1].decode(), reply[2]) if len(reply) == 3 else None
+        return Released(bool(reply), claimed)
 
     def serial_sequence(self, key: str) -> list[str]:
         return [job_id.decode() for job_id in self.client.lrange(keys.serial(key), 0, -1)]
