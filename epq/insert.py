@@ -703,7 +703,8 @@ def _relayed_job(target: _Target, plan: Plan, now: int) -> RelayedJob:
     record = _new_record(plan, now)
     due = now + plan.delay if plan.delay else plan.message.message_timestamp
     waiting = target.broker.to_schedule(plan.message, due)
-    return RelayedJob(record, schedule_entry(waiting), encode(waiting, plan.checked.payload_json), due)
+    data = encode(waiting, plan.checked.payload_json)
+    return RelayedJob(record, schedule_entry(waiting), data, due, str(waiting.options.get(SERIAL_KEY, "")))
 
 
 def _refusal(now: int, error_type: str, message: str) -> str:

@@ -222,6 +222,8 @@ class RelayedJob(NamedTuple):
     entry: str
     data: bytes
     due_ms: int
+    #: Its serial key ('' for none): it joins its key's sequence (as ``StateStore.serial_add``).
+    serial_key: str = ""
 
 
 class Move(NamedTuple):

@@ -371,7 +371,12 @@ class MemoryRecords:
                     continue
                 holder = self.create(job.record)
                 if holder is None:
-                    self.state.schedule_add(job.data, job.due_ms, entry=job.entry)
+                    if job.serial_key:
+                        self.state.serial_add(
+                            job.serial_key, job.record.job_id, job.data, job.due_ms, entry=job.entry
+                        )
+                    else:
+                        self.state.schedule_add(job.data, job.due_ms, entry=job.entry)
                     self.state.mark(mark, job.record.ttl_ms)
                 out.append(holder)
         return out

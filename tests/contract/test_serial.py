@@ -13,7 +13,7 @@ import pytest
 import epq
 import epq.actors
 from epq.settings import reset_settings
-from epq.testing import HandlerRegistry
+from epq.testing import HandlerRegistry, relay
 from tests.support.helpers import VALID, wait_for
 
 S = epq.JobState
@@ -205,3 +205,39 @@ def test_a_kind_with_serial_keys_off_runs_jobs_of_one_endpoint_at_once(
     # Then both run, side by side (the barrier would break otherwise)
     assert wait_for(lambda: len(ran) == 2, timeout=10)
     assert not both.broken
+
+
+@pytest.mark.postgres
+def test_jobs_relayed_from_the_outbox_keep_their_order(
+    outbox: str, serial_broker: dramatiq.Broker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given three jobs of endpoint A enqueued in one transaction, then a fourth enqueued directly,
+    # a fifth in a transaction of its own, all committed
+    import psycopg
+
+    from tests.support.postgres import POSTGRES_URL
+
+    runs = Runs(seconds=0.01)
+    epq_handlers.register("register_job", runs)
+    service = epq.QueueService(serial_broker)
+    with psycopg.connect(POSTGRES_URL) as conn, conn.transaction():
+        service.enqueue_many(
+            [epq.RegisterJobRequest(endpoint_id=A, job_id=f"a{i}", job_metadata={}) for i in range(3)],
+            tx=conn,
+        )
+    with psycopg.connect(POSTGRES_URL) as conn, conn.transaction():
+        service.enqueue_register_job(
+            epq.RegisterJobRequest(endpoint_id=A, job_id="a3", job_metadata={}), tx=conn
+        )
+    # When a relay moves them, and a job enqueued directly comes after them
+    assert relay(serial_broker) == 4
+    send(A, "a4")
+    worker = dramatiq.Worker(serial_broker, worker_timeout=50, worker_threads=4)
+    worker.start()
+    try:
+        # Then they run one at a time, in the order they were relayed, then the direct one
+        assert wait_for(lambda: len(runs.starts) == 5, timeout=20)
+    finally:
+        worker.stop()
+    assert runs.order(A) == [f"a{i}" for i in range(5)]
+    assert runs.most == {A: 1}

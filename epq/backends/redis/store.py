@@ -299,12 +299,12 @@ class RedisRecords:
     def create_relayed(self, jobs: Sequence[RelayedJob]) -> list[str | bool | None]:
         if not jobs:
             return []
-        args: list[Any] = [self.now_ms(), keys.JOB_PREFIX, keys.RELAYED_PREFIX]
+        args: list[Any] = [self.now_ms(), keys.JOB_PREFIX, keys.RELAYED_PREFIX, keys.SERIAL_PREFIX]
         for job in jobs:
             r = job.record
             args += [r.job_id, r.ttl_ms, fields_json(r.fields), r.lock_key, r.holder, max(1, r.lock_ttl_ms)]
-            args += [job.entry, job.data, job.due_ms]
-        script_keys = [keys.STATS, keys.DEAD, keys.SCHEDULE, keys.SCHEDULE_DATA]
+            args += [job.entry, job.data, job.due_ms, job.serial_key]
+        script_keys = [keys.STATS, keys.DEAD, keys.SCHEDULE, keys.SCHEDULE_DATA, keys.SERIAL_HELD]
         replies = self._lua["relay_create"](keys=script_keys, args=args)
         # (1: marked relayed already; 0: written; text: the holder of the lock)
         return [(reply == 1 or None) if isinstance(reply, int) else _text(reply) for reply in replies]
