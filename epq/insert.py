@@ -485,6 +485,9 @@ def _take_back(target: _Target, plans: list[Plan]) -> None:
             target.records.delete(plan.message.message_id)
             if plan.lock is not None:
                 target.state.release_unique(plan.lock[0], plan.message.message_id)
+            serial = plan.message.options.get(SERIAL_KEY)
+            if serial is not None:  # (out of its key's line, wherever it got to)
+                target.state.serial_release(serial, plan.message.message_id, withdraw=True)
 
 
 #: Validates many results in one call (much cheaper than one model at a time).
