@@ -102,11 +102,12 @@ def one_run(broker: str, serial: bool, args: argparse.Namespace) -> dict[str, An
     sampler = Sampler(results, args.sample_ms / 1000)
     sampler.start()
     argv = [str(BIN / "dramatiq"), "epq.actors", "--processes", str(args.processes)]
-    worker = subprocess.Popen(
-        [*argv, "--threads", str(args.threads)],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=open(args.log, "ab") if args.log else subprocess.DEVNULL,
-    )  # fmt: skip
+    with open(args.log or os.devnull, "ab") as log:
+        worker = subprocess.Popen(
+            [*argv, "--threads", str(args.threads)],
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=log,
+        )  # fmt: skip
     try:
         deadline = time.monotonic() + args.timeout_s
         while int(results.get("serial:done") or 0) < args.jobs:
