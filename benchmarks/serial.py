@@ -1,7 +1,7 @@
 """Serial keys: throughput with and without them, and proof that they hold, on Redis and RabbitMQ.
 
     python benchmarks/serial.py --redis redis://127.0.0.1:6520 \\
-        --rabbitmq amqp://guest:guest@127.0.0.1:5820/%2F      # private servers; about a minute
+        --rabbitmq amqp://guest:guest@127.0.0.1:5820/%2F      # private servers; several minutes
 
 For each broker, ``--jobs`` register_job requests over ``--endpoints`` endpoints (round robin,
 so each endpoint's jobs are spread through the backlog) are enqueued one by one, then

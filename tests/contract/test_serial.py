@@ -13,7 +13,7 @@ import pytest
 import epq
 import epq.actors
 from epq.settings import reset_settings
-from epq.testing import HandlerRegistry, relay
+from epq.testing import HandlerRegistry, drain, relay
 from tests.support.helpers import VALID, wait_for
 
 S = epq.JobState
@@ -241,3 +241,19 @@ def test_jobs_relayed_from_the_outbox_keep_their_order(
         worker.stop()
     assert runs.order(A) == [f"a{i}" for i in range(5)]
     assert runs.most == {A: 1}
+
+
+def test_drain_runs_a_whole_line_on_the_stub(
+    serial_settings: None,
+    epq_broker: dramatiq.Broker,
+    epq_worker: dramatiq.Worker,
+    epq_handlers: HandlerRegistry,
+) -> None:
+    # Given five jobs of one endpoint waiting in line, in an application's test
+    seen: list[str] = []
+    epq_handlers.register("register_job", lambda request: seen.append(request.job_id))
+    for i in range(5):
+        send(A, f"a{i}")
+    # When the test drains once, Then every one has run, in order
+    drain(epq_broker, epq_worker)
+    assert seen == [f"a{i}" for i in range(5)]
