@@ -9,11 +9,14 @@ Lua scripts):
 - **enqueue.** A serial job goes into the durable schedule (``epq.schedule``), due at once or at
   its ``run_at``, in one atomic step that appends it to its key's sequence: the head's message
   is due as any scheduled one, and promoters move it to the broker; any other waits held (not
-  due) until its job becomes the head. Every broker, and bulk enqueue, go through that one step.
+  due) until its job becomes the head. Every broker, bulk enqueue and the outbox relay go
+  through that one step.
 - **the head's end.** When the head completes, is dead-lettered (its last attempt failed, or
   ``epq.Discard``), or is skipped as cancelled, the worker that had it releases the key
   (:class:`SerialKeys`): the head leaves the sequence and the next job's message becomes due,
-  in one atomic step, and this process's promoter is woken.
+  in one atomic step; the Redis broker keeping epq's state then moves it to its queue in one
+  script, elsewhere the releasing thread claimed it in that step and publishes it. A job
+  cancelled while it waits leaves the sequence (:func:`withdraw`).
 - **a retry keeps its place**: the failed head stays the head while it waits for its retry
   (which goes into the schedule as any retry), so no later job of its key starts before it. A
   kind in ``EPQ_SERIAL_CONTINUE_ON_FAILURE`` gives its place up instead: the key is released
