@@ -515,7 +515,9 @@ def inserted_results(
             "queue": plan.checked.queue,
             "priority": message.options.get(PRIORITY, plan.checked.priority),
             "args": message.kwargs,
-            "state": state or (JobState.SCHEDULED if scheduled > at else JobState.AVAILABLE),
+            # (a serial job waits in the schedule for its turn, as its record says)
+            "state": state
+            or (JobState.SCHEDULED if scheduled > at or _scheduled(plan) else JobState.AVAILABLE),
             "attempt": 0,
             "max_attempts": int(message.options.get("max_attempts", plan.actor.options["max_attempts"])),
             "created_at": at,
@@ -523,6 +525,12 @@ def inserted_results(
         }
         out.append({"job": record})  # unique_skipped_as_duplicate: False
     return _RESULTS.validate_python(out)
+
+
+def _waits(plan: Plan, scheduled: datetime, created: datetime) -> bool:
+    """Whether a job just inserted waits in the schedule: until its time, or (a serial job) for
+    its turn, as its record says."""
+    return scheduled > created or is_serial(plan.actor)
 
 
 def duplicate_result(

@@ -119,13 +119,17 @@ def test_a_job_waiting_for_its_retry_keeps_its_place_and_holds_the_key(
     epq_handlers.register("register_job", runs)
     first = send(A, "a0", backoff_ms=[300])
     later = [send(A, "a1"), send(A, "a2")]
+    queued = epq.QueueService(serial_broker).enqueue_register_job(
+        epq.RegisterJobRequest(endpoint_id=B, job_id="b0", job_metadata={})
+    )
+    assert queued.job.state is S.SCHEDULED  # (in line, in the schedule: as its record says)
     # When it fails, it waits for its retry, and the others wait behind it
     assert wait_for(lambda: state(serial_broker, first) is S.RETRYABLE, timeout=10)
     time.sleep(0.15)
     assert runs.order(A) == ["a0"]
     assert [state(serial_broker, job) for job in later] == [S.SCHEDULED, S.SCHEDULED]
     # Then the retry runs before them, and they run after it, in order
-    assert wait_for(lambda: len(runs.starts) == 4, timeout=10)
+    assert wait_for(lambda: len(runs.order(A)) == 4, timeout=10)
     assert runs.order(A) == ["a0", "a0", "a1", "a2"]
     assert wait_for(lambda: state(serial_broker, later[-1]) is S.COMPLETED)
 
