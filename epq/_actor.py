@@ -13,10 +13,11 @@ from . import insert
 from ._messages import new_id, new_message
 from .cancellation import JobCancelled, handler_scope
 from .checks import Checked, check_request
-from .controls import Discard
+from .controls import Discard, Snooze
 from .errors import DuplicateJob, HandlerNotFound, InvalidPayload, InvalidRequest
 from .handlers import get_handler
 from .kinds import JobKind
+from .middleware.modes import FOLLOW_UP_POLL_S, follows_unended
 from .models import JobInsertResult, _Request
 from .options import ARGS_JSON, PRIORITY
 from .outbox import pending
@@ -33,6 +34,9 @@ def make_job_function(kind: JobKind, strict: Callable[[], bool] = lambda: False)
             raise InvalidPayload(
                 f"{kind.name} takes keyword arguments only; the message has {len(args)} positional"
             )
+        waits_for = follows_unended()
+        if waits_for is not None:  # a follow-up (uniqueness modes): its job before it runs yet
+            raise Snooze(FOLLOW_UP_POLL_S)
         request = to_request(kind, payload, strict=strict())
         fn = get_handler(kind.name)
         if fn is None:

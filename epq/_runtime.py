@@ -21,6 +21,7 @@ from .middleware.boot import EpqMiddleware
 from .middleware.common import find_middleware
 from .middleware.job_records import JobRecords
 from .middleware.metrics import Metrics
+from .middleware.modes import Modes
 from .middleware.retries import EpqRetries
 from .middleware.uniqueness import Uniqueness
 from .outbox.connections import Shared
@@ -111,6 +112,7 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
             discarded_ttl_ms=int(settings.discarded_retention.total_seconds() * 1000),
         )
     )
+    broker.add_middleware(Modes(records))  # (after JobRecords: it reads a record once started)
     broker.add_middleware(Scheduling(state))
     broker.add_middleware(SerialKeys(state))  # (after EpqRetries: see its docstring)
     broker.add_middleware(Cancellation(state))  # (after JobRecords: it watches jobs once started)
@@ -184,6 +186,9 @@ def _bind_actors(broker: dramatiq.Broker, settings: EpqSettings) -> None:
             "time_limit": int(limit.total_seconds() * 1000),  # (Dramatiq's TimeLimit enforces it)
             "serial_by": kind.serial_by if name in settings.serial_kinds else None,
             "serial_continue_on_failure": name in settings.serial_continue_on_failure,
+            "unique_mode": getattr(settings, kind.unique_mode_setting),
+            "debounce_ms": _ms(getattr(settings, kind.debounce_delay_setting)),
+            "debounce_max_wait_ms": _ms(getattr(settings, kind.debounce_max_wait_setting)),
         }
         strict = name in settings.strict_payload_kinds
         actor = _actors.get(name)
@@ -194,6 +199,10 @@ def _bind_actors(broker: dramatiq.Broker, settings: EpqSettings) -> None:
             actor.options.update(options)
             actor.strict_payload = strict
             broker.declare_actor(actor)
+
+
+def _ms(duration: timedelta) -> int:
+    return int(duration.total_seconds() * 1000)
 
 
 def _close(runtime: Runtime) -> None:

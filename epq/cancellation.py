@@ -90,10 +90,35 @@ def cancel_requested() -> bool:
     return job is not None and job.requested
 
 
-def _withdraw_interrupt(thread_id: int) -> None:
-    """Withdraw an exception raised in ``thread_id`` and not delivered yet (CPython)."""
-    if current_platform == "CPython":
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), None)
+class _Settled(BaseException):
+    """The marker :func:`_settle_interrupt` raises in its own thread and catches."""
+
+
+#: How many loop turns :func:`_settle_interrupt` gives its marker to land (it lands on the first).
+_SETTLE_TURNS = 100_000
+
+
+def _settle_interrupt() -> None:
+    """Leave no interruption pending in this thread (CPython): one sent but not delivered yet is
+    replaced by a marker, which lands here and is caught.
+
+    Not ``PyThreadState_SetAsyncExc(id, NULL)``: on CPython before 3.13 that clears the pending
+    exception but leaves the interpreter's "async exception" flag set when none was pending (a
+    handler that swallowed its interruption), and with that flag stuck every thread of the
+    process takes the slow path at every check of the eval loop from then on, which starved a
+    worker thread for minutes under coverage. A marker that is delivered clears the flag as any
+    delivered exception does.
+    """
+    if current_platform != "CPython":
+        return
+    marker = ctypes.py_object(_Settled)
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()), marker)
+    try:
+        for _ in range(_SETTLE_TURNS):  # (each turn is a check of the eval loop: it lands on the first)
+            pass
+    except _Settled:
+        return
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()), None)
 
 
 class _RunningJob:
@@ -126,7 +151,7 @@ class _RunningJob:
         if sent and not isinstance(exc, JobCancelled):
             # interrupted as the handler returned (not delivered yet), or a handler that swallowed
             # the interruption: the job is cancelled; nothing may land after the scope is left
-            _withdraw_interrupt(self.thread_id)
+            _settle_interrupt()
             raise JobCancelled() from exc
 
     @property

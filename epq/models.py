@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue
@@ -73,7 +73,13 @@ Priority = Annotated[JobPriority, BeforeValidator(_reject_bool)]
 JsonObject = dict[str, JsonValue]
 
 #: The names of the enqueue options every request carries besides its own fields.
-ENQUEUE_OPTION_FIELDS = ("queue_name", "run_at", "priority")
+ENQUEUE_OPTION_FIELDS = ("queue_name", "run_at", "priority", "unique_mode")
+
+#: What a duplicate inside the uniqueness window does (``epq.middleware.modes``): ``keep_first`` (it is
+#: refused: the first job wins), ``replace`` (its payload replaces the waiting job's, or runs in
+#: one follow-up after a job already started), ``debounce`` (as replace, and it moves the waiting
+#: job's run time later, up to a maximum wait).
+UniqueMode = Literal["keep_first", "replace", "debounce"]
 
 
 class _Request(BaseModel):
@@ -84,6 +90,9 @@ class _Request(BaseModel):
     queue_name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     run_at: AwareDatetime | None = None
     priority: Priority | None = None
+    #: This request's uniqueness mode, instead of its kind's (``EPQ_INDEX_UNIQUE_MODE``,
+    #: ``EPQ_REGISTER_UNIQUE_MODE``); read at enqueue, never part of the payload.
+    unique_mode: UniqueMode | None = None
 
 
 class EnqueueIndexEndpointRequest(_Request):
@@ -153,6 +162,9 @@ class JobRecord(BaseModel):
     attempt: int = 0
     max_attempts: int
     snoozes: int = 0
+    #: How many duplicates replaced its payload while it waited (uniqueness modes ``replace`` and
+    #: ``debounce``); ``args`` is the newest.
+    replaced: int = 0
     errors: list[AttemptError] = Field(default_factory=list)
     created_at: datetime
     scheduled_at: datetime
@@ -170,3 +182,6 @@ class JobInsertResult(BaseModel):
 
     job: JobRecord
     unique_skipped_as_duplicate: bool = False
+    #: The request's payload replaced that of ``job``, a job of the same key that had not started
+    #: yet (uniqueness modes ``replace`` and ``debounce``): nothing new was enqueued.
+    unique_replaced: bool = False

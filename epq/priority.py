@@ -16,6 +16,7 @@ low-priority ones starts before them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import queue
 from typing import Any
 
@@ -31,14 +32,32 @@ LANES = (1, 2, 3, 4)
 DEFAULT_LANE = 2
 #: RabbitMQ's ``x-max-priority`` for epq's queues (AMQP priorities are "higher runs first").
 RABBITMQ_MAX_PRIORITY = 4
+#: Dramatiq's option for a message's AMQP priority (its RabbitMQ broker's ``broker_priority``).
+BROKER_PRIORITY = "broker_priority"
 
 
 def lane_of(options: dict[str, Any]) -> int:
-    """The priority lane of a message's options: ``epq_priority`` when it is 1..4, else 2."""
+    """The priority lane of a message's options: ``epq_priority`` when it is 1..4; else, for a
+    plain Dramatiq actor's message, its RabbitMQ ``broker_priority`` (:func:`lane_of_amqp`), so
+    that every epq broker honours it alike; else 2. (The Lua version: ``lib/lane_of.lua``.)"""
     value = options.get(PRIORITY)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value in LANES:
+    if _is_number(value) and value in LANES:
         return int(value)  # as the Lua version: 1, 1.0 and JobPriority.HIGH are all lane 1
+    amqp = options.get(BROKER_PRIORITY)
+    if amqp is not None and _is_number(amqp):
+        return lane_of_amqp(amqp)
     return DEFAULT_LANE
+
+
+def lane_of_amqp(priority: float) -> int:
+    """The lane of an AMQP priority (higher first): 4 and above -> 1, 3 -> 2, 2 -> 3, 1 and below
+    -> 4; so a plain actor's ``broker_priority`` keeps its order within epq's four, and values
+    past 4 rank with 4, as RabbitMQ itself ranks them under ``x-max-priority=4``."""
+    return RABBITMQ_MAX_PRIORITY + 1 - max(1, min(RABBITMQ_MAX_PRIORITY, math.floor(priority)))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def amqp_priority(lane: int) -> int:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-from .backends.base import unique_lock_key
+from .backends.base import MODE_FIELD, REPLACED_FIELD, unique_lock_key
 from .models import AttemptError, JobPriority, JobRecord, JobState
 from .options import ARGS_JSON, PRIORITY, UNIQUE_KEY
 
@@ -119,6 +119,7 @@ def to_job_record(job_id: str, fields: Mapping[str, str]) -> JobRecord:
         attempt=int(fields.get("attempt", "0")),
         max_attempts=int(fields.get("max_attempts", "1")),
         snoozes=int(fields.get("snoozes", "0")),
+        replaced=int(fields.get(REPLACED_FIELD, "0")),
         errors=errors,
         created_at=created,
         scheduled_at=_dt(fields.get("scheduled_at")) or created,
@@ -139,6 +140,7 @@ def new_record_fields(
     created_ms: int,
     scheduled_ms: int,
     unique_key: str = "",
+    unique_mode: str = "",
 ) -> dict[str, str]:
     """The fields of a new record (the one place they are made; a backend stores them as they
     are). Fields at their default are left out, as readers take them: no attempt yet, no errors,
@@ -155,6 +157,8 @@ def new_record_fields(
     }
     if scheduled_ms != created_ms:
         fields["scheduled_at"] = str(scheduled_ms)
+    if unique_mode:  # (replace or debounce: its worker reads the record as it starts it)
+        fields[MODE_FIELD] = unique_mode
     return fields
 
 

@@ -12,7 +12,9 @@ moves due messages onto their queues:
   a lease in one atomic step (two promoters never claim the same entry), published, then
   forgotten. If a promoter dies between claim and publish, the lease runs out and another
   promoter publishes the entry; a death in the instant between publish and forget publishes it
-  again (at-least-once, as every delivery; handlers are idempotent).
+  again (at-least-once, as every delivery; handlers are idempotent). When the broker is gone, the
+  claimed entries not published are given back at once, due again in ``RETRY_PUBLISH_MS``, and
+  so go out about a second after the broker is back rather than when their lease ends.
 
 Times are milliseconds.
 """
@@ -40,6 +42,9 @@ PROMOTE_INTERVAL_MS = 100
 PROMOTE_BATCH = 200
 #: How long a claimed entry stays claimed before another promoter may take it over.
 CLAIM_LEASE_MS = 30_000
+#: When the broker is gone, how soon the due messages that could not be published are tried again
+#: (the promoter itself waits about as long before its next step).
+RETRY_PUBLISH_MS = 1_000
 
 
 def promote_due(
@@ -60,17 +65,20 @@ def publish_claimed(broker: dramatiq.Broker, store: StateStore, claimed: list[tu
     return how many were. One that cannot go is left claimed: it is published again when its
     lease ends."""
     done: list[str] = []
+    give_back_ms: int | None = None  # set when the broker is gone: the unpublished rest goes back
     try:
         for entry, data in claimed:
             message = dramatiq.Message.decode(data)
             try:
                 until_written(lambda m=message: _publish(broker, m), "promoting a scheduled job")  # type: ignore[misc]
             except WorkerStopping:
+                give_back_ms = 0  # (another process's promoter takes them at once)
                 raise
             except _PublishFailed as failed:
                 cause = failed.__cause__
                 if cause is not None and broker_gone(cause):
-                    raise cause from None  # the broker is gone: the rest of the batch waits for its lease
+                    give_back_ms = RETRY_PUBLISH_MS
+                    raise cause from None
                 # this one message cannot go (e.g. its queue needs `epq migrate-queues`): the
                 # others still do, and it is tried again when its lease runs out
                 logger.error("Could not promote scheduled message %s; trying again later: %s",
@@ -84,11 +92,26 @@ def publish_claimed(broker: dramatiq.Broker, store: StateStore, claimed: list[tu
         # forgotten once published, even if the state store blinks meanwhile: an entry left
         # claimed would be published again when its lease runs out
         until_written(lambda: store.schedule_ack(done), "forgetting promoted schedule entries")
+        if give_back_ms is not None:
+            published = set(done)
+            _give_back(store, [entry for entry, _ in claimed if entry not in published], give_back_ms)
     if len(done) < len(claimed):  # pragma: no cover - only when publishing raised
         logger.warning(
             "Promoted %d of %d due messages; the rest retry when their lease ends", len(done), len(claimed)
         )
     return len(done)
+
+
+def _give_back(store: StateStore, entries: list[str], after_ms: int) -> None:
+    """Release claimed entries whose publish did not happen, due again ``after_ms`` from now
+    rather than when their lease ends (a broker back a second later must not wait it out)."""
+    if not entries:
+        return
+    try:
+        store.schedule_release(entries, store.now_ms() + after_ms)
+    except Exception as exc:  # (their lease still brings them back)
+        logger.warning("Could not give back %d unpublished schedule entries (their lease will): %r",
+                       len(entries), exc)  # fmt: skip
 
 
 class _PublishFailed(Exception):
@@ -145,7 +168,7 @@ class Promoter:
                     wait_ms = min(wait_ms, max(0, next_due - self.store.now_ms()))
             except Exception:
                 logger.exception("Promoting scheduled messages failed; trying again in 1 s")
-                wait_ms = 1000
+                wait_ms = RETRY_PUBLISH_MS
             self._wake.wait(wait_ms / 1000)
             self._wake.clear()
 

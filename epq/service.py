@@ -11,7 +11,7 @@ import dramatiq
 from . import insert, serial
 from ._actor import EpqActor
 from ._runtime import Runtime, actor_for, current, setup
-from .backends.base import backend_of, served_queues, split_counter_group
+from .backends.base import REPLACED, backend_of, served_queues, split_counter_group
 from .cancellation import request_ttl_ms
 from .errors import ConfigurationError, DuplicateJob, InvalidPayload, InvalidRequest, JobNotFound
 from .models import (
@@ -422,4 +422,6 @@ class QueueService:
             backend = backend_of(broker)
             fields = backend.records.get(dup.existing_job_id) if backend is not None else None
             return insert.duplicate_result(actor, validated, dup.holder, fields)
+        if plan.outcome is not None and plan.outcome[0] == REPLACED:
+            return insert.replaced_result(broker, plan)
         return insert.inserted_results([plan])[0]

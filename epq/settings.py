@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from .concurrency import queue_budgets
 from .errors import ConfigurationError
 from .kinds import KINDS
-from .models import JobQueue
+from .models import JobQueue, UniqueMode
 from .periodic_jobs import PeriodicJob, from_settings
 from .records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX
 
@@ -46,6 +46,10 @@ DURATION_FIELDS = (
     "register_time_limit",
     "completed_retention",
     "discarded_retention",
+    "index_debounce_delay",
+    "index_debounce_max_wait",
+    "register_debounce_delay",
+    "register_debounce_max_wait",
 )
 
 
@@ -62,6 +66,13 @@ class EpqSettings(BaseSettings):
         queues named (``default=2,events=30``); the others have the Go package's budgets
         (``epq.concurrency.GO_QUEUE_CONCURRENCY``) or 10: see :attr:`queue_budgets`.
       index_unique_for / register_unique_for: uniqueness windows (seconds or ISO-8601 duration).
+      index_unique_mode / register_unique_mode: what a duplicate inside the window does:
+        ``keep_first`` (refused; the default, as the Go package), ``replace`` or ``debounce``
+        (``epq.middleware.modes``); a request's ``unique_mode`` wins.
+      index_debounce_delay / register_debounce_delay: in ``debounce`` mode, how long a job waits
+        after the last duplicate of its key (seconds or ISO-8601 duration).
+      index_debounce_max_wait / register_debounce_max_wait: in ``debounce`` mode, the longest a
+        job waits from its first enqueue, however many duplicates move it (at least the delay).
       index_time_limit / register_time_limit: how long a handler of ``index_endpoint`` / of the
         ``register_*`` kinds may run before it is interrupted (a failed attempt, retried by the
         kind's rules); River's defaults, 2 min and 1 min.
@@ -102,6 +113,12 @@ class EpqSettings(BaseSettings):
     queue_concurrency: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
     index_unique_for: timedelta = timedelta(minutes=15)
     register_unique_for: timedelta = timedelta(minutes=5)
+    index_unique_mode: UniqueMode = "keep_first"
+    register_unique_mode: UniqueMode = "keep_first"
+    index_debounce_delay: timedelta = timedelta(seconds=30)
+    index_debounce_max_wait: timedelta = timedelta(minutes=5)
+    register_debounce_delay: timedelta = timedelta(seconds=5)
+    register_debounce_max_wait: timedelta = timedelta(minutes=1)
     index_time_limit: timedelta = timedelta(minutes=2)
     register_time_limit: timedelta = timedelta(minutes=1)
     completed_retention: timedelta = timedelta(hours=24)
@@ -140,6 +157,18 @@ class EpqSettings(BaseSettings):
     @classmethod
     def _periodic_jobs(cls, value: object) -> dict[str, PeriodicJob]:
         return from_settings(value)
+
+    @field_validator("index_debounce_max_wait", "register_debounce_max_wait")
+    @classmethod
+    def _max_wait_covers_delay(cls, value: timedelta, info: ValidationInfo) -> timedelta:
+        delay_field = info.field_name.replace("max_wait", "delay") if info.field_name else ""
+        delay = info.data.get(delay_field)  # (absent when the delay itself is invalid)
+        if delay is not None and value < delay:
+            raise ValueError(
+                f"must be at least EPQ_{delay_field.upper()} ({delay.total_seconds():g} s), "
+                f"not {value.total_seconds():g} s"
+            )
+        return value
 
     @field_validator(
         "handlers",

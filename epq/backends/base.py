@@ -12,12 +12,16 @@ Times are milliseconds since the epoch.
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import dramatiq
+from dramatiq.broker import MessageProxy
 from dramatiq.common import q_name
+from dramatiq.errors import QueueJoinTimeout
 
 from ..concurrency import capped_prefetch
 from ..options import DUE_MS, SERIAL_KEY, SNOOZES
@@ -128,6 +132,15 @@ class StateStore(Protocol):
     def schedule_ack(self, entry_ids: Sequence[str]) -> None:
         """Forget claimed entries once their messages are on the broker."""
 
+    def schedule_release(self, entry_ids: Sequence[str], due_ms: int) -> None:
+        """Give claimed entries back to the schedule, due at ``due_ms``, before their lease ends
+        (their publish failed: they are tried again then, not when the lease runs out). Entries
+        no longer claimed are left as they are."""
+
+    def schedule_pending(self, queue_name: str) -> int:
+        """Entries, waiting or claimed, whose messages go to ``queue_name``. Reads every entry:
+        for ``broker.join`` in tests, not for hot paths."""
+
     def schedule_size(self) -> int:
         """Entries waiting or claimed."""
 
@@ -226,6 +239,36 @@ class RelayedJob(NamedTuple):
     serial_key: str = ""
 
 
+#: What :meth:`RecordStore.resolve_duplicate` did (uniqueness modes, ``epq.middleware.modes``).
+REPLACED = "replaced"  # the waiting holder's payload replaced (and, debounce, its run time moved)
+FOLLOW_UP = "follow-up"  # a new job that runs after the holder, which had started
+TAKEN_OVER = "taken over"  # a new job: the key's holder had ended, or the lock was free
+#: The states of a job that will not run again: a duplicate in a replacing mode starts a new job.
+ENDED_STATES = ("completed", "discarded", "cancelled")
+#: The record fields of the uniqueness modes: the job's mode (its worker reads the record as it
+#: starts it), how many duplicates replaced its payload, and the job a follow-up runs after.
+MODE_FIELD, REPLACED_FIELD, AFTER_FIELD = "unique_mode", "replaced", "after"
+
+
+class Duplicate(NamedTuple):
+    """A duplicate enqueued in mode ``replace`` or ``debounce`` (:meth:`RecordStore.resolve_duplicate`):
+    its record (``scheduled``, with the lock it takes over), its message as it waits in the
+    schedule (``entry``, the encoded message, when it is due), its payload as JSON, and, for
+    ``debounce``, how far it moves a waiting job (ms) and the longest that job may wait from its
+    creation (ms); ``window_ms``: the kind's window (a lock held while a job waits lasts that
+    much past its run time)."""
+
+    mode: str
+    record: NewRecord
+    entry: str
+    data: bytes
+    due_ms: int
+    args_json: str
+    debounce_ms: int = 0
+    max_wait_ms: int = 0
+    window_ms: int = 0
+
+
 class Move(NamedTuple):
     """One transition of :meth:`RecordStore.move_many` (the arguments of ``move``)."""
 
@@ -284,6 +327,32 @@ class RecordStore(Protocol):
         self, job_id: str, state: str, error: Mapping[str, Any], fields: RecordFields, ttl_ms: int
     ) -> None:
         """Append an attempt error and set ``state``."""
+
+    def resolve_duplicate(self, duplicate: Duplicate, now_ms: int) -> tuple[str, str]:
+        """Decide, in one atomic step, what a duplicate in mode ``replace`` or ``debounce`` does
+        with the job holding its lock (``epq.middleware.modes``), and do it; returns the outcome and the id
+        of the job it concerns:
+
+        - ``REPLACED`` (the holder's id): the holder, inserted in one of these modes, has not
+          started (``available`` or ``scheduled``, or a follow-up waiting for the job it follows):
+          its record's ``args`` become the duplicate's, ``replaced`` counts one more; in
+          ``debounce`` a first wait in the schedule (entry ``<id>:0``) moves to ``now +
+          debounce_ms``, never past ``created_at + max_wait_ms``, and the lock lasts the window past it.
+        - ``FOLLOW_UP`` (the duplicate's id): the holder started (or reads no replaced payload:
+          inserted in ``keep_first``): the duplicate's record is written with ``after`` = the
+          holder's id, its message added to the schedule, and the lock is the duplicate's.
+        - ``TAKEN_OVER`` (the duplicate's id): the holder ended (or has no record), or the lock
+          is free: the duplicate is written and scheduled the same way, without ``after``.
+
+        Replacements are counted per kind (:meth:`replacements`)."""
+
+    def mode_start(self, job_id: str) -> tuple[str | None, str | None]:
+        """What the worker of a job inserted in a replacing mode reads once it started it, in one
+        atomic read: the payload (JSON) a duplicate put in its record (None when none did), and
+        the job it follows when that has not ended yet (None otherwise: it may run)."""
+
+    def replacements(self) -> dict[str, int]:
+        """Kind -> how many duplicates replaced a waiting job's payload (every process's)."""
 
     def get(self, job_id: str) -> dict[str, str] | None: ...
 
@@ -412,6 +481,16 @@ class InFlight:
     cancel_requested: bool = False
     #: Its worker recorded it cancelled while it ran (``EpqRetries``).
     cancelled: bool = False
+    #: A follow-up (uniqueness modes) whose job before it has not ended: it snoozes instead of
+    #: running, and its record keeps the payload duplicates put there (``epq.middleware.modes``).
+    follows: str | None = None
+
+
+def message_of(proxy: Any) -> Any:
+    """The ``dramatiq.Message`` a message proxy wraps (a message: itself). Read a proxied
+    message's fields from it on a worker's hot path: each field read through the proxy is a failed
+    attribute lookup first (``MessageProxy.__getattr__``), about a microsecond apiece."""
+    return proxy._message if isinstance(proxy, MessageProxy) else proxy
 
 
 def in_flight(proxy: Any) -> InFlight:
@@ -501,6 +580,29 @@ def schedule_message(
     return store.serial_add(
         str(key), message.message_id, message.encode(), due_ms, entry=entry or schedule_entry(message)
     )
+
+
+def scheduled_queue(data: bytes) -> str | None:
+    """The queue an encoded message in the schedule goes to (None when it cannot be read)."""
+    try:
+        queue = json.loads(data)["queue_name"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return queue if isinstance(queue, str) else None
+
+
+#: How often ``DurableDelays.join`` looks at the schedule while the queue's messages wait there.
+JOIN_POLL_S = 0.05
+
+
+def _left_ms(deadline: float | None, queue_name: str) -> int | None:
+    """The ms left before ``deadline`` (a ``time.monotonic()``); past it, the join timed out."""
+    if deadline is None:
+        return None
+    left = int((deadline - time.monotonic()) * 1000)
+    if left <= 0:
+        raise QueueJoinTimeout(queue_name)  # type: ignore[no-untyped-call]
+    return left
 
 
 class DurableDelays:
@@ -620,11 +722,36 @@ class DurableDelays:
     def _prepare_immediate(self, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
         return message
 
+    def join(self, queue_name: str, *args: Any, timeout: int | None = None, **kwargs: Any) -> None:
+        """Dramatiq's ``join``, which also waits for the queue's messages in epq's schedule (its
+        delays, retries and snoozes), as Dramatiq's waits for its delay queue: it returns when the
+        queue is empty, nothing of it is in flight and nothing of it is scheduled, or raises
+        ``dramatiq.errors.QueueJoinTimeout`` after ``timeout`` ms. Other arguments are the
+        broker's own (the stub's ``fail_fast``, say). Scheduled messages become due by the state
+        store's clock (on the stub broker: ``epq_clock``, when a test installs one)."""
+        store = self.epq_store
+        if store is None:
+            self.join_broker(queue_name, *args, timeout=timeout, **kwargs)
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout / 1000
+        name = q_name(queue_name)
+        while True:
+            self.join_broker(queue_name, *args, timeout=_left_ms(deadline, queue_name), **kwargs)
+            if not store.schedule_pending(name):
+                return
+            while store.schedule_pending(name):  # (the worker's promoter moves them when due)
+                _left_ms(deadline, queue_name)
+                time.sleep(JOIN_POLL_S)
+            # promoted: on the queue now (or in flight), which the broker's join waits for
+
+    def join_broker(self, queue_name: str, *args: Any, **kwargs: Any) -> None:
+        """Dramatiq's own ``join``: the queue and its messages in flight, not epq's schedule."""
+        super().join(queue_name, *args, **kwargs)  # type: ignore[misc]
+
     def join_queue(self, queue_name: str, timeout_ms: int) -> None:
         """Wait until ``queue_name`` is empty and nothing of it is in flight (for tests:
-        ``epq.testing.drain``)."""
-        broker: Any = self
-        broker.join(queue_name, timeout=timeout_ms)
+        ``epq.testing.drain``, which sees to the schedule itself)."""
+        self.join_broker(queue_name, timeout=timeout_ms)
 
     def promote_due(self, now_ms: int, limit: int) -> tuple[int, int | None] | None:
         """Move due scheduled messages onto their queues in one atomic step, if this broker can

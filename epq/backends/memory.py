@@ -28,9 +28,17 @@ from ..outage import GivesBack
 from ..priority import LANES, lane_of
 from ..records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX, MAX_ERRORS, check_id_prefix
 from .base import (
+    AFTER_FIELD,
+    ENDED_STATES,
+    FOLLOW_UP,
+    MODE_FIELD,
     RELAYED_PREFIX,
+    REPLACED,
+    REPLACED_FIELD,
+    TAKEN_OVER,
     UNIQUE_PREFIX,
     Clock,
+    Duplicate,
     DurableDelays,
     Move,
     NewRecord,
@@ -41,6 +49,7 @@ from .base import (
     holder_id,
     lock_kind,
     schedule_message,
+    scheduled_queue,
     to_be_scheduled,
 )
 
@@ -72,6 +81,7 @@ class MemoryStateStore:
         self._due: list[tuple[int, str]] = []  # heap of (due ms, entry id)
         self._data: dict[str, bytes] = {}
         self._claimed: dict[str, int] = {}  # entry id -> lease end (ms)
+        self._moved: dict[str, int] = {}  # entry id -> due ms, for entries moved since added
         self._refused: dict[str, int] = {}
         self._cancels: dict[str, float] = {}  # job id -> when its cancel request expires (seconds)
         self._periodic: dict[str, tuple[dict[str, str], float]] = {}  # name -> (state, expires at, s)
@@ -131,6 +141,7 @@ class MemoryStateStore:
         with self._lock:
             for entry in entry_ids:
                 self._data.pop(entry, None)  # (its place in the heap is passed over when due)
+                self._moved.pop(entry, None)
 
     def schedule_claim(
         self, now_ms: int, lease_ms: int, limit: int
@@ -142,20 +153,65 @@ class MemoryStateStore:
                     del self._claimed[entry]
                     heapq.heappush(self._due, (now_ms, entry))
             while self._due and self._due[0][0] <= now_ms and len(out) < limit:
-                _, entry = heapq.heappop(self._due)
+                at, entry = heapq.heappop(self._due)
                 data = self._data.get(entry)
-                if data is not None:
+                if data is not None and not self._stale(at, entry):
+                    self._moved.pop(entry, None)
                     self._claimed[entry] = now_ms + lease_ms
                     out.append((entry, data))
-            while self._due and self._due[0][1] not in self._data:
-                heapq.heappop(self._due)  # (removed entries leave their place in the heap behind)
+            while self._due and (self._due[0][1] not in self._data or self._stale(*self._due[0])):
+                heapq.heappop(self._due)  # (removed or moved entries leave their place behind)
             return out, self._due[0][0] if self._due else None
+
+    def _stale(self, at: int, entry: str) -> bool:
+        """Whether a place in the heap is one an entry was moved away from."""
+        return self._moved.get(entry, at) != at
+
+    def schedule_later(self, entry: str, due_ms: int) -> bool:
+        """Move an entry waiting in the schedule (not claimed) later, to ``due_ms``; whether it
+        moved (uniqueness mode ``debounce``)."""
+        with self._lock:
+            if entry not in self._data or entry in self._claimed:
+                return False
+            before = self._moved.get(entry)
+            if before is None:
+                before = min((at for at, e in self._due if e == entry), default=None)
+            if before is None or due_ms <= before:
+                return False
+            self._moved[entry] = due_ms
+            heapq.heappush(self._due, (due_ms, entry))
+            return True
+
+    def set_unique(self, key: str, holder: str, ttl_ms: int) -> None:
+        """Make ``holder`` the holder of ``key`` for ``ttl_ms``, whoever held it."""
+        with self._lock:
+            self._values[key] = (holder, self.clock() + max(1, int(ttl_ms)) / 1000)
+
+    def extend_unique(self, key: str, ttl_ms: int) -> None:
+        """Let ``key`` live ``ttl_ms`` from now if that is longer than it would."""
+        with self._lock:
+            current = self._live(key)
+            if current is not None:
+                until = self.clock() + max(1, int(ttl_ms)) / 1000
+                self._values[key] = (current, max(until, self._values[key][1]))
 
     def schedule_ack(self, entry_ids: Sequence[str]) -> None:
         with self._lock:
             for entry in entry_ids:
                 self._claimed.pop(entry, None)
                 self._data.pop(entry, None)
+                self._moved.pop(entry, None)
+
+    def schedule_release(self, entry_ids: Sequence[str], due_ms: int) -> None:
+        with self._lock:
+            for entry in entry_ids:
+                if self._claimed.pop(entry, None) is not None:
+                    heapq.heappush(self._due, (due_ms, entry))
+
+    def schedule_pending(self, queue_name: str) -> int:
+        with self._lock:
+            data = list(self._data.values())
+        return sum(1 for item in data if scheduled_queue(item) == queue_name)
 
     def schedule_size(self) -> int:
         with self._lock:
@@ -167,7 +223,7 @@ class MemoryStateStore:
 
     def schedule_due(self, now_ms: int) -> int:
         with self._lock:
-            due = {entry for at, entry in self._due if at <= now_ms and entry in self._data}
+            due = {e for at, e in self._due if at <= now_ms and e in self._data and not self._stale(at, e)}
             return len(due - self._claimed.keys())
 
     def unique_locks(self) -> dict[str, int]:
@@ -315,6 +371,7 @@ class MemoryRecords:
         self._stats: dict[str, int] = {}
         self._dead: dict[str, int] = {}  # dead job ids -> when they died, oldest first
         self._done: dict[str, int] = {}  # completed job ids -> when they completed, oldest first
+        self._replaced: dict[str, int] = {}  # kind -> payloads replaced (uniqueness modes)
 
     def _live(self, job_id: str) -> dict[str, str] | None:
         item = self._records.get(job_id)
@@ -385,13 +442,67 @@ class MemoryRecords:
         self.state.unmark(RELAYED_PREFIX + job_id for job_id in job_ids)
 
     def _write(self, job_id: str, fields: RecordFields, ttl_ms: int) -> None:
+        with self._lock:
+            self._put(job_id, fields, ttl_ms)
+
+    def _put(self, job_id: str, fields: RecordFields, ttl_ms: int) -> None:
         record = dict(fields)
         state = record.pop("state")
-        expires = self.state.now_ms() + ttl_ms
+        self._records[job_id] = (record, self.state.now_ms() + ttl_ms)
+        self._set_state(job_id, record, state)
+        self._keep_dead()
+
+    def resolve_duplicate(self, duplicate: Duplicate, now_ms: int) -> tuple[str, str]:
+        new = duplicate.record
+        # (the records' lock held throughout: no worker starts the holder meanwhile)
         with self._lock:
-            self._records[job_id] = (record, expires)
-            self._set_state(job_id, record, state)
-            self._keep_dead()
+            current = self.state.get_unique(new.lock_key)
+            holder = holder_id(current) if current is not None else None
+            fields = self._live(holder) if holder is not None else None
+            if holder is None or fields is None or fields["state"] in ENDED_STATES:
+                self._insert_duplicate(duplicate, None)
+                return TAKEN_OVER, new.job_id
+            assert holder is not None
+            state = fields["state"]
+            waiting = state in ("available", "scheduled")
+            after = fields.get(AFTER_FIELD)
+            if state == "running" and after is not None:
+                before = self._live(after)
+                waiting = before is not None and before["state"] not in ENDED_STATES
+            if not (waiting and fields.get(MODE_FIELD)):
+                self._insert_duplicate(duplicate, holder)
+                return FOLLOW_UP, new.job_id
+            fields["args"] = duplicate.args_json
+            fields[REPLACED_FIELD] = str(int(fields.get(REPLACED_FIELD, "0")) + 1)
+            kind = fields["kind"]
+            self._replaced[kind] = self._replaced.get(kind, 0) + 1
+            if duplicate.mode == "debounce" and state == "scheduled":
+                due = min(now_ms + duplicate.debounce_ms, int(fields["created_at"]) + duplicate.max_wait_ms)
+                if self.state.schedule_later(f"{holder}:0", due):
+                    fields["scheduled_at"] = str(due)
+                    self.state.extend_unique(new.lock_key, duplicate.window_ms + due - now_ms)
+            return REPLACED, holder
+
+    def _insert_duplicate(self, duplicate: Duplicate, after: str | None) -> None:
+        new = duplicate.record
+        self.state.set_unique(new.lock_key, new.holder, new.lock_ttl_ms)
+        self._put(new.job_id, {**new.fields, AFTER_FIELD: after} if after else new.fields, new.ttl_ms)
+        self.state.schedule_add(duplicate.data, duplicate.due_ms, entry=duplicate.entry)
+
+    def mode_start(self, job_id: str) -> tuple[str | None, str | None]:
+        with self._lock:
+            fields = self._live(job_id)
+            if fields is None:
+                return None, None
+            after = fields.get(AFTER_FIELD)
+            before = self._live(after) if after is not None else None
+            waits_for = after if before is not None and before["state"] not in ENDED_STATES else None
+            args = fields.get("args") if fields.get(REPLACED_FIELD) else None
+            return args, waits_for
+
+    def replacements(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._replaced)
 
     def move(
         self, job_id: str, state: str, fields: RecordFields, ttl_ms: int, allowed_from: Sequence[str] = ()
@@ -624,7 +735,7 @@ class EpqStubBroker(DurableDelays, StubBroker):
 
     def join_queue(self, queue_name: str, timeout_ms: int) -> None:
         # (a failed job is epq.testing.drain's to report, after the queues are empty)
-        self.join(queue_name, timeout=timeout_ms, fail_fast=False)
+        self.join_broker(queue_name, timeout=timeout_ms, fail_fast=False)
 
     def _prepare_immediate(self, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
         if message.queue_name not in self.queues:

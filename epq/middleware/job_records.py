@@ -286,12 +286,7 @@ class JobRecords(dramatiq.Middleware):
     def attempt_failed(self, message: Any, exception: BaseException, *, retry_due_ms: int | None) -> None:
         """Record a failed attempt: ``retryable`` until ``retry_due_ms``, or ``discarded`` if None."""
         now = self.store.now_ms()
-        error = {
-            "at": now,
-            "error_type": type(exception).__name__,
-            "message": _clean_text(str(exception)[:2000]),
-            "traceback": _clean_text(str(message.options.get("traceback", ""))[-4000:]),
-        }
+        error = _error_entry(now, message, exception)
         if retry_due_ms is None:
             fields = _leaving(message, {"finalized_at": str(now)})
             self.records.fail(message.message_id, "discarded", error, fields, self.discarded_ttl_ms)
@@ -312,11 +307,17 @@ class JobRecords(dramatiq.Middleware):
         ttl = OPEN_RECORD_TTL_MS + max(0, due_ms - self.store.now_ms())
         self.records.move(message.message_id, "scheduled", _leaving(message, fields), ttl, ("running",))
 
-    def cancelled(self, message: Any) -> str | None:
+    def cancelled(self, message: Any, failure: BaseException | None = None) -> str | None:
         """Record a job cancelled while it ran (``epq.cancellation``): ``cancelled`` from
         ``running``, or from the retry or snooze just recorded for its run; kept as a cancelled job
-        that never ran is. Returns the state before."""
-        fields = _leaving(message, {"finalized_at": str(self.store.now_ms())})
+        that never ran is. ``failure``: the error its run failed with as it was cancelled, kept
+        among its errors. Returns the state before (None after a ``failure``: not read)."""
+        now = self.store.now_ms()
+        fields = _leaving(message, {"finalized_at": str(now)})
+        if failure is not None:  # (its worker runs it: the record is running)
+            error = _error_entry(now, message, failure)
+            self.records.fail(message.message_id, "cancelled", error, fields, self.completed_ttl_ms)
+            return None
         allowed = ("running", *NOT_STARTED)
         return self.records.move(message.message_id, "cancelled", fields, self.completed_ttl_ms, allowed)
 
@@ -381,9 +382,20 @@ def _leaving(message: Any, fields: dict[str, str]) -> dict[str, str]:
     """``fields`` of a transition that takes a job's message off the broker, with the job's
     payload when its record was filed without it (beside its message in the broker's Redis: see
     ``RedisRecords``)."""
-    if in_flight(message).records_here:
+    if in_flight(message).records_here and in_flight(message).follows is None:
+        # (a follow-up waiting for its job before it keeps the payload duplicates put in its record)
         fields["args"] = payload_json(message.kwargs)
     return fields
+
+
+def _error_entry(now_ms: int, message: Any, exception: BaseException) -> dict[str, Any]:
+    """An attempt's error as its record keeps it (the traceback from the message's options)."""
+    return {
+        "at": now_ms,
+        "error_type": type(exception).__name__,
+        "message": _clean_text(str(exception)[:2000]),
+        "traceback": _clean_text(str(message.options.get("traceback", ""))[-4000:]),
+    }
 
 
 def _clean_text(text: str) -> str:

@@ -17,7 +17,7 @@ import dramatiq
 from dramatiq.broker import MessageProxy
 
 from .. import metrics
-from ..backends.base import in_flight
+from ..backends.base import in_flight, message_of
 from ..controls import Snooze
 from ..options import DUE_MS
 from ..outage import must_requeue
@@ -31,7 +31,8 @@ DUPLICATE_START_STATES = ("running", "completed")
 def ready_ms(message: MessageProxy | dramatiq.Message[Any]) -> int:
     """When a message became due to run, in ms: enqueued, promoted from the schedule (its due
     time), or put back for a retry at once (Dramatiq's ``requeue_timestamp``), whichever is last."""
-    options = message.options  # (each attribute of a proxy is a lookup on its message: once)
+    message = message_of(message)
+    options = message.options
     ready = message.message_timestamp
     due = options.get(DUE_MS)
     if due is not None and due > ready:
@@ -90,7 +91,8 @@ class Metrics(dramatiq.Middleware):
         found = metrics.recorder()
         if found is None:
             return
-        found.started(message.actor_name, max(0, time.time() * 1000 - ready_ms(message)) / 1000)
+        plain = message_of(message)
+        found.started(plain.actor_name, max(0, time.time() * 1000 - ready_ms(plain)) / 1000)
         in_flight(message).started_at = time.perf_counter()
 
     def after_process_message(
@@ -113,11 +115,13 @@ class Metrics(dramatiq.Middleware):
         else:
             outcome = "retried"
         duration = time.perf_counter() - state.started_at if state.started_at else None
-        found.ended(message.actor_name, outcome, duration, state.state_before in DUPLICATE_START_STATES)
+        found.ended(
+            message_of(message).actor_name, outcome, duration, state.state_before in DUPLICATE_START_STATES
+        )
 
     def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         found = metrics.recorder()
         if found is None:
             return
         cancelled = in_flight(message).state_before == "cancelled"
-        found.ended(message.actor_name, "cancelled" if cancelled else "discarded", None, False)
+        found.ended(message_of(message).actor_name, "cancelled" if cancelled else "discarded", None, False)

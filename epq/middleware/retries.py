@@ -81,7 +81,15 @@ class EpqRetries(Retries):
 
         records = find_middleware(broker, JobRecords)
         if isinstance(exception, JobCancelled) or in_flight(message).cancel_requested:
-            self._settle(message, lambda: _cancel(broker, message, records), undo={})
+            # (a run that failed as it was cancelled keeps its error on the record)
+            failure = (
+                None
+                if isinstance(exception, (JobCancelled, Snooze))
+                else _described(exception, message, actor)
+            )
+            if failure is not None:
+                message.options["traceback"] = _traceback_of(exception)
+            self._settle(message, lambda: _cancel(broker, message, records, failure), undo={})
             return
         message.options["requeue_timestamp"] = int(time.time() * 1000)
         if isinstance(exception, Snooze):
@@ -93,9 +101,7 @@ class EpqRetries(Retries):
 
         attempt = int(message.options.get("retries", 0)) + 1
         message.options["retries"] = attempt
-        message.options["traceback"] = "".join(
-            traceback.format_exception(type(exception), exception, exception.__traceback__, limit=30)
-        )[-TRACEBACK_CHARS:]  # (a retried message must stay within the wire's size limit)
+        message.options["traceback"] = _traceback_of(exception)
         failure = _described(exception, message, actor)
         outcome = lambda: self._retry_or_discard(  # noqa: E731
             broker, message, actor, failure, attempt, int(max_attempts), records
@@ -233,16 +239,30 @@ def _cancel_was_requested(broker: dramatiq.Broker, message: MessageProxy) -> boo
     return bool(found)
 
 
-def _cancel(broker: dramatiq.Broker, message: MessageProxy, records: JobRecords | None) -> None:
+def _traceback_of(exception: BaseException) -> str:
+    """A failed run's traceback as its message and record keep it (the end of it: a retried
+    message must stay within the wire's size limit)."""
+    return "".join(traceback.format_exception(type(exception), exception, exception.__traceback__, limit=30))[
+        -TRACEBACK_CHARS:
+    ]
+
+
+def _cancel(
+    broker: dramatiq.Broker,
+    message: MessageProxy,
+    records: JobRecords | None,
+    failure: BaseException | None = None,
+) -> None:
     """End a job cancelled while it ran: its uniqueness key freed, then its record ``cancelled``
-    (so that a record that says ``cancelled`` has its key free), then the request dropped; its
+    (with ``failure``, the error its run ended with, if it failed rather than being interrupted),
+    so that a record that says ``cancelled`` has its key free, then the request dropped; its
     message is acked, never retried."""
     logger.info("Cancelled %s job %s while it ran", message.actor_name, message.message_id)
     uniqueness = find_middleware(broker, Uniqueness)
     if uniqueness is not None:
         until_written(lambda: uniqueness.release(message), "freeing a cancelled job's uniqueness key")
     if records is not None:
-        until_written(lambda: records.cancelled(message), "recording a cancelled job")
+        until_written(lambda: records.cancelled(message, failure), "recording a cancelled job")
     in_flight(message).cancelled = True
     backend = backend_of(broker)
     if backend is not None:

@@ -167,8 +167,9 @@ def test_a_cancel_as_the_handler_returns_is_too_late_the_job_completes(
     assert wait_for(lambda: backend(broker).state.cancel_requests([job_id]) == [], timeout=5)
 
 
+@pytest.mark.parametrize("watcher_first", [False, True], ids=["found-at-the-end", "found-by-the-watcher"])
 def test_a_run_that_fails_as_it_is_cancelled_is_cancelled_not_retried(
-    broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+    broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry, watcher_first: bool
 ) -> None:
     # Given a job whose handler has just failed, held before epq writes its outcome
     runs: list[int] = []
@@ -184,8 +185,11 @@ def test_a_run_that_fails_as_it_is_cancelled_is_cancelled_not_retried(
     gate.target = job_id
     assert gate.entered.wait(10)
 
-    # When it is cancelled there and let go at once (before the watcher need have seen it)
+    # When it is cancelled there and let go, at once (before the watcher need have seen it) or
+    # after the watcher has seen the request (the two ways the worker learns of it)
     assert epq.QueueService(broker).cancel_job(job_id).state is S.RUNNING
+    if watcher_first:
+        time.sleep(A_FEW_POLLS_S)
     gate.release.set()
 
     # Then its failed run is recorded, but it is cancelled, not retried, and its key is free
@@ -197,11 +201,6 @@ def test_a_run_that_fails_as_it_is_cancelled_is_cancelled_not_retried(
     assert [e.error_type for e in done.errors] == ["RuntimeError"]
 
 
-@pytest.mark.skip(
-    reason="known bug: under coverage in the full suite, the worker thread of a handler that swallows "
-    "JobCancelled was found blocked in logging after the handler returned, and the test hung (twice in "
-    "CI); skipped until the cause is found, so that it cannot hang the suite"
-)
 def test_a_handler_that_swallows_the_interruption_is_cancelled_all_the_same(
     broker: dramatiq.Broker, worker: dramatiq.Worker, epq_handlers: HandlerRegistry
 ) -> None:

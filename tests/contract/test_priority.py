@@ -73,3 +73,30 @@ def test_a_new_priority_1_job_overtakes_a_backlog_of_1000(
     finally:
         worker.stop()
     assert Counter(log.started) == Counter([*backlog, urgent])
+
+
+def test_a_plain_actors_broker_priority_orders_it_among_epqs_four_on_every_broker(
+    broker: dramatiq.Broker,
+) -> None:
+    # Given plain Dramatiq messages with RabbitMQ broker_priority values (higher first), some
+    # past epq's four, and one without
+    started: list[str] = []
+
+    @dramatiq.actor(broker=broker, queue_name="default")
+    def plain(name: str) -> None:
+        started.append(name)
+
+    sent = [("p0", 0), ("p9", 9), ("none", None), ("p2", 2), ("p4", 4), ("p1", 1), ("p3", 3)]
+    for name, priority in sent:
+        options = {} if priority is None else {"broker_priority": priority}
+        plain.send_with_options(args=(name,), **options)
+    # When one worker thread works through them
+    worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=1)
+    worker.start()
+    try:
+        assert wait_for(lambda: len(started) == len(sent), timeout=30)
+    finally:
+        worker.stop()
+    # Then 4 and above run first (lane 1, in the order sent), then 3 and those without one (lane 2,
+    # the default), then 2 (lane 3), then 1 and below (lane 4), on every broker alike
+    assert started == ["p9", "p4", "none", "p3", "p2", "p0", "p1"]

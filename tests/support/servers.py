@@ -153,6 +153,16 @@ class PrivateServer:
             client.config_set("requirepass", self.password)
             client.close()
 
+    def rabbitmq_app(self, action: str) -> None:
+        """``stop`` or ``start`` this RabbitMQ node's application, its VM left running
+        (``brokers/rabbitmq-app``): the broker down for a while, and back in a couple of seconds."""
+        run = subprocess.run(
+            [str(BROKERS / "rabbitmq-app"), action, str(self.port), str(self.datadir)],
+            env=self._script_env(), capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        if run.returncode != 0:
+            raise ServerUnavailable(f"brokers/rabbitmq-app {action} failed: {run.stderr.strip()[-300:]}")
+
     def stop(self) -> None:
         if not self.started:
             return  # never started (a failed start cleans up after itself)

@@ -25,7 +25,7 @@ from ... import wire
 from ...errors import BrokerUnavailable, QueueMismatch, StateUnavailable, describe_error
 from ...middleware.job_records import refuse_malformed
 from ...outage import GivesBack, backoff_ms, must_requeue, unreachable
-from ...priority import RABBITMQ_MAX_PRIORITY, amqp_priority, lane_of
+from ...priority import BROKER_PRIORITY, RABBITMQ_MAX_PRIORITY, amqp_priority, lane_of
 from ..base import DurableDelays, Move, in_flight, schedule_message
 from ..urls import mask_url
 
@@ -169,6 +169,16 @@ class EpqRabbitmqConsumer(GivesBack, _RabbitmqConsumer):
             pass  # (the consumer restarted since: RabbitMQ gives the message back by itself)
 
 
+def with_amqp_priority(message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
+    """``message`` with the AMQP priority of its lane (``epq.priority.lane_of``: its epq priority,
+    else a plain actor's own ``broker_priority`` brought into epq's four), so that RabbitMQ orders
+    it as the other brokers do."""
+    wanted = amqp_priority(lane_of(message.options))
+    if message.options.get(BROKER_PRIORITY) == wanted:
+        return message
+    return message.copy(options={BROKER_PRIORITY: wanted})
+
+
 class EpqRabbitmqBroker(DurableDelays, RabbitmqBroker):
     """Dramatiq's RabbitMQ broker with epq's durable delays and priority queues.
 
@@ -197,9 +207,7 @@ class EpqRabbitmqBroker(DurableDelays, RabbitmqBroker):
         # declared (and checked) before a delayed message goes to the schedule too, so that a
         # queue without epq's arguments is refused at the call site, not later in a promoter
         self.declare_queue(q_name(message.queue_name), ensure=True)
-        if "broker_priority" not in message.options:
-            message = message.copy(options={"broker_priority": amqp_priority(lane_of(message.options))})
-        return super().enqueue(message, delay=delay)
+        return super().enqueue(with_amqp_priority(message), delay=delay)
 
     def _declare_queue(self, queue_name: str) -> Any:
         with self._declaring(queue_name):
@@ -227,13 +235,11 @@ class EpqRabbitmqBroker(DurableDelays, RabbitmqBroker):
 
     def join_queue(self, queue_name: str, timeout_ms: int) -> None:
         # RabbitMQ's counts lag: the queue must be seen empty several times in a row
-        self.join(queue_name, min_successes=3, idle_time=50, timeout=timeout_ms)
+        self.join_broker(queue_name, min_successes=3, idle_time=50, timeout=timeout_ms)
 
     def _prepare_immediate(self, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
         self.declare_queue(message.queue_name, ensure=True)
-        if "broker_priority" not in message.options:
-            message = message.copy(options={"broker_priority": amqp_priority(lane_of(message.options))})
-        return message
+        return with_amqp_priority(message)
 
     def _publish_batch(self, items: Sequence[tuple[dramatiq.Message[Any], int | None]]) -> None:
         """Delayed messages go to the schedule first, then the rest in one AMQP transaction; if
@@ -256,7 +262,7 @@ class EpqRabbitmqBroker(DurableDelays, RabbitmqBroker):
                             routing_key=message.queue_name,
                             body=message.encode(),
                             properties=pika.BasicProperties(
-                                delivery_mode=2, priority=message.options.get("broker_priority")
+                                delivery_mode=2, priority=message.options.get(BROKER_PRIORITY)
                             ),
                         )
                     channel.tx_commit()

@@ -23,6 +23,8 @@ DEAD = KEY_PREFIX + "dead"
 DONE = KEY_PREFIX + "done"
 #: Enqueues refused as duplicates, per kind (a hash: kind -> count).
 REFUSED = STATS + ":refused"
+#: Duplicates whose payload replaced a waiting job's (uniqueness modes), per kind (kind -> count).
+REPLACED = STATS + ":replaced"
 #: A periodic job's schedule: its state (a hash: since, tick, job, at).
 PERIODIC_PREFIX = KEY_PREFIX + "periodic:"
 #: Each bulk enqueue script call leaves its reply under a token key of its own.

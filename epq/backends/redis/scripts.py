@@ -13,12 +13,17 @@ from importlib.resources import files
 from typing import Any
 
 from ...options import PRIORITY
-from ...priority import DEFAULT_LANE
+from ...priority import BROKER_PRIORITY, DEFAULT_LANE, RABBITMQ_MAX_PRIORITY
 
 _LUA = files(__package__) / "lua"
 _INCLUDE = re.compile(r"^-- #include (lib/[a-z_]+\.lua)\n", re.MULTILINE)
 _CONSTANT = re.compile(r"@([A-Z_]+)@")
-CONSTANTS = {"DEFAULT_LANE": str(DEFAULT_LANE), "PRIORITY_OPTION": PRIORITY}
+CONSTANTS = {
+    "DEFAULT_LANE": str(DEFAULT_LANE),
+    "PRIORITY_OPTION": PRIORITY,
+    "BROKER_PRIORITY_OPTION": BROKER_PRIORITY,
+    "MAX_PRIORITY": str(RABBITMQ_MAX_PRIORITY),
+}
 
 
 @functools.cache

@@ -15,6 +15,7 @@ from ...options import DUE_MS, SERIAL_KEY
 from ...records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX, MAX_ERRORS, check_id_prefix, payload_json
 from ..base import (
     UNIQUE_PREFIX,
+    Duplicate,
     Move,
     NewRecord,
     RecordFields,
@@ -22,6 +23,7 @@ from ..base import (
     Released,
     lock_kind,
     schedule_entry,
+    scheduled_queue,
     split_counter_group,
 )
 from . import keys, scripts
@@ -86,6 +88,7 @@ class RedisStateStore:
             "lock_release",
             "schedule_add",
             "schedule_claim",
+            "schedule_release",
             "schedule_move",
             "periodic_mark",
             "serial_add",
@@ -160,6 +163,19 @@ class RedisStateStore:
 
     def schedule_ack(self, entry_ids: Sequence[str]) -> None:
         self._forget(keys.SCHEDULE_CLAIMED, entry_ids)
+
+    def schedule_release(self, entry_ids: Sequence[str], due_ms: int) -> None:
+        if entry_ids:
+            self._lua["schedule_release"](
+                keys=[keys.SCHEDULE, keys.SCHEDULE_CLAIMED], args=[due_ms, *entry_ids]
+            )
+
+    def schedule_pending(self, queue_name: str) -> int:
+        return sum(
+            1
+            for _, data in self.client.hscan_iter(keys.SCHEDULE_DATA, count=1000)
+            if scheduled_queue(data) == queue_name
+        )
 
     def schedule_move_to_redis_queues(
         self, now_ms: int, limit: int, namespace: str
@@ -286,6 +302,8 @@ class RedisRecords:
             "record_delete",
             "waiting_oldest",
             "relay_create",
+            "unique_resolve",
+            "mode_start",
         )
 
     def create(self, record: NewRecord) -> str | None:
@@ -308,6 +326,22 @@ class RedisRecords:
         replies = self._lua["relay_create"](keys=script_keys, args=args)
         # (1: marked relayed already; 0: written; text: the holder of the lock)
         return [(reply == 1 or None) if isinstance(reply, int) else _text(reply) for reply in replies]
+
+    def resolve_duplicate(self, duplicate: Duplicate, now_ms: int) -> tuple[str, str]:
+        r = duplicate.record
+        script_keys = [keys.STATS, keys.DEAD, keys.SCHEDULE, keys.SCHEDULE_DATA, r.lock_key, keys.REPLACED]
+        args: list[Any] = [now_ms, keys.JOB_PREFIX, duplicate.mode, r.job_id, r.ttl_ms, fields_json(r.fields)]
+        args += [r.holder, max(1, r.lock_ttl_ms), duplicate.entry, duplicate.data, duplicate.due_ms]
+        args += [duplicate.args_json, duplicate.debounce_ms, duplicate.max_wait_ms, duplicate.window_ms]
+        outcome, job_id = self._lua["unique_resolve"](keys=script_keys, args=args)
+        return outcome.decode(), job_id.decode()
+
+    def mode_start(self, job_id: str) -> tuple[str | None, str | None]:
+        args, waits_for = self._lua["mode_start"](args=[keys.JOB_PREFIX, job_id])
+        return (args.decode() or None), (waits_for.decode() or None)
+
+    def replacements(self) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.client.hgetall(keys.REPLACED).items()}
 
     def forget_relayed(self, job_ids: Sequence[str]) -> None:
         if job_ids:
