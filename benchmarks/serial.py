@@ -117,8 +117,9 @@ def one_run(broker: str, serial: bool, args: argparse.Namespace) -> dict[str, An
     finally:
         sampler.stopped.set()
         sampler.join()
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=60)
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=60)
         _runtime.reset()
     first, last = float(results.get("serial:first") or 0), float(results.get("serial:last") or 0)
     in_order = sum(
