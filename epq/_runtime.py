@@ -31,6 +31,7 @@ from .pausing import Pausing
 from .periodic_jobs import Ticking
 from .priority import Priority
 from .schedule import Scheduling
+from .serial import SerialKeys
 from .settings import EpqSettings, default_state_dir, get_settings
 from .tracing import Tracing, wanted
 
@@ -114,6 +115,7 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
     )
     broker.add_middleware(Modes(records))  # (after JobRecords: it reads a record once started)
     broker.add_middleware(Scheduling(state))
+    broker.add_middleware(SerialKeys(state))  # (after EpqRetries: see its docstring)
     broker.add_middleware(Cancellation(state))  # (after JobRecords: it watches jobs once started)
     broker.add_middleware(Pausing(state))  # (after Priority: it holds in Priority's work queue)
     broker.add_middleware(Ticking(state, settings.periodic_jobs))
@@ -184,6 +186,8 @@ def _bind_actors(broker: dramatiq.Broker, settings: EpqSettings) -> None:
             "unique_for": int(window.total_seconds() * 1000),
             "unique_by": kind.unique_by,
             "time_limit": int(limit.total_seconds() * 1000),  # (Dramatiq's TimeLimit enforces it)
+            "serial_by": kind.serial_by if name in settings.serial_kinds else None,
+            "serial_continue_on_failure": name in settings.serial_continue_on_failure,
             "unique_mode": getattr(settings, kind.unique_mode_setting),
             "debounce_ms": _ms(getattr(settings, kind.debounce_delay_setting)),
             "debounce_max_wait_ms": _ms(getattr(settings, kind.debounce_max_wait_setting)),

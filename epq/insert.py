@@ -72,11 +72,12 @@ from .errors import (
 from .middleware.common import find_middleware
 from .middleware.uniqueness import Uniqueness, count_refused
 from .models import JobInsertResult, JobPriority, JobQueue, JobRecord, JobState, _Request
-from .options import PERIODIC, PRIORITY, RECORDED, UNIQUE_KEY, UNIQUE_MODE
+from .options import PERIODIC, PRIORITY, RECORDED, SERIAL_KEY, UNIQUE_KEY, UNIQUE_MODE
 from .outage import state_errors
 from .payloads import known_fields_only
 from .records import OPEN_RECORD_TTL_MS, UNIQUE_DIGEST, new_record_fields, payload_json, to_job_record
 from .schedule import promote_soon
+from .serial import is_serial, serial_key
 
 if TYPE_CHECKING:  # (the actors call this module: a type, not an import at run time)
     from ._actor import EpqActor
@@ -151,7 +152,7 @@ def insert_one(
     _build(target, [plan], options=options, message_ids=[options.pop("message_id", None)])
     record = _new_record(plan, now)
     try:
-        if target.fused and not plan.delay:
+        if target.fused and not _scheduled(plan):
             holder = target.broker.insert_recorded(plan.message, record, checked.payload_json)
         else:
             with state_errors("writing a job record"):
@@ -162,7 +163,7 @@ def insert_one(
         _take_back(target, [plan])
         raise
     except unreachable_errors(broker) as exc:
-        if not (target.fused and not plan.delay and isinstance(exc, CONNECTION_ERRORS)):
+        if not (target.fused and not _scheduled(plan) and isinstance(exc, CONNECTION_ERRORS)):
             # (one script that failed on the connection ran whole or not at all: nothing to take
             # back, and a server that did not answer would not answer the cleanup either)
             _take_back(target, [plan])
@@ -182,6 +183,8 @@ def insert_one(
     if holder is not None:
         count_refused(target.state, plan.message)
         raise DuplicateJob(actor.actor_name, holder_id(holder), holder=holder)
+    if is_serial(actor):
+        promote_soon(target.broker, target.state)  # (it waits in the schedule: see epq.serial)
     return plan
 
 
@@ -285,7 +288,7 @@ def _insert_many(
     fused = _FusedRuns(target, holders, results, handled) if target.fused else None
     try:
         for run in _runs(plans, fused is not None):
-            if fused is not None and not run[0].delay:
+            if fused is not None and not _scheduled(run[0]):
                 fused.add(run)
                 continue
             if fused is not None:
@@ -314,6 +317,8 @@ def _insert_many(
             holders[plan.index] = None
             if plan.outcome[0] == REPLACED:
                 results[plan.index] = replaced_result(broker, plan)
+    if any(is_serial(plan.actor) for plan in plans):
+        promote_soon(target.broker, target.state)  # (they wait in the schedule: see epq.serial)
     out = _results(target, plans, holders, results)
     for plan, result in zip(plans, out, strict=True):
         if result.unique_skipped_as_duplicate:
@@ -380,12 +385,21 @@ def _build(
         message = plan.actor.message_from(plan.checked, message_id=message_id, **marked)
         if created_ms is not None:
             message = message.copy(message_timestamp=created_ms[i])
+        serial = serial_key(plan.actor, plan.request)
+        if serial is not None:
+            message.options[SERIAL_KEY] = serial
         lock = uniqueness.lock_for(broker, message, plan.delay, holder=holders) if uniqueness else None
         if lock is not None:
             message.options[UNIQUE_KEY] = lock[0]
             if plan.mode is not None:
                 message.options[UNIQUE_MODE] = plan.mode
         plan.message, plan.lock = message, lock
+
+
+def _scheduled(plan: Plan) -> bool:
+    """Whether a plan's job goes into the schedule: it is delayed, or it has a serial key (it
+    waits there for its turn: ``epq.serial``)."""
+    return bool(plan.delay) or is_serial(plan.actor)
 
 
 def _runs(plans: list[Plan], fused: bool) -> Iterable[list[Plan]]:
@@ -395,8 +409,8 @@ def _runs(plans: list[Plan], fused: bool) -> Iterable[list[Plan]]:
     always wins."""
     run: list[Plan] = []
     for plan in plans:
-        limit = SCRIPT_RUN if fused and not plan.delay else CHUNK
-        if run and (len(run) >= limit or (fused and bool(run[0].delay) != bool(plan.delay))):
+        limit = SCRIPT_RUN if fused and not _scheduled(plan) else CHUNK
+        if run and (len(run) >= limit or (fused and _scheduled(run[0]) != _scheduled(plan))):
             yield run
             run = []
         run.append(plan)
@@ -533,7 +547,7 @@ def _record_fields(plan: Plan, due: int) -> dict[str, str]:
         queue=plan.checked.queue,
         priority=message.options.get(PRIORITY, plan.checked.priority),
         args_json=plan.checked.payload_json,
-        state="scheduled" if plan.delay else "available",
+        state="scheduled" if _scheduled(plan) else "available",
         max_attempts=message.options.get("max_attempts", plan.actor.options["max_attempts"]),
         created_ms=message.message_timestamp,
         scheduled_ms=due,
@@ -565,6 +579,9 @@ def _take_back(target: _Target, plans: list[Plan]) -> None:
             target.records.delete(plan.message.message_id)
             if plan.lock is not None:
                 target.state.release_unique(plan.lock[0], plan.message.message_id)
+            serial = plan.message.options.get(SERIAL_KEY)
+            if serial is not None:  # (out of its key's line, wherever it got to)
+                target.state.serial_release(serial, plan.message.message_id, withdraw=True)
 
 
 #: Validates many results in one call (much cheaper than one model at a time).
@@ -592,7 +609,9 @@ def inserted_results(
             "queue": plan.checked.queue,
             "priority": message.options.get(PRIORITY, plan.checked.priority),
             "args": message.kwargs,
-            "state": state or (JobState.SCHEDULED if scheduled > at else JobState.AVAILABLE),
+            # (a serial job waits in the schedule for its turn, as its record says)
+            "state": state
+            or (JobState.SCHEDULED if scheduled > at or _scheduled(plan) else JobState.AVAILABLE),
             "attempt": 0,
             "max_attempts": int(message.options.get("max_attempts", plan.actor.options["max_attempts"])),
             "created_at": at,
@@ -600,6 +619,12 @@ def inserted_results(
         }
         out.append({"job": record})  # unique_skipped_as_duplicate: False
     return _RESULTS.validate_python(out)
+
+
+def _waits(plan: Plan, scheduled: datetime, created: datetime) -> bool:
+    """Whether a job just inserted waits in the schedule: until its time, or (a serial job) for
+    its turn, as its record says."""
+    return scheduled > created or is_serial(plan.actor)
 
 
 def duplicate_result(
@@ -796,7 +821,8 @@ def _relayed_job(target: _Target, plan: Plan, now: int) -> RelayedJob:
     record = _new_record(plan, now)
     due = now + plan.delay if plan.delay else plan.message.message_timestamp
     waiting = target.broker.to_schedule(plan.message, due)
-    return RelayedJob(record, schedule_entry(waiting), encode(waiting, plan.checked.payload_json), due)
+    data = encode(waiting, plan.checked.payload_json)
+    return RelayedJob(record, schedule_entry(waiting), data, due, str(waiting.options.get(SERIAL_KEY, "")))
 
 
 def _refusal(now: int, error_type: str, message: str) -> str:

@@ -32,6 +32,8 @@ class JobKind:
       unique_window_setting: the ``EpqSettings`` field holding the uniqueness window.
       time_limit_setting: the ``EpqSettings`` field holding how long its handler may run.
       unique_by: the request fields that make up the unique key.
+      serial_by: the request field whose value is the job's serial key when its kind has serial
+        keys on (``EPQ_SERIAL_KINDS``, ``epq.serial``): one sequence per value, across kinds.
       unique_mode_setting / debounce_delay_setting / debounce_max_wait_setting: the
         ``EpqSettings`` fields holding what a duplicate does inside the window and, for
         ``debounce``, how far each moves the waiting job and how long it may wait at most
@@ -50,6 +52,7 @@ class JobKind:
     unique_mode_setting: str
     debounce_delay_setting: str
     debounce_max_wait_setting: str
+    serial_by: str = "endpoint_id"
 
 
 def _registration(name: str, model: type[_Request], *unique_by: str) -> JobKind:

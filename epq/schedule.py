@@ -57,6 +57,13 @@ def promote_due(
     if moved is not None:
         return moved  # the broker moved them in one atomic step
     claimed, next_due = store.schedule_claim(now, CLAIM_LEASE_MS, limit)
+    return publish_claimed(broker, store, claimed), next_due
+
+
+def publish_claimed(broker: dramatiq.Broker, store: StateStore, claimed: list[tuple[str, bytes]]) -> int:
+    """Publish claimed schedule entries (``(entry id, message)``), then forget those published;
+    return how many were. One that cannot go is left claimed: it is published again when its
+    lease ends."""
     done: list[str] = []
     give_back_ms: int | None = None  # set when the broker is gone: the unpublished rest goes back
     try:
@@ -92,7 +99,7 @@ def promote_due(
         logger.warning(
             "Promoted %d of %d due messages; the rest retry when their lease ends", len(done), len(claimed)
         )
-    return len(done), next_due
+    return len(done)
 
 
 def _give_back(store: StateStore, entries: list[str], after_ms: int) -> None:

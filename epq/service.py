@@ -8,7 +8,7 @@ from typing import Any
 
 import dramatiq
 
-from . import insert, metrics
+from . import insert, metrics, serial
 from ._actor import EpqActor
 from ._runtime import Runtime, actor_for, current, setup
 from .backends.base import REPLACED, backend_of, served_queues, split_counter_group
@@ -297,6 +297,8 @@ class QueueService:
             raise JobNotFound(job_id)
         if before in NOT_STARTED and lock_key_of(fields):
             runtime.state.release_unique(lock_key_of(fields), job_id)
+        if before in NOT_STARTED:
+            serial.withdraw(runtime.broker, runtime.state, job_id, {**fields, **changes})
         return before
 
     def list_dead(self, limit: int = 100) -> list[JobRecord]:

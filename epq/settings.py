@@ -78,6 +78,10 @@ class EpqSettings(BaseSettings):
         kind's rules); River's defaults, 2 min and 1 min.
       strict_payload_kinds: kinds whose workers dead-letter a payload with fields their model does
         not know (comma-separated); other kinds drop such fields, logged once per kind and field.
+      serial_kinds: kinds whose jobs start one at a time per endpoint, in enqueue order
+        (comma-separated; ``epq.serial``); ``all`` names the five.
+      serial_continue_on_failure: of those, kinds whose failed job gives its place up while it
+        waits for its retry (comma-separated, or ``all``): the next job of its endpoint goes on.
       completed_retention / discarded_retention: how long job records are kept.
       completed_max: how many completed jobs' records are kept at most (the newest; 0: none).
       dead_max: how many dead (discarded) jobs' records are kept at most (the newest; 0: none,
@@ -122,6 +126,8 @@ class EpqSettings(BaseSettings):
     discarded_retention: timedelta = timedelta(days=7)
     dead_max: int = Field(default=DEFAULT_DEAD_MAX, ge=0)
     strict_payload_kinds: CommaList = Field(default_factory=list)
+    serial_kinds: CommaList = Field(default_factory=list)
+    serial_continue_on_failure: CommaList = Field(default_factory=list)
     metrics: bool = False
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     metrics_host: str = "0.0.0.0"
@@ -164,7 +170,14 @@ class EpqSettings(BaseSettings):
             )
         return value
 
-    @field_validator("handlers", "queues", "strict_payload_kinds", mode="before")
+    @field_validator(
+        "handlers",
+        "queues",
+        "strict_payload_kinds",
+        "serial_kinds",
+        "serial_continue_on_failure",
+        mode="before",
+    )
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -177,6 +190,11 @@ class EpqSettings(BaseSettings):
         if not value:
             raise ValueError("at least one queue is required")
         return list(dict.fromkeys(value))
+
+    @field_validator("serial_kinds", "serial_continue_on_failure")
+    @classmethod
+    def _all_kinds(cls, value: list[str]) -> list[str]:
+        return list(KINDS) if value == ["all"] else cls._known_kinds(value)
 
     @field_validator("strict_payload_kinds")
     @classmethod

@@ -24,7 +24,7 @@ from dramatiq.common import q_name
 from dramatiq.errors import QueueJoinTimeout
 
 from ..concurrency import capped_prefetch
-from ..options import DUE_MS, SNOOZES
+from ..options import DUE_MS, SERIAL_KEY, SNOOZES
 
 #: Every name epq gives a lock or key in a store starts with this.
 KEY_PREFIX = "epq:"
@@ -150,6 +150,22 @@ class StateStore(Protocol):
     def schedule_due(self, now_ms: int) -> int:
         """Entries due at ``now_ms`` that no promoter has claimed yet."""
 
+    def serial_add(self, key: str, job_id: str, data: bytes, due_ms: int, *, entry: str) -> str:
+        """Add a message of a job with serial key ``key`` (``epq.serial``) to the schedule at its
+        turn, atomically: a job that is not in ``key``'s sequence joins its end; the message of
+        the sequence's head goes into the schedule as ``schedule_add`` puts it, any other waits
+        held (not due) until its job becomes the head. Returns the entry id."""
+
+    def serial_release(self, key: str, job_id: str, *, withdraw: bool = False, lease_ms: int = 0) -> Released:
+        """If ``job_id`` heads ``key``'s sequence, drop it and put the message of the job after it
+        into the schedule, due when it was to be (atomically). With ``lease_ms``, that message,
+        if due, is claimed instead (as ``schedule_claim`` claims) for the caller to publish and
+        forget (``schedule_ack``). With ``withdraw`` (a job cancelled before its turn), a job
+        further back leaves the sequence too, its held message dropped."""
+
+    def serial_sequence(self, key: str) -> list[str]:
+        """The ids of the jobs of ``key``'s sequence, the head first."""
+
     def unique_locks(self) -> dict[str, int]:
         """Uniqueness locks held, per kind. Scans the store: for a scrape, not for hot paths."""
 
@@ -201,6 +217,14 @@ class StateStore(Protocol):
 # ---- the record store --------------------------------------------------------------------------
 
 
+class Released(NamedTuple):
+    """What :meth:`StateStore.serial_release` did: whether the job was its key's head, and the
+    next job's message if it claimed it (entry id, message)."""
+
+    head: bool
+    claimed: tuple[str, bytes] | None = None
+
+
 class NewRecord(NamedTuple):
     """A record to write, with the uniqueness lock to take first (``lock_key`` '' for none)."""
 
@@ -221,6 +245,8 @@ class RelayedJob(NamedTuple):
     entry: str
     data: bytes
     due_ms: int
+    #: Its serial key ('' for none): it joins its key's sequence (as ``StateStore.serial_add``).
+    serial_key: str = ""
 
 
 #: What :meth:`RecordStore.resolve_duplicate` did (uniqueness modes, ``epq.middleware.modes``).
@@ -541,6 +567,34 @@ def schedule_entry(message: dramatiq.Message[Any]) -> str:
     return entry
 
 
+def to_be_scheduled(message: dramatiq.Message[Any], delay: int | None) -> bool:
+    """Whether an enqueue goes into the schedule: a delayed one, and a job with a serial key that
+    has not been through it yet (it waits there for its turn: ``epq.serial``)."""
+    if delay and delay > 0:
+        return True
+    options = message.options
+    return SERIAL_KEY in options and DUE_MS not in options
+
+
+def scheduled_delay(delay: int | None) -> int:
+    """The delay the enqueue hooks see of a message going into the schedule: at least 1 ms, so
+    that a serial job due at once reads as scheduled, not as one back from the schedule."""
+    return max(int(delay or 0), 1)
+
+
+def schedule_message(
+    store: StateStore, message: dramatiq.Message[Any], due_ms: int, *, entry: str | None = None
+) -> str:
+    """Add ``message`` (as it waits: ``DurableDelays.to_schedule``) to the schedule until
+    ``due_ms``; a job's with a serial key at its turn (``StateStore.serial_add``)."""
+    key = message.options.get(SERIAL_KEY)
+    if key is None:
+        return store.schedule_add(message.encode(), due_ms, entry=entry)
+    return store.serial_add(
+        str(key), message.message_id, message.encode(), due_ms, entry=entry or schedule_entry(message)
+    )
+
+
 def scheduled_queue(data: bytes) -> str | None:
     """The queue an encoded message in the schedule goes to (None when it cannot be read)."""
     try:
@@ -616,11 +670,12 @@ class DurableDelays:
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
         broker: Any = self
         store = self.epq_store
-        if not delay or delay <= 0 or store is None:
+        if not to_be_scheduled(message, delay) or store is None:
             return super().enqueue(message, delay=None)  # type: ignore[misc, no-any-return]
-        message, due_ms = self._to_schedule(message, delay)
+        message, due_ms = self._to_schedule(message, delay or 0)
+        delay = scheduled_delay(delay)
         broker.emit_before("enqueue", message, delay)
-        store.schedule_add(message.encode(), due_ms, entry=schedule_entry(message))
+        schedule_message(store, message, due_ms, entry=schedule_entry(message))
         broker.emit_after("enqueue", message, delay)
         return message
 
@@ -663,8 +718,9 @@ class DurableDelays:
         prepared: list[tuple[dramatiq.Message[Any], int | None, int | None]] = []
         for message, delay in items:
             due: int | None = None
-            if delay and delay > 0 and self.epq_store is not None:
-                message, due = self._to_schedule(message, delay)
+            if to_be_scheduled(message, delay) and self.epq_store is not None:
+                message, due = self._to_schedule(message, delay or 0)
+                delay = scheduled_delay(delay)
             else:
                 message, delay = broker._prepare_immediate(message), None
             if before:

@@ -45,10 +45,13 @@ from .base import (
     NewRecord,
     RecordFields,
     RelayedJob,
+    Released,
     counter_group,
     holder_id,
     lock_kind,
+    schedule_message,
     scheduled_queue,
+    to_be_scheduled,
 )
 
 
@@ -84,6 +87,8 @@ class MemoryStateStore:
         self._cancels: dict[str, float] = {}  # job id -> when its cancel request expires (seconds)
         self._periodic: dict[str, tuple[dict[str, str], float]] = {}  # name -> (state, expires at, s)
         self._paused: set[str] = set()
+        self._serial: dict[str, list[str]] = {}  # serial key -> job ids, the head first
+        self._held: dict[str, tuple[int, str, bytes]] = {}  # job id -> (due ms, entry id, message)
 
     def schedule_add(self, data: bytes, due_ms: int, *, entry: str | None = None) -> str:
         entry = entry or uuid.uuid4().hex
@@ -93,6 +98,46 @@ class MemoryStateStore:
             self._data[entry] = data
             heapq.heappush(self._due, (due_ms, entry))
         return entry
+
+    def serial_add(self, key: str, job_id: str, data: bytes, due_ms: int, *, entry: str) -> str:
+        with self._lock:
+            sequence = self._serial.setdefault(key, [])
+            if job_id not in sequence:
+                sequence.append(job_id)
+            if sequence[0] != job_id:
+                self._held[job_id] = (due_ms, entry, data)
+                return entry
+        return self.schedule_add(data, due_ms, entry=entry)
+
+    def serial_release(self, key: str, job_id: str, *, withdraw: bool = False, lease_ms: int = 0) -> Released:
+        with self._lock:
+            sequence = self._serial.get(key)
+            if not sequence or sequence[0] != job_id:
+                if withdraw and sequence and job_id in sequence:
+                    sequence.remove(job_id)
+                    self._held.pop(job_id, None)
+                return Released(False)
+            sequence.pop(0)
+            if not sequence:
+                del self._serial[key]
+                return Released(True)
+            held = self._held.pop(sequence[0], None)
+            if held is None:
+                return Released(True)
+            due_ms, entry, data = held
+            if entry in self._data:
+                return Released(True)
+            now = self.now_ms()
+            if lease_ms and due_ms <= now:
+                self._data[entry] = data
+                self._claimed[entry] = now + lease_ms
+                return Released(True, (entry, data))
+        self.schedule_add(data, due_ms, entry=entry)
+        return Released(True)
+
+    def serial_sequence(self, key: str) -> list[str]:
+        with self._lock:
+            return list(self._serial.get(key, ()))
 
     def schedule_remove(self, entry_ids: Sequence[str]) -> None:
         with self._lock:
@@ -401,7 +446,12 @@ class MemoryRecords:
                     continue
                 holder = self.create(job.record)
                 if holder is None:
-                    self.state.schedule_add(job.data, job.due_ms, entry=job.entry)
+                    if job.serial_key:
+                        self.state.serial_add(
+                            job.serial_key, job.record.job_id, job.data, job.due_ms, entry=job.entry
+                        )
+                    else:
+                        self.state.schedule_add(job.data, job.due_ms, entry=job.entry)
                     self.state.mark(mark, job.record.ttl_ms)
                 out.append(holder)
         return out
@@ -670,7 +720,7 @@ class EpqStubBroker(DurableDelays, StubBroker):
         return EpqStubConsumer(self, queue_name, self.prefetch_for(queue_name, prefetch), timeout)
 
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
-        if delay and delay > 0 and self.epq_store is not None:
+        if to_be_scheduled(message, delay) and self.epq_store is not None:
             return super().enqueue(message, delay=delay)  # into the schedule (DurableDelays)
         queue = self.queues.get(message.queue_name)
         if queue is None:
@@ -687,7 +737,7 @@ class EpqStubBroker(DurableDelays, StubBroker):
         """Put a planned job due at once on its lane, with only other middleware's enqueue hooks
         around it (epq's own act on unplanned messages only), encoded from its payload's JSON
         unless a hook may have changed the payload."""
-        if delay and delay > 0:
+        if to_be_scheduled(message, delay):
             return self.enqueue(message, delay=delay)
         queue = self.queues.get(message.queue_name)
         if queue is None:
@@ -716,7 +766,7 @@ class EpqStubBroker(DurableDelays, StubBroker):
                 self.queues[message.queue_name].put((lane_of(message.options), encode(message)))
             else:
                 assert self.epq_store is not None
-                self.epq_store.schedule_add(message.encode(), due)
+                schedule_message(self.epq_store, message, due)
 
     def declare_queue(self, queue_name: str) -> None:
         if queue_name in self.queues:

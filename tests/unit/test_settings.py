@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 
 import epq
+from epq.kinds import KINDS
 from epq.settings import EpqSettings, default_state_dir, get_settings, reset_settings
 
 
@@ -72,6 +73,8 @@ def test_settings_are_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
         ("EPQ_INDEX_TIME_LIMIT", "0"),
         ("EPQ_REGISTER_TIME_LIMIT", "a minute"),
         ("EPQ_STRICT_PAYLOAD_KINDS", "register_job,register_thing"),
+        ("EPQ_SERIAL_KINDS", "register_thing"),
+        ("EPQ_SERIAL_CONTINUE_ON_FAILURE", "all,register_job"),
         ("EPQ_INDEX_UNIQUE_MODE", "latest"),
         ("EPQ_REGISTER_UNIQUE_MODE", "REPLACE"),
         ("EPQ_INDEX_DEBOUNCE_DELAY", "0"),
@@ -92,6 +95,15 @@ def test_a_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, name:
     monkeypatch.setenv(name, value)
     with pytest.raises(epq.ConfigurationError, match=name):
         get_settings()
+
+
+def test_serial_kinds_are_named_or_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert get_settings().serial_kinds == []  # off unless named
+    monkeypatch.setenv("EPQ_SERIAL_KINDS", "all")
+    monkeypatch.setenv("EPQ_SERIAL_CONTINUE_ON_FAILURE", "register_job, register_source")
+    reset_settings()
+    assert get_settings().serial_kinds == list(KINDS)
+    assert get_settings().serial_continue_on_failure == ["register_job", "register_source"]
 
 
 def test_queue_concurrency_names_queues_over_the_go_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,7 +27,7 @@ from ...middleware.job_records import refuse_malformed
 from ...outage import GivesBack, backoff_ms, must_requeue, unreachable
 from ...pausing import PAUSED_POLL_MS, PausableConsumer
 from ...priority import BROKER_PRIORITY, RABBITMQ_MAX_PRIORITY, amqp_priority, lane_of
-from ..base import DurableDelays, Move, in_flight
+from ..base import DurableDelays, Move, in_flight, schedule_message
 from ..urls import mask_url
 
 logger = logging.getLogger("epq")
@@ -272,7 +272,7 @@ class EpqRabbitmqBroker(DurableDelays, RabbitmqBroker):
             for message, due in items:
                 if due is not None:
                     assert store is not None
-                    scheduled.append(store.schedule_add(message.encode(), due))
+                    scheduled.append(schedule_message(store, message, due))
             immediate = [m for m, due in items if due is None]
             if immediate:
                 channel = self.connection.channel()

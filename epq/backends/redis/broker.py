@@ -36,7 +36,16 @@ from ...outage import GivesBack, must_requeue
 from ...pausing import PAUSED_POLL_MS, PausableConsumer
 from ...priority import LANES, lane_of
 from ...records import OPEN_RECORD_TTL_MS, payload_json, without_payload
-from ..base import BulkJob, DurableDelays, NewRecord, counter_group, holder_id, in_flight
+from ..base import (
+    BulkJob,
+    DurableDelays,
+    NewRecord,
+    counter_group,
+    holder_id,
+    in_flight,
+    schedule_message,
+    to_be_scheduled,
+)
 from . import keys, scripts
 from .connections import KeptConnections, ScriptStream
 from .store import RedisRecords, RedisStateStore, fields_json, flat_fields
@@ -113,7 +122,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
     # ---- enqueue --------------------------------------------------------------------------------
 
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
-        if delay and delay > 0 and self.epq_store is not None:
+        if to_be_scheduled(message, delay) and self.epq_store is not None:
             return super().enqueue(message, delay=delay)  # into the schedule (DurableDelays)
         message = message.copy(options={"redis_message_id": new_id()})
         records = find_middleware(self, JobRecords) if self.fused else None
@@ -157,10 +166,10 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
                     self.lane_enqueue(message, pipe=pipe)
                 elif same:
                     assert isinstance(store, RedisStateStore)
-                    store.schedule_add(message.encode(), due, pipe=pipe)
+                    store.schedule_message(message, due, pipe=pipe)
                 else:
                     assert store is not None
-                    elsewhere.append(store.schedule_add(message.encode(), due))
+                    elsewhere.append(schedule_message(store, message, due))
             pipe.execute()
         except BaseException:
             if elsewhere and store is not None:

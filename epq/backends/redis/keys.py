@@ -29,6 +29,10 @@ REPLACED = STATS + ":replaced"
 PERIODIC_PREFIX = KEY_PREFIX + "periodic:"
 #: Each bulk enqueue script call leaves its reply under a token key of its own.
 BULK_TOKEN_PREFIX = KEY_PREFIX + "bulk:"
+#: Serial keys (``epq.serial``): a list of job ids per key (the head first), and the messages of
+#: jobs waiting for their turn (a hash: job id -> ``<due ms>|<entry id>|<message>``).
+SERIAL_PREFIX = KEY_PREFIX + "serial:"
+SERIAL_HELD = KEY_PREFIX + "serial-held"
 #: A request to cancel a running job (a string with a TTL per job: ``epq.cancellation``).
 CANCEL_PREFIX = KEY_PREFIX + "cancel:"
 #: The queues paused (a set of queue names: ``epq.pausing``).
@@ -60,6 +64,11 @@ def waiting(queue_name: str, priority: int) -> str:
 def cancel_request(job_id: str) -> str:
     """The request to cancel running job ``job_id`` (its value: when it was asked for, in ms)."""
     return CANCEL_PREFIX + job_id
+
+
+def serial(key: str) -> str:
+    """The sequence of the jobs with serial key ``key``."""
+    return SERIAL_PREFIX + key
 
 
 def periodic(name: str) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 
-from ...options import DUE_MS
+from ...options import DUE_MS, SERIAL_KEY
 from ...records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX, MAX_ERRORS, check_id_prefix, payload_json
 from ..base import (
     UNIQUE_PREFIX,
@@ -20,7 +20,9 @@ from ..base import (
     NewRecord,
     RecordFields,
     RelayedJob,
+    Released,
     lock_kind,
+    schedule_entry,
     scheduled_queue,
     split_counter_group,
 )
@@ -70,6 +72,11 @@ def _payload_of(data: bytes) -> str:
     return payload_json(kwargs) if isinstance(kwargs, dict) else "{}"
 
 
+def _serial_keys(key: str) -> list[str]:
+    """What the serial scripts take first: the key's sequence, the held messages, the schedule."""
+    return [keys.serial(key), keys.SERIAL_HELD, keys.SCHEDULE, keys.SCHEDULE_DATA]
+
+
 class RedisStateStore:
     """Uniqueness locks, the durable schedule and the clock in Redis."""
 
@@ -84,6 +91,8 @@ class RedisStateStore:
             "schedule_release",
             "schedule_move",
             "periodic_mark",
+            "serial_add",
+            "serial_release",
         )
 
     def schedule_add(self, data: bytes, due_ms: int, *, entry: str | None = None, pipe: Any = None) -> str:
@@ -97,6 +106,43 @@ class RedisStateStore:
 
     def schedule_remove(self, entry_ids: Sequence[str]) -> None:
         self._forget(keys.SCHEDULE, entry_ids)
+
+    def serial_add(
+        self, key: str, job_id: str, data: bytes, due_ms: int, *, entry: str, pipe: Any = None
+    ) -> str:
+        """See ``StateStore.serial_add`` (``serial_add.lua``); with ``pipe`` only queue the call."""
+        self._lua["serial_add"](
+            keys=_serial_keys(key),
+            args=[job_id, entry, data, due_ms],
+            client=pipe,
+        )
+        return entry
+
+    def schedule_message(self, message: Any, due_ms: int, *, pipe: Any = None) -> str:
+        """``base.schedule_message`` on a pipeline of this store's client (``pipe``)."""
+        key = message.options.get(SERIAL_KEY)
+        if key is None:
+            return self.schedule_add(message.encode(), due_ms, pipe=pipe)
+        entry = schedule_entry(message)
+        return self.serial_add(str(key), message.message_id, message.encode(), due_ms, entry=entry, pipe=pipe)
+
+    def serial_release(self, key: str, job_id: str, *, withdraw: bool = False, lease_ms: int = 0) -> Released:
+        now = self.now_ms() if lease_ms else 0
+        reply = self._lua["serial_release"](
+            keys=[
+                keys.serial(key),
+                keys.SERIAL_HELD,
+                keys.SCHEDULE,
+                keys.SCHEDULE_DATA,
+                keys.SCHEDULE_CLAIMED,
+            ],
+            args=[job_id, int(withdraw), now + lease_ms if lease_ms else 0, now],
+        )
+        claimed = (reply[1].decode(), reply[2]) if len(reply) == 3 else None
+        return Released(bool(reply), claimed)
+
+    def serial_sequence(self, key: str) -> list[str]:
+        return [job_id.decode() for job_id in self.client.lrange(keys.serial(key), 0, -1)]
 
     def _forget(self, index_key: str, entry_ids: Sequence[str]) -> None:
         if entry_ids:
@@ -280,12 +326,12 @@ class RedisRecords:
     def create_relayed(self, jobs: Sequence[RelayedJob]) -> list[str | bool | None]:
         if not jobs:
             return []
-        args: list[Any] = [self.now_ms(), keys.JOB_PREFIX, keys.RELAYED_PREFIX]
+        args: list[Any] = [self.now_ms(), keys.JOB_PREFIX, keys.RELAYED_PREFIX, keys.SERIAL_PREFIX]
         for job in jobs:
             r = job.record
             args += [r.job_id, r.ttl_ms, fields_json(r.fields), r.lock_key, r.holder, max(1, r.lock_ttl_ms)]
-            args += [job.entry, job.data, job.due_ms]
-        script_keys = [keys.STATS, keys.DEAD, keys.SCHEDULE, keys.SCHEDULE_DATA]
+            args += [job.entry, job.data, job.due_ms, job.serial_key]
+        script_keys = [keys.STATS, keys.DEAD, keys.SCHEDULE, keys.SCHEDULE_DATA, keys.SERIAL_HELD]
         replies = self._lua["relay_create"](keys=script_keys, args=args)
         # (1: marked relayed already; 0: written; text: the holder of the lock)
         return [(reply == 1 or None) if isinstance(reply, int) else _text(reply) for reply in replies]
