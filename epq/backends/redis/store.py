@@ -389,7 +389,8 @@ class RedisRecords:
         match = keys.job(check_id_prefix(prefix)) + "*"  # no glob character can be in the prefix
         found: list[str] = []
         for key in self.client.scan_iter(match=match, count=1000):
-            found.append(key.decode()[len(keys.JOB_PREFIX) :])
+            if self.client.hexists(key, "kind"):  # (not a deleted job's tombstone)
+                found.append(key.decode()[len(keys.JOB_PREFIX) :])
             if len(found) >= limit:
                 break
         return found
