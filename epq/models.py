@@ -173,6 +173,8 @@ class JobRecord(BaseModel):
     #: When ``QueueService.cancel_job`` asked the worker running the job to stop it (the job is
     #: then ``cancelled``, or ended as it was ending if the request came too late).
     cancel_requested_at: datetime | None = None
+    #: What the handler returned, when it completed (JSON; None when it returned None).
+    output: Any = None
 
 
 class JobInsertResult(BaseModel):
@@ -204,3 +206,13 @@ class QueueInfo(BaseModel):
     running: int
     #: Jobs of the queue waiting in the durable schedule for their time (delayed runs, retries).
     scheduled: int
+
+
+class JobPage(BaseModel):
+    """A page of ``QueueService.list_jobs``: its jobs, and the cursor of the next page (None when
+    this page is the last)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    jobs: list[JobRecord]
+    next_cursor: str | None = None
