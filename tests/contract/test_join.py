@@ -145,3 +145,17 @@ def test_a_due_message_whose_publish_found_the_broker_gone_is_due_again_a_second
     assert wait_for(lambda: promote_due(broker, store)[0] == 1, timeout=5)
     assert message_count(broker, "default") == 1
     assert svc.get_job(job_id) is not None
+
+
+def test_join_on_the_stub_with_fail_fast_raises_a_dead_lettered_messages_error(
+    epq_broker: dramatiq.Broker, epq_worker: dramatiq.Worker
+) -> None:
+    # Given a plain actor that fails for good (no retries left)
+    @dramatiq.actor(broker=epq_broker, queue_name="default", max_retries=0)
+    def fails() -> None:
+        raise RuntimeError("the endpoint answered 500")
+
+    fails.send()
+    # Then a join with fail_fast raises its error, as Dramatiq's stub broker does
+    with pytest.raises(RuntimeError, match="answered 500"):
+        epq_broker.join("default", fail_fast=True, timeout=10_000)
