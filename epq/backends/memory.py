@@ -124,6 +124,14 @@ class MemoryStateStore:
             data = list(self._data.values())
         return sum(1 for item in data if scheduled_queue(item) == queue_name)
 
+    def schedule_drop(self, queue_name: str) -> int:
+        with self._lock:
+            dropped = [entry for entry, data in self._data.items() if scheduled_queue(data) == queue_name]
+            for entry in dropped:
+                del self._data[entry]  # (its place in the heap is passed over when due)
+                self._claimed.pop(entry, None)
+        return len(dropped)
+
     def schedule_size(self) -> int:
         with self._lock:
             return len(self._data)
