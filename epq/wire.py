@@ -85,6 +85,11 @@ class MalformedMessage(Exception):
         self.preview = data[:PREVIEW_CHARS].decode("utf-8", "replace")
 
 
+class UnknownActor(MalformedMessage):
+    """A well-formed message for an actor the worker does not have (Dramatiq's ``ActorNotFound``
+    case)."""
+
+
 def _payload_bytes(args: list[Any], kwargs: dict[str, Any]) -> int:
     text = json.dumps(kwargs if not args else [args, kwargs], ensure_ascii=False, separators=(",", ":"))
     return len(text.encode("utf-8", "surrogatepass"))
@@ -157,5 +162,5 @@ def decode(data: bytes, actors: Container[str] | None = None) -> dramatiq.Messag
             reason = f"payload is {size} bytes, over the {MAX_PAYLOAD_BYTES}-byte limit"
             raise MalformedMessage(reason, data, fields)
     if actors is not None and fields["actor_name"] not in actors:
-        raise MalformedMessage(f"unknown actor {fields['actor_name']!r}", data, fields)
+        raise UnknownActor(f"unknown actor {fields['actor_name']!r}", data, fields)
     return dramatiq.Message(**fields)
