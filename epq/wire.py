@@ -51,13 +51,13 @@ _FIELDS: dict[str, type] = {
 }
 # Options a worker's middleware reads, and their JSON types (others are the actor's business).
 _INT_OPTIONS = ("retries", "max_retries", "max_attempts", SNOOZES)
-# (Dramatiq takes floats for these, and ``eta`` may be null)
+# (Dramatiq takes floats for these; ``eta`` is not among them: Dramatiq's worker runs a message
+# whose eta is null or not a number at once, with a warning)
 _NUMBER_OPTIONS = (
     "min_backoff",
     "max_backoff",
     "time_limit",
     "max_age",
-    "eta",
     DUE_MS,
     "requeue_timestamp",
 )

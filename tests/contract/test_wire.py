@@ -207,3 +207,20 @@ def test_on_the_stub_a_message_of_an_unknown_actor_is_a_dead_letter_that_join_ra
         epq_broker.join("default", fail_fast=True)
     # and the message is among the stub's dead letters
     assert epq_broker.dead_letters == [message]  # type: ignore[attr-defined]
+
+
+def test_a_message_whose_eta_is_not_a_number_runs_as_dramatiqs_worker_runs_it(
+    epq_broker: dramatiq.Broker, epq_worker: dramatiq.Worker
+) -> None:
+    # Given a message sent by another program with an eta Dramatiq cannot read
+    ran: list[bool] = []
+
+    @dramatiq.actor(broker=epq_broker, queue_name="default")
+    def record() -> None:
+        ran.append(True)
+
+    push_raw(epq_broker, "default", record.message_with_options(eta="not-a-number").encode())
+    # Then it is not refused: Dramatiq's worker runs it at once (and warns)
+    epq_broker.join("default", fail_fast=True)
+    epq_worker.join()
+    assert ran == [True]
