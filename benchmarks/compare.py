@@ -24,8 +24,10 @@ records, priorities, durable schedule, River retries) are measured side by side:
   side, databases 11 and 12).
 
 ``--metrics`` runs epq with its Prometheus metrics on (``EPQ_METRICS=1``; worker processes serve
-``/metrics`` on ``--metrics-port``), ``--tracing`` with its OpenTelemetry spans on (no SDK
-configured: the API's no-op tracer); without them both are off (``EPQ_TRACING=0``).
+``/metrics`` on ``--metrics-port``); ``--metrics-ab ROUNDS`` measures instead what they cost: epq's
+single enqueue and drain with them off and on, in alternating rounds, and prints on/off;
+``--tracing`` runs epq with its OpenTelemetry spans on (no SDK configured: the API's no-op
+tracer); without them both are off (``EPQ_TRACING=0``).
 
 Every job does the same small thing in both apps: one Redis script call noting it
 (``benchmarks/_report.py``), which is how the run sees jobs start and finish.
@@ -64,7 +66,7 @@ BIN = Path(sys.executable).parent
 import epq  # noqa: E402
 from benchmarks import _report, memory  # noqa: E402
 from benchmarks._proc import rss_mib  # noqa: E402
-from epq import _runtime, handlers  # noqa: E402
+from epq import _runtime, handlers, metrics  # noqa: E402
 
 PLAIN_QUEUE = "bench-plain"
 
@@ -350,6 +352,65 @@ def enqueue_rates(plain: App, ours: App, args: argparse.Namespace) -> dict[str, 
         plain.close()
 
 
+def _metrics_mode(on: bool, port: int) -> None:
+    """Turn epq's metrics on or off for what comes next: this process's (enqueue, the stub's
+    worker) at once, worker processes' when they start (``EPQ_METRICS``, ``EPQ_METRICS_PORT``)."""
+    os.environ["EPQ_METRICS"] = "1" if on else "0"
+    if on:
+        os.environ["BENCH_METRICS_PORT"] = str(port)
+        metrics.enable()
+    else:
+        os.environ.pop("BENCH_METRICS_PORT", None)
+        metrics.disable()
+
+
+def metrics_ab(
+    broker: str, urls: dict[str, str], args: argparse.Namespace, results: Results
+) -> dict[str, Any]:
+    """epq's single enqueue (``--n`` jobs) and drain (``--drain`` jobs) with its metrics off and
+    on, in ``--metrics-ab`` alternating rounds (off then on, then on then off, ...), so that the
+    machine's drift falls on both alike; the median of each and the rounds."""
+    app = App("epq", broker, urls)
+    rates: dict[str, dict[str, list[float]]] = {
+        "enqueue": {"off": [], "on": []},
+        "drain": {"off": [], "on": []},
+    }
+    for r in range(args.metrics_ab):
+        for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+            app.open()
+            _metrics_mode(mode == "on", args.metrics_port)
+            try:
+                ids = [uuid.uuid4() for _ in range(args.n)]
+                app.send(-1)
+                start = time.perf_counter()
+                for i, endpoint in enumerate(ids):
+                    app.send(i, endpoint_id=endpoint)
+                rates["enqueue"][mode].append(args.n / (time.perf_counter() - start))
+                app.flush()
+                workers, rate = drain(app, results, args.drain, args.processes, args.threads, args.batch)
+                app.stop_workers(workers)
+                rates["drain"][mode].append(rate)
+            finally:
+                app.close()
+    return {
+        measure: {mode: statistics.median(values) for mode, values in by_mode.items()} | {"rounds": by_mode}
+        for measure, by_mode in rates.items()
+    }
+
+
+def ab_table(all_ab: dict[str, dict[str, Any]]) -> str:
+    lines = [f"{'broker':<10}{'measure (jobs/s)':<22}{'metrics off':>13}{'metrics on':>13}{'on/off':>9}"]
+    lines.append("-" * len(lines[0]))
+    for broker, measures in all_ab.items():
+        for measure, values in measures.items():
+            off, on = values["off"], values["on"]
+            lines.append(f"{broker:<10}{measure:<22}{off:>13.1f}{on:>13.1f}{on / off:>9.3f}")
+            for mode in ("off", "on"):
+                rounds = " ".join(f"{v:.0f}" for v in values["rounds"][mode])
+                lines.append(f"{'':<10}{'  ' + mode + ' rounds:':<22}{rounds}")
+    return "\n".join(lines)
+
+
 ROWS = [
     ("single_enqueue_per_s", "single enqueue (jobs/s)", "single_enqueue_per_s"),
     ("bulk_enqueue_per_s", "bulk enqueue (jobs/s; plain: single)", "single_enqueue_per_s"),
@@ -390,6 +451,11 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--metrics-port", type=int, default=9811, help="the workers' /metrics with --metrics")
     parser.add_argument(
+        "--metrics-ab", type=int, default=0, metavar="ROUNDS",
+        help="instead of the comparison with plain Dramatiq: epq's enqueue and drain with its metrics "
+        "off and on, in ROUNDS alternating rounds (medians and on/off)",
+    )  # fmt: skip
+    parser.add_argument(
         "--tracing", action="store_true",
         help="epq with its OpenTelemetry spans on (EPQ_TRACING=1; no SDK: the API's no-op tracer)",
     )  # fmt: skip
@@ -422,6 +488,16 @@ def main() -> None:
     results = Results(os.environ["BENCH_RESULTS_URL"])
     _epq_stub_handlers()
     started = time.monotonic()
+    if args.metrics_ab:
+        all_ab = {}
+        for broker in args.brokers.split(","):
+            print(f"measuring epq with metrics off and on, on {broker} ...", file=sys.stderr, flush=True)
+            all_ab[broker] = metrics_ab(broker, urls, args, results)
+        print(ab_table(all_ab))
+        print(f"\n{args.metrics_ab} rounds; {args.n} jobs enqueued and {args.drain} drained a round; "
+              f"{args.processes} worker process(es) x {args.threads} threads; "
+              f"{time.monotonic() - started:.0f} s in all")  # fmt: skip
+        return
     all_results: dict[str, dict[str, dict[str, float]]] = {}
     for broker in args.brokers.split(","):
         all_results[broker] = {}

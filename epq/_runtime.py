@@ -21,14 +21,17 @@ from .middleware.boot import EpqMiddleware
 from .middleware.common import find_middleware
 from .middleware.job_records import JobRecords
 from .middleware.metrics import Metrics
+from .middleware.modes import Modes
 from .middleware.retries import EpqRetries
 from .middleware.uniqueness import Uniqueness
 from .outbox.connections import Shared
 from .outbox.connections import installed as psycopg_installed
 from .outbox.relay import Relaying
+from .pausing import Pausing
 from .periodic_jobs import Ticking
 from .priority import Priority
 from .schedule import Scheduling
+from .serial import SerialKeys
 from .settings import EpqSettings, default_state_dir, get_settings
 from .tracing import Tracing, wanted
 
@@ -110,8 +113,11 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
             discarded_ttl_ms=int(settings.discarded_retention.total_seconds() * 1000),
         )
     )
+    broker.add_middleware(Modes(records))  # (after JobRecords: it reads a record once started)
     broker.add_middleware(Scheduling(state))
+    broker.add_middleware(SerialKeys(state))  # (after EpqRetries: see its docstring)
     broker.add_middleware(Cancellation(state))  # (after JobRecords: it watches jobs once started)
+    broker.add_middleware(Pausing(state))  # (after Priority: it holds in Priority's work queue)
     broker.add_middleware(Ticking(state, settings.periodic_jobs))
     outbox = _outbox(broker, settings)
     _observe(broker, settings, state, records)
@@ -180,16 +186,32 @@ def _bind_actors(broker: dramatiq.Broker, settings: EpqSettings) -> None:
             "unique_for": int(window.total_seconds() * 1000),
             "unique_by": kind.unique_by,
             "time_limit": int(limit.total_seconds() * 1000),  # (Dramatiq's TimeLimit enforces it)
+            "serial_by": kind.serial_by if name in settings.serial_kinds else None,
+            "serial_continue_on_failure": name in settings.serial_continue_on_failure,
+            "unique_mode": getattr(settings, kind.unique_mode_setting),
+            "debounce_ms": _ms(getattr(settings, kind.debounce_delay_setting)),
+            "debounce_max_wait_ms": _ms(getattr(settings, kind.debounce_max_wait_setting)),
         }
         strict = name in settings.strict_payload_kinds
         actor = _actors.get(name)
         if actor is None:
-            _actors[name] = EpqActor(kind, broker=broker, extra_options=options, strict_payload=strict)
+            _actors[name] = EpqActor(
+                kind,
+                broker=broker,
+                extra_options=options,
+                strict_payload=strict,
+                output_max_bytes=settings.output_max_bytes,
+            )
         else:
             actor.broker = broker
             actor.options.update(options)
             actor.strict_payload = strict
+            actor.output_max_bytes = settings.output_max_bytes
             broker.declare_actor(actor)
+
+
+def _ms(duration: timedelta) -> int:
+    return int(duration.total_seconds() * 1000)
 
 
 def _close(runtime: Runtime) -> None:

@@ -45,9 +45,10 @@ def check_request(
         problem = f"no worker serves queue {queue!r} (queues: {served})"
         raise InvalidRequest(kind.name, [{"field": "queue_name", "message": problem}])
     priority = int(request.priority or kind.priority)  # both validated already
-    # (enqueue options left unset are not part of the payload: its handler's model has them None)
+    # (enqueue options left unset are not part of the payload: its handler's model has them None;
+    # nor is the uniqueness mode, which only the enqueue reads)
     unset = {name for name in ENQUEUE_OPTION_FIELDS if getattr(request, name) is None}
-    payload = request.model_dump(mode="json", exclude=unset)
+    payload = request.model_dump(mode="json", exclude=unset | {"unique_mode"})
     return Checked(queue, priority, payload, check_payload(kind.name, payload, request))
 
 

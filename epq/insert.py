@@ -43,8 +43,10 @@ from pydantic import TypeAdapter
 from . import metrics
 from ._messages import encode, new_ids
 from .backends.base import (
+    REPLACED,
     BulkGroup,
     BulkJob,
+    Duplicate,
     Holder,
     NewRecord,
     RecordStore,
@@ -70,10 +72,12 @@ from .errors import (
 from .middleware.common import find_middleware
 from .middleware.uniqueness import Uniqueness, count_refused
 from .models import JobInsertResult, JobPriority, JobQueue, JobRecord, JobState, _Request
-from .options import PRIORITY, RECORDED, UNIQUE_KEY
+from .options import PERIODIC, PRIORITY, RECORDED, SERIAL_KEY, UNIQUE_KEY, UNIQUE_MODE
 from .outage import state_errors
 from .payloads import known_fields_only
 from .records import OPEN_RECORD_TTL_MS, UNIQUE_DIGEST, new_record_fields, payload_json, to_job_record
+from .schedule import promote_soon
+from .serial import is_serial, serial_key
 
 if TYPE_CHECKING:  # (the actors call this module: a type, not an import at run time)
     from ._actor import EpqActor
@@ -96,6 +100,10 @@ class Plan:
     delay: int | None  # ms
     message: dramatiq.Message[Any] = field(init=False)
     lock: tuple[str, str, int] | None = field(init=False)  # (key, holder value, ttl ms)
+    mode: str | None = None  # its uniqueness mode, when replace or debounce (epq.middleware.modes)
+    #: What a duplicate in a replacing mode did (``RecordStore.resolve_duplicate``): the outcome
+    #: and the id of the job it concerns.
+    outcome: tuple[str, str] | None = None
 
 
 class _Target(NamedTuple):
@@ -139,10 +147,12 @@ def insert_one(
     now = target.state.now_ms()
     checked = check_request(actor.kind, request, broker)
     plan = Plan(0, actor, request, checked, delay_ms(actor.kind.name, request, delay, now))
+    if PERIODIC not in options:  # (a periodic job's tick goes once: keep_first, whatever its kind's mode)
+        _with_mode(plan)
     _build(target, [plan], options=options, message_ids=[options.pop("message_id", None)])
     record = _new_record(plan, now)
     try:
-        if target.fused and not plan.delay:
+        if target.fused and not _scheduled(plan):
             holder = target.broker.insert_recorded(plan.message, record, checked.payload_json)
         else:
             with state_errors("writing a job record"):
@@ -153,7 +163,7 @@ def insert_one(
         _take_back(target, [plan])
         raise
     except unreachable_errors(broker) as exc:
-        if not (target.fused and not plan.delay and isinstance(exc, CONNECTION_ERRORS)):
+        if not (target.fused and not _scheduled(plan) and isinstance(exc, CONNECTION_ERRORS)):
             # (one script that failed on the connection ran whole or not at all: nothing to take
             # back, and a server that did not answer would not answer the cleanup either)
             _take_back(target, [plan])
@@ -165,10 +175,76 @@ def insert_one(
         # may have gone through, and taking it back would leave a queued job without its record)
         _take_back(target, [plan])
         raise
+    if holder is not None and plan.mode is not None and plan.lock is not None:
+        plan.outcome = _resolve(target, plan, now)
+        if plan.outcome[0] == REPLACED:
+            plan.message = plan.message.copy(message_id=plan.outcome[1])
+        return plan
     if holder is not None:
         count_refused(target.state, plan.message)
         raise DuplicateJob(actor.actor_name, holder_id(holder), holder=holder)
+    if is_serial(actor):
+        promote_soon(target.broker, target.state)  # (it waits in the schedule: see epq.serial)
     return plan
+
+
+# ---- uniqueness modes: what a duplicate does instead of being refused ----------------------------
+
+
+def _with_mode(plan: Plan) -> None:
+    """Note a plan's uniqueness mode when it replaces (``replace``, ``debounce``: the request's
+    ``unique_mode``, else its kind's) and its kind has a window; a debounced job waits at least
+    its kind's debounce delay."""
+    options = plan.actor.options
+    mode = plan.request.unique_mode or options.get("unique_mode") or "keep_first"
+    if mode == "keep_first" or not options.get("unique_for"):
+        return
+    plan.mode = mode
+    if mode == "debounce":
+        plan.delay = max(int(plan.delay or 0), int(options.get("debounce_ms", 0))) or None
+
+
+def _resolve(target: _Target, plan: Plan, now: int) -> tuple[str, str]:
+    """What a duplicate in a replacing mode does with the job holding its key, decided and done
+    in one atomic step of the state store (``RecordStore.resolve_duplicate``): it replaces that
+    job's payload, or becomes its follow-up, or takes the key over from a job that ended."""
+    assert plan.lock is not None
+    assert plan.mode is not None
+    message, options = plan.message, plan.actor.options
+    delay = int(plan.delay or 0)
+    due = now + delay
+    record = _new_record(plan, now)
+    fields = {**record.fields, "state": "scheduled", "scheduled_at": str(due)}
+    key, _, lock_ttl = plan.lock
+    holder = message.message_id + Uniqueness.holder_tail(message, due)
+    waiting = target.broker.to_schedule(message, due)
+    duplicate = Duplicate(
+        mode=plan.mode,
+        record=NewRecord(message.message_id, fields, record.ttl_ms, key, holder, lock_ttl),
+        entry=schedule_entry(waiting),
+        data=encode(waiting, plan.checked.payload_json),
+        due_ms=due,
+        args_json=plan.checked.payload_json,
+        debounce_ms=int(options.get("debounce_ms", 0)),
+        max_wait_ms=int(options.get("debounce_max_wait_ms", 0)),
+        window_ms=lock_ttl - delay,
+    )
+    with state_errors("resolving a duplicate in uniqueness mode " + plan.mode):
+        outcome = target.records.resolve_duplicate(duplicate, now)
+    if outcome[0] != REPLACED and not delay:
+        promote_soon(target.broker, target.state)  # (due at once: not left to the promoters' next look)
+    return outcome
+
+
+def replaced_result(broker: dramatiq.Broker, plan: Plan) -> JobInsertResult:
+    """The result of a request whose payload replaced a waiting job's: that job's record."""
+    assert plan.outcome is not None
+    target = _target(broker)
+    fields = target.records.get(plan.outcome[1])
+    if fields is None:  # (it ended and expired since: rare; what is known of it)
+        (made,) = inserted_results([plan])
+        return made.model_copy(update={"unique_replaced": True})
+    return JobInsertResult(job=to_job_record(plan.outcome[1], fields), unique_replaced=True)
 
 
 # ---- many jobs ----------------------------------------------------------------------------------
@@ -212,7 +288,7 @@ def _insert_many(
     fused = _FusedRuns(target, holders, results, handled) if target.fused else None
     try:
         for run in _runs(plans, fused is not None):
-            if fused is not None and not run[0].delay:
+            if fused is not None and not _scheduled(run[0]):
                 fused.add(run)
                 continue
             if fused is not None:
@@ -235,6 +311,14 @@ def _insert_many(
     finally:
         if fused is not None:
             fused.close()
+    for plan in plans:  # duplicates in a replacing mode, in order (each one atomic step)
+        if holders[plan.index] is not None and plan.mode is not None and plan.lock is not None:
+            plan.outcome = _resolve(target, plan, now)
+            holders[plan.index] = None
+            if plan.outcome[0] == REPLACED:
+                results[plan.index] = replaced_result(broker, plan)
+    if any(is_serial(plan.actor) for plan in plans):
+        promote_soon(target.broker, target.state)  # (they wait in the schedule: see epq.serial)
     out = _results(target, plans, holders, results)
     for plan, result in zip(plans, out, strict=True):
         if result.unique_skipped_as_duplicate:
@@ -253,10 +337,14 @@ def _validate(actor: EpqActor, request: _Request | Mapping[str, Any]) -> _Reques
 
 
 def _prepare(
-    target: _Target, items: list[tuple[EpqActor, _Request | Mapping[str, Any]]], now: int
+    target: _Target,
+    items: list[tuple[EpqActor, _Request | Mapping[str, Any]]],
+    now: int,
+    *,
+    modes: bool = True,
 ) -> list[Plan]:
-    """Validate and check every request; refuse the whole batch, naming every problem, if any
-    request is bad."""
+    """Validate and check every request (with their uniqueness modes, unless ``modes`` is off);
+    refuse the whole batch, naming every problem, if any request is bad."""
     plans: list[Plan] = []
     errors: list[dict[str, str]] = []
     declared = target.broker.get_declared_queues()
@@ -268,7 +356,10 @@ def _prepare(
         except InvalidRequest as exc:
             errors += [{"field": f"[{index}].{e['field']}", "message": e["message"]} for e in exc.errors]
             continue
-        plans.append(Plan(index, actor, request, checked, delay))
+        plan = Plan(index, actor, request, checked, delay)
+        if modes:
+            _with_mode(plan)
+        plans.append(plan)
     if errors:
         raise InvalidRequest("enqueue_many", errors)
     return plans
@@ -294,10 +385,21 @@ def _build(
         message = plan.actor.message_from(plan.checked, message_id=message_id, **marked)
         if created_ms is not None:
             message = message.copy(message_timestamp=created_ms[i])
+        serial = serial_key(plan.actor, plan.request)
+        if serial is not None:
+            message.options[SERIAL_KEY] = serial
         lock = uniqueness.lock_for(broker, message, plan.delay, holder=holders) if uniqueness else None
         if lock is not None:
             message.options[UNIQUE_KEY] = lock[0]
+            if plan.mode is not None:
+                message.options[UNIQUE_MODE] = plan.mode
         plan.message, plan.lock = message, lock
+
+
+def _scheduled(plan: Plan) -> bool:
+    """Whether a plan's job goes into the schedule: it is delayed, or it has a serial key (it
+    waits there for its turn: ``epq.serial``)."""
+    return bool(plan.delay) or is_serial(plan.actor)
 
 
 def _runs(plans: list[Plan], fused: bool) -> Iterable[list[Plan]]:
@@ -307,8 +409,8 @@ def _runs(plans: list[Plan], fused: bool) -> Iterable[list[Plan]]:
     always wins."""
     run: list[Plan] = []
     for plan in plans:
-        limit = SCRIPT_RUN if fused and not plan.delay else CHUNK
-        if run and (len(run) >= limit or (fused and bool(run[0].delay) != bool(plan.delay))):
+        limit = SCRIPT_RUN if fused and not _scheduled(plan) else CHUNK
+        if run and (len(run) >= limit or (fused and _scheduled(run[0]) != _scheduled(plan))):
             yield run
             run = []
         run.append(plan)
@@ -384,21 +486,28 @@ class _FusedRuns:
         return run
 
     def _bulk_jobs(self, run: list[Plan]) -> list[BulkJob]:
-        groups: dict[tuple[Any, ...], BulkGroup] = {}
+        groups: dict[tuple[Any, ...], BulkGroup] = {}  # (the mode: a record field of the group's)
         out: list[BulkJob] = []
         for plan in run:
             message = plan.message
-            key = (plan.actor, message.queue_name, plan.checked.priority, message.message_timestamp)
+            key = (
+                plan.actor,
+                message.queue_name,
+                plan.checked.priority,
+                message.message_timestamp,
+                plan.mode,
+            )
             group = groups.get(key)
             if group is None:
                 created = message.message_timestamp  # due at once: scheduled when created
                 fields = _record_fields(plan, created)
-                for name in ("args", UNIQUE_DIGEST, "unique_key"):  # the job's own
+                for name in ("args", UNIQUE_DIGEST, "unique_key", "endpoint_id"):  # the job's own
                     fields.pop(name, None)
                 # the jobs of a group are of one kind, so their locks (if any) have one ttl
                 tail, ttl = (Uniqueness.holder_tail(message, created), plan.lock[2]) if plan.lock else ("", 0)
                 group = groups[key] = BulkGroup(fields, tail, ttl)
-            out.append(BulkJob(message, group, plan.checked.payload_json, plan.lock[0] if plan.lock else ""))
+            lock_key = plan.lock[0] if plan.lock else ""
+            out.append(BulkJob(message, group, plan.checked.payload_json, lock_key, _endpoint_of(plan)))
         return out
 
     def _build_results(self, run: list[Plan]) -> None:
@@ -432,6 +541,12 @@ def _general_run(target: _Target, run: list[Plan], holders: list[str | None], no
 # ---- records and results ------------------------------------------------------------------------
 
 
+def _endpoint_of(plan: Plan) -> str:
+    """The endpoint id of a plan's job ('' for a request without one)."""
+    endpoint = getattr(plan.request, "endpoint_id", None)
+    return str(endpoint) if endpoint is not None else ""
+
+
 def _record_fields(plan: Plan, due: int) -> dict[str, str]:
     message = plan.message
     return new_record_fields(
@@ -439,11 +554,13 @@ def _record_fields(plan: Plan, due: int) -> dict[str, str]:
         queue=plan.checked.queue,
         priority=message.options.get(PRIORITY, plan.checked.priority),
         args_json=plan.checked.payload_json,
-        state="scheduled" if plan.delay else "available",
+        state="scheduled" if _scheduled(plan) else "available",
         max_attempts=message.options.get("max_attempts", plan.actor.options["max_attempts"]),
         created_ms=message.message_timestamp,
         scheduled_ms=due,
         unique_key=plan.lock[0] if plan.lock else "",
+        unique_mode=plan.mode or "",
+        endpoint_id=_endpoint_of(plan),
     )
 
 
@@ -470,6 +587,9 @@ def _take_back(target: _Target, plans: list[Plan]) -> None:
             target.records.delete(plan.message.message_id)
             if plan.lock is not None:
                 target.state.release_unique(plan.lock[0], plan.message.message_id)
+            serial = plan.message.options.get(SERIAL_KEY)
+            if serial is not None:  # (out of its key's line, wherever it got to)
+                target.state.serial_release(serial, plan.message.message_id, withdraw=True)
 
 
 #: Validates many results in one call (much cheaper than one model at a time).
@@ -497,7 +617,9 @@ def inserted_results(
             "queue": plan.checked.queue,
             "priority": message.options.get(PRIORITY, plan.checked.priority),
             "args": message.kwargs,
-            "state": state or (JobState.SCHEDULED if scheduled > at else JobState.AVAILABLE),
+            # (a serial job waits in the schedule for its turn, as its record says)
+            "state": state
+            or (JobState.SCHEDULED if scheduled > at or _scheduled(plan) else JobState.AVAILABLE),
             "attempt": 0,
             "max_attempts": int(message.options.get("max_attempts", plan.actor.options["max_attempts"])),
             "created_at": at,
@@ -505,6 +627,12 @@ def inserted_results(
         }
         out.append({"job": record})  # unique_skipped_as_duplicate: False
     return _RESULTS.validate_python(out)
+
+
+def _waits(plan: Plan, scheduled: datetime, created: datetime) -> bool:
+    """Whether a job just inserted waits in the schedule: until its time, or (a serial job) for
+    its turn, as its record says."""
+    return scheduled > created or is_serial(plan.actor)
 
 
 def duplicate_result(
@@ -589,7 +717,7 @@ def plan_pending(
     target = _target(broker)
     now = target.state.now_ms()
     if many:
-        plans = _prepare(target, list(items), now)
+        plans = _prepare(target, list(items), now, modes=False)
     else:
         ((actor, raw),) = items
         request = _validate(actor, raw)
@@ -598,6 +726,19 @@ def plan_pending(
             request = request.model_copy(update={"run_at": _from_ms(now + wait)})
         checked = check_request(actor.kind, request, broker)
         plans = [Plan(0, actor, request, checked, delay_ms(actor.kind.name, request, None, now))]
+    # (the outbox keeps the first job of a key: a request asking for another mode is refused, and
+    # a kind's replacing mode does not apply here)
+    refused = [plan for plan in plans if plan.request.unique_mode not in (None, "keep_first")]
+    if refused:
+        problems = [
+            {
+                "field": f"[{plan.index}].unique_mode" if many else "unique_mode",
+                "message": f"uniqueness mode {plan.request.unique_mode} is not available with tx= (the "
+                "outbox keeps the first job of a key): enqueue without tx=, or with keep_first",
+            }
+            for plan in refused
+        ]
+        raise InvalidRequest(refused[0].actor.actor_name if not many else "enqueue_many", problems)
     _build(target, plans, holders=False)
     return plans
 
@@ -688,7 +829,8 @@ def _relayed_job(target: _Target, plan: Plan, now: int) -> RelayedJob:
     record = _new_record(plan, now)
     due = now + plan.delay if plan.delay else plan.message.message_timestamp
     waiting = target.broker.to_schedule(plan.message, due)
-    return RelayedJob(record, schedule_entry(waiting), encode(waiting, plan.checked.payload_json), due)
+    data = encode(waiting, plan.checked.payload_json)
+    return RelayedJob(record, schedule_entry(waiting), data, due, str(waiting.options.get(SERIAL_KEY, "")))
 
 
 def _refusal(now: int, error_type: str, message: str) -> str:

@@ -32,6 +32,12 @@ class JobKind:
       unique_window_setting: the ``EpqSettings`` field holding the uniqueness window.
       time_limit_setting: the ``EpqSettings`` field holding how long its handler may run.
       unique_by: the request fields that make up the unique key.
+      serial_by: the request field whose value is the job's serial key when its kind has serial
+        keys on (``EPQ_SERIAL_KINDS``, ``epq.serial``): one sequence per value, across kinds.
+      unique_mode_setting / debounce_delay_setting / debounce_max_wait_setting: the
+        ``EpqSettings`` fields holding what a duplicate does inside the window and, for
+        ``debounce``, how far each moves the waiting job and how long it may wait at most
+        (``epq.middleware.modes``).
     """
 
     name: str
@@ -43,6 +49,10 @@ class JobKind:
     unique_window_setting: str
     unique_by: tuple[str, ...]
     time_limit_setting: str
+    unique_mode_setting: str
+    debounce_delay_setting: str
+    debounce_max_wait_setting: str
+    serial_by: str = "endpoint_id"
 
 
 def _registration(name: str, model: type[_Request], *unique_by: str) -> JobKind:
@@ -59,6 +69,9 @@ def _registration(name: str, model: type[_Request], *unique_by: str) -> JobKind:
         unique_window_setting="register_unique_for",
         unique_by=("endpoint_id", *unique_by),
         time_limit_setting="register_time_limit",
+        unique_mode_setting="register_unique_mode",
+        debounce_delay_setting="register_debounce_delay",
+        debounce_max_wait_setting="register_debounce_max_wait",
     )
 
 
@@ -75,6 +88,9 @@ KINDS: dict[str, JobKind] = {
             unique_window_setting="index_unique_for",
             unique_by=("endpoint_id", "source"),
             time_limit_setting="index_time_limit",
+            unique_mode_setting="index_unique_mode",
+            debounce_delay_setting="index_debounce_delay",
+            debounce_max_wait_setting="index_debounce_max_wait",
         ),
         _registration("register_job", RegisterJobRequest, "job_id", "job_metadata"),
         _registration("register_source", RegisterSourceRequest, "source_id", "source_metadata"),

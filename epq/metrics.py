@@ -6,7 +6,8 @@ Two sources:
 - **store-side** (:class:`StoreCollector`): read from the state and record stores at each scrape,
   so any process can serve them and they mean the same on every broker: jobs per queue x
   priority x state, the oldest waiting job's age, the schedule, dead jobs, uniqueness locks, and
-  the enqueues refused as duplicates (which every enqueuing process counts into the store);
+  the enqueues refused as duplicates (which every enqueuing process counts into the store) and
+  those that replaced a waiting job's payload (counted by the store as it replaces);
 - **worker-side** (:class:`WorkerInstruments`): counted where things happen: jobs started and
   their outcomes per kind, handler duration, enqueue-to-start latency and duplicate starts. A
   Dramatiq worker with ``EPQ_METRICS_PORT`` keeps them in ``prometheus_client``'s multiprocess
@@ -56,6 +57,7 @@ PROCESSED = "epq_jobs_processed"
 DURATION = "epq_job_duration_seconds"
 ENQUEUE_TO_START = "epq_enqueue_to_start_seconds"
 DUPLICATES_REFUSED = "epq_duplicates_refused"
+DUPLICATES_REPLACED = "epq_duplicates_replaced"
 DUPLICATE_STARTS = "epq_duplicate_starts"
 
 #: The outcomes of ``epq_jobs_processed_total``: each finished attempt counts once.
@@ -83,6 +85,12 @@ def client() -> Any:
 
 
 # ---- store-side ---------------------------------------------------------------------------------
+
+
+def lag_ms(records: RecordStore, now_ms: int) -> dict[tuple[str, int], int]:
+    """The lag per ``(queue, priority)`` with a job waiting to start: how long, at ``now_ms``,
+    the oldest has waited since it became due (0 or more)."""
+    return {group: max(0, now_ms - since) for group, since in records.oldest_waiting().items()}
 
 
 class StoreCollector:
@@ -117,10 +125,9 @@ class StoreCollector:
             "Age of the oldest job waiting to start (available), per queue and priority: the lag.",
             labels=["queue", "priority"],
         )
-        since = self.records.oldest_waiting()
-        for queue, priority in sorted(waiting_groups | since.keys()):
-            age_ms = now_ms - since[queue, priority] if (queue, priority) in since else 0
-            oldest.add_metric([queue, str(priority)], max(0, age_ms) / 1000)
+        lags = lag_ms(self.records, now_ms)
+        for queue, priority in sorted(waiting_groups | lags.keys()):
+            oldest.add_metric([queue, str(priority)], lags.get((queue, priority), 0) / 1000)
         yield oldest
 
         yield core.GaugeMetricFamily(
@@ -145,6 +152,16 @@ class StoreCollector:
         for kind, count in sorted(self.state.refused().items()):
             refused.add_metric([kind], count)
         yield refused
+
+        replaced = core.CounterMetricFamily(
+            DUPLICATES_REPLACED,
+            "Enqueues whose payload replaced that of a waiting job of the same key (uniqueness modes "
+            "replace and debounce), per kind.",
+            labels=["kind"],
+        )
+        for kind, count in sorted(self.records.replacements().items()):
+            replaced.add_metric([kind], count)
+        yield replaced
 
         locks = core.GaugeMetricFamily(UNIQUE_LOCKS, "Uniqueness locks held, per kind.", labels=["kind"])
         for kind, count in sorted(self.state.unique_locks().items()):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue
@@ -73,7 +73,13 @@ Priority = Annotated[JobPriority, BeforeValidator(_reject_bool)]
 JsonObject = dict[str, JsonValue]
 
 #: The names of the enqueue options every request carries besides its own fields.
-ENQUEUE_OPTION_FIELDS = ("queue_name", "run_at", "priority")
+ENQUEUE_OPTION_FIELDS = ("queue_name", "run_at", "priority", "unique_mode")
+
+#: What a duplicate inside the uniqueness window does (``epq.middleware.modes``): ``keep_first`` (it is
+#: refused: the first job wins), ``replace`` (its payload replaces the waiting job's, or runs in
+#: one follow-up after a job already started), ``debounce`` (as replace, and it moves the waiting
+#: job's run time later, up to a maximum wait).
+UniqueMode = Literal["keep_first", "replace", "debounce"]
 
 
 class _Request(BaseModel):
@@ -84,6 +90,9 @@ class _Request(BaseModel):
     queue_name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     run_at: AwareDatetime | None = None
     priority: Priority | None = None
+    #: This request's uniqueness mode, instead of its kind's (``EPQ_INDEX_UNIQUE_MODE``,
+    #: ``EPQ_REGISTER_UNIQUE_MODE``); read at enqueue, never part of the payload.
+    unique_mode: UniqueMode | None = None
 
 
 class EnqueueIndexEndpointRequest(_Request):
@@ -153,6 +162,9 @@ class JobRecord(BaseModel):
     attempt: int = 0
     max_attempts: int
     snoozes: int = 0
+    #: How many duplicates replaced its payload while it waited (uniqueness modes ``replace`` and
+    #: ``debounce``); ``args`` is the newest.
+    replaced: int = 0
     errors: list[AttemptError] = Field(default_factory=list)
     created_at: datetime
     scheduled_at: datetime
@@ -161,6 +173,8 @@ class JobRecord(BaseModel):
     #: When ``QueueService.cancel_job`` asked the worker running the job to stop it (the job is
     #: then ``cancelled``, or ended as it was ending if the request came too late).
     cancel_requested_at: datetime | None = None
+    #: What the handler returned, when it completed (JSON; None when it returned None).
+    output: Any = None
 
 
 class JobInsertResult(BaseModel):
@@ -170,3 +184,35 @@ class JobInsertResult(BaseModel):
 
     job: JobRecord
     unique_skipped_as_duplicate: bool = False
+    #: The request's payload replaced that of ``job``, a job of the same key that had not started
+    #: yet (uniqueness modes ``replace`` and ``debounce``): nothing new was enqueued.
+    unique_replaced: bool = False
+
+
+class QueueInfo(BaseModel):
+    """What ``QueueService.queues`` says of one queue (``epq queues``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    #: Paused (``QueueService.pause_queue``): no worker process starts its jobs; they wait.
+    paused: bool
+    #: Jobs waiting to start (``available``), per priority (1..4, every priority listed).
+    depth: dict[int, int]
+    #: How long the oldest waiting job has waited since it became due, in seconds (0 when none
+    #: waits): the ``epq_oldest_waiting_seconds`` metric's figure, the largest over the priorities.
+    lag_seconds: float
+    #: Jobs running now.
+    running: int
+    #: Jobs of the queue waiting in the durable schedule for their time (delayed runs, retries).
+    scheduled: int
+
+
+class JobPage(BaseModel):
+    """A page of ``QueueService.list_jobs``: its jobs, and the cursor of the next page (None when
+    this page is the last)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    jobs: list[JobRecord]
+    next_cursor: str | None = None

@@ -25,3 +25,10 @@ TRACE_CONTEXT = "epq_trace"
 #: The schedule and tick a periodic job was enqueued for (``<name>@<tick ms>``): its uniqueness
 #: lock is made from them instead of its unique fields (``epq.periodic_jobs``).
 PERIODIC = "epq_periodic"
+#: The serial key of a job whose kind has serial keys on (``epq.serial``): jobs with the same key
+#: start one at a time, in the order they were enqueued.
+SERIAL_KEY = "epq_serial_key"
+#: The uniqueness mode of a job inserted in a mode other than ``keep_first`` (``replace`` or
+#: ``debounce``; ``epq.middleware.modes``): its worker reads its record as it starts it, for a payload a
+#: duplicate put in its place, or for the job it follows and must wait for.
+UNIQUE_MODE = "epq_unique_mode"

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import dramatiq
 
-from .backends.base import StateStore
+from .backends.base import StateStore, backend_of
 from .backends.errors import broker_gone
 from .errors import StateUnavailable, describe_error
 from .middleware.common import find_middleware
@@ -37,6 +38,10 @@ logger = logging.getLogger("epq.schedule")
 
 #: How often an idle promoter looks for due messages.
 PROMOTE_INTERVAL_MS = 100
+#: How often each worker process's promoter drops expired jobs from the listing indexes, and how
+#: many of the oldest jobs of each index it looks at (a listing drops those it meets too).
+PRUNE_INTERVAL_S = 300.0
+PRUNE_PER_INDEX = 1000
 #: How many messages one promotion step moves at most (claimed ones are published one by one,
 #: so this also bounds how long a claim is held before it is forgotten).
 PROMOTE_BATCH = 200
@@ -57,6 +62,13 @@ def promote_due(
     if moved is not None:
         return moved  # the broker moved them in one atomic step
     claimed, next_due = store.schedule_claim(now, CLAIM_LEASE_MS, limit)
+    return publish_claimed(broker, store, claimed), next_due
+
+
+def publish_claimed(broker: dramatiq.Broker, store: StateStore, claimed: list[tuple[str, bytes]]) -> int:
+    """Publish claimed schedule entries (``(entry id, message)``), then forget those published;
+    return how many were. One that cannot go is left claimed: it is published again when its
+    lease ends."""
     done: list[str] = []
     give_back_ms: int | None = None  # set when the broker is gone: the unpublished rest goes back
     try:
@@ -92,7 +104,7 @@ def promote_due(
         logger.warning(
             "Promoted %d of %d due messages; the rest retry when their lease ends", len(done), len(claimed)
         )
-    return len(done), next_due
+    return len(done)
 
 
 def _give_back(store: StateStore, entries: list[str], after_ms: int) -> None:
@@ -151,8 +163,12 @@ class Promoter:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        pruned_at = time.monotonic() - PRUNE_INTERVAL_S  # (once at boot, then every interval)
         while not self._stop.is_set():
             wait_ms = self.interval_ms
+            if time.monotonic() - pruned_at >= PRUNE_INTERVAL_S:
+                pruned_at = time.monotonic()
+                self._prune()
             try:
                 moved, next_due = promote_due(self.broker, self.store)
                 if moved >= PROMOTE_BATCH:
@@ -164,6 +180,16 @@ class Promoter:
                 wait_ms = RETRY_PUBLISH_MS
             self._wake.wait(wait_ms / 1000)
             self._wake.clear()
+
+    def _prune(self) -> None:
+        """Drop expired jobs from the listing indexes (``RecordStore.prune_indexes``)."""
+        backend = backend_of(self.broker)
+        if backend is None:
+            return
+        try:
+            backend.records.prune_indexes(PRUNE_PER_INDEX)
+        except Exception:
+            logger.exception("Pruning the job listing indexes failed; trying again later")
 
 
 class Scheduling(dramatiq.Middleware):

@@ -19,9 +19,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from .concurrency import queue_budgets
 from .errors import ConfigurationError
 from .kinds import KINDS
-from .models import JobQueue
+from .models import JobQueue, UniqueMode
 from .periodic_jobs import PeriodicJob, from_settings
-from .records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX
+from .records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX, DEFAULT_OUTPUT_MAX_BYTES
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -46,6 +46,10 @@ DURATION_FIELDS = (
     "register_time_limit",
     "completed_retention",
     "discarded_retention",
+    "index_debounce_delay",
+    "index_debounce_max_wait",
+    "register_debounce_delay",
+    "register_debounce_max_wait",
 )
 
 
@@ -62,15 +66,28 @@ class EpqSettings(BaseSettings):
         queues named (``default=2,events=30``); the others have the Go package's budgets
         (``epq.concurrency.GO_QUEUE_CONCURRENCY``) or 10: see :attr:`queue_budgets`.
       index_unique_for / register_unique_for: uniqueness windows (seconds or ISO-8601 duration).
+      index_unique_mode / register_unique_mode: what a duplicate inside the window does:
+        ``keep_first`` (refused; the default, as the Go package), ``replace`` or ``debounce``
+        (``epq.middleware.modes``); a request's ``unique_mode`` wins.
+      index_debounce_delay / register_debounce_delay: in ``debounce`` mode, how long a job waits
+        after the last duplicate of its key (seconds or ISO-8601 duration).
+      index_debounce_max_wait / register_debounce_max_wait: in ``debounce`` mode, the longest a
+        job waits from its first enqueue, however many duplicates move it (at least the delay).
       index_time_limit / register_time_limit: how long a handler of ``index_endpoint`` / of the
         ``register_*`` kinds may run before it is interrupted (a failed attempt, retried by the
         kind's rules); River's defaults, 2 min and 1 min.
       strict_payload_kinds: kinds whose workers dead-letter a payload with fields their model does
         not know (comma-separated); other kinds drop such fields, logged once per kind and field.
+      serial_kinds: kinds whose jobs start one at a time per endpoint, in enqueue order
+        (comma-separated; ``epq.serial``); ``all`` names the five.
+      serial_continue_on_failure: of those, kinds whose failed job gives its place up while it
+        waits for its retry (comma-separated, or ``all``): the next job of its endpoint goes on.
       completed_retention / discarded_retention: how long job records are kept.
       completed_max: how many completed jobs' records are kept at most (the newest; 0: none).
       dead_max: how many dead (discarded) jobs' records are kept at most (the newest; 0: none,
         and then no dead job can be listed or retried).
+      output_max_bytes: the largest JSON of a handler's return value that its job keeps as its
+        output (``get_job(id).output``); a larger one, or one that is not JSON, ends the job dead.
       metrics: record the worker-side Prometheus metrics in this process (``epq.metrics``).
       metrics_port: a Dramatiq worker serves ``/metrics`` on this port for all its processes
         (implies ``metrics``).
@@ -98,13 +115,22 @@ class EpqSettings(BaseSettings):
     queue_concurrency: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
     index_unique_for: timedelta = timedelta(minutes=15)
     register_unique_for: timedelta = timedelta(minutes=5)
+    index_unique_mode: UniqueMode = "keep_first"
+    register_unique_mode: UniqueMode = "keep_first"
+    index_debounce_delay: timedelta = timedelta(seconds=30)
+    index_debounce_max_wait: timedelta = timedelta(minutes=5)
+    register_debounce_delay: timedelta = timedelta(seconds=5)
+    register_debounce_max_wait: timedelta = timedelta(minutes=1)
     index_time_limit: timedelta = timedelta(minutes=2)
     register_time_limit: timedelta = timedelta(minutes=1)
     completed_retention: timedelta = timedelta(hours=24)
     completed_max: int = Field(default=DEFAULT_COMPLETED_MAX, ge=0)
     discarded_retention: timedelta = timedelta(days=7)
     dead_max: int = Field(default=DEFAULT_DEAD_MAX, ge=0)
+    output_max_bytes: int = Field(default=DEFAULT_OUTPUT_MAX_BYTES, ge=0)
     strict_payload_kinds: CommaList = Field(default_factory=list)
+    serial_kinds: CommaList = Field(default_factory=list)
+    serial_continue_on_failure: CommaList = Field(default_factory=list)
     metrics: bool = False
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     metrics_host: str = "0.0.0.0"
@@ -135,7 +161,26 @@ class EpqSettings(BaseSettings):
     def _periodic_jobs(cls, value: object) -> dict[str, PeriodicJob]:
         return from_settings(value)
 
-    @field_validator("handlers", "queues", "strict_payload_kinds", mode="before")
+    @field_validator("index_debounce_max_wait", "register_debounce_max_wait")
+    @classmethod
+    def _max_wait_covers_delay(cls, value: timedelta, info: ValidationInfo) -> timedelta:
+        delay_field = info.field_name.replace("max_wait", "delay") if info.field_name else ""
+        delay = info.data.get(delay_field)  # (absent when the delay itself is invalid)
+        if delay is not None and value < delay:
+            raise ValueError(
+                f"must be at least EPQ_{delay_field.upper()} ({delay.total_seconds():g} s), "
+                f"not {value.total_seconds():g} s"
+            )
+        return value
+
+    @field_validator(
+        "handlers",
+        "queues",
+        "strict_payload_kinds",
+        "serial_kinds",
+        "serial_continue_on_failure",
+        mode="before",
+    )
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -148,6 +193,11 @@ class EpqSettings(BaseSettings):
         if not value:
             raise ValueError("at least one queue is required")
         return list(dict.fromkeys(value))
+
+    @field_validator("serial_kinds", "serial_continue_on_failure")
+    @classmethod
+    def _all_kinds(cls, value: list[str]) -> list[str]:
+        return list(KINDS) if value == ["all"] else cls._known_kinds(value)
 
     @field_validator("strict_payload_kinds")
     @classmethod

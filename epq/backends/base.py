@@ -24,7 +24,7 @@ from dramatiq.common import q_name
 from dramatiq.errors import QueueJoinTimeout
 
 from ..concurrency import capped_prefetch
-from ..options import DUE_MS, SNOOZES
+from ..options import DUE_MS, SERIAL_KEY, SNOOZES
 
 #: Every name epq gives a lock or key in a store starts with this.
 KEY_PREFIX = "epq:"
@@ -154,6 +154,22 @@ class StateStore(Protocol):
     def schedule_due(self, now_ms: int) -> int:
         """Entries due at ``now_ms`` that no promoter has claimed yet."""
 
+    def serial_add(self, key: str, job_id: str, data: bytes, due_ms: int, *, entry: str) -> str:
+        """Add a message of a job with serial key ``key`` (``epq.serial``) to the schedule at its
+        turn, atomically: a job that is not in ``key``'s sequence joins its end; the message of
+        the sequence's head goes into the schedule as ``schedule_add`` puts it, any other waits
+        held (not due) until its job becomes the head. Returns the entry id."""
+
+    def serial_release(self, key: str, job_id: str, *, withdraw: bool = False, lease_ms: int = 0) -> Released:
+        """If ``job_id`` heads ``key``'s sequence, drop it and put the message of the job after it
+        into the schedule, due when it was to be (atomically). With ``lease_ms``, that message,
+        if due, is claimed instead (as ``schedule_claim`` claims) for the caller to publish and
+        forget (``schedule_ack``). With ``withdraw`` (a job cancelled before its turn), a job
+        further back leaves the sequence too, its held message dropped."""
+
+    def serial_sequence(self, key: str) -> list[str]:
+        """The ids of the jobs of ``key``'s sequence, the head first."""
+
     def unique_locks(self) -> dict[str, int]:
         """Uniqueness locks held, per kind. Scans the store: for a scrape, not for hot paths."""
 
@@ -173,6 +189,16 @@ class StateStore(Protocol):
 
     def forget_cancel(self, job_id: str) -> None:
         """Drop the cancel request of ``job_id``, if any."""
+
+    def pause_queue(self, queue_name: str) -> bool:
+        """Note ``queue_name`` as paused (``epq.pausing``: every worker process stops starting its
+        jobs); return whether it was not paused before. Kept until :meth:`resume_queue`."""
+
+    def resume_queue(self, queue_name: str) -> bool:
+        """Note ``queue_name`` as no longer paused; return whether it was paused."""
+
+    def paused_queues(self) -> set[str]:
+        """The queues paused, in one round trip (every worker process polls it)."""
 
     def periodic_states(self, names: Sequence[str]) -> list[dict[str, str]]:
         """The state of each periodic job's schedule (``epq.periodic_jobs``), in one round trip:
@@ -195,6 +221,14 @@ class StateStore(Protocol):
 # ---- the record store --------------------------------------------------------------------------
 
 
+class Released(NamedTuple):
+    """What :meth:`StateStore.serial_release` did: whether the job was its key's head, and the
+    next job's message if it claimed it (entry id, message)."""
+
+    head: bool
+    claimed: tuple[str, bytes] | None = None
+
+
 class NewRecord(NamedTuple):
     """A record to write, with the uniqueness lock to take first (``lock_key`` '' for none)."""
 
@@ -215,6 +249,38 @@ class RelayedJob(NamedTuple):
     entry: str
     data: bytes
     due_ms: int
+    #: Its serial key ('' for none): it joins its key's sequence (as ``StateStore.serial_add``).
+    serial_key: str = ""
+
+
+#: What :meth:`RecordStore.resolve_duplicate` did (uniqueness modes, ``epq.middleware.modes``).
+REPLACED = "replaced"  # the waiting holder's payload replaced (and, debounce, its run time moved)
+FOLLOW_UP = "follow-up"  # a new job that runs after the holder, which had started
+TAKEN_OVER = "taken over"  # a new job: the key's holder had ended, or the lock was free
+#: The states of a job that will not run again: a duplicate in a replacing mode starts a new job.
+ENDED_STATES = ("completed", "discarded", "cancelled")
+#: The record fields of the uniqueness modes: the job's mode (its worker reads the record as it
+#: starts it), how many duplicates replaced its payload, and the job a follow-up runs after.
+MODE_FIELD, REPLACED_FIELD, AFTER_FIELD = "unique_mode", "replaced", "after"
+
+
+class Duplicate(NamedTuple):
+    """A duplicate enqueued in mode ``replace`` or ``debounce`` (:meth:`RecordStore.resolve_duplicate`):
+    its record (``scheduled``, with the lock it takes over), its message as it waits in the
+    schedule (``entry``, the encoded message, when it is due), its payload as JSON, and, for
+    ``debounce``, how far it moves a waiting job (ms) and the longest that job may wait from its
+    creation (ms); ``window_ms``: the kind's window (a lock held while a job waits lasts that
+    much past its run time)."""
+
+    mode: str
+    record: NewRecord
+    entry: str
+    data: bytes
+    due_ms: int
+    args_json: str
+    debounce_ms: int = 0
+    max_wait_ms: int = 0
+    window_ms: int = 0
 
 
 class Move(NamedTuple):
@@ -276,6 +342,32 @@ class RecordStore(Protocol):
     ) -> None:
         """Append an attempt error and set ``state``."""
 
+    def resolve_duplicate(self, duplicate: Duplicate, now_ms: int) -> tuple[str, str]:
+        """Decide, in one atomic step, what a duplicate in mode ``replace`` or ``debounce`` does
+        with the job holding its lock (``epq.middleware.modes``), and do it; returns the outcome and the id
+        of the job it concerns:
+
+        - ``REPLACED`` (the holder's id): the holder, inserted in one of these modes, has not
+          started (``available`` or ``scheduled``, or a follow-up waiting for the job it follows):
+          its record's ``args`` become the duplicate's, ``replaced`` counts one more; in
+          ``debounce`` a first wait in the schedule (entry ``<id>:0``) moves to ``now +
+          debounce_ms``, never past ``created_at + max_wait_ms``, and the lock lasts the window past it.
+        - ``FOLLOW_UP`` (the duplicate's id): the holder started (or reads no replaced payload:
+          inserted in ``keep_first``): the duplicate's record is written with ``after`` = the
+          holder's id, its message added to the schedule, and the lock is the duplicate's.
+        - ``TAKEN_OVER`` (the duplicate's id): the holder ended (or has no record), or the lock
+          is free: the duplicate is written and scheduled the same way, without ``after``.
+
+        Replacements are counted per kind (:meth:`replacements`)."""
+
+    def mode_start(self, job_id: str) -> tuple[str | None, str | None]:
+        """What the worker of a job inserted in a replacing mode reads once it started it, in one
+        atomic read: the payload (JSON) a duplicate put in its record (None when none did), and
+        the job it follows when that has not ended yet (None otherwise: it may run)."""
+
+    def replacements(self) -> dict[str, int]:
+        """Kind -> how many duplicates replaced a waiting job's payload (every process's)."""
+
     def get(self, job_id: str) -> dict[str, str] | None: ...
 
     def get_many(self, job_ids: Sequence[str]) -> list[dict[str, str] | None]:
@@ -290,6 +382,28 @@ class RecordStore(Protocol):
         """
 
     def delete(self, job_id: str) -> None: ...
+
+    def bury(self, job_id: str, ttl_ms: int) -> str | None:
+        """Delete a job's record (as ``delete``) and leave a tombstone for ``ttl_ms``: the job's
+        message is skipped wherever it waits (``start`` returns ``deleted``, as ``cancelled`` for
+        a cancelled job), no transition writes the record again (``move`` returns ``deleted``,
+        ``fail`` writes nothing), and nothing reads, lists or counts it. Returns the state the
+        record had, or None when there was none."""
+
+    def list_ids(
+        self, filters: Mapping[str, str], *, newest_first: bool, after: str | None, limit: int
+    ) -> tuple[list[str], str | None]:
+        """Ids of up to ``limit`` jobs whose record has every field of ``filters`` (names of
+        ``epq.records.INDEXED_FIELDS``) at its value, in creation order (``newest_first`` or
+        oldest first), from after position ``after`` (``epq.records.index_position`` of a job of
+        an earlier page); and the position of the last one when more may follow (None when
+        the listing is at its end). Read from indexes kept by every transition, not by scanning
+        the records."""
+
+    def prune_indexes(self, per_index: int) -> int:
+        """Drop from the listing indexes jobs whose record has expired, looking at the oldest
+        ``per_index`` of each index; how many were dropped (a sweep: workers call it now and then;
+        a listing drops those it meets too)."""
 
     def dead_ids(self, limit: int) -> list[str]:
         """Ids of discarded jobs, newest first."""
@@ -337,6 +451,8 @@ class BulkJob(NamedTuple):
     group: BulkGroup
     args_json: str
     lock_key: str = ""
+    #: The job's endpoint id ('' for none), a field of its record (``epq.records.new_record_fields``).
+    endpoint_id: str = ""
 
 
 # ---- the broker --------------------------------------------------------------------------------
@@ -382,8 +498,10 @@ class InFlight:
     #: Its record lives in the broker's own Redis (``Backend.fused``): the worker starts it, and
     #: the ack completes it, on the broker's connections.
     records_here: bool = False
-    #: Set when it succeeded and ``records_here``: the ack completes its record, kept this long.
+    #: Set when it succeeded and ``records_here``: the ack completes its record, kept this long,
+    #: with its output (JSON, '' for none).
     complete_ttl_ms: int | None = None
+    output: str = ""
     #: Give it back to its queue instead of acking or dead-lettering it (``epq.outage``).
     requeue: bool = False
     #: Its consumer writes the outcome of a job that succeeded together with other jobs', just
@@ -403,6 +521,12 @@ class InFlight:
     cancel_requested: bool = False
     #: Its worker recorded it cancelled while it ran (``EpqRetries``).
     cancelled: bool = False
+    #: A follow-up (uniqueness modes) whose job before it has not ended: it snoozes instead of
+    #: running, and its record keeps the payload duplicates put there (``epq.middleware.modes``).
+    follows: str | None = None
+    #: The consumer that fetched it: a message of a paused queue is given back through it
+    #: (``epq.pausing``).
+    consumer: Any = None
 
 
 def message_of(proxy: Any) -> Any:
@@ -471,6 +595,34 @@ def schedule_entry(message: dramatiq.Message[Any]) -> str:
     if SNOOZES in message.options:
         entry += f":z{message.options[SNOOZES]}"
     return entry
+
+
+def to_be_scheduled(message: dramatiq.Message[Any], delay: int | None) -> bool:
+    """Whether an enqueue goes into the schedule: a delayed one, and a job with a serial key that
+    has not been through it yet (it waits there for its turn: ``epq.serial``)."""
+    if delay and delay > 0:
+        return True
+    options = message.options
+    return SERIAL_KEY in options and DUE_MS not in options
+
+
+def scheduled_delay(delay: int | None) -> int:
+    """The delay the enqueue hooks see of a message going into the schedule: at least 1 ms, so
+    that a serial job due at once reads as scheduled, not as one back from the schedule."""
+    return max(int(delay or 0), 1)
+
+
+def schedule_message(
+    store: StateStore, message: dramatiq.Message[Any], due_ms: int, *, entry: str | None = None
+) -> str:
+    """Add ``message`` (as it waits: ``DurableDelays.to_schedule``) to the schedule until
+    ``due_ms``; a job's with a serial key at its turn (``StateStore.serial_add``)."""
+    key = message.options.get(SERIAL_KEY)
+    if key is None:
+        return store.schedule_add(message.encode(), due_ms, entry=entry)
+    return store.serial_add(
+        str(key), message.message_id, message.encode(), due_ms, entry=entry or schedule_entry(message)
+    )
 
 
 def scheduled_queue(data: bytes) -> str | None:
@@ -548,11 +700,12 @@ class DurableDelays:
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
         broker: Any = self
         store = self.epq_store
-        if not delay or delay <= 0 or store is None:
+        if not to_be_scheduled(message, delay) or store is None:
             return super().enqueue(message, delay=None)  # type: ignore[misc, no-any-return]
-        message, due_ms = self._to_schedule(message, delay)
+        message, due_ms = self._to_schedule(message, delay or 0)
+        delay = scheduled_delay(delay)
         broker.emit_before("enqueue", message, delay)
-        store.schedule_add(message.encode(), due_ms, entry=schedule_entry(message))
+        schedule_message(store, message, due_ms, entry=schedule_entry(message))
         broker.emit_after("enqueue", message, delay)
         return message
 
@@ -595,8 +748,9 @@ class DurableDelays:
         prepared: list[tuple[dramatiq.Message[Any], int | None, int | None]] = []
         for message, delay in items:
             due: int | None = None
-            if delay and delay > 0 and self.epq_store is not None:
-                message, due = self._to_schedule(message, delay)
+            if to_be_scheduled(message, delay) and self.epq_store is not None:
+                message, due = self._to_schedule(message, delay or 0)
+                delay = scheduled_delay(delay)
             else:
                 message, delay = broker._prepare_immediate(message), None
             if before:

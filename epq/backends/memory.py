@@ -25,21 +25,40 @@ from .._messages import encode
 from ..errors import StateUnavailable
 from ..middleware.job_records import refuse_malformed
 from ..outage import GivesBack
+from ..pausing import PausableConsumer
 from ..priority import LANES, lane_of
-from ..records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX, MAX_ERRORS, check_id_prefix
+from ..records import (
+    DEFAULT_COMPLETED_MAX,
+    DEFAULT_DEAD_MAX,
+    DELETED,
+    MAX_ERRORS,
+    check_id_prefix,
+    index_position,
+)
 from .base import (
+    AFTER_FIELD,
+    ENDED_STATES,
+    FOLLOW_UP,
+    MODE_FIELD,
     RELAYED_PREFIX,
+    REPLACED,
+    REPLACED_FIELD,
+    TAKEN_OVER,
     UNIQUE_PREFIX,
     Clock,
+    Duplicate,
     DurableDelays,
     Move,
     NewRecord,
     RecordFields,
     RelayedJob,
+    Released,
     counter_group,
     holder_id,
     lock_kind,
+    schedule_message,
     scheduled_queue,
+    to_be_scheduled,
 )
 
 
@@ -70,9 +89,13 @@ class MemoryStateStore:
         self._due: list[tuple[int, str]] = []  # heap of (due ms, entry id)
         self._data: dict[str, bytes] = {}
         self._claimed: dict[str, int] = {}  # entry id -> lease end (ms)
+        self._moved: dict[str, int] = {}  # entry id -> due ms, for entries moved since added
         self._refused: dict[str, int] = {}
         self._cancels: dict[str, float] = {}  # job id -> when its cancel request expires (seconds)
         self._periodic: dict[str, tuple[dict[str, str], float]] = {}  # name -> (state, expires at, s)
+        self._paused: set[str] = set()
+        self._serial: dict[str, list[str]] = {}  # serial key -> job ids, the head first
+        self._held: dict[str, tuple[int, str, bytes]] = {}  # job id -> (due ms, entry id, message)
 
     def schedule_add(self, data: bytes, due_ms: int, *, entry: str | None = None) -> str:
         entry = entry or uuid.uuid4().hex
@@ -83,10 +106,51 @@ class MemoryStateStore:
             heapq.heappush(self._due, (due_ms, entry))
         return entry
 
+    def serial_add(self, key: str, job_id: str, data: bytes, due_ms: int, *, entry: str) -> str:
+        with self._lock:
+            sequence = self._serial.setdefault(key, [])
+            if job_id not in sequence:
+                sequence.append(job_id)
+            if sequence[0] != job_id:
+                self._held[job_id] = (due_ms, entry, data)
+                return entry
+        return self.schedule_add(data, due_ms, entry=entry)
+
+    def serial_release(self, key: str, job_id: str, *, withdraw: bool = False, lease_ms: int = 0) -> Released:
+        with self._lock:
+            sequence = self._serial.get(key)
+            if not sequence or sequence[0] != job_id:
+                if withdraw and sequence and job_id in sequence:
+                    sequence.remove(job_id)
+                    self._held.pop(job_id, None)
+                return Released(False)
+            sequence.pop(0)
+            if not sequence:
+                del self._serial[key]
+                return Released(True)
+            held = self._held.pop(sequence[0], None)
+            if held is None:
+                return Released(True)
+            due_ms, entry, data = held
+            if entry in self._data:
+                return Released(True)
+            now = self.now_ms()
+            if lease_ms and due_ms <= now:
+                self._data[entry] = data
+                self._claimed[entry] = now + lease_ms
+                return Released(True, (entry, data))
+        self.schedule_add(data, due_ms, entry=entry)
+        return Released(True)
+
+    def serial_sequence(self, key: str) -> list[str]:
+        with self._lock:
+            return list(self._serial.get(key, ()))
+
     def schedule_remove(self, entry_ids: Sequence[str]) -> None:
         with self._lock:
             for entry in entry_ids:
                 self._data.pop(entry, None)  # (its place in the heap is passed over when due)
+                self._moved.pop(entry, None)
 
     def schedule_claim(
         self, now_ms: int, lease_ms: int, limit: int
@@ -98,20 +162,54 @@ class MemoryStateStore:
                     del self._claimed[entry]
                     heapq.heappush(self._due, (now_ms, entry))
             while self._due and self._due[0][0] <= now_ms and len(out) < limit:
-                _, entry = heapq.heappop(self._due)
+                at, entry = heapq.heappop(self._due)
                 data = self._data.get(entry)
-                if data is not None:
+                if data is not None and not self._stale(at, entry):
+                    self._moved.pop(entry, None)
                     self._claimed[entry] = now_ms + lease_ms
                     out.append((entry, data))
-            while self._due and self._due[0][1] not in self._data:
-                heapq.heappop(self._due)  # (removed entries leave their place in the heap behind)
+            while self._due and (self._due[0][1] not in self._data or self._stale(*self._due[0])):
+                heapq.heappop(self._due)  # (removed or moved entries leave their place behind)
             return out, self._due[0][0] if self._due else None
+
+    def _stale(self, at: int, entry: str) -> bool:
+        """Whether a place in the heap is one an entry was moved away from."""
+        return self._moved.get(entry, at) != at
+
+    def schedule_later(self, entry: str, due_ms: int) -> bool:
+        """Move an entry waiting in the schedule (not claimed) later, to ``due_ms``; whether it
+        moved (uniqueness mode ``debounce``)."""
+        with self._lock:
+            if entry not in self._data or entry in self._claimed:
+                return False
+            before = self._moved.get(entry)
+            if before is None:
+                before = min((at for at, e in self._due if e == entry), default=None)
+            if before is None or due_ms <= before:
+                return False
+            self._moved[entry] = due_ms
+            heapq.heappush(self._due, (due_ms, entry))
+            return True
+
+    def set_unique(self, key: str, holder: str, ttl_ms: int) -> None:
+        """Make ``holder`` the holder of ``key`` for ``ttl_ms``, whoever held it."""
+        with self._lock:
+            self._values[key] = (holder, self.clock() + max(1, int(ttl_ms)) / 1000)
+
+    def extend_unique(self, key: str, ttl_ms: int) -> None:
+        """Let ``key`` live ``ttl_ms`` from now if that is longer than it would."""
+        with self._lock:
+            current = self._live(key)
+            if current is not None:
+                until = self.clock() + max(1, int(ttl_ms)) / 1000
+                self._values[key] = (current, max(until, self._values[key][1]))
 
     def schedule_ack(self, entry_ids: Sequence[str]) -> None:
         with self._lock:
             for entry in entry_ids:
                 self._claimed.pop(entry, None)
                 self._data.pop(entry, None)
+                self._moved.pop(entry, None)
 
     def schedule_release(self, entry_ids: Sequence[str], due_ms: int) -> None:
         with self._lock:
@@ -142,7 +240,7 @@ class MemoryStateStore:
 
     def schedule_due(self, now_ms: int) -> int:
         with self._lock:
-            due = {entry for at, entry in self._due if at <= now_ms and entry in self._data}
+            due = {e for at, e in self._due if at <= now_ms and e in self._data and not self._stale(at, e)}
             return len(due - self._claimed.keys())
 
     def unique_locks(self) -> dict[str, int]:
@@ -240,6 +338,22 @@ class MemoryStateStore:
         with self._lock:
             self._cancels.pop(job_id, None)
 
+    def pause_queue(self, queue_name: str) -> bool:
+        with self._lock:
+            before = len(self._paused)
+            self._paused.add(queue_name)
+            return len(self._paused) > before
+
+    def resume_queue(self, queue_name: str) -> bool:
+        with self._lock:
+            before = len(self._paused)
+            self._paused.discard(queue_name)
+            return len(self._paused) < before
+
+    def paused_queues(self) -> set[str]:
+        with self._lock:
+            return set(self._paused)
+
     def get_unique_many(self, keys: Sequence[str]) -> list[str | None]:
         with self._lock:
             return [self._live(key) for key in keys]
@@ -290,6 +404,8 @@ class MemoryRecords:
         self._stats: dict[str, int] = {}
         self._dead: dict[str, int] = {}  # dead job ids -> when they died, oldest first
         self._done: dict[str, int] = {}  # completed job ids -> when they completed, oldest first
+        self._replaced: dict[str, int] = {}  # kind -> payloads replaced (uniqueness modes)
+        self._buried: dict[str, int] = {}  # deleted jobs' tombstones: id -> expires ms
 
     def _live(self, job_id: str) -> dict[str, str] | None:
         item = self._records.get(job_id)
@@ -325,6 +441,13 @@ class MemoryRecords:
         fields, _ = self._records[job_id]
         self._records[job_id] = (fields, self.state.now_ms() + ttl_ms)
 
+    def _is_buried(self, job_id: str) -> bool:
+        expires = self._buried.get(job_id)
+        if expires is not None and expires <= self.state.now_ms():
+            del self._buried[job_id]
+            return False
+        return expires is not None
+
     def create(self, record: NewRecord) -> str | None:
         if record.lock_key:
             current = self.state.acquire_unique(record.lock_key, record.holder, record.lock_ttl_ms)
@@ -346,7 +469,12 @@ class MemoryRecords:
                     continue
                 holder = self.create(job.record)
                 if holder is None:
-                    self.state.schedule_add(job.data, job.due_ms, entry=job.entry)
+                    if job.serial_key:
+                        self.state.serial_add(
+                            job.serial_key, job.record.job_id, job.data, job.due_ms, entry=job.entry
+                        )
+                    else:
+                        self.state.schedule_add(job.data, job.due_ms, entry=job.entry)
                     self.state.mark(mark, job.record.ttl_ms)
                 out.append(holder)
         return out
@@ -355,13 +483,68 @@ class MemoryRecords:
         self.state.unmark(RELAYED_PREFIX + job_id for job_id in job_ids)
 
     def _write(self, job_id: str, fields: RecordFields, ttl_ms: int) -> None:
+        with self._lock:
+            self._put(job_id, fields, ttl_ms)
+
+    def _put(self, job_id: str, fields: RecordFields, ttl_ms: int) -> None:
         record = dict(fields)
         state = record.pop("state")
-        expires = self.state.now_ms() + ttl_ms
+        self._buried.pop(job_id, None)  # (a deleted job's tombstone: written anew)
+        self._records[job_id] = (record, self.state.now_ms() + ttl_ms)
+        self._set_state(job_id, record, state)
+        self._keep_dead()
+
+    def resolve_duplicate(self, duplicate: Duplicate, now_ms: int) -> tuple[str, str]:
+        new = duplicate.record
+        # (the records' lock held throughout: no worker starts the holder meanwhile)
         with self._lock:
-            self._records[job_id] = (record, expires)
-            self._set_state(job_id, record, state)
-            self._keep_dead()
+            current = self.state.get_unique(new.lock_key)
+            holder = holder_id(current) if current is not None else None
+            fields = self._live(holder) if holder is not None else None
+            if holder is None or fields is None or fields["state"] in ENDED_STATES:
+                self._insert_duplicate(duplicate, None)
+                return TAKEN_OVER, new.job_id
+            assert holder is not None
+            state = fields["state"]
+            waiting = state in ("available", "scheduled")
+            after = fields.get(AFTER_FIELD)
+            if state == "running" and after is not None:
+                before = self._live(after)
+                waiting = before is not None and before["state"] not in ENDED_STATES
+            if not (waiting and fields.get(MODE_FIELD)):
+                self._insert_duplicate(duplicate, holder)
+                return FOLLOW_UP, new.job_id
+            fields["args"] = duplicate.args_json
+            fields[REPLACED_FIELD] = str(int(fields.get(REPLACED_FIELD, "0")) + 1)
+            kind = fields["kind"]
+            self._replaced[kind] = self._replaced.get(kind, 0) + 1
+            if duplicate.mode == "debounce" and state == "scheduled":
+                due = min(now_ms + duplicate.debounce_ms, int(fields["created_at"]) + duplicate.max_wait_ms)
+                if self.state.schedule_later(f"{holder}:0", due):
+                    fields["scheduled_at"] = str(due)
+                    self.state.extend_unique(new.lock_key, duplicate.window_ms + due - now_ms)
+            return REPLACED, holder
+
+    def _insert_duplicate(self, duplicate: Duplicate, after: str | None) -> None:
+        new = duplicate.record
+        self.state.set_unique(new.lock_key, new.holder, new.lock_ttl_ms)
+        self._put(new.job_id, {**new.fields, AFTER_FIELD: after} if after else new.fields, new.ttl_ms)
+        self.state.schedule_add(duplicate.data, duplicate.due_ms, entry=duplicate.entry)
+
+    def mode_start(self, job_id: str) -> tuple[str | None, str | None]:
+        with self._lock:
+            fields = self._live(job_id)
+            if fields is None:
+                return None, None
+            after = fields.get(AFTER_FIELD)
+            before = self._live(after) if after is not None else None
+            waits_for = after if before is not None and before["state"] not in ENDED_STATES else None
+            args = fields.get("args") if fields.get(REPLACED_FIELD) else None
+            return args, waits_for
+
+    def replacements(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._replaced)
 
     def move(
         self, job_id: str, state: str, fields: RecordFields, ttl_ms: int, allowed_from: Sequence[str] = ()
@@ -369,7 +552,7 @@ class MemoryRecords:
         with self._lock:
             record = self._live(job_id)
             if record is None:
-                return None
+                return DELETED if self._is_buried(job_id) else None
             old = record["state"]
             if allowed_from and old not in allowed_from:
                 return old
@@ -401,7 +584,7 @@ class MemoryRecords:
         with self._lock:
             record = self._live(job_id)
             if record is None:
-                return None
+                return DELETED if self._is_buried(job_id) else None
             old = record["state"]
             if old == "cancelled":
                 return old
@@ -450,6 +633,34 @@ class MemoryRecords:
         with self._lock:
             if self._live(job_id) is not None:
                 self._drop(job_id)
+
+    def bury(self, job_id: str, ttl_ms: int) -> str | None:
+        with self._lock:
+            fields = self._live(job_id)
+            if fields is None:
+                return None
+            self._drop(job_id)
+            self._buried[job_id] = self.state.now_ms() + max(1, ttl_ms)
+            return fields["state"]
+
+    def list_ids(
+        self, filters: Mapping[str, str], *, newest_first: bool, after: str | None, limit: int
+    ) -> tuple[list[str], str | None]:
+        with self._lock:
+            matching = []
+            for job_id in list(self._records):
+                fields = self._live(job_id)
+                if fields is not None and all(fields.get(k) == v for k, v in filters.items()):
+                    matching.append(index_position(fields["created_at"], job_id))
+        matching.sort(reverse=newest_first)
+        if after is not None:
+            matching = [p for p in matching if (p < after if newest_first else p > after)]
+        page = matching[:limit]
+        more = len(matching) > limit
+        return [p[14:] for p in page], page[-1] if page and more else None
+
+    def prune_indexes(self, per_index: int) -> int:
+        return 0  # (no index to prune: a listing reads the records)
 
     def dead_ids(self, limit: int) -> list[str]:
         with self._lock:
@@ -510,7 +721,7 @@ class LaneQueue(Queue):  # type: ignore[type-arg]
         raise IndexError("get from an empty LaneQueue")  # pragma: no cover - Queue checks qsize first
 
 
-class EpqStubConsumer(GivesBack, _StubConsumer):
+class EpqStubConsumer(PausableConsumer, GivesBack, _StubConsumer):
     """Dramatiq's stub consumer, checking messages as they come off the queue (``epq.wire``:
     a malformed one is recorded and dead-lettered) and giving back a message the worker could not
     finish because the state store was unreachable (``epq.outage``)."""
@@ -522,7 +733,7 @@ class EpqStubConsumer(GivesBack, _StubConsumer):
         self.broker = broker
         self.queue_name = queue_name
 
-    def __next__(self) -> Any:
+    def next_message(self) -> Any:
         if not self.prefetch_semaphore.acquire(timeout=self.timeout / 1000):
             return None
         try:
@@ -582,7 +793,7 @@ class EpqStubBroker(DurableDelays, StubBroker):
         return EpqStubConsumer(self, queue_name, self.prefetch_for(queue_name, prefetch), timeout)
 
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
-        if delay and delay > 0 and self.epq_store is not None:
+        if to_be_scheduled(message, delay) and self.epq_store is not None:
             return super().enqueue(message, delay=delay)  # into the schedule (DurableDelays)
         queue = self.queues.get(message.queue_name)
         if queue is None:
@@ -599,7 +810,7 @@ class EpqStubBroker(DurableDelays, StubBroker):
         """Put a planned job due at once on its lane, with only other middleware's enqueue hooks
         around it (epq's own act on unplanned messages only), encoded from its payload's JSON
         unless a hook may have changed the payload."""
-        if delay and delay > 0:
+        if to_be_scheduled(message, delay):
             return self.enqueue(message, delay=delay)
         queue = self.queues.get(message.queue_name)
         if queue is None:
@@ -628,7 +839,7 @@ class EpqStubBroker(DurableDelays, StubBroker):
                 self.queues[message.queue_name].put((lane_of(message.options), encode(message)))
             else:
                 assert self.epq_store is not None
-                self.epq_store.schedule_add(message.encode(), due)
+                schedule_message(self.epq_store, message, due)
 
     def declare_queue(self, queue_name: str) -> None:
         if queue_name in self.queues:

@@ -1,4 +1,4 @@
-"""The ``epq`` command: ``worker``, ``enqueue``, ``demo``, ``stats``, ``jobs``, ``dead``,
+"""The ``epq`` command: ``worker``, ``enqueue``, ``demo``, ``stats``, ``jobs``, ``dead``, ``queues``,
 ``periodic``, ``migrate-queues``, ``embedded``, ``metrics``, ``relay``, ``outbox``.
 
 This module parses the command line and nothing more: each command runs in a module of this
@@ -40,6 +40,7 @@ COMMANDS = {
     "embedded": "epq.cli.embedded:run",
     "metrics": "epq.cli.metrics:run",
     "periodic": "epq.cli.periodic:run",
+    "queues": "epq.cli.queues:run",
     "relay": "epq.cli.outbox:relay",
     "outbox": "epq.cli.outbox:run",
 }
@@ -55,6 +56,16 @@ KIND_NAMES = (
 )
 
 _ID_HELP = "the job id, or a unique prefix of it (8 characters or more, as `epq demo` prints)"
+
+
+def _job_filters(action: argparse.ArgumentParser) -> None:
+    """The filters of ``jobs list|delete|retry`` (``QueueService.list_jobs``'s)."""
+    states = "available, scheduled, running, retryable, completed, discarded, cancelled"
+    action.add_argument("--state", help=f"only jobs in this state ({states})")
+    action.add_argument("--kind", help="only jobs of this kind")
+    action.add_argument("--queue", help="only jobs of this queue")
+    action.add_argument("--priority", type=int, help="only jobs of this priority (1..4)")
+    action.add_argument("--endpoint-id", help="only jobs of this endpoint (a UUID)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -134,12 +145,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     stats.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
 
-    jobs = sub.add_parser("jobs", help="look at or cancel one job")
+    jobs = sub.add_parser("jobs", help="list, look at, cancel, delete or retry jobs")
     jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
     actions = (("show", "show a job's record"), ("cancel", "cancel a job (its worker stops a running one)"))
     for name, text in actions:
         action = jobs_sub.add_parser(name, help=text)
         action.add_argument("job_id", metavar="ID", help=_ID_HELP)
+        action.add_argument("--json", action="store_true", help="print JSON")
+        action.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
+    listing = jobs_sub.add_parser(
+        "list", help="jobs by state, kind, queue, priority, endpoint; a page at a time"
+    )
+    _job_filters(listing)
+    listing.add_argument("--limit", type=int, default=50, help="jobs per page (1..1000; default 50)")
+    listing.add_argument("--cursor", help="the page after the one that printed this cursor")
+    listing.add_argument("--oldest", action="store_true", help="oldest first (default: newest first)")
+    delete = jobs_sub.add_parser(
+        "delete",
+        help="delete a job, or every job of the filters (asks first): it never runs, its key is freed",
+    )
+    retry = jobs_sub.add_parser(
+        "retry", help="run dead (discarded) jobs again: one, those of the filters, or --all"
+    )
+    for action, every in ((delete, "every job"), (retry, "every dead job")):
+        action.add_argument("job_id", nargs="?", metavar="ID", help=_ID_HELP)
+        _job_filters(action)
+        action.add_argument("--all", action="store_true", help=every)
+    delete.add_argument(
+        "--yes", "-y", action="store_true", help="do not ask; needed when stdin is not a terminal"
+    )
+    for action in (listing, delete, retry):
         action.add_argument("--json", action="store_true", help="print JSON")
         action.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
 
@@ -157,6 +192,28 @@ def _parser() -> argparse.ArgumentParser:
     for action in (listing, retry, purge):
         action.add_argument("--json", action="store_true", help="print JSON")
         action.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
+
+    queues = sub.add_parser(
+        "queues",
+        help="queues: paused or not, jobs waiting per priority (p1..p4), lag; pause or resume one",
+        usage="epq queues [-h] [--json] [--broker-url URL] [{pause,resume} QUEUE]",
+        description="Lists every queue: paused or active, its jobs waiting to start per priority, "
+        "the oldest waiting job's wait (lag), and its jobs running and scheduled. `pause QUEUE` "
+        "makes every worker process stop starting the queue's jobs within about a second (they "
+        "still enqueue and wait; running jobs finish); `resume QUEUE` starts them again.",
+    )
+    queues.add_argument("--json", action="store_true", help="print JSON")
+    queues.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
+    queues_sub = queues.add_subparsers(dest="queues_command", metavar="ACTION")
+    for name, text in (
+        ("pause", "stop every worker from starting the queue's jobs until it is resumed"),
+        ("resume", "let workers start the queue's jobs again"),
+    ):
+        action = queues_sub.add_parser(name, help=text)
+        action.add_argument("queue", metavar="QUEUE", help="the queue's name (one of EPQ_QUEUES)")
+        # (given here too; SUPPRESS keeps the subcommand from resetting what was given before it)
+        action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+        action.add_argument("--broker-url", default=argparse.SUPPRESS, help="overrides EPQ_BROKER_URL")
 
     periodic = sub.add_parser(
         "periodic",

@@ -137,6 +137,11 @@ def kind_help(kind: str) -> str:
             text = f"1 runs first; default: the kind's priority, {job_kind.priority.value}"
         elif name == "run_at":
             text = "default: now"
+        elif name == "unique_mode":
+            metavar = "{keep_first,replace,debounce}"
+            flag = f"--unique-mode {metavar}"
+            setting = f"EPQ_{job_kind.unique_mode_setting.upper()}"
+            text = f"what a duplicate does; default: {setting} (keep_first)"
         else:
             text = f"default: {json.dumps(info.get_default(call_default_factory=True))}"
         if what:

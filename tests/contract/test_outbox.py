@@ -554,3 +554,40 @@ def test_a_relay_waits_out_a_state_store_failure_and_a_lost_database_connection(
         stop.set()
         thread.join(10)
     assert {svc(epq_broker).get_job(i).state for i in (first, second)} == {S.AVAILABLE}  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def replace_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``index_endpoint`` in uniqueness mode replace by its setting (before the broker)."""
+    monkeypatch.setenv("EPQ_INDEX_UNIQUE_MODE", "replace")
+    reset_settings()
+
+
+def test_a_replacing_uniqueness_mode_is_refused_with_tx_and_nothing_is_written(
+    outbox: str, replace_index: None, broker: dramatiq.Broker, app: AppDb
+) -> None:
+    # Given a transaction, and requests asking for a uniqueness mode that replaces
+    with app.transaction() as tx:
+        endpoint_id = tx.create_endpoint()
+        request = {"endpoint_id": endpoint_id, "source": "API", "unique_mode": "replace"}
+        # Then each is refused, naming the field, and nothing is written
+        with pytest.raises(epq.InvalidRequest, match="unique_mode") as one:
+            svc(broker).enqueue_index_endpoint(request, tx=tx.tx)
+        with pytest.raises(epq.InvalidRequest, match=r"\[1\]\.unique_mode") as many:
+            svc(broker).enqueue_many(
+                [("index_endpoint", {**request, "unique_mode": "keep_first"}), ("index_endpoint", request)],
+                tx=tx.tx,
+            )
+        tx.commit()
+    assert "not available with tx=" in str(one.value)
+    assert "[0]" not in str(many.value)
+    assert rows(POSTGRES_URL, outbox) == []
+    # while the kind's own mode does not apply with tx=: its first job is kept
+    with app.transaction() as tx:
+        plain = {"endpoint_id": tx.create_endpoint(), "source": "API"}
+        first = svc(broker).enqueue_index_endpoint(plain, tx=tx.tx)
+        again = svc(broker).enqueue_index_endpoint({**plain, "reason": "again"}, tx=tx.tx)
+        tx.commit()
+    assert not first.unique_skipped_as_duplicate
+    assert again.unique_skipped_as_duplicate
+    assert again.job.id == first.job.id

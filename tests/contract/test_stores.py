@@ -21,7 +21,20 @@ from typing import Any
 import pytest
 import redis
 
-from epq.backends.base import Move, NewRecord, RecordStore, RelayedJob, StateStore, counter_group, holder_id
+from epq import metrics
+from epq.backends.base import (
+    FOLLOW_UP,
+    REPLACED,
+    TAKEN_OVER,
+    Duplicate,
+    Move,
+    NewRecord,
+    RecordStore,
+    RelayedJob,
+    StateStore,
+    counter_group,
+    holder_id,
+)
 from epq.backends.memory import FakeClock, MemoryRecords, MemoryStateStore
 from epq.backends.redis.store import RedisRecords, RedisStateStore
 from epq.records import MAX_ERRORS
@@ -203,6 +216,18 @@ def test_a_cancel_request_is_forgotten_or_expires_after_its_ttl(stores: Stores) 
 
 
 # ---- the state store: the schedule ---------------------------------------------------------
+
+
+def test_paused_queues_are_kept_until_resumed_and_do_not_expire(stores: Stores) -> None:
+    assert stores.state.paused_queues() == set()
+    assert stores.state.pause_queue("default") is True
+    assert stores.state.pause_queue("default") is False  # (paused already)
+    assert stores.state.pause_queue("events") is True
+    stores.advance(40 * 24 * 3600)
+    assert stores.state.paused_queues() == {"default", "events"}
+    assert stores.state.resume_queue("default") is True
+    assert stores.state.resume_queue("default") is False  # (not paused: harmless)
+    assert stores.state.paused_queues() == {"events"}
 
 
 def test_schedule_add_returns_the_entry_given_or_a_new_one(stores: Stores) -> None:
@@ -846,3 +871,155 @@ def test_oldest_waiting_leaves_out_expired_records(stores: Stores) -> None:
     stores.records.create(NewRecord("new", fields(scheduled_at=str(T0 + 5)), DAY_MS))
     stores.advance(2)
     assert stores.records.oldest_waiting() == {("default", 2): T0 + 5}
+
+
+# ---- the record store: uniqueness modes (replace, debounce) --------------------------------
+
+
+def _duplicate(job_id: str, mode: str = "replace", due: int = T0, args: str = '{"v":2}') -> Duplicate:
+    """A duplicate ``job_id`` in ``mode`` (due ``due``, payload ``args``): 2 s debounce, 5 s at most."""
+    holder = f"{job_id}|{T0}|{due}|default|2"
+    record = NewRecord(job_id, fields("scheduled", args=args, unique_mode=mode), DAY_MS, LOCK, holder, TTL_MS)
+    data = f"message of {job_id}".encode()
+    return Duplicate(mode, record, f"{job_id}:0", data, due, args, 2_000, 5_000, TTL_MS)
+
+
+def _holder(stores: Stores, state: str, mode: str = "replace", **more: str) -> None:
+    """job-1 holds LOCK, in ``state``, inserted in uniqueness mode ``mode`` ('': keep_first)."""
+    extra = {"unique_mode": mode} if mode else {}
+    record = NewRecord("job-1", fields(state, args='{"v":1}', **extra, **more), DAY_MS, LOCK, HOLDER, TTL_MS)
+    assert stores.records.create(record) is None
+
+
+@pytest.mark.parametrize("state", ["available", "scheduled"])
+def test_a_duplicate_replaces_the_payload_of_a_holder_not_started(stores: Stores, state: str) -> None:
+    _holder(stores, state)
+    assert stores.records.resolve_duplicate(_duplicate("job-2"), T0) == (REPLACED, "job-1")
+    assert stores.records.resolve_duplicate(_duplicate("job-3", args='{"v":3}'), T0) == (REPLACED, "job-1")
+    # the holder keeps its lock and its state, with the last payload, counted; nothing else is written
+    held = stores.records.get("job-1")
+    assert held is not None
+    assert (held["state"], held["args"], held["replaced"]) == (state, '{"v":3}', "2")
+    assert stores.state.get_unique(LOCK) == HOLDER
+    assert stores.records.get_many(["job-2", "job-3"]) == [None, None]
+    assert stores.state.schedule_size() == 0
+    assert stores.records.replacements() == {"register_job": 2}
+    scraped = metrics.store_registry(stores.state, stores.records)
+    assert scraped.get_sample_value("epq_duplicates_replaced_total", {"kind": "register_job"}) == 2
+    # and its worker reads the payload once it started it
+    stores.records.start("job-1", T0, DAY_MS)
+    assert stores.records.mode_start("job-1") == ('{"v":3}', None)
+
+
+@pytest.mark.parametrize("state", ["running", "retryable"])
+def test_a_duplicate_of_a_started_holder_is_its_follow_up_and_takes_the_lock(
+    stores: Stores, state: str
+) -> None:
+    _holder(stores, state)
+    assert stores.records.resolve_duplicate(_duplicate("job-2"), T0) == (FOLLOW_UP, "job-2")
+    follow_up = stores.records.get("job-2")
+    assert follow_up is not None
+    assert (follow_up["state"], follow_up["after"]) == ("scheduled", "job-1")
+    assert holder_id(stores.state.get_unique(LOCK) or "") == "job-2"
+    claimed, _ = stores.state.schedule_claim(T0, LEASE_MS, 10)
+    assert claimed == [("job-2:0", b"message of job-2")]
+    # it waits while the holder has not ended
+    assert stores.records.mode_start("job-2") == (None, "job-1")
+    # the next duplicate replaces the follow-up's payload, even while it runs only to wait
+    stores.records.start("job-2", T0, DAY_MS)
+    assert stores.records.resolve_duplicate(_duplicate("job-3", args='{"v":3}'), T0) == (REPLACED, "job-2")
+    assert stores.records.mode_start("job-2") == ('{"v":3}', "job-1")
+    # and once the holder ended, it may run; a duplicate now would follow it
+    stores.records.move("job-1", "completed", {}, DAY_MS)
+    assert stores.records.mode_start("job-2") == ('{"v":3}', None)
+    assert stores.records.resolve_duplicate(_duplicate("job-4"), T0) == (FOLLOW_UP, "job-4")
+
+
+def test_a_duplicate_of_a_keep_first_holder_not_started_is_its_follow_up(stores: Stores) -> None:
+    _holder(stores, "available", mode="")
+    assert stores.records.resolve_duplicate(_duplicate("job-2"), T0) == (FOLLOW_UP, "job-2")
+    assert stores.records.get("job-1") == fields("available", args='{"v":1}')  # (untouched)
+
+
+@pytest.mark.parametrize("state", ["completed", "discarded", "cancelled", None])
+def test_a_duplicate_of_a_holder_that_ended_takes_the_key_over(stores: Stores, state: str | None) -> None:
+    if state is not None:
+        _holder(stores, state)
+    else:  # (the lock held by a job without a record)
+        stores.state.acquire_unique(LOCK, HOLDER, TTL_MS)
+    assert stores.records.resolve_duplicate(_duplicate("job-2"), T0) == (TAKEN_OVER, "job-2")
+    new = stores.records.get("job-2")
+    assert new is not None
+    assert "after" not in new
+    assert holder_id(stores.state.get_unique(LOCK) or "") == "job-2"
+    assert stores.state.schedule_size() == 1
+
+
+def test_a_debounced_duplicate_moves_the_holders_wait_later_up_to_its_maximum(stores: Stores) -> None:
+    # Given a holder waiting in the schedule until T0 + 2 s (debounce 2 s, 5 s at most)
+    _holder(stores, "scheduled", mode="debounce", scheduled_at=str(T0 + 2_000))
+    stores.state.schedule_add(b"message of job-1", T0 + 2_000, entry="job-1:0")
+    # When duplicates come 1 s, then 2.5 s, then 4 s later
+    for at in (T0 + 1_000, T0 + 2_500, T0 + 4_000):
+        assert stores.records.resolve_duplicate(_duplicate("job-2", "debounce"), at) == (REPLACED, "job-1")
+    # Then it is due 2 s after each, but never more than 5 s after its creation
+    held = stores.records.get("job-1")
+    assert held is not None
+    assert held["scheduled_at"] == str(T0 + 5_000)
+    assert stores.state.schedule_claim(T0 + 4_999, LEASE_MS, 10)[0] == []
+    assert stores.state.schedule_claim(T0 + 5_000, LEASE_MS, 10)[0] == [("job-1:0", b"message of job-1")]
+
+
+# ---- the record store: listing and tombstones ---------------------------------------------------
+
+
+def _listed(
+    stores: Stores, filters: dict[str, str], newest_first: bool = False, limit: int = 100
+) -> list[str]:
+    ids, _ = stores.records.list_ids(filters, newest_first=newest_first, after=None, limit=100)
+    return ids
+
+
+def test_records_are_listed_by_their_fields_in_creation_order_with_a_position_to_go_on(
+    stores: Stores,
+) -> None:
+    for n, job_id in enumerate(["b", "a", "c", "d"]):  # (a and b made in the same millisecond)
+        more = {"endpoint_id": "e1" if n < 2 else "e2"}
+        stores.records.create(NewRecord(job_id, fields(created_at=str(T0 + max(0, n - 1)), **more), DAY_MS))
+    stores.records.move("c", "running", {}, DAY_MS)
+    assert _listed(stores, {}) == ["a", "b", "c", "d"]
+    assert _listed(stores, {}, newest_first=True) == ["d", "c", "b", "a"]
+    assert _listed(stores, {"state": "available"}) == ["a", "b", "d"]
+    assert _listed(stores, {"state": "running"}) == ["c"]
+    assert _listed(stores, {"endpoint_id": "e2", "state": "available"}) == ["d"]
+    assert _listed(stores, {"kind": "index_endpoint"}) == []
+    ids, position = stores.records.list_ids({}, newest_first=False, after=None, limit=2)
+    assert (ids, position) == (["a", "b"], f"{T0:013d}:b")
+    assert stores.records.list_ids({}, newest_first=False, after=position, limit=2) == (["c", "d"], None)
+    assert stores.records.list_ids({}, newest_first=True, after=position, limit=2) == (["a"], None)
+
+
+def test_an_expired_record_is_no_longer_listed(stores: Stores) -> None:
+    stores.records.create(NewRecord("short", fields(), 1_000))
+    stores.records.create(NewRecord("long", fields(created_at=str(T0 + 1)), DAY_MS))
+    stores.advance(2)
+    assert _listed(stores, {}) == ["long"]
+    assert _listed(stores, {"state": "available"}) == ["long"]
+
+
+def test_a_buried_record_leaves_a_tombstone_that_no_transition_writes_again(stores: Stores) -> None:
+    stores.records.create(NewRecord("gone", fields(), DAY_MS))
+    stores.records.create(NewRecord("kept", fields(created_at=str(T0 + 1)), DAY_MS))
+    assert stores.records.bury("gone", DAY_MS) == "available"
+    assert stores.records.get("gone") is None
+    assert _listed(stores, {}) == ["kept"]
+    assert stores.live_counters() == {group("available"): 1}
+    assert stores.records.start("gone", T0, DAY_MS) == "deleted"  # (a worker skips it)
+    assert stores.records.move("gone", "completed", {}, DAY_MS) == "deleted"
+    stores.records.fail("gone", "discarded", {"at": T0, "error_type": "E", "message": "m"}, {}, DAY_MS)
+    assert stores.records.get("gone") is None
+    assert stores.records.dead_ids(10) == []
+    assert stores.records.bury("gone", DAY_MS) is None
+    assert stores.records.get("kept") is not None
+    stores.advance(DAY_MS / 1000 + 1)
+    assert stores.records.start("gone", T0, DAY_MS) is None  # (the tombstone expired)

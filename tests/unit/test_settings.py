@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 
 import epq
+from epq.kinds import KINDS
 from epq.settings import EpqSettings, default_state_dir, get_settings, reset_settings
 
 
@@ -72,6 +73,13 @@ def test_settings_are_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
         ("EPQ_INDEX_TIME_LIMIT", "0"),
         ("EPQ_REGISTER_TIME_LIMIT", "a minute"),
         ("EPQ_STRICT_PAYLOAD_KINDS", "register_job,register_thing"),
+        ("EPQ_SERIAL_KINDS", "register_thing"),
+        ("EPQ_SERIAL_CONTINUE_ON_FAILURE", "all,register_job"),
+        ("EPQ_INDEX_UNIQUE_MODE", "latest"),
+        ("EPQ_REGISTER_UNIQUE_MODE", "REPLACE"),
+        ("EPQ_INDEX_DEBOUNCE_DELAY", "0"),
+        ("EPQ_REGISTER_DEBOUNCE_MAX_WAIT", "-1"),
+        ("EPQ_INDEX_DEBOUNCE_MAX_WAIT", "10"),  # (shorter than the delay, 30 s)
         ("EPQ_QUEUE_CONCURRENCY", "default"),
         ("EPQ_QUEUE_CONCURRENCY", "=3"),
         ("EPQ_QUEUE_CONCURRENCY", "default="),
@@ -87,6 +95,15 @@ def test_a_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, name:
     monkeypatch.setenv(name, value)
     with pytest.raises(epq.ConfigurationError, match=name):
         get_settings()
+
+
+def test_serial_kinds_are_named_or_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert get_settings().serial_kinds == []  # off unless named
+    monkeypatch.setenv("EPQ_SERIAL_KINDS", "all")
+    monkeypatch.setenv("EPQ_SERIAL_CONTINUE_ON_FAILURE", "register_job, register_source")
+    reset_settings()
+    assert get_settings().serial_kinds == list(KINDS)
+    assert get_settings().serial_continue_on_failure == ["register_job", "register_source"]
 
 
 def test_queue_concurrency_names_queues_over_the_go_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -127,3 +144,20 @@ def test_state_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: object
     assert str(default_state_dir()) == f"{tmp_path}/epq"
     monkeypatch.delenv("XDG_STATE_HOME")
     assert str(default_state_dir()).endswith(".local/state/epq")
+
+
+def test_a_debounce_max_wait_shorter_than_the_delay_says_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EPQ_REGISTER_DEBOUNCE_DELAY", "PT2M")
+    monkeypatch.setenv("EPQ_REGISTER_DEBOUNCE_MAX_WAIT", "60")
+    with pytest.raises(epq.ConfigurationError) as error:
+        get_settings()
+    assert "EPQ_REGISTER_DEBOUNCE_MAX_WAIT: " in str(error.value)
+    assert "at least EPQ_REGISTER_DEBOUNCE_DELAY (120 s), not 60 s" in str(error.value)
+
+
+def test_uniqueness_modes_default_to_keep_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = get_settings()
+    assert (settings.index_unique_mode, settings.register_unique_mode) == ("keep_first", "keep_first")
+    monkeypatch.setenv("EPQ_INDEX_UNIQUE_MODE", "debounce")
+    reset_settings()
+    assert get_settings().index_unique_mode == "debounce"

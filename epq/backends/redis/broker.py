@@ -33,9 +33,19 @@ from ...middleware.common import enqueue_hook_errors, find_middleware
 from ...middleware.job_records import JobRecords, refuse_malformed
 from ...middleware.uniqueness import count_refused
 from ...outage import GivesBack, must_requeue
+from ...pausing import PAUSED_POLL_MS, PausableConsumer
 from ...priority import LANES, lane_of
 from ...records import OPEN_RECORD_TTL_MS, payload_json, without_payload
-from ..base import BulkJob, DurableDelays, NewRecord, counter_group, holder_id, in_flight
+from ..base import (
+    BulkJob,
+    DurableDelays,
+    NewRecord,
+    counter_group,
+    holder_id,
+    in_flight,
+    schedule_message,
+    to_be_scheduled,
+)
 from . import keys, scripts
 from .connections import KeptConnections, ScriptStream
 from .store import RedisRecords, RedisStateStore, fields_json, flat_fields
@@ -112,7 +122,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
     # ---- enqueue --------------------------------------------------------------------------------
 
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
-        if delay and delay > 0 and self.epq_store is not None:
+        if to_be_scheduled(message, delay) and self.epq_store is not None:
             return super().enqueue(message, delay=delay)  # into the schedule (DurableDelays)
         message = message.copy(options={"redis_message_id": new_id()})
         records = find_middleware(self, JobRecords) if self.fused else None
@@ -156,10 +166,10 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
                     self.lane_enqueue(message, pipe=pipe)
                 elif same:
                     assert isinstance(store, RedisStateStore)
-                    store.schedule_add(message.encode(), due, pipe=pipe)
+                    store.schedule_message(message, due, pipe=pipe)
                 else:
                     assert store is not None
-                    elsewhere.append(store.schedule_add(message.encode(), due))
+                    elsewhere.append(schedule_message(store, message, due))
             pipe.execute()
         except BaseException:
             if elsewhere and store is not None:
@@ -234,7 +244,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
                 data: Any = message.encode()  # a hook may have changed the payload
             else:
                 data = "" if templated[number] else encode(message, job.args_json)
-            job_args += [number, message.message_id, job.lock_key, data, job.args_json]
+            job_args += [number, message.message_id, job.lock_key, data, job.args_json, job.endpoint_id]
         head = [keys.JOB_PREFIX, OPEN_RECORD_TTL_MS, self.namespace, BULK_TOKEN_TTL_MS, len(groups)]
         return [keys.STATS, keys.bulk_token(new_id())], head + group_args + job_args
 
@@ -291,9 +301,11 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
         out = self._lua["lane_fetch"](keys=script_keys, args=args)
         return [(out[i].decode(), out[i + 1]) for i in range(0, len(out), 2)]
 
-    def ack_completed(self, queue_name: str, rid: str, job_id: str, ttl_ms: int, payload: str) -> None:
+    def ack_completed(
+        self, queue_name: str, rid: str, job_id: str, ttl_ms: int, payload: str, output: str = ""
+    ) -> None:
         """Acknowledge a message and mark its job completed, in one script; the record keeps the
-        job's ``payload`` (JSON) from then on."""
+        job's ``payload`` (JSON) from then on, and its ``output`` (JSON, '' for none)."""
         ns = self.namespace
         script_keys = [
             keys.acks(ns, self.broker_id, queue_name),
@@ -305,7 +317,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
         records = self.epq.records if self.epq is not None else None
         assert isinstance(records, RedisRecords)  # (fused: the records live in this Redis)
         args = [current_millis(), self.broker_id, rid, job_id, ttl_ms, records.completed_max, keys.JOB_PREFIX]
-        args.append(payload)
+        args += [payload, output]
         with ScriptStream(self._kept, self._lua["ack_completed"]) as call:  # (thinner than redis-py's)
             call.send(script_keys, args)
             call.read()
@@ -369,7 +381,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
         return {queue: int(n) for queue, n in zip(queues, pipe.execute(), strict=True)}
 
 
-class LaneConsumer(GivesBack, _RedisConsumer):
+class LaneConsumer(PausableConsumer, GivesBack, _RedisConsumer):
     """Dramatiq's Redis consumer, fetching through the lanes.
 
     More changes:
@@ -384,7 +396,9 @@ class LaneConsumer(GivesBack, _RedisConsumer):
       soon as one job ends), and beats its heartbeat every ``HEARTBEAT_INTERVAL_MS``, so that
       long jobs do not make the worker look dead;
     - Dramatiq's maintenance (recovering the messages of dead workers) runs every
-      ``MAINTENANCE_INTERVAL_MS`` per consumer, not by chance.
+      ``MAINTENANCE_INTERVAL_MS`` per consumer, not by chance;
+    - while its queue is paused (``epq.pausing``) it fetches nothing and gives back its fetched
+      batch, and keeps beating its heartbeat and maintaining its queue.
     """
 
     broker: EpqRedisBroker
@@ -396,7 +410,7 @@ class LaneConsumer(GivesBack, _RedisConsumer):
         self.maintained_at = time.monotonic()  # monotonic seconds
         self.beaten_at = time.monotonic()
 
-    def __next__(self) -> MessageProxy | None:
+    def next_message(self) -> MessageProxy | None:
         try:
             while True:
                 if self.message_cache:
@@ -443,6 +457,20 @@ class LaneConsumer(GivesBack, _RedisConsumer):
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
 
+    def wait_paused(self) -> None:
+        try:
+            self.close()  # (gives back the fetched batch)
+            now = time.monotonic()
+            if now - self.maintained_at >= MAINTENANCE_INTERVAL_MS / 1000:
+                self.maintained_at = now
+                self.broker.maintain(self.queue_name)
+            if now - self.beaten_at >= HEARTBEAT_INTERVAL_MS / 1000:
+                self.beaten_at = now  # (the jobs still running must not look like a dead worker's)
+                self.broker.heartbeat()
+        except redis.ConnectionError as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+        time.sleep(PAUSED_POLL_MS / 1000)
+
     def ack(self, message: Any) -> None:
         ttl = in_flight(message).complete_ttl_ms
         if ttl is None or must_requeue(message) or self.queue_name.endswith(".DQ"):
@@ -451,7 +479,8 @@ class LaneConsumer(GivesBack, _RedisConsumer):
         try:
             rid = message.options["redis_message_id"]
             payload = payload_json(message.kwargs)
-            self.broker.ack_completed(self.queue_name, rid, message.message_id, ttl, payload)
+            output = in_flight(message).output
+            self.broker.ack_completed(self.queue_name, rid, message.message_id, ttl, payload, output)
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
         finally:

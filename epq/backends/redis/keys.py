@@ -23,12 +23,20 @@ DEAD = KEY_PREFIX + "dead"
 DONE = KEY_PREFIX + "done"
 #: Enqueues refused as duplicates, per kind (a hash: kind -> count).
 REFUSED = STATS + ":refused"
+#: Duplicates whose payload replaced a waiting job's (uniqueness modes), per kind (kind -> count).
+REPLACED = STATS + ":replaced"
 #: A periodic job's schedule: its state (a hash: since, tick, job, at).
 PERIODIC_PREFIX = KEY_PREFIX + "periodic:"
 #: Each bulk enqueue script call leaves its reply under a token key of its own.
 BULK_TOKEN_PREFIX = KEY_PREFIX + "bulk:"
+#: Serial keys (``epq.serial``): a list of job ids per key (the head first), and the messages of
+#: jobs waiting for their turn (a hash: job id -> ``<due ms>|<entry id>|<message>``).
+SERIAL_PREFIX = KEY_PREFIX + "serial:"
+SERIAL_HELD = KEY_PREFIX + "serial-held"
 #: A request to cancel a running job (a string with a TTL per job: ``epq.cancellation``).
 CANCEL_PREFIX = KEY_PREFIX + "cancel:"
+#: The queues paused (a set of queue names: ``epq.pausing``).
+PAUSED = KEY_PREFIX + "paused"
 
 
 def job(job_id: str) -> str:
@@ -53,9 +61,25 @@ def waiting(queue_name: str, priority: int) -> str:
     return f"{STATS}:waiting:{queue_name}|{priority}"
 
 
+#: The listing indexes (``lua/lib/index.lua``): every name starts with this.
+INDEX_PREFIX = STATS + ":ix:"
+
+
+def index(field: str | None = None, value: object = None) -> str:
+    """The listing index of the records whose ``field`` is ``value`` (one of
+    ``epq.records.INDEXED_FIELDS``), or, without a field, of every record (the scripts make these
+    names from ``STATS`` too: ``lua/lib/index.lua``)."""
+    return f"{INDEX_PREFIX}{field}:{value}" if field is not None else INDEX_PREFIX + "all"
+
+
 def cancel_request(job_id: str) -> str:
     """The request to cancel running job ``job_id`` (its value: when it was asked for, in ms)."""
     return CANCEL_PREFIX + job_id
+
+
+def serial(key: str) -> str:
+    """The sequence of the jobs with serial key ``key``."""
+    return SERIAL_PREFIX + key
 
 
 def periodic(name: str) -> str:

@@ -11,15 +11,25 @@ from typing import Any
 
 import redis
 
-from ...options import DUE_MS
-from ...records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX, MAX_ERRORS, check_id_prefix, payload_json
+from ...options import DUE_MS, SERIAL_KEY
+from ...records import (
+    DEFAULT_COMPLETED_MAX,
+    DEFAULT_DEAD_MAX,
+    DELETED,
+    MAX_ERRORS,
+    check_id_prefix,
+    payload_json,
+)
 from ..base import (
     UNIQUE_PREFIX,
+    Duplicate,
     Move,
     NewRecord,
     RecordFields,
     RelayedJob,
+    Released,
     lock_kind,
+    schedule_entry,
     scheduled_queue,
     split_counter_group,
 )
@@ -27,6 +37,10 @@ from . import keys, scripts
 from .connections import ScriptCall, call_many
 
 _compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+#: How many index positions one ``list_jobs.lua`` call looks at at most: a listing whose filters
+#: few records match takes more calls, none of which holds Redis for long.
+LIST_STEP = 2000
 
 
 def fields_json(fields: RecordFields) -> str:
@@ -69,6 +83,11 @@ def _payload_of(data: bytes) -> str:
     return payload_json(kwargs) if isinstance(kwargs, dict) else "{}"
 
 
+def _serial_keys(key: str) -> list[str]:
+    """What the serial scripts take first: the key's sequence, the held messages, the schedule."""
+    return [keys.serial(key), keys.SERIAL_HELD, keys.SCHEDULE, keys.SCHEDULE_DATA]
+
+
 class RedisStateStore:
     """Uniqueness locks, the durable schedule and the clock in Redis."""
 
@@ -83,6 +102,8 @@ class RedisStateStore:
             "schedule_release",
             "schedule_move",
             "periodic_mark",
+            "serial_add",
+            "serial_release",
         )
 
     def schedule_add(self, data: bytes, due_ms: int, *, entry: str | None = None, pipe: Any = None) -> str:
@@ -96,6 +117,43 @@ class RedisStateStore:
 
     def schedule_remove(self, entry_ids: Sequence[str]) -> None:
         self._forget(keys.SCHEDULE, entry_ids)
+
+    def serial_add(
+        self, key: str, job_id: str, data: bytes, due_ms: int, *, entry: str, pipe: Any = None
+    ) -> str:
+        """See ``StateStore.serial_add`` (``serial_add.lua``); with ``pipe`` only queue the call."""
+        self._lua["serial_add"](
+            keys=_serial_keys(key),
+            args=[job_id, entry, data, due_ms],
+            client=pipe,
+        )
+        return entry
+
+    def schedule_message(self, message: Any, due_ms: int, *, pipe: Any = None) -> str:
+        """``base.schedule_message`` on a pipeline of this store's client (``pipe``)."""
+        key = message.options.get(SERIAL_KEY)
+        if key is None:
+            return self.schedule_add(message.encode(), due_ms, pipe=pipe)
+        entry = schedule_entry(message)
+        return self.serial_add(str(key), message.message_id, message.encode(), due_ms, entry=entry, pipe=pipe)
+
+    def serial_release(self, key: str, job_id: str, *, withdraw: bool = False, lease_ms: int = 0) -> Released:
+        now = self.now_ms() if lease_ms else 0
+        reply = self._lua["serial_release"](
+            keys=[
+                keys.serial(key),
+                keys.SERIAL_HELD,
+                keys.SCHEDULE,
+                keys.SCHEDULE_DATA,
+                keys.SCHEDULE_CLAIMED,
+            ],
+            args=[job_id, int(withdraw), now + lease_ms if lease_ms else 0, now],
+        )
+        claimed = (reply[1].decode(), reply[2]) if len(reply) == 3 else None
+        return Released(bool(reply), claimed)
+
+    def serial_sequence(self, key: str) -> list[str]:
+        return [job_id.decode() for job_id in self.client.lrange(keys.serial(key), 0, -1)]
 
     def _forget(self, index_key: str, entry_ids: Sequence[str]) -> None:
         if entry_ids:
@@ -193,6 +251,15 @@ class RedisStateStore:
     def forget_cancel(self, job_id: str) -> None:
         self.client.delete(keys.cancel_request(job_id))
 
+    def pause_queue(self, queue_name: str) -> bool:
+        return bool(self.client.sadd(keys.PAUSED, queue_name))
+
+    def resume_queue(self, queue_name: str) -> bool:
+        return bool(self.client.srem(keys.PAUSED, queue_name))
+
+    def paused_queues(self) -> set[str]:
+        return {name.decode() for name in self.client.smembers(keys.PAUSED)}
+
     def acquire_unique(self, key: str, holder: str, ttl_ms: int) -> str | None:
         return _text(self._lua["lock_acquire"](keys=[key], args=[holder, max(1, int(ttl_ms))]))
 
@@ -268,8 +335,13 @@ class RedisRecords:
             "record_start",
             "record_fail",
             "record_delete",
+            "record_bury",
+            "list_jobs",
+            "index_prune",
             "waiting_oldest",
             "relay_create",
+            "unique_resolve",
+            "mode_start",
         )
 
     def create(self, record: NewRecord) -> str | None:
@@ -283,15 +355,31 @@ class RedisRecords:
     def create_relayed(self, jobs: Sequence[RelayedJob]) -> list[str | bool | None]:
         if not jobs:
             return []
-        args: list[Any] = [self.now_ms(), keys.JOB_PREFIX, keys.RELAYED_PREFIX]
+        args: list[Any] = [self.now_ms(), keys.JOB_PREFIX, keys.RELAYED_PREFIX, keys.SERIAL_PREFIX]
         for job in jobs:
             r = job.record
             args += [r.job_id, r.ttl_ms, fields_json(r.fields), r.lock_key, r.holder, max(1, r.lock_ttl_ms)]
-            args += [job.entry, job.data, job.due_ms]
-        script_keys = [keys.STATS, keys.DEAD, keys.SCHEDULE, keys.SCHEDULE_DATA]
+            args += [job.entry, job.data, job.due_ms, job.serial_key]
+        script_keys = [keys.STATS, keys.DEAD, keys.SCHEDULE, keys.SCHEDULE_DATA, keys.SERIAL_HELD]
         replies = self._lua["relay_create"](keys=script_keys, args=args)
         # (1: marked relayed already; 0: written; text: the holder of the lock)
         return [(reply == 1 or None) if isinstance(reply, int) else _text(reply) for reply in replies]
+
+    def resolve_duplicate(self, duplicate: Duplicate, now_ms: int) -> tuple[str, str]:
+        r = duplicate.record
+        script_keys = [keys.STATS, keys.DEAD, keys.SCHEDULE, keys.SCHEDULE_DATA, r.lock_key, keys.REPLACED]
+        args: list[Any] = [now_ms, keys.JOB_PREFIX, duplicate.mode, r.job_id, r.ttl_ms, fields_json(r.fields)]
+        args += [r.holder, max(1, r.lock_ttl_ms), duplicate.entry, duplicate.data, duplicate.due_ms]
+        args += [duplicate.args_json, duplicate.debounce_ms, duplicate.max_wait_ms, duplicate.window_ms]
+        outcome, job_id = self._lua["unique_resolve"](keys=script_keys, args=args)
+        return outcome.decode(), job_id.decode()
+
+    def mode_start(self, job_id: str) -> tuple[str | None, str | None]:
+        args, waits_for = self._lua["mode_start"](args=[keys.JOB_PREFIX, job_id])
+        return (args.decode() or None), (waits_for.decode() or None)
+
+    def replacements(self) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.client.hgetall(keys.REPLACED).items()}
 
     def forget_relayed(self, job_ids: Sequence[str]) -> None:
         if job_ids:
@@ -369,6 +457,10 @@ class RedisRecords:
         for job_id in job_ids:
             pipe.hgetall(keys.job(job_id))
         found = [{k.decode(): v.decode() for k, v in raw.items()} or None for raw in pipe.execute()]
+        # (a deleted job's tombstone is no record: see record_bury.lua)
+        found = [
+            fields if fields is not None and fields.get("state") != DELETED else None for fields in found
+        ]
         self._add_payloads(job_ids, found)
         return found
 
@@ -418,13 +510,52 @@ class RedisRecords:
         match = keys.job(check_id_prefix(prefix)) + "*"  # no glob character can be in the prefix
         found: list[str] = []
         for key in self.client.scan_iter(match=match, count=1000):
-            found.append(key.decode()[len(keys.JOB_PREFIX) :])
+            if self.client.hget(key, "state") != DELETED.encode():  # (not a deleted job's tombstone)
+                found.append(key.decode()[len(keys.JOB_PREFIX) :])
             if len(found) >= limit:
                 break
         return found
 
     def delete(self, job_id: str) -> None:
         self._lua["record_delete"](keys=keys.record_keys(job_id), args=[job_id])
+
+    def bury(self, job_id: str, ttl_ms: int) -> str | None:
+        args = [job_id, max(1, int(ttl_ms))]
+        return _text(self._lua["record_bury"](keys=keys.record_keys(job_id), args=args))
+
+    def list_ids(
+        self, filters: Mapping[str, str], *, newest_first: bool, after: str | None, limit: int
+    ) -> tuple[list[str], str | None]:
+        walked = self._index_to_walk(filters)
+        checks = flat_fields({k: v for k, v in filters.items() if keys.index(k, v) != walked})
+        found: list[str] = []
+        position = after or ""
+        while True:
+            args = [keys.JOB_PREFIX, int(newest_first), position, limit - len(found), LIST_STEP, *checks]
+            reply = self._lua["list_jobs"](keys=[walked], args=args)
+            found += [job_id.decode() for job_id in reply[1:]]
+            position = reply[0].decode()
+            if not position or len(found) >= limit:
+                return found, position or None
+
+    def _index_to_walk(self, filters: Mapping[str, str]) -> str:
+        """The smallest of the listing indexes of ``filters`` (that of every record without any)."""
+        names = [keys.index(name, value) for name, value in filters.items()]
+        if not names:
+            return keys.index()
+        if len(names) == 1:
+            return names[0]
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.zcard(name)
+        sizes = pipe.execute()
+        return min(zip(sizes, names, strict=True))[1]
+
+    def prune_indexes(self, per_index: int) -> int:
+        dropped = 0
+        for name in self.client.scan_iter(match=keys.INDEX_PREFIX + "*", count=1000):
+            dropped += int(self._lua["index_prune"](keys=[name], args=[keys.JOB_PREFIX, per_index]))
+        return dropped
 
     def dead_ids(self, limit: int) -> list[str]:
         """Newest first; ids whose record has expired are dropped from the index on the way."""

@@ -1,0 +1,156 @@
+"""Serial keys: jobs with the same key start one at a time, in the order they were enqueued.
+
+A kind with serial keys on (``EPQ_SERIAL_KINDS``) gives each job a key, the value of its
+``serial_by`` request field (the endpoint id for the five kinds: one sequence per endpoint,
+across kinds), carried as the message option ``SERIAL_KEY``. The state store keeps a sequence
+per key, the head first (``StateStore.serial_add`` / ``serial_release``; on Redis a list and two
+Lua scripts):
+
+- **enqueue.** A serial job goes into the durable schedule (``epq.schedule``), due at once or at
+  its ``run_at``, in one atomic step that appends it to its key's sequence: the head's message
+  is due as any scheduled one, and promoters move it to the broker; any other waits held (not
+  due) until its job becomes the head. Every broker, bulk enqueue and the outbox relay go
+  through that one step.
+- **the head's end.** When the head completes, is dead-lettered (its last attempt failed, or
+  ``epq.Discard``), or is skipped as cancelled, the worker that had it releases the key
+  (:class:`SerialKeys`): the head leaves the sequence and the next job's message becomes due,
+  in one atomic step; the Redis broker keeping epq's state then moves it to its queue in one
+  script, elsewhere the releasing thread claimed it in that step and publishes it. A job
+  cancelled while it waits leaves the sequence (:func:`withdraw`).
+- **a retry keeps its place**: the failed head stays the head while it waits for its retry
+  (which goes into the schedule as any retry), so no later job of its key starts before it. A
+  kind in ``EPQ_SERIAL_CONTINUE_ON_FAILURE`` gives its place up instead: the key is released
+  when the attempt fails, and the retry joins the end of the sequence. A snooze keeps its place.
+- **a crashed worker**: the head's message was never acknowledged, so the broker's own recovery
+  (RabbitMQ gives back a lost consumer's messages at once; Redis after its ack timeout,
+  docs/decisions.md, decision 38) delivers it again; it is still the head, so order holds and
+  the key waits no longer than that recovery.
+
+Times are milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import dramatiq
+from dramatiq.broker import MessageProxy
+
+from .backends.base import StateStore, backend_of
+from .controls import Snooze
+from .options import SERIAL_KEY
+from .outage import must_requeue, until_written
+from .schedule import CLAIM_LEASE_MS, promote_soon, publish_claimed
+
+logger = logging.getLogger("epq.serial")
+
+
+def serial_key(actor: dramatiq.Actor[Any, Any], request: Any) -> str | None:
+    """The serial key of a job of ``actor`` made from ``request``: its ``serial_by`` field's value
+    when the actor has serial keys on (the ``serial_by`` actor option), else None."""
+    field = actor.options.get("serial_by")
+    if not field:
+        return None
+    return str(getattr(request, field))
+
+
+def is_serial(actor: dramatiq.Actor[Any, Any]) -> bool:
+    """Whether ``actor``'s jobs have serial keys."""
+    return bool(actor.options.get("serial_by"))
+
+
+def withdraw(broker: dramatiq.Broker, store: StateStore, job_id: str, fields: Mapping[str, str]) -> None:
+    """Take a job cancelled before it started out of its key's sequence (``fields``: its record):
+    the next job goes at once if it was the head, and a job further back is never delivered."""
+    actor = broker.actors.get(fields.get("kind", ""))
+    if actor is None or not is_serial(actor):
+        return
+    try:
+        key = serial_key(actor, _Args(json.loads(fields.get("args") or "{}")))
+    except (ValueError, KeyError):
+        return  # (a payload without the field: it never had a key)
+    if key is not None and store.serial_release(key, job_id, withdraw=True).head:
+        promote_soon(broker, store)
+
+
+class _Args:
+    """A stored payload's fields as attributes (what :func:`serial_key` reads)."""
+
+    def __init__(self, args: Mapping[str, Any]) -> None:
+        self._args = args
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._args[name]
+        except KeyError:
+            raise KeyError(name) from None
+
+
+class SerialKeys(dramatiq.Middleware):
+    """Releases a job's serial key when the job is done with it (see the module docstring).
+
+    Added after ``EpqRetries``, so that its ``after_process_message`` runs first (Dramatiq runs
+    ``after_*`` hooks in reverse order): a kind that continues on failure releases the key before
+    the retry is scheduled, and the retry joins the end of the sequence."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+
+    @property
+    def actor_options(self) -> set[str]:
+        return {"serial_by", "serial_continue_on_failure"}
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: MessageProxy,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        if SERIAL_KEY not in message.options or must_requeue(message):
+            return
+        if exception is None:
+            self._release(broker, message)
+            return
+        if isinstance(exception, Snooze):
+            return  # (not a failure: it keeps its place)
+        actor = broker.get_actor(message.actor_name)
+        if message.options.get("serial_continue_on_failure", actor.options.get("serial_continue_on_failure")):
+            self._release(broker, message)
+        # else: dead-lettered (``after_nack``) or retried (it keeps its place)
+
+    def after_nack(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        """Dead-lettered: its last attempt failed, it was discarded or cancelled while it ran."""
+        if SERIAL_KEY in message.options:
+            self._release(broker, message)
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        """Skipped: cancelled before it started."""
+        if SERIAL_KEY in message.options:
+            self._release(broker, message)
+
+    def _release(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        key = str(message.options[SERIAL_KEY])
+        job_id = message.message_id
+        backend = backend_of(broker)
+        if backend is not None and backend.fused:
+            # the Redis broker keeping epq's state moves due messages in one script: let it
+            released = until_written(lambda: self.store.serial_release(key, job_id), "releasing a serial key")
+            if released.head:
+                promote_soon(broker, self.store)
+            return
+        # elsewhere this thread claims the next job's message and publishes it (as a promoter
+        # would, with a lease: if this process dies before it is forgotten, a promoter publishes
+        # it when the lease ends); a worker's one promoter publishing every key's next would
+        # bound the throughput of all keys together
+        released = until_written(
+            lambda: self.store.serial_release(key, job_id, lease_ms=CLAIM_LEASE_MS), "releasing a serial key"
+        )
+        if released.claimed is not None:
+            publish_claimed(broker, self.store, [released.claimed])
+        elif released.head:
+            promote_soon(broker, self.store)

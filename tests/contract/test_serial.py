@@ -1,0 +1,263 @@
+"""Serial keys on every broker: jobs of one endpoint start one at a time, in enqueue order."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import dramatiq
+import pytest
+
+import epq
+import epq.actors
+from epq.settings import reset_settings
+from epq.testing import HandlerRegistry, drain, relay
+from tests.support.helpers import VALID, wait_for
+
+S = epq.JobState
+A = "11111111-1111-4111-8111-111111111111"
+B = "22222222-2222-4222-8222-222222222222"
+
+
+@pytest.fixture
+def serial_settings(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``EPQ_SERIAL_KINDS`` (and the other ``EPQ_SERIAL_*``) as the test's parameter says
+    (default: every kind serial), set before the broker is."""
+    settings: dict[str, str] = getattr(request, "param", {"EPQ_SERIAL_KINDS": "all"})
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    reset_settings()
+
+
+@pytest.fixture
+def serial_broker(serial_settings: None, broker: dramatiq.Broker) -> dramatiq.Broker:
+    """The contract broker, set up with the test's serial settings."""
+    return broker
+
+
+@pytest.fixture
+def serial_worker(serial_broker: dramatiq.Broker) -> Iterator[dramatiq.Worker]:
+    worker = dramatiq.Worker(serial_broker, worker_timeout=50, worker_threads=4)
+    worker.start()
+    yield worker
+    worker.stop()
+
+
+class Runs:
+    """What a handler saw: (job, start, end) per run, and the most runs of one endpoint at once."""
+
+    def __init__(self, seconds: float = 0.03) -> None:
+        self.seconds = seconds
+        self.lock = threading.Lock()
+        self.running: dict[str, int] = {}
+        self.most: dict[str, int] = {}
+        self.starts: list[tuple[str, str]] = []  # (endpoint, job)
+        self.fail: dict[str, list[BaseException]] = {}  # job -> exceptions to raise, in turn
+
+    def __call__(self, request: Any) -> None:
+        endpoint, job = str(request.endpoint_id), request.job_id
+        with self.lock:
+            self.running[endpoint] = self.running.get(endpoint, 0) + 1
+            self.most[endpoint] = max(self.most.get(endpoint, 0), self.running[endpoint])
+            self.starts.append((endpoint, job))
+        try:
+            time.sleep(self.seconds)
+            errors = self.fail.get(job)
+            if errors:
+                raise errors.pop(0)
+        finally:
+            with self.lock:
+                self.running[endpoint] -= 1
+
+    def order(self, endpoint: str) -> list[str]:
+        return [job for e, job in self.starts if e == endpoint]
+
+
+def send(endpoint: str, job: str, **options: Any) -> str:
+    kwargs = {**VALID["register_job"], "endpoint_id": endpoint, "job_id": job}
+    return epq.actors.register_job.send_with_options(kwargs=kwargs, **options).message_id
+
+
+def state(broker: dramatiq.Broker, job_id: str) -> S:
+    found = epq.QueueService(broker).get_job(job_id)
+    assert found is not None
+    return found.state
+
+
+def test_jobs_of_one_endpoint_start_one_at_a_time_in_enqueue_order_and_other_endpoints_are_not_held_up(
+    serial_broker: dramatiq.Broker, serial_worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given a register_job handler that takes 30 ms, and 4 worker threads
+    runs = Runs()
+    epq_handlers.register("register_job", runs)
+    # When 6 jobs of endpoint A and 6 of endpoint B are enqueued, one by one and in bulk
+    for i in range(3):
+        send(A, f"a{i}")
+    service = epq.QueueService(serial_broker)
+    service.enqueue_many(
+        [epq.RegisterJobRequest(endpoint_id=B, job_id=f"b{i}", job_metadata={}) for i in range(6)]
+        + [epq.RegisterJobRequest(endpoint_id=A, job_id=f"a{i}", job_metadata={}) for i in range(3, 6)]
+    )
+    # Then every job runs; never two of one endpoint at once; each endpoint's in enqueue order
+    assert wait_for(lambda: len(runs.starts) == 12, timeout=20)
+    assert runs.most == {A: 1, B: 1}
+    assert runs.order(A) == [f"a{i}" for i in range(6)]
+    assert runs.order(B) == [f"b{i}" for i in range(6)]
+    # and the two endpoints ran side by side: B's jobs did not wait for A's
+    first_b = runs.starts.index((B, "b0"))
+    assert first_b < runs.starts.index((A, "a5"))
+
+
+def test_a_job_waiting_for_its_retry_keeps_its_place_and_holds_the_key(
+    serial_broker: dramatiq.Broker, serial_worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given a job that fails its first attempt (retried after 300 ms) and two jobs after it
+    runs = Runs(seconds=0.01)
+    runs.fail["a0"] = [RuntimeError("endpoint down")]
+    epq_handlers.register("register_job", runs)
+    first = send(A, "a0", backoff_ms=[300])
+    later = [send(A, "a1"), send(A, "a2")]
+    queued = epq.QueueService(serial_broker).enqueue_register_job(
+        epq.RegisterJobRequest(endpoint_id=B, job_id="b0", job_metadata={})
+    )
+    assert queued.job.state is S.SCHEDULED  # (in line, in the schedule: as its record says)
+    # When it fails, it waits for its retry, and the others wait behind it
+    assert wait_for(lambda: state(serial_broker, first) is S.RETRYABLE, timeout=10)
+    time.sleep(0.15)
+    assert runs.order(A) == ["a0"]
+    assert [state(serial_broker, job) for job in later] == [S.SCHEDULED, S.SCHEDULED]
+    # Then the retry runs before them, and they run after it, in order
+    assert wait_for(lambda: len(runs.order(A)) == 4, timeout=10)
+    assert runs.order(A) == ["a0", "a0", "a1", "a2"]
+    assert wait_for(lambda: state(serial_broker, later[-1]) is S.COMPLETED)
+
+
+@pytest.mark.parametrize(
+    "serial_settings",
+    [{"EPQ_SERIAL_KINDS": "all", "EPQ_SERIAL_CONTINUE_ON_FAILURE": "register_job"}],
+    indirect=True,
+)
+def test_a_kind_that_continues_on_failure_lets_the_next_job_go_while_it_waits_for_its_retry(
+    serial_broker: dramatiq.Broker, serial_worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given a job that fails its first attempt (retried after 300 ms) and two jobs after it
+    runs = Runs(seconds=0.01)
+    runs.fail["a0"] = [RuntimeError("endpoint down")]
+    epq_handlers.register("register_job", runs)
+    first = send(A, "a0", backoff_ms=[300])
+    send(A, "a1")
+    send(A, "a2")
+    # Then the next ones run while it waits, and its retry, at the end of the line, runs last
+    assert wait_for(lambda: len(runs.starts) == 4, timeout=10)
+    assert runs.order(A) == ["a0", "a1", "a2", "a0"]
+    assert runs.most == {A: 1}
+    assert wait_for(lambda: state(serial_broker, first) is S.COMPLETED)
+
+
+def test_a_discarded_a_dead_and_a_cancelled_job_let_the_next_one_go(
+    serial_broker: dramatiq.Broker, serial_worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given a job that discards itself, one that fails its only attempt, and one that waits
+    # behind a running job and is cancelled before its turn
+    gate = threading.Event()
+    runs = Runs(seconds=0.01)
+    runs.fail["a0"] = [epq.Discard("bad registration")]
+    runs.fail["a1"] = [RuntimeError("broken")]
+
+    def handler(request: Any) -> None:
+        if request.job_id == "a2":
+            assert gate.wait(10)
+        runs(request)
+
+    epq_handlers.register("register_job", handler)
+    jobs = [send(A, "a0"), send(A, "a1", max_attempts=1), send(A, "a2"), send(A, "a3"), send(A, "a4")]
+    service = epq.QueueService(serial_broker)
+    assert wait_for(lambda: state(serial_broker, jobs[2]) is S.RUNNING, timeout=10)
+    assert service.cancel_job(jobs[3]).state is S.CANCELLED
+    # When the running one ends
+    gate.set()
+    # Then the last one runs: the cancelled one was skipped, and the key let it go
+    assert wait_for(lambda: state(serial_broker, jobs[4]) is S.COMPLETED, timeout=10)
+    assert runs.order(A) == ["a0", "a1", "a2", "a4"]
+    assert [state(serial_broker, job) for job in jobs] == [
+        S.DISCARDED,
+        S.DISCARDED,
+        S.COMPLETED,
+        S.CANCELLED,
+        S.COMPLETED,
+    ]
+
+
+@pytest.mark.parametrize("serial_settings", [{"EPQ_SERIAL_KINDS": "register_job"}], indirect=True)
+def test_a_kind_with_serial_keys_off_runs_jobs_of_one_endpoint_at_once(
+    serial_broker: dramatiq.Broker, serial_worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given register_source off (only register_job is serial): a handler that waits until two
+    # of its jobs run at once
+    both = threading.Barrier(2, timeout=10)
+    ran: list[str] = []
+
+    def handler(request: Any) -> None:
+        both.wait()
+        ran.append(request.source_id)
+
+    epq_handlers.register("register_source", handler)
+    for source in ("s0", "s1"):
+        epq.actors.register_source.send(**{**VALID["register_source"], "endpoint_id": A, "source_id": source})
+    # Then both run, side by side (the barrier would break otherwise)
+    assert wait_for(lambda: len(ran) == 2, timeout=10)
+    assert not both.broken
+
+
+@pytest.mark.postgres
+def test_jobs_relayed_from_the_outbox_keep_their_order(
+    outbox: str, serial_broker: dramatiq.Broker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given three jobs of endpoint A enqueued in one transaction, then a fourth enqueued directly,
+    # a fifth in a transaction of its own, all committed
+    import psycopg
+
+    from tests.support.postgres import POSTGRES_URL
+
+    runs = Runs(seconds=0.01)
+    epq_handlers.register("register_job", runs)
+    service = epq.QueueService(serial_broker)
+    with psycopg.connect(POSTGRES_URL) as conn, conn.transaction():
+        service.enqueue_many(
+            [epq.RegisterJobRequest(endpoint_id=A, job_id=f"a{i}", job_metadata={}) for i in range(3)],
+            tx=conn,
+        )
+    with psycopg.connect(POSTGRES_URL) as conn, conn.transaction():
+        service.enqueue_register_job(
+            epq.RegisterJobRequest(endpoint_id=A, job_id="a3", job_metadata={}), tx=conn
+        )
+    # When a relay moves them, and a job enqueued directly comes after them
+    assert relay(serial_broker) == 4
+    send(A, "a4")
+    worker = dramatiq.Worker(serial_broker, worker_timeout=50, worker_threads=4)
+    worker.start()
+    try:
+        # Then they run one at a time, in the order they were relayed, then the direct one
+        assert wait_for(lambda: len(runs.starts) == 5, timeout=20)
+    finally:
+        worker.stop()
+    assert runs.order(A) == [f"a{i}" for i in range(5)]
+    assert runs.most == {A: 1}
+
+
+def test_drain_runs_a_whole_line_on_the_stub(
+    serial_settings: None,
+    epq_broker: dramatiq.Broker,
+    epq_worker: dramatiq.Worker,
+    epq_handlers: HandlerRegistry,
+) -> None:
+    # Given five jobs of one endpoint waiting in line, in an application's test
+    seen: list[str] = []
+    epq_handlers.register("register_job", lambda request: seen.append(request.job_id))
+    for i in range(5):
+        send(A, f"a{i}")
+    # When the test drains once, Then every one has run, in order
+    drain(epq_broker, epq_worker)
+    assert seen == [f"a{i}" for i in range(5)]
