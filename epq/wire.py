@@ -51,13 +51,13 @@ _FIELDS: dict[str, type] = {
 }
 # Options a worker's middleware reads, and their JSON types (others are the actor's business).
 _INT_OPTIONS = ("retries", "max_retries", "max_attempts", SNOOZES)
-# (Dramatiq takes floats for these, and ``eta`` may be null)
+# (Dramatiq takes floats for these; ``eta`` is not among them: Dramatiq's worker runs a message
+# whose eta is null or not a number at once, with a warning)
 _NUMBER_OPTIONS = (
     "min_backoff",
     "max_backoff",
     "time_limit",
     "max_age",
-    "eta",
     DUE_MS,
     "requeue_timestamp",
 )
@@ -83,6 +83,11 @@ class MalformedMessage(Exception):
         actor_name = fields.get("actor_name")
         self.actor_name = actor_name if isinstance(actor_name, str) else None
         self.preview = data[:PREVIEW_CHARS].decode("utf-8", "replace")
+
+
+class UnknownActor(MalformedMessage):
+    """A well-formed message for an actor the worker does not have (Dramatiq's ``ActorNotFound``
+    case)."""
 
 
 def _payload_bytes(args: list[Any], kwargs: dict[str, Any]) -> int:
@@ -157,5 +162,5 @@ def decode(data: bytes, actors: Container[str] | None = None) -> dramatiq.Messag
             reason = f"payload is {size} bytes, over the {MAX_PAYLOAD_BYTES}-byte limit"
             raise MalformedMessage(reason, data, fields)
     if actors is not None and fields["actor_name"] not in actors:
-        raise MalformedMessage(f"unknown actor {fields['actor_name']!r}", data, fields)
+        raise UnknownActor(f"unknown actor {fields['actor_name']!r}", data, fields)
     return dramatiq.Message(**fields)

@@ -141,6 +141,10 @@ class StateStore(Protocol):
         """Entries, waiting or claimed, whose messages go to ``queue_name``. Reads every entry:
         for ``broker.join`` in tests, not for hot paths."""
 
+    def schedule_drop(self, queue_name: str) -> int:
+        """Forget the entries, waiting or claimed, whose messages go to ``queue_name``; return how
+        many there were. Reads every entry: for ``broker.flush``, not for hot paths."""
+
     def schedule_size(self) -> int:
         """Entries waiting or claimed."""
 
@@ -782,6 +786,15 @@ class DurableDelays:
                 _left_ms(deadline, queue_name)
                 time.sleep(JOIN_POLL_S)
             # promoted: on the queue now (or in flight), which the broker's join waits for
+
+    def flush(self, queue_name: str) -> None:
+        """Dramatiq's ``flush``, which also drops the queue's messages in epq's schedule (its
+        delays, retries and snoozes), as Dramatiq's drops its delay queue. Their job records and
+        uniqueness locks are left as they are, as for the messages dropped from the queue."""
+        super().flush(queue_name)  # type: ignore[misc]
+        store = self.epq_store
+        if store is not None:
+            store.schedule_drop(q_name(queue_name))
 
     def join_broker(self, queue_name: str, *args: Any, **kwargs: Any) -> None:
         """Dramatiq's own ``join``: the queue and its messages in flight, not epq's schedule."""

@@ -18,7 +18,7 @@ from typing import Any
 import dramatiq
 from dramatiq.brokers.stub import StubBroker, _StubConsumer, _StubMessageProxy
 from dramatiq.common import dq_name
-from dramatiq.errors import QueueNotFound
+from dramatiq.errors import ActorNotFound, QueueNotFound
 
 from .. import wire
 from .._messages import encode
@@ -221,6 +221,14 @@ class MemoryStateStore:
         with self._lock:
             data = list(self._data.values())
         return sum(1 for item in data if scheduled_queue(item) == queue_name)
+
+    def schedule_drop(self, queue_name: str) -> int:
+        with self._lock:
+            dropped = [entry for entry, data in self._data.items() if scheduled_queue(data) == queue_name]
+            for entry in dropped:
+                del self._data[entry]  # (its place in the heap is passed over when due)
+                self._claimed.pop(entry, None)
+        return len(dropped)
 
     def schedule_size(self) -> int:
         with self._lock:
@@ -715,7 +723,7 @@ class LaneQueue(Queue):  # type: ignore[type-arg]
 
 class EpqStubConsumer(PausableConsumer, GivesBack, _StubConsumer):
     """Dramatiq's stub consumer, checking messages as they come off the queue (``epq.wire``:
-    a malformed one is recorded and dropped) and giving back a message the worker could not
+    a malformed one is recorded and dead-lettered) and giving back a message the worker could not
     finish because the state store was unreachable (``epq.outage``)."""
 
     def __init__(self, broker: EpqStubBroker, queue_name: str, prefetch: int, timeout: int) -> None:
@@ -740,9 +748,30 @@ class EpqStubConsumer(PausableConsumer, GivesBack, _StubConsumer):
                 refuse_malformed(self.broker, self.queue_name, exc)
             except StateUnavailable:  # (a stub's state store is memory: not in practice)
                 self.queue.put(data)
+            else:
+                self.dead_letters.append(self._dead_letter(data, exc))
             self.queue.task_done()
             self.prefetch_semaphore.release()
             return None
+
+    def _dead_letter(self, data: bytes, error: wire.MalformedMessage) -> _StubMessageProxy:
+        """A refused message as the stub's dead letters hold it, as Dramatiq's worker leaves a
+        message of an unknown actor there: the message (or, when it cannot be read as one, a
+        stand-in with its queue, actor and id as far as they are known), failed, with its error
+        (``ActorNotFound`` for an unknown actor), which ``join(fail_fast=True)`` raises."""
+        try:
+            message = dramatiq.Message.decode(data)
+        except Exception:
+            message = dramatiq.Message(
+                queue_name=self.queue_name, actor_name=error.actor_name or "", args=(), kwargs={}, options={}
+            )
+            if error.message_id:
+                message = message.copy(message_id=error.message_id)
+        proxy = _StubMessageProxy(message)
+        proxy.fail()
+        unknown = isinstance(error, wire.UnknownActor) and error.actor_name is not None
+        proxy.stuff_exception(ActorNotFound(error.actor_name) if unknown else error)  # type: ignore[no-untyped-call]
+        return proxy
 
     def give_back(self, message: Any) -> None:
         self.queue.put(message.encode())

@@ -316,6 +316,23 @@ def test_remove_forgets_entries_never_claimed(stores: Stores) -> None:
     assert stores.state.schedule_claim(T0 + 1000, LEASE_MS, 10) == ([("e2", b"m2")], None)
 
 
+def test_drop_forgets_the_waiting_and_claimed_entries_of_one_queue(stores: Stores) -> None:
+    def message(queue: str) -> bytes:
+        return json.dumps({"queue_name": queue, "actor_name": "a"}).encode()
+
+    stores.state.schedule_add(message("default"), T0, entry="e1")
+    stores.state.schedule_add(message("default"), T0 + 1000, entry="e2")
+    stores.state.schedule_add(message("events"), T0 + 1000, entry="e3")
+    stores.state.schedule_add(b"not json", T0 + 1000, entry="e4")
+    stores.state.schedule_claim(T0, LEASE_MS, 1)  # e1 claimed
+    assert stores.state.schedule_drop("default") == 2
+    assert stores.state.schedule_drop("default") == 0
+    assert (stores.state.schedule_size(), stores.state.schedule_claimed()) == (2, 0)
+    assert stores.state.schedule_pending("events") == 1
+    claimed, _ = stores.state.schedule_claim(T0 + 10 * LEASE_MS, LEASE_MS, 10)
+    assert sorted(entry for entry, _ in claimed) == ["e3", "e4"]
+
+
 def test_size_counts_waiting_and_claimed_entries_and_claimed_the_claimed(stores: Stores) -> None:
     assert (stores.state.schedule_size(), stores.state.schedule_claimed()) == (0, 0)
     stores.state.schedule_add(b"m1", T0, entry="e1")

@@ -11,7 +11,7 @@ from typing import Any
 import dramatiq
 import pytest
 from dramatiq.brokers.redis import RedisBroker
-from dramatiq.brokers.stub import StubBroker
+from dramatiq.errors import ActorNotFound
 
 import epq
 import epq.actors
@@ -99,8 +99,6 @@ def test_a_refused_message_keeps_its_id_and_actor_for_its_record() -> None:
 
 
 def _dead_lettered(broker: dramatiq.Broker) -> int:
-    if isinstance(broker, StubBroker):
-        return 0  # the stub has no wire: a refused message is recorded and dropped
     return message_count(broker, "default.XQ")
 
 
@@ -128,8 +126,7 @@ def test_malformed_messages_are_dead_lettered_with_their_reasons_and_the_jobs_be
         assert any(re.search(reason, text) for text in reasons), case
     assert {record.errors[-1].error_type for record in dead} == {"MalformedMessage"}
     assert [row["dead"] for row in svc.stats() if row["queue"] == "default"] == [len(MALFORMED)]
-    if not isinstance(broker, StubBroker):
-        assert wait_for(lambda: _dead_lettered(broker) == len(MALFORMED))
+    assert wait_for(lambda: _dead_lettered(broker) == len(MALFORMED))
     # and none can be run again by mistake
     with pytest.raises(epq.InvalidPayload, match="malformed"):
         svc.retry_dead(dead[0].id)
@@ -197,3 +194,33 @@ def test_an_epq_job_whose_message_is_corrupted_dies_with_its_record_and_frees_it
     assert "options.retries must be an integer" in record.errors[-1].message
     assert received == []
     assert not svc.enqueue_register_job(VALID["register_job"]).unique_skipped_as_duplicate
+
+
+def test_on_the_stub_a_message_of_an_unknown_actor_is_a_dead_letter_that_join_raises(
+    epq_broker: dramatiq.Broker, epq_worker: dramatiq.Worker
+) -> None:
+    # Given a well-formed message of an actor the broker does not have, on a queue the worker serves
+    message = dramatiq.Message(queue_name="default", actor_name="gone", args=(), kwargs={}, options={})
+    epq_broker.enqueue(message)
+    # Then the stub's join fails fast with Dramatiq's error, as for a plain StubBroker
+    with pytest.raises(ActorNotFound, match=r"^gone$"):
+        epq_broker.join("default", fail_fast=True)
+    # and the message is among the stub's dead letters
+    assert epq_broker.dead_letters == [message]  # type: ignore[attr-defined]
+
+
+def test_a_message_whose_eta_is_not_a_number_runs_as_dramatiqs_worker_runs_it(
+    epq_broker: dramatiq.Broker, epq_worker: dramatiq.Worker
+) -> None:
+    # Given a message sent by another program with an eta Dramatiq cannot read
+    ran: list[bool] = []
+
+    @dramatiq.actor(broker=epq_broker, queue_name="default")
+    def record() -> None:
+        ran.append(True)
+
+    push_raw(epq_broker, "default", record.message_with_options(eta="not-a-number").encode())
+    # Then it is not refused: Dramatiq's worker runs it at once (and warns)
+    epq_broker.join("default", fail_fast=True)
+    epq_worker.join()
+    assert ran == [True]

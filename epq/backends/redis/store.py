@@ -188,6 +188,21 @@ class RedisStateStore:
             if scheduled_queue(data) == queue_name
         )
 
+    def schedule_drop(self, queue_name: str) -> int:
+        dropped = [
+            entry.decode()
+            for entry, data in self.client.hscan_iter(keys.SCHEDULE_DATA, count=1000)
+            if scheduled_queue(data) == queue_name
+        ]
+        for start in range(0, len(dropped), 1000):
+            batch = dropped[start : start + 1000]
+            pipe = self.client.pipeline(transaction=True)
+            pipe.zrem(keys.SCHEDULE, *batch)
+            pipe.zrem(keys.SCHEDULE_CLAIMED, *batch)
+            pipe.hdel(keys.SCHEDULE_DATA, *batch)
+            pipe.execute()
+        return len(dropped)
+
     def schedule_move_to_redis_queues(
         self, now_ms: int, limit: int, namespace: str
     ) -> tuple[int, int | None]:
