@@ -44,7 +44,7 @@ _LAZY = {
     ),
     **dict.fromkeys(("handler", "payload_upgrade"), ".handlers"),
     "periodic": ".periodic_jobs",
-    **dict.fromkeys(("Discard", "Snooze"), ".controls"),
+    **dict.fromkeys(("Discard", "InvalidOutput", "Snooze"), ".controls"),
     **dict.fromkeys(("JobCancelled", "cancel_requested"), ".cancellation"),
     **dict.fromkeys(
         (
@@ -52,6 +52,7 @@ _LAZY = {
             "EndpointIndexSource",
             "EnqueueIndexEndpointRequest",
             "JobInsertResult",
+            "JobPage",
             "JobPriority",
             "JobQueue",
             "JobRecord",
@@ -80,11 +81,13 @@ __all__ = [
     "HandlerAlreadyRegistered",
     "HandlerError",
     "HandlerNotFound",
+    "InvalidOutput",
     "InvalidPayload",
     "InvalidRequest",
     "JobCancelled",
     "JobInsertResult",
     "JobNotFound",
+    "JobPage",
     "JobPriority",
     "JobQueue",
     "JobRecord",
@@ -129,7 +132,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names as if imported h
     from . import actors as actors
     from ._runtime import setup
     from .cancellation import JobCancelled, cancel_requested
-    from .controls import Discard, Snooze
+    from .controls import Discard, InvalidOutput, Snooze
     from .errors import (
         BrokerUnavailable,
         ConfigurationError,
@@ -150,6 +153,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names as if imported h
         EndpointIndexSource,
         EnqueueIndexEndpointRequest,
         JobInsertResult,
+        JobPage,
         JobPriority,
         JobQueue,
         JobRecord,

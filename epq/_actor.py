@@ -21,12 +21,18 @@ from .models import JobInsertResult, _Request
 from .options import ARGS_JSON, PRIORITY
 from .outbox import pending
 from .payloads import to_request
+from .records import DEFAULT_OUTPUT_MAX_BYTES, output_json
 
 
-def make_job_function(kind: JobKind, strict: Callable[[], bool] = lambda: False) -> Callable[..., Any]:
+def make_job_function(
+    kind: JobKind,
+    strict: Callable[[], bool] = lambda: False,
+    output_max_bytes: Callable[[], int] = lambda: DEFAULT_OUTPUT_MAX_BYTES,
+) -> Callable[..., Any]:
     """The function a kind's actor runs in the worker: the payload upgraded and validated (see
     :mod:`epq.payloads`; fields the kind's model does not know are dropped unless ``strict()``),
-    then the handler called."""
+    then the handler called; what it returns is the job's output, checked here (JSON of at most
+    ``output_max_bytes()``: else :class:`epq.controls.InvalidOutput`, and the job is dead)."""
 
     def run(*args: Any, **payload: Any) -> Any:
         if args:
@@ -42,7 +48,10 @@ def make_job_function(kind: JobKind, strict: Callable[[], bool] = lambda: False)
                 f"import that module, or use epq_handlers.register({kind.name!r}, fn))"
             )
         with handler_scope():  # (where epq.cancellation may interrupt it)
-            return fn(request)
+            output = fn(request)
+        if output is not None:
+            output_json(kind.name, output, output_max_bytes())  # (JobRecords keeps it)
+        return output
 
     run.__name__ = run.__qualname__ = kind.name
     run.__module__ = "epq.actors"
@@ -65,13 +74,16 @@ class EpqActor(dramatiq.Actor[..., Any]):
         broker: dramatiq.Broker,
         extra_options: dict[str, Any] | None = None,
         strict_payload: bool = False,
+        output_max_bytes: int = DEFAULT_OUTPUT_MAX_BYTES,
     ) -> None:
         self.kind = kind
         #: Whether a payload with fields the kind's model does not know is dead-lettered (else
         #: the fields are dropped and logged); ``EPQ_STRICT_PAYLOAD_KINDS``.
         self.strict_payload = strict_payload
+        #: The largest JSON of a handler's return value a job keeps (``EPQ_OUTPUT_MAX_BYTES``).
+        self.output_max_bytes = output_max_bytes
         super().__init__(
-            make_job_function(kind, lambda: self.strict_payload),
+            make_job_function(kind, lambda: self.strict_payload, lambda: self.output_max_bytes),
             broker=broker,
             actor_name=kind.name,
             queue_name=kind.queue,

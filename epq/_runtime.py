@@ -184,11 +184,18 @@ def _bind_actors(broker: dramatiq.Broker, settings: EpqSettings) -> None:
         strict = name in settings.strict_payload_kinds
         actor = _actors.get(name)
         if actor is None:
-            _actors[name] = EpqActor(kind, broker=broker, extra_options=options, strict_payload=strict)
+            _actors[name] = EpqActor(
+                kind,
+                broker=broker,
+                extra_options=options,
+                strict_payload=strict,
+                output_max_bytes=settings.output_max_bytes,
+            )
         else:
             actor.broker = broker
             actor.options.update(options)
             actor.strict_payload = strict
+            actor.output_max_bytes = settings.output_max_bytes
             broker.declare_actor(actor)
 
 

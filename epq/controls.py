@@ -39,3 +39,9 @@ class Discard(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+class InvalidOutput(Discard):
+    """A handler returned a value its job's record cannot keep as its output (not JSON, or larger
+    than ``EPQ_OUTPUT_MAX_BYTES`` as JSON): the job is dead at once with this error, since
+    another attempt would return the same."""

@@ -393,12 +393,13 @@ class _FusedRuns:
             if group is None:
                 created = message.message_timestamp  # due at once: scheduled when created
                 fields = _record_fields(plan, created)
-                for name in ("args", UNIQUE_DIGEST, "unique_key"):  # the job's own
+                for name in ("args", UNIQUE_DIGEST, "unique_key", "endpoint_id"):  # the job's own
                     fields.pop(name, None)
                 # the jobs of a group are of one kind, so their locks (if any) have one ttl
                 tail, ttl = (Uniqueness.holder_tail(message, created), plan.lock[2]) if plan.lock else ("", 0)
                 group = groups[key] = BulkGroup(fields, tail, ttl)
-            out.append(BulkJob(message, group, plan.checked.payload_json, plan.lock[0] if plan.lock else ""))
+            lock_key = plan.lock[0] if plan.lock else ""
+            out.append(BulkJob(message, group, plan.checked.payload_json, lock_key, _endpoint_of(plan)))
         return out
 
     def _build_results(self, run: list[Plan]) -> None:
@@ -432,6 +433,12 @@ def _general_run(target: _Target, run: list[Plan], holders: list[str | None], no
 # ---- records and results ------------------------------------------------------------------------
 
 
+def _endpoint_of(plan: Plan) -> str:
+    """The endpoint id of a plan's job ('' for a request without one)."""
+    endpoint = getattr(plan.request, "endpoint_id", None)
+    return str(endpoint) if endpoint is not None else ""
+
+
 def _record_fields(plan: Plan, due: int) -> dict[str, str]:
     message = plan.message
     return new_record_fields(
@@ -444,6 +451,7 @@ def _record_fields(plan: Plan, due: int) -> dict[str, str]:
         created_ms=message.message_timestamp,
         scheduled_ms=due,
         unique_key=plan.lock[0] if plan.lock else "",
+        endpoint_id=_endpoint_of(plan),
     )
 
 

@@ -161,6 +161,8 @@ class JobRecord(BaseModel):
     #: When ``QueueService.cancel_job`` asked the worker running the job to stop it (the job is
     #: then ``cancelled``, or ended as it was ending if the request came too late).
     cancel_requested_at: datetime | None = None
+    #: What the handler returned, when it completed (JSON; None when it returned None).
+    output: Any = None
 
 
 class JobInsertResult(BaseModel):
@@ -170,3 +172,13 @@ class JobInsertResult(BaseModel):
 
     job: JobRecord
     unique_skipped_as_duplicate: bool = False
+
+
+class JobPage(BaseModel):
+    """A page of ``QueueService.list_jobs``: its jobs, and the cursor of the next page (None when
+    this page is the last)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    jobs: list[JobRecord]
+    next_cursor: str | None = None

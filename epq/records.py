@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .backends.base import unique_lock_key
+from .controls import InvalidOutput
 from .models import AttemptError, JobPriority, JobRecord, JobState
 from .options import ARGS_JSON, PRIORITY, UNIQUE_KEY
 
@@ -36,6 +37,30 @@ DEFAULT_COMPLETED_MAX = 10_000
 DEFAULT_DEAD_MAX = 10_000
 
 NOT_STARTED = ("available", "scheduled", "retryable")
+#: The state of a deleted job's tombstone (``RecordStore.bury``): no record to read, list or count,
+#: but its message, wherever it waits, is skipped as a cancelled job's is.
+DELETED = "deleted"
+#: States whose job a worker skips instead of starting it.
+SKIPPED = ("cancelled", DELETED)
+
+#: What ``QueueService.list_jobs`` filters on: the record fields an index is kept of, each
+#: filter's name as its field's (``endpoint_id`` from the job's payload, see
+#: :func:`new_record_fields`).
+INDEXED_FIELDS = ("state", "kind", "queue", "priority", "endpoint_id")
+
+
+def index_position(created_ms: object, job_id: str) -> str:
+    """Where a record sorts in the listing indexes: its creation time (ms, 13 digits) then its
+    id, so that text order is creation order (``lua/lib/index.lua`` makes it the same way). A
+    page's cursor is the position of its last job."""
+    return f"{int(str(created_ms)):013d}:{job_id}"
+
+
+#: The shape of :func:`index_position`'s value (what a cursor decodes to).
+INDEX_POSITION = re.compile(r"[0-9]{13}:[0-9A-Za-z_.:-]+")
+
+#: The largest JSON of a handler's return value kept on its record (``EPQ_OUTPUT_MAX_BYTES``).
+DEFAULT_OUTPUT_MAX_BYTES = 64 * 1024
 
 
 #: What an id prefix given to :meth:`RecordStore.find_ids` may contain: the characters of job
@@ -63,6 +88,29 @@ _compact_json = json.JSONEncoder(separators=(",", ":")).encode
 def payload_json(kwargs: Mapping[str, Any]) -> str:
     """A job's payload as a record keeps it (``args``): compact JSON."""
     return _compact_json(kwargs)
+
+
+def output_json(kind: str, value: Any, max_bytes: int) -> str:
+    """A handler's return value as its record keeps it (``output``): compact JSON.
+
+    Raises:
+      InvalidOutput: ``value`` is not JSON (a set, a datetime, NaN, ...), or its JSON is larger
+        than ``max_bytes``; the message names the kind and the limit.
+    """
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        size = len(text.encode())
+    except (TypeError, ValueError) as exc:  # (UnicodeEncodeError is a ValueError)
+        raise InvalidOutput(
+            f"{kind}: the handler returned a value that is not JSON ({exc}); a job's output is "
+            "what json.dumps takes: dicts, lists, text, numbers, booleans, None"
+        ) from None
+    if size > max_bytes:
+        raise InvalidOutput(
+            f"{kind}: the handler returned {size} bytes of JSON, more than the {max_bytes} bytes "
+            "a job's output may be (EPQ_OUTPUT_MAX_BYTES)"
+        )
+    return text
 
 
 def lock_key_of(fields: Mapping[str, str]) -> str:
@@ -125,6 +173,7 @@ def to_job_record(job_id: str, fields: Mapping[str, str]) -> JobRecord:
         attempted_at=_dt(fields.get("attempted_at")),
         finalized_at=_dt(fields.get("finalized_at")),
         cancel_requested_at=_dt(fields.get("cancel_requested_at")),
+        output=json.loads(fields["output"]) if fields.get("output") else None,
     )
 
 
@@ -139,10 +188,13 @@ def new_record_fields(
     created_ms: int,
     scheduled_ms: int,
     unique_key: str = "",
+    endpoint_id: object = None,
 ) -> dict[str, str]:
     """The fields of a new record (the one place they are made; a backend stores them as they
     are). Fields at their default are left out, as readers take them: no attempt yet, no errors,
-    due when created (:func:`to_job_record`, the record scripts)."""
+    due when created (:func:`to_job_record`, the record scripts). ``endpoint_id``: the job's
+    endpoint (every kind's payload names one), kept as a field of its own for the listing
+    indexes."""
     fields = {
         "kind": kind,
         "queue": queue.removesuffix(".DQ"),
@@ -153,6 +205,8 @@ def new_record_fields(
         "created_at": str(created_ms),
         **lock_fields(kind, unique_key),
     }
+    if endpoint_id:
+        fields["endpoint_id"] = str(endpoint_id)
     if scheduled_ms != created_ms:
         fields["scheduled_at"] = str(scheduled_ms)
     return fields
@@ -175,4 +229,5 @@ def message_record_fields(
         created_ms=message.message_timestamp,
         scheduled_ms=scheduled_ms,
         unique_key=str(options.get(UNIQUE_KEY, "")),
+        endpoint_id=message.kwargs.get("endpoint_id"),
     )

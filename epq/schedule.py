@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import dramatiq
 
-from .backends.base import StateStore
+from .backends.base import StateStore, backend_of
 from .backends.errors import broker_gone
 from .errors import StateUnavailable, describe_error
 from .middleware.common import find_middleware
@@ -37,6 +38,10 @@ logger = logging.getLogger("epq.schedule")
 
 #: How often an idle promoter looks for due messages.
 PROMOTE_INTERVAL_MS = 100
+#: How often each worker process's promoter drops expired jobs from the listing indexes, and how
+#: many of the oldest jobs of each index it looks at (a listing drops those it meets too).
+PRUNE_INTERVAL_S = 300.0
+PRUNE_PER_INDEX = 1000
 #: How many messages one promotion step moves at most (claimed ones are published one by one,
 #: so this also bounds how long a claim is held before it is forgotten).
 PROMOTE_BATCH = 200
@@ -151,8 +156,12 @@ class Promoter:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        pruned_at = time.monotonic() - PRUNE_INTERVAL_S  # (once at boot, then every interval)
         while not self._stop.is_set():
             wait_ms = self.interval_ms
+            if time.monotonic() - pruned_at >= PRUNE_INTERVAL_S:
+                pruned_at = time.monotonic()
+                self._prune()
             try:
                 moved, next_due = promote_due(self.broker, self.store)
                 if moved >= PROMOTE_BATCH:
@@ -164,6 +173,16 @@ class Promoter:
                 wait_ms = RETRY_PUBLISH_MS
             self._wake.wait(wait_ms / 1000)
             self._wake.clear()
+
+    def _prune(self) -> None:
+        """Drop expired jobs from the listing indexes (``RecordStore.prune_indexes``)."""
+        backend = backend_of(self.broker)
+        if backend is None:
+            return
+        try:
+            backend.records.prune_indexes(PRUNE_PER_INDEX)
+        except Exception:
+            logger.exception("Pruning the job listing indexes failed; trying again later")
 
 
 class Scheduling(dramatiq.Middleware):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
+from uuid import UUID
 
 import dramatiq
 
@@ -17,7 +19,9 @@ from .errors import ConfigurationError, DuplicateJob, InvalidPayload, InvalidReq
 from .models import (
     EnqueueIndexEndpointRequest,
     JobInsertResult,
+    JobPage,
     JobRecord,
+    JobState,
     RegisterDynamicScheduleRequest,
     RegisterDynamicTriggerRequest,
     RegisterJobRequest,
@@ -27,7 +31,7 @@ from .models import (
 from .options import PRIORITY, RECORDED
 from .outbox import pending
 from .outbox.connections import Statements, dbapi_connection
-from .records import NOT_STARTED, OPEN_RECORD_TTL_MS, lock_key_of, to_job_record
+from .records import INDEX_POSITION, NOT_STARTED, OPEN_RECORD_TTL_MS, lock_key_of, to_job_record
 
 _KIND_BY_MODEL: dict[type[_Request], str] = {
     EnqueueIndexEndpointRequest: "index_endpoint",
@@ -64,6 +68,69 @@ def _time_limit_ms(kind: str) -> int | None:
     except KeyError:
         return None
     return int(limit) if limit else None
+
+
+#: The most jobs a page of ``QueueService.list_jobs`` holds.
+MAX_PAGE = 1000
+
+
+def listing_filters(
+    *,
+    state: JobState | str | None = None,
+    kind: str | None = None,
+    queue: str | None = None,
+    priority: int | None = None,
+    endpoint_id: UUID | str | None = None,
+) -> dict[str, str]:
+    """The filters of a listing as the record fields they compare (``epq.records.INDEXED_FIELDS``).
+
+    Raises:
+      ValueError: a value that no record can have, naming its filter.
+    """
+    out: dict[str, str] = {}
+    if state is not None:
+        try:
+            out["state"] = JobState(state).value
+        except ValueError:
+            raise ValueError(f"state: one of {', '.join(_LISTED_STATES)}, not {state!r}") from None
+        if out["state"] not in _LISTED_STATES:
+            raise ValueError(f"state: one of {', '.join(_LISTED_STATES)}, not {state!r}")
+    for name, value in (("kind", kind), ("queue", queue)):
+        if value is not None:
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name}: a name, not {value!r}")
+            out[name] = value
+    if priority is not None:
+        if isinstance(priority, bool) or priority not in (1, 2, 3, 4):
+            raise ValueError(f"priority: 1, 2, 3 or 4, not {priority!r}")
+        out["priority"] = str(int(priority))
+    if endpoint_id is not None:
+        try:
+            out["endpoint_id"] = str(endpoint_id if isinstance(endpoint_id, UUID) else UUID(str(endpoint_id)))
+        except ValueError:
+            raise ValueError(f"endpoint_id: a UUID, not {endpoint_id!r}") from None
+    return out
+
+
+_LISTED_STATES = tuple(s.value for s in JobState if s is not JobState.PENDING)
+
+
+def _cursor(position: str, order: str) -> str:
+    """The cursor of a page whose last job is at ``position``: opaque text (base64url)."""
+    return base64.urlsafe_b64encode(f"{order[0]}{position}".encode()).decode().rstrip("=")
+
+
+def _cursor_position(cursor: str, order: str) -> str:
+    """The position a cursor of ``_cursor`` names (ValueError for anything else)."""
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (ValueError, TypeError):
+        text = ""
+    if not (text[:1] in "no" and INDEX_POSITION.fullmatch(text[1:])):
+        raise ValueError(f"cursor: not a cursor list_jobs gave: {cursor!r}")
+    if text[0] != order[0]:
+        raise ValueError(f"cursor: a cursor of a listing in the other order (not {order!r})")
+    return text[1:]
 
 
 def purge_dead_letter_queues(broker: dramatiq.Broker) -> None:
@@ -286,6 +353,122 @@ class QueueService:
         if before in NOT_STARTED and lock_key_of(fields):
             runtime.state.release_unique(lock_key_of(fields), job_id)
         return before
+
+    # ---- the control plane: list, delete, retry by filter --------------------------------------
+
+    def list_jobs(
+        self,
+        *,
+        state: JobState | str | None = None,
+        kind: str | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        endpoint_id: UUID | str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+        order: str = "newest",
+    ) -> JobPage:
+        """A page of jobs with a record, filtered by each of ``state``, ``kind``, ``queue``,
+        ``priority`` and ``endpoint_id`` given, in creation order: ``order`` ``"newest"`` (first)
+        or ``"oldest"``; at most ``limit`` (1..1000) jobs.
+
+        ``cursor``: the ``next_cursor`` of the page before (with the same filters and order),
+        None for the first page. A page's ``next_cursor`` is None when nothing follows it. Pages
+        never repeat a job nor skip one that was there all along, whatever is enqueued meanwhile:
+        the order is by creation, and a cursor is a place in it (newest first, jobs created after
+        the first page came out are not in later pages; oldest first, they are at the end).
+        Read from indexes each transition keeps, so a page costs about the same whatever the
+        number of records (with several filters, the smallest index is walked and the others
+        checked on each job).
+
+        Raises:
+          ValueError: a filter, ``limit``, ``cursor`` or ``order`` that cannot be, naming it.
+        """
+        filters = listing_filters(
+            state=state, kind=kind, queue=queue, priority=priority, endpoint_id=endpoint_id
+        )
+        if not (isinstance(limit, int) and 1 <= limit <= MAX_PAGE):
+            raise ValueError(f"limit: the number of jobs of a page is 1..{MAX_PAGE}, not {limit!r}")
+        if order not in ("newest", "oldest"):
+            raise ValueError(f"order: 'newest' or 'oldest', not {order!r}")
+        after = _cursor_position(cursor, order) if cursor is not None else None
+        records = self._runtime().records
+        ids, last = records.list_ids(filters, newest_first=order == "newest", after=after, limit=limit)
+        jobs = [to_job_record(i, f) for i, f in zip(ids, records.get_many(ids), strict=True) if f is not None]
+        return JobPage(jobs=jobs, next_cursor=_cursor(last, order) if last is not None else None)
+
+    def iter_jobs(self, *, order: str = "oldest", **filters: Any) -> Iterator[JobRecord]:
+        """Every job :meth:`list_jobs` lists with ``filters``, page after page."""
+        cursor = None
+        while True:
+            page = self.list_jobs(**filters, order=order, cursor=cursor, limit=MAX_PAGE)
+            yield from page.jobs
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def delete_job(self, job_id: str) -> JobRecord:
+        """Delete a job: its record goes, its uniqueness key is freed at once, and its message never
+        runs, wherever it waits (a queue, the schedule, a worker's prefetch: a tombstone left in
+        the record's place makes every worker skip it, as a cancelled job's). A running job is
+        also asked to stop, as :meth:`cancel_job` does; whatever its run ends with is not
+        recorded, and it is never retried. Returns the record as it was.
+
+        Raises:
+          JobNotFound: no record of ``job_id``.
+        """
+        runtime = self._runtime()
+        fields = runtime.records.get(job_id) if _is_text(job_id) else None
+        if fields is None:
+            raise JobNotFound(job_id)
+        now_ms = runtime.state.now_ms()
+        if fields["state"] == "running":
+            runtime.state.request_cancel(job_id, request_ttl_ms(_time_limit_ms(fields["kind"])))
+        # the tombstone lasts until the job would have run, plus the retention (as a cancelled
+        # job's record): a message that waits longer than that is read as an unrecorded job's
+        wait_ms = max(0, int(fields.get("scheduled_at") or now_ms) - now_ms)
+        ttl = wait_ms + int(runtime.settings.completed_retention.total_seconds() * 1000)
+        if runtime.records.bury(job_id, ttl) is None:
+            raise JobNotFound(job_id)
+        if lock_key_of(fields):
+            runtime.state.release_unique(lock_key_of(fields), job_id)
+        return to_job_record(job_id, fields)
+
+    def delete_jobs(self, *, all: bool = False, **filters: Any) -> int:
+        """Delete (as :meth:`delete_job`) every job :meth:`list_jobs` lists with ``filters``
+        (``state``, ``kind``, ``queue``, ``priority``, ``endpoint_id``); how many. Deleting every
+        job takes ``all=True``: without a filter and without it, nothing is deleted.
+
+        Raises:
+          ValueError: no filter and not ``all``, or a filter that cannot be.
+        """
+        if not all and not any(value is not None for value in filters.values()):
+            raise ValueError("delete_jobs deletes every job only with all=True; give a filter or all=True")
+        deleted = 0
+        for record in self.iter_jobs(**filters):
+            try:
+                self.delete_job(record.id)
+            except JobNotFound:
+                continue  # (expired or deleted meanwhile)
+            deleted += 1
+        return deleted
+
+    def retry_dead_jobs(self, **filters: Any) -> list[JobRecord]:
+        """Run again (as :meth:`retry_dead`) every dead job :meth:`list_jobs` lists with
+        ``filters`` (``kind``, ``queue``, ``priority``, ``endpoint_id``; the state is
+        ``discarded``); the records after, oldest first. A job that cannot run again (another job
+        holds its key, or it is a malformed message) stays dead and is returned as it is."""
+        if filters.pop("state", None) not in (None, "discarded", JobState.DISCARDED):
+            raise ValueError("state: retry_dead_jobs retries dead (discarded) jobs only")
+        out = []
+        for record in list(self.iter_jobs(state="discarded", **filters)):
+            try:
+                out.append(self.retry_dead(record.id))
+            except (DuplicateJob, InvalidPayload):
+                out.append(record)
+            except JobNotFound:
+                continue  # (expired or deleted meanwhile)
+        return out
 
     def list_dead(self, limit: int = 100) -> list[JobRecord]:
         """Discarded jobs, newest first, each with its errors (the last one is why it died); at

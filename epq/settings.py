@@ -21,7 +21,7 @@ from .errors import ConfigurationError
 from .kinds import KINDS
 from .models import JobQueue
 from .periodic_jobs import PeriodicJob, from_settings
-from .records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX
+from .records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX, DEFAULT_OUTPUT_MAX_BYTES
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -71,6 +71,8 @@ class EpqSettings(BaseSettings):
       completed_max: how many completed jobs' records are kept at most (the newest; 0: none).
       dead_max: how many dead (discarded) jobs' records are kept at most (the newest; 0: none,
         and then no dead job can be listed or retried).
+      output_max_bytes: the largest JSON of a handler's return value that its job keeps as its
+        output (``get_job(id).output``); a larger one, or one that is not JSON, ends the job dead.
       metrics: record the worker-side Prometheus metrics in this process (``epq.metrics``).
       metrics_port: a Dramatiq worker serves ``/metrics`` on this port for all its processes
         (implies ``metrics``).
@@ -104,6 +106,7 @@ class EpqSettings(BaseSettings):
     completed_max: int = Field(default=DEFAULT_COMPLETED_MAX, ge=0)
     discarded_retention: timedelta = timedelta(days=7)
     dead_max: int = Field(default=DEFAULT_DEAD_MAX, ge=0)
+    output_max_bytes: int = Field(default=DEFAULT_OUTPUT_MAX_BYTES, ge=0)
     strict_payload_kinds: CommaList = Field(default_factory=list)
     metrics: bool = False
     metrics_port: int | None = Field(default=None, ge=1, le=65535)

@@ -287,6 +287,28 @@ class RecordStore(Protocol):
 
     def delete(self, job_id: str) -> None: ...
 
+    def bury(self, job_id: str, ttl_ms: int) -> str | None:
+        """Delete a job's record (as ``delete``) and leave a tombstone for ``ttl_ms``: the job's
+        message is skipped wherever it waits (``start`` returns ``deleted``, as ``cancelled`` for
+        a cancelled job), no transition writes the record again (``move`` returns ``deleted``,
+        ``fail`` writes nothing), and nothing reads, lists or counts it. Returns the state the
+        record had, or None when there was none."""
+
+    def list_ids(
+        self, filters: Mapping[str, str], *, newest_first: bool, after: str | None, limit: int
+    ) -> tuple[list[str], str | None]:
+        """Ids of up to ``limit`` jobs whose record has every field of ``filters`` (names of
+        ``epq.records.INDEXED_FIELDS``) at its value, in creation order (``newest_first`` or
+        oldest first), from after position ``after`` (``epq.records.index_position`` of a job of
+        an earlier page); and the position of the last one when more may follow (None when
+        the listing is at its end). Read from indexes kept by every transition, not by scanning
+        the records."""
+
+    def prune_indexes(self, per_index: int) -> int:
+        """Drop from the listing indexes jobs whose record has expired, looking at the oldest
+        ``per_index`` of each index; how many were dropped (a sweep: workers call it now and then;
+        a listing drops those it meets too)."""
+
     def dead_ids(self, limit: int) -> list[str]:
         """Ids of discarded jobs, newest first."""
 
@@ -333,6 +355,8 @@ class BulkJob(NamedTuple):
     group: BulkGroup
     args_json: str
     lock_key: str = ""
+    #: The job's endpoint id ('' for none), a field of its record (``epq.records.new_record_fields``).
+    endpoint_id: str = ""
 
 
 # ---- the broker --------------------------------------------------------------------------------
@@ -378,8 +402,10 @@ class InFlight:
     #: Its record lives in the broker's own Redis (``Backend.fused``): the worker starts it, and
     #: the ack completes it, on the broker's connections.
     records_here: bool = False
-    #: Set when it succeeded and ``records_here``: the ack completes its record, kept this long.
+    #: Set when it succeeded and ``records_here``: the ack completes its record, kept this long,
+    #: with its output (JSON, '' for none).
     complete_ttl_ms: int | None = None
+    output: str = ""
     #: Give it back to its queue instead of acking or dead-lettering it (``epq.outage``).
     requeue: bool = False
     #: Its consumer writes the outcome of a job that succeeded together with other jobs', just

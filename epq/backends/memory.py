@@ -26,7 +26,14 @@ from ..errors import StateUnavailable
 from ..middleware.job_records import refuse_malformed
 from ..outage import GivesBack
 from ..priority import LANES, lane_of
-from ..records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX, MAX_ERRORS, check_id_prefix
+from ..records import (
+    DEFAULT_COMPLETED_MAX,
+    DEFAULT_DEAD_MAX,
+    DELETED,
+    MAX_ERRORS,
+    check_id_prefix,
+    index_position,
+)
 from .base import (
     RELAYED_PREFIX,
     UNIQUE_PREFIX,
@@ -282,6 +289,7 @@ class MemoryRecords:
         self._stats: dict[str, int] = {}
         self._dead: dict[str, int] = {}  # dead job ids -> when they died, oldest first
         self._done: dict[str, int] = {}  # completed job ids -> when they completed, oldest first
+        self._buried: dict[str, int] = {}  # deleted jobs' tombstones: id -> expires ms
 
     def _live(self, job_id: str) -> dict[str, str] | None:
         item = self._records.get(job_id)
@@ -317,6 +325,13 @@ class MemoryRecords:
         fields, _ = self._records[job_id]
         self._records[job_id] = (fields, self.state.now_ms() + ttl_ms)
 
+    def _is_buried(self, job_id: str) -> bool:
+        expires = self._buried.get(job_id)
+        if expires is not None and expires <= self.state.now_ms():
+            del self._buried[job_id]
+            return False
+        return expires is not None
+
     def create(self, record: NewRecord) -> str | None:
         if record.lock_key:
             current = self.state.acquire_unique(record.lock_key, record.holder, record.lock_ttl_ms)
@@ -351,6 +366,7 @@ class MemoryRecords:
         state = record.pop("state")
         expires = self.state.now_ms() + ttl_ms
         with self._lock:
+            self._buried.pop(job_id, None)  # (a deleted job's tombstone: written anew)
             self._records[job_id] = (record, expires)
             self._set_state(job_id, record, state)
             self._keep_dead()
@@ -361,7 +377,7 @@ class MemoryRecords:
         with self._lock:
             record = self._live(job_id)
             if record is None:
-                return None
+                return DELETED if self._is_buried(job_id) else None
             old = record["state"]
             if allowed_from and old not in allowed_from:
                 return old
@@ -393,7 +409,7 @@ class MemoryRecords:
         with self._lock:
             record = self._live(job_id)
             if record is None:
-                return None
+                return DELETED if self._is_buried(job_id) else None
             old = record["state"]
             if old == "cancelled":
                 return old
@@ -442,6 +458,34 @@ class MemoryRecords:
         with self._lock:
             if self._live(job_id) is not None:
                 self._drop(job_id)
+
+    def bury(self, job_id: str, ttl_ms: int) -> str | None:
+        with self._lock:
+            fields = self._live(job_id)
+            if fields is None:
+                return None
+            self._drop(job_id)
+            self._buried[job_id] = self.state.now_ms() + max(1, ttl_ms)
+            return fields["state"]
+
+    def list_ids(
+        self, filters: Mapping[str, str], *, newest_first: bool, after: str | None, limit: int
+    ) -> tuple[list[str], str | None]:
+        with self._lock:
+            matching = []
+            for job_id in list(self._records):
+                fields = self._live(job_id)
+                if fields is not None and all(fields.get(k) == v for k, v in filters.items()):
+                    matching.append(index_position(fields["created_at"], job_id))
+        matching.sort(reverse=newest_first)
+        if after is not None:
+            matching = [p for p in matching if (p < after if newest_first else p > after)]
+        page = matching[:limit]
+        more = len(matching) > limit
+        return [p[14:] for p in page], page[-1] if page and more else None
+
+    def prune_indexes(self, per_index: int) -> int:
+        return 0  # (no index to prune: a listing reads the records)
 
     def dead_ids(self, limit: int) -> list[str]:
         with self._lock:

@@ -57,6 +57,16 @@ KIND_NAMES = (
 _ID_HELP = "the job id, or a unique prefix of it (8 characters or more, as `epq demo` prints)"
 
 
+def _job_filters(action: argparse.ArgumentParser) -> None:
+    """The filters of ``jobs list|delete|retry`` (``QueueService.list_jobs``'s)."""
+    states = "available, scheduled, running, retryable, completed, discarded, cancelled"
+    action.add_argument("--state", help=f"only jobs in this state ({states})")
+    action.add_argument("--kind", help="only jobs of this kind")
+    action.add_argument("--queue", help="only jobs of this queue")
+    action.add_argument("--priority", type=int, help="only jobs of this priority (1..4)")
+    action.add_argument("--endpoint-id", help="only jobs of this endpoint (a UUID)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``epq`` command; return its exit code."""
     parser = _parser()
@@ -134,12 +144,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     stats.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
 
-    jobs = sub.add_parser("jobs", help="look at or cancel one job")
+    jobs = sub.add_parser("jobs", help="list, look at, cancel, delete or retry jobs")
     jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
     actions = (("show", "show a job's record"), ("cancel", "cancel a job (its worker stops a running one)"))
     for name, text in actions:
         action = jobs_sub.add_parser(name, help=text)
         action.add_argument("job_id", metavar="ID", help=_ID_HELP)
+        action.add_argument("--json", action="store_true", help="print JSON")
+        action.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
+    listing = jobs_sub.add_parser(
+        "list", help="jobs by state, kind, queue, priority, endpoint; a page at a time"
+    )
+    _job_filters(listing)
+    listing.add_argument("--limit", type=int, default=50, help="jobs per page (1..1000; default 50)")
+    listing.add_argument("--cursor", help="the page after the one that printed this cursor")
+    listing.add_argument("--oldest", action="store_true", help="oldest first (default: newest first)")
+    delete = jobs_sub.add_parser(
+        "delete",
+        help="delete a job, or every job of the filters (asks first): it never runs, its key is freed",
+    )
+    retry = jobs_sub.add_parser(
+        "retry", help="run dead (discarded) jobs again: one, those of the filters, or --all"
+    )
+    for action, every in ((delete, "every job"), (retry, "every dead job")):
+        action.add_argument("job_id", nargs="?", metavar="ID", help=_ID_HELP)
+        _job_filters(action)
+        action.add_argument("--all", action="store_true", help=every)
+    delete.add_argument(
+        "--yes", "-y", action="store_true", help="do not ask; needed when stdin is not a terminal"
+    )
+    for action in (listing, delete, retry):
         action.add_argument("--json", action="store_true", help="print JSON")
         action.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
 

@@ -1,4 +1,5 @@
-"""Operator commands: ``epq stats``, ``epq jobs show|cancel``, ``epq dead list|retry|purge``."""
+"""Operator commands: ``epq stats``, ``epq jobs list|show|cancel|delete|retry``,
+``epq dead list|retry|purge``."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from ..backends.base import display_url
 from ..errors import EpqError, InvalidPayload, JobNotFound
 from ..models import JobRecord, JobState
 from ..records import ID_PREFIX_CHARACTERS
-from ..service import QueueService
+from ..service import MAX_PAGE, QueueService, listing_filters
 from ._broker import open_broker
 from .common import BadArgument, command
 
@@ -64,11 +65,109 @@ def show_record(record: JobRecord) -> str:
     ]  # fmt: skip
     if record.cancel_requested_at is not None:
         rows.insert(10, ("cancel asked", _when(record.cancel_requested_at)))
+    if record.output is not None:
+        rows.append(("output", json.dumps(record.output)))
     width = max(len(k) for k, _ in rows)
     out = [f"{k.ljust(width)}  {v}" for k, v in rows]
     for err in record.errors:
         out.append(f"error (attempt {err.attempt}, {_when(err.at)}): {err.error_type}: {err.message}")
     return "\n".join(out)
+
+
+#: The filters of ``jobs list|delete|retry``, as ``QueueService.list_jobs`` names them.
+FILTERS = ("state", "kind", "queue", "priority", "endpoint_id")
+
+
+def job_filters(args: argparse.Namespace) -> dict[str, Any]:
+    """The filters given on the command line, checked (BadArgument naming the option)."""
+    given = {name: getattr(args, name) for name in FILTERS if getattr(args, name, None) is not None}
+    try:
+        listing_filters(**given)
+    except ValueError as exc:
+        raise BadArgument(f"--{str(exc).replace('_', '-', str(exc).index(':'))}") from None
+    return given
+
+
+def list_table(records: Sequence[JobRecord]) -> str:
+    headers = ("id", "kind", "state", "queue", "priority", "attempt", "created", "last error")
+    rows = [
+        [
+            r.id,
+            r.kind,
+            r.state.value,
+            r.queue,
+            int(r.priority),
+            r.attempt,
+            _when(r.created_at),
+            _last_error(r),
+        ]
+        for r in records
+    ]
+    return table(headers, rows)
+
+
+def _jobs_list(svc: QueueService, args: argparse.Namespace) -> int:
+    order = "oldest" if args.oldest else "newest"
+    try:
+        page = svc.list_jobs(**job_filters(args), limit=args.limit, cursor=args.cursor, order=order)
+    except ValueError as exc:  # (the cursor: the filters and limit were checked before)
+        raise BadArgument(f"--{exc}") from None
+    if args.json:
+        _dump({"jobs": [r.model_dump(mode="json") for r in page.jobs], "next_cursor": page.next_cursor})
+        return 0
+    print(list_table(page.jobs) if page.jobs else "no jobs")
+    if page.next_cursor is not None:
+        print(f"more: --cursor {page.next_cursor}", file=sys.stderr)
+    return 0
+
+
+def _jobs_delete(svc: QueueService, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    filters = job_filters(args)
+    if args.job_id and (filters or args.all):
+        parser.error("jobs delete takes one job ID, or filters, or --all")
+    if not (args.job_id or filters or args.all):
+        parser.error(
+            "jobs delete takes one job ID, or filters (--state, --kind, ...), or --all for every job"
+        )
+    if args.job_id:
+        record = svc.delete_job(resolve_job_id(svc, args.job_id))
+        _dump({"deleted": 1}) if args.json else print(f"{record.id}: deleted (was {record.state.value})")
+        return 0
+    count = sum(1 for _ in svc.iter_jobs(**filters))
+    what = f"{count} job(s)" + (f" ({_described(filters)})" if filters else " (every job)")
+    if not args.yes and not _confirm(f"delete {what} on {display_url(svc.broker)}?", "jobs delete", count):
+        return 1
+    deleted = svc.delete_jobs(all=args.all, **filters)
+    _dump({"deleted": deleted}) if args.json else print(f"deleted {deleted} job(s)")
+    return 0
+
+
+def _jobs_retry(svc: QueueService, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    filters = job_filters(args)
+    if args.job_id and (filters or args.all):
+        parser.error("jobs retry takes one job ID, or filters, or --all")
+    if not (args.job_id or filters or args.all):
+        parser.error(
+            "jobs retry takes one job ID, or filters (--kind, --queue, ...), or --all for every dead job"
+        )
+    if args.job_id:
+        retried = [svc.retry_dead(resolve_job_id(svc, args.job_id))]
+    else:
+        try:
+            retried = svc.retry_dead_jobs(**filters)
+        except ValueError as exc:
+            raise BadArgument(f"--{exc}") from None
+    if args.json:
+        _dump([r.model_dump(mode="json") for r in retried])
+    else:
+        for r in retried:
+            print(f"{r.id}: {r.state.value}")
+        print(f"retried {sum(r.state is not JobState.DISCARDED for r in retried)} job(s)")
+    return 0
+
+
+def _described(filters: dict[str, Any]) -> str:
+    return ", ".join(f"{name.replace('_', '-')} {value}" for name, value in filters.items())
 
 
 def _dump(value: Any) -> None:
@@ -97,6 +196,12 @@ def run(args: argparse.Namespace, extra: Sequence[str], parser: argparse.Argumen
             sys.stdout.flush()
             time.sleep(args.watch)
 
+    if args.command == "jobs" and args.jobs_command == "list":
+        return _jobs_list(svc, args)
+    if args.command == "jobs" and args.jobs_command == "delete":
+        return _jobs_delete(svc, args, parser)
+    if args.command == "jobs" and args.jobs_command == "retry":
+        return _jobs_retry(svc, args, parser)
     if args.command == "jobs":
         job_id = resolve_job_id(svc, args.job_id)
         if args.jobs_command == "show":
@@ -169,12 +274,15 @@ def run(args: argparse.Namespace, extra: Sequence[str], parser: argparse.Argumen
 
 def check_operator_args(args: argparse.Namespace) -> None:
     """Refuse values of the operator commands' options that cannot work, before connecting."""
+    job_filters(args)
     watch = getattr(args, "watch", None)
     if watch is not None and not (math.isfinite(watch) and watch > 0):
         raise BadArgument(f"--watch: the refresh interval is a number of seconds above 0, not {watch:g}")
     limit = getattr(args, "limit", None)
     if limit is not None and limit < 1:
         raise BadArgument(f"--limit: the number of jobs to list is 1 or more, not {limit}")
+    if limit is not None and getattr(args, "jobs_command", None) == "list" and limit > MAX_PAGE:
+        raise BadArgument(f"--limit: a page holds 1..{MAX_PAGE} jobs, not {limit}")
 
 
 def resolve_job_id(svc: QueueService, given: str) -> str:
@@ -215,6 +323,23 @@ def _unrecorded_dead_letters(svc: QueueService, records: Sequence[JobRecord] | N
                 "past EPQ_DEAD_MAX); "
                 "epq dead purge empties it"
             )
+
+
+def _confirm(question: str, command: str, count: int) -> bool:
+    """Ask ``question`` on the terminal (nothing to ask when ``count`` is 0); without a terminal,
+    refuse (EpqError: pass --yes)."""
+    if count == 0:
+        return True
+    if not sys.stdin.isatty():
+        raise EpqError(
+            f"{command} would {question.rstrip('?')} and asks first, but stdin is not a terminal: "
+            "pass --yes to go on without asking"
+        )
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    if sys.stdin.readline().strip().lower() in ("y", "yes"):
+        return True
+    print("nothing done", file=sys.stderr)
+    return False
 
 
 def _confirm_purge(svc: QueueService) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import uuid
 from typing import Any
@@ -30,9 +31,11 @@ from ..priority import DEFAULT_LANE
 from ..records import (
     NOT_STARTED,
     OPEN_RECORD_TTL_MS,
+    SKIPPED,
     lock_key_of,
     message_record_fields,
     new_record_fields,
+    output_json,
     payload_json,
 )
 from ..wire import MalformedMessage
@@ -254,9 +257,9 @@ class JobRecords(dramatiq.Middleware):
             requeue_instead(message)  # not started: it goes back to its queue
             raise
         in_flight(message).state_before = before
-        if before == "cancelled":
-            logger.info("Skipping cancelled %s job %s", message.actor_name, message.message_id)
-            raise SkipMessage(f"job {message.message_id} was cancelled")
+        if before in SKIPPED:  # (cancelled, or deleted: QueueService.delete_job)
+            logger.info("Skipping %s %s job %s", before, message.actor_name, message.message_id)
+            raise SkipMessage(f"job {message.message_id} was {before}")
 
     def after_process_message(
         self, broker: dramatiq.Broker, message: MessageProxy, *, result: Any = None, exception: Any = None
@@ -264,9 +267,13 @@ class JobRecords(dramatiq.Middleware):
         # Failures are recorded by EpqRetries, which decides between retry and discard.
         if exception is None and in_flight(message).records_here:
             in_flight(message).complete_ttl_ms = self.completed_ttl_ms  # the Redis ack completes it
+            in_flight(message).output = _output(message, result)
             return
         if exception is None and self._recorded(broker, message) is not None:
             fields = {"finalized_at": str(self.store.now_ms())}
+            output = _output(message, result)
+            if output:
+                fields["output"] = output
             move = Move(message.message_id, "completed", fields, self.completed_ttl_ms, ("running",))
             if in_flight(message).batched:
                 in_flight(message).outcome = move  # its consumer writes it, then acks
@@ -400,3 +407,11 @@ def _error_entry(now_ms: int, message: Any, exception: BaseException) -> dict[st
 def _clean_text(text: str) -> str:
     """Text that survives a UTF-8 round trip (lone surrogates, e.g. from file names, replaced)."""
     return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _output(message: MessageProxy, result: Any) -> str:
+    """A job's output as its record keeps it ('' for None): the handler's return value, checked
+    already by the job's function (``epq._actor.make_job_function``)."""
+    if result is None:
+        return ""
+    return output_json(message.actor_name, result, sys.maxsize)

@@ -21,6 +21,7 @@ from ..backends.base import in_flight, message_of
 from ..controls import Snooze
 from ..options import DUE_MS
 from ..outage import must_requeue
+from ..records import SKIPPED
 
 logger = logging.getLogger("epq")
 
@@ -123,5 +124,5 @@ class Metrics(dramatiq.Middleware):
         found = metrics.recorder()
         if found is None:
             return
-        cancelled = in_flight(message).state_before == "cancelled"
+        cancelled = in_flight(message).state_before in SKIPPED
         found.ended(message_of(message).actor_name, "cancelled" if cancelled else "discarded", None, False)

@@ -829,3 +829,58 @@ def test_oldest_waiting_leaves_out_expired_records(stores: Stores) -> None:
     stores.records.create(NewRecord("new", fields(scheduled_at=str(T0 + 5)), DAY_MS))
     stores.advance(2)
     assert stores.records.oldest_waiting() == {("default", 2): T0 + 5}
+
+
+# ---- the record store: listing and tombstones ---------------------------------------------------
+
+
+def _listed(
+    stores: Stores, filters: dict[str, str], newest_first: bool = False, limit: int = 100
+) -> list[str]:
+    ids, _ = stores.records.list_ids(filters, newest_first=newest_first, after=None, limit=100)
+    return ids
+
+
+def test_records_are_listed_by_their_fields_in_creation_order_with_a_position_to_go_on(
+    stores: Stores,
+) -> None:
+    for n, job_id in enumerate(["b", "a", "c", "d"]):  # (a and b made in the same millisecond)
+        more = {"endpoint_id": "e1" if n < 2 else "e2"}
+        stores.records.create(NewRecord(job_id, fields(created_at=str(T0 + max(0, n - 1)), **more), DAY_MS))
+    stores.records.move("c", "running", {}, DAY_MS)
+    assert _listed(stores, {}) == ["a", "b", "c", "d"]
+    assert _listed(stores, {}, newest_first=True) == ["d", "c", "b", "a"]
+    assert _listed(stores, {"state": "available"}) == ["a", "b", "d"]
+    assert _listed(stores, {"state": "running"}) == ["c"]
+    assert _listed(stores, {"endpoint_id": "e2", "state": "available"}) == ["d"]
+    assert _listed(stores, {"kind": "index_endpoint"}) == []
+    ids, position = stores.records.list_ids({}, newest_first=False, after=None, limit=2)
+    assert (ids, position) == (["a", "b"], f"{T0:013d}:b")
+    assert stores.records.list_ids({}, newest_first=False, after=position, limit=2) == (["c", "d"], None)
+    assert stores.records.list_ids({}, newest_first=True, after=position, limit=2) == (["a"], None)
+
+
+def test_an_expired_record_is_no_longer_listed(stores: Stores) -> None:
+    stores.records.create(NewRecord("short", fields(), 1_000))
+    stores.records.create(NewRecord("long", fields(created_at=str(T0 + 1)), DAY_MS))
+    stores.advance(2)
+    assert _listed(stores, {}) == ["long"]
+    assert _listed(stores, {"state": "available"}) == ["long"]
+
+
+def test_a_buried_record_leaves_a_tombstone_that_no_transition_writes_again(stores: Stores) -> None:
+    stores.records.create(NewRecord("gone", fields(), DAY_MS))
+    stores.records.create(NewRecord("kept", fields(created_at=str(T0 + 1)), DAY_MS))
+    assert stores.records.bury("gone", DAY_MS) == "available"
+    assert stores.records.get("gone") is None
+    assert _listed(stores, {}) == ["kept"]
+    assert stores.live_counters() == {group("available"): 1}
+    assert stores.records.start("gone", T0, DAY_MS) == "deleted"  # (a worker skips it)
+    assert stores.records.move("gone", "completed", {}, DAY_MS) == "deleted"
+    stores.records.fail("gone", "discarded", {"at": T0, "error_type": "E", "message": "m"}, {}, DAY_MS)
+    assert stores.records.get("gone") is None
+    assert stores.records.dead_ids(10) == []
+    assert stores.records.bury("gone", DAY_MS) is None
+    assert stores.records.get("kept") is not None
+    stores.advance(DAY_MS / 1000 + 1)
+    assert stores.records.start("gone", T0, DAY_MS) is None  # (the tombstone expired)

@@ -146,7 +146,7 @@ def test_a_bulk_call_run_again_returns_its_first_reply_and_writes_nothing(
     bulk._build(target, jobs, holders=False)
     fused = bulk._FusedRuns(target, [None] * 3, [None] * 3, [])
     keys, args = redis_broker.bulk_call(fused._bulk_jobs(jobs))  # type: ignore[attr-defined]
-    assert args[-15:][3::5] == ["", "", ""]  # the script makes the messages, from the payloads
+    assert args[-18:][3::6] == ["", "", ""]  # the script makes the messages, from the payloads
     script = redis_broker._lua["enqueue_many_recorded"]  # type: ignore[attr-defined]
     first = script(keys=keys, args=args)
     stores.records.delete(jobs[0].message.message_id)

@@ -234,7 +234,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
                 data: Any = message.encode()  # a hook may have changed the payload
             else:
                 data = "" if templated[number] else encode(message, job.args_json)
-            job_args += [number, message.message_id, job.lock_key, data, job.args_json]
+            job_args += [number, message.message_id, job.lock_key, data, job.args_json, job.endpoint_id]
         head = [keys.JOB_PREFIX, OPEN_RECORD_TTL_MS, self.namespace, BULK_TOKEN_TTL_MS, len(groups)]
         return [keys.STATS, keys.bulk_token(new_id())], head + group_args + job_args
 
@@ -291,9 +291,11 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
         out = self._lua["lane_fetch"](keys=script_keys, args=args)
         return [(out[i].decode(), out[i + 1]) for i in range(0, len(out), 2)]
 
-    def ack_completed(self, queue_name: str, rid: str, job_id: str, ttl_ms: int, payload: str) -> None:
+    def ack_completed(
+        self, queue_name: str, rid: str, job_id: str, ttl_ms: int, payload: str, output: str = ""
+    ) -> None:
         """Acknowledge a message and mark its job completed, in one script; the record keeps the
-        job's ``payload`` (JSON) from then on."""
+        job's ``payload`` (JSON) from then on, and its ``output`` (JSON, '' for none)."""
         ns = self.namespace
         script_keys = [
             keys.acks(ns, self.broker_id, queue_name),
@@ -305,7 +307,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
         records = self.epq.records if self.epq is not None else None
         assert isinstance(records, RedisRecords)  # (fused: the records live in this Redis)
         args = [current_millis(), self.broker_id, rid, job_id, ttl_ms, records.completed_max, keys.JOB_PREFIX]
-        args.append(payload)
+        args += [payload, output]
         with ScriptStream(self._kept, self._lua["ack_completed"]) as call:  # (thinner than redis-py's)
             call.send(script_keys, args)
             call.read()
@@ -451,7 +453,8 @@ class LaneConsumer(GivesBack, _RedisConsumer):
         try:
             rid = message.options["redis_message_id"]
             payload = payload_json(message.kwargs)
-            self.broker.ack_completed(self.queue_name, rid, message.message_id, ttl, payload)
+            output = in_flight(message).output
+            self.broker.ack_completed(self.queue_name, rid, message.message_id, ttl, payload, output)
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
         finally:

@@ -53,6 +53,17 @@ def waiting(queue_name: str, priority: int) -> str:
     return f"{STATS}:waiting:{queue_name}|{priority}"
 
 
+#: The listing indexes (``lua/lib/index.lua``): every name starts with this.
+INDEX_PREFIX = STATS + ":ix:"
+
+
+def index(field: str | None = None, value: object = None) -> str:
+    """The listing index of the records whose ``field`` is ``value`` (one of
+    ``epq.records.INDEXED_FIELDS``), or, without a field, of every record (the scripts make these
+    names from ``STATS`` too: ``lua/lib/index.lua``)."""
+    return f"{INDEX_PREFIX}{field}:{value}" if field is not None else INDEX_PREFIX + "all"
+
+
 def cancel_request(job_id: str) -> str:
     """The request to cancel running job ``job_id`` (its value: when it was asked for, in ms)."""
     return CANCEL_PREFIX + job_id

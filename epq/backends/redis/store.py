@@ -28,6 +28,10 @@ from .connections import ScriptCall, call_many
 
 _compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
+#: How many index positions one ``list_jobs.lua`` call looks at at most: a listing whose filters
+#: few records match takes more calls, none of which holds Redis for long.
+LIST_STEP = 2000
+
 
 def fields_json(fields: RecordFields) -> str:
     """Record fields as the JSON object the create scripts take."""
@@ -253,6 +257,9 @@ class RedisRecords:
             "record_start",
             "record_fail",
             "record_delete",
+            "record_bury",
+            "list_jobs",
+            "index_prune",
             "waiting_oldest",
             "relay_create",
         )
@@ -354,6 +361,8 @@ class RedisRecords:
         for job_id in job_ids:
             pipe.hgetall(keys.job(job_id))
         found = [{k.decode(): v.decode() for k, v in raw.items()} or None for raw in pipe.execute()]
+        # (a deleted job's tombstone is no record: see record_bury.lua)
+        found = [fields if fields is not None and "kind" in fields else None for fields in found]
         self._add_payloads(job_ids, found)
         return found
 
@@ -403,13 +412,52 @@ class RedisRecords:
         match = keys.job(check_id_prefix(prefix)) + "*"  # no glob character can be in the prefix
         found: list[str] = []
         for key in self.client.scan_iter(match=match, count=1000):
-            found.append(key.decode()[len(keys.JOB_PREFIX) :])
+            if self.client.hexists(key, "kind"):  # (not a deleted job's tombstone)
+                found.append(key.decode()[len(keys.JOB_PREFIX) :])
             if len(found) >= limit:
                 break
         return found
 
     def delete(self, job_id: str) -> None:
         self._lua["record_delete"](keys=keys.record_keys(job_id), args=[job_id])
+
+    def bury(self, job_id: str, ttl_ms: int) -> str | None:
+        args = [job_id, max(1, int(ttl_ms))]
+        return _text(self._lua["record_bury"](keys=keys.record_keys(job_id), args=args))
+
+    def list_ids(
+        self, filters: Mapping[str, str], *, newest_first: bool, after: str | None, limit: int
+    ) -> tuple[list[str], str | None]:
+        walked = self._index_to_walk(filters)
+        checks = flat_fields({k: v for k, v in filters.items() if keys.index(k, v) != walked})
+        found: list[str] = []
+        position = after or ""
+        while True:
+            args = [keys.JOB_PREFIX, int(newest_first), position, limit - len(found), LIST_STEP, *checks]
+            reply = self._lua["list_jobs"](keys=[walked], args=args)
+            found += [job_id.decode() for job_id in reply[1:]]
+            position = reply[0].decode()
+            if not position or len(found) >= limit:
+                return found, position or None
+
+    def _index_to_walk(self, filters: Mapping[str, str]) -> str:
+        """The smallest of the listing indexes of ``filters`` (that of every record without any)."""
+        names = [keys.index(name, value) for name, value in filters.items()]
+        if not names:
+            return keys.index()
+        if len(names) == 1:
+            return names[0]
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.zcard(name)
+        sizes = pipe.execute()
+        return min(zip(sizes, names, strict=True))[1]
+
+    def prune_indexes(self, per_index: int) -> int:
+        dropped = 0
+        for name in self.client.scan_iter(match=keys.INDEX_PREFIX + "*", count=1000):
+            dropped += int(self._lua["index_prune"](keys=[name], args=[keys.JOB_PREFIX, per_index]))
+        return dropped
 
     def dead_ids(self, limit: int) -> list[str]:
         """Newest first; ids whose record has expired are dropped from the index on the way."""

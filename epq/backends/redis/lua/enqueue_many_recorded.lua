@@ -1,6 +1,7 @@
 -- #include lib/take_lock.lua
 -- #include lib/counter.lua
 -- #include lib/lock_digest.lua
+-- #include lib/index.lua
 -- Many enqueues as enqueue_recorded.lua does one, in order, in one script (bulk enqueue of
 -- immediate jobs). A later job with the same unique key as an earlier one in the batch finds the
 -- earlier one's lock. Jobs of a batch share most of their record fields, so those come once per
@@ -14,8 +15,9 @@
 -- ARGV: record key prefix, record ttl, Dramatiq's Redis namespace, token ttl, number of groups G,
 -- 8 per group: record fields but args and the lock (a JSON object), the lock holder value after
 -- the job id, the lock ttl, and five fragments f1..f5 of its jobs' encoded messages (see
--- epq._messages.data_template); then 5 per job: group (1..G), id, lock key or '', message data
--- ('': f1 .. payload .. f2 .. lock key .. f3 .. id .. f4 .. id .. f5), payload (JSON).
+-- epq._messages.data_template); then 6 per job: group (1..G), id, lock key or '', message data
+-- ('': f1 .. payload .. f2 .. lock key .. f3 .. id .. f4 .. id .. f5), payload (JSON), endpoint id
+-- (or ''). Each record is listed in its indexes (index.lua).
 -- Returns {position, holder, ...} for the jobs that are duplicates (position: 1 = first job).
 local done = redis.call('GET', KEYS[2])
 if done then return cjson.decode(done) end
@@ -41,7 +43,7 @@ for g = 1, ngroups do
     ARGV[at + 6], ARGV[at + 7]}}
 end
 local out, position = {}, 0
-for i = 6 + 8 * ngroups, #ARGV, 5 do
+for i = 6 + 8 * ngroups, #ARGV, 6 do
   position = position + 1
   local group, id, lock = groups[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2]
   local key = prefix .. id
@@ -53,6 +55,8 @@ for i = 6 + 8 * ngroups, #ARGV, 5 do
     else
       redis.call('HSET', key, unpack(group.flat))
     end
+    if ARGV[i + 5] ~= '' then redis.call('HSET', key, 'endpoint_id', ARGV[i + 5]) end
+    index_record(KEYS[1], key, id, 'ZADD')
     redis.call('PEXPIRE', key, ttl)
     group.n = group.n + 1
     local data = ARGV[i + 3]

@@ -5,7 +5,7 @@
 -- prefix ('' when records live elsewhere).
 -- Returns {id1, data1, id2, data2, ...}. Ids found on the plain list (put back there by Dramatiq's
 -- requeue or its recovery of a dead worker's messages) first go back to the front of their lane.
--- A job whose record is cancelled is dropped here, never delivered. Records are not started
+-- A job whose record is cancelled (or a deleted job's tombstone) is dropped here, never delivered. Records are not started
 -- here: a job is running once a worker thread starts it, not while it waits in a prefetch.
 local plain, msgs, acks = KEYS[1], KEYS[2], KEYS[3]
 local prefix = ARGV[5]
@@ -13,7 +13,8 @@ local function cancelled(data)
   if prefix == '' then return false end
   local ok, message = pcall(cjson.decode, data)
   if not (ok and type(message) == 'table' and type(message['message_id']) == 'string') then return false end
-  return redis.call('HGET', prefix .. message['message_id'], 'state') == 'cancelled'
+  local state = redis.call('HGET', prefix .. message['message_id'], 'state')
+  return state == 'cancelled' or state == 'deleted'
 end
 redis.call('ZADD', KEYS[4], ARGV[1], ARGV[2])
 for _ = 1, tonumber(ARGV[4]) do

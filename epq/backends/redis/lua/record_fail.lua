@@ -4,7 +4,8 @@
 -- kept among the newest dead: see keep_newest).
 -- KEYS: record, stats, dead; ARGV: id, now, ttl, new state, error json, max errors, dead records
 -- kept at most, job record key prefix, f1, v1, ...
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local before = redis.call('HGET', KEYS[1], 'state')
+if not before or before == 'deleted' then return false end -- (none, or a deleted job's tombstone)
 local errors = cjson.decode(redis.call('HGET', KEYS[1], 'errors') or '[]')
 local err = cjson.decode(ARGV[5])
 err['attempt'] = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')

@@ -6,9 +6,11 @@
 -- KEYS: record, stats, dead, completed index; ARGV: id, now, ttl, new state, allowed (comma list,
 -- '' = any), completed records kept at most, job record key prefix, dead records kept at most,
 -- f1, v1, ...
--- Returns the state before, or false when there is no record.
+-- Returns the state before, or false when there is no record ('deleted' for a tombstone, left as
+-- it is).
 local old = redis.call('HGET', KEYS[1], 'state')
 if not old then return false end
+if old == 'deleted' then return old end -- (a deleted job's tombstone: see record_bury.lua)
 if ARGV[5] ~= '' and not string.find(',' .. ARGV[5] .. ',', ',' .. old .. ',', 1, true) then return old end
 for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 set_state(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[4], ARGV[2])
