@@ -26,6 +26,7 @@ from .middleware.uniqueness import Uniqueness
 from .outbox.connections import Shared
 from .outbox.connections import installed as psycopg_installed
 from .outbox.relay import Relaying
+from .pausing import Pausing
 from .periodic_jobs import Ticking
 from .priority import Priority
 from .schedule import Scheduling
@@ -112,6 +113,7 @@ def install(broker_url: str, *, state_url: str | None = None, settings: EpqSetti
     )
     broker.add_middleware(Scheduling(state))
     broker.add_middleware(Cancellation(state))  # (after JobRecords: it watches jobs once started)
+    broker.add_middleware(Pausing(state))  # (after Priority: it holds in Priority's work queue)
     broker.add_middleware(Ticking(state, settings.periodic_jobs))
     outbox = _outbox(broker, settings)
     _observe(broker, settings, state, records)

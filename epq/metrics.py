@@ -85,6 +85,12 @@ def client() -> Any:
 # ---- store-side ---------------------------------------------------------------------------------
 
 
+def lag_ms(records: RecordStore, now_ms: int) -> dict[tuple[str, int], int]:
+    """The lag per ``(queue, priority)`` with a job waiting to start: how long, at ``now_ms``,
+    the oldest has waited since it became due (0 or more)."""
+    return {group: max(0, now_ms - since) for group, since in records.oldest_waiting().items()}
+
+
 class StoreCollector:
     """A ``prometheus_client`` collector that reads the store-side metrics at each scrape.
 
@@ -117,10 +123,9 @@ class StoreCollector:
             "Age of the oldest job waiting to start (available), per queue and priority: the lag.",
             labels=["queue", "priority"],
         )
-        since = self.records.oldest_waiting()
-        for queue, priority in sorted(waiting_groups | since.keys()):
-            age_ms = now_ms - since[queue, priority] if (queue, priority) in since else 0
-            oldest.add_metric([queue, str(priority)], max(0, age_ms) / 1000)
+        lags = lag_ms(self.records, now_ms)
+        for queue, priority in sorted(waiting_groups | lags.keys()):
+            oldest.add_metric([queue, str(priority)], lags.get((queue, priority), 0) / 1000)
         yield oldest
 
         yield core.GaugeMetricFamily(

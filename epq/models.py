@@ -182,3 +182,22 @@ class JobPage(BaseModel):
 
     jobs: list[JobRecord]
     next_cursor: str | None = None
+
+
+class QueueInfo(BaseModel):
+    """What ``QueueService.queues`` says of one queue (``epq queues``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    #: Paused (``QueueService.pause_queue``): no worker process starts its jobs; they wait.
+    paused: bool
+    #: Jobs waiting to start (``available``), per priority (1..4, every priority listed).
+    depth: dict[int, int]
+    #: How long the oldest waiting job has waited since it became due, in seconds (0 when none
+    #: waits): the ``epq_oldest_waiting_seconds`` metric's figure, the largest over the priorities.
+    lag_seconds: float
+    #: Jobs running now.
+    running: int
+    #: Jobs of the queue waiting in the durable schedule for their time (delayed runs, retries).
+    scheduled: int

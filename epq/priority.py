@@ -16,6 +16,7 @@ low-priority ones starts before them.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 import queue
 from typing import Any
@@ -71,11 +72,68 @@ class PriorityWorkQueue(queue.PriorityQueue):  # type: ignore[type-arg]
     Dramatiq puts ``_WorkQueueItem(actor.priority, message)`` items; this re-keys each one so
     that the message's own priority (a message without one counts as 2, as on the brokers)
     comes first, and Dramatiq's actor priority only breaks ties within a priority.
+
+    It also holds the messages of paused queues out of the worker threads' reach
+    (:meth:`hold_with`, ``epq.pausing``): they are neither counted nor handed out until their
+    queue is resumed or their consumer takes them to give back (:meth:`take_held`).
     """
+
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)
+        self._pauses: Any = None  # an epq.pausing.Pausing, or None: nothing is held
+        self._held: list[Any] = []  # items of paused queues, in the order they were held
 
     def _put(self, item: Any) -> None:
         lane = lane_of(item.message.options)
         super()._put(dataclasses.replace(item, priority=(lane, item.priority)))
+
+    def _qsize(self) -> int:
+        # (asked, under the queue's lock, before every get: the items of queues paused since are
+        # moved out, those of queues resumed since moved back; nothing to do while none is)
+        pauses = self._pauses
+        if pauses is not None and (self._held or pauses.any_held()):
+            self._sort_held(pauses)
+        return len(self.queue)
+
+    def _sort_held(self, pauses: Any) -> None:
+        held = [item for item in self.queue if pauses.held(item.message.queue_name)]
+        back = [item for item in self._held if not pauses.held(item.message.queue_name)]
+        if not held and not back:
+            return
+        self._held = [item for item in self._held if pauses.held(item.message.queue_name)] + held
+        self.queue = [item for item in self.queue if not pauses.held(item.message.queue_name)] + back
+        heapq.heapify(self.queue)
+
+    def hold_with(self, pauses: Any) -> None:
+        """Hold the messages of the queues ``pauses`` (an ``epq.pausing.Pausing``) says are paused;
+        None: hold nothing (what was held is handed out again)."""
+        with self.mutex:
+            self._pauses = pauses
+            if pauses is None and self._held:
+                for item in self._held:
+                    heapq.heappush(self.queue, item)
+                self._held = []
+                self.not_empty.notify_all()
+
+    def take_held(self, queue_name: str) -> list[Any]:
+        """Take the held items of ``queue_name`` out (to give their messages back to the broker;
+        each then needs its ``task_done``), highest priority first."""
+        with self.mutex:
+            taken = sorted(item for item in self._held if item.message.queue_name == queue_name)
+            if taken:
+                self._held = [item for item in self._held if item.message.queue_name != queue_name]
+            return taken
+
+    def hold_again(self, items: list[Any]) -> None:
+        """Hold again items :meth:`take_held` took and that could not be given back."""
+        with self.mutex:
+            self._held.extend(items)
+            self.not_empty.notify_all()
+
+    def wake(self) -> None:
+        """Have the threads waiting for work look again (a queue was resumed)."""
+        with self.mutex:
+            self.not_empty.notify_all()
 
 
 class Priority(dramatiq.Middleware):

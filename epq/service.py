@@ -10,18 +10,20 @@ from uuid import UUID
 
 import dramatiq
 
-from . import insert
+from . import insert, metrics
 from ._actor import EpqActor
 from ._runtime import Runtime, actor_for, current, setup
 from .backends.base import backend_of, served_queues, split_counter_group
 from .cancellation import request_ttl_ms
 from .errors import ConfigurationError, DuplicateJob, InvalidPayload, InvalidRequest, JobNotFound
+from .middleware.common import find_middleware
 from .models import (
     EnqueueIndexEndpointRequest,
     JobInsertResult,
     JobPage,
     JobRecord,
     JobState,
+    QueueInfo,
     RegisterDynamicScheduleRequest,
     RegisterDynamicTriggerRequest,
     RegisterJobRequest,
@@ -31,6 +33,8 @@ from .models import (
 from .options import PRIORITY, RECORDED
 from .outbox import pending
 from .outbox.connections import Statements, dbapi_connection
+from .pausing import Pausing
+from .priority import LANES
 from .records import INDEX_POSITION, NOT_STARTED, OPEN_RECORD_TTL_MS, lock_key_of, to_job_record
 
 _KIND_BY_MODEL: dict[type[_Request], str] = {
@@ -131,6 +135,14 @@ def _cursor_position(cursor: str, order: str) -> str:
     if text[0] != order[0]:
         raise ValueError(f"cursor: a cursor of a listing in the other order (not {order!r})")
     return text[1:]
+
+
+def _seen_here(runtime: Runtime) -> None:
+    """Have this process's workers see a pause or resume at once (the others read it within
+    ``epq.pausing.POLL_INTERVAL_MS``)."""
+    pausing = find_middleware(runtime.broker, Pausing)
+    if pausing is not None:
+        pausing.refresh()
 
 
 def purge_dead_letter_queues(broker: dramatiq.Broker) -> None:
@@ -557,9 +569,10 @@ class QueueService:
         purge_dead_letter_queues(runtime.broker)
         return len(ids)
 
-    def stats(self) -> list[dict[str, Any]]:
-        """Per queue and priority: jobs waiting, scheduled (incl. retries), running, dead."""
-        runtime = self._runtime()
+    @staticmethod
+    def _counts(runtime: Runtime) -> dict[tuple[str, int], dict[str, int]]:
+        """Per queue and priority: jobs waiting, scheduled (incl. retries) and running, from the
+        record counters (dead: 0 here, see :meth:`stats`)."""
         table: dict[tuple[str, int], dict[str, int]] = {}
         for group, count in runtime.records.counters().items():
             queue, priority, state = split_counter_group(group)
@@ -568,6 +581,11 @@ class QueueService:
                 continue
             row = table.setdefault((queue, priority), dict.fromkeys(_STATS_ORDER, 0))
             row[column] += count
+        return table
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Per queue and priority: jobs waiting, scheduled (incl. retries), running, dead."""
+        table = self._counts(self._runtime())
         # dead jobs from their records: discarded records expire, and their counters with them
         for record in self.list_dead(10**9):
             row = table.setdefault((record.queue, int(record.priority)), dict.fromkeys(_STATS_ORDER, 0))
@@ -575,6 +593,70 @@ class QueueService:
         return [
             {"queue": q, "priority": p, **row} for (q, p), row in sorted(table.items()) if any(row.values())
         ]
+
+    # ---- queues ------------------------------------------------------------------------------
+
+    def pause_queue(self, name: str) -> bool:
+        """Pause queue ``name`` on every worker process, on every machine: within about a second
+        none starts a job of it; jobs still enqueue and wait in it (in priority order), delayed
+        ones and retries fall due into it, and jobs running already run to their end. A worker
+        started while it is paused starts none either. Kept in the state store until
+        :meth:`resume_queue`. Returns whether it was not paused already.
+
+        Raises:
+          InvalidRequest: ``name`` is not a queue epq serves (``EPQ_QUEUES``), naming the field.
+        """
+        runtime = self._runtime()
+        if name not in served_queues(runtime.broker):
+            error = {"field": "queue", "message": self._unknown(runtime, name)}
+            raise InvalidRequest("pause_queue", [error])
+        changed = runtime.state.pause_queue(name)
+        _seen_here(runtime)
+        return changed
+
+    def resume_queue(self, name: str) -> bool:
+        """Resume a paused queue: worker processes start its jobs again within about a second,
+        highest priority first. Returns whether it was paused.
+
+        Raises:
+          InvalidRequest: ``name`` is neither paused nor a queue epq serves.
+        """
+        runtime = self._runtime()
+        if runtime.state.resume_queue(name):
+            _seen_here(runtime)
+            return True
+        if name not in served_queues(runtime.broker):
+            error = {"field": "queue", "message": self._unknown(runtime, name)}
+            raise InvalidRequest("resume_queue", [error])
+        return False
+
+    @staticmethod
+    def _unknown(runtime: Runtime, name: str) -> str:
+        return f"unknown queue {name!r} (the queues: {', '.join(served_queues(runtime.broker))})"
+
+    def queues(self) -> list[QueueInfo]:
+        """Every queue epq serves, and any other with jobs or paused, by name: whether it is
+        paused, its depth per priority (jobs waiting to start), its lag (the oldest waiting job's
+        wait, as the ``epq_oldest_waiting_seconds`` metric), jobs running and scheduled."""
+        runtime = self._runtime()
+        paused = runtime.state.paused_queues()
+        counts = self._counts(runtime)
+        lags = metrics.lag_ms(runtime.records, runtime.state.now_ms())
+        names = {*served_queues(runtime.broker), *paused, *(queue for queue, _ in counts)}
+        out = []
+        for name in sorted(names):
+            rows = {p: counts.get((name, p), {}) for p in LANES}
+            out.append(
+                QueueInfo(
+                    name=name,
+                    paused=name in paused,
+                    depth={p: row.get("waiting", 0) for p, row in rows.items()},
+                    lag_seconds=max((lags.get((name, p), 0) for p in LANES), default=0) / 1000,
+                    running=sum(row.get("running", 0) for row in rows.values()),
+                    scheduled=sum(row.get("scheduled", 0) for row in rows.values()),
+                )
+            )
+        return out
 
     def _record(self, runtime: Runtime, job_id: str) -> JobRecord:
         fields = runtime.records.get(job_id)

@@ -215,7 +215,8 @@ def watch_failures(broker: dramatiq.Broker) -> HandlerFailures:
 def drain(
     broker: dramatiq.Broker, worker: dramatiq.Worker, *, timeout_ms: int = 30_000, fail_fast: bool = True
 ) -> None:
-    """Wait until no job is waiting, running, or scheduled for a time that has come.
+    """Wait until no job is waiting, running, or scheduled for a time that has come, but in the
+    paused queues (``QueueService.pause_queue``), whose jobs wait as they would in production.
 
     The ticks of periodic jobs that are due (by the state store's clock, which ``epq_clock`` may
     stop and move) are enqueued first, as a worker's ticker would. Jobs scheduled for later (by
@@ -247,7 +248,10 @@ def _drain(broker: dramatiq.Broker, worker: dramatiq.Worker, timeout_ms: int) ->
         # (read before the queues are joined: a promoter publishes what it claimed, then lets it go,
         # so a claim seen neither here nor after the joins was published before they began)
         claimed_before = store.schedule_claimed() if store is not None else 0
+        paused = store.paused_queues() if store is not None else set()
         for queue in served_queues(broker):
+            if queue in paused:
+                continue
             join = getattr(broker, "join_queue", None)  # an epq broker's (see DurableDelays)
             if join is not None:
                 join(queue, remaining)

@@ -170,6 +170,16 @@ class StateStore(Protocol):
     def forget_cancel(self, job_id: str) -> None:
         """Drop the cancel request of ``job_id``, if any."""
 
+    def pause_queue(self, queue_name: str) -> bool:
+        """Note ``queue_name`` as paused (``epq.pausing``: every worker process stops starting its
+        jobs); return whether it was not paused before. Kept until :meth:`resume_queue`."""
+
+    def resume_queue(self, queue_name: str) -> bool:
+        """Note ``queue_name`` as no longer paused; return whether it was paused."""
+
+    def paused_queues(self) -> set[str]:
+        """The queues paused, in one round trip (every worker process polls it)."""
+
     def periodic_states(self, names: Sequence[str]) -> list[dict[str, str]]:
         """The state of each periodic job's schedule (``epq.periodic_jobs``), in one round trip:
         ``since`` (when a ticker first saw it), ``tick`` (the last tick noted), ``job`` (its job
@@ -425,6 +435,9 @@ class InFlight:
     cancel_requested: bool = False
     #: Its worker recorded it cancelled while it ran (``EpqRetries``).
     cancelled: bool = False
+    #: The consumer that fetched it: a message of a paused queue is given back through it
+    #: (``epq.pausing``).
+    consumer: Any = None
 
 
 def message_of(proxy: Any) -> Any:

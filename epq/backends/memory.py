@@ -25,6 +25,7 @@ from .._messages import encode
 from ..errors import StateUnavailable
 from ..middleware.job_records import refuse_malformed
 from ..outage import GivesBack
+from ..pausing import PausableConsumer
 from ..priority import LANES, lane_of
 from ..records import (
     DEFAULT_COMPLETED_MAX,
@@ -80,6 +81,7 @@ class MemoryStateStore:
         self._refused: dict[str, int] = {}
         self._cancels: dict[str, float] = {}  # job id -> when its cancel request expires (seconds)
         self._periodic: dict[str, tuple[dict[str, str], float]] = {}  # name -> (state, expires at, s)
+        self._paused: set[str] = set()
 
     def schedule_add(self, data: bytes, due_ms: int, *, entry: str | None = None) -> str:
         entry = entry or uuid.uuid4().hex
@@ -238,6 +240,22 @@ class MemoryStateStore:
     def forget_cancel(self, job_id: str) -> None:
         with self._lock:
             self._cancels.pop(job_id, None)
+
+    def pause_queue(self, queue_name: str) -> bool:
+        with self._lock:
+            before = len(self._paused)
+            self._paused.add(queue_name)
+            return len(self._paused) > before
+
+    def resume_queue(self, queue_name: str) -> bool:
+        with self._lock:
+            before = len(self._paused)
+            self._paused.discard(queue_name)
+            return len(self._paused) < before
+
+    def paused_queues(self) -> set[str]:
+        with self._lock:
+            return set(self._paused)
 
     def get_unique_many(self, keys: Sequence[str]) -> list[str | None]:
         with self._lock:
@@ -546,7 +564,7 @@ class LaneQueue(Queue):  # type: ignore[type-arg]
         raise IndexError("get from an empty LaneQueue")  # pragma: no cover - Queue checks qsize first
 
 
-class EpqStubConsumer(GivesBack, _StubConsumer):
+class EpqStubConsumer(PausableConsumer, GivesBack, _StubConsumer):
     """Dramatiq's stub consumer, checking messages as they come off the queue (``epq.wire``:
     a malformed one is recorded and dropped) and giving back a message the worker could not
     finish because the state store was unreachable (``epq.outage``)."""
@@ -558,7 +576,7 @@ class EpqStubConsumer(GivesBack, _StubConsumer):
         self.broker = broker
         self.queue_name = queue_name
 
-    def __next__(self) -> Any:
+    def next_message(self) -> Any:
         if not self.prefetch_semaphore.acquire(timeout=self.timeout / 1000):
             return None
         try:

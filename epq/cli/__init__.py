@@ -1,4 +1,4 @@
-"""The ``epq`` command: ``worker``, ``enqueue``, ``demo``, ``stats``, ``jobs``, ``dead``,
+"""The ``epq`` command: ``worker``, ``enqueue``, ``demo``, ``stats``, ``jobs``, ``dead``, ``queues``,
 ``periodic``, ``migrate-queues``, ``embedded``, ``metrics``, ``relay``, ``outbox``.
 
 This module parses the command line and nothing more: each command runs in a module of this
@@ -40,6 +40,7 @@ COMMANDS = {
     "embedded": "epq.cli.embedded:run",
     "metrics": "epq.cli.metrics:run",
     "periodic": "epq.cli.periodic:run",
+    "queues": "epq.cli.queues:run",
     "relay": "epq.cli.outbox:relay",
     "outbox": "epq.cli.outbox:run",
 }
@@ -191,6 +192,28 @@ def _parser() -> argparse.ArgumentParser:
     for action in (listing, retry, purge):
         action.add_argument("--json", action="store_true", help="print JSON")
         action.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
+
+    queues = sub.add_parser(
+        "queues",
+        help="queues: paused or not, jobs waiting per priority (p1..p4), lag; pause or resume one",
+        usage="epq queues [-h] [--json] [--broker-url URL] [{pause,resume} QUEUE]",
+        description="Lists every queue: paused or active, its jobs waiting to start per priority, "
+        "the oldest waiting job's wait (lag), and its jobs running and scheduled. `pause QUEUE` "
+        "makes every worker process stop starting the queue's jobs within about a second (they "
+        "still enqueue and wait; running jobs finish); `resume QUEUE` starts them again.",
+    )
+    queues.add_argument("--json", action="store_true", help="print JSON")
+    queues.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
+    queues_sub = queues.add_subparsers(dest="queues_command", metavar="ACTION")
+    for name, text in (
+        ("pause", "stop every worker from starting the queue's jobs until it is resumed"),
+        ("resume", "let workers start the queue's jobs again"),
+    ):
+        action = queues_sub.add_parser(name, help=text)
+        action.add_argument("queue", metavar="QUEUE", help="the queue's name (one of EPQ_QUEUES)")
+        # (given here too; SUPPRESS keeps the subcommand from resetting what was given before it)
+        action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+        action.add_argument("--broker-url", default=argparse.SUPPRESS, help="overrides EPQ_BROKER_URL")
 
     periodic = sub.add_parser(
         "periodic",

@@ -205,6 +205,18 @@ def test_a_cancel_request_is_forgotten_or_expires_after_its_ttl(stores: Stores) 
 # ---- the state store: the schedule ---------------------------------------------------------
 
 
+def test_paused_queues_are_kept_until_resumed_and_do_not_expire(stores: Stores) -> None:
+    assert stores.state.paused_queues() == set()
+    assert stores.state.pause_queue("default") is True
+    assert stores.state.pause_queue("default") is False  # (paused already)
+    assert stores.state.pause_queue("events") is True
+    stores.advance(40 * 24 * 3600)
+    assert stores.state.paused_queues() == {"default", "events"}
+    assert stores.state.resume_queue("default") is True
+    assert stores.state.resume_queue("default") is False  # (not paused: harmless)
+    assert stores.state.paused_queues() == {"events"}
+
+
 def test_schedule_add_returns_the_entry_given_or_a_new_one(stores: Stores) -> None:
     assert stores.state.schedule_add(b"m1", T0, entry="e1") == "e1"
     made = {stores.state.schedule_add(b"m", T0) for _ in range(3)}

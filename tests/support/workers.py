@@ -21,6 +21,7 @@ HOLD_HANDLERS = "tests.support.hold_handlers"
 PRIORITY_HANDLERS = "tests.support.priority_handlers"
 CANCEL_HANDLERS = "tests.support.cancel_handlers"
 CONCURRENCY_HANDLERS = "tests.support.concurrency_handlers"
+PAUSE_HANDLERS = "tests.support.pause_handlers"
 
 
 class Worker:

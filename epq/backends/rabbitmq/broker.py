@@ -25,6 +25,7 @@ from ... import wire
 from ...errors import BrokerUnavailable, QueueMismatch, StateUnavailable, describe_error
 from ...middleware.job_records import refuse_malformed
 from ...outage import GivesBack, backoff_ms, must_requeue, unreachable
+from ...pausing import PAUSED_POLL_MS, PausableConsumer
 from ...priority import BROKER_PRIORITY, RABBITMQ_MAX_PRIORITY, amqp_priority, lane_of
 from ..base import DurableDelays, Move, in_flight
 from ..urls import mask_url
@@ -35,7 +36,7 @@ logger = logging.getLogger("epq")
 PRECONDITION_FAILED = 406
 
 
-class EpqRabbitmqConsumer(GivesBack, _RabbitmqConsumer):
+class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
     """Dramatiq's RabbitMQ consumer, checking each message as it comes off the queue
     (``epq.wire``: a malformed one is recorded and dead-lettered with its reason, instead of
     reaching the worker's threads), and giving back (``basic_nack`` with requeue) a message the
@@ -50,10 +51,17 @@ class EpqRabbitmqConsumer(GivesBack, _RabbitmqConsumer):
     the flush is tried again with ``epq.outage``'s backoff, without blocking the connection's
     thread (which keeps the heartbeats going); if the worker stops or the connection is lost
     first, RabbitMQ gives the messages back to their queue, to run again.
+
+    While its queue is paused (``epq.pausing``), its AMQP consumer is cancelled (the messages
+    delivered into pika's buffer go back to the queue, to their place), and the connection's
+    events are still processed (heartbeats; the acks of the jobs still running); a new AMQP
+    consumer starts when the queue is resumed.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+    def __init__(self, broker: Any, queue_name: str, prefetch: int, timeout: int) -> None:
+        super().__init__(broker, queue_name, prefetch, timeout)  # type: ignore[no-untyped-call]
+        self.timeout_s = timeout / 1000
+        self.cancelled = False  # the AMQP consumer was cancelled while the queue was paused
         backend = self.broker.epq
         self.records = backend.records if backend is not None else None
         self._lock = threading.Lock()
@@ -61,7 +69,7 @@ class EpqRabbitmqConsumer(GivesBack, _RabbitmqConsumer):
         self._flushing = False  # a flush is asked for or running
         self._failed_flushes = 0  # in a row, the state store unreachable
 
-    def __next__(self) -> Any:
+    def next_message(self) -> Any:
         try:
             method, _properties, body = next(self.iterator)
             if method is None:
@@ -88,6 +96,20 @@ class EpqRabbitmqConsumer(GivesBack, _RabbitmqConsumer):
         if self.records is not None:
             in_flight(proxy).batched = True  # see JobRecords
         return proxy
+
+    def wait_paused(self) -> None:
+        try:
+            if not self.cancelled:
+                self.cancelled = True
+                self.channel.cancel()  # (rejects, to be requeued, what pika holds undelivered)
+            self.connection.sleep(PAUSED_POLL_MS / 1000)  # (pika's sleep processes the events)
+        except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+
+    def resume_fetching(self) -> None:
+        if self.cancelled:
+            self.cancelled = False
+            self.iterator = self.channel.consume(self.queue_name, inactivity_timeout=self.timeout_s)
 
     def ack(self, message: Any) -> None:
         outcome = in_flight(message).outcome

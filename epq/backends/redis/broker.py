@@ -33,6 +33,7 @@ from ...middleware.common import enqueue_hook_errors, find_middleware
 from ...middleware.job_records import JobRecords, refuse_malformed
 from ...middleware.uniqueness import count_refused
 from ...outage import GivesBack, must_requeue
+from ...pausing import PAUSED_POLL_MS, PausableConsumer
 from ...priority import LANES, lane_of
 from ...records import OPEN_RECORD_TTL_MS, payload_json, without_payload
 from ..base import BulkJob, DurableDelays, NewRecord, counter_group, holder_id, in_flight
@@ -371,7 +372,7 @@ class EpqRedisBroker(DurableDelays, RedisBroker):
         return {queue: int(n) for queue, n in zip(queues, pipe.execute(), strict=True)}
 
 
-class LaneConsumer(GivesBack, _RedisConsumer):
+class LaneConsumer(PausableConsumer, GivesBack, _RedisConsumer):
     """Dramatiq's Redis consumer, fetching through the lanes.
 
     More changes:
@@ -386,7 +387,9 @@ class LaneConsumer(GivesBack, _RedisConsumer):
       soon as one job ends), and beats its heartbeat every ``HEARTBEAT_INTERVAL_MS``, so that
       long jobs do not make the worker look dead;
     - Dramatiq's maintenance (recovering the messages of dead workers) runs every
-      ``MAINTENANCE_INTERVAL_MS`` per consumer, not by chance.
+      ``MAINTENANCE_INTERVAL_MS`` per consumer, not by chance;
+    - while its queue is paused (``epq.pausing``) it fetches nothing and gives back its fetched
+      batch, and keeps beating its heartbeat and maintaining its queue.
     """
 
     broker: EpqRedisBroker
@@ -398,7 +401,7 @@ class LaneConsumer(GivesBack, _RedisConsumer):
         self.maintained_at = time.monotonic()  # monotonic seconds
         self.beaten_at = time.monotonic()
 
-    def __next__(self) -> MessageProxy | None:
+    def next_message(self) -> MessageProxy | None:
         try:
             while True:
                 if self.message_cache:
@@ -444,6 +447,20 @@ class LaneConsumer(GivesBack, _RedisConsumer):
             return None
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+
+    def wait_paused(self) -> None:
+        try:
+            self.close()  # (gives back the fetched batch)
+            now = time.monotonic()
+            if now - self.maintained_at >= MAINTENANCE_INTERVAL_MS / 1000:
+                self.maintained_at = now
+                self.broker.maintain(self.queue_name)
+            if now - self.beaten_at >= HEARTBEAT_INTERVAL_MS / 1000:
+                self.beaten_at = now  # (the jobs still running must not look like a dead worker's)
+                self.broker.heartbeat()
+        except redis.ConnectionError as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+        time.sleep(PAUSED_POLL_MS / 1000)
 
     def ack(self, message: Any) -> None:
         ttl = in_flight(message).complete_ttl_ms

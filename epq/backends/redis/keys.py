@@ -29,6 +29,8 @@ PERIODIC_PREFIX = KEY_PREFIX + "periodic:"
 BULK_TOKEN_PREFIX = KEY_PREFIX + "bulk:"
 #: A request to cancel a running job (a string with a TTL per job: ``epq.cancellation``).
 CANCEL_PREFIX = KEY_PREFIX + "cancel:"
+#: The queues paused (a set of queue names: ``epq.pausing``).
+PAUSED = KEY_PREFIX + "paused"
 
 
 def job(job_id: str) -> str:

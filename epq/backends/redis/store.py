@@ -182,6 +182,15 @@ class RedisStateStore:
     def forget_cancel(self, job_id: str) -> None:
         self.client.delete(keys.cancel_request(job_id))
 
+    def pause_queue(self, queue_name: str) -> bool:
+        return bool(self.client.sadd(keys.PAUSED, queue_name))
+
+    def resume_queue(self, queue_name: str) -> bool:
+        return bool(self.client.srem(keys.PAUSED, queue_name))
+
+    def paused_queues(self) -> set[str]:
+        return {name.decode() for name in self.client.smembers(keys.PAUSED)}
+
     def acquire_unique(self, key: str, holder: str, ttl_ms: int) -> str | None:
         return _text(self._lua["lock_acquire"](keys=[key], args=[holder, max(1, int(ttl_ms))]))
 
