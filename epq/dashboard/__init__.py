@@ -165,7 +165,8 @@ class _Keys:
 
     def session_ok(self, cookie: str) -> bool:
         expires, _, signature = cookie.partition(".")
-        if not (expires.isdigit() and hmac.compare_digest(signature, self.sign("session", expires))):
+        expected = self.sign("session", expires).encode()
+        if not (expires.isdigit() and hmac.compare_digest(signature.encode(), expected)):
             return False
         return int(expires) > time.time()
 
@@ -252,7 +253,7 @@ async def _checked_form(request: Request) -> FormData | None:
     given = form.get("csrf_token")
     if not same_origin(request) or not isinstance(given, str) or request.cookies.get(CSRF_COOKIE) is None:
         return None
-    return form if hmac.compare_digest(given, _csrf_token(request)) else None
+    return form if hmac.compare_digest(given.encode(), _csrf_token(request).encode()) else None
 
 
 _REFUSED = "refused: this form did not come from the dashboard's own page (reload it and try again)"

@@ -136,6 +136,7 @@ def test_a_post_without_the_csrf_token_or_from_another_origin_is_refused(
     refused = [
         c.post("/queues/default/pause", data={}, headers=ORIGIN),
         c.post("/queues/default/pause", data={"csrf_token": "x" * 64}, headers=ORIGIN),
+        c.post("/queues/default/pause", data={"csrf_token": "é" * 64}, headers=ORIGIN),
         c.post(
             "/queues/default/pause", data={"csrf_token": token}, headers={"origin": "http://evil.example"}
         ),
@@ -145,7 +146,7 @@ def test_a_post_without_the_csrf_token_or_from_another_origin_is_refused(
         c.post("/queues/default/pause", data={"csrf_token": token}),  # neither Origin nor Referer
         c.post(f"/jobs/{seeded.dead[0]}/delete", data={"csrf_token": token}, headers={"origin": "null"}),
     ]
-    assert [r.status_code for r in refused] == [403] * 6
+    assert [r.status_code for r in refused] == [403] * 7
     assert not paused(svc, "default")
     assert svc.get_job(seeded.dead[0]) is not None
     # another browser's token (another CSRF cookie) is refused too
@@ -233,8 +234,9 @@ def test_the_login_form_sets_an_httponly_strict_session_cookie(svc: epq.QueueSer
     assert c.get("/dead").status_code == 200
     # a forged or altered session cookie is not one
     forged = client(svc, token="s3cret-token")
-    forged.cookies.set("epq_session", "99999999999." + "0" * 64)
-    assert forged.get("/queues").status_code == 303
+    for cookie in ("99999999999." + "0" * 64, "99999999999.é", "garbage"):
+        sent = {"cookie": f"epq_session={cookie}".encode()}
+        assert forged.get("/queues", headers=sent).status_code == 303
     # logging out ends it
     assert post(c, "/logout").status_code == 303  # type: ignore[attr-defined]
     assert c.get("/queues").status_code == 303
