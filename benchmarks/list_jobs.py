@@ -191,7 +191,8 @@ def main() -> None:
         scan = float("nan") if args.no_scan else scan_ms(client, stored)
         ratio = f"{scan / first:9.0f}x" if scan == scan else "-"
         deep_text = f"{later:8.2f}" if later == later else f"{'-':>8}"
-        print(f"{label:36} {matching:7} {first:10.2f} {deep_text} {scan:9.0f} {ratio:>10}")
+        scan_text = f"{scan:9.0f}" if scan == scan else f"{'-':>9}"
+        print(f"{label:36} {matching:7} {first:10.2f} {deep_text} {scan_text} {ratio:>10}")
     per_job = index_bytes(client) / args.n
     print(
         f"\n{args.n} jobs written in {written_s:.1f} s (bulk enqueue), {len(ids) // 2} moved on in "

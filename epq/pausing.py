@@ -3,7 +3,7 @@
 ``QueueService.pause_queue`` notes the queue in the state store (``StateStore.pause_queue``); jobs
 still enqueue and wait in it, in priority order. Every worker process reads the paused queues
 (one round trip, at most every :data:`POLL_INTERVAL_MS`) and stops starting their jobs at two
-points (``docs/decisions.md``, decision 65):
+points (``docs/decisions.md``, decision 63):
 
 - **its consumers** (:class:`PausableConsumer`, mixed into every epq broker's): the consumer of a
   paused queue fetches nothing more and hands back what it fetched and has not passed on (the

@@ -12,7 +12,14 @@ from typing import Any
 import redis
 
 from ...options import DUE_MS
-from ...records import DEFAULT_COMPLETED_MAX, DEFAULT_DEAD_MAX, MAX_ERRORS, check_id_prefix, payload_json
+from ...records import (
+    DEFAULT_COMPLETED_MAX,
+    DEFAULT_DEAD_MAX,
+    DELETED,
+    MAX_ERRORS,
+    check_id_prefix,
+    payload_json,
+)
 from ..base import (
     UNIQUE_PREFIX,
     Move,
@@ -371,7 +378,9 @@ class RedisRecords:
             pipe.hgetall(keys.job(job_id))
         found = [{k.decode(): v.decode() for k, v in raw.items()} or None for raw in pipe.execute()]
         # (a deleted job's tombstone is no record: see record_bury.lua)
-        found = [fields if fields is not None and "kind" in fields else None for fields in found]
+        found = [
+            fields if fields is not None and fields.get("state") != DELETED else None for fields in found
+        ]
         self._add_payloads(job_ids, found)
         return found
 
@@ -421,7 +430,7 @@ class RedisRecords:
         match = keys.job(check_id_prefix(prefix)) + "*"  # no glob character can be in the prefix
         found: list[str] = []
         for key in self.client.scan_iter(match=match, count=1000):
-            if self.client.hexists(key, "kind"):  # (not a deleted job's tombstone)
+            if self.client.hget(key, "state") != DELETED.encode():  # (not a deleted job's tombstone)
                 found.append(key.decode()[len(keys.JOB_PREFIX) :])
             if len(found) >= limit:
                 break

@@ -17,7 +17,7 @@
 -- the job id, the lock ttl, and five fragments f1..f5 of its jobs' encoded messages (see
 -- epq._messages.data_template); then 6 per job: group (1..G), id, lock key or '', message data
 -- ('': f1 .. payload .. f2 .. lock key .. f3 .. id .. f4 .. id .. f5), payload (JSON), endpoint id
--- (or ''). Each record is listed in its indexes (index.lua).
+-- (or ''). Each record is listed in its indexes (index.lua), once per group and endpoint.
 -- Returns {position, holder, ...} for the jobs that are duplicates (position: 1 = first job).
 local done = redis.call('GET', KEYS[2])
 if done then return cjson.decode(done) end
@@ -36,13 +36,14 @@ for g = 1, ngroups do
   hashes[queue .. '.msgs'] = hashes[queue .. '.msgs'] or {}
   lanes[lane] = lanes[lane] or {}
   groups[g] = {flat = flat, n = 0, msgs = hashes[queue .. '.msgs'], ids = lanes[lane],
-    stat = counter(fields['queue'], fields['priority'], fields['state']), due = {},
+    stat = counter(fields['queue'], fields['priority'], fields['state']), due = {}, listed = {},
+    indexes = index_names(KEYS[1], fields['kind'], fields['queue'], fields['priority'], false, fields['state']),
     waiting = fields['state'] == 'available' and waiting(KEYS[1], fields['queue'], fields['priority']),
-    scheduled_at = fields['scheduled_at'] or fields['created_at'],
+    scheduled_at = fields['scheduled_at'] or fields['created_at'], created = fields['created_at'],
     tail = ARGV[at + 1], lock_ttl = ARGV[at + 2], f = {ARGV[at + 3], ARGV[at + 4], ARGV[at + 5],
     ARGV[at + 6], ARGV[at + 7]}}
 end
-local out, position = {}, 0
+local out, position, by_endpoint = {}, 0, {}
 for i = 6 + 8 * ngroups, #ARGV, 6 do
   position = position + 1
   local group, id, lock = groups[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2]
@@ -55,8 +56,18 @@ for i = 6 + 8 * ngroups, #ARGV, 6 do
     else
       redis.call('HSET', key, unpack(group.flat))
     end
-    if ARGV[i + 5] ~= '' then redis.call('HSET', key, 'endpoint_id', ARGV[i + 5]) end
-    index_record(KEYS[1], key, id, 'ZADD')
+    local member = index_member(group.created, id)
+    group.listed[#group.listed + 1] = 0
+    group.listed[#group.listed + 1] = member
+    local endpoint = ARGV[i + 5]
+    if endpoint ~= '' then
+      redis.call('HSET', key, 'endpoint_id', endpoint)
+      local name = endpoint_index(KEYS[1], endpoint)
+      by_endpoint[name] = by_endpoint[name] or {}
+      local listed = by_endpoint[name]
+      listed[#listed + 1] = 0
+      listed[#listed + 1] = member
+    end
     redis.call('PEXPIRE', key, ttl)
     group.n = group.n + 1
     local data = ARGV[i + 3]
@@ -78,7 +89,11 @@ end
 for _, group in ipairs(groups) do
   if group.n > 0 then redis.call('HINCRBY', KEYS[1], group.stat, group.n) end
   if group.n > 0 and group.waiting then redis.call('ZADD', group.waiting, unpack(group.due)) end
+  if group.n > 0 then
+    for _, name in ipairs(group.indexes) do redis.call('ZADD', name, unpack(group.listed)) end
+  end
 end
+for name, listed in pairs(by_endpoint) do redis.call('ZADD', name, unpack(listed)) end
 for key, entries in pairs(hashes) do
   if #entries > 0 then redis.call('HSET', key, unpack(entries)) end
 end

@@ -11,15 +11,25 @@ local function index_member(created, id)
   return string.rep('0', 13 - #created) .. created .. ':' .. id
 end
 
+-- endpoint_index: the index of an endpoint's records; index_names: the indexes of a record of
+-- these fields (an endpoint or a state false: none).
+local function endpoint_index(stats, endpoint)
+  return stats .. ':ix:endpoint_id:' .. endpoint
+end
+
+local function index_names(stats, kind, queue, priority, endpoint, state)
+  local p = stats .. ':ix:'
+  local names = {p .. 'all', p .. 'kind:' .. kind, p .. 'queue:' .. queue, p .. 'priority:' .. priority}
+  if endpoint then names[#names + 1] = endpoint_index(stats, endpoint) end
+  if state then names[#names + 1] = p .. 'state:' .. state end
+  return names
+end
+
 local function index_record(stats, key, id, op)
   local f = redis.call('HMGET', key, 'kind', 'queue', 'priority', 'endpoint_id', 'state', 'created_at')
   if not f[1] then return end
   local member = index_member(f[6], id)
-  local p = stats .. ':ix:'
-  local names = {p .. 'all', p .. 'kind:' .. f[1], p .. 'queue:' .. f[2], p .. 'priority:' .. f[3]}
-  if f[4] then names[#names + 1] = p .. 'endpoint_id:' .. f[4] end
-  if f[5] then names[#names + 1] = p .. 'state:' .. f[5] end
-  for _, name in ipairs(names) do
+  for _, name in ipairs(index_names(stats, f[1], f[2], f[3], f[4], f[5])) do
     if op == 'ZADD' then redis.call('ZADD', name, 0, member) else redis.call('ZREM', name, member) end
   end
 end
