@@ -8,11 +8,12 @@ dead jobs (retry, delete). ``create_app`` builds the ASGI app, so tests run it i
 
 Security (``docs/decisions.md``, decision 67):
 
-- Access: with a token or basic-auth credentials set, every request but the login page and the
-  stylesheet needs them: an ``Authorization: Bearer TOKEN`` or ``Basic`` header, or the session
-  cookie the login form sets (HttpOnly, SameSite=Strict, signed with a key made at start-up).
-  Every comparison is in constant time. ``check_binding`` refuses an address other than
-  loopback without either.
+- Access: without credentials it answers only requests for a loopback name (``Host``), so that a
+  page elsewhere cannot reach it through DNS rebinding; ``check_binding`` refuses an address other
+  than loopback then. With a token or basic-auth credentials set, every request but the login
+  page and the stylesheet needs them: an ``Authorization: Bearer TOKEN`` or ``Basic`` header, or
+  the session cookie the login form sets (HttpOnly, SameSite=Strict, signed with a key made at
+  start-up). Every comparison is in constant time.
 - Actions are POSTs; GETs change nothing. Each form carries a CSRF token (an HMAC of a random
   cookie of the browser's, SameSite=Strict), and the request's ``Origin`` (else its ``Referer``)
   must be the dashboard's own; a POST without one of them, or from elsewhere, is refused (403)
@@ -197,6 +198,16 @@ def same_origin(request: Request) -> bool:
     return False
 
 
+def _loopback_host(request: Request) -> bool:
+    """Whether the request's ``Host`` names this machine's loopback (``127.0.0.1:8811``,
+    ``localhost``, ``[::1]:8811``)."""
+    try:
+        host = urlsplit("//" + request.headers.get("host", "")).hostname
+    except ValueError:
+        return False
+    return host is not None and is_loopback(host)
+
+
 def _local_path(value: object, default: str) -> str:
     """``value`` if it is a path of this site (where to go back to after an action), else
     ``default``: never another host's address."""
@@ -218,10 +229,15 @@ class _Guard(BaseHTTPMiddleware):
         request.state.csrf_cookie = secrets.token_urlsafe(32) if fresh else cookie
         request.state.keys = self.keys
         path = request.url.path
-        if path.startswith("/static/") or path == "/login" or self.keys.allows(request):
+        if not self.keys.on and not _loopback_host(request):
+            # without credentials only a loopback name may be asked for: a page whose own name
+            # was made to resolve to 127.0.0.1 (DNS rebinding) must not read or post here
+            response: Response = PlainTextResponse("this dashboard answers to loopback names only", 400)
+        elif path.startswith("/static/") or path == "/login" or self.keys.allows(request):
             response = await call_next(request)
         elif request.method in ("GET", "HEAD"):
-            response = RedirectResponse("/login?" + urlencode({"next": path}), status_code=303)
+            here = path + (f"?{request.url.query}" if request.url.query else "")
+            response = RedirectResponse("/login?" + urlencode({"next": here}), status_code=303)
         else:
             response = PlainTextResponse("login required", status_code=401)
         if fresh:

@@ -23,7 +23,7 @@ from epq.testing import HandlerRegistry, install
 from tests.conftest import REDIS_URL
 from tests.support.dashboard import Seeded, csrf_of, seed
 
-ORIGIN = {"origin": "http://testserver"}
+ORIGIN = {"origin": "http://127.0.0.1"}
 NUMBERS = re.compile(r'<td class="num">(\d+)</td>')
 LINKS = re.compile(r'href="/jobs/([0-9a-f-]{36})"')
 
@@ -39,7 +39,7 @@ def svc(epq_broker: dramatiq.Broker) -> epq.QueueService:
 
 
 def client(svc: epq.QueueService, **credentials: str) -> TestClient:
-    return TestClient(create_app(svc, **credentials), follow_redirects=False)
+    return TestClient(create_app(svc, **credentials), base_url="http://127.0.0.1", follow_redirects=False)
 
 
 def post(c: TestClient, path: str, page: str = "/queues", **fields: str) -> object:
@@ -154,7 +154,7 @@ def test_a_post_without_the_csrf_token_or_from_another_origin_is_refused(
     assert other.post("/queues/default/pause", data={"csrf_token": token}, headers=ORIGIN).status_code == 403
     assert not paused(svc, "default")
     ok = c.post(
-        "/queues/default/pause", data={"csrf_token": token}, headers={"referer": "http://testserver/queues"}
+        "/queues/default/pause", data={"csrf_token": token}, headers={"referer": "http://127.0.0.1/queues"}
     )
     assert ok.status_code == 303
     assert paused(svc, "default")
@@ -166,6 +166,20 @@ def test_gets_change_nothing(svc: epq.QueueService, seeded: Seeded) -> None:
     assert c.get(f"/jobs/{seeded.dead[0]}/delete").status_code == 405
     assert not paused(svc, "default")
     assert svc.get_job(seeded.dead[0]) is not None
+
+
+def test_without_credentials_it_answers_loopback_names_only(svc: epq.QueueService) -> None:
+    c = client(svc)
+    assert c.get("/queues", headers={"host": "localhost:8811"}).status_code == 200
+    assert c.get("/queues", headers={"host": "[::1]:8811"}).status_code == 200
+    # a page of another site whose name now resolves to 127.0.0.1 (DNS rebinding)
+    rebound = {"host": "evil.example:8811", "origin": "http://evil.example:8811"}
+    assert c.get("/queues", headers=rebound).status_code == 400
+    token = csrf_of(c.get("/queues").text)
+    assert c.post("/queues/default/pause", data={"csrf_token": token}, headers=rebound).status_code == 400
+    assert not paused(svc, "default")
+    # with credentials, any name (it is served beyond loopback)
+    assert client(svc, token="t").get("/queues", headers={"host": "epq.example"}).status_code == 303
 
 
 def test_pages_forbid_framing_and_scripts(svc: epq.QueueService) -> None:
