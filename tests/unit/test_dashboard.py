@@ -322,3 +322,14 @@ def test_no_page_shows_a_credential(redis_with_a_password: str, epq_handlers: Ha
     finally:
         broker.flush_all()
         broker.close()
+
+
+def test_an_action_on_a_job_that_is_gone_says_so(svc: epq.QueueService, seeded: Seeded) -> None:
+    c = client(svc)
+    svc.delete_job(seeded.dead[0])
+    done = post(c, f"/jobs/{seeded.dead[0]}/retry", "/dead", back="/dead")
+    assert done.headers["location"] == "/dead"  # type: ignore[attr-defined]
+    assert f"no job {seeded.dead[0]} (expired or deleted)" in c.get("/dead").text
+    assert post(c, "/queues/nowhere/pause", back="/queues").status_code == 303  # type: ignore[attr-defined]
+    assert "unknown queue &#39;nowhere&#39;" in c.get("/queues").text
+    assert c.get("/dead", params={"cursor": "not-a-cursor"}).status_code == 400
