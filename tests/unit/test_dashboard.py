@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import dramatiq
@@ -22,6 +23,7 @@ from epq.settings import reset_settings
 from epq.testing import HandlerRegistry, install
 from tests.conftest import REDIS_URL
 from tests.support.dashboard import Seeded, csrf_of, seed
+from tests.support.servers import PrivateServer, free_port, stop_server
 
 ORIGIN = {"origin": "http://127.0.0.1"}
 NUMBERS = re.compile(r'<td class="num">(\d+)</td>')
@@ -333,3 +335,22 @@ def test_an_action_on_a_job_that_is_gone_says_so(svc: epq.QueueService, seeded: 
     assert post(c, "/queues/nowhere/pause", back="/queues").status_code == 303  # type: ignore[attr-defined]
     assert "unknown queue &#39;nowhere&#39;" in c.get("/queues").text
     assert c.get("/dead", params={"cursor": "not-a-cursor"}).status_code == 400
+
+
+@pytest.mark.redis
+def test_a_broker_that_is_gone_is_a_page_that_says_so(tmp_path: Path) -> None:
+    server = PrivateServer("redis", free_port(20000, 29999), tmp_path / "redis")
+    server.ensure_started()
+    broker = install(f"{server.url}/0")
+    try:
+        c = client(epq.QueueService(broker))
+        assert c.get("/queues").status_code == 200
+        stop_server("redis", server.datadir)  # SIGKILL
+        server.started = False
+        gone = c.get("/queues")
+        assert gone.status_code == 503
+        assert "The broker or state store is unavailable" in gone.text
+        assert "Connection" in gone.text
+    finally:
+        stop_server("redis", server.datadir)
+        broker.close()
