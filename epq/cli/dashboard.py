@@ -20,9 +20,9 @@ try:
 
     from .. import dashboard
 except ModuleNotFoundError as exc:  # epq[dashboard] is not installed
-    if exc.name not in EXTRA_MODULES:
+    if (exc.name or "").split(".")[0] not in EXTRA_MODULES:
         raise
-    MISSING: str | None = exc.name
+    MISSING: str | None = (exc.name or "").split(".")[0]
 else:
     MISSING = None
 

@@ -61,3 +61,17 @@ def test_the_command_serves_the_dashboard_and_asks_for_the_token(
     password = REDIS_URL.split("://", 1)[1].rpartition("@")[0].partition(":")[2]
     if password:
         assert password not in printed
+
+
+@pytest.mark.parametrize("module", ["uvicorn", "starlette", "jinja2"])
+def test_without_the_extra_the_command_says_what_to_install(module: str) -> None:
+    code = (
+        f"import sys; sys.modules[{module!r}] = None; from epq.cli import main; sys.exit(main(['dashboard']))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPQ_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr == (
+        f"epq: error: epq dashboard needs the dashboard extra ({module} is not installed): "
+        "pip install 'epq[dashboard]'\n"
+    )
