@@ -1,5 +1,6 @@
 """``epq dashboard`` as a command: it serves the pages on loopback over the broker it names, asks
-for the token when one is set, and prints the broker's URL masked."""
+for the token when one is set, and prints the broker's URL masked; without the ``dashboard``
+extra it says what to install."""
 
 from __future__ import annotations
 
