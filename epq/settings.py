@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .concurrency import queue_budgets
@@ -104,6 +104,9 @@ class EpqSettings(BaseSettings):
         in for jobs committed but not yet relayed; needs ``epq[postgres]``.
       outbox_table: the outbox table (``name`` or ``schema.name``), in the application's database.
       outbox_relay: with ``outbox_url``, every worker process runs a relay.
+      dashboard_token / dashboard_user / dashboard_password: what ``epq dashboard`` asks of every
+        request when set (a bearer token, or basic-auth credentials; ``epq.dashboard``); it will
+        not listen on an address other than loopback without one of them.
     """
 
     model_config = SettingsConfigDict(env_prefix="EPQ_", extra="ignore")
@@ -140,6 +143,9 @@ class EpqSettings(BaseSettings):
     outbox_url: str | None = None
     outbox_table: str = "epq_outbox"
     outbox_relay: bool = True
+    dashboard_token: SecretStr | None = None
+    dashboard_user: str | None = None
+    dashboard_password: SecretStr | None = None
 
     @property
     def metrics_on(self) -> bool:

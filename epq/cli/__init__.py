@@ -1,5 +1,5 @@
 """The ``epq`` command: ``worker``, ``enqueue``, ``demo``, ``stats``, ``jobs``, ``dead``, ``queues``,
-``periodic``, ``migrate-queues``, ``embedded``, ``metrics``, ``relay``, ``outbox``.
+``periodic``, ``migrate-queues``, ``embedded``, ``metrics``, ``relay``, ``outbox``, ``dashboard``.
 
 This module parses the command line and nothing more: each command runs in a module of this
 package, which ``COMMANDS`` names and ``main`` imports when that command runs, so ``epq
@@ -43,6 +43,7 @@ COMMANDS = {
     "queues": "epq.cli.queues:run",
     "relay": "epq.cli.outbox:relay",
     "outbox": "epq.cli.outbox:run",
+    "dashboard": "epq.cli.dashboard:run",
 }
 
 #: The kinds ``epq enqueue`` takes: the keys of ``epq.kinds.KINDS``, written out so that building
@@ -295,4 +296,15 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON")
     for action in (migrate_outbox, status):
         action.add_argument("--outbox-url", metavar="URL", help="overrides EPQ_OUTBOX_URL")
+
+    dash = sub.add_parser(
+        "dashboard",
+        help="serve the web dashboard: queues (pause, resume), jobs, a job's detail, dead jobs",
+        description="Serves the dashboard (needs epq[dashboard]). Bound to anything but loopback it "
+        "needs EPQ_DASHBOARD_TOKEN, or EPQ_DASHBOARD_USER and EPQ_DASHBOARD_PASSWORD, and then every "
+        "request gives them (bearer token, basic auth, or the login page).",
+    )
+    dash.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    dash.add_argument("--port", type=int, default=8811, help="port to listen on (default: 8811)")
+    dash.add_argument("--broker-url", help="overrides EPQ_BROKER_URL")
     return parser

@@ -239,6 +239,7 @@ OPERATOR_COMMANDS = [
     ["dead", "purge", "--yes"],
     ["periodic"],
     ["migrate-queues"],
+    ["dashboard"],
 ]
 
 

@@ -5,7 +5,7 @@
 - redis-py and pika are imported only under ``epq/backends/``; the outbox's database drivers by
   no statement at all (psycopg is loaded by name when epq opens a connection of its own);
 - every Lua script is a ``.lua`` file of the Redis backend, the wheel ships them, and the
-  installed package runs them.
+  installed package runs them; the wheel ships the dashboard's templates and stylesheet too.
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def test_every_lua_script_is_a_file_and_every_file_is_used() -> None:
 
 @pytest.mark.slow
 @pytest.mark.redis
-def test_the_wheel_ships_the_lua_scripts_and_the_installed_package_runs_them(
+def test_the_wheel_ships_the_lua_scripts_and_the_dashboards_files_and_the_installed_package_runs_them(
     tmp_path: Path, redis_client: redis.Redis
 ) -> None:
     wheel_dir = tmp_path / "wheel"
@@ -209,7 +209,14 @@ def test_the_wheel_ships_the_lua_scripts_and_the_installed_package_runs_them(
     (wheel,) = wheel_dir.glob("epq-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         shipped = {n for n in archive.namelist() if n.endswith(".lua")}
+        assets = {n for n in archive.namelist() if n.startswith("epq/dashboard/") and not n.endswith(".py")}
         archive.extractall(tmp_path / "site")
+    assert assets == {
+        f"epq/dashboard/{p.relative_to(PACKAGE / 'dashboard')}"
+        for p in (PACKAGE / "dashboard").rglob("*")
+        if p.suffix in (".html", ".css")
+    }
+    assert "epq/dashboard/templates/job.html" in assets
     expected = {
         f"epq/backends/redis/lua/{p.relative_to(PACKAGE / 'backends/redis/lua')}"
         for p in (PACKAGE / "backends/redis/lua").rglob("*.lua")
