@@ -779,8 +779,14 @@ class DurableDelays:
         deadline = None if timeout is None else time.monotonic() + timeout / 1000
         name = q_name(queue_name)
         while True:
+            # A message is always in the schedule or on the queue (or in flight): a promotion
+            # publishes before it forgets the entry, a retry is scheduled before its message is
+            # acked. So nothing was missed when the schedule held none of the queue's messages
+            # both before and after the broker's join; a message promoted between a join and a
+            # look at the schedule would be, were the schedule only read after.
+            before = store.schedule_pending(name)
             self.join_broker(queue_name, *args, timeout=_left_ms(deadline, queue_name), **kwargs)
-            if not store.schedule_pending(name):
+            if not before and not store.schedule_pending(name):
                 return
             while store.schedule_pending(name):  # (the worker's promoter moves them when due)
                 _left_ms(deadline, queue_name)
