@@ -74,6 +74,14 @@ def _time_limit_ms(kind: str) -> int | None:
     return int(limit) if limit else None
 
 
+def _fields_of(runtime: Runtime, job_id: str) -> dict[str, str]:
+    """The record of ``job_id`` (an operator's call names it); JobNotFound when there is none."""
+    fields = runtime.records.get(job_id) if _is_text(job_id) else None
+    if fields is None:
+        raise JobNotFound(job_id)
+    return fields
+
+
 def _seen_here(runtime: Runtime) -> None:
     """Have this process's workers see a pause or resume at once (the others read it within
     ``epq.pausing.POLL_INTERVAL_MS``)."""
@@ -326,9 +334,7 @@ class QueueService:
           JobNotFound: no record of ``job_id``.
         """
         runtime = self._runtime()
-        fields = runtime.records.get(job_id) if _is_text(job_id) else None
-        if fields is None:
-            raise JobNotFound(job_id)
+        fields = _fields_of(runtime, job_id)
         requested = False
         before: str | None = None
         for _ in range(3):  # (each turn sees the job move on once, at most)
@@ -432,9 +438,7 @@ class QueueService:
           JobNotFound: no record of ``job_id``.
         """
         runtime = self._runtime()
-        fields = runtime.records.get(job_id) if _is_text(job_id) else None
-        if fields is None:
-            raise JobNotFound(job_id)
+        fields = _fields_of(runtime, job_id)
         now_ms = runtime.state.now_ms()
         if fields["state"] == "running":
             runtime.state.request_cancel(job_id, request_ttl_ms(_time_limit_ms(fields["kind"])))
@@ -506,9 +510,7 @@ class QueueService:
         key, :class:`epq.DuplicateJob` is raised and it stays discarded.
         """
         runtime = self._runtime()
-        fields = runtime.records.get(job_id) if _is_text(job_id) else None
-        if fields is None:
-            raise JobNotFound(job_id)
+        fields = _fields_of(runtime, job_id)
         if fields["state"] != "discarded":
             return to_job_record(job_id, fields)
         if fields.get("malformed"):
