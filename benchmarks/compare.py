@@ -25,7 +25,10 @@ records, priorities, durable schedule, River retries) are measured side by side:
 
 ``--metrics`` runs epq with its Prometheus metrics on (``EPQ_METRICS=1``; worker processes serve
 ``/metrics`` on ``--metrics-port``); ``--metrics-ab ROUNDS`` measures instead what they cost: epq's
-single enqueue and drain with them off and on, in alternating rounds, and prints on/off;
+single enqueue and drain with them off and on, in alternating rounds, and prints for each the
+rate and the CPU time per job (the enqueue's process, the drain's workers) and the median of each
+round's on/off with a 95 % bootstrap interval; then, with ``py-spy`` on the PATH, one more drain
+of ``--share-drain`` jobs with metrics on, sampled: the share of the workers' CPU spent in the metrics code;
 ``--tracing`` runs epq with its OpenTelemetry spans on (no SDK configured: the API's no-op
 tracer); without them both are off (``EPQ_TRACING=0``).
 
@@ -43,10 +46,13 @@ import argparse
 import json
 import os
 import platform
+import random
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -65,8 +71,9 @@ BIN = Path(sys.executable).parent
 
 import epq  # noqa: E402
 from benchmarks import _report, memory  # noqa: E402
-from benchmarks._proc import rss_mib  # noqa: E402
+from benchmarks._proc import cpu_seconds, rss_mib  # noqa: E402
 from epq import _runtime, handlers, metrics  # noqa: E402
+from epq.settings import reset_settings  # noqa: E402
 
 PLAIN_QUEUE = "bench-plain"
 
@@ -356,6 +363,7 @@ def _metrics_mode(on: bool, port: int) -> None:
     """Turn epq's metrics on or off for what comes next: this process's (enqueue, the stub's
     worker) at once, worker processes' when they start (``EPQ_METRICS``, ``EPQ_METRICS_PORT``)."""
     os.environ["EPQ_METRICS"] = "1" if on else "0"
+    reset_settings()  # (epq reads its settings once)
     if on:
         os.environ["BENCH_METRICS_PORT"] = str(port)
         metrics.enable()
@@ -369,45 +377,145 @@ def metrics_ab(
 ) -> dict[str, Any]:
     """epq's single enqueue (``--n`` jobs) and drain (``--drain`` jobs) with its metrics off and
     on, in ``--metrics-ab`` alternating rounds (off then on, then on then off, ...), so that the
-    machine's drift falls on both alike; the median of each and the rounds."""
+    machine's drift falls on both alike. Each round gives a rate and a CPU time per job: for the
+    enqueue, this process's; for the drain, the worker processes' (the stub's in-process worker:
+    this process's), from the first start to the last."""
     app = App("epq", broker, urls)
-    rates: dict[str, dict[str, list[float]]] = {
-        "enqueue": {"off": [], "on": []},
-        "drain": {"off": [], "on": []},
-    }
+    measures = ("enqueue", "drain", "enqueue_cpu_us", "drain_cpu_us")
+    rounds: dict[str, dict[str, list[float]]] = {m: {"off": [], "on": []} for m in measures}
     for r in range(args.metrics_ab):
         for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+            _metrics_mode(mode == "on", args.metrics_port)  # (before epq is set up: it reads EPQ_METRICS)
             app.open()
-            _metrics_mode(mode == "on", args.metrics_port)
             try:
                 ids = [uuid.uuid4() for _ in range(args.n)]
                 app.send(-1)
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 for i, endpoint in enumerate(ids):
                     app.send(i, endpoint_id=endpoint)
-                rates["enqueue"][mode].append(args.n / (time.perf_counter() - start))
+                rounds["enqueue"][mode].append(args.n / (time.perf_counter() - start))
+                rounds["enqueue_cpu_us"][mode].append((time.process_time() - cpu) / args.n * 1e6)
                 app.flush()
-                workers, rate = drain(app, results, args.drain, args.processes, args.threads, args.batch)
-                app.stop_workers(workers)
-                rates["drain"][mode].append(rate)
+                rate, cpu_us = _drain_with_cpu(app, results, args)
+                rounds["drain"][mode].append(rate)
+                rounds["drain_cpu_us"][mode].append(cpu_us)
             finally:
                 app.close()
+    return {measure: _ab_summary(by_mode) for measure, by_mode in rounds.items()}
+
+
+def _drain_with_cpu(app: App, results: Results, args: argparse.Namespace) -> tuple[float, float]:
+    """:func:`drain`, and the workers' CPU microseconds per job from the first start to the end."""
+    n = args.drain
+    results.reset(n)
+    app.send_bulk([uuid.uuid4() for _ in range(n)], args.batch)
+    cpu_now = time.process_time if app.broker_name == "stub" else None
+    workers = app.start_workers(args.processes, args.threads)
+    try:
+        while results.count() == 0:  # (the workers boot: not part of the cost per job)
+            time.sleep(0.002)
+        first, cpu = results.count(), cpu_now() if cpu_now else cpu_seconds(workers.pid)
+        results.wait(n, timeout=300)
+        used = (cpu_now() if cpu_now else cpu_seconds(workers.pid)) - cpu
+    finally:
+        app.stop_workers(workers)
+    return results.drain_rate(n), used / max(1, n - first) * 1e6
+
+
+def _ab_summary(by_mode: dict[str, list[float]]) -> dict[str, Any]:
+    """The medians of the off and on rounds, and the on/off ratio of each round with the one run
+    beside it: their median and a 95 % interval of that median (bootstrap, fixed seed)."""
+    ratios = [on / off for off, on in zip(by_mode["off"], by_mode["on"], strict=True)]
+    rng = random.Random(1)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
     return {
-        measure: {mode: statistics.median(values) for mode, values in by_mode.items()} | {"rounds": by_mode}
-        for measure, by_mode in rates.items()
+        "off": statistics.median(by_mode["off"]),
+        "on": statistics.median(by_mode["on"]),
+        "paired": statistics.median(ratios),
+        "low": medians[50],
+        "high": medians[1949],
+        "rounds": by_mode,
     }
 
 
+METRICS_CODE = ("epq/metrics.py", "epq/middleware/metrics.py", "prometheus_client/")
+
+
+def metrics_share(
+    broker: str, urls: dict[str, str], args: argparse.Namespace, results: Results
+) -> float | None:
+    """One drain of ``--share-drain`` jobs with metrics on, its worker processes (the stub's: this
+    process) sampled by ``py-spy`` from the first start to the last: the share of their on-CPU
+    samples whose stack is in epq's metrics code or ``prometheus_client``. None without py-spy."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        return None
+    app = App("epq", broker, urls)
+    _metrics_mode(True, args.metrics_port)
+    app.open()
+    out = Path(tempfile.mkstemp(prefix="epq-spy-", suffix=".txt")[1])
+    try:
+        results.reset(args.share_drain)
+        app.send_bulk([uuid.uuid4() for _ in range(args.share_drain)], args.batch)
+        workers = app.start_workers(args.processes, args.threads)
+        try:
+            while results.count() == 0:
+                time.sleep(0.002)
+            pid = os.getpid() if broker == "stub" else workers.pid
+            sampler = subprocess.Popen(
+                [spy, "record", "--nonblocking", "--subprocesses", "--rate", "200", "--format", "raw",
+                 "--output", str(out), "--pid", str(pid)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            results.wait(args.share_drain, timeout=600)
+            sampler.send_signal(signal.SIGINT)
+            sampler.wait(timeout=60)
+        finally:
+            app.stop_workers(workers)
+        total = in_metrics = 0
+        for line in out.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not count.isdigit():
+                continue
+            total += int(count)
+            if any(code in stack for code in METRICS_CODE):
+                in_metrics += int(count)
+        return in_metrics / total if total else None
+    finally:
+        out.unlink(missing_ok=True)
+        app.close()
+        _metrics_mode(False, args.metrics_port)
+
+
 def ab_table(all_ab: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'broker':<10}{'measure (jobs/s)':<22}{'metrics off':>13}{'metrics on':>13}{'on/off':>9}"]
-    lines.append("-" * len(lines[0]))
+    head = f"{'broker':<10}{'measure':<26}{'metrics off':>12}{'metrics on':>12}{'on/off':>8}"
+    head += f"{'95 % interval':>16}"
+    lines = [head, "-" * len(head)]
+    names = {
+        "enqueue": "enqueue (jobs/s)",
+        "drain": "drain (jobs/s)",
+        "enqueue_cpu_us": "enqueue CPU (us/job)",
+        "drain_cpu_us": "drain CPU (us/job)",
+    }
     for broker, measures in all_ab.items():
         for measure, values in measures.items():
-            off, on = values["off"], values["on"]
-            lines.append(f"{broker:<10}{measure:<22}{off:>13.1f}{on:>13.1f}{on / off:>9.3f}")
+            if measure == "worker_cpu_in_metrics":
+                lines.append(f"{broker:<10}{'worker CPU in metrics':<26}{values:>32.2%}   (py-spy samples)")
+                continue
+            interval = f"{values['low']:.3f}-{values['high']:.3f}"
+            lines.append(
+                f"{broker:<10}{names[measure]:<26}{values['off']:>12.1f}{values['on']:>12.1f}"
+                f"{values['paired']:>8.3f}{interval:>16}"
+            )
             for mode in ("off", "on"):
                 rounds = " ".join(f"{v:.0f}" for v in values["rounds"][mode])
-                lines.append(f"{'':<10}{'  ' + mode + ' rounds:':<22}{rounds}")
+                lines.append(f"{'':<10}{'  ' + mode + ' rounds:':<26}{rounds}")
+    lines.append(
+        "on/off: the median of each round's on/off ratio (off and on run side by side in a round); "
+        "CPU: this process's for an enqueue, the workers' for a drain;\nworker CPU in metrics: the share "
+        "of a metrics-on drain's worker samples (py-spy, when on PATH) in epq's metrics code or "
+        "prometheus_client"
+    )
     return "\n".join(lines)
 
 
@@ -456,6 +564,10 @@ def main() -> None:
         "off and on, in ROUNDS alternating rounds (medians and on/off)",
     )  # fmt: skip
     parser.add_argument(
+        "--share-drain", type=int, default=20000, metavar="N",
+        help="with --metrics-ab and py-spy on the PATH: the jobs of the sampled metrics-on drain",
+    )  # fmt: skip
+    parser.add_argument(
         "--tracing", action="store_true",
         help="epq with its OpenTelemetry spans on (EPQ_TRACING=1; no SDK: the API's no-op tracer)",
     )  # fmt: skip
@@ -493,7 +605,12 @@ def main() -> None:
         for broker in args.brokers.split(","):
             print(f"measuring epq with metrics off and on, on {broker} ...", file=sys.stderr, flush=True)
             all_ab[broker] = metrics_ab(broker, urls, args, results)
+            share = metrics_share(broker, urls, args, results)
+            if share is not None:
+                all_ab[broker]["worker_cpu_in_metrics"] = share
         print(ab_table(all_ab))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"metrics_ab": all_ab, "argv": sys.argv[1:]}, indent=2))
         print(f"\n{args.metrics_ab} rounds; {args.n} jobs enqueued and {args.drain} drained a round; "
               f"{args.processes} worker process(es) x {args.threads} threads; "
               f"{time.monotonic() - started:.0f} s in all")  # fmt: skip
