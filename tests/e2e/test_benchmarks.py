@@ -42,6 +42,27 @@ def test_compare_prints_the_table_and_writes_json(tmp_path: Path) -> None:
 
 
 @pytest.mark.redis
+def test_compare_metrics_ab_prints_paired_ratios_and_cpu_per_job(tmp_path: Path) -> None:
+    server = REDIS_URL.rsplit("/", 1)[0]  # the test Redis server; compare.py uses its databases 8-10
+    redis_available(f"{server}/8").close()
+    out_file = tmp_path / "ab.json"
+    args = f"--redis {server} --brokers stub --metrics-ab 2 --n 40 --drain 40 --share-drain 200"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compare.py"), *args.split(), "--json", str(out_file)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "drain CPU (us/job)" in run.stdout
+    stub = json.loads(out_file.read_text())["metrics_ab"]["stub"]
+    for measure in ("enqueue", "drain", "enqueue_cpu_us", "drain_cpu_us"):
+        values = stub[measure]
+        assert len(values["rounds"]["off"]) == len(values["rounds"]["on"]) == 2, measure
+        assert min(values["off"], values["on"]) > 0, measure
+        assert values["low"] <= values["paired"] <= values["high"], measure
+    assert 0 <= stub.get("worker_cpu_in_metrics", 0) < 1  # (only with py-spy on the PATH)
+
+
+@pytest.mark.redis
 def test_memory_prints_bytes_per_job_waiting_completed_locked_dead_and_scheduled() -> None:
     server = REDIS_URL.rsplit("/", 1)[0]  # the test Redis server; memory.py uses its databases 11-12
     run = subprocess.run(
