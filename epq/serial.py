@@ -15,8 +15,10 @@ Lua scripts):
   ``epq.Discard``), or is skipped as cancelled, the worker that had it releases the key
   (:class:`SerialKeys`): the head leaves the sequence and the next job's message becomes due,
   in one atomic step; the Redis broker keeping epq's state then moves it to its queue in one
-  script, elsewhere the releasing thread claimed it in that step and publishes it. A job
-  cancelled while it waits leaves the sequence (:func:`withdraw`).
+  script; elsewhere the release claims it in that step (with a lease, as a promoter claims) and
+  the process's hand-over threads publish it (:class:`HandOvers`), so that the worker thread
+  does not wait for the broker's confirm. A job cancelled while it waits leaves the sequence
+  (:func:`withdraw`).
 - **a retry keeps its place**: the failed head stays the head while it waits for its retry
   (which goes into the schedule as any retry), so no later job of its key starts before it. A
   kind in ``EPQ_SERIAL_CONTINUE_ON_FAILURE`` gives its place up instead: the key is released
@@ -33,6 +35,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import queue
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -89,6 +94,87 @@ class _Args:
             raise KeyError(name) from None
 
 
+#: Threads per worker process that publish the next jobs of released keys (see :class:`HandOvers`).
+HANDOVER_THREADS = 4
+#: At most this many claimed messages are published by one thread before their claims are
+#: forgotten together (one round trip to the state store).
+HANDOVER_BATCH = 50
+
+
+class HandOvers:
+    """Publishes, off the worker threads, the messages that releases claimed (the next job of each
+    released key), on a few threads of this process started on first use.
+
+    A worker thread that had to publish the next job itself would wait for the broker (on
+    RabbitMQ, the publisher confirm) before it could take another job: with every job of a
+    serial key handing over to the next, that wait was paid once per job. Here the release (one
+    atomic step that claims the next message with a lease) stays on the worker thread, before the
+    head's ack, and the publish goes to a queue; each hand-over thread publishes what is waiting,
+    a batch at a time, and forgets the batch's claims in one step (``epq.schedule.publish_claimed``).
+    What a process that dies leaves claimed and unpublished is published by a promoter when the
+    lease ends, as for a promoter that dies; a worker that stops publishes what is waiting first
+    (:meth:`stop`). Several threads, because one would bound every key's hand-overs together by
+    the broker's confirm time."""
+
+    def __init__(self, broker: dramatiq.Broker, store: StateStore, threads: int = HANDOVER_THREADS) -> None:
+        self.broker, self.store, self.size = broker, store, threads
+        self._waiting: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._forget_threads)  # (threads do not survive a fork)
+
+    def submit(self, claimed: tuple[str, bytes]) -> None:
+        """Publish a claimed ``(entry id, message)`` soon."""
+        if len(self._threads) < self.size:
+            self._start()
+        self._waiting.put(claimed)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Publish what is waiting, then end the threads (what is left after ``timeout_s`` is
+        published by a promoter when its lease ends)."""
+        with self._lock:
+            threads, self._threads = self._threads, []
+        for _ in threads:
+            self._waiting.put(None)
+        for thread in threads:
+            thread.join(timeout_s)
+
+    def _start(self) -> None:
+        with self._lock:
+            while len(self._threads) < self.size:
+                thread = threading.Thread(target=self._run, name="epq-serial-handover", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+
+    def _forget_threads(self) -> None:
+        self._threads = []
+        self._lock = threading.Lock()
+        self._waiting = queue.SimpleQueue()
+
+    def _run(self) -> None:
+        while True:
+            first = self._waiting.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < HANDOVER_BATCH:
+                try:
+                    more = self._waiting.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            try:
+                publish_claimed(self.broker, self.store, batch)
+            except Exception:  # (left claimed: a promoter publishes them when the lease ends)
+                logger.exception("Could not hand %d serial keys over to their next jobs", len(batch))
+            if stop:
+                return
+
+
 class SerialKeys(dramatiq.Middleware):
     """Releases a job's serial key when the job is done with it (see the module docstring).
 
@@ -98,6 +184,14 @@ class SerialKeys(dramatiq.Middleware):
 
     def __init__(self, store: StateStore) -> None:
         self.store = store
+        self._handovers: HandOvers | None = None
+        self._lock = threading.Lock()
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        with self._lock:
+            handovers = self._handovers
+        if handovers is not None:
+            handovers.stop()
 
     @property
     def actor_options(self) -> set[str]:
@@ -143,14 +237,18 @@ class SerialKeys(dramatiq.Middleware):
             if released.head:
                 promote_soon(broker, self.store)
             return
-        # elsewhere this thread claims the next job's message and publishes it (as a promoter
-        # would, with a lease: if this process dies before it is forgotten, a promoter publishes
-        # it when the lease ends); a worker's one promoter publishing every key's next would
-        # bound the throughput of all keys together
+        # elsewhere the release claims the next job's message (as a promoter would, with a lease)
+        # and this process's hand-over threads publish it (see HandOvers)
         released = until_written(
             lambda: self.store.serial_release(key, job_id, lease_ms=CLAIM_LEASE_MS), "releasing a serial key"
         )
         if released.claimed is not None:
-            publish_claimed(broker, self.store, [released.claimed])
+            self._handovers_of(broker).submit(released.claimed)
         elif released.head:
             promote_soon(broker, self.store)
+
+    def _handovers_of(self, broker: dramatiq.Broker) -> HandOvers:
+        with self._lock:
+            if self._handovers is None:
+                self._handovers = HandOvers(broker, self.store)
+            return self._handovers

@@ -12,6 +12,7 @@ import pytest
 
 import epq
 import epq.actors
+from epq.backends.base import backend_of
 from epq.settings import reset_settings
 from epq.testing import HandlerRegistry, drain, relay
 from tests.support.helpers import VALID, wait_for
@@ -261,3 +262,34 @@ def test_drain_runs_a_whole_line_on_the_stub(
     # When the test drains once, Then every one has run, in order
     drain(epq_broker, epq_worker)
     assert seen == [f"a{i}" for i in range(5)]
+
+
+class _Publishers(dramatiq.Middleware):
+    """Notes which threads enqueued each message (the send, then the move to the broker)."""
+
+    def __init__(self) -> None:
+        self.threads: dict[str, list[str]] = {}
+
+    def before_enqueue(self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int) -> None:
+        self.threads.setdefault(message.message_id, []).append(threading.current_thread().name)
+
+
+def test_the_worker_thread_that_ran_a_job_does_not_publish_the_next_job_of_its_key(
+    serial_broker: dramatiq.Broker, serial_worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given a broker that notes which threads enqueue each message
+    publishers = _Publishers()
+    serial_broker.add_middleware(publishers)
+    runs = Runs(seconds=0.01)
+    epq_handlers.register("register_job", runs)
+    # When three jobs of one endpoint run
+    ids = [send(A, f"a{i}") for i in range(3)]
+    assert wait_for(lambda: len(runs.starts) == 3, timeout=20)
+    assert runs.order(A) == ["a0", "a1", "a2"]
+    # Then the second and the third went to the broker without the worker threads waiting for it:
+    # moved by one script where the Redis broker keeps epq's state (no publish), else published
+    # by the process's hand-over threads
+    backend = backend_of(serial_broker)
+    moved_by_script = backend is not None and backend.fused
+    expected = ["MainThread"] if moved_by_script else ["MainThread", "epq-serial-handover"]
+    assert [publishers.threads[job_id] for job_id in ids[1:]] == [expected] * 2
