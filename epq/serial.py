@@ -38,14 +38,15 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dramatiq
 from dramatiq.broker import MessageProxy
 
-from .backends.base import StateStore, backend_of
+from .backends.base import Released, StateStore, backend_of, in_flight
 from .controls import Snooze
+from .middleware.common import find_middleware
 from .options import SERIAL_KEY
 from .outage import must_requeue, until_written
 from .schedule import CLAIM_LEASE_MS, promote_soon, publish_claimed
@@ -208,7 +209,7 @@ class SerialKeys(dramatiq.Middleware):
         if SERIAL_KEY not in message.options or must_requeue(message):
             return
         if exception is None:
-            self._release(broker, message)
+            self._release(broker, message, at_ack=True)
             return
         if isinstance(exception, Snooze):
             return  # (not a failure: it keeps its place)
@@ -227,7 +228,7 @@ class SerialKeys(dramatiq.Middleware):
         if SERIAL_KEY in message.options:
             self._release(broker, message)
 
-    def _release(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+    def _release(self, broker: dramatiq.Broker, message: MessageProxy, *, at_ack: bool = False) -> None:
         key = str(message.options[SERIAL_KEY])
         job_id = message.message_id
         backend = backend_of(broker)
@@ -237,14 +238,30 @@ class SerialKeys(dramatiq.Middleware):
             if released.head:
                 promote_soon(broker, self.store)
             return
+        flight = in_flight(message)
+        if at_ack and flight.batched:
+            # its consumer releases the key with the outcomes of its batch, before it acks them
+            # (``release_at_ack``): one round trip for the batch, none on this worker thread
+            flight.serial_key = key
+            return
+        flight.serial_key = None  # (released here: a nack after a success)
         # elsewhere the release claims the next job's message (as a promoter would, with a lease)
         # and this process's hand-over threads publish it (see HandOvers)
         released = until_written(
             lambda: self.store.serial_release(key, job_id, lease_ms=CLAIM_LEASE_MS), "releasing a serial key"
         )
-        if released.claimed is not None:
-            self._handovers_of(broker).submit(released.claimed)
-        elif released.head:
+        self._hand_over(broker, [released])
+
+    def _hand_over(self, broker: dramatiq.Broker, releases: list[Released]) -> None:
+        """Have the next jobs that ``releases`` claimed published, and any they put in the
+        schedule promoted."""
+        promote = False
+        for released in releases:
+            if released.claimed is not None:
+                self._handovers_of(broker).submit(released.claimed)
+            elif released.head:
+                promote = True
+        if promote:
             promote_soon(broker, self.store)
 
     def _handovers_of(self, broker: dramatiq.Broker) -> HandOvers:
@@ -252,3 +269,15 @@ class SerialKeys(dramatiq.Middleware):
             if self._handovers is None:
                 self._handovers = HandOvers(broker, self.store)
             return self._handovers
+
+
+def release_at_ack(broker: dramatiq.Broker, releases: Sequence[tuple[str, str]]) -> None:
+    """Release the serial keys of jobs that ended (``(key, job id)``, from ``InFlight.serial_key``),
+    for a consumer that writes its batch's outcomes before it acks them (RabbitMQ): in one round
+    trip, before the acks, so that a worker that dies first has its jobs given back to run again,
+    still heads of their keys. Raises what the state store raises (the consumer keeps the batch
+    and tries again: a key already released is not released twice)."""
+    keys = find_middleware(broker, SerialKeys)
+    if keys is None or not releases:
+        return
+    keys._hand_over(broker, keys.store.serial_release_many(releases, CLAIM_LEASE_MS))

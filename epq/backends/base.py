@@ -167,6 +167,10 @@ class StateStore(Protocol):
         forget (``schedule_ack``). With ``withdraw`` (a job cancelled before its turn), a job
         further back leaves the sequence too, its held message dropped."""
 
+    def serial_release_many(self, releases: Sequence[tuple[str, str]], lease_ms: int) -> list[Released]:
+        """:meth:`serial_release` of each ``(key, job id)``, with ``lease_ms``, in one round trip
+        where the store allows (a batch of acks releasing their keys)."""
+
     def serial_sequence(self, key: str) -> list[str]:
         """The ids of the jobs of ``key``'s sequence, the head first."""
 
@@ -509,6 +513,9 @@ class InFlight:
     batched: bool = False
     #: Set when it succeeded and ``batched``: the transition its consumer writes before the ack.
     outcome: Move | None = None
+    #: Set when it ended and ``batched``, with serial keys (``epq.serial``): its consumer releases
+    #: this key before the ack, with the batch's outcomes, rather than the worker thread.
+    serial_key: str | None = None
     #: The state its record had when the worker started it (``RecordStore.start``).
     state_before: str | None = None
     #: When its handler's run began (``time.perf_counter``), for the metrics.

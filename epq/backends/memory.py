@@ -142,6 +142,9 @@ class MemoryStateStore:
         self.schedule_add(data, due_ms, entry=entry)
         return Released(True)
 
+    def serial_release_many(self, releases: Sequence[tuple[str, str]], lease_ms: int) -> list[Released]:
+        return [self.serial_release(key, job_id, lease_ms=lease_ms) for key, job_id in releases]
+
     def serial_sequence(self, key: str) -> list[str]:
         with self._lock:
             return list(self._serial.get(key, ()))

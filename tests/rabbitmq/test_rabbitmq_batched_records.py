@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import dramatiq
@@ -15,6 +15,7 @@ import pytest
 import redis
 
 import epq
+from epq.settings import reset_settings
 from epq.testing import HandlerRegistry, backend
 from tests.support.helpers import VALID, message_count, wait_for
 
@@ -37,18 +38,19 @@ def _states(broker: dramatiq.Broker, ids: list[str]) -> set[epq.JobState]:
 
 
 class _Unreachable:
-    """``move_many`` of a record store that cannot be reached, until ``back`` is set."""
+    """A store's ``method`` (``move_many``, ``serial_release_many``) that cannot reach its
+    server, until ``back`` is set."""
 
-    def __init__(self, records: Any) -> None:
-        self.move_many = records.move_many
+    def __init__(self, method: Any) -> None:
+        self.method = method
         self.tried = threading.Event()
         self.back = threading.Event()
 
-    def __call__(self, moves: Sequence[Any]) -> list[str | None]:
+    def __call__(self, *args: Any) -> Any:
         self.tried.set()
         if not self.back.is_set():
             raise redis.ConnectionError("Connection refused")
-        return self.move_many(moves)  # type: ignore[no-any-return]
+        return self.method(*args)
 
 
 def test_jobs_started_and_completed_together_each_get_their_record_written_once(
@@ -76,7 +78,7 @@ def _run_with_outcomes_unwritten(
     received = epq_handlers.record("register_job")
     ids = _enqueue(broker, N)
     records = backend(broker).records
-    down = _Unreachable(records)
+    down = _Unreachable(records.move_many)
     monkeypatch.setattr(records, "move_many", down)
     worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=2)
     worker.start()
@@ -133,3 +135,46 @@ def test_a_batch_waits_for_an_unreachable_state_store_and_is_acked_once_it_is_ba
     assert sorted(r.job_id for r in received) == sorted(f"batched-{i}" for i in range(N))
     assert message_count(rabbitmq_broker, "default") == 0
     assert message_count(rabbitmq_broker, "default.XQ") == 0
+
+
+@pytest.fixture
+def serial_keys_on(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Serial keys on for every kind, set before the broker is."""
+    monkeypatch.setenv("EPQ_SERIAL_KINDS", "all")
+    reset_settings()
+    yield
+    monkeypatch.undo()
+    reset_settings()
+
+
+def test_a_serial_key_is_released_with_its_batch_and_waits_for_an_unreachable_state_store(
+    serial_keys_on: None,
+    rabbitmq_broker: dramatiq.Broker,
+    epq_handlers: HandlerRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given three jobs of one endpoint (serial keys on), and a state store that cannot take the
+    # release of a key when a batch of acks is written
+    received = epq_handlers.record("register_job")
+    ids = _enqueue(rabbitmq_broker, 3)
+    state = backend(rabbitmq_broker).state
+    down = _Unreachable(state.serial_release_many)
+    monkeypatch.setattr(state, "serial_release_many", down)
+    worker = dramatiq.Worker(rabbitmq_broker, worker_timeout=50, worker_threads=2)
+    worker.start()
+    try:
+        # When the first job has run
+        assert wait_for(lambda: len(received) == 1, timeout=30)
+        assert down.tried.wait(10)
+        # Then its message is not acked and the next job of its endpoint does not start
+        time.sleep(0.5)
+        assert len(received) == 1
+        assert message_count(rabbitmq_broker, "default") == 0  # (the head, unacked; the rest held)
+        # and once the state store is back, the key goes to each next job in turn: each runs once,
+        # in enqueue order
+        down.back.set()
+        assert wait_for(lambda: _states(rabbitmq_broker, ids) == {epq.JobState.COMPLETED}, timeout=30)
+    finally:
+        worker.stop()
+    assert [r.job_id for r in received] == [f"batched-{i}" for i in range(3)]
+    assert message_count(rabbitmq_broker, "default") == 0

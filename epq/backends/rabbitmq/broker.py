@@ -21,10 +21,10 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer, _Rabbit
 from dramatiq.common import dq_name, q_name
 from dramatiq.errors import ConnectionClosed
 
-from ... import wire
+from ... import serial, wire
 from ...errors import BrokerUnavailable, QueueMismatch, StateUnavailable, describe_error
 from ...middleware.job_records import refuse_malformed
-from ...outage import GivesBack, backoff_ms, must_requeue, unreachable
+from ...outage import GivesBack, backoff_ms, must_requeue, unreachable, until_written
 from ...pausing import PAUSED_POLL_MS, PausableConsumer
 from ...priority import BROKER_PRIORITY, RABBITMQ_MAX_PRIORITY, amqp_priority, lane_of
 from ..base import DurableDelays, Move, in_flight, schedule_message
@@ -44,9 +44,10 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
 
     The records of jobs that succeeded are completed in batches: ``ack`` (in a worker thread)
     keeps the job's outcome (``InFlight.outcome``) and has the connection's thread flush what
-    is kept: the outcomes written in one round trip (``RecordStore.move_many``), then their
-    messages acked. A flush asked for while one runs follows it; so the jobs that end while the
-    state store answers go in the next batch, and a job alone waits for nothing. While the state
+    is kept: the outcomes written in one round trip (``RecordStore.move_many``), the serial keys
+    of those jobs released in another (``epq.serial.release_at_ack``), then their messages
+    acked. A flush asked for while one runs follows it; so the jobs that end while the state
+    store answers go in the next batch, and a job alone waits for nothing. While the state
     store cannot be reached, the outcomes stay kept and their messages unacked (the outage rule):
     the flush is tried again with ``epq.outage``'s backoff, without blocking the connection's
     thread (which keeps the heartbeats going); if the worker stops or the connection is lost
@@ -65,7 +66,8 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
         backend = self.broker.epq
         self.records = backend.records if backend is not None else None
         self._lock = threading.Lock()
-        self._kept: list[tuple[int, Move]] = []  # (delivery tag, outcome), in ack order
+        # (delivery tag, outcome, (serial key, job id) to release or None), in ack order
+        self._kept: list[tuple[int, Move, tuple[str, str] | None]] = []
         self._flushing = False  # a flush is asked for or running
         self._failed_flushes = 0  # in a row, the state store unreachable
 
@@ -112,8 +114,12 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
             self.iterator = self.channel.consume(self.queue_name, inactivity_timeout=self.timeout_s)
 
     def ack(self, message: Any) -> None:
-        outcome = in_flight(message).outcome
+        flight = in_flight(message)
+        outcome = flight.outcome
+        release = None if flight.serial_key is None else (flight.serial_key, message.message_id)
         if outcome is None or must_requeue(message):
+            if release is not None and not must_requeue(message):  # (an outcome not batched)
+                until_written(lambda: serial.release_at_ack(self.broker, [release]), "releasing a serial key")
             super().ack(message)  # (GivesBack: or back to its queue)
             return
         try:
@@ -122,7 +128,7 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
             self.logger.warning("Failed to ack message: not in known tags.")
             return
         with self._lock:
-            self._kept.append((message._tag, outcome))
+            self._kept.append((message._tag, outcome, release))
             if self._flushing:
                 return  # the flush running or asked for takes it
             self._flushing = True
@@ -145,18 +151,26 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
                 self._flushing = False
                 return
         try:
-            self.records.move_many([outcome for _, outcome in batch])
+            self.records.move_many([outcome for _, outcome, _ in batch])
         except Exception as exc:
             if unreachable(exc):
                 self._flush_later(batch, exc)
                 return
             # a state store that answers but cannot take it (a bug): acked as they would be
             logger.exception("Could not write the records of %d completed jobs", len(batch))
+        releases = [release for _, _, release in batch if release is not None]
+        try:
+            serial.release_at_ack(self.broker, releases)  # (epq.serial: before the acks)
+        except Exception as exc:
+            if unreachable(exc):
+                self._flush_later(batch, exc)  # (the outcomes are written again: the same state)
+                return
+            logger.exception("Could not release the serial keys of %d completed jobs", len(releases))
         if self._failed_flushes:
             logger.warning("The state store is back; acking %d completed jobs", len(batch))
             self._failed_flushes = 0
-        *others, (last, _) = batch
-        for tag, _ in others:
+        *others, (last, _, _) = batch
+        for tag, _, _ in others:
             self.channel._impl.basic_ack(tag)  # (pika's channel under the blocking one: no flush)
         self.channel.basic_ack(last)  # sends them all
         with self._lock:
@@ -164,7 +178,7 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
         if self._flushing:
             self._flush_soon()
 
-    def _flush_later(self, batch: list[tuple[int, Move]], exc: Exception) -> None:
+    def _flush_later(self, batch: list[tuple[int, Move, tuple[str, str] | None]], exc: Exception) -> None:
         """Keep the outcomes (their messages unacked) and flush again after a backoff."""
         with self._lock:
             self._kept[:0] = batch

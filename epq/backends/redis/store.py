@@ -56,6 +56,11 @@ def flat_fields(fields: RecordFields) -> list[str]:
     return out
 
 
+def _released(reply: Any) -> Released:
+    """What ``serial_release.lua`` replied, as a :class:`Released`."""
+    return Released(bool(reply), (reply[1].decode(), reply[2]) if len(reply) == 3 else None)
+
+
 def _text(reply: Any) -> str | None:
     """A script's string reply as text (None for Lua's false)."""
     if not reply:
@@ -139,18 +144,24 @@ class RedisStateStore:
 
     def serial_release(self, key: str, job_id: str, *, withdraw: bool = False, lease_ms: int = 0) -> Released:
         now = self.now_ms() if lease_ms else 0
-        reply = self._lua["serial_release"](
-            keys=[
-                keys.serial(key),
-                keys.SERIAL_HELD,
-                keys.SCHEDULE,
-                keys.SCHEDULE_DATA,
-                keys.SCHEDULE_CLAIMED,
-            ],
-            args=[job_id, int(withdraw), now + lease_ms if lease_ms else 0, now],
+        script, script_keys, args = self._release_call(key, job_id, withdraw, lease_ms, now)
+        return _released(script(keys=script_keys, args=args))
+
+    def serial_release_many(self, releases: Sequence[tuple[str, str]], lease_ms: int) -> list[Released]:
+        now = self.now_ms()
+        calls = [self._release_call(key, job_id, False, lease_ms, now) for key, job_id in releases]
+        replies = call_many(self.client.connection_pool, calls)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return [_released(reply) for reply in replies]
+
+    def _release_call(self, key: str, job_id: str, withdraw: bool, lease_ms: int, now: int) -> ScriptCall:
+        return (
+            self._lua["serial_release"],
+            [keys.serial(key), keys.SERIAL_HELD, keys.SCHEDULE, keys.SCHEDULE_DATA, keys.SCHEDULE_CLAIMED],
+            [job_id, int(withdraw), now + lease_ms if lease_ms else 0, now],
         )
-        claimed = (reply[1].decode(), reply[2]) if len(reply) == 3 else None
-        return Released(bool(reply), claimed)
 
     def serial_sequence(self, key: str) -> list[str]:
         return [job_id.decode() for job_id in self.client.lrange(keys.serial(key), 0, -1)]
