@@ -71,15 +71,25 @@ def is_serial(actor: dramatiq.Actor[Any, Any]) -> bool:
 def withdraw(broker: dramatiq.Broker, store: StateStore, job_id: str, fields: Mapping[str, str]) -> None:
     """Take a job cancelled before it started out of its key's sequence (``fields``: its record):
     the next job goes at once if it was the head, and a job further back is never delivered."""
-    actor = broker.actors.get(fields.get("kind", ""))
-    if actor is None or not is_serial(actor):
-        return
     try:
-        key = serial_key(actor, _Args(json.loads(fields.get("args") or "{}")))
-    except (ValueError, KeyError):
-        return  # (a payload without the field: it never had a key)
+        args = json.loads(fields.get("args") or "{}")
+    except ValueError:
+        return
+    key = stored_serial_key(broker, fields.get("kind", ""), args)
     if key is not None and store.serial_release(key, job_id, withdraw=True).head:
         promote_soon(broker, store)
+
+
+def stored_serial_key(broker: dramatiq.Broker, kind: str, args: Mapping[str, Any]) -> str | None:
+    """The serial key of a stored job of ``kind`` whose payload is ``args`` (a record's), None
+    when its kind has no serial keys (or the payload lacks the field: it never had one)."""
+    actor = broker.actors.get(kind)
+    if actor is None or not is_serial(actor):
+        return None
+    try:
+        return serial_key(actor, _Args(args))
+    except KeyError:
+        return None
 
 
 class _Args:

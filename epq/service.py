@@ -30,12 +30,13 @@ from .models import (
     RegisterSourceRequest,
     _Request,
 )
-from .options import PRIORITY, RECORDED
+from .options import PRIORITY, RECORDED, SERIAL_KEY
 from .outbox import pending
 from .outbox.connections import Statements, dbapi_connection
 from .pausing import Pausing
 from .priority import LANES
 from .records import INDEX_POSITION, NOT_STARTED, OPEN_RECORD_TTL_MS, lock_key_of, to_job_record
+from .serial import stored_serial_key
 
 _KIND_BY_MODEL: dict[type[_Request], str] = {
     EnqueueIndexEndpointRequest: "index_endpoint",
@@ -529,12 +530,17 @@ class QueueService:
         ):
             return self._record(runtime, job_id)
         runtime.state.forget_cancel(job_id)  # (a request that came after its last run ended)
+        kwargs = json.loads(fields["args"])
+        options: dict[str, Any] = {PRIORITY: int(fields["priority"]), RECORDED: 1}
+        key = stored_serial_key(runtime.broker, fields["kind"], kwargs)
+        if key is not None:  # it joins the end of its key's line (epq.serial)
+            options[SERIAL_KEY] = key
         message: dramatiq.Message[Any] = dramatiq.Message(
             queue_name=fields["queue"],
             actor_name=fields["kind"],
             args=(),
-            kwargs=json.loads(fields["args"]),
-            options={PRIORITY: int(fields["priority"]), RECORDED: 1},
+            kwargs=kwargs,
+            options=options,
             message_id=job_id,
             message_timestamp=int(fields["created_at"]),
         )

@@ -56,6 +56,7 @@ class Runs:
         self.most: dict[str, int] = {}
         self.starts: list[tuple[str, str]] = []  # (endpoint, job)
         self.fail: dict[str, list[BaseException]] = {}  # job -> exceptions to raise, in turn
+        self.gates: dict[str, threading.Event] = {}  # job -> what it waits for while it runs
 
     def __call__(self, request: Any) -> None:
         endpoint, job = str(request.endpoint_id), request.job_id
@@ -65,6 +66,8 @@ class Runs:
             self.starts.append((endpoint, job))
         try:
             time.sleep(self.seconds)
+            if job in self.gates:
+                assert self.gates[job].wait(10)
             errors = self.fail.get(job)
             if errors:
                 raise errors.pop(0)
@@ -293,3 +296,28 @@ def test_the_worker_thread_that_ran_a_job_does_not_publish_the_next_job_of_its_k
     moved_by_script = backend is not None and backend.fused
     expected = ["MainThread"] if moved_by_script else ["MainThread", "epq-serial-handover"]
     assert [publishers.threads[job_id] for job_id in ids[1:]] == [expected] * 2
+
+
+def test_a_dead_job_run_again_joins_the_end_of_its_endpoints_line(
+    serial_broker: dramatiq.Broker, serial_worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given a job of endpoint A that discarded itself, and the next job of A running
+    runs = Runs(seconds=0.01)
+    runs.fail["a0"] = [epq.Discard("bad registration")]
+    gate = runs.gates["a1"] = threading.Event()
+    epq_handlers.register("register_job", runs)
+    dead, running = send(A, "a0"), send(A, "a1")
+    service = epq.QueueService(serial_broker)
+    assert wait_for(lambda: state(serial_broker, running) is S.RUNNING, timeout=10)
+    assert state(serial_broker, dead) is S.DISCARDED
+    # When the dead job is run again while the other runs
+    service.retry_dead(dead)
+    # Then it waits for its turn: it does not start beside the running job of its endpoint
+    time.sleep(0.3)
+    assert runs.order(A) == ["a0", "a1"]
+    assert state(serial_broker, dead) is not S.RUNNING
+    # and it runs once the running one has ended, never two of A at once
+    gate.set()
+    assert wait_for(lambda: state(serial_broker, dead) is S.COMPLETED, timeout=10)
+    assert runs.order(A) == ["a0", "a1", "a0"]
+    assert runs.most == {A: 1}
