@@ -321,3 +321,49 @@ def test_a_dead_job_run_again_joins_the_end_of_its_endpoints_line(
     assert wait_for(lambda: state(serial_broker, dead) is S.COMPLETED, timeout=10)
     assert runs.order(A) == ["a0", "a1", "a0"]
     assert runs.most == {A: 1}
+
+
+@pytest.mark.parametrize(
+    "serial_settings",
+    [
+        {
+            "EPQ_SERIAL_KINDS": "all",
+            "EPQ_INDEX_UNIQUE_FOR": "60",
+            "EPQ_INDEX_DEBOUNCE_DELAY": "0.3",
+            "EPQ_INDEX_DEBOUNCE_MAX_WAIT": "20",
+        }
+    ],
+    indirect=True,
+)
+def test_a_debounced_index_waits_for_its_turn_and_runs_once_with_the_last_payload(
+    serial_broker: dramatiq.Broker, serial_worker: dramatiq.Worker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given a registration of endpoint A running, and an index of A that waits behind it
+    runs = Runs(seconds=0.01)
+    gate = runs.gates["a1"] = threading.Event()
+    epq_handlers.register("register_job", runs)
+    indexed: list[tuple[int, int]] = []  # (payload version, A's registrations running at its start)
+
+    def index(request: Any) -> None:
+        with runs.lock:
+            indexed.append((int(request.source_data["version"]), runs.running.get(A, 0)))
+
+    epq_handlers.register("index_endpoint", index)
+    send(A, "a1")
+    assert wait_for(lambda: runs.order(A) == ["a1"], timeout=10)
+    service = epq.QueueService(serial_broker)
+    request = {"endpoint_id": A, "source": "API", "reason": "deploy", "unique_mode": "debounce"}
+    first = service.enqueue_index_endpoint({**request, "source_data": {"version": 0}})
+    # When duplicates come with debounce, while the registration still runs
+    for version in range(1, 4):
+        again = service.enqueue_index_endpoint({**request, "source_data": {"version": version}})
+        assert again.unique_replaced
+        assert again.job.id == first.job.id
+    # Then the index does not run beside the registration, even once its debounce delay is over
+    time.sleep(0.6)
+    assert indexed == []
+    # and once the registration ends, it runs once, with the last payload
+    gate.set()
+    assert wait_for(lambda: state(serial_broker, first.job.id) is S.COMPLETED, timeout=10)
+    time.sleep(0.3)
+    assert indexed == [(3, 0)]
