@@ -131,8 +131,8 @@ class StoreCollector:
         yield oldest
 
         yield core.GaugeMetricFamily(
-            SCHEDULED, "Jobs in the durable schedule (delayed runs and retries).",
-            value=self.state.schedule_size(),
+            SCHEDULED, "Jobs in the durable schedule (delayed runs, retries, serial jobs held).",
+            value=self.state.schedule_size() + self.state.serial_held(),
         )  # fmt: skip
         yield core.GaugeMetricFamily(
             SCHEDULED_DUE, "Scheduled jobs due but not yet promoted to their queue.",

@@ -151,6 +151,9 @@ class StateStore(Protocol):
     def schedule_claimed(self) -> int:
         """Entries claimed by a promoter and not yet forgotten."""
 
+    def serial_held(self) -> int:
+        """Messages of jobs with serial keys held until their turn (not yet in the schedule)."""
+
     def schedule_due(self, now_ms: int) -> int:
         """Entries due at ``now_ms`` that no promoter has claimed yet."""
 

@@ -241,6 +241,10 @@ class MemoryStateStore:
         with self._lock:
             return len(self._claimed)
 
+    def serial_held(self) -> int:
+        with self._lock:
+            return len(self._held)
+
     def schedule_due(self, now_ms: int) -> int:
         with self._lock:
             due = {e for at, e in self._due if at <= now_ms and e in self._data and not self._stale(at, e)}

@@ -12,6 +12,7 @@ import pytest
 
 import epq
 import epq.actors
+import epq.metrics
 from epq.backends.base import backend_of
 from epq.settings import reset_settings
 from epq.testing import HandlerRegistry, drain, relay
@@ -367,3 +368,25 @@ def test_a_debounced_index_waits_for_its_turn_and_runs_once_with_the_last_payloa
     assert wait_for(lambda: state(serial_broker, first.job.id) is S.COMPLETED, timeout=10)
     time.sleep(0.3)
     assert indexed == [(3, 0)]
+
+
+def test_jobs_waiting_for_their_serial_key_count_as_scheduled_in_the_metrics(
+    serial_broker: dramatiq.Broker,
+) -> None:
+    # Given three jobs of one endpoint and two of another, and no worker
+    ids = [send(A, f"a{i}") for i in range(3)] + [send(B, f"b{i}") for i in range(2)]
+    # Then the store-side metrics count as scheduled the three held behind their endpoint's first
+    # job, and the first jobs too while they are still in the schedule (the Redis broker keeping
+    # epq's state moves them to their queue at once), as their records say
+    heads_scheduled = sum(state(serial_broker, job) is S.SCHEDULED for job in (ids[0], ids[3]))
+    found = backend_of(serial_broker)
+    assert found is not None
+    registry = epq.metrics.store_registry(found.state, found.records)
+    assert registry.get_sample_value("epq_scheduled_jobs") == 3 + heads_scheduled
+    scheduled = [
+        sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == "epq_jobs" and sample.labels["state"] == "scheduled"
+    ]
+    assert sum(scheduled) == 3 + heads_scheduled

@@ -231,6 +231,9 @@ class RedisStateStore:
     def schedule_claimed(self) -> int:
         return int(self.client.zcard(keys.SCHEDULE_CLAIMED))
 
+    def serial_held(self) -> int:
+        return int(self.client.hlen(keys.SERIAL_HELD))
+
     def schedule_due(self, now_ms: int) -> int:
         return int(self.client.zcount(keys.SCHEDULE, "-inf", now_ms))
 
