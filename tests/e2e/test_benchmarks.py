@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,21 +15,27 @@ from tests.support.postgres import POSTGRES_URL
 from tests.support.workers import ROOT
 
 
-@pytest.mark.redis
-def test_compare_prints_the_table_and_writes_json(tmp_path: Path) -> None:
+def _compare(tmp_path: Path, args: str) -> tuple[str, Any]:
+    """Run ``benchmarks/compare.py`` on the stub broker with ``args``: its output and its JSON."""
     server = REDIS_URL.rsplit("/", 1)[0]  # the test Redis server; compare.py uses its databases 8-10
     redis_available(f"{server}/8").close()  # where the jobs note themselves
     out_file = tmp_path / "run.json"
-    args = f"--redis {server} --brokers stub"
-    args += " --n 60 --rounds 2 --drain 60 --latency-jobs 5 --latency-gap-ms 1 --scheduled 0"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "compare.py"), *args.split(), "--json", str(out_file)],
+        [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--redis", server, "--brokers", "stub",
+         *args.split(), "--json", str(out_file)],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
-    assert "single enqueue (jobs/s)" in run.stdout
-    assert "epq/plain" in run.stdout
-    result = json.loads(out_file.read_text())
+    return run.stdout, json.loads(out_file.read_text())
+
+
+@pytest.mark.redis
+def test_compare_prints_the_table_and_writes_json(tmp_path: Path) -> None:
+    stdout, result = _compare(
+        tmp_path, "--n 60 --rounds 2 --drain 60 --latency-jobs 5 --latency-gap-ms 1 --scheduled 0"
+    )
+    assert "single enqueue (jobs/s)" in stdout
+    assert "epq/plain" in stdout
     ratios = result["ratios"]["stub"]
     for key in (
         "single_enqueue_per_s",
@@ -43,17 +50,9 @@ def test_compare_prints_the_table_and_writes_json(tmp_path: Path) -> None:
 
 @pytest.mark.redis
 def test_compare_metrics_ab_prints_paired_ratios_and_cpu_per_job(tmp_path: Path) -> None:
-    server = REDIS_URL.rsplit("/", 1)[0]  # the test Redis server; compare.py uses its databases 8-10
-    redis_available(f"{server}/8").close()
-    out_file = tmp_path / "ab.json"
-    args = f"--redis {server} --brokers stub --metrics-ab 2 --n 40 --drain 40 --share-drain 200"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "compare.py"), *args.split(), "--json", str(out_file)],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    assert "drain CPU (us/job)" in run.stdout
-    stub = json.loads(out_file.read_text())["metrics_ab"]["stub"]
+    stdout, result = _compare(tmp_path, "--metrics-ab 2 --n 40 --drain 40 --share-drain 200")
+    assert "drain CPU (us/job)" in stdout
+    stub = result["metrics_ab"]["stub"]
     for measure in ("enqueue", "drain", "enqueue_cpu_us", "drain_cpu_us"):
         values = stub[measure]
         assert len(values["rounds"]["off"]) == len(values["rounds"]["on"]) == 2, measure

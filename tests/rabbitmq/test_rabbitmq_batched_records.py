@@ -70,25 +70,39 @@ def test_jobs_started_and_completed_together_each_get_their_record_written_once(
     assert {svc.get_job(i).attempt for i in ids} == {1}  # type: ignore[union-attr]  # one start each
 
 
-def _run_with_outcomes_unwritten(
-    broker: dramatiq.Broker, epq_handlers: HandlerRegistry, monkeypatch: pytest.MonkeyPatch
+def _run_with_store_down(
+    broker: dramatiq.Broker,
+    epq_handlers: HandlerRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    store: Any,
+    method: str,
+    jobs: int,
+    ran: int,
 ) -> tuple[Any, list[str], _Unreachable, dramatiq.Worker]:
-    """``N`` jobs enqueued and a worker started while the state store refuses their outcomes;
-    returns once the worker holds ``HELD`` of them and has tried to write (the worker runs on)."""
+    """``jobs`` jobs enqueued and a worker of two threads started while ``store``'s ``method``
+    cannot reach its server; returns once ``ran`` of them have run and the worker has tried to
+    write (the worker runs on)."""
     received = epq_handlers.record("register_job")
-    ids = _enqueue(broker, N)
-    records = backend(broker).records
-    down = _Unreachable(records.move_many)
-    monkeypatch.setattr(records, "move_many", down)
+    ids = _enqueue(broker, jobs)
+    down = _Unreachable(getattr(store, method))
+    monkeypatch.setattr(store, method, down)
     worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=2)
     worker.start()
     try:
-        assert wait_for(lambda: len(received) == HELD, timeout=30)
+        assert wait_for(lambda: len(received) == ran, timeout=30)
         assert down.tried.wait(10)
     except BaseException:
         worker.stop()
         raise
     return received, ids, down, worker
+
+
+def _run_with_outcomes_unwritten(
+    broker: dramatiq.Broker, epq_handlers: HandlerRegistry, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, list[str], _Unreachable, dramatiq.Worker]:
+    """``N`` jobs run while the state store refuses their outcomes: the worker holds ``HELD``."""
+    records = backend(broker).records
+    return _run_with_store_down(broker, epq_handlers, monkeypatch, records, "move_many", N, HELD)
 
 
 def test_a_batch_whose_outcomes_cannot_be_written_is_not_acked_and_runs_again_after_the_worker_stops(
@@ -155,17 +169,12 @@ def test_a_serial_key_is_released_with_its_batch_and_waits_for_an_unreachable_st
 ) -> None:
     # Given three jobs of one endpoint (serial keys on), and a state store that cannot take the
     # release of a key when a batch of acks is written
-    received = epq_handlers.record("register_job")
-    ids = _enqueue(rabbitmq_broker, 3)
+    # When the first job has run
     state = backend(rabbitmq_broker).state
-    down = _Unreachable(state.serial_release_many)
-    monkeypatch.setattr(state, "serial_release_many", down)
-    worker = dramatiq.Worker(rabbitmq_broker, worker_timeout=50, worker_threads=2)
-    worker.start()
+    received, ids, down, worker = _run_with_store_down(
+        rabbitmq_broker, epq_handlers, monkeypatch, state, "serial_release_many", 3, 1
+    )
     try:
-        # When the first job has run
-        assert wait_for(lambda: len(received) == 1, timeout=30)
-        assert down.tried.wait(10)
         # Then its message is not acked and the next job of its endpoint does not start
         time.sleep(0.5)
         assert len(received) == 1
