@@ -124,7 +124,8 @@ class HandOvers:
     a batch at a time, and forgets the batch's claims in one step (``epq.schedule.publish_claimed``).
     What a process that dies leaves claimed and unpublished is published by a promoter when the
     lease ends, as for a promoter that dies; a worker that stops publishes what is waiting first
-    (:meth:`stop`). Several threads, because one would bound every key's hand-overs together by
+    (:meth:`stop`, once its worker threads and consumers are done), and a release after that
+    publishes on its own thread. Several threads, because one would bound every key's hand-overs together by
     the broker's confirm time."""
 
     def __init__(self, broker: dramatiq.Broker, store: StateStore, threads: int = HANDOVER_THREADS) -> None:
@@ -132,10 +133,14 @@ class HandOvers:
         self._waiting: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._stopped = False
         os.register_at_fork(after_in_child=self._forget_threads)  # (threads do not survive a fork)
 
     def submit(self, claimed: tuple[str, bytes]) -> None:
-        """Publish a claimed ``(entry id, message)`` soon."""
+        """Publish a claimed ``(entry id, message)`` soon (at once, on this thread, once stopped)."""
+        if self._stopped:
+            publish_claimed(self.broker, self.store, [claimed])
+            return
         if len(self._threads) < self.size:
             self._start()
         self._waiting.put(claimed)
@@ -144,6 +149,7 @@ class HandOvers:
         """Publish what is waiting, then end the threads (what is left after ``timeout_s`` is
         published by a promoter when its lease ends)."""
         with self._lock:
+            self._stopped = True
             threads, self._threads = self._threads, []
         for _ in threads:
             self._waiting.put(None)
@@ -152,13 +158,14 @@ class HandOvers:
 
     def _start(self) -> None:
         with self._lock:
-            while len(self._threads) < self.size:
+            while not self._stopped and len(self._threads) < self.size:
                 thread = threading.Thread(target=self._run, name="epq-serial-handover", daemon=True)
                 self._threads.append(thread)
                 thread.start()
 
     def _forget_threads(self) -> None:
         self._threads = []
+        self._stopped = False
         self._lock = threading.Lock()
         self._waiting = queue.SimpleQueue()
 
@@ -198,7 +205,9 @@ class SerialKeys(dramatiq.Middleware):
         self._handovers: HandOvers | None = None
         self._lock = threading.Lock()
 
-    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        """Publish the hand-overs still waiting, now that the worker's threads and consumers are
+        done (and could release no more keys) and before the broker is closed."""
         with self._lock:
             handovers = self._handovers
         if handovers is not None:
@@ -229,8 +238,9 @@ class SerialKeys(dramatiq.Middleware):
         # else: dead-lettered (``after_nack``) or retried (it keeps its place)
 
     def after_nack(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
-        """Dead-lettered: its last attempt failed, it was discarded or cancelled while it ran."""
-        if SERIAL_KEY in message.options:
+        """Dead-lettered: its last attempt failed, it was discarded or cancelled while it ran (not
+        a message given back to its queue in an outage: it runs again, still the head)."""
+        if SERIAL_KEY in message.options and not must_requeue(message):
             self._release(broker, message)
 
     def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:

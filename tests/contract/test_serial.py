@@ -14,9 +14,10 @@ import epq
 import epq.actors
 import epq.metrics
 from epq.backends.base import backend_of
+from epq.serial import HandOvers
 from epq.settings import reset_settings
 from epq.testing import HandlerRegistry, drain, relay
-from tests.support.helpers import VALID, wait_for
+from tests.support.helpers import VALID, message_count, wait_for
 
 S = epq.JobState
 A = "11111111-1111-4111-8111-111111111111"
@@ -390,3 +391,27 @@ def test_jobs_waiting_for_their_serial_key_count_as_scheduled_in_the_metrics(
         if sample.name == "epq_jobs" and sample.labels["state"] == "scheduled"
     ]
     assert sum(scheduled) == 3 + heads_scheduled
+
+
+def test_hand_overs_after_their_worker_stopped_are_published_at_once_by_the_releasing_thread(
+    serial_broker: dramatiq.Broker,
+) -> None:
+    # Given a process's hand-over threads, stopped with their worker
+    found = backend_of(serial_broker)
+    assert found is not None
+    handovers = HandOvers(serial_broker, found.state)
+    handovers.stop()
+    # When a release claims the next job's message after that (a job that ended late)
+    message = epq.actors.register_job.message_with_options(
+        kwargs={**VALID["register_job"], "endpoint_id": A, "job_id": "late"}
+    )
+    found.state.schedule_add(message.encode(), found.state.now_ms())
+    claimed, _ = found.state.schedule_claim(found.state.now_ms(), 30_000, 10)
+    assert len(claimed) == 1
+    threads_before = set(threading.enumerate())
+    handovers.submit(claimed[0])
+    # Then it is on the broker when submit returns, its claim forgotten, and no thread was started
+    assert message_count(serial_broker, "default") == 1
+    assert found.state.schedule_claimed() == 0
+    started = set(threading.enumerate()) - threads_before
+    assert not [thread for thread in started if thread.name == "epq-serial-handover"]

@@ -24,7 +24,7 @@ from dramatiq.errors import ConnectionClosed
 from ... import serial, wire
 from ...errors import BrokerUnavailable, QueueMismatch, StateUnavailable, describe_error
 from ...middleware.job_records import refuse_malformed
-from ...outage import GivesBack, backoff_ms, must_requeue, unreachable, until_written
+from ...outage import GivesBack, WorkerStopping, backoff_ms, must_requeue, unreachable, until_written
 from ...pausing import PAUSED_POLL_MS, PausableConsumer
 from ...priority import BROKER_PRIORITY, RABBITMQ_MAX_PRIORITY, amqp_priority, lane_of
 from ..base import DurableDelays, Move, in_flight, schedule_message
@@ -119,7 +119,12 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
         release = None if flight.serial_key is None else (flight.serial_key, message.message_id)
         if outcome is None or must_requeue(message):
             if release is not None and not must_requeue(message):  # (an outcome not batched)
-                until_written(lambda: serial.release_at_ack(self.broker, [release]), "releasing a serial key")
+                release_now = partial(serial.release_at_ack, self.broker, [release])
+                try:
+                    until_written(release_now, "releasing a serial key")
+                except WorkerStopping:
+                    self.give_back(message)  # (it runs again, still the head of its key)
+                    return
             super().ack(message)  # (GivesBack: or back to its queue)
             return
         try:
