@@ -9,11 +9,14 @@ from typing import Any
 
 import dramatiq
 import pytest
+from dramatiq.broker import MessageProxy
 
 import epq
 import epq.actors
 import epq.metrics
 from epq.backends.base import backend_of
+from epq.options import SERIAL_KEY
+from epq.outage import requeue_instead
 from epq.serial import HandOvers
 from epq.settings import reset_settings
 from epq.testing import HandlerRegistry, drain, relay
@@ -415,3 +418,25 @@ def test_hand_overs_after_their_worker_stopped_are_published_at_once_by_the_rele
     assert found.state.schedule_claimed() == 0
     started = set(threading.enumerate()) - threads_before
     assert not [thread for thread in started if thread.name == "epq-serial-handover"]
+
+
+def test_a_job_given_back_to_its_queue_in_an_outage_keeps_its_key(serial_broker: dramatiq.Broker) -> None:
+    # Given two jobs of one endpoint, the first its key's head
+    first, second = send(A, "a0"), send(A, "a1")
+    found = backend_of(serial_broker)
+    assert found is not None
+    assert found.state.serial_sequence(A) == [first, second]
+    # When the first one's worker gives it back to its queue (the state store was unreachable)
+    # rather than dead-lettering it, and the nack's hooks run
+    message = dramatiq.Message(
+        queue_name="default", actor_name="register_job", args=(), kwargs={}, options={SERIAL_KEY: A},
+        message_id=first,
+    )  # fmt: skip
+    proxy = MessageProxy(message)
+    requeue_instead(proxy)
+    serial_broker.emit_after("nack", proxy)
+    # Then it is still its key's head: the next job does not go before it runs again
+    assert found.state.serial_sequence(A) == [first, second]
+    # (and a nack that dead-letters it does let the next one go)
+    serial_broker.emit_after("nack", MessageProxy(message))
+    assert found.state.serial_sequence(A) == [second]
