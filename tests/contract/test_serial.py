@@ -122,11 +122,11 @@ def test_jobs_of_one_endpoint_start_one_at_a_time_in_enqueue_order_and_other_end
 def test_a_job_waiting_for_its_retry_keeps_its_place_and_holds_the_key(
     serial_broker: dramatiq.Broker, serial_worker: dramatiq.Worker, epq_handlers: HandlerRegistry
 ) -> None:
-    # Given a job that fails its first attempt (retried after 300 ms) and two jobs after it
+    # Given a job that fails its first attempt (retried after 1 s) and two jobs after it
     runs = Runs(seconds=0.01)
     runs.fail["a0"] = [RuntimeError("endpoint down")]
     epq_handlers.register("register_job", runs)
-    first = send(A, "a0", backoff_ms=[300])
+    first = send(A, "a0", backoff_ms=[1000])  # (a loaded machine's polls can lag a few 100 ms)
     later = [send(A, "a1"), send(A, "a2")]
     queued = epq.QueueService(serial_broker).enqueue_register_job(
         epq.RegisterJobRequest(endpoint_id=B, job_id="b0", job_metadata={})
@@ -151,13 +151,16 @@ def test_a_job_waiting_for_its_retry_keeps_its_place_and_holds_the_key(
 def test_a_kind_that_continues_on_failure_lets_the_next_job_go_while_it_waits_for_its_retry(
     serial_broker: dramatiq.Broker, serial_worker: dramatiq.Worker, epq_handlers: HandlerRegistry
 ) -> None:
-    # Given a job that fails its first attempt (retried after 300 ms) and two jobs after it
+    # Given a job that fails its first attempt (retried after 300 ms) and two jobs after it,
+    # enqueued before it fails
     runs = Runs(seconds=0.01)
     runs.fail["a0"] = [RuntimeError("endpoint down")]
+    sent = runs.gates["a0"] = threading.Event()
     epq_handlers.register("register_job", runs)
     first = send(A, "a0", backoff_ms=[300])
     send(A, "a1")
     send(A, "a2")
+    sent.set()  # (else, on a loaded machine, its retry could join the line before a2 does)
     # Then the next ones run while it waits, and its retry, at the end of the line, runs last
     assert wait_for(lambda: len(runs.starts) == 4, timeout=10)
     assert runs.order(A) == ["a0", "a1", "a2", "a0"]
