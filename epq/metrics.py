@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -483,6 +484,8 @@ def flush_refusals(state: StateStore | None = None) -> None:
 # ---- multiprocess mode --------------------------------------------------------------------------
 
 _DB_FILE = re.compile(r".*_(\d+)\.db$")
+#: A worker command's metric files directory under the temporary directory: this, its main pid.
+_DIR_PREFIX = "epq-metrics-"
 
 
 def multiprocess_dir(main_pid: int) -> Path:
@@ -491,7 +494,9 @@ def multiprocess_dir(main_pid: int) -> Path:
     Sets the variable, so that ``prometheus_client`` loads in multiprocess mode, and forgets the
     files of processes that are gone (a pid reused from an earlier run)."""
     given = os.environ.get(MULTIPROC_ENV)
-    path = Path(given) if given else Path(tempfile.gettempdir()) / f"epq-metrics-{main_pid}"
+    if not given:
+        _forget_dead_dirs(Path(tempfile.gettempdir()), main_pid)
+    path = Path(given) if given else Path(tempfile.gettempdir()) / f"{_DIR_PREFIX}{main_pid}"
     path.mkdir(parents=True, exist_ok=True)
     os.environ[MULTIPROC_ENV] = str(path)
     for file in path.glob("*.db"):
@@ -500,6 +505,18 @@ def multiprocess_dir(main_pid: int) -> Path:
             with contextlib.suppress(FileNotFoundError):
                 file.unlink()
     return path
+
+
+def _forget_dead_dirs(parent: Path, main_pid: int) -> None:
+    """Remove the directories of earlier worker commands whose main process is gone (each
+    worker command without ``PROMETHEUS_MULTIPROC_DIR`` makes one, and nothing else would ever
+    remove it): a host that restarts its workers would gather them for good."""
+    for found in parent.glob(f"{_DIR_PREFIX}*"):
+        pid = found.name[len(_DIR_PREFIX) :]
+        if not pid.isdigit() or int(pid) == main_pid or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):  # (another worker starting removes it at once)
+            shutil.rmtree(found)
 
 
 def _alive(pid: int) -> bool:
