@@ -38,7 +38,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import dramatiq
@@ -272,13 +272,19 @@ class SerialKeys(dramatiq.Middleware):
         )
         self._hand_over(broker, [released])
 
-    def _hand_over(self, broker: dramatiq.Broker, releases: list[Released]) -> None:
-        """Have the next jobs that ``releases`` claimed published, and any they put in the
-        schedule promoted."""
+    def _hand_over(
+        self,
+        broker: dramatiq.Broker,
+        releases: list[Released],
+        publish: Callable[[tuple[str, bytes]], bool] | None = None,
+    ) -> None:
+        """Have the next jobs that ``releases`` claimed published (by ``publish``, when it takes
+        them, else by the hand-over threads), and any they put in the schedule promoted."""
         promote = False
         for released in releases:
             if released.claimed is not None:
-                self._handovers_of(broker).submit(released.claimed)
+                if publish is None or not publish(released.claimed):
+                    self._handovers_of(broker).submit(released.claimed)
             elif released.head:
                 promote = True
         if promote:
@@ -291,13 +297,31 @@ class SerialKeys(dramatiq.Middleware):
             return self._handovers
 
 
-def release_at_ack(broker: dramatiq.Broker, releases: Sequence[tuple[str, str]]) -> None:
+def release_at_ack(
+    broker: dramatiq.Broker,
+    releases: Sequence[tuple[str, str]],
+    *,
+    forget: Sequence[str] = (),
+    publish: Callable[[tuple[str, bytes]], bool] | None = None,
+) -> None:
     """Release the serial keys of jobs that ended (``(key, job id)``, from ``InFlight.serial_key``),
     for a consumer that writes its batch's outcomes before it acks them (RabbitMQ): in one round
     trip, before the acks, so that a worker that dies first has its jobs given back to run again,
-    still heads of their keys. Raises what the state store raises (the consumer keeps the batch
-    and tries again: a key already released is not released twice)."""
+    still heads of their keys. The same round trip forgets the claimed entries ``forget``, whose
+    messages the consumer published since (``StateStore.serial_release_many``). The next jobs'
+    messages go to ``publish`` (the consumer's own publisher: it returns False for one it cannot
+    take), else to the hand-over threads. Raises what the state store raises (the consumer keeps
+    the batch and tries again: a key already released is not released twice)."""
     keys = find_middleware(broker, SerialKeys)
-    if keys is None or not releases:
+    if keys is None or not (releases or forget):
         return
-    keys._hand_over(broker, keys.store.serial_release_many(releases, CLAIM_LEASE_MS))
+    released = keys.store.serial_release_many(releases, CLAIM_LEASE_MS, forget=forget)
+    keys._hand_over(broker, released, publish)
+
+
+def hand_over(broker: dramatiq.Broker, claimed: tuple[str, bytes]) -> None:
+    """Have the hand-over threads publish a claimed ``(entry id, message)`` (one a consumer's own
+    publisher could not deliver: refused by the broker, or returned as unroutable)."""
+    keys = find_middleware(broker, SerialKeys)
+    if keys is not None:
+        keys._handovers_of(broker).submit(claimed)

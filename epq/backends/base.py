@@ -170,9 +170,13 @@ class StateStore(Protocol):
         forget (``schedule_ack``). With ``withdraw`` (a job cancelled before its turn), a job
         further back leaves the sequence too, its held message dropped."""
 
-    def serial_release_many(self, releases: Sequence[tuple[str, str]], lease_ms: int) -> list[Released]:
-        """:meth:`serial_release` of each ``(key, job id)``, with ``lease_ms``, in one round trip
-        where the store allows (a batch of acks releasing their keys)."""
+    def serial_release_many(
+        self, releases: Sequence[tuple[str, str]], lease_ms: int, *, forget: Sequence[str] = ()
+    ) -> list[Released]:
+        """:meth:`serial_release` of each ``(key, job id)``, with ``lease_ms``, and
+        :meth:`schedule_ack` of the claimed entries ``forget`` (messages that releases before
+        claimed and that are on the broker now), in one round trip where the store allows (a
+        batch of acks releasing their keys)."""
 
     def serial_sequence(self, key: str) -> list[str]:
         """The ids of the jobs of ``key``'s sequence, the head first."""

@@ -142,8 +142,12 @@ class MemoryStateStore:
         self.schedule_add(data, due_ms, entry=entry)
         return Released(True)
 
-    def serial_release_many(self, releases: Sequence[tuple[str, str]], lease_ms: int) -> list[Released]:
-        return [self.serial_release(key, job_id, lease_ms=lease_ms) for key, job_id in releases]
+    def serial_release_many(
+        self, releases: Sequence[tuple[str, str]], lease_ms: int, *, forget: Sequence[str] = ()
+    ) -> list[Released]:
+        released = [self.serial_release(key, job_id, lease_ms=lease_ms) for key, job_id in releases]
+        self.schedule_ack(forget)
+        return released
 
     def serial_sequence(self, key: str) -> list[str]:
         with self._lock:

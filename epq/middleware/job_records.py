@@ -45,6 +45,12 @@ from .uniqueness import Uniqueness, count_refused
 logger = logging.getLogger("epq")
 
 
+def made_available(job_id: str) -> Move:
+    """The record move of a job whose message is back from the schedule and on its queue
+    (``available``; a job already started, or cancelled, keeps its state)."""
+    return Move(job_id, "available", {}, OPEN_RECORD_TTL_MS, NOT_STARTED[1:])
+
+
 def refuse_malformed(broker: dramatiq.Broker, queue_name: str, error: MalformedMessage) -> None:
     """Log and record a message a consumer refuses off the wire (see ``epq.wire``), before the
     consumer dead-letters it.
@@ -199,7 +205,7 @@ class JobRecords(dramatiq.Middleware):
         elif not delay and (DUE_MS in options or "retries" in options or SNOOZES in options):
             # a job back from the schedule, or retried at once: ready to run again
             with enqueue_hook_errors("writing the job record", message), state_errors("writing a job record"):
-                self.records.move(message.message_id, "available", {}, OPEN_RECORD_TTL_MS, NOT_STARTED[1:])
+                self.records.move(*made_available(message.message_id))
 
     def unrecorded(self, broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> bool:
         """Whether ``message`` is an epq job enqueued by hand that has no record yet."""

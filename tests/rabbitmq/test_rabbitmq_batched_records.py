@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import dramatiq
@@ -15,7 +14,6 @@ import pytest
 import redis
 
 import epq
-from epq.settings import reset_settings
 from epq.testing import HandlerRegistry, backend
 from tests.support.helpers import VALID, message_count, wait_for
 
@@ -46,11 +44,11 @@ class _Unreachable:
         self.tried = threading.Event()
         self.back = threading.Event()
 
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.tried.set()
         if not self.back.is_set():
             raise redis.ConnectionError("Connection refused")
-        return self.method(*args)
+        return self.method(*args, **kwargs)
 
 
 def test_jobs_started_and_completed_together_each_get_their_record_written_once(
@@ -151,16 +149,6 @@ def test_a_batch_waits_for_an_unreachable_state_store_and_is_acked_once_it_is_ba
     assert message_count(rabbitmq_broker, "default.XQ") == 0
 
 
-@pytest.fixture
-def serial_keys_on(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Serial keys on for every kind, set before the broker is."""
-    monkeypatch.setenv("EPQ_SERIAL_KINDS", "all")
-    reset_settings()
-    yield
-    monkeypatch.undo()
-    reset_settings()
-
-
 def test_a_serial_key_is_released_with_its_batch_and_waits_for_an_unreachable_state_store(
     serial_keys_on: None,
     rabbitmq_broker: dramatiq.Broker,
@@ -183,6 +171,8 @@ def test_a_serial_key_is_released_with_its_batch_and_waits_for_an_unreachable_st
         # in enqueue order
         down.back.set()
         assert wait_for(lambda: _states(rabbitmq_broker, ids) == {epq.JobState.COMPLETED}, timeout=30)
+        # and the claims of the next jobs' messages, published by the consumer, are forgotten
+        assert wait_for(lambda: state.schedule_claimed() == 0, timeout=10)
     finally:
         worker.stop()
     assert [r.job_id for r in received] == [f"batched-{i}" for i in range(3)]

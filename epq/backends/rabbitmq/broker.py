@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -23,7 +24,7 @@ from dramatiq.errors import ConnectionClosed
 
 from ... import serial, wire
 from ...errors import BrokerUnavailable, QueueMismatch, StateUnavailable, describe_error
-from ...middleware.job_records import refuse_malformed
+from ...middleware.job_records import made_available, refuse_malformed
 from ...outage import GivesBack, WorkerStopping, backoff_ms, must_requeue, unreachable, until_written
 from ...pausing import PAUSED_POLL_MS, PausableConsumer
 from ...priority import BROKER_PRIORITY, RABBITMQ_MAX_PRIORITY, amqp_priority, lane_of
@@ -34,6 +35,116 @@ logger = logging.getLogger("epq")
 
 #: AMQP reply code for a queue declared again with different arguments.
 PRECONDITION_FAILED = 406
+
+
+#: A consumer's published hand-overs wait at most this long, once RabbitMQ confirmed them, before
+#: their claims are forgotten (with the next flush of acks, when one comes sooner).
+FORGET_AFTER_S = 0.02
+#: How long a consumer that closes waits for the confirms of the hand-overs it published.
+CONFIRMS_AT_CLOSE_S = 5.0
+
+
+class HandOverChannel:
+    """A channel of a consumer's connection that publishes the next jobs of the serial keys the
+    consumer releases in its flush (``epq.serial.release_at_ack``), with publisher confirms taken
+    as they come instead of waited for: no thread hand-off, no wait in the flush. The claims of
+    the messages RabbitMQ confirmed (:meth:`take_confirmed`) are forgotten, and the jobs' records
+    made available, with the consumer's next flush. A message RabbitMQ refuses or returns as
+    unroutable (its queue is gone) goes to the process's hand-over threads
+    (``epq.serial.hand_over``), which publish through the broker's ``enqueue``. A message whose
+    confirm never comes (the connection is lost) stays claimed: a promoter publishes it when its
+    lease ends, as for a worker that dies. When another middleware than epq's listens to enqueues
+    (``DurableDelays.foreign_hooks``), every hand-over goes through ``enqueue`` instead, so that
+    it sees them."""
+
+    def __init__(self, broker: Any, connection: Any, on_confirmed: Any) -> None:
+        self.broker, self.connection, self._on_confirmed = broker, connection, on_confirmed
+        self._blocking: Any = None  # the channel (opened on first use)
+        self._channel: Any = None  # pika's channel under it, in confirm mode
+        self._published = 0  # the delivery tag of the last publish on the channel
+        # delivery tag -> (entry, message, job id) published and not confirmed yet
+        self._unconfirmed: dict[int, tuple[str, bytes, str]] = {}
+        self._returned: set[str] = set()  # entries returned as unroutable, not confirmed yet
+        self._confirmed: list[tuple[str, str]] = []  # (entry, job id) to forget
+
+    @property
+    def waiting(self) -> bool:
+        """Whether published messages wait for their confirms."""
+        return bool(self._unconfirmed)
+
+    def publish(self, claimed: tuple[str, bytes]) -> bool:
+        """Publish a claimed ``(entry, message)`` (on the connection's thread); False when it must
+        go through ``enqueue`` instead."""
+        if self.broker.foreign_hooks("before_enqueue") or self.broker.foreign_hooks("after_enqueue"):
+            return False
+        entry, data = claimed
+        message = with_amqp_priority(dramatiq.Message.decode(data))
+        try:
+            channel = self._open()
+            channel.basic_publish(
+                exchange="",
+                routing_key=q_name(message.queue_name),
+                body=message.encode(),
+                properties=pika.BasicProperties(
+                    delivery_mode=2, priority=message.options.get(BROKER_PRIORITY), message_id=entry
+                ),
+                mandatory=True,  # (an unroutable one is returned, then confirmed)
+            )
+        except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as exc:
+            logger.warning("Could not publish a serial hand-over on its consumer's connection: %s",
+                           describe_error(exc))  # fmt: skip
+            self._channel = None
+            return False
+        self._published += 1
+        self._unconfirmed[self._published] = (entry, data, message.message_id)
+        return True
+
+    def take_confirmed(self) -> list[tuple[str, str]]:
+        """The ``(entry, job id)`` of the messages RabbitMQ confirmed since the last call."""
+        confirmed, self._confirmed = self._confirmed, []
+        return confirmed
+
+    def put_back(self, confirmed: list[tuple[str, str]]) -> None:
+        """Keep what :meth:`take_confirmed` gave for the next call (the flush could not forget them)."""
+        self._confirmed[:0] = confirmed
+
+    def _open(self) -> Any:
+        if self._channel is None or not self._channel.is_open:
+            if self._unconfirmed:  # (their claims end with their lease)
+                logger.warning("%d serial hand-overs were not confirmed before their channel closed",
+                               len(self._unconfirmed))  # fmt: skip
+            self._unconfirmed.clear()
+            self._returned.clear()
+            # pika's channel under a blocking one: its publishes and confirms do not wait
+            self._blocking = self.connection.channel()
+            channel = self._blocking._impl
+            channel.confirm_delivery(self._on_confirm)
+            channel.add_on_return_callback(self._on_return)
+            self._channel, self._published = channel, 0
+        return self._channel
+
+    def _on_return(self, _channel: Any, _method: Any, properties: Any, _body: bytes) -> None:
+        self._returned.add(properties.message_id)
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        if method.multiple:
+            tags = [tag for tag in self._unconfirmed if tag <= method.delivery_tag]
+        else:
+            tags = [method.delivery_tag]
+        confirmed = isinstance(method, pika.spec.Basic.Ack)
+        for tag in tags:
+            found = self._unconfirmed.pop(tag, None)
+            if found is None:
+                continue
+            entry, data, job_id = found
+            if confirmed and entry not in self._returned:
+                self._confirmed.append((entry, job_id))
+            else:
+                self._returned.discard(entry)
+                serial.hand_over(self.broker, (entry, data))
+        if self._confirmed:
+            self._on_confirmed()
 
 
 class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
@@ -70,6 +181,8 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
         self._kept: list[tuple[int, Move, tuple[str, str] | None]] = []
         self._flushing = False  # a flush is asked for or running
         self._failed_flushes = 0  # in a row, the state store unreachable
+        self.hand_overs = HandOverChannel(self.broker, self.connection, self._forget_soon)
+        self._forget_timer = False  # a flush for confirmed hand-overs is due (FORGET_AFTER_S)
 
     def next_message(self) -> Any:
         try:
@@ -147,46 +260,74 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
                 self._flushing = False  # (what is kept is given back with the connection)
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
 
+    def _forget_soon(self) -> None:
+        """Have the claims of confirmed hand-overs forgotten soon (on the connection's thread)."""
+        if not self._forget_timer:
+            self._forget_timer = True
+            self.connection.call_later(FORGET_AFTER_S, self._forget_now)
+
+    def _forget_now(self) -> None:
+        self._forget_timer = False
+        self._flush()
+
     def _flush(self) -> None:
-        """On the connection's thread: write the kept outcomes, then ack their messages."""
+        """On the connection's thread: write the kept outcomes, release the serial keys of their
+        jobs and publish the next jobs (forgetting the claims of those published before, and
+        making their records available), then ack the messages."""
         assert self.records is not None
         with self._lock:
             batch, self._kept = self._kept, []
-            if not batch:
-                self._flushing = False
-                return
+        forget = self.hand_overs.take_confirmed()
+        if not batch and not forget:
+            with self._lock:
+                self._flushing = bool(self._kept)
+            if self._flushing:
+                self._flush_soon()
+            return
         try:
-            self.records.move_many([outcome for _, outcome, _ in batch])
+            self.records.move_many(
+                [outcome for _, outcome, _ in batch] + [made_available(job_id) for _, job_id in forget]
+            )
         except Exception as exc:
             if unreachable(exc):
-                self._flush_later(batch, exc)
+                self._flush_later(batch, forget, exc)
                 return
             # a state store that answers but cannot take it (a bug): acked as they would be
             logger.exception("Could not write the records of %d completed jobs", len(batch))
         releases = [release for _, _, release in batch if release is not None]
         try:
-            serial.release_at_ack(self.broker, releases)  # (epq.serial: before the acks)
+            serial.release_at_ack(  # (epq.serial: before the acks)
+                self.broker, releases, forget=[entry for entry, _ in forget], publish=self.hand_overs.publish
+            )
         except Exception as exc:
             if unreachable(exc):
-                self._flush_later(batch, exc)  # (the outcomes are written again: the same state)
+                self._flush_later(batch, forget, exc)  # (the outcomes are written again: the same state)
                 return
             logger.exception("Could not release the serial keys of %d completed jobs", len(releases))
         if self._failed_flushes:
             logger.warning("The state store is back; acking %d completed jobs", len(batch))
             self._failed_flushes = 0
-        *others, (last, _, _) = batch
-        for tag, _, _ in others:
-            self.channel._impl.basic_ack(tag)  # (pika's channel under the blocking one: no flush)
-        self.channel.basic_ack(last)  # sends them all
+        if batch:
+            *others, (last, _, _) = batch
+            for tag, _, _ in others:
+                self.channel._impl.basic_ack(tag)  # (pika's channel under the blocking one: no flush)
+            self.channel.basic_ack(last)  # sends them all
         with self._lock:
             self._flushing = bool(self._kept)
         if self._flushing:
             self._flush_soon()
 
-    def _flush_later(self, batch: list[tuple[int, Move, tuple[str, str] | None]], exc: Exception) -> None:
+    def _flush_later(
+        self,
+        batch: list[tuple[int, Move, tuple[str, str] | None]],
+        forget: list[tuple[str, str]],
+        exc: Exception,
+    ) -> None:
         """Keep the outcomes (their messages unacked) and flush again after a backoff."""
         with self._lock:
             self._kept[:0] = batch
+            self._flushing = True  # (the flush below takes what is kept meanwhile)
+        self.hand_overs.put_back(forget)
         if self._failed_flushes == 0:
             logger.warning(
                 "The state store is unreachable while completing %d jobs (%s); their messages "
@@ -196,6 +337,28 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
             )
         self.connection.call_later(backoff_ms(self._failed_flushes) / 1000, self._flush)
         self._failed_flushes += 1
+
+    def close(self) -> None:
+        """Wait for the confirms of the hand-overs this consumer published and forget their
+        claims (else a promoter would publish them again when their lease ends), then close."""
+        try:
+            if self.records is not None and self.hand_overs.waiting:
+                self._run_callbacks()
+                deadline = time.monotonic() + CONFIRMS_AT_CLOSE_S
+                while self.hand_overs.waiting and time.monotonic() < deadline:
+                    self.connection.process_data_events(time_limit=0.01)
+                self._flush()
+        except Exception as exc:  # (the claims end with their lease)
+            self.logger.warning("Could not settle the serial hand-overs before closing: %s",
+                                describe_error(exc))  # fmt: skip
+        super().close()  # type: ignore[no-untyped-call]
+
+    def _run_callbacks(self) -> None:
+        """Run the callbacks other threads asked the connection's thread for so far."""
+        done = threading.Event()
+        self.connection.add_callback_threadsafe(done.set)
+        while not done.is_set():
+            self.connection.sleep(0)
 
     def _settle(self, tag: int, *, requeue: bool) -> None:
         self.connection.add_callback_threadsafe(partial(self.channel.basic_nack, tag, requeue=requeue))

@@ -105,6 +105,7 @@ class RedisStateStore:
             "schedule_add",
             "schedule_claim",
             "schedule_release",
+            "schedule_forget",
             "schedule_move",
             "periodic_mark",
             "serial_add",
@@ -147,14 +148,18 @@ class RedisStateStore:
         script, script_keys, args = self._release_call(key, job_id, withdraw, lease_ms, now)
         return _released(script(keys=script_keys, args=args))
 
-    def serial_release_many(self, releases: Sequence[tuple[str, str]], lease_ms: int) -> list[Released]:
+    def serial_release_many(
+        self, releases: Sequence[tuple[str, str]], lease_ms: int, *, forget: Sequence[str] = ()
+    ) -> list[Released]:
         now = self.now_ms()
         calls = [self._release_call(key, job_id, False, lease_ms, now) for key, job_id in releases]
+        if forget:
+            calls.append(self._forget_call(keys.SCHEDULE_CLAIMED, forget))
         replies = call_many(self.client.connection_pool, calls)
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        return [_released(reply) for reply in replies]
+        return [_released(reply) for reply in replies[: len(releases)]]
 
     def _release_call(self, key: str, job_id: str, withdraw: bool, lease_ms: int, now: int) -> ScriptCall:
         return (
@@ -168,10 +173,11 @@ class RedisStateStore:
 
     def _forget(self, index_key: str, entry_ids: Sequence[str]) -> None:
         if entry_ids:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.zrem(index_key, *entry_ids)
-            pipe.hdel(keys.SCHEDULE_DATA, *entry_ids)
-            pipe.execute()
+            script, script_keys, args = self._forget_call(index_key, entry_ids)
+            script(keys=script_keys, args=args)
+
+    def _forget_call(self, index_key: str, entry_ids: Sequence[str]) -> ScriptCall:
+        return self._lua["schedule_forget"], [index_key, keys.SCHEDULE_DATA], list(entry_ids)
 
     def schedule_claim(
         self, now_ms: int, lease_ms: int, limit: int
