@@ -36,13 +36,15 @@ def _hand_over_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name == HAND_OVER_THREAD and t.is_alive()}
 
 
-def _run(broker: dramatiq.Broker, ids: list[str]) -> None:
-    """Run the jobs ``ids`` with a worker of two threads, until they all completed."""
+def _run(broker: dramatiq.Broker, ids: list[str]) -> set[threading.Thread]:
+    """Run the jobs ``ids`` with a worker of two threads, until they all completed; the hand-over
+    threads alive then, before the worker stops (and stops them)."""
     svc = epq.QueueService(broker)
     worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=2)
     worker.start()
     try:
         assert wait_for(lambda: {svc.get_job(i).state for i in ids} == {epq.JobState.COMPLETED}, timeout=30)  # type: ignore[union-attr]
+        return _hand_over_threads()
     finally:
         worker.stop()
 
@@ -55,11 +57,11 @@ def test_the_consumer_publishes_each_next_job_and_forgets_its_claim_once_confirm
     ids = _enqueue(rabbitmq_broker, 5)
     threads_before = _hand_over_threads()
     # When a worker runs them
-    _run(rabbitmq_broker, ids)
+    threads_then = _run(rabbitmq_broker, ids)
     # Then they ran one by one, in order, each next one published by the consumer that acked the
     # one before (no hand-over thread was needed), and no claim is left to be published again
     assert [r.job_id for r in received] == [f"hand-over-{i}" for i in range(5)]
-    assert _hand_over_threads() <= threads_before
+    assert threads_then <= threads_before
     state = backend(rabbitmq_broker).state
     assert state.schedule_claimed() == 0
     assert state.schedule_size() == 0
