@@ -68,6 +68,7 @@ from .models import _Request
 from .outbox.relay import Relay
 from .payloads import to_request
 from .schedule import promote_due
+from .serial import SerialKeys
 from .settings import get_settings, reset_settings
 
 __all__ = [
@@ -241,12 +242,19 @@ def _drain(broker: dramatiq.Broker, worker: dramatiq.Worker, timeout_ms: int) ->
     backend = backend_of(broker)
     store = backend.state if backend is not None else None
     ticking = find_middleware(broker, periodic_jobs.Ticking)
+    serial_keys = find_middleware(broker, SerialKeys)
     while True:
         if ticking is not None:
             ticking.run_due(broker)  # (the worker's own ticker may be at it too: each tick goes once)
         remaining = max(1, int((deadline - time.monotonic()) * 1000))
-        # (read before the queues are joined: a promoter publishes what it claimed, then lets it go,
-        # so a claim seen neither here nor after the joins was published before they began)
+        # Read before the queues are joined: whatever may put a message on a queue after its join
+        # returned shows in one of these. A message is moved from the schedule by a promoter
+        # (which claims it, publishes, then forgets the claim: it was due, or claimed, when this
+        # pass began) or by a release of its serial key (counted once the next job's message is
+        # claimed or due: a release that came before these reads left it claimed or due, one
+        # during the pass moves the count).
+        handed_before = serial_keys.handed_over if serial_keys is not None else 0
+        due_before = store.schedule_due(store.now_ms() + _DUE_SOON_MS) if store is not None else 0
         claimed_before = store.schedule_claimed() if store is not None else 0
         paused = store.paused_queues() if store is not None else set()
         for queue in served_queues(broker):
@@ -261,8 +269,10 @@ def _drain(broker: dramatiq.Broker, worker: dramatiq.Worker, timeout_ms: int) ->
         if store is None:
             return
         moved, next_due = promote_due(broker, store)
-        if moved or ((claimed_before or store.schedule_claimed()) and time.monotonic() < deadline):
-            if not moved:  # the worker's own promoter is publishing what it claimed
+        handed = serial_keys is not None and serial_keys.handed_over != handed_before
+        busy = handed or due_before or claimed_before or store.schedule_claimed()
+        if moved or (busy and time.monotonic() < deadline):
+            if not moved:  # (the worker's own promoter may be publishing; or a job is due soon)
                 time.sleep(0.005)
             continue
         now = store.now_ms()

@@ -275,6 +275,26 @@ def test_drain_runs_a_whole_line_on_the_stub(
     assert seen == [f"a{i}" for i in range(5)]
 
 
+def test_drain_never_returns_while_a_promoted_or_handed_over_job_is_on_its_way(
+    serial_settings: None,
+    epq_broker: dramatiq.Broker,
+    epq_worker: dramatiq.Worker,
+    epq_handlers: HandlerRegistry,
+) -> None:
+    # Given lines of two jobs, sent and drained over and over (the worker's promoter moves each
+    # head from the schedule and its hand-over threads the next job, on threads of their own,
+    # while the drain joins the queues: each round is one chance for them to cross)
+    seen: list[str] = []
+    epq_handlers.register("register_job", lambda request: seen.append(request.job_id))
+    for round_ in range(40):
+        sent = [f"r{round_}-{i}" for i in range(2)]
+        for job in sent:
+            send(A, job)
+        # When the test drains, Then both have run by the time it returns
+        drain(epq_broker, epq_worker)
+        assert seen[-2:] == sent, f"round {round_}"
+
+
 class _Publishers(dramatiq.Middleware):
     """Notes which threads enqueued each message (the send, then the move to the broker)."""
 

@@ -284,26 +284,10 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
             if self._flushing:
                 self._flush_soon()
             return
-        try:
-            self.records.move_many(
-                [outcome for _, outcome, _ in batch] + [made_available(job_id) for _, job_id in forget]
-            )
-        except Exception as exc:
-            if unreachable(exc):
-                self._flush_later(batch, forget, exc)
-                return
-            # a state store that answers but cannot take it (a bug): acked as they would be
-            logger.exception("Could not write the records of %d completed jobs", len(batch))
-        releases = [release for _, _, release in batch if release is not None]
-        try:
-            serial.release_at_ack(  # (epq.serial: before the acks)
-                self.broker, releases, forget=[entry for entry, _ in forget], publish=self.hand_overs.publish
-            )
-        except Exception as exc:
-            if unreachable(exc):
-                self._flush_later(batch, forget, exc)  # (the outcomes are written again: the same state)
-                return
-            logger.exception("Could not release the serial keys of %d completed jobs", len(releases))
+        unwritten = self._write(batch, forget)
+        if unwritten is not None:
+            self._flush_later(batch, forget, unwritten)  # (written again: the same state)
+            return
         if self._failed_flushes:
             logger.warning("The state store is back; acking %d completed jobs", len(batch))
             self._failed_flushes = 0
@@ -316,6 +300,34 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
             self._flushing = bool(self._kept)
         if self._flushing:
             self._flush_soon()
+
+    def _write(
+        self, batch: list[tuple[int, Move, tuple[str, str] | None]], forget: list[tuple[str, str]]
+    ) -> Exception | None:
+        """Write the outcomes of ``batch`` and release its jobs' serial keys (publishing the next
+        jobs); make the records of the confirmed hand-overs ``forget`` available and forget their
+        claims. Returns the error when the state store cannot be reached (all of it can be
+        written again)."""
+        assert self.records is not None
+        try:
+            self.records.move_many(
+                [outcome for _, outcome, _ in batch] + [made_available(job_id) for _, job_id in forget]
+            )
+        except Exception as exc:
+            if unreachable(exc):
+                return exc
+            # a state store that answers but cannot take it (a bug): acked as they would be
+            logger.exception("Could not write the records of %d completed jobs", len(batch))
+        releases = [release for _, _, release in batch if release is not None]
+        try:
+            serial.release_at_ack(  # (epq.serial: before the acks)
+                self.broker, releases, forget=[entry for entry, _ in forget], publish=self.hand_overs.publish
+            )
+        except Exception as exc:
+            if unreachable(exc):
+                return exc
+            logger.exception("Could not release the serial keys of %d completed jobs", len(releases))
+        return None
 
     def _flush_later(
         self,
@@ -341,17 +353,23 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
     def close(self) -> None:
         """Wait for the confirms of the hand-overs this consumer published and forget their
         claims (else a promoter would publish them again when their lease ends), then close."""
+        if self.records is not None:
+            self._settle_hand_overs()
+        super().close()  # type: ignore[no-untyped-call]
+
+    def _settle_hand_overs(self) -> None:
         try:
-            if self.records is not None and self.hand_overs.waiting:
-                self._run_callbacks()
+            if self.hand_overs.waiting:
+                self._run_callbacks()  # (flushes asked for: they may publish more)
                 deadline = time.monotonic() + CONFIRMS_AT_CLOSE_S
                 while self.hand_overs.waiting and time.monotonic() < deadline:
                     self.connection.process_data_events(time_limit=0.01)
-                self._flush()
-        except Exception as exc:  # (the claims end with their lease)
-            self.logger.warning("Could not settle the serial hand-overs before closing: %s",
-                                describe_error(exc))  # fmt: skip
-        super().close()  # type: ignore[no-untyped-call]
+        except Exception as exc:  # (a connection lost: what was not confirmed ends with its lease)
+            self.logger.debug("Could not wait for the confirms of serial hand-overs: %s", describe_error(exc))
+        forget = self.hand_overs.take_confirmed()
+        if forget and self._write([], forget) is not None:
+            self.logger.warning("The state store is unreachable: %d serial hand-overs will be published "
+                                "again when their lease ends", len(forget))  # fmt: skip
 
     def _run_callbacks(self) -> None:
         """Run the callbacks other threads asked the connection's thread for so far."""
