@@ -259,40 +259,28 @@ def test_jobs_relayed_from_the_outbox_keep_their_order(
     assert runs.most == {A: 1}
 
 
-def test_drain_runs_a_whole_line_on_the_stub(
+@pytest.mark.parametrize(("rounds", "line"), [(1, 5), (40, 2)], ids=["a-line-of-5", "40-lines-of-2"])
+def test_drain_runs_a_whole_line_on_the_stub_and_never_returns_while_a_job_is_on_its_way(
     serial_settings: None,
     epq_broker: dramatiq.Broker,
     epq_worker: dramatiq.Worker,
     epq_handlers: HandlerRegistry,
+    rounds: int,
+    line: int,
 ) -> None:
-    # Given five jobs of one endpoint waiting in line, in an application's test
+    # Given jobs of one endpoint waiting in line, in an application's test, sent and drained
+    # over and over (the worker's promoter moves each head from the schedule and its hand-over
+    # threads the next job, on threads of their own, while the drain joins the queues: each
+    # round is one chance for them to cross)
     seen: list[str] = []
     epq_handlers.register("register_job", lambda request: seen.append(request.job_id))
-    for i in range(5):
-        send(A, f"a{i}")
-    # When the test drains once, Then every one has run, in order
-    drain(epq_broker, epq_worker)
-    assert seen == [f"a{i}" for i in range(5)]
-
-
-def test_drain_never_returns_while_a_promoted_or_handed_over_job_is_on_its_way(
-    serial_settings: None,
-    epq_broker: dramatiq.Broker,
-    epq_worker: dramatiq.Worker,
-    epq_handlers: HandlerRegistry,
-) -> None:
-    # Given lines of two jobs, sent and drained over and over (the worker's promoter moves each
-    # head from the schedule and its hand-over threads the next job, on threads of their own,
-    # while the drain joins the queues: each round is one chance for them to cross)
-    seen: list[str] = []
-    epq_handlers.register("register_job", lambda request: seen.append(request.job_id))
-    for round_ in range(40):
-        sent = [f"r{round_}-{i}" for i in range(2)]
+    for round_ in range(rounds):
+        sent = [f"r{round_}-{i}" for i in range(line)]
         for job in sent:
             send(A, job)
-        # When the test drains, Then both have run by the time it returns
+        # When the test drains, Then every one has run, in order, by the time it returns
         drain(epq_broker, epq_worker)
-        assert seen[-2:] == sent, f"round {round_}"
+        assert seen[-line:] == sent, f"round {round_}"
 
 
 class _Publishers(dramatiq.Middleware):
