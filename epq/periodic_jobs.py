@@ -60,6 +60,7 @@ from .kinds import KINDS
 from .models import _Request
 from .options import PERIODIC, UNIQUE_KEY
 from .outage import WorkerStopping, until_written
+from .schedule import note_moves
 
 logger = logging.getLogger("epq.periodic")
 
@@ -450,7 +451,9 @@ def enqueue_tick(
     try:
         if isinstance(actor, EpqActor):
             model = _validated(actor, request)
-            return insert.insert_one(actor, model, broker, **options).message.message_id, True
+            job_id = insert.insert_one(actor, model, broker, **options).message.message_id
+            note_moves()
+            return job_id, True
         # an actor of the application's: ``Uniqueness`` takes the lock as it is enqueued
         kwargs = request.model_dump(mode="json") if isinstance(request, BaseModel) else dict(request)
         message = actor.message_with_options(kwargs=kwargs, **options)
@@ -464,6 +467,7 @@ def enqueue_tick(
                 with contextlib.suppress(Exception):
                     store.release_unique(key, message.message_id)
             raise
+        note_moves()
         return message.message_id, True
     except DuplicateJob as duplicate:
         return duplicate.existing_job_id, False

@@ -52,6 +52,25 @@ CLAIM_LEASE_MS = 30_000
 RETRY_PUBLISH_MS = 1_000
 
 
+_moves_begun = 0
+
+
+def note_moves(count: int = 1) -> None:
+    """Count messages this process's threads began to put on queues on their own: moved or
+    claimed out of the schedule (a promotion, the next job of a released serial key), or a
+    periodic job's tick enqueued. Called once the move or claim is made, so that one counted
+    before :func:`moves_begun` is read shows on its queue, claimed, or due."""
+    global _moves_begun
+    _moves_begun += count
+
+
+def moves_begun() -> int:
+    """What :func:`note_moves` counted so far in this process (``epq.testing.drain`` looks again
+    when the count moved while it joined the queues: such a message may reach a queue after
+    the drain joined it)."""
+    return _moves_begun
+
+
 def promote_due(
     broker: dramatiq.Broker, store: StateStore, *, limit: int = PROMOTE_BATCH
 ) -> tuple[int, int | None]:
@@ -60,8 +79,10 @@ def promote_due(
     native = getattr(broker, "promote_due", None)  # (an epq broker: see DurableDelays)
     moved: tuple[int, int | None] | None = native(now, limit) if native is not None else None
     if moved is not None:
+        note_moves(moved[0])
         return moved  # the broker moved them in one atomic step
     claimed, next_due = store.schedule_claim(now, CLAIM_LEASE_MS, limit)
+    note_moves(len(claimed))
     return publish_claimed(broker, store, claimed), next_due
 
 

@@ -51,7 +51,7 @@ from .controls import Snooze
 from .middleware.common import find_middleware
 from .options import SERIAL_KEY
 from .outage import must_requeue, until_written
-from .schedule import CLAIM_LEASE_MS, promote_soon, publish_claimed
+from .schedule import CLAIM_LEASE_MS, note_moves, promote_soon, publish_claimed
 
 logger = logging.getLogger("epq.serial")
 
@@ -204,9 +204,6 @@ class SerialKeys(dramatiq.Middleware):
 
     def __init__(self, store: StateStore) -> None:
         self.store = store
-        #: Releases that let a next job go so far, counted once the next job's message is claimed
-        #: or in the schedule (``epq.testing.drain`` looks again when it moved during a pass).
-        self.handed_over = 0
         self._handovers: HandOvers | None = None
         self._lock = threading.Lock()
 
@@ -261,7 +258,7 @@ class SerialKeys(dramatiq.Middleware):
             # the Redis broker keeping epq's state moves due messages in one script: let it
             released = until_written(lambda: self.store.serial_release(key, job_id), "releasing a serial key")
             if released.head:
-                self.handed_over += 1
+                note_moves()  # (the next job's message is due: a promoter moves it)
                 promote_soon(broker, self.store)
             return
         flight = in_flight(message)
@@ -287,7 +284,7 @@ class SerialKeys(dramatiq.Middleware):
         """Have the next jobs that ``releases`` claimed published (by ``publish``, when it takes
         them, else by the hand-over threads), and any they put in the schedule promoted."""
         promote = False
-        self.handed_over += sum(1 for released in releases if released.head)
+        note_moves(sum(1 for released in releases if released.head))
         for released in releases:
             if released.claimed is not None:
                 if publish is None or not publish(released.claimed):

@@ -67,8 +67,7 @@ from .middleware.common import find_middleware
 from .models import _Request
 from .outbox.relay import Relay
 from .payloads import to_request
-from .schedule import promote_due
-from .serial import SerialKeys
+from .schedule import moves_begun, promote_due
 from .settings import get_settings, reset_settings
 
 __all__ = [
@@ -242,18 +241,15 @@ def _drain(broker: dramatiq.Broker, worker: dramatiq.Worker, timeout_ms: int) ->
     backend = backend_of(broker)
     store = backend.state if backend is not None else None
     ticking = find_middleware(broker, periodic_jobs.Ticking)
-    serial_keys = find_middleware(broker, SerialKeys)
     while True:
         if ticking is not None:
             ticking.run_due(broker)  # (the worker's own ticker may be at it too: each tick goes once)
         remaining = max(1, int((deadline - time.monotonic()) * 1000))
-        # Read before the queues are joined: whatever may put a message on a queue after its join
-        # returned shows in one of these. A message is moved from the schedule by a promoter
-        # (which claims it, publishes, then forgets the claim: it was due, or claimed, when this
-        # pass began) or by a release of its serial key (counted once the next job's message is
-        # claimed or due: a release that came before these reads left it claimed or due, one
-        # during the pass moves the count).
-        handed_before = serial_keys.handed_over if serial_keys is not None else 0
+        # Read before the queues are joined: a message that reaches a queue after its join was
+        # moved there by a thread of the worker's process (a promoter, a hand-over, a ticker),
+        # which counts the move once it is made or claimed (``schedule.note_moves``): counted
+        # before this read, it was on its queue, claimed, or due when the joins began.
+        moves_before = moves_begun()
         due_before = store.schedule_due(store.now_ms() + _DUE_SOON_MS) if store is not None else 0
         claimed_before = store.schedule_claimed() if store is not None else 0
         paused = store.paused_queues() if store is not None else set()
@@ -269,8 +265,7 @@ def _drain(broker: dramatiq.Broker, worker: dramatiq.Worker, timeout_ms: int) ->
         if store is None:
             return
         moved, next_due = promote_due(broker, store)
-        handed = serial_keys is not None and serial_keys.handed_over != handed_before
-        busy = handed or due_before or claimed_before or store.schedule_claimed()
+        busy = moves_begun() != moves_before or due_before or claimed_before or store.schedule_claimed()
         if moved or (busy and time.monotonic() < deadline):
             if not moved:  # (the worker's own promoter may be publishing; or a job is due soon)
                 time.sleep(0.005)

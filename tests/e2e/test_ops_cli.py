@@ -42,6 +42,7 @@ def jobs(redis_broker: dramatiq.Broker, epq_handlers: HandlerRegistry) -> dict[s
     worker.start()
     try:
         done = svc.enqueue_register_job({**VALID["register_job"], "job_id": "done"}).job.id
+        time.sleep(0.002)  # (each job created in a millisecond of its own: listings order by it)
         dies = epq.actors.register_job.send_with_options(
             kwargs={**VALID["register_job"], "job_id": "dies"}, backoff_ms=[5]
         ).message_id
@@ -51,6 +52,7 @@ def jobs(redis_broker: dramatiq.Broker, epq_handlers: HandlerRegistry) -> dict[s
         worker.stop()
     later = datetime.now(timezone.utc) + timedelta(hours=1)
     scheduled = svc.enqueue_register_job({**VALID["register_job"], "job_id": "later", "run_at": later}).job.id
+    time.sleep(0.002)
     waiting = svc.enqueue_register_job({**VALID["register_job"], "job_id": "waiting", "priority": 1}).job.id
     return {"done": done, "dies": dies, "scheduled": scheduled, "waiting": waiting}
 

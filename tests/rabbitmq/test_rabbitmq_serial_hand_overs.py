@@ -1,16 +1,20 @@
 """On RabbitMQ a consumer that releases serial keys with its batch of acks publishes the next
-jobs itself, on its own connection, taking RabbitMQ's confirms as they come
-(``epq.backends.rabbitmq.broker.HandOverChannel``): the claims of confirmed messages are forgotten
-and their records made available with the next flush, a message RabbitMQ returns goes through the
-broker's ``enqueue`` instead, and a consumer that closes settles what it published."""
+jobs itself, on a connection of its own, taking RabbitMQ's confirms as they come
+(``epq.backends.rabbitmq.broker.HandOverPublisher``): the next jobs' records are made available
+before they are published, the claims of confirmed messages are forgotten with the next flush, a
+message RabbitMQ returns goes through the broker's ``enqueue`` instead, and a consumer that
+closes settles what it published."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import dramatiq
+import pika.exceptions
 import pytest
 
 import epq
@@ -112,17 +116,23 @@ def claimed_next(
 
 
 def _queued_ids(broker: dramatiq.Broker, queue: str) -> list[str]:
-    """The ids of the messages waiting in ``queue`` (read and left there)."""
+    """The ids of the messages waiting in ``queue`` (read and left there; none when the queue does
+    not exist)."""
     channel = broker.connection.channel()  # type: ignore[attr-defined]
+    ids: list[str] = []
     try:
-        ids = []
         while True:
             method, _properties, body = channel.basic_get(queue)
             if method is None:
                 return ids
             ids.append(dramatiq.Message.decode(body).message_id)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != 404:
+            raise
+        return ids
     finally:
-        channel.close()  # (what it read goes back to the queue)
+        if channel.is_open:
+            channel.close()  # (what it read goes back to the queue)
 
 
 def test_a_consumer_that_closes_waits_for_the_confirms_of_its_hand_overs_and_forgets_their_claims(
@@ -131,15 +141,14 @@ def test_a_consumer_that_closes_waits_for_the_confirms_of_its_hand_overs_and_for
     # Given a consumer that publishes the next job of a released key
     job_id, claimed = claimed_next
     consumer = rabbitmq_broker.consume("default")
-    assert consumer.hand_overs.publish(claimed)
+    assert consumer.hand_overs.accept(claimed)
+    consumer.hand_overs.publish_accepted()
     # When it closes at once (before RabbitMQ's confirm has been read)
     consumer.close()
-    # Then the message is on its queue, its claim is forgotten (no promoter publishes it again
-    # when the lease ends) and its job's record says it is available
-    state = backend(rabbitmq_broker).state
-    assert state.schedule_claimed() == 0
+    # Then the message is on its queue and its claim is forgotten (no promoter publishes it
+    # again when the lease ends)
+    assert backend(rabbitmq_broker).state.schedule_claimed() == 0
     assert job_id in _queued_ids(rabbitmq_broker, "default")
-    assert epq.QueueService(rabbitmq_broker).get_job(job_id).state is epq.JobState.AVAILABLE  # type: ignore[union-attr]
 
 
 def test_a_hand_over_returned_as_unroutable_is_published_through_enqueue_which_declares_its_queue(
@@ -152,14 +161,42 @@ def test_a_hand_over_returned_as_unroutable_is_published_through_enqueue_which_d
     consumer = rabbitmq_broker.consume("default")
     try:
         # When the consumer publishes it
-        assert consumer.hand_overs.publish((entry, message.encode()))
+        assert consumer.hand_overs.accept((entry, message.encode()))
+        consumer.hand_overs.publish_accepted()
         consumer.close()
         # Then RabbitMQ returns it, and the hand-over threads publish it through the broker's
         # enqueue, which declares the queue: the job is not lost, and its claim is forgotten
         assert wait_for(lambda: job_id in _queued_ids(rabbitmq_broker, gone), timeout=10)
         assert wait_for(lambda: backend(rabbitmq_broker).state.schedule_claimed() == 0, timeout=10)
     finally:
-        channel = rabbitmq_broker.connection.channel()  # type: ignore[attr-defined]
         for queue in (gone, f"{gone}.DQ", f"{gone}.XQ"):
-            channel.queue_delete(queue)
-        channel.close()
+            channel = rabbitmq_broker.connection.channel()  # type: ignore[attr-defined]
+            with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):  # (not declared)
+                channel.queue_delete(queue)
+            if channel.is_open:
+                channel.close()
+
+
+def test_a_handed_over_job_that_failed_at_once_keeps_its_record_waiting_for_its_retry(
+    serial_keys_on: None, rabbitmq_broker: dramatiq.Broker, epq_handlers: HandlerRegistry
+) -> None:
+    # Given two jobs of one endpoint, the second failing at once (its retry waits 10 s)
+    def handler(request: Any) -> None:
+        if request.job_id == "hand-over-1":
+            raise ValueError("the endpoint answered 500")
+
+    epq_handlers.register("register_job", handler)
+    first, second = _enqueue(rabbitmq_broker, 2)
+    svc = epq.QueueService(rabbitmq_broker)
+    worker = dramatiq.Worker(rabbitmq_broker, worker_timeout=50, worker_threads=2)
+    worker.start()
+    try:
+        # When the first has run and handed its key over, and the second has failed
+        assert wait_for(lambda: svc.get_job(second).state is epq.JobState.RETRYABLE, timeout=30)  # type: ignore[union-attr]
+        # Then its record keeps saying it waits for its retry (the hand-over made it available
+        # before it was published, not after: a late move would undo the failure's)
+        time.sleep(0.5)
+        assert svc.get_job(second).state is epq.JobState.RETRYABLE  # type: ignore[union-attr]
+        assert svc.get_job(first).state is epq.JobState.COMPLETED  # type: ignore[union-attr]
+    finally:
+        worker.stop()

@@ -7,6 +7,7 @@ a process on Redis or the stub broker never loads pika or Dramatiq's RabbitMQ br
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -44,89 +45,164 @@ FORGET_AFTER_S = 0.02
 CONFIRMS_AT_CLOSE_S = 5.0
 
 
-class HandOverChannel:
-    """A channel of a consumer's connection that publishes the next jobs of the serial keys the
-    consumer releases in its flush (``epq.serial.release_at_ack``), with publisher confirms taken
-    as they come instead of waited for: no thread hand-off, no wait in the flush. The claims of
-    the messages RabbitMQ confirmed (:meth:`take_confirmed`) are forgotten, and the jobs' records
-    made available, with the consumer's next flush. A message RabbitMQ refuses or returns as
-    unroutable (its queue is gone) goes to the process's hand-over threads
-    (``epq.serial.hand_over``), which publish through the broker's ``enqueue``. A message whose
-    confirm never comes (the connection is lost) stays claimed: a promoter publishes it when its
-    lease ends, as for a worker that dies. When another middleware than epq's listens to enqueues
-    (``DurableDelays.foreign_hooks``), every hand-over goes through ``enqueue`` instead, so that
-    it sees them."""
+class HandOverPublisher:
+    """Publishes the next jobs of the serial keys a consumer releases in its flush
+    (``epq.serial.release_at_ack``), on the consumer's thread, without waiting for RabbitMQ.
 
-    def __init__(self, broker: Any, connection: Any, on_confirmed: Any) -> None:
-        self.broker, self.connection, self._on_confirmed = broker, connection, on_confirmed
-        self._blocking: Any = None  # the channel (opened on first use)
+    On a connection of its own, opened on first use: a consumer's connection never publishes
+    (RabbitMQ stops reading from a publishing connection in a memory or disk alarm, and the
+    consumer's acks would wait behind it). The channel is in confirm mode, but nothing waits
+    for a confirm: the consumer pumps this connection (:meth:`pump`) as it goes, the confirms are
+    taken as they come, and the claims of the confirmed messages (:meth:`take_confirmed`) are
+    forgotten with the consumer's next flush. The flush first has the records of the messages
+    it will publish (:meth:`accept`) made available, as a promotion does.
+
+    Goes through the process's hand-over threads (``epq.serial.hand_over``, which publish with
+    the broker's ``enqueue``) instead: a message RabbitMQ refuses or returns as unroutable (its
+    queue was deleted: ``enqueue`` declares it); every message while RabbitMQ blocks this
+    connection (an alarm), after :meth:`close`, or while another middleware than epq's listens to
+    enqueues (``DurableDelays.foreign_hooks``: it sees each hand-over then). A message whose
+    confirm never comes (the connection is lost) stays claimed: a promoter publishes it when its
+    lease ends, as for a worker that dies."""
+
+    def __init__(self, broker: Any, on_confirmed: Any) -> None:
+        self.broker, self._on_confirmed = broker, on_confirmed
+        self._connection: Any = None
+        self._blocking: Any = None  # its channel
         self._channel: Any = None  # pika's channel under it, in confirm mode
         self._published = 0  # the delivery tag of the last publish on the channel
-        # delivery tag -> (entry, message, job id) published and not confirmed yet
-        self._unconfirmed: dict[int, tuple[str, bytes, str]] = {}
+        self._accepted: list[tuple[str, bytes, dramatiq.Message[Any]]] = []  # to publish
+        self._unconfirmed: dict[int, tuple[str, bytes]] = {}  # delivery tag -> claimed
         self._returned: set[str] = set()  # entries returned as unroutable, not confirmed yet
-        self._confirmed: list[tuple[str, str]] = []  # (entry, job id) to forget
+        self._confirmed: list[str] = []  # entries to forget
+        self._blocked = False  # RabbitMQ blocks the connection (an alarm)
+        self._closed = False
 
     @property
     def waiting(self) -> bool:
         """Whether published messages wait for their confirms."""
         return bool(self._unconfirmed)
 
-    def publish(self, claimed: tuple[str, bytes]) -> bool:
-        """Publish a claimed ``(entry, message)`` (on the connection's thread); False when it must
-        go through ``enqueue`` instead."""
+    def accept(self, claimed: tuple[str, bytes]) -> bool:
+        """Take a claimed ``(entry, message)`` to publish; False when it must go through
+        ``enqueue`` instead."""
+        if self._closed or self._blocked:
+            return False
         if self.broker.foreign_hooks("before_enqueue") or self.broker.foreign_hooks("after_enqueue"):
             return False
-        entry, data = claimed
-        message = with_amqp_priority(dramatiq.Message.decode(data))
         try:
-            channel = self._open()
-            channel.basic_publish(
-                exchange="",
-                routing_key=q_name(message.queue_name),
-                body=message.encode(),
-                properties=pika.BasicProperties(
-                    delivery_mode=2, priority=message.options.get(BROKER_PRIORITY), message_id=entry
-                ),
-                mandatory=True,  # (an unroutable one is returned, then confirmed)
-            )
-        except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as exc:
-            logger.warning("Could not publish a serial hand-over on its consumer's connection: %s",
-                           describe_error(exc))  # fmt: skip
-            self._channel = None
+            message = with_amqp_priority(dramatiq.Message.decode(claimed[1]))
+        except Exception:  # (the hand-over threads try it, and say why it fails)
             return False
-        self._published += 1
-        self._unconfirmed[self._published] = (entry, data, message.message_id)
+        self._accepted.append((*claimed, message))
         return True
 
-    def take_confirmed(self) -> list[tuple[str, str]]:
-        """The ``(entry, job id)`` of the messages RabbitMQ confirmed since the last call."""
+    def accepted_ids(self) -> list[str]:
+        """The job ids of the messages accepted and not yet published."""
+        return [message.message_id for _, _, message in self._accepted]
+
+    def give_up_accepted(self) -> None:
+        """Leave the accepted messages to the hand-over threads (their records could not be made
+        available: ``enqueue`` waits for the state store)."""
+        accepted, self._accepted = self._accepted, []
+        for entry, data, _ in accepted:
+            serial.hand_over(self.broker, (entry, data))
+
+    def publish_accepted(self) -> None:
+        """Publish the accepted messages, without waiting for their confirms."""
+        accepted, self._accepted = self._accepted, []
+        for i, (entry, data, message) in enumerate(accepted):
+            try:
+                channel = self._open()
+                channel.basic_publish(
+                    exchange="",
+                    routing_key=q_name(message.queue_name),
+                    body=message.encode(),
+                    properties=pika.BasicProperties(
+                        delivery_mode=2, priority=message.options.get(BROKER_PRIORITY), message_id=entry
+                    ),
+                    mandatory=True,  # (an unroutable one is returned, then confirmed)
+                )
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                logger.warning("Could not publish serial hand-overs on their own connection: %s",
+                               describe_error(exc))  # fmt: skip
+                self._drop()
+                for entry_left, data_left, _ in accepted[i:]:
+                    serial.hand_over(self.broker, (entry_left, data_left))
+                return
+            self._published += 1
+            self._unconfirmed[self._published] = (entry, data)
+        self.pump()
+
+    def pump(self) -> None:
+        """Send what is published and take the confirms that came (the consumer's thread calls
+        this as it goes, and it keeps the connection's heartbeats)."""
+        if self._connection is None:
+            return
+        try:
+            self._connection.process_data_events(time_limit=0)
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            logger.warning("The connection of serial hand-overs was lost: %s", describe_error(exc))
+            self._drop()
+
+    def take_confirmed(self) -> list[str]:
+        """The entries of the messages RabbitMQ confirmed since the last call."""
         confirmed, self._confirmed = self._confirmed, []
         return confirmed
 
-    def put_back(self, confirmed: list[tuple[str, str]]) -> None:
+    def put_back(self, confirmed: list[str]) -> None:
         """Keep what :meth:`take_confirmed` gave for the next call (the flush could not forget them)."""
         self._confirmed[:0] = confirmed
 
+    def close(self, timeout_s: float = CONFIRMS_AT_CLOSE_S) -> None:
+        """Wait for the confirms of what was published (up to ``timeout_s``), then close; later
+        hand-overs go through ``enqueue``."""
+        self._closed = True
+        deadline = time.monotonic() + timeout_s
+        while self._unconfirmed and self._connection is not None and time.monotonic() < deadline:
+            try:
+                self._connection.process_data_events(time_limit=0.01)
+            except (pika.exceptions.AMQPError, OSError):
+                break
+        connection = self._connection
+        self._drop()
+        if connection is not None and connection.is_open:
+            with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+                connection.close()
+
     def _open(self) -> Any:
         if self._channel is None or not self._channel.is_open:
-            if self._unconfirmed:  # (their claims end with their lease)
-                logger.warning("%d serial hand-overs were not confirmed before their channel closed",
-                               len(self._unconfirmed))  # fmt: skip
-            self._unconfirmed.clear()
-            self._returned.clear()
-            # pika's channel under a blocking one: its publishes and confirms do not wait
-            self._blocking = self.connection.channel()
+            self._drop()
+            self._connection = pika.BlockingConnection(parameters=self.broker.parameters)
+            self._connection.add_on_connection_blocked_callback(partial(self._set_blocked, True))
+            self._connection.add_on_connection_unblocked_callback(partial(self._set_blocked, False))
+            self._blocking = self._connection.channel()
+            # pika's channel under the blocking one: its publishes and confirms do not wait
             channel = self._blocking._impl
-            channel.confirm_delivery(self._on_confirm)
+            channel.confirm_delivery(partial(self._on_confirm, channel))
             channel.add_on_return_callback(self._on_return)
             self._channel, self._published = channel, 0
         return self._channel
 
+    def _drop(self) -> None:
+        """Forget the connection (what was not confirmed ends with its lease)."""
+        if self._unconfirmed:
+            logger.warning("%d serial hand-overs were not confirmed before their connection closed",
+                           len(self._unconfirmed))  # fmt: skip
+        self._unconfirmed.clear()
+        self._returned.clear()
+        self._connection = self._blocking = self._channel = None
+        self._blocked = False
+
+    def _set_blocked(self, blocked: bool, *_args: Any) -> None:
+        self._blocked = blocked
+
     def _on_return(self, _channel: Any, _method: Any, properties: Any, _body: bytes) -> None:
         self._returned.add(properties.message_id)
 
-    def _on_confirm(self, frame: Any) -> None:
+    def _on_confirm(self, channel: Any, frame: Any) -> None:
+        if channel is not self._channel:
+            return  # (a channel closed since)
         method = frame.method
         if method.multiple:
             tags = [tag for tag in self._unconfirmed if tag <= method.delivery_tag]
@@ -137,9 +213,9 @@ class HandOverChannel:
             found = self._unconfirmed.pop(tag, None)
             if found is None:
                 continue
-            entry, data, job_id = found
+            entry, data = found
             if confirmed and entry not in self._returned:
-                self._confirmed.append((entry, job_id))
+                self._confirmed.append(entry)
             else:
                 self._returned.discard(entry)
                 serial.hand_over(self.broker, (entry, data))
@@ -181,10 +257,11 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
         self._kept: list[tuple[int, Move, tuple[str, str] | None]] = []
         self._flushing = False  # a flush is asked for or running
         self._failed_flushes = 0  # in a row, the state store unreachable
-        self.hand_overs = HandOverChannel(self.broker, self.connection, self._forget_soon)
+        self.hand_overs = HandOverPublisher(self.broker, self._forget_soon)
         self._forget_timer = False  # a flush for confirmed hand-overs is due (FORGET_AFTER_S)
 
     def next_message(self) -> Any:
+        self.hand_overs.pump()
         try:
             method, _properties, body = next(self.iterator)
             if method is None:
@@ -218,6 +295,7 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
                 self.cancelled = True
                 self.channel.cancel()  # (rejects, to be requeued, what pika holds undelivered)
             self.connection.sleep(PAUSED_POLL_MS / 1000)  # (pika's sleep processes the events)
+            self.hand_overs.pump()
         except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
 
@@ -264,16 +342,19 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
         """Have the claims of confirmed hand-overs forgotten soon (on the connection's thread)."""
         if not self._forget_timer:
             self._forget_timer = True
-            self.connection.call_later(FORGET_AFTER_S, self._forget_now)
+            try:
+                self.connection.call_later(FORGET_AFTER_S, self._forget_now)
+            except (pika.exceptions.AMQPError, OSError):  # (closing: close() forgets them)
+                self._forget_timer = False
 
     def _forget_now(self) -> None:
         self._forget_timer = False
         self._flush()
 
     def _flush(self) -> None:
-        """On the connection's thread: write the kept outcomes, release the serial keys of their
-        jobs and publish the next jobs (forgetting the claims of those published before, and
-        making their records available), then ack the messages."""
+        """On the connection's thread: release the serial keys of the kept jobs (forgetting the
+        claims of the hand-overs confirmed since the last flush), write their outcomes and the
+        records of the next jobs, publish those, then ack the messages."""
         assert self.records is not None
         with self._lock:
             batch, self._kept = self._kept, []
@@ -302,37 +383,39 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
             self._flush_soon()
 
     def _write(
-        self, batch: list[tuple[int, Move, tuple[str, str] | None]], forget: list[tuple[str, str]]
+        self, batch: list[tuple[int, Move, tuple[str, str] | None]], forget: list[str]
     ) -> Exception | None:
-        """Write the outcomes of ``batch`` and release its jobs' serial keys (publishing the next
-        jobs); make the records of the confirmed hand-overs ``forget`` available and forget their
-        claims. Returns the error when the state store cannot be reached (all of it can be
-        written again)."""
+        """Release the serial keys of ``batch``'s jobs and forget the claims ``forget`` (one round
+        trip), write the outcomes and make the records of the next jobs available (another),
+        then publish the next jobs. Returns the error when the state store cannot be reached
+        (all of it can be written again; a key released already is not released twice, and the
+        next jobs claimed go to the hand-over threads)."""
         assert self.records is not None
-        try:
-            self.records.move_many(
-                [outcome for _, outcome, _ in batch] + [made_available(job_id) for _, job_id in forget]
-            )
-        except Exception as exc:
-            if unreachable(exc):
-                return exc
-            # a state store that answers but cannot take it (a bug): acked as they would be
-            logger.exception("Could not write the records of %d completed jobs", len(batch))
         releases = [release for _, _, release in batch if release is not None]
-        try:
-            serial.release_at_ack(  # (epq.serial: before the acks)
-                self.broker, releases, forget=[entry for entry, _ in forget], publish=self.hand_overs.publish
-            )
+        try:  # (epq.serial: before the acks)
+            serial.release_at_ack(self.broker, releases, forget=forget, publish=self.hand_overs.accept)
         except Exception as exc:
             if unreachable(exc):
                 return exc
             logger.exception("Could not release the serial keys of %d completed jobs", len(releases))
+        try:
+            moves = [outcome for _, outcome, _ in batch]
+            self.records.move_many(
+                moves + [made_available(job_id) for job_id in self.hand_overs.accepted_ids()]
+            )
+        except Exception as exc:
+            if unreachable(exc):
+                self.hand_overs.give_up_accepted()
+                return exc
+            # a state store that answers but cannot take it (a bug): acked as they would be
+            logger.exception("Could not write the records of %d completed jobs", len(batch))
+        self.hand_overs.publish_accepted()
         return None
 
     def _flush_later(
         self,
         batch: list[tuple[int, Move, tuple[str, str] | None]],
-        forget: list[tuple[str, str]],
+        forget: list[str],
         exc: Exception,
     ) -> None:
         """Keep the outcomes (their messages unacked) and flush again after a backoff."""
@@ -359,13 +442,10 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
 
     def _settle_hand_overs(self) -> None:
         try:
-            if self.hand_overs.waiting:
-                self._run_callbacks()  # (flushes asked for: they may publish more)
-                deadline = time.monotonic() + CONFIRMS_AT_CLOSE_S
-                while self.hand_overs.waiting and time.monotonic() < deadline:
-                    self.connection.process_data_events(time_limit=0.01)
-        except Exception as exc:  # (a connection lost: what was not confirmed ends with its lease)
-            self.logger.debug("Could not wait for the confirms of serial hand-overs: %s", describe_error(exc))
+            self._run_callbacks()  # (the flushes asked for: they may publish more)
+        except Exception as exc:  # (the connection is lost: its messages come back anyway)
+            self.logger.debug("Could not run the flushes asked for before closing: %s", describe_error(exc))
+        self.hand_overs.close()  # (waits for the confirms; later hand-overs go through enqueue)
         forget = self.hand_overs.take_confirmed()
         if forget and self._write([], forget) is not None:
             self.logger.warning("The state store is unreachable: %d serial hand-overs will be published "
