@@ -18,7 +18,7 @@ Lua scripts):
   script; elsewhere the release claims it in that step (with a lease, as a promoter claims) and
   the process's hand-over threads publish it (:class:`HandOvers`; on RabbitMQ, for a job that
   succeeded, its consumer releases the key with its batch of acks and publishes the next job on
-  its own connection: :func:`release_at_ack`), so that the worker thread
+  a connection of its own: :func:`release_at_ack`), so that the worker thread
   does not wait for the broker's confirm. A job cancelled while it waits leaves the sequence
   (:func:`withdraw`).
 - **a retry keeps its place**: the failed head stays the head while it waits for its retry
