@@ -53,6 +53,7 @@ RETRY_PUBLISH_MS = 1_000
 
 
 _moves_begun = 0
+_moves_lock = threading.Lock()
 
 
 def note_moves(count: int = 1) -> None:
@@ -61,7 +62,8 @@ def note_moves(count: int = 1) -> None:
     periodic job's tick enqueued. Called once the move or claim is made, so that one counted
     before :func:`moves_begun` is read shows on its queue, claimed, or due."""
     global _moves_begun
-    _moves_begun += count
+    with _moves_lock:
+        _moves_begun += count
 
 
 def moves_begun() -> int:
@@ -253,6 +255,8 @@ def promote_soon(broker: dramatiq.Broker, store: StateStore) -> None:
     if native is not None:
         while True:
             moved = native(store.now_ms(), PROMOTE_BATCH)
+            if moved is not None:
+                note_moves(moved[0])
             if moved is None or moved[0] < PROMOTE_BATCH:
                 break
         if moved is not None:

@@ -14,6 +14,7 @@ import pytest
 import redis
 
 import epq
+from epq.backends.base import Move
 from epq.testing import HandlerRegistry, backend
 from tests.support.helpers import VALID, message_count, wait_for
 
@@ -37,18 +38,24 @@ def _states(broker: dramatiq.Broker, ids: list[str]) -> set[epq.JobState]:
 
 class _Unreachable:
     """A store's ``method`` (``move_many``, ``serial_release_many``) that cannot reach its
-    server, until ``back`` is set."""
+    server for the calls ``only`` picks (all by default), until ``back`` is set."""
 
-    def __init__(self, method: Any) -> None:
-        self.method = method
+    def __init__(self, method: Any, only: Any = None) -> None:
+        self.method, self.only = method, only
         self.tried = threading.Event()
         self.back = threading.Event()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.tried.set()
-        if not self.back.is_set():
-            raise redis.ConnectionError("Connection refused")
+        if self.only is None or self.only(*args):
+            self.tried.set()
+            if not self.back.is_set():
+                raise redis.ConnectionError("Connection refused")
         return self.method(*args, **kwargs)
+
+
+def _outcomes(moves: list[Move]) -> bool:
+    """Whether a ``move_many`` call writes jobs' outcomes (a consumer's flush)."""
+    return any(move.state == "completed" for move in moves)
 
 
 def test_jobs_started_and_completed_together_each_get_their_record_written_once(
@@ -76,13 +83,14 @@ def _run_with_store_down(
     method: str,
     jobs: int,
     ran: int,
+    only: Any = None,
 ) -> tuple[Any, list[str], _Unreachable, dramatiq.Worker]:
     """``jobs`` jobs enqueued and a worker of two threads started while ``store``'s ``method``
     cannot reach its server; returns once ``ran`` of them have run and the worker has tried to
     write (the worker runs on)."""
     received = epq_handlers.record("register_job")
     ids = _enqueue(broker, jobs)
-    down = _Unreachable(getattr(store, method))
+    down = _Unreachable(getattr(store, method), only)
     monkeypatch.setattr(store, method, down)
     worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=2)
     worker.start()
@@ -149,18 +157,33 @@ def test_a_batch_waits_for_an_unreachable_state_store_and_is_acked_once_it_is_ba
     assert message_count(rabbitmq_broker, "default.XQ") == 0
 
 
+@pytest.mark.parametrize(
+    ("store", "method", "only"),
+    [("state", "serial_release_many", None), ("records", "move_many", _outcomes)],
+    ids=["release", "outcomes"],
+)
 def test_a_serial_key_is_released_with_its_batch_and_waits_for_an_unreachable_state_store(
     serial_keys_on: None,
     rabbitmq_broker: dramatiq.Broker,
     epq_handlers: HandlerRegistry,
     monkeypatch: pytest.MonkeyPatch,
+    store: str,
+    method: str,
+    only: Any,
 ) -> None:
     # Given three jobs of one endpoint (serial keys on), and a state store that cannot take the
-    # release of a key when a batch of acks is written
+    # release of a key, or the outcomes written after it, when a batch of acks is written
     # When the first job has run
     state = backend(rabbitmq_broker).state
     received, ids, down, worker = _run_with_store_down(
-        rabbitmq_broker, epq_handlers, monkeypatch, state, "serial_release_many", 3, 1
+        rabbitmq_broker,
+        epq_handlers,
+        monkeypatch,
+        getattr(backend(rabbitmq_broker), store),
+        method,
+        3,
+        1,
+        only,
     )
     try:
         # Then its message is not acked and the next job of its endpoint does not start

@@ -43,6 +43,13 @@ PRECONDITION_FAILED = 406
 FORGET_AFTER_S = 0.02
 #: How long a consumer that closes waits for the confirms of the hand-overs it published.
 CONFIRMS_AT_CLOSE_S = 5.0
+#: At most this many hand-overs of one consumer wait for their confirms; more go through the
+#: hand-over threads (RabbitMQ blocking the connection in an alarm: what waits stays small, so
+#: that a publish never blocks the consumer's thread on a full socket).
+UNCONFIRMED_MAX = 50
+#: After the publisher's connection failed, or was closed while RabbitMQ blocked it, hand-overs
+#: go through the hand-over threads for this long before it is opened again.
+REOPEN_AFTER_S = 10.0
 
 
 class HandOverPublisher:
@@ -60,10 +67,13 @@ class HandOverPublisher:
     Goes through the process's hand-over threads (``epq.serial.hand_over``, which publish with
     the broker's ``enqueue``) instead: a message RabbitMQ refuses or returns as unroutable (its
     queue was deleted: ``enqueue`` declares it); every message while RabbitMQ blocks this
-    connection (an alarm), after :meth:`close`, or while another middleware than epq's listens to
-    enqueues (``DurableDelays.foreign_hooks``: it sees each hand-over then). A message whose
-    confirm never comes (the connection is lost) stays claimed: a promoter publishes it when its
-    lease ends, as for a worker that dies."""
+    connection (an alarm), while :data:`UNCONFIRMED_MAX` wait for their confirms, for
+    :data:`REOPEN_AFTER_S` after the connection failed, after :meth:`close`, or while another
+    middleware than epq's listens to enqueues (``DurableDelays.foreign_hooks``: it sees each
+    hand-over then). A message whose confirm never comes (the connection is lost) stays claimed:
+    a promoter publishes it when its lease ends, as for a worker that dies; one RabbitMQ read
+    late (an alarm longer than the lease) is published twice. The connection's heartbeats go
+    with the consumer's polls (every ``worker_timeout``, a second by default)."""
 
     def __init__(self, broker: Any, on_confirmed: Any) -> None:
         self.broker, self._on_confirmed = broker, on_confirmed
@@ -76,6 +86,7 @@ class HandOverPublisher:
         self._returned: set[str] = set()  # entries returned as unroutable, not confirmed yet
         self._confirmed: list[str] = []  # entries to forget
         self._blocked = False  # RabbitMQ blocks the connection (an alarm)
+        self._reopen_at = 0.0  # (time.monotonic) not before, after a failure
         self._closed = False
 
     @property
@@ -86,7 +97,9 @@ class HandOverPublisher:
     def accept(self, claimed: tuple[str, bytes]) -> bool:
         """Take a claimed ``(entry, message)`` to publish; False when it must go through
         ``enqueue`` instead."""
-        if self._closed or self._blocked:
+        if self._closed or self._blocked or len(self._unconfirmed) + len(self._accepted) >= UNCONFIRMED_MAX:
+            return False
+        if self._connection is None and time.monotonic() < self._reopen_at:
             return False
         if self.broker.foreign_hooks("before_enqueue") or self.broker.foreign_hooks("after_enqueue"):
             return False
@@ -101,12 +114,10 @@ class HandOverPublisher:
         """The job ids of the messages accepted and not yet published."""
         return [message.message_id for _, _, message in self._accepted]
 
-    def give_up_accepted(self) -> None:
-        """Leave the accepted messages to the hand-over threads (their records could not be made
-        available: ``enqueue`` waits for the state store)."""
-        accepted, self._accepted = self._accepted, []
-        for entry, data, _ in accepted:
-            serial.hand_over(self.broker, (entry, data))
+    def drop_accepted(self) -> None:
+        """Forget the accepted messages (a consumer that closes before their records were made
+        available: they stay claimed, and a promoter publishes them when their lease ends)."""
+        self._accepted = []
 
     def publish_accepted(self) -> None:
         """Publish the accepted messages, without waiting for their confirms."""
@@ -126,7 +137,7 @@ class HandOverPublisher:
             except (pika.exceptions.AMQPError, OSError) as exc:
                 logger.warning("Could not publish serial hand-overs on their own connection: %s",
                                describe_error(exc))  # fmt: skip
-                self._drop()
+                self._drop(failed=True)
                 for entry_left, data_left, _ in accepted[i:]:
                     serial.hand_over(self.broker, (entry_left, data_left))
                 return
@@ -143,7 +154,7 @@ class HandOverPublisher:
             self._connection.process_data_events(time_limit=0)
         except (pika.exceptions.AMQPError, OSError) as exc:
             logger.warning("The connection of serial hand-overs was lost: %s", describe_error(exc))
-            self._drop()
+            self._drop(failed=True)
 
     def take_confirmed(self) -> list[str]:
         """The entries of the messages RabbitMQ confirmed since the last call."""
@@ -164,15 +175,11 @@ class HandOverPublisher:
                 self._connection.process_data_events(time_limit=0.01)
             except (pika.exceptions.AMQPError, OSError):
                 break
-        connection = self._connection
         self._drop()
-        if connection is not None and connection.is_open:
-            with contextlib.suppress(pika.exceptions.AMQPError, OSError):
-                connection.close()
 
     def _open(self) -> Any:
         if self._channel is None or not self._channel.is_open:
-            self._drop()
+            self._drop(failed=self._channel is not None)  # (a channel RabbitMQ closed)
             self._connection = pika.BlockingConnection(parameters=self.broker.parameters)
             self._connection.add_on_connection_blocked_callback(partial(self._set_blocked, True))
             self._connection.add_on_connection_unblocked_callback(partial(self._set_blocked, False))
@@ -184,15 +191,22 @@ class HandOverPublisher:
             self._channel, self._published = channel, 0
         return self._channel
 
-    def _drop(self) -> None:
-        """Forget the connection (what was not confirmed ends with its lease)."""
+    def _drop(self, *, failed: bool = False) -> None:
+        """Close and forget the connection (what was not confirmed ends with its lease); after
+        a failure, or while RabbitMQ blocked it, not opened again for :data:`REOPEN_AFTER_S`."""
         if self._unconfirmed:
             logger.warning("%d serial hand-overs were not confirmed before their connection closed",
                            len(self._unconfirmed))  # fmt: skip
+        if failed or self._blocked:
+            self._reopen_at = time.monotonic() + REOPEN_AFTER_S
+        connection = self._connection
         self._unconfirmed.clear()
         self._returned.clear()
         self._connection = self._blocking = self._channel = None
         self._blocked = False
+        if connection is not None and connection.is_open:
+            with contextlib.suppress(Exception):  # (already broken)
+                connection.close()
 
     def _set_blocked(self, blocked: bool, *_args: Any) -> None:
         self._blocked = blocked
@@ -231,14 +245,16 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
 
     The records of jobs that succeeded are completed in batches: ``ack`` (in a worker thread)
     keeps the job's outcome (``InFlight.outcome``) and has the connection's thread flush what
-    is kept: the outcomes written in one round trip (``RecordStore.move_many``), the serial keys
-    of those jobs released in another (``epq.serial.release_at_ack``), then their messages
-    acked. A flush asked for while one runs follows it; so the jobs that end while the state
-    store answers go in the next batch, and a job alone waits for nothing. While the state
-    store cannot be reached, the outcomes stay kept and their messages unacked (the outage rule):
-    the flush is tried again with ``epq.outage``'s backoff, without blocking the connection's
-    thread (which keeps the heartbeats going); if the worker stops or the connection is lost
-    first, RabbitMQ gives the messages back to their queue, to run again.
+    is kept: the serial keys of those jobs released in one round trip
+    (``epq.serial.release_at_ack``), the outcomes written in another (``RecordStore.move_many``)
+    with the records of the next jobs of those keys, the next jobs published
+    (:class:`HandOverPublisher`), then the messages acked. A flush asked for while one runs
+    follows it; so the jobs that end while the state store answers go in the next batch, and a
+    job alone waits for nothing. While the state store cannot be reached, the outcomes stay kept
+    and their messages unacked (the outage rule): the flush is tried again with
+    ``epq.outage``'s backoff, without blocking the connection's thread (which keeps the
+    heartbeats going); if the worker stops or the connection is lost first, RabbitMQ gives the
+    messages back to their queue, to run again.
 
     While its queue is paused (``epq.pausing``), its AMQP consumer is cancelled (the messages
     delivered into pika's buffer go back to the queue, to their place), and the connection's
@@ -344,7 +360,7 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
             self._forget_timer = True
             try:
                 self.connection.call_later(FORGET_AFTER_S, self._forget_now)
-            except (pika.exceptions.AMQPError, OSError):  # (closing: close() forgets them)
+            except Exception:  # (its connection is closed or lost: close() forgets them)
                 self._forget_timer = False
 
     def _forget_now(self) -> None:
@@ -388,8 +404,8 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
         """Release the serial keys of ``batch``'s jobs and forget the claims ``forget`` (one round
         trip), write the outcomes and make the records of the next jobs available (another),
         then publish the next jobs. Returns the error when the state store cannot be reached
-        (all of it can be written again; a key released already is not released twice, and the
-        next jobs claimed go to the hand-over threads)."""
+        (all of it can be written again: a key released already is not released twice, and the
+        next jobs it claimed stay accepted, to be published once the outcomes are written)."""
         assert self.records is not None
         releases = [release for _, _, release in batch if release is not None]
         try:  # (epq.serial: before the acks)
@@ -399,13 +415,10 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
                 return exc
             logger.exception("Could not release the serial keys of %d completed jobs", len(releases))
         try:
-            moves = [outcome for _, outcome, _ in batch]
-            self.records.move_many(
-                moves + [made_available(job_id) for job_id in self.hand_overs.accepted_ids()]
-            )
+            next_jobs = [made_available(job_id) for job_id in self.hand_overs.accepted_ids()]
+            self.records.move_many([outcome for _, outcome, _ in batch] + next_jobs)
         except Exception as exc:
-            if unreachable(exc):
-                self.hand_overs.give_up_accepted()
+            if unreachable(exc):  # (the next jobs wait with the batch: published after its outcomes)
                 return exc
             # a state store that answers but cannot take it (a bug): acked as they would be
             logger.exception("Could not write the records of %d completed jobs", len(batch))
@@ -445,6 +458,7 @@ class EpqRabbitmqConsumer(PausableConsumer, GivesBack, _RabbitmqConsumer):
             self._run_callbacks()  # (the flushes asked for: they may publish more)
         except Exception as exc:  # (the connection is lost: its messages come back anyway)
             self.logger.debug("Could not run the flushes asked for before closing: %s", describe_error(exc))
+        self.hand_overs.drop_accepted()  # (a flush that could not write: they wait for their lease)
         self.hand_overs.close()  # (waits for the confirms; later hand-overs go through enqueue)
         forget = self.hand_overs.take_confirmed()
         if forget and self._write([], forget) is not None:
