@@ -250,7 +250,6 @@ def _drain(broker: dramatiq.Broker, worker: dramatiq.Worker, timeout_ms: int) ->
         # which counts the move once it is made or claimed (``schedule.note_moves``): counted
         # before this read, it was on its queue, claimed, or due when the joins began.
         moves_before = moves_begun()
-        due_before = store.schedule_due(store.now_ms() + _DUE_SOON_MS) if store is not None else 0
         claimed_before = store.schedule_claimed() if store is not None else 0
         paused = store.paused_queues() if store is not None else set()
         for queue in served_queues(broker):
@@ -265,7 +264,7 @@ def _drain(broker: dramatiq.Broker, worker: dramatiq.Worker, timeout_ms: int) ->
         if store is None:
             return
         moved, next_due = promote_due(broker, store)
-        busy = moves_begun() != moves_before or due_before or claimed_before or store.schedule_claimed()
+        busy = moves_begun() != moves_before or claimed_before or store.schedule_claimed()
         if moved or (busy and time.monotonic() < deadline):
             if not moved:  # (the worker's own promoter may be publishing; or a job is due soon)
                 time.sleep(0.005)
