@@ -54,13 +54,12 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from . import insert
 from ._actor import EpqActor
-from .backends.base import StateStore
+from .backends.base import StateStore, note_moves
 from .errors import ConfigurationError, DuplicateJob, InvalidRequest, describe_error
 from .kinds import KINDS
 from .models import _Request
 from .options import PERIODIC, UNIQUE_KEY
 from .outage import WorkerStopping, until_written
-from .schedule import note_moves
 
 logger = logging.getLogger("epq.periodic")
 

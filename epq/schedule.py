@@ -28,7 +28,7 @@ from typing import Any
 
 import dramatiq
 
-from .backends.base import StateStore, backend_of
+from .backends.base import StateStore, backend_of, note_moves
 from .backends.errors import broker_gone
 from .errors import StateUnavailable, describe_error
 from .middleware.common import find_middleware
@@ -50,27 +50,6 @@ CLAIM_LEASE_MS = 30_000
 #: When the broker is gone, how soon the due messages that could not be published are tried again
 #: (the promoter itself waits about as long before its next step).
 RETRY_PUBLISH_MS = 1_000
-
-
-_moves_begun = 0
-_moves_lock = threading.Lock()
-
-
-def note_moves(count: int = 1) -> None:
-    """Count messages this process's threads began to put on queues on their own: moved or
-    claimed out of the schedule (a promotion, the next job of a released serial key), or a
-    periodic job's tick enqueued. Called once the move or claim is made, so that one counted
-    before :func:`moves_begun` is read shows on its queue, claimed, or due."""
-    global _moves_begun
-    with _moves_lock:
-        _moves_begun += count
-
-
-def moves_begun() -> int:
-    """What :func:`note_moves` counted so far in this process (``epq.testing.drain`` looks again
-    when the count moved while it joined the queues: such a message may reach a queue after
-    the drain joined it)."""
-    return _moves_begun
 
 
 def promote_due(

@@ -46,12 +46,12 @@ from typing import Any
 import dramatiq
 from dramatiq.broker import MessageProxy
 
-from .backends.base import Released, StateStore, backend_of, in_flight
+from .backends.base import Released, StateStore, backend_of, in_flight, note_moves
 from .controls import Snooze
 from .middleware.common import find_middleware
 from .options import SERIAL_KEY
 from .outage import must_requeue, until_written
-from .schedule import CLAIM_LEASE_MS, note_moves, promote_soon, publish_claimed
+from .schedule import CLAIM_LEASE_MS, promote_soon, publish_claimed
 
 logger = logging.getLogger("epq.serial")
 
@@ -210,6 +210,11 @@ class SerialKeys(dramatiq.Middleware):
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """Publish the hand-overs still waiting, now that the worker's threads and consumers are
         done (and could release no more keys) and before the broker is closed."""
+        self.stop_hand_overs()
+
+    def stop_hand_overs(self) -> None:
+        """Publish the hand-overs waiting and end the hand-over threads (a worker's shutdown; a
+        test that released keys without a worker, before it closes the broker)."""
         with self._lock:
             handovers = self._handovers
         if handovers is not None:

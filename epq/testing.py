@@ -57,7 +57,7 @@ import pytest
 
 from . import _messages as messages
 from . import _runtime, handlers, periodic_jobs
-from .backends.base import Backend, backend_of, served_queues
+from .backends.base import Backend, backend_of, moves_begun, served_queues
 from .backends.memory import EpqStubBroker, FakeClock, MemoryStateStore
 from .cancellation import JobCancelled
 from .controls import Snooze
@@ -67,7 +67,7 @@ from .middleware.common import find_middleware
 from .models import _Request
 from .outbox.relay import Relay
 from .payloads import to_request
-from .schedule import moves_begun, promote_due
+from .schedule import promote_due
 from .settings import get_settings, reset_settings
 
 __all__ = [
@@ -247,7 +247,7 @@ def _drain(broker: dramatiq.Broker, worker: dramatiq.Worker, timeout_ms: int) ->
         remaining = max(1, int((deadline - time.monotonic()) * 1000))
         # Read before the queues are joined: a message that reaches a queue after its join was
         # moved there by a thread of the worker's process (a promoter, a hand-over, a ticker),
-        # which counts the move once it is made or claimed (``schedule.note_moves``): counted
+        # which counts the move once it is made or claimed (``backends.base.note_moves``): counted
         # before this read, it was on its queue, claimed, or due when the joins began.
         moves_before = moves_begun()
         claimed_before = store.schedule_claimed() if store is not None else 0

@@ -13,6 +13,7 @@ Times are milliseconds since the epoch.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -601,6 +602,27 @@ def served_queues(broker: dramatiq.Broker) -> list[str]:
     return sorted(filter(_work_queue, broker.get_declared_queues()))
 
 
+_moves_begun = 0
+_moves_lock = threading.Lock()
+
+
+def note_moves(count: int = 1) -> None:
+    """Count messages this process's threads began to put on queues on their own: moved or
+    claimed out of the schedule (a promotion, the next job of a released serial key), or a
+    periodic job's tick enqueued. Called once the move or claim is made, so that one counted
+    before :func:`moves_begun` is read shows on its queue, claimed, or due."""
+    global _moves_begun
+    with _moves_lock:
+        _moves_begun += count
+
+
+def moves_begun() -> int:
+    """What :func:`note_moves` counted so far in this process (``DurableDelays.join`` and
+    ``epq.testing.drain`` look again when the count moved while they joined the queues: such a
+    message may reach a queue after it was joined)."""
+    return _moves_begun
+
+
 def schedule_entry(message: dramatiq.Message[Any]) -> str:
     """The id of a message's entry in the schedule: one entry per job, attempt and snooze, so that
     a scheduling sent again (after a lost reply, see ``epq.outage``; by a relay taking over a
@@ -796,11 +818,13 @@ class DurableDelays:
             # A message is always in the schedule or on the queue (or in flight): a promotion
             # publishes before it forgets the entry, a retry is scheduled before its message is
             # acked. So nothing was missed when the schedule held none of the queue's messages
-            # both before and after the broker's join; a message promoted between a join and a
-            # look at the schedule would be, were the schedule only read after.
+            # both before and after the broker's join, and no thread of this process moved one
+            # out of it meanwhile (a retry scheduled during the join and promoted before the
+            # second look would be in neither: ``note_moves`` counts the promotion).
+            moves = moves_begun()
             before = store.schedule_pending(name)
             self.join_broker(queue_name, *args, timeout=_left_ms(deadline, queue_name), **kwargs)
-            if not before and not store.schedule_pending(name):
+            if not before and not store.schedule_pending(name) and moves_begun() == moves:
                 return
             while store.schedule_pending(name):  # (the worker's promoter moves them when due)
                 _left_ms(deadline, queue_name)

@@ -15,9 +15,10 @@ import epq
 import epq.actors
 import epq.metrics
 from epq.backends.base import backend_of
+from epq.middleware.common import find_middleware
 from epq.options import SERIAL_KEY
 from epq.outage import requeue_instead
-from epq.serial import HandOvers
+from epq.serial import HandOvers, SerialKeys
 from epq.settings import reset_settings
 from epq.testing import HandlerRegistry, drain, relay
 from tests.support.helpers import VALID, message_count, wait_for
@@ -38,9 +39,13 @@ def serial_settings(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPa
 
 
 @pytest.fixture
-def serial_broker(serial_settings: None, broker: dramatiq.Broker) -> dramatiq.Broker:
-    """The contract broker, set up with the test's serial settings."""
-    return broker
+def serial_broker(serial_settings: None, broker: dramatiq.Broker) -> Iterator[dramatiq.Broker]:
+    """The contract broker, set up with the test's serial settings; the hand-over threads that
+    releases without a worker started are stopped before the broker is closed."""
+    yield broker
+    keys = find_middleware(broker, SerialKeys)
+    if keys is not None:
+        keys.stop_hand_overs()
 
 
 @pytest.fixture

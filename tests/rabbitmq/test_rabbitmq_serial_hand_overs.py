@@ -112,7 +112,7 @@ def claimed_next(
     yield second, released.claimed
     keys = find_middleware(rabbitmq_broker, SerialKeys)
     assert keys is not None
-    keys.after_worker_shutdown(rabbitmq_broker, dramatiq.Worker(rabbitmq_broker))
+    keys.stop_hand_overs()
 
 
 def _queued_ids(broker: dramatiq.Broker, queue: str) -> list[str]:
